@@ -1,0 +1,6 @@
+"""fused_attn: fused, memory-efficient, exact scaled-dot-product attention for PyTorch."""
+from .api import attention, explain
+from .dispatch import BackendError, available_backends
+
+__all__ = ["attention", "explain", "available_backends", "BackendError"]
+__version__ = "0.1.0"

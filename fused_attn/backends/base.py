@@ -1,0 +1,54 @@
+"""What every backend provides: capabilities, reasons for refusing a call, forward and backward."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..options import AttentionOptions
+
+Tensor = torch.Tensor
+
+
+class Backend:
+    """One implementation of attention.
+
+    A backend says whether it can run on this machine at all (`unavailable_reason`) and, for a
+    given call, every reason it cannot serve it (`unsupported_reasons`). Dispatch takes the first
+    backend with no reasons; `fused_attn.explain` prints them all.
+
+    forward(q, k, v, opts) -> (out, lse):
+        q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides.
+        out (B, Hq, Lq, Dv) in q's dtype, laid out like q (see layout.py);
+        lse (B, Hq, Lq) float32 (float64 for float64 input), natural log, -inf on empty rows.
+    backward(dout, dlse, q, k, v, out, lse, opts) -> (dq, dk, dv):
+        dlse is the gradient of lse (zeros when the loss ignores it); gradients are laid out
+        like their inputs.
+    Both are called only with non-empty tensors (B, Hq, Lq, Lk >= 1).
+    """
+
+    name: str = ""
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Why this backend cannot run on this machine at all, or None if it can."""
+        return None
+
+    def unsupported_reasons(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> list[str]:
+        """Every reason this backend cannot serve this call; empty when it can."""
+        return []
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward(
+        self,
+        dout: Tensor,
+        dlse: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        opts: AttentionOptions,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,67 @@
+"""The `triton` backend: the fused kernels in fused_attn/triton/, primary on CUDA GPUs.
+
+CPU tensors are served only under Triton's interpreter (TRITON_INTERPRET=1 set before fused_attn
+is imported), which is how CI runs these kernels without a GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..options import AttentionOptions
+from .base import Backend, Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:  # pragma: no cover - depends on the installation
+        return f"triton is not installed ({error})"
+    return None
+
+
+# Checked once at import: dispatch runs on every call, also while torch.compile traces it.
+IMPORT_ERROR = _import_error()
+
+
+def _interpreting() -> bool:
+    from ..triton.common import INTERPRETING
+
+    return INTERPRETING
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unavailable_reason(self) -> Optional[str]:
+        if IMPORT_ERROR is not None:
+            return IMPORT_ERROR
+        if not torch.cuda.is_available() and not _interpreting():
+            return "no CUDA GPU, and Triton's interpreter is off (set TRITON_INTERPRET=1 before import)"
+        return None
+
+    def unsupported_reasons(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> list[str]:
+        reasons = []
+        if q.device.type == "cpu":
+            if not _interpreting():
+                reasons.append("CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before import)")
+        elif q.device.type != "cuda":
+            reasons.append(f"tensors on {q.device.type} (needs CUDA)")
+        elif _interpreting():
+            reasons.append("Triton's interpreter is on, and it runs CPU tensors only")
+        if q.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
+        return reasons
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> tuple[Tensor, Tensor]:
+        from ..triton.forward import attention_forward
+
+        return attention_forward(q, k, v, opts)
+
+    def backward(self, dout, dlse, q, k, v, out, lse, opts):
+        from ..triton.backward import attention_backward
+
+        return attention_backward(dout, dlse, q, k, v, out, lse, opts)

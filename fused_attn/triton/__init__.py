@@ -1,0 +1,1 @@
+"""Triton kernels: forward.py (online-softmax forward) and backward.py (delta, dk/dv, dq)."""
