@@ -7,7 +7,18 @@ op uses the same function, so traced and real strides agree.
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Tests set this so every output starts as NaN: an element a kernel forgets to write shows up.
+POISON_OUTPUTS = os.environ.get("FUSED_ATTN_POISON_OUTPUTS", "0") == "1"
+
+
+def new_output(like: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous tensor for a kernel to fill (NaN-filled when poisoning)."""
+    tensor = like.new_empty(shape, dtype=dtype)
+    return tensor.fill_(float("nan")) if POISON_OUTPUTS else tensor
 
 
 def is_sequence_major(t: torch.Tensor) -> bool:
@@ -22,5 +33,5 @@ def empty_like_layout(
     batch, heads, length, dim = shape
     dtype = like.dtype if dtype is None else dtype
     if is_sequence_major(like):
-        return like.new_empty((batch, length, heads, dim), dtype=dtype).transpose(1, 2)
-    return like.new_empty(shape, dtype=dtype)
+        return new_output(like, (batch, length, heads, dim), dtype).transpose(1, 2)
+    return new_output(like, shape, dtype)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import empty_like_layout
+from ..layout import empty_like_layout, new_output
 from ..options import AttentionOptions
 from .common import (
     LOG2_E,
@@ -280,7 +280,7 @@ def attention_backward(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
-    delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    delta = new_output(q, (batch, heads_q, seqlen_q), torch.float32)
     _delta_kernel[(num_blocks(seqlen_q, cfg.block_m), batch * heads_q)](
         out, dout, dlse, delta, *out.stride(), *dout.stride(), *dlse.stride(), heads_q, seqlen_q,
         HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_DV=block_dv,

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import empty_like_layout
+from ..layout import empty_like_layout, new_output
 from ..options import AttentionOptions
 from .common import (
     LN_2,
@@ -135,7 +135,7 @@ def attention_forward(
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     out = empty_like_layout(q, (batch, heads_q, seqlen_q, head_dim_v))
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    lse = new_output(q, (batch, heads_q, seqlen_q), torch.float32)
     cfg = tile_config(max(head_dim, head_dim_v), q.dtype, backward=False)
     grid = (num_blocks(seqlen_q, cfg.block_m), batch * heads_q)
     _forward_kernel[grid](

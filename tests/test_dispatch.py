@@ -1,0 +1,63 @@
+"""Choosing a backend: forcing one, the environment variable, fallback, and explanations."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import DEVICE
+
+import fused_attn
+from fused_attn import dispatch
+
+
+def qkv(dtype=torch.float32):
+    return [torch.randn(1, 2, 8, 16, dtype=dtype, device=DEVICE) for _ in range(3)]
+
+
+def test_reference_is_always_available():
+    assert "reference" in fused_attn.available_backends()
+
+
+def test_triton_available_here():
+    """CI runs the Triton kernels (interpreted without a GPU), so they must never silently drop out."""
+    assert "triton" in fused_attn.available_backends()
+
+
+def test_automatic_choice_prefers_triton():
+    assert fused_attn.explain(*qkv()).splitlines()[0] == "would run: triton"
+
+
+def test_forced_backend_that_cannot_serve_raises_with_reasons():
+    with pytest.raises(fused_attn.BackendError, match=r"backend 'triton' cannot serve this call: dtype torch.float64"):
+        fused_attn.attention(*qkv(torch.float64), backend="triton")
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("FUSED_ATTN_BACKEND", "reference")
+    assert fused_attn.explain(*qkv()).splitlines()[0] == "would run: reference"
+    monkeypatch.setenv("FUSED_ATTN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FUSED_ATTN_BACKEND environment variable must be one of"):
+        fused_attn.attention(*qkv())
+
+
+def test_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = fused_attn.attention(*qkv(torch.float64))
+    assert out.dtype == torch.float64
+    messages = [str(w.message) for w in caught if "fused_attn" in str(w.message)]
+    assert len(messages) == 1 and "'reference' backend because triton" in messages[0]
+
+
+def test_explain_lists_every_backend_and_why():
+    report = fused_attn.explain(*qkv(torch.float64))
+    assert report.splitlines()[0] == "would run: reference"
+    assert "triton: dtype torch.float64" in report
+
+
+def test_explain_with_forced_backend():
+    report = fused_attn.explain(*qkv(), backend="reference")
+    assert report.splitlines()[0] == "would run: reference"
+    assert "triton: could serve it, but 'reference' is forced" in report

@@ -1,0 +1,44 @@
+"""The op is something torch understands: opcheck, torch.compile, float64 gradcheck."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from oracle import random_qkv
+
+import fused_attn
+
+
+@pytest.mark.parametrize("sequence_major", [False, True], ids=["head-major", "sequence-major"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_opcheck(backend, causal, sequence_major):
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    q, k, v = random_qkv(1, 4, 2, 37, 50, 32, 16, dtype, DEVICE, sequence_major=sequence_major,
+                         requires_grad=True)
+    args = (q, k, v, causal, True, 0.25, False, backend)
+    torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
+
+
+def test_compile_fullgraph_forward_and_backward(backend):
+    torch._dynamo.reset()
+    q, k, v = random_qkv(1, 4, 2, 40, 56, 32, 32, torch.float32, DEVICE, requires_grad=True)
+
+    def loss(q, k, v):
+        out, lse = fused_attn.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+        return (out * out).sum() + lse.sum()
+
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled_loss = torch.compile(loss, fullgraph=True)
+    compiled = torch.autograd.grad(compiled_loss(q, k, v), (q, k, v))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_float64_gradcheck(alignment):
+    q, k, v = random_qkv(1, 4, 2, 6, 9, 8, 5, torch.float64, DEVICE, requires_grad=True)
+
+    def fn(q, k, v):
+        out, lse = fused_attn.attention(q, k, v, causal=True, causal_alignment=alignment, return_lse=True)
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))

@@ -1,0 +1,110 @@
+"""Behaviour promised beyond accuracy: fully masked rows, layouts, purity, determinism, empties."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from oracle import random_qkv
+
+import fused_attn
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_fully_masked_rows_give_zero_output_and_finite_zero_gradients(backend, dtype):
+    # Bottom-right causal with Lq > Lk: the first Lq - Lk query rows see no key at all.
+    seqlen_q, seqlen_k = 90, 40
+    q, k, v = random_qkv(1, 2, 1, seqlen_q, seqlen_k, 32, 32, dtype, DEVICE, requires_grad=True)
+    out, lse = fused_attn.attention(q, k, v, causal=True, causal_alignment="bottom_right", return_lse=True,
+                                    backend=backend)
+    masked = slice(0, seqlen_q - seqlen_k)
+    assert torch.all(out[:, :, masked] == 0)
+    assert torch.all(lse[:, :, masked] == float("-inf"))
+    assert torch.isfinite(lse[:, :, seqlen_q - seqlen_k:]).all()
+    out.backward(torch.randn_like(out))
+    for grad in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(grad).all()
+    assert torch.all(q.grad[:, :, masked] == 0)
+    assert q.grad[:, :, seqlen_q - seqlen_k:].abs().sum() > 0
+
+
+def test_outputs_follow_the_input_layout(backend):
+    q, k, v = random_qkv(2, 4, 2, 33, 45, 32, 48, torch.float32, DEVICE, sequence_major=True, requires_grad=True)
+    out = fused_attn.attention(q, k, v, backend=backend)
+    assert out.shape == (2, 4, 33, 48)
+    assert out.transpose(1, 2).is_contiguous(), "a (B, L, H, D) view in should give a (B, L, H, D) view out"
+    out.backward(torch.randn_like(out))
+    for grad, like in ((q.grad, q), (k.grad, k), (v.grad, v)):
+        assert grad.stride() == like.stride()
+
+
+def test_any_strides(backend):
+    """Inputs that are slices with a non-unit last stride give the same result as contiguous copies."""
+    wide = torch.randn(1, 2, 40, 64, device=DEVICE)
+    q, k, v = wide[..., ::2], wide.flip(2)[..., 1::2], wide[:, :, :, :32]
+    expected = fused_attn.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, backend=backend)
+    torch.testing.assert_close(fused_attn.attention(q, k, v, causal=True, backend=backend), expected)
+
+
+def test_inputs_are_not_modified(backend):
+    q, k, v = random_qkv(1, 4, 2, 50, 60, 40, 40, torch.float16, DEVICE, requires_grad=True)
+    before = [t.detach().clone() for t in (q, k, v)]
+    out, lse = fused_attn.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    dout = torch.randn_like(out)
+    dout_before = dout.clone()
+    out.backward(dout)
+    for t, saved in zip((q, k, v, dout), (*before, dout_before)):
+        assert torch.equal(t.detach(), saved)
+
+
+def test_gradients_are_bitwise_reproducible(backend):
+    q, k, v = random_qkv(1, 4, 1, 130, 70, 64, 64, torch.float16, DEVICE, requires_grad=True)
+    dout = torch.randn(1, 4, 130, 64, dtype=torch.float16, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        out = fused_attn.attention(q, k, v, causal=True, deterministic=True, backend=backend)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_gqa_equals_repeated_heads(backend):
+    q, k, v = random_qkv(2, 6, 2, 40, 50, 32, 32, torch.float32, DEVICE, requires_grad=True)
+    out = fused_attn.attention(q, k, v, causal=True, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    k_rep, v_rep = (t.detach().repeat_interleave(3, dim=1).requires_grad_() for t in (k, v))
+    q_copy = q.detach().clone().requires_grad_()
+    out_rep = fused_attn.attention(q_copy, k_rep, v_rep, causal=True, backend=backend)
+    grads_rep = torch.autograd.grad(out_rep, (q_copy, k_rep, v_rep), dout)
+    torch.testing.assert_close(out, out_rep)
+    torch.testing.assert_close(grads[0], grads_rep[0])
+    for grad, grad_rep in zip(grads[1:], grads_rep[1:]):  # shared heads: gradients summed over the group
+        torch.testing.assert_close(grad, grad_rep.unflatten(1, (2, 3)).sum(2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 2, 5, 5), (1, 2, 2, 0, 5), (1, 2, 2, 5, 0)],
+                         ids=["no-batch", "no-queries", "no-keys"])
+def test_empty_inputs(backend, shape):
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
+    q, k, v = random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, 16, 16, torch.float32, DEVICE,
+                         requires_grad=True)
+    out, lse = fused_attn.attention(q, k, v, return_lse=True, backend=backend)
+    assert out.shape == (batch, heads_q, seqlen_q, 16) and lse.shape == (batch, heads_q, seqlen_q)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    out.sum().backward()
+    assert torch.all(q.grad == 0) and torch.all(k.grad == 0) and torch.all(v.grad == 0)
+
+
+def test_causal_alignments_agree_when_square(backend):
+    q, k, v = random_qkv(1, 2, 2, 65, 65, 32, 32, torch.float32, DEVICE)
+    top = fused_attn.attention(q, k, v, causal=True, causal_alignment="top_left", backend=backend)
+    bottom = fused_attn.attention(q, k, v, causal=True, causal_alignment="bottom_right", backend=backend)
+    assert torch.equal(top, bottom)
+
+
+def test_backends_agree(backend):
+    """Every backend against the reference backend, an independent blockwise implementation."""
+    q, k, v = random_qkv(2, 4, 2, 100, 75, 48, 48, torch.float32, DEVICE)
+    for causal in (False, True):
+        ours = fused_attn.attention(q, k, v, causal=causal, causal_alignment="bottom_right", backend=backend)
+        ref = fused_attn.attention(q, k, v, causal=causal, causal_alignment="bottom_right", backend="reference")
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

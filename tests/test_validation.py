@@ -1,0 +1,77 @@
+"""Bad input raises a clear exception naming the argument, before any backend runs."""
+import pytest
+import torch
+
+from conftest import DEVICE
+
+import fused_attn
+
+
+def qkv(q_shape=(1, 4, 8, 16), k_shape=(1, 2, 10, 16), v_shape=(1, 2, 10, 16), dtype=torch.float32):
+    return [torch.randn(s, dtype=dtype, device=DEVICE) for s in (q_shape, k_shape, v_shape)]
+
+
+BAD_SHAPES = [
+    ((4, 8, 16), (1, 2, 10, 16), (1, 2, 10, 16), r"q must have 4 dimensions"),
+    ((1, 4, 8, 16), (2, 10, 16), (1, 2, 10, 16), r"k must have 4 dimensions"),
+    ((1, 4, 8, 16), (1, 2, 10, 16), (1, 1, 2, 10, 16), r"v must have 4 dimensions"),
+    ((2, 4, 8, 16), (1, 2, 10, 16), (1, 2, 10, 16), r"batch size"),
+    ((1, 4, 8, 16), (1, 2, 10, 16), (1, 4, 10, 16), r"k and v must have the same number of heads"),
+    ((1, 4, 8, 16), (1, 2, 10, 16), (1, 2, 11, 16), r"k and v must have the same sequence length"),
+    ((1, 3, 8, 16), (1, 2, 10, 16), (1, 2, 10, 16), r"query heads \(3\) must be a multiple .* \(2\)"),
+    ((1, 4, 8, 16), (1, 0, 10, 16), (1, 0, 10, 16), r"multiple of the number of key/value heads \(0\)"),
+    ((1, 4, 8, 16), (1, 2, 10, 32), (1, 2, 10, 16), r"q and k must have the same head dim"),
+    ((1, 4, 8, 0), (1, 2, 10, 0), (1, 2, 10, 16), r"q/k head dim must be between 1 and 256, got 0"),
+    ((1, 4, 8, 257), (1, 2, 10, 257), (1, 2, 10, 16), r"q/k head dim must be between 1 and 256, got 257"),
+    ((1, 4, 8, 16), (1, 2, 10, 16), (1, 2, 10, 300), r"v head dim must be between 1 and 256, got 300"),
+]
+
+
+@pytest.mark.parametrize("q_shape, k_shape, v_shape, message", BAD_SHAPES)
+def test_bad_shapes(q_shape, k_shape, v_shape, message):
+    with pytest.raises(ValueError, match=message):
+        fused_attn.attention(*qkv(q_shape, k_shape, v_shape))
+
+
+def test_mixed_dtypes():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="share one dtype"):
+        fused_attn.attention(q, k.half(), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, torch.float8_e4m3fn], ids=str)
+def test_unsupported_dtypes(dtype):
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64"):
+        fused_attn.attention(q.to(dtype), k.to(dtype), v.to(dtype))
+
+
+def test_not_a_tensor():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        fused_attn.attention(q, k.tolist(), v)
+
+
+def test_mixed_devices():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="one device"):
+        fused_attn.attention(q, k.to("meta"), v)
+
+
+@pytest.mark.parametrize("keywords, error, message", [
+    (dict(causal_alignment="top-left"), ValueError, r"causal_alignment must be one of"),
+    (dict(causal=1), TypeError, r"causal must be a bool"),
+    (dict(scale=float("nan")), ValueError, r"scale must be a finite number"),
+    (dict(scale="0.1"), ValueError, r"scale must be a finite number"),
+    (dict(deterministic=None), TypeError, r"deterministic must be a bool"),
+    (dict(return_lse="yes"), TypeError, r"return_lse must be a bool"),
+    (dict(backend="flash"), ValueError, r"backend must be one of \['reference', 'triton'\]"),
+])
+def test_bad_keywords(keywords, error, message):
+    with pytest.raises(error, match=message):
+        fused_attn.attention(*qkv(), **keywords)
+
+
+def test_unknown_keyword_is_rejected():
+    with pytest.raises(TypeError):
+        fused_attn.attention(*qkv(), is_causal=True)
