@@ -1,6 +1,7 @@
 """fused_attn: fused, memory-efficient, exact scaled-dot-product attention for PyTorch."""
 from .api import attention, explain
 from .dispatch import BackendError, available_backends
+from .dropout import dropout_keep_mask
 
-__all__ = ["attention", "explain", "available_backends", "BackendError"]
+__all__ = ["attention", "explain", "available_backends", "dropout_keep_mask", "BackendError"]
 __version__ = "0.1.0"

@@ -5,9 +5,11 @@ from typing import Optional, Union
 
 import torch
 
-from .checks import check_qkv, make_options
+from .checks import check_alibi_slopes, check_attn_mask, check_qkv, make_options
 from .dispatch import explain_choice, select_backend
+from .dropout import draw_seed
 from .ops import attention_forward
+from .options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
 
@@ -20,11 +22,16 @@ def attention(
     causal: bool = False,
     causal_alignment: str = "top_left",
     scale: Optional[float] = None,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    window: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Exact scaled-dot-product attention, softmax(scale * q @ k^T) @ v, without the L x L matrix.
+    """Exact scaled-dot-product attention, softmax(scale * q @ k^T + bias) @ v, without the L x L matrix.
 
     Args:
         q: (B, Hq, Lq, D) queries.
@@ -34,12 +41,25 @@ def attention(
             q, k and v share one dtype (float16, bfloat16, float32; float64 in the `reference`
             backend) and one device, head dims are 1..256, and any strides work without a copy
             (a transposed view of a (B, L, H, D) tensor is the common case).
-        causal: mask key j for query i when j > i + offset.
-        causal_alignment: "top_left" (offset 0, as torch SDPA's is_causal) or "bottom_right"
-            (offset Lk - Lq, as flash-attn and KV caches: the last query sees every key).
-            The two differ only when Lq != Lk.
+        causal: query i sees key j only when j <= i + shift.
+        causal_alignment: the shift: "top_left" 0 (torch SDPA's is_causal), "bottom_right"
+            Lk - Lq (flash-attn, KV caches: the last query sees every key). The two differ only
+            when Lq != Lk. Windows and ALiBi use the same shift.
         scale: multiplier of q @ k^T; defaults to 1 / sqrt(D).
-        return_lse: also return the row log-sum-exp of the scaled, masked scores.
+        attn_mask: broadcastable to (B, Hq, Lq, Lk) (size-1 dims are read with stride 0, never
+            expanded). bool: True = attend (SDPA's convention). float (q's dtype or float32):
+            added to the scores; -inf masks. If it requires grad, its gradient is returned with
+            its own shape, summed over its broadcast dims.
+        dropout_p: probability in [0, 1) of dropping an attention probability (the kept ones are
+            scaled by 1 / (1 - p)). Random bits come from a Philox stream keyed by torch's
+            generator for q's device: torch.manual_seed reproduces a call, the backward pass
+            regenerates the same mask, and `fused_attn.dropout_keep_mask` materializes it.
+        window: (left, right): query i sees keys i + shift - left .. i + shift + right; -1 means
+            unbounded on that side. Combines with causal (which sets right to 0).
+        alibi_slopes: float32 (Hq,) or (B, Hq): adds -slope * |i + shift - j| to the scores.
+            Not differentiated.
+        softcap: if > 0, scores become softcap * tanh(scores / softcap) before bias and masks.
+        return_lse: also return the row log-sum-exp of the final scores (before dropout).
         deterministic: ask for bitwise reproducible gradients. Every backend already computes
             gradients without atomics (the dq and dk/dv passes each own their outputs, and GQA
             groups are summed inside one program), so this is always honoured at no cost.
@@ -51,19 +71,23 @@ def attention(
         out: (B, Hq, Lq, Dv) in the input dtype, laid out like q (so a transposed (B, L, H, D)
             view in gives one out). With return_lse, also lse: (B, Hq, Lq) float32 (float64 for
             float64 input), natural log; differentiable.
-        Rows that see no key (causal with bottom-right alignment and Lq > Lk) give out = 0,
-        lse = -inf and zero gradients, never NaN. Accumulation is fp32 for every input dtype.
+        Rows that see no key, whatever masked them, give out = 0, lse = -inf and zero
+        gradients, never NaN. Accumulation is fp32 for every input dtype.
 
     Raises:
         TypeError/ValueError naming the argument for bad input, before any kernel runs.
     """
-    check_qkv(q, k, v)
-    opts = make_options(q, causal=causal, causal_alignment=causal_alignment, scale=scale,
-                        deterministic=deterministic)
+    opts, extras = _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window,
+                             alibi_slopes, softcap, deterministic)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    name = select_backend(q, k, v, opts, backend)
-    out, lse = attention_forward(q, k, v, opts.causal, opts.bottom_right, opts.scale, opts.deterministic, name)
+    name = select_backend(q, k, v, extras, opts, backend)
+    dropout_seed = draw_seed(q.device) if opts.dropout_p > 0 else None
+    out, lse = attention_forward(
+        q, k, v, attn_mask, alibi_slopes, dropout_seed,
+        opts.scale, opts.causal, opts.bottom_right, opts.window_left, opts.window_right,
+        opts.softcap, opts.dropout_p, opts.deterministic, name,
+    )
     return (out, lse) if return_lse else out
 
 
@@ -75,6 +99,11 @@ def explain(
     causal: bool = False,
     causal_alignment: str = "top_left",
     scale: Optional[float] = None,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    window: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: Optional[str] = None,
@@ -83,7 +112,23 @@ def explain(
 
     Returns a multi-line report; nothing is computed. Invalid input raises as `attention` would.
     """
+    opts, extras = _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window,
+                             alibi_slopes, softcap, deterministic)
+    return explain_choice(q, k, v, extras, opts, backend)
+
+
+def _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window, alibi_slopes, softcap,
+              deterministic) -> tuple[AttentionOptions, AttentionTensors]:
     check_qkv(q, k, v)
-    opts = make_options(q, causal=causal, causal_alignment=causal_alignment, scale=scale,
-                        deterministic=deterministic)
-    return explain_choice(q, k, v, opts, backend)
+    opts = make_options(q, causal=causal, causal_alignment=causal_alignment, scale=scale, window=window,
+                        softcap=softcap, dropout_p=dropout_p, deterministic=deterministic)
+    check_attn_mask(attn_mask, q, k)
+    check_alibi_slopes(alibi_slopes, q)
+    is_bool = attn_mask is not None and attn_mask.dtype == torch.bool
+    # The seed is drawn only when the call runs; dispatch just needs to know dropout is on.
+    extras = AttentionTensors(
+        mask=attn_mask if is_bool else None,
+        bias=attn_mask if attn_mask is not None and not is_bool else None,
+        alibi_slopes=alibi_slopes,
+    )
+    return opts, extras

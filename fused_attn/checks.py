@@ -60,12 +60,34 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
 
 
+def _check_bounds(name: str, value, low: float, high: float, high_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if value < low or value > high or (high_open and value == high):
+        interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return float(value)
+
+
+def _check_window(window) -> tuple[int, int]:
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window must be a pair of ints (left, right), got {window!r}")
+    left, right = window
+    if left < -1 or right < -1:
+        raise ValueError(f"window bounds must be >= 0, or -1 for unbounded, got {tuple(window)}")
+    return left, right
+
+
 def make_options(
     q: torch.Tensor,
     *,
     causal: bool,
     causal_alignment: str,
     scale: float | None,
+    window=(-1, -1),
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
     deterministic: bool,
 ) -> AttentionOptions:
     """Check the keyword arguments and resolve their defaults into AttentionOptions."""
@@ -79,9 +101,53 @@ def make_options(
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    left, right = _check_window(window)
+    softcap = _check_bounds("softcap", softcap, 0.0, math.inf)
+    dropout_p = _check_bounds("dropout_p", dropout_p, 0.0, 1.0)
     return AttentionOptions(
+        scale=float(scale),
         causal=causal,
         bottom_right=causal_alignment == "bottom_right",
-        scale=float(scale),
+        window_left=left,
+        window_right=right,
+        softcap=softcap,
+        dropout_p=dropout_p,
         deterministic=deterministic,
     )
+
+
+def check_attn_mask(attn_mask, q: torch.Tensor, k: torch.Tensor) -> None:
+    """attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (B, Hq, Lq, Lk)."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    shape = tuple(attn_mask.shape)
+    if not 1 <= len(shape) <= 4 or any(m not in (1, f) for m, f in zip(shape[::-1], full[::-1])):
+        raise ValueError(
+            f"attn_mask of shape {shape} does not broadcast to (B, Hq, Lq, Lk) = {full}: each of its "
+            "trailing dimensions must be 1 or the full size"
+        )
+    allowed = (torch.bool, q.dtype, torch.float32)
+    if attn_mask.dtype not in allowed:
+        raise TypeError(f"attn_mask must be bool, {q.dtype} (q's dtype) or float32, got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
+
+
+def check_alibi_slopes(alibi_slopes, q: torch.Tensor) -> None:
+    """alibi_slopes: float32 of shape (Hq,) or (B, Hq); not differentiated."""
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    batch, heads = q.shape[0], q.shape[1]
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    if alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes are not differentiated; pass alibi_slopes.detach()")

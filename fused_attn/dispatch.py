@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .backends import BACKENDS
-from .options import AttentionOptions
+from .options import AttentionOptions, AttentionTensors
 
 ENV_VARIABLE = "FUSED_ATTN_BACKEND"
 
@@ -37,13 +37,13 @@ def available_backends() -> list[str]:
     return [name for name, backend in BACKENDS.items() if backend.unavailable_reason() is None]
 
 
-def refusal_reasons(name: str, q, k, v, opts: AttentionOptions) -> list[str]:
+def refusal_reasons(name: str, q, k, v, extras: AttentionTensors, opts: AttentionOptions) -> list[str]:
     """Why backend `name` cannot serve this call; empty when it can."""
     backend = BACKENDS[name]
     unavailable = backend.unavailable_reason()
     if unavailable is not None:
         return [f"not available: {unavailable}"]
-    return backend.unsupported_reasons(q, k, v, opts)
+    return backend.unsupported_reasons(q, k, v, extras, opts)
 
 
 def _requested(backend: Optional[str]) -> Optional[str]:
@@ -62,17 +62,17 @@ def preference(device: torch.device) -> list[str]:
     return [name for name in order if name in BACKENDS]
 
 
-def select_backend(q, k, v, opts: AttentionOptions, backend: Optional[str] = None, warn: bool = True) -> str:
+def select_backend(q, k, v, extras: AttentionTensors, opts: AttentionOptions, backend: Optional[str] = None, warn: bool = True) -> str:
     """The name of the backend that will run this call (see module docstring)."""
     forced = _requested(backend)
     if forced is not None:
-        reasons = refusal_reasons(forced, q, k, v, opts)
+        reasons = refusal_reasons(forced, q, k, v, extras, opts)
         if reasons:
             raise BackendError(f"backend {forced!r} cannot serve this call: " + "; ".join(reasons))
         return forced
     refused: list[str] = []
     for name in preference(q.device):
-        reasons = refusal_reasons(name, q, k, v, opts)
+        reasons = refusal_reasons(name, q, k, v, extras, opts)
         if not reasons:
             if warn:
                 _warn_fallback(name, refused)
@@ -92,10 +92,10 @@ def _warn_fallback(chosen: str, refused: list[str]) -> None:
                       stacklevel=4)
 
 
-def explain_choice(q, k, v, opts: AttentionOptions, backend: Optional[str] = None) -> str:
+def explain_choice(q, k, v, extras: AttentionTensors, opts: AttentionOptions, backend: Optional[str] = None) -> str:
     """A report: the backend that would run, and for every other backend why it would not."""
     try:
-        chosen = select_backend(q, k, v, opts, backend, warn=False)
+        chosen = select_backend(q, k, v, extras, opts, backend, warn=False)
     except BackendError as error:
         chosen, header = None, f"no backend runs: {error}"
     else:
@@ -106,7 +106,7 @@ def explain_choice(q, k, v, opts: AttentionOptions, backend: Optional[str] = Non
     for name in order + [n for n in BACKENDS if n not in order]:
         if name == chosen:
             continue
-        reasons = refusal_reasons(name, q, k, v, opts)
+        reasons = refusal_reasons(name, q, k, v, extras, opts)
         if reasons:
             why = "; ".join(reasons)
         elif forced is not None:

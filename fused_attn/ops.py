@@ -7,11 +7,13 @@ as a string argument; the op only runs it.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .backends import get_backend
 from .layout import empty_like_layout
-from .options import AttentionOptions
+from .options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
 
@@ -24,21 +26,30 @@ def _is_empty(q: Tensor, k: Tensor) -> bool:
     return q.numel() == 0 or k.shape[2] == 0
 
 
+def _split_mask(attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    if attn_mask is None:
+        return None, None
+    return (attn_mask, None) if attn_mask.dtype == torch.bool else (None, attn_mask)
+
+
 @torch.library.custom_op("fused_attn::forward", mutates_args=())
 def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, bottom_right: bool, scale: float, deterministic: bool,
-    backend: str,
+    q: Tensor, k: Tensor, v: Tensor,
+    attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_seed: Optional[Tensor],
+    scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
+    softcap: float, dropout_p: float, deterministic: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of attention by the named backend. Shapes as in fused_attn.attention."""
-    opts = AttentionOptions(causal, bottom_right, scale, deterministic)
+    opts = AttentionOptions(scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic)
     if _is_empty(q, k):  # no keys: every row is fully masked
         out = empty_like_layout(q, (*q.shape[:3], v.shape[3])).zero_()
         return out, q.new_full(q.shape[:3], float("-inf"), dtype=_lse_dtype(q.dtype))
-    return get_backend(backend).forward(q, k, v, opts)
+    extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed)
+    return get_backend(backend).forward(q, k, v, extras, opts)
 
 
 @attention_forward.register_fake
-def _(q, k, v, causal, bottom_right, scale, deterministic, backend):
+def _(q, k, v, attn_mask, alibi_slopes, dropout_seed, *scalars):
     out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
     return out, q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
@@ -46,31 +57,41 @@ def _(q, k, v, causal, bottom_right, scale, deterministic, backend):
 @torch.library.custom_op("fused_attn::backward", mutates_args=())
 def attention_backward(
     dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    causal: bool, bottom_right: bool, scale: float, deterministic: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) given the gradients of out and lse."""
-    opts = AttentionOptions(causal, bottom_right, scale, deterministic)
+    attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_seed: Optional[Tensor],
+    bias_requires_grad: bool,
+    scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
+    softcap: float, dropout_p: float, deterministic: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dbias) given the gradients of out and lse; dbias is empty unless requested."""
+    opts = AttentionOptions(scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic)
     if _is_empty(q, k):
-        return tuple(empty_like_layout(t, tuple(t.shape)).zero_() for t in (q, k, v))
-    return get_backend(backend).backward(dout, dlse, q, k, v, out, lse, opts)
+        grads = tuple(empty_like_layout(t, tuple(t.shape)).zero_() for t in (q, k, v))
+        return (*grads, attn_mask.new_zeros(attn_mask.shape) if bias_requires_grad else q.new_empty(0))
+    extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed)
+    dq, dk, dv, dbias = get_backend(backend).backward(dout, dlse, q, k, v, out, lse, extras, opts,
+                                                      bias_requires_grad)
+    return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0))
 
 
 @attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, causal, bottom_right, scale, deterministic, backend):
-    return tuple(empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
+def _(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, bias_requires_grad, *scalars):
+    grads = tuple(empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
+    return (*grads, attn_mask.new_empty(attn_mask.shape) if bias_requires_grad else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *flags = inputs
+    q, k, v, attn_mask, alibi_slopes, dropout_seed, *scalars = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.flags = flags
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed)
+    ctx.bias_requires_grad = attn_mask is not None and attn_mask.requires_grad
+    ctx.scalars = scalars
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, *ctx.flags)
-    return dq, dk, dv, *([None] * len(ctx.flags))
+    q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed = ctx.saved_tensors
+    dq, dk, dv, dbias = attention_backward(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed,
+                                           ctx.bias_requires_grad, *ctx.scalars)
+    return dq, dk, dv, (dbias if ctx.bias_requires_grad else None), None, None, *([None] * len(ctx.scalars))
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

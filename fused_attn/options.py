@@ -1,31 +1,66 @@
-"""The per-call options every backend receives, after validation.
+"""What every backend receives besides q, k and v, after validation.
 
-Tensors travel separately; this holds only what shapes the math, so one frozen value can be
-hashed, compared and passed through the custom op as plain scalars.
+AttentionOptions holds the scalars that shape the math (hashable, passed through the custom op as
+plain arguments); AttentionTensors the optional tensors (masks, ALiBi slopes, the dropout seed).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 
 @dataclass(frozen=True)
 class AttentionOptions:
-    """What a backend needs to know besides q, k and v.
+    """Scalars of one call.
 
-    causal:        mask key j for query i when j > i + causal_offset(Lq, Lk).
-    bottom_right:  causal alignment; False aligns the mask top-left (torch SDPA),
-                   True bottom-right (flash-attn, KV caches).
-    scale:         multiplier of q @ k^T, already resolved (1/sqrt(D) by default).
+    Query i sees key j when  i + shift - left <= j <= i + shift + right,  where shift is 0
+    (top-left alignment, torch SDPA) or Lk - Lq (bottom-right, flash-attn and KV caches), and a
+    bound of -1 means unbounded. `causal` is the window's right bound 0.
+
+    scale:         multiplier of q @ k^T, resolved (1/sqrt(D) by default).
+    softcap:       scores become softcap * tanh(scores / softcap) before any bias or mask; 0 = off.
+    dropout_p:     probability of zeroing an attention probability (kept ones scaled by 1/(1-p)).
     deterministic: gradients must be bitwise reproducible run to run.
     """
 
+    scale: float = 1.0
     causal: bool = False
     bottom_right: bool = False
-    scale: float = 1.0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    dropout_p: float = 0.0
     deterministic: bool = False
 
     def causal_offset(self, seqlen_q: int, seqlen_k: int) -> int:
-        """Shift of the causal diagonal: query i may see keys j <= i + offset."""
+        """The shift of the diagonal: query i is aligned with key i + shift."""
         return seqlen_k - seqlen_q if self.bottom_right else 0
+
+    @property
+    def left(self) -> int:
+        """How far left of its diagonal a query sees (-1: unbounded)."""
+        return self.window_left
+
+    @property
+    def right(self) -> int:
+        """How far right of its diagonal a query sees (-1: unbounded; 0 when causal)."""
+        return 0 if self.causal else self.window_right
+
+
+class AttentionTensors(NamedTuple):
+    """Optional tensors of one call, all broadcastable views (never expanded copies).
+
+    mask:          bool, broadcastable to (B, Hq, Lq, Lk); True = attend.
+    bias:          float, broadcastable to (B, Hq, Lq, Lk); added to the (softcapped) scores.
+    alibi_slopes:  float32 (Hq,) or (B, Hq); adds -slope * |i + shift - j|.
+    dropout_seed:  int64 (1,), the Philox key drawn from torch's generator (see dropout.py).
+    """
+
+    mask: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+    dropout_seed: Optional[torch.Tensor] = None

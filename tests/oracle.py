@@ -10,11 +10,17 @@ import math
 
 import torch
 
+import fused_attn
 from fused_attn.triton.common import INTERPRETING
 
 
-def naive_attention(q, k, v, *, causal=False, bottom_right=False, scale=None, dtype=None):
-    """(out, lse) computed with the full (Lq, Lk) matrix in `dtype` (default: the inputs')."""
+def naive_attention(q, k, v, *, causal=False, bottom_right=False, scale=None, attn_mask=None, window=(-1, -1),
+                    alibi_slopes=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, dtype=None):
+    """(out, lse) computed with the full (Lq, Lk) matrix in `dtype` (default: the inputs').
+
+    Same keywords as fused_attn.attention, except dropout: `dropout_keep` is the materialized
+    (B, Hq, Lq, Lk) keep-mask (fused_attn.dropout_keep_mask) applied with probability dropout_p.
+    """
     dtype = dtype or q.dtype
     q, k, v = (t.to(dtype) for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
@@ -22,19 +28,40 @@ def naive_attention(q, k, v, *, causal=False, bottom_right=False, scale=None, dt
     v = v.repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     seqlen_q, seqlen_k = scores.shape[-2:]
+    shift = seqlen_k - seqlen_q if bottom_right else 0
+    rows = torch.arange(seqlen_q, device=q.device)[:, None]
+    cols = torch.arange(seqlen_k, device=q.device)[None, :]
+    distance = cols - rows - shift
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.expand(q.shape[0], q.shape[1]).to(dtype)[:, :, None, None]
+        scores = scores - slopes * distance.abs().to(dtype)
+    hidden = torch.zeros_like(distance, dtype=torch.bool)
+    left, right = window
     if causal:
-        offset = seqlen_k - seqlen_q if bottom_right else 0
-        rows = torch.arange(seqlen_q, device=q.device)[:, None]
-        cols = torch.arange(seqlen_k, device=q.device)[None, :]
-        scores = scores.masked_fill(cols > rows + offset, float("-inf"))
+        right = 0
+    if left >= 0:
+        hidden |= distance < -left
+    if right >= 0:
+        hidden |= distance > right
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        hidden = hidden | ~attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(dtype)
+    scores = scores.masked_fill(hidden, float("-inf"))
     visible_rows = (scores > float("-inf")).any(-1, keepdim=True)
     probs = torch.softmax(scores, dim=-1).masked_fill(~visible_rows, 0.0)
     lse = torch.logsumexp(scores.float() if dtype != torch.float64 else scores, dim=-1)
+    if dropout_keep is not None:
+        probs = probs * dropout_keep.to(dtype) / (1 - dropout_p)
     return torch.matmul(probs, v), lse
 
 
-FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float32: 1e-5, torch.float64: 1e-10}
+# One unit of roundoff of the result's magnitude in the input dtype (flash-attn's tests use about
+# twice that); fp32 and fp64 get a floor for accumulation-order noise.
+FLOOR = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def assert_accurate(name, actual, exact, lowprec, dtype):
@@ -75,3 +102,53 @@ def random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_
 
     return (make(heads_q, seqlen_q, head_dim), make(heads_kv, seqlen_k, head_dim),
             make(heads_kv, seqlen_k, head_dim_v))
+
+
+def check_against_oracle(backend, shape, dtype, device, sequence_major=False, **keywords):
+    """fused_attn.attention(**keywords) vs float64 math: out, lse, dq, dk, dv and a learnable bias's grad.
+
+    The loss uses lse too, so its gradient path is checked. With dropout, the keep-mask the call
+    drew is materialized by replaying torch's generator.
+    """
+    q, k, v = random_qkv(*shape, dtype=dtype, device=device, sequence_major=sequence_major, requires_grad=True)
+    leaves = [q, k, v]
+    mask = keywords.get("attn_mask")
+    if mask is not None and mask.requires_grad:
+        leaves.append(mask)
+    generator_state = torch.random.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state()
+    out, lse = fused_attn.attention(q, k, v, return_lse=True, backend=backend, **keywords)
+    dropout_p = keywords.get("dropout_p", 0.0)
+    keep = None
+    if dropout_p > 0:
+        if device.type == "cpu":
+            torch.random.set_rng_state(generator_state)
+        else:
+            torch.cuda.set_rng_state(generator_state)
+        keep = fused_attn.dropout_keep_mask(shape[0], shape[1], shape[3], shape[4], dropout_p, device)
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse)
+
+    def loss(o, l):
+        return (o.double() * dout.double()).sum() + torch.where(torch.isfinite(l), l.double() * dlse.double(), 0).sum()
+
+    grads = torch.autograd.grad(loss(out, lse), leaves)
+
+    naive_keywords = dict(
+        causal=keywords.get("causal", False), bottom_right=keywords.get("causal_alignment") == "bottom_right",
+        scale=keywords.get("scale"), window=keywords.get("window", (-1, -1)), softcap=keywords.get("softcap", 0.0),
+        alibi_slopes=keywords.get("alibi_slopes"), dropout_keep=keep, dropout_p=dropout_p,
+    )
+    results = {}
+    for precision in (torch.float64, dtype):
+        ref_leaves = [t.detach().to(precision if t.dtype != torch.bool else t.dtype).requires_grad_() for t in leaves]
+        ref_mask = ref_leaves[3] if len(leaves) > 3 else mask
+        ref_out, ref_lse = naive_attention(*ref_leaves[:3], attn_mask=ref_mask, dtype=precision, **naive_keywords)
+        results[precision] = (ref_out, ref_lse, torch.autograd.grad(loss(ref_out, ref_lse), ref_leaves))
+    (exact_out, exact_lse, exact_grads), (low_out, low_lse, low_grads) = results[torch.float64], results[dtype]
+
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_accurate("out", out, exact_out, low_out, dtype)
+    assert_accurate("lse", lse, exact_lse, low_lse.to(torch.float32), torch.float32)
+    for name, grad, exact, low, leaf in zip(("dq", "dk", "dv", "dbias"), grads, exact_grads, low_grads, leaves):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, f"{name}: {grad.dtype} {tuple(grad.shape)}"
+        assert_accurate(name, grad, exact, low, dtype)

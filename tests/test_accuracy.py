@@ -7,10 +7,8 @@ be fully masked), GQA and MQA, head dims that are not powers of two (1 to 256), 
 import pytest
 import torch
 
+import oracle
 from conftest import DEVICE
-from oracle import assert_accurate, naive_attention, random_qkv
-
-import fused_attn
 
 # (batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v)
 SHAPES = [
@@ -33,28 +31,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def check_against_oracle(backend, shape, dtype, mask, scale=None, sequence_major=False):
-    q, k, v = random_qkv(*shape, dtype=dtype, device=DEVICE, sequence_major=sequence_major, requires_grad=True)
-    out, lse = fused_attn.attention(q, k, v, scale=scale, return_lse=True, backend=backend, **mask)
-    dout = torch.randn_like(out)
-    dlse = torch.randn_like(lse)
-    # The loss uses lse too, so its gradient path is checked; fully masked rows (lse = -inf) drop out.
-    loss = lambda o, l: (o.double() * dout.double()).sum() + torch.where(torch.isfinite(l), l.double() * dlse.double(), 0).sum()  # noqa: E731
-    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
-
-    naive_kw = dict(causal=mask["causal"], bottom_right=mask.get("causal_alignment") == "bottom_right", scale=scale)
-    results = {}
-    for precision in (torch.float64, dtype):
-        leaves = [t.detach().to(precision).requires_grad_() for t in (q, k, v)]
-        ref_out, ref_lse = naive_attention(*leaves, **naive_kw)
-        results[precision] = (ref_out, ref_lse, torch.autograd.grad(loss(ref_out, ref_lse), leaves))
-    (exact_out, exact_lse, exact_grads), (low_out, low_lse, low_grads) = results[torch.float64], results[dtype]
-
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_accurate("out", out, exact_out, low_out, dtype)
-    assert_accurate("lse", lse, exact_lse, low_lse.to(torch.float32), torch.float32)
-    for name, grad, exact, low in zip(("dq", "dk", "dv"), grads, exact_grads, low_grads):
-        assert grad.dtype == dtype
-        assert_accurate(name, grad, exact, low, dtype)
+    oracle.check_against_oracle(backend, shape, dtype, DEVICE, sequence_major=sequence_major, scale=scale, **mask)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -14,7 +14,18 @@ def test_opcheck(backend, causal, sequence_major):
     dtype = torch.float16 if backend == "triton" else torch.float32
     q, k, v = random_qkv(1, 4, 2, 37, 50, 32, 16, dtype, DEVICE, sequence_major=sequence_major,
                          requires_grad=True)
-    args = (q, k, v, causal, True, 0.25, False, backend)
+    args = (q, k, v, None, None, None, 0.25, causal, True, -1, -1, 0.0, 0.0, False, backend)
+    torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
+
+
+def test_opcheck_with_every_feature(backend):
+    """A learnable broadcast bias, ALiBi, softcap, a window and dropout through the op's schema."""
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    q, k, v = random_qkv(2, 4, 2, 37, 50, 32, 16, dtype, DEVICE, requires_grad=True)
+    bias = torch.randn(1, 4, 37, 50, dtype=dtype, device=DEVICE, requires_grad=True)
+    slopes = torch.rand(4, device=DEVICE)
+    seed = fused_attn.dropout.draw_seed(DEVICE)
+    args = (q, k, v, bias, slopes, seed, 0.25, True, True, 20, -1, 5.0, 0.1, False, backend)
     torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
 
 

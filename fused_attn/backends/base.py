@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..options import AttentionOptions
+from ..options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
 
@@ -17,13 +17,14 @@ class Backend:
     given call, every reason it cannot serve it (`unsupported_reasons`). Dispatch takes the first
     backend with no reasons; `fused_attn.explain` prints them all.
 
-    forward(q, k, v, opts) -> (out, lse):
-        q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides.
-        out (B, Hq, Lq, Dv) in q's dtype, laid out like q (see layout.py);
+    forward(q, k, v, extras, opts) -> (out, lse):
+        q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; extras and opts
+        as in options.py. out (B, Hq, Lq, Dv) in q's dtype, laid out like q (see layout.py);
         lse (B, Hq, Lq) float32 (float64 for float64 input), natural log, -inf on empty rows.
-    backward(dout, dlse, q, k, v, out, lse, opts) -> (dq, dk, dv):
+    backward(dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad) -> (dq, dk, dv, dbias):
         dlse is the gradient of lse (zeros when the loss ignores it); gradients are laid out
-        like their inputs.
+        like their inputs; dbias has extras.bias's own shape and dtype, or is None when
+        bias_requires_grad is False.
     Both are called only with non-empty tensors (B, Hq, Lq, Lk >= 1).
     """
 
@@ -33,11 +34,15 @@ class Backend:
         """Why this backend cannot run on this machine at all, or None if it can."""
         return None
 
-    def unsupported_reasons(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> list[str]:
+    def unsupported_reasons(
+        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions
+    ) -> list[str]:
         """Every reason this backend cannot serve this call; empty when it can."""
         return []
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def backward(
@@ -49,6 +54,8 @@ class Backend:
         v: Tensor,
         out: Tensor,
         lse: Tensor,
+        extras: AttentionTensors,
         opts: AttentionOptions,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        bias_requires_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         raise NotImplementedError

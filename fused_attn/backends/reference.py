@@ -6,12 +6,13 @@ It is the last resort of dispatch and an independent cross-check for the kernels
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
+from ..dropout import keep_mask_from_seed
 from ..layout import empty_like_layout
-from ..options import AttentionOptions
+from ..options import AttentionOptions, AttentionTensors
 from .base import Backend, Tensor
 
 KEY_BLOCK = 512
@@ -22,53 +23,102 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _grouped(t: Tensor, heads_kv: int) -> Tensor:
-    """(B, Hq, L, D) -> (B, Hkv, G, L, D): query heads grouped by the key/value head they share."""
+    """(B, Hq, ...) -> (B, Hkv, G, ...): query heads grouped by the key/value head they share."""
     return t.unflatten(1, (heads_kv, t.shape[1] // heads_kv))
 
 
-def _key_blocks(q: Tensor, k: Tensor, opts: AttentionOptions) -> Iterator[tuple[int, int]]:
-    """Key blocks [start, end) that at least one query row can see; causal skips the rest."""
-    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
-    stop = seqlen_k
-    if opts.causal:
-        stop = max(0, min(seqlen_k, seqlen_q + opts.causal_offset(seqlen_q, seqlen_k)))
-    for start in range(0, stop, KEY_BLOCK):
-        yield start, min(start + KEY_BLOCK, stop)
+def _as_4d(t: Tensor) -> Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
-def _masked_scores(q: Tensor, k_block: Tensor, start: int, seqlen_k: int, opts: AttentionOptions) -> Tensor:
-    """scale * q @ k_block^T with masked entries set to -inf. q (..., Lq, D), k_block (..., N, D)."""
-    scores = torch.matmul(q, k_block.transpose(-1, -2)) * opts.scale
-    if opts.causal:
-        seqlen_q = q.shape[-2]
-        rows = torch.arange(seqlen_q, device=q.device)[:, None]
-        cols = torch.arange(start, start + k_block.shape[-2], device=q.device)[None, :]
-        visible = cols <= rows + opts.causal_offset(seqlen_q, seqlen_k)
-        scores = scores.masked_fill(~visible, float("-inf"))
-    return scores
+class _Problem:
+    """One call's inputs arranged for block-by-block work: query heads grouped, scalars resolved."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions):
+        self.acc_dtype = _accumulation_dtype(q.dtype)
+        self.batch, self.heads_q, self.seqlen_q = q.shape[:3]
+        self.heads_kv, self.seqlen_k = k.shape[1], k.shape[2]
+        self.k, self.v, self.extras, self.opts = k, v, extras, opts
+        self.q = _grouped(q, self.heads_kv).to(self.acc_dtype)
+        self.shift = opts.causal_offset(self.seqlen_q, self.seqlen_k)
+        self.rows = torch.arange(self.seqlen_q, device=q.device)
+        full = (self.batch, self.heads_q, self.seqlen_q, self.seqlen_k)
+        self.mask = None if extras.mask is None else _grouped(_as_4d(extras.mask).expand(full), self.heads_kv)
+        self.bias = None if extras.bias is None else _grouped(_as_4d(extras.bias).expand(full), self.heads_kv)
+        self.slopes = None
+        if extras.alibi_slopes is not None:
+            slopes = extras.alibi_slopes.expand(self.batch, self.heads_q).to(self.acc_dtype)
+            self.slopes = _grouped(slopes, self.heads_kv)[..., None, None]
+        self.batch_heads = torch.arange(self.batch * self.heads_q, device=q.device).view(
+            self.batch, self.heads_kv, -1, 1, 1)
+
+    def key_blocks(self) -> Iterator[tuple[int, int]]:
+        """Key blocks [start, end) that some query row can see; blocks outside every window are skipped."""
+        opts = self.opts
+        first = 0 if opts.left < 0 else max(0, self.shift - opts.left)
+        stop = self.seqlen_k if opts.right < 0 else min(self.seqlen_k, self.seqlen_q + self.shift + opts.right)
+        for start in range(first, stop, KEY_BLOCK):
+            yield start, min(start + KEY_BLOCK, stop)
+
+    def kv_block(self, start: int, end: int) -> tuple[Tensor, Tensor]:
+        return (self.k[:, :, None, start:end].to(self.acc_dtype), self.v[:, :, None, start:end].to(self.acc_dtype))
+
+    def scores(self, k_block: Tensor, start: int) -> tuple[Tensor, Optional[Tensor]]:
+        """Final scores of one key block (masked entries -inf), and tanh of the softcap (or None)."""
+        opts = self.opts
+        end = start + k_block.shape[-2]
+        scores = torch.matmul(self.q, k_block.transpose(-1, -2)) * opts.scale
+        tanh = None
+        if opts.softcap > 0:
+            tanh = torch.tanh(scores / opts.softcap)
+            scores = opts.softcap * tanh
+        cols = torch.arange(start, end, device=scores.device)
+        distance = cols[None, :] - (self.rows[:, None] + self.shift)  # j - (i + shift)
+        if self.slopes is not None:
+            scores = scores - self.slopes * distance.abs()
+        if self.bias is not None:
+            scores = scores + self.bias[..., start:end].to(self.acc_dtype)
+        hidden = torch.zeros_like(distance, dtype=torch.bool)
+        if opts.left >= 0:
+            hidden |= distance < -opts.left
+        if opts.right >= 0:
+            hidden |= distance > opts.right
+        if self.mask is not None:
+            hidden = hidden | ~self.mask[..., start:end]
+        return scores.masked_fill(hidden, float("-inf")), tanh
+
+    def dropout_scale(self, start: int, end: int) -> Optional[Tensor]:
+        """keep / (1 - p) for one key block, or None without dropout."""
+        p = self.opts.dropout_p
+        if p == 0:
+            return None
+        cols = torch.arange(start, end, device=self.rows.device)
+        keep = keep_mask_from_seed(self.extras.dropout_seed, self.batch, self.heads_q, self.rows, cols, p,
+                                   batch_heads=self.batch_heads)
+        return keep.to(self.acc_dtype) / (1 - p)
 
 
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> tuple[Tensor, Tensor]:
-        acc_dtype = _accumulation_dtype(q.dtype)
-        heads_kv = k.shape[1]
-        qg = _grouped(q, heads_kv).to(acc_dtype)
-        row_shape = qg.shape[:-1]
-        row_max = qg.new_full(row_shape, float("-inf"))
-        row_sum = qg.new_zeros(row_shape)
-        acc = qg.new_zeros((*row_shape, v.shape[-1]))
-        for start, end in _key_blocks(q, k, opts):
-            k_block = k[:, :, None, start:end].to(acc_dtype)
-            v_block = v[:, :, None, start:end].to(acc_dtype)
-            scores = _masked_scores(qg, k_block, start, k.shape[2], opts)
+    def forward(self, q, k, v, extras, opts):
+        problem = _Problem(q, k, v, extras, opts)
+        row_shape = problem.q.shape[:-1]
+        row_max = problem.q.new_full(row_shape, float("-inf"))
+        row_sum = problem.q.new_zeros(row_shape)
+        acc = problem.q.new_zeros((*row_shape, v.shape[-1]))
+        for start, end in problem.key_blocks():
+            k_block, v_block = problem.kv_block(start, end)
+            scores, _ = problem.scores(k_block, start)
             new_max = torch.maximum(row_max, scores.amax(-1))
             # Rows with nothing visible yet keep max -inf; subtracting 0 keeps exp() at 0, not NaN.
             safe_max = torch.where(new_max == float("-inf"), 0.0, new_max)
             probs = torch.exp(scores - safe_max[..., None])
             rescale = torch.exp(row_max - safe_max)
             row_sum = row_sum * rescale + probs.sum(-1)
+            dropout = problem.dropout_scale(start, end)
+            if dropout is not None:
+                probs = probs * dropout
             acc = acc * rescale[..., None] + torch.matmul(probs, v_block)
             row_max = new_max
         empty = row_sum == 0
@@ -76,46 +126,57 @@ class ReferenceBackend(Backend):
         lse = torch.where(empty, float("-inf"), row_max + torch.log(row_sum))
         result = empty_like_layout(q, (*q.shape[:3], v.shape[-1]))
         result.copy_(out.flatten(1, 2))
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return result, lse.flatten(1, 2).to(lse_dtype)
+        return result, lse.flatten(1, 2).to(_accumulation_dtype(q.dtype))
 
-    def backward(
-        self,
-        dout: Tensor,
-        dlse: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        opts: AttentionOptions,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        acc_dtype = _accumulation_dtype(q.dtype)
-        heads_kv = k.shape[1]
-        qg = _grouped(q, heads_kv).to(acc_dtype)
+    def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
+        problem = _Problem(q, k, v, extras, opts)
+        acc_dtype, heads_kv = problem.acc_dtype, problem.heads_kv
         dog = _grouped(dout, heads_kv).to(acc_dtype)
         # d(loss)/d(score_ij) = p_ij * (dp_ij - delta_i), delta_i = rowsum(dO * O) - dlse_i.
         delta = (dog * _grouped(out, heads_kv).to(acc_dtype)).sum(-1) - _grouped(dlse, heads_kv).to(acc_dtype)
         # Empty rows have lse = -inf; +inf makes every p_ij = exp(s_ij - lse_i) exactly 0.
         lse = _grouped(lse, heads_kv).to(acc_dtype)
         lse = torch.where(lse == float("-inf"), float("inf"), lse)
-        dq = torch.zeros_like(qg)
+        dq = torch.zeros_like(problem.q)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
-        for start, end in _key_blocks(q, k, opts):
-            k_block = k[:, :, None, start:end].to(acc_dtype)
-            v_block = v[:, :, None, start:end].to(acc_dtype)
-            probs = torch.exp(_masked_scores(qg, k_block, start, k.shape[2], opts) - lse[..., None])
-            dv[:, :, start:end] = torch.matmul(probs.transpose(-1, -2), dog).sum(2)
+        dbias = None
+        if bias_requires_grad:
+            dbias = torch.zeros(_as_4d(extras.bias).shape, dtype=acc_dtype, device=q.device)
+        for start, end in problem.key_blocks():
+            k_block, v_block = problem.kv_block(start, end)
+            scores, tanh = problem.scores(k_block, start)
+            probs = torch.exp(scores - lse[..., None])
             dprobs = torch.matmul(dog, v_block.transpose(-1, -2))
-            dscores = probs * (dprobs - delta[..., None]) * opts.scale
+            dropped = probs
+            dropout = problem.dropout_scale(start, end)
+            if dropout is not None:
+                dropped = probs * dropout
+                dprobs = dprobs * dropout
+            dv[:, :, start:end] = torch.matmul(dropped.transpose(-1, -2), dog).sum(2)
+            dscores = probs * (dprobs - delta[..., None])
+            if dbias is not None:
+                _accumulate_bias_grad(dbias, dscores.flatten(1, 2), start, end)
+            if tanh is not None:
+                dscores = dscores * (1 - tanh * tanh)
+            dscores = dscores * opts.scale
             dq += torch.matmul(dscores, k_block)
-            dk[:, :, start:end] = torch.matmul(dscores.transpose(-1, -2), qg).sum(2)
-        return (
-            _copy_into_layout(dq.flatten(1, 2), q),
-            _copy_into_layout(dk, k),
-            _copy_into_layout(dv, v),
-        )
+            dk[:, :, start:end] = torch.matmul(dscores.transpose(-1, -2), problem.q).sum(2)
+        grads = (_copy_into_layout(dq.flatten(1, 2), q), _copy_into_layout(dk, k), _copy_into_layout(dv, v))
+        if dbias is not None:
+            dbias = dbias.reshape(extras.bias.shape).to(extras.bias.dtype)
+        return (*grads, dbias)
+
+
+def _accumulate_bias_grad(dbias: Tensor, dscores: Tensor, start: int, end: int) -> None:
+    """Add one key block's score gradient (B, Hq, Lq, N), summed over the bias's broadcast dims."""
+    broadcast = [dim for dim in range(3) if dbias.shape[dim] == 1 and dscores.shape[dim] != 1]
+    if broadcast:
+        dscores = dscores.sum(broadcast, keepdim=True)
+    if dbias.shape[3] == 1:
+        dbias += dscores.sum(3, keepdim=True)
+    else:
+        dbias[..., start:end] += dscores
 
 
 def _copy_into_layout(grad: Tensor, like: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..options import AttentionOptions
+from ..options import AttentionOptions, AttentionTensors
 from .base import Backend, Tensor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,7 +43,9 @@ class TritonBackend(Backend):
             return "no CUDA GPU, and Triton's interpreter is off (set TRITON_INTERPRET=1 before import)"
         return None
 
-    def unsupported_reasons(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> list[str]:
+    def unsupported_reasons(
+        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions
+    ) -> list[str]:
         reasons = []
         if q.device.type == "cpu":
             if not _interpreting():
@@ -56,12 +58,12 @@ class TritonBackend(Backend):
             reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
         return reasons
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> tuple[Tensor, Tensor]:
+    def forward(self, q, k, v, extras, opts):
         from ..triton.forward import attention_forward
 
-        return attention_forward(q, k, v, opts)
+        return attention_forward(q, k, v, extras, opts)
 
-    def backward(self, dout, dlse, q, k, v, out, lse, opts):
+    def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
         from ..triton.backward import attention_backward
 
-        return attention_backward(dout, dlse, q, k, v, out, lse, opts)
+        return attention_backward(dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad)

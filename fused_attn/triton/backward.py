@@ -1,12 +1,13 @@
 """Backward pass: recompute the probabilities from q, k and the saved lse, then
 
-    dv = p^T @ do            dp = do @ v^T
-    ds = p * (dp - delta)    delta = rowsum(do * out) - dlse
-    dq = scale * ds @ k      dk = scale * ds^T @ q
+    dv = p'^T @ do           dp = (do @ v^T) * keep / (1 - p_drop)      p' = p * keep / (1 - p_drop)
+    ds = p * (dp - delta)    delta = rowsum(do * out) - dlse            (= d loss / d scores = d bias)
+    dq = scale * ds' @ k     dk = scale * ds'^T @ q                     ds' = ds * softcap'(scores)
 
 Three launches: delta per query row; dk/dv per key block (looping over the query rows, and over
 every query head of a GQA group, so a group's gradient is summed in registers); dq per query
-block. No atomics anywhere, so gradients are bitwise reproducible run to run.
+block. No atomics anywhere, so gradients are bitwise reproducible run to run. The bias gradient,
+when asked for, is a fourth launch (bias_grad.py).
 """
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ import triton
 import triton.language as tl
 
 from ..layout import empty_like_layout, new_output
-from ..options import AttentionOptions
+from ..options import AttentionOptions, AttentionTensors
 from .common import (
     LOG2_E,
-    causal_visible,
-    dot_precision,
+    dropout_keep,
+    feature_arguments,
     head_dim_block,
+    head_state,
     load_tile,
     num_blocks,
+    score_tile,
     tile_config,
-    upcast_tiles,
+    visible_span,
 )
 
 
@@ -42,57 +45,84 @@ def _delta_kernel(
     batch_head = tl.program_id(1)
     batch = (batch_head // num_heads).to(tl.int64)
     head = (batch_head % num_heads).to(tl.int64)
-    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    inside = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
-    out = tl.load(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om
+    inside = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    out = tl.load(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_om
                   + offs_dv[None, :] * stride_od, mask=inside, other=0.0).to(tl.float32)
-    dout = tl.load(DOut + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gm
+    dout = tl.load(DOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gm
                    + offs_dv[None, :] * stride_gd, mask=inside, other=0.0).to(tl.float32)
-    dlse = tl.load(DLse + batch * stride_lb + head * stride_lh + offs_m * stride_lm,
-                   mask=offs_m < seqlen_q, other=0.0)
-    tl.store(Delta + batch_head.to(tl.int64) * seqlen_q + offs_m, tl.sum(out * dout, 1) - dlse,
-             mask=offs_m < seqlen_q)
+    dlse = tl.load(DLse + batch * stride_lb + head * stride_lh + rows * stride_lm, mask=rows < seqlen_q, other=0.0)
+    tl.store(Delta + batch_head.to(tl.int64) * seqlen_q + rows, tl.sum(out * dout, 1) - dlse, mask=rows < seqlen_q)
 
 
 @triton.jit
-def _load_row_stats(Lse, Delta, row_base, offs_m, seqlen_q):
+def load_row_stats(Lse, Delta, row_base, rows, seqlen_q):
     """Base-2 lse and delta of a query block. Empty rows (lse -inf) get +inf so that p = 0."""
-    in_range = offs_m < seqlen_q
-    lse = tl.load(Lse + row_base + offs_m, mask=in_range, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(Delta + row_base + offs_m, mask=in_range, other=0.0)
+    in_range = rows < seqlen_q
+    lse = tl.load(Lse + row_base + rows, mask=in_range, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2_E
+    delta = tl.load(Delta + row_base + rows, mask=in_range, other=0.0)
     return lse, delta
+
+
+@triton.jit
+def backward_tile(
+    q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
+    mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
+    shift, left, right, scale, softcap,
+    CHECK_WINDOW: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """For a (rows x cols) tile: the dropped probabilities p', the score gradient ds (= bias
+    gradient) and ds' (through the softcap), from q (M, D), k (N, D), v (N, Dv), dout (M, Dv)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    scores, capped = score_tile(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
+                                shift, left, right, scale, softcap,
+                                CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND)
+    probs = tl.math.exp2(scores - lse[:, None])
+    dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
+    dropped = probs
+    if DROPOUT:
+        keep = dropout_keep(seed_lo, seed_hi, rows, cols, batch_head, threshold)
+        dropped = tl.where(keep, probs * inv_keep, 0.0)
+        dprobs = tl.where(keep, dprobs * inv_keep, 0.0)
+    dscores = probs * (dprobs - delta[:, None])
+    dscores_raw = dscores
+    if SOFTCAP:
+        dscores_raw = dscores * (1.0 - capped * capped)
+    return dropped, dscores, dscores_raw
 
 
 @triton.jit
 def _dkdv_query_blocks(
     dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, row_base, stride_qm, stride_gm,
-    offs_m, offs_n, offs_d, offs_dv, start, stop,
-    seqlen_q, causal_offset, qk_scale_log2,
+    offs_m, cols, offs_d, offs_dv, start, stop, seqlen_q, seqlen_k,
+    mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
+    shift, left, right, scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, MASKED: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, CHECK_WINDOW: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dk, dv of one key block over query blocks [start, stop) of one head.
 
-    Works on transposed tiles (keys x queries) so dk and dv accumulate without transposes.
-    Out-of-range query rows load q = do = 0 and lse = +inf, so their p is 0: no bounds mask needed.
+    Out-of-range query rows load q = do = 0 and lse = +inf, so their p is 0.
     """
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
         q = load_tile(q_ptrs + start_m * stride_qm, rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
         dout = load_tile(do_ptrs + start_m * stride_gm, rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV,
                          UPCAST)
-        lse, delta = _load_row_stats(Lse, Delta, row_base, rows, seqlen_q)
-        logits_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
-        probs_t = tl.math.exp2(logits_t - lse[None, :])
-        if MASKED:
-            probs_t = tl.where(tl.trans(causal_visible(rows, offs_n, causal_offset)), probs_t, 0.0)
-        dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
-        dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
-        dscores_t = probs_t * (dprobs_t - delta[None, :])
-        dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        lse, delta = load_row_stats(Lse, Delta, row_base, rows, seqlen_q)
+        dropped, _, dscores = backward_tile(
+            q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
+            mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
+            shift, left, right, scale, softcap,
+            CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION,
+        )
+        dv += tl.dot(tl.trans(dropped.to(dout.dtype)), dout, input_precision=DOT_PRECISION)
+        dk += tl.dot(tl.trans(dscores.to(q.dtype)), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -105,10 +135,13 @@ def _dkdv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    num_heads_kv, group_size, seqlen_q, seqlen_k, causal_offset, scale, qk_scale_log2,
+    num_heads_kv, group_size, seqlen_q, seqlen_k,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn, Slopes, stride_sb, stride_sh,
+    Seed, threshold, inv_keep, shift, left, right, scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block_n = tl.program_id(0)
     batch_head_kv = tl.program_id(1)
@@ -117,82 +150,77 @@ def _dkdv_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
 
-    start_n = block_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_tile(K + batch * stride_kb + head_kv * stride_kh + offs_n[:, None] * stride_kn
-                  + offs_d[None, :] * stride_kd, offs_n, seqlen_k, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
-    v = load_tile(V + batch * stride_vb + head_kv * stride_vh + offs_n[:, None] * stride_vn
-                  + offs_dv[None, :] * stride_vd, offs_n, seqlen_k, offs_dv, HEAD_DIM_V, True, not EVEN_DV,
-                  UPCAST)
+    k = load_tile(K + batch * stride_kb + head_kv * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                  cols, seqlen_k, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
+    v = load_tile(V + batch * stride_vb + head_kv * stride_vh + cols[:, None] * stride_vn
+                  + offs_dv[None, :] * stride_vd, cols, seqlen_k, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
 
-    # Query rows that see this key block: causal row i sees key j when i >= j - causal_offset.
-    # Rows from `full_start` on see every key of the block and need no causal mask.
-    start = 0
-    full_start = 0
-    if CAUSAL:
-        start = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
-        first_full_row = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)
-        full_start = start + tl.cdiv(tl.maximum(first_full_row - start, 0), BLOCK_M) * BLOCK_M
-        full_start = tl.minimum(full_start, tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M)
-
+    # Queries that see this key block: key j is seen by rows j - shift - right .. j - shift + left,
+    # the forward window seen from the keys' side (bounds swapped, shift negated).
+    lo, full_lo, full_hi, hi = visible_span(block_n * BLOCK_N, BLOCK_N, seqlen_q, -shift, right, left,
+                                            HAS_RIGHT, HAS_LEFT, BLOCK_M)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for member in range(0, group_size):  # every query head that shares this k/v head
         head = head_kv * group_size + member
+        batch_head = batch * num_heads_kv * group_size + head
         q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
         do_ptrs = (DOut + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gm
                    + offs_dv[None, :] * stride_gd)
-        row_base = (batch * num_heads_kv * group_size + head) * seqlen_q
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, row_base, stride_qm, stride_gm,
-            offs_m, offs_n, offs_d, offs_dv, start, full_start,
-            seqlen_q, causal_offset, qk_scale_log2,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, EVEN_D, EVEN_DV, True, UPCAST, DOT_PRECISION,
-        )
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, row_base, stride_qm, stride_gm,
-            offs_m, offs_n, offs_d, offs_dv, full_start, seqlen_q,
-            seqlen_q, causal_offset, qk_scale_log2,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, EVEN_D, EVEN_DV, False, UPCAST, DOT_PRECISION,
-        )
+        mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh,
+                                                       Seed, batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
+        for stage in tl.static_range(3):
+            if stage == 0:
+                start, stop = lo, full_lo
+            elif stage == 1:
+                start, stop = full_lo, full_hi
+            else:
+                start, stop = full_hi, hi
+            dk, dv = _dkdv_query_blocks(
+                dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, batch_head * seqlen_q, stride_qm, stride_gm,
+                offs_m, cols, offs_d, offs_dv, start, stop, seqlen_q, seqlen_k,
+                mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
+                shift, left, right, scale, softcap,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, EVEN_D, EVEN_DV, stage != 1,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, UPCAST, DOT_PRECISION,
+            )
 
-    inside_d = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    inside_dv = (offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
-    tl.store(DK + batch * stride_dkb + head_kv * stride_dkh + offs_n[:, None] * stride_dkn
+    inside_d = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    inside_dv = (cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
+    tl.store(DK + batch * stride_dkb + head_kv * stride_dkh + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=inside_d)
-    tl.store(DV + batch * stride_dvb + head_kv * stride_dvh + offs_n[:, None] * stride_dvn
+    tl.store(DV + batch * stride_dvb + head_kv * stride_dvh + cols[:, None] * stride_dvn
              + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=inside_dv)
 
 
 @triton.jit
 def _dq_key_blocks(
     dq, q, dout, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
-    offs_m, offs_n, offs_d, offs_dv, start, stop,
-    seqlen_k, causal_offset, qk_scale_log2,
+    rows, offs_n, offs_d, offs_dv, start, stop, seqlen_q, seqlen_k,
+    mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
+    shift, left, right, scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, CHECK_WINDOW: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dq of one query block over key blocks [start, stop)."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        k_t = load_tile(k_ptrs + start_n * stride_kn, offs_d, HEAD_DIM, cols, seqlen_k, not EVEN_D, MASKED, UPCAST)
-        v_t = load_tile(v_ptrs + start_n * stride_vn, offs_dv, HEAD_DIM_V, cols, seqlen_k, not EVEN_DV, MASKED,
-                        UPCAST)
-        logits = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale_log2
-        probs = tl.math.exp2(logits - lse[:, None])
-        if MASKED:
-            # Keys past seqlen_k load as 0 and would get p > 0: mask them with the causal ones.
-            visible = cols[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & causal_visible(offs_m, cols, causal_offset)
-            probs = tl.where(visible, probs, 0.0)
-        dprobs = tl.dot(dout, v_t, input_precision=DOT_PRECISION)
-        dscores = probs * (dprobs - delta[:, None])
-        dq += tl.dot(dscores.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
+        k = load_tile(k_ptrs + start_n * stride_kn, cols, seqlen_k, offs_d, HEAD_DIM, CHECK_WINDOW, not EVEN_D, UPCAST)
+        v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_WINDOW, not EVEN_DV,
+                      UPCAST)
+        _, _, dscores = backward_tile(
+            q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
+            mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
+            shift, left, right, scale, softcap,
+            CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION,
+        )
+        dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -204,10 +232,13 @@ def _dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    num_heads, group_size, seqlen_q, seqlen_k, causal_offset, scale, qk_scale_log2,
+    num_heads, group_size, seqlen_q, seqlen_k,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn, Slopes, stride_sb, stride_sh,
+    Seed, threshold, inv_keep, shift, left, right, scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -217,43 +248,41 @@ def _dq_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
 
-    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                  offs_m, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
-    dout = load_tile(DOut + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gm
-                     + offs_dv[None, :] * stride_gd, offs_m, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
-    lse, delta = _load_row_stats(Lse, Delta, batch_head.to(tl.int64) * seqlen_q, offs_m, seqlen_q)
-    # k and v are both read transposed, (BLOCK_D, BLOCK_N), as in the forward pass.
-    k_ptrs = K + batch * stride_kb + head_kv * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-    v_ptrs = V + batch * stride_vb + head_kv * stride_vh + offs_dv[:, None] * stride_vd + offs_n[None, :] * stride_vn
+    q = load_tile(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                  rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
+    dout = load_tile(DOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gm
+                     + offs_dv[None, :] * stride_gd, rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
+    lse, delta = load_row_stats(Lse, Delta, batch_head.to(tl.int64) * seqlen_q, rows, seqlen_q)
+    k_ptrs = K + batch * stride_kb + head_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + batch * stride_vb + head_kv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed,
+                                                   batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
 
-    # Same key range and unmasked prefix as the forward pass.
-    stop = seqlen_k
-    if CAUSAL:
-        stop = tl.minimum(seqlen_k, tl.maximum((block_m + 1) * BLOCK_M + causal_offset, 0))
-    full_stop = (seqlen_k // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        first_row_sees = tl.maximum(block_m * BLOCK_M + causal_offset + 1, 0)
-        full_stop = tl.minimum(full_stop, (first_row_sees // BLOCK_N) * BLOCK_N)
-    full_stop = tl.minimum(full_stop, stop)
-
+    lo, full_lo, full_hi, hi = visible_span(block_m * BLOCK_M, BLOCK_M, seqlen_k, shift, left, right,
+                                            HAS_LEFT, HAS_RIGHT, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_key_blocks(
-        dq, q, dout, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
-        offs_m, offs_n, offs_d, offs_dv, 0, full_stop, seqlen_k, causal_offset, qk_scale_log2,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, EVEN_D, EVEN_DV, False, CAUSAL, UPCAST, DOT_PRECISION,
-    )
-    dq = _dq_key_blocks(
-        dq, q, dout, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
-        offs_m, offs_n, offs_d, offs_dv, full_stop, stop, seqlen_k, causal_offset, qk_scale_log2,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, EVEN_D, EVEN_DV, True, CAUSAL, UPCAST, DOT_PRECISION,
-    )
-    tl.store(DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    for stage in tl.static_range(3):
+        if stage == 0:
+            start, stop = lo, full_lo
+        elif stage == 1:
+            start, stop = full_lo, full_hi
+        else:
+            start, stop = full_hi, hi
+        dq = _dq_key_blocks(
+            dq, q, dout, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+            rows, offs_n, offs_d, offs_dv, start, stop, seqlen_q, seqlen_k,
+            mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
+            shift, left, right, scale, softcap,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, EVEN_D, EVEN_DV, stage != 1,
+            HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, UPCAST, DOT_PRECISION,
+        )
+    tl.store(DQ + batch * stride_dqb + head * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+             mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
 
 def attention_backward(
@@ -264,20 +293,22 @@ def attention_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    extras: AttentionTensors,
     opts: AttentionOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the three backward kernels. Shapes and layouts as in backends/base.py."""
+    bias_requires_grad: bool,
+):
+    """Launch the backward kernels. Shapes and layouts as in backends/base.py."""
+    from .bias_grad import bias_gradient
+
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     group_size = heads_q // heads_kv
-    causal_offset = opts.causal_offset(seqlen_q, seqlen_k)
     cfg = tile_config(max(head_dim, head_dim_v), q.dtype, backward=True)
     block_d, block_dv = head_dim_block(head_dim), head_dim_block(head_dim_v)
-    flags = dict(
+    features, flags = feature_arguments(q, k, extras, opts)
+    launch = dict(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=opts.causal,
-        UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
 
     delta = new_output(q, (batch, heads_q, seqlen_q), torch.float32)
@@ -289,15 +320,15 @@ def attention_backward(
     dq = empty_like_layout(q, tuple(q.shape))
     dk = empty_like_layout(k, tuple(k.shape))
     dv = empty_like_layout(v, tuple(v.shape))
-    qk_scale_log2 = opts.scale * LOG2_E
     _dkdv_kernel[(num_blocks(seqlen_k, cfg.block_n), batch * heads_kv)](
         q, k, v, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        heads_kv, group_size, seqlen_q, seqlen_k, causal_offset, opts.scale, qk_scale_log2, **flags,
+        heads_kv, group_size, seqlen_q, seqlen_k, *features, **launch,
     )
     _dq_kernel[(num_blocks(seqlen_q, cfg.block_m), batch * heads_q)](
         q, k, v, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        heads_q, group_size, seqlen_q, seqlen_k, causal_offset, opts.scale, qk_scale_log2, **flags,
+        heads_q, group_size, seqlen_q, seqlen_k, *features, **launch,
     )
-    return dq, dk, dv
+    dbias = bias_gradient(dout, q, k, v, lse, delta, extras, opts, cfg) if bias_requires_grad else None
+    return dq, dk, dv, dbias

@@ -1,4 +1,5 @@
-"""Shared pieces of the Triton kernels: interpreter workarounds, tile sizes, masked tile loads."""
+"""Shared pieces of the Triton kernels: interpreter workarounds, tile sizes, and the per-tile math
+every pass recomputes (scores with softcap, ALiBi, bias and masks; the dropout keep-mask)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from ..dropout import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_MUL_A, PHILOX_MUL_B, PHILOX_ROUNDS, keep_threshold
+from ..options import AttentionOptions, AttentionTensors
 
 
 def _interpreting() -> bool:
@@ -20,8 +24,15 @@ def _interpreting() -> bool:
 # Decided once, like Triton itself decides it when the kernels are decorated.
 INTERPRETING = _interpreting()
 
-LOG2_E = 1.4426950408889634
+LOG2_E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN_2: tl.constexpr = tl.constexpr(0.6931471805599453)  # natural lse = base-2 lse * ln(2)
+_ROUNDS: tl.constexpr = tl.constexpr(PHILOX_ROUNDS)
+_MUL_A: tl.constexpr = tl.constexpr(PHILOX_MUL_A)
+_MUL_B: tl.constexpr = tl.constexpr(PHILOX_MUL_B)
+_KEY_A: tl.constexpr = tl.constexpr(PHILOX_KEY_A)
+_KEY_B: tl.constexpr = tl.constexpr(PHILOX_KEY_B)
+
+MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
 
 
 def upcast_tiles(dtype: torch.dtype) -> bool:
@@ -70,6 +81,40 @@ def num_blocks(length: int, block: int) -> int:
     return math.ceil(length / block)
 
 
+def feature_arguments(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors, opts: AttentionOptions):
+    """Positional kernel arguments and constexpr flags describing masks, ALiBi, softcap and dropout.
+
+    Every kernel takes them in this order: Mask, its 4 strides, Slopes, its 2 strides, Seed,
+    threshold, 1/(1-p), shift, left, right, scale, softcap. Size-1 (broadcast) dims get stride 0.
+    """
+    batch, heads, seqlen_q = q.shape[:3]
+    seqlen_k = k.shape[2]
+    mask = extras.mask if extras.mask is not None else extras.bias
+    if mask is None:
+        mask_args = (q, 0, 0, 0, 0)
+        mask_kind = MASK_NONE
+    else:
+        full = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(batch, heads, seqlen_q, seqlen_k)
+        if mask.dtype == torch.bool:
+            full, mask_kind = full.view(torch.uint8), MASK_BOOL
+        else:
+            mask_kind = MASK_BIAS
+        mask_args = (full, *full.stride())
+    slopes = extras.alibi_slopes
+    slope_args = (q, 0, 0) if slopes is None else (slopes, *slopes.expand(batch, heads).stride())
+    seed = extras.dropout_seed if opts.dropout_p > 0 else q
+    args = (
+        *mask_args, *slope_args, seed, keep_threshold(opts.dropout_p), 1.0 / (1.0 - opts.dropout_p),
+        opts.causal_offset(seqlen_q, seqlen_k), opts.left, opts.right, opts.scale, opts.softcap or 1.0,
+    )
+    flags = dict(
+        HAS_LEFT=opts.left >= 0, HAS_RIGHT=opts.right >= 0, SOFTCAP=opts.softcap > 0,
+        HAS_ALIBI=slopes is not None, MASK_KIND=mask_kind, DROPOUT=opts.dropout_p > 0,
+        UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+    )
+    return args, flags
+
+
 @triton.jit
 def load_tile(ptrs, rows, row_limit, cols, col_limit, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
               UPCAST: tl.constexpr):
@@ -88,6 +133,112 @@ def load_tile(ptrs, rows, row_limit, cols, col_limit, CHECK_ROWS: tl.constexpr, 
 
 
 @triton.jit
-def causal_visible(rows, cols, causal_offset):
-    """Query row i sees key j when j <= i + causal_offset (offset 0: top-left, Lk - Lq: bottom-right)."""
-    return cols[None, :] <= rows[:, None] + causal_offset
+def visible_span(start, BLOCK: tl.constexpr, length, shift, left, right,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TILE: tl.constexpr):
+    """Rows [start, start + BLOCK) see columns c in [0, length) with row + shift - left <= c <= row + shift + right.
+
+    Returns TILE-aligned bounds lo <= full_lo <= full_hi and hi: columns [lo, hi) are seen by some
+    row, and the whole tiles in [full_lo, full_hi) by every row, so those need no masking.
+    """
+    last = start + BLOCK - 1
+    lo = 0
+    full_lo = 0
+    hi = length
+    full_hi = length
+    if HAS_LEFT:
+        lo = tl.maximum(start + shift - left, 0)
+        full_lo = tl.maximum(last + shift - left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(last + shift + right + 1, length)
+        full_hi = tl.maximum(tl.minimum(start + shift + right + 1, length), 0)
+    lo = (lo // TILE) * TILE
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, TILE) * TILE, lo), tl.cdiv(hi, TILE) * TILE)
+    full_hi = tl.maximum((full_hi // TILE) * TILE, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp2 (libdevice is unavailable in the interpreter); saturates cleanly at +-1."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2_E)) + 1.0)
+
+
+@triton.jit
+def head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed, batch, head,
+               HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr):
+    """Per-(batch, head) pieces of the features: the mask's base pointer, the ALiBi slope, the Philox key."""
+    mask_ptr = Mask
+    if MASK_KIND != 0:
+        mask_ptr = Mask + batch * stride_mb + head * stride_mh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + batch * stride_sb + head * stride_sh)
+    seed_lo = tl.zeros([], dtype=tl.uint32)
+    seed_hi = tl.zeros([], dtype=tl.uint32)
+    if DROPOUT:
+        seed = tl.load(Seed)
+        seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+        seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return mask_ptr, slope, seed_lo, seed_hi
+
+
+@triton.jit
+def score_tile(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
+               shift, left, right, scale, softcap,
+               CHECK_WINDOW: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Base-2 scores of a (rows x cols) tile from qk = q @ k^T: scale, softcap, ALiBi, bias, masks.
+
+    Masked entries are -inf. Also returns tanh(scale * qk / softcap) (the softcap's derivative is
+    1 - tanh^2), or qk itself when there is no softcap. CHECK_WINDOW applies the key bound and the
+    causal/window bounds; tiles known to be fully visible skip it.
+    """
+    if SOFTCAP:
+        capped = tanh(qk * (scale / softcap))
+        scores = capped * (softcap * LOG2_E)
+    else:
+        capped = qk
+        scores = qk * (scale * LOG2_E)
+    if HAS_ALIBI:
+        distance = (cols[None, :] - rows[:, None] - shift).to(tl.float32)
+        scores -= (slope * LOG2_E) * tl.abs(distance)
+    if MASK_KIND != 0:
+        in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+        values = tl.load(mask_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn, mask=in_bounds, other=0)
+        if MASK_KIND == 1:
+            scores = tl.where(values != 0, scores, float("-inf"))
+        else:
+            scores += values.to(tl.float32) * LOG2_E
+    if CHECK_WINDOW:
+        visible = cols[None, :] < seqlen_k
+        if HAS_LEFT:
+            visible = visible & (cols[None, :] >= rows[:, None] + shift - left)
+        if HAS_RIGHT:
+            visible = visible & (cols[None, :] <= rows[:, None] + shift + right)
+        scores = tl.where(visible, scores, float("-inf"))
+    return scores, capped
+
+
+@triton.jit
+def dropout_keep(seed_lo, seed_hi, rows, cols, batch_head, threshold):
+    """Keep-mask of a (rows x cols) tile: Philox4x32 on counter (col, row, batch_head, 0), as dropout.py."""
+    zero = (rows[:, None] * 0 + cols[None, :] * 0).to(tl.uint32)
+    c0 = zero + cols[None, :].to(tl.uint32)
+    c1 = zero + rows[:, None].to(tl.uint32)
+    c2 = zero + batch_head.to(tl.uint32)
+    c3 = zero
+    k0 = seed_lo
+    k1 = seed_hi
+    for _ in tl.static_range(_ROUNDS):
+        hi_b = tl.math.umulhi(c2, _MUL_B)
+        lo_b = c2 * _MUL_B
+        hi_a = tl.math.umulhi(c0, _MUL_A)
+        lo_a = c0 * _MUL_A
+        c0 = hi_b ^ c1 ^ k0
+        c1 = lo_b
+        c2 = hi_a ^ c3 ^ k1
+        c3 = lo_a
+        k0 = k0 + _KEY_A
+        k1 = k1 + _KEY_B
+    return c0.to(tl.int64) >= threshold
