@@ -1,0 +1,165 @@
+"""Masks, learnable biases, windows, ALiBi, softcap and dropout: every keyword against float64 math,
+alone and combined, with GQA, both alignments and ragged shapes."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from oracle import check_against_oracle, random_qkv
+
+import fused_attn
+
+B, HQ, HKV, LQ, LK, D = 2, 4, 2, 45, 70, 32
+SHAPE = (B, HQ, HKV, LQ, LK, D, D)
+
+
+@pytest.mark.parametrize("bias_shape", [
+    (1, HQ, LQ, LK), (B, 1, 1, LK), (1, 1, LQ, LK), (B, HQ, LQ, LK), (LQ, LK), (B, HQ, LQ, 1), (1,),
+], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_learnable_bias_gradient_has_the_bias_shape(backend, bias_shape, dtype):
+    bias = torch.randn(bias_shape, dtype=dtype, device=DEVICE, requires_grad=True)
+    check_against_oracle(backend, SHAPE, dtype, DEVICE, attn_mask=bias, causal=True)
+
+
+def test_float32_bias_with_bfloat16_inputs(backend):
+    bias = torch.randn(1, HQ, LQ, LK, device=DEVICE, requires_grad=True)
+    check_against_oracle(backend, SHAPE, torch.bfloat16, DEVICE, attn_mask=bias)
+
+
+@pytest.mark.parametrize("mask_shape", [(B, 1, 1, LK), (1, 1, LQ, LK), (B, HQ, LQ, LK)], ids=str)
+def test_bool_mask(backend, mask_shape):
+    mask = torch.rand(mask_shape, device=DEVICE) > 0.3
+    check_against_oracle(backend, SHAPE, torch.float16, DEVICE, attn_mask=mask)
+
+
+def test_bool_mask_with_fully_masked_rows(backend):
+    mask = torch.rand(B, HQ, LQ, LK, device=DEVICE) > 0.5
+    mask[:, :, ::3] = False  # every third query row sees nothing
+    check_against_oracle(backend, SHAPE, torch.float32, DEVICE, attn_mask=mask)
+    q, k, v = random_qkv(*SHAPE, torch.float32, DEVICE, requires_grad=True)
+    out, lse = fused_attn.attention(q, k, v, attn_mask=mask, return_lse=True, backend=backend)
+    assert torch.all(out[:, :, ::3] == 0) and torch.all(lse[:, :, ::3] == float("-inf"))
+    out.backward(torch.randn_like(out))
+    assert torch.all(q.grad[:, :, ::3] == 0) and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+@pytest.mark.parametrize("window", [(5, 3), (0, 0), (16, -1), (-1, 7), (100, 100)], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_sliding_window(backend, window, causal, alignment):
+    check_against_oracle(backend, SHAPE, torch.float16, DEVICE, window=window, causal=causal,
+                         causal_alignment=alignment)
+
+
+def test_window_with_more_queries_than_keys(backend):
+    """Bottom-right windows with Lq > Lk leave early rows without keys."""
+    check_against_oracle(backend, (1, 2, 1, 90, 33, 64, 64), torch.float32, DEVICE, window=(4, 2),
+                         causal_alignment="bottom_right")
+
+
+@pytest.mark.parametrize("slopes_shape", [(HQ,), (B, HQ)], ids=str)
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_alibi(backend, slopes_shape, alignment):
+    slopes = torch.rand(slopes_shape, device=DEVICE)
+    check_against_oracle(backend, SHAPE, torch.float16, DEVICE, alibi_slopes=slopes, causal_alignment=alignment)
+    check_against_oracle(backend, SHAPE, torch.float32, DEVICE, alibi_slopes=slopes, causal=True,
+                         causal_alignment=alignment)
+
+
+@pytest.mark.parametrize("softcap", [0.5, 30.0])
+def test_softcap(backend, softcap):
+    check_against_oracle(backend, SHAPE, torch.float16, DEVICE, softcap=softcap, causal=True, scale=0.8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_dropout_matches_reference_with_the_materialized_mask(backend, dtype):
+    check_against_oracle(backend, SHAPE, dtype, DEVICE, dropout_p=0.3, causal=True)
+
+
+def test_everything_at_once(backend):
+    bias = torch.randn(B, 1, LQ, LK, device=DEVICE, requires_grad=True)
+    check_against_oracle(
+        backend, (B, HQ, 1, LQ, LK, 40, 24), torch.float16, DEVICE, sequence_major=True,
+        attn_mask=bias, window=(20, 5), causal=True, causal_alignment="bottom_right",
+        alibi_slopes=torch.rand(HQ, device=DEVICE), softcap=10.0, dropout_p=0.2,
+    )
+
+
+def run_with_dropout(backend, seed, p=0.25, dtype=torch.float32):
+    torch.manual_seed(1234)  # the same inputs every call
+    q, k, v = random_qkv(1, 2, 2, 50, 60, 32, 32, dtype, DEVICE, requires_grad=True)
+    torch.manual_seed(seed)
+    out = fused_attn.attention(q, k, v, dropout_p=p, backend=backend)
+    out.backward(torch.ones_like(out))
+    return out, q.grad, k.grad, v.grad
+
+
+def test_dropout_is_reproducible_from_the_seed(backend):
+    first, second, other = (run_with_dropout(backend, seed) for seed in (7, 7, 8))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_dropout_mask_is_the_same_in_every_backend(backend):
+    ours = run_with_dropout(backend, 11)
+    ref = run_with_dropout("reference", 11)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keep_rate_and_unbiased_output(backend):
+    p = 0.3
+    keep = fused_attn.dropout_keep_mask(4, 8, 256, 256, p, DEVICE)
+    kept = keep.double().mean().item()
+    sigma = (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs(kept - (1 - p)) < 6 * sigma
+    # With v = 1 every output element is sum_j p_ij keep_ij / (1 - p), whose expectation is 1.
+    q, k, _ = random_qkv(2, 4, 4, 64, 256, 16, 16, torch.float32, DEVICE)
+    out = fused_attn.attention(q, k, torch.ones_like(k), dropout_p=p, backend=backend)
+    assert abs(out.mean().item() - 1) < 0.02
+
+
+def test_dropout_float64_gradcheck():
+    q, k, v = random_qkv(1, 2, 1, 5, 7, 4, 3, torch.float64, DEVICE, requires_grad=True)
+
+    def fn(q, k, v):
+        torch.manual_seed(3)  # the same mask on every evaluation
+        return fused_attn.attention(q, k, v, dropout_p=0.4, causal=True, backend="reference")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_bias_gradient_float64_gradcheck():
+    q, k, v = random_qkv(2, 2, 1, 5, 7, 4, 3, torch.float64, DEVICE, requires_grad=True)
+    bias = torch.randn(2, 1, 5, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    fn = lambda q, k, v, bias: fused_attn.attention(q, k, v, attn_mask=bias, softcap=2.0, window=(2, 1),  # noqa: E731
+                                                    backend="reference")
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+
+
+def qkv():
+    return random_qkv(2, 4, 2, 8, 10, 16, 16, torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("keywords, error, message", [
+    (dict(attn_mask=torch.ones(3, 8, 10, dtype=torch.bool)), ValueError, r"attn_mask of shape \(3, 8, 10\) does not broadcast to \(B, Hq, Lq, Lk\) = \(2, 4, 8, 10\)"),
+    (dict(attn_mask=torch.ones(8, 11)), ValueError, r"attn_mask of shape \(8, 11\) does not broadcast"),
+    (dict(attn_mask=torch.ones(1, 1, 1, 2, 8, 10)), ValueError, r"does not broadcast"),
+    (dict(attn_mask=torch.ones(8, 10, dtype=torch.int64)), TypeError, r"attn_mask must be bool, torch.float32 \(q's dtype\) or float32"),
+    (dict(attn_mask=[[True]]), TypeError, r"attn_mask must be a torch.Tensor or None"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0.0, 1.0\), got 1.0"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0.0, 1.0\)"),
+    (dict(window=(-2, 3)), ValueError, r"window bounds must be >= 0, or -1 for unbounded, got \(-2, 3\)"),
+    (dict(window=(3,)), TypeError, r"window must be a pair of ints"),
+    (dict(window=(1.5, 2)), TypeError, r"window must be a pair of ints"),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(4,\) or \(2, 4\), got \(3,\)"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.float64)), TypeError, r"alibi_slopes must be float32"),
+    (dict(alibi_slopes=torch.ones(4, requires_grad=True)), ValueError, r"alibi_slopes are not differentiated"),
+    (dict(softcap=-1.0), ValueError, r"softcap must be in \[0.0, inf\)"),
+    (dict(softcap=None), TypeError, r"softcap must be a number"),
+], ids=lambda x: "" if not isinstance(x, str) else x[:30])
+def test_bad_keywords(keywords, error, message):
+    keywords = {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for key, value in keywords.items()}
+    with pytest.raises(error, match=message):
+        fused_attn.attention(*qkv(), **keywords)
