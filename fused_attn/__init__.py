@@ -2,6 +2,7 @@
 from .api import attention, explain
 from .dispatch import BackendError, available_backends
 from .dropout import dropout_keep_mask
+from .varlen import varlen_attention
 
-__all__ = ["attention", "explain", "available_backends", "dropout_keep_mask", "BackendError"]
+__all__ = ["attention", "explain", "available_backends", "dropout_keep_mask", "varlen_attention", "BackendError"]
 __version__ = "0.1.0"

@@ -84,9 +84,9 @@ def attention(
     name = select_backend(q, k, v, extras, opts, backend)
     dropout_seed = draw_seed(q.device) if opts.dropout_p > 0 else None
     out, lse = attention_forward(
-        q, k, v, attn_mask, alibi_slopes, dropout_seed,
+        q, k, v, attn_mask, alibi_slopes, dropout_seed, None, None,
         opts.scale, opts.causal, opts.bottom_right, opts.window_left, opts.window_right,
-        opts.softcap, opts.dropout_p, opts.deterministic, name,
+        opts.softcap, opts.dropout_p, opts.deterministic, 0, 0, name,
     )
     return (out, lse) if return_lse else out
 
@@ -123,7 +123,7 @@ def _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, wi
     opts = make_options(q, causal=causal, causal_alignment=causal_alignment, scale=scale, window=window,
                         softcap=softcap, dropout_p=dropout_p, deterministic=deterministic)
     check_attn_mask(attn_mask, q, k)
-    check_alibi_slopes(alibi_slopes, q)
+    check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[1], q.device)
     is_bool = attn_mask is not None and attn_mask.dtype == torch.bool
     # The seed is drawn only when the call runs; dispatch just needs to know dropout is on.
     extras = AttentionTensors(

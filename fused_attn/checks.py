@@ -136,18 +136,61 @@ def check_attn_mask(attn_mask, q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
 
 
-def check_alibi_slopes(alibi_slopes, q: torch.Tensor) -> None:
+def check_alibi_slopes(alibi_slopes, batch: int, heads: int, device: torch.device) -> None:
     """alibi_slopes: float32 of shape (Hq,) or (B, Hq); not differentiated."""
     if alibi_slopes is None:
         return
     if not isinstance(alibi_slopes, torch.Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
-    batch, heads = q.shape[0], q.shape[1]
     if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
         raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {tuple(alibi_slopes.shape)}")
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
-    if alibi_slopes.device != q.device:
-        raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on q's device {device}, got {alibi_slopes.device}")
     if alibi_slopes.requires_grad:
         raise ValueError("alibi_slopes are not differentiated; pass alibi_slopes.detach()")
+
+
+def check_packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Packed varlen q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv): checked through
+    their (1, H, total, D) views, so every rule of check_qkv applies with the same messages."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if isinstance(t, torch.Tensor) and t.dim() != 3:
+            raise ValueError(f"{name} must have 3 dimensions (total_tokens, heads, head_dim) for varlen attention, "
+                             f"got {_describe(t)}")
+    check_qkv(*(t.transpose(0, 1).unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v)))
+
+
+def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: str, device: torch.device,
+                     batch: int | None = None) -> None:
+    """cu_seqlens: int32 (B + 1,), starting at 0, non-decreasing, ending within the packed tensor;
+    max_seqlen: an int at least the longest sequence.
+
+    The content checks read the tensor on the host; under torch.compile tracing they are skipped
+    (they would break the graph), so compiled code must pass valid boundaries.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"{name} must have shape (batch + 1,) with batch >= 1, got {tuple(cu_seqlens.shape)}")
+    if batch is not None and cu_seqlens.shape[0] != batch + 1:
+        raise ValueError(f"{name} must have {batch + 1} entries like cu_seqlens_q, got {cu_seqlens.shape[0]}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {cu_seqlens.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if bounds[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {bounds[0]}")
+    if min(lengths) < 0:
+        raise ValueError(f"{name} must be non-decreasing, got {bounds}")
+    if bounds[-1] > total:
+        raise ValueError(f"{name} ends at {bounds[-1]}, past the {total} packed tokens")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"{max_name} ({max_seqlen}) is shorter than the longest sequence ({max(lengths)})")

@@ -22,8 +22,31 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _is_empty(q: Tensor, k: Tensor) -> bool:
+def _is_empty(q: Tensor, k: Tensor, opts: AttentionOptions) -> bool:
+    if q.dim() == 3:  # packed varlen
+        return q.numel() == 0 or k.shape[0] == 0 or opts.max_seqlen_q == 0 or opts.max_seqlen_k == 0
     return q.numel() == 0 or k.shape[2] == 0
+
+
+def _empty_outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Outputs of a call in which no query row sees a key: out = 0, lse = -inf."""
+    if q.dim() == 3:
+        return q.new_zeros((q.shape[0], q.shape[1], v.shape[2])), q.new_full((q.shape[1], q.shape[0]), float("-inf"),
+                                                                               dtype=_lse_dtype(q.dtype))
+    out = empty_like_layout(q, (*q.shape[:3], v.shape[3])).zero_()
+    return out, q.new_full(q.shape[:3], float("-inf"), dtype=_lse_dtype(q.dtype))
+
+
+def _output_like(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Uninitialised (out, lse): dense (B, Hq, Lq, Dv) and (B, Hq, Lq); varlen (total_q, Hq, Dv) and (Hq, total_q)."""
+    if q.dim() == 3:
+        return q.new_empty((q.shape[0], q.shape[1], v.shape[2])), q.new_empty((q.shape[1], q.shape[0]),
+                                                                                dtype=_lse_dtype(q.dtype))
+    return empty_like_layout(q, (*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+
+def _grad_like(t: Tensor) -> Tensor:
+    return empty_like_layout(t, tuple(t.shape)) if t.dim() == 4 else t.new_empty(t.shape)
 
 
 def _split_mask(attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -36,62 +59,66 @@ def _split_mask(attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor,
     attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_seed: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
-    softcap: float, dropout_p: float, deterministic: bool, backend: str,
+    softcap: float, dropout_p: float, deterministic: bool, max_seqlen_q: int, max_seqlen_k: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse) of attention by the named backend. Shapes as in fused_attn.attention."""
-    opts = AttentionOptions(scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic)
-    if _is_empty(q, k):  # no keys: every row is fully masked
-        out = empty_like_layout(q, (*q.shape[:3], v.shape[3])).zero_()
-        return out, q.new_full(q.shape[:3], float("-inf"), dtype=_lse_dtype(q.dtype))
-    extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed)
+    """(out, lse) of attention by the named backend. Dense shapes as in fused_attn.attention,
+    packed ones (cu_seqlens given) as in fused_attn.varlen_attention."""
+    opts = AttentionOptions(scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic,
+                            max_seqlen_q, max_seqlen_k)
+    if _is_empty(q, k, opts):  # no keys: every row is fully masked
+        return _empty_outputs(q, v)
+    extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k)
     return get_backend(backend).forward(q, k, v, extras, opts)
 
 
 @attention_forward.register_fake
-def _(q, k, v, attn_mask, alibi_slopes, dropout_seed, *scalars):
-    out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
-    return out, q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+def _(q, k, v, *tensors_and_scalars):
+    return _output_like(q, v)
 
 
 @torch.library.custom_op("fused_attn::backward", mutates_args=())
 def attention_backward(
     dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_seed: Optional[Tensor],
-    bias_requires_grad: bool,
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], bias_requires_grad: bool,
     scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
-    softcap: float, dropout_p: float, deterministic: bool, backend: str,
+    softcap: float, dropout_p: float, deterministic: bool, max_seqlen_q: int, max_seqlen_k: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias) given the gradients of out and lse; dbias is empty unless requested."""
-    opts = AttentionOptions(scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic)
-    if _is_empty(q, k):
-        grads = tuple(empty_like_layout(t, tuple(t.shape)).zero_() for t in (q, k, v))
+    opts = AttentionOptions(scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic,
+                            max_seqlen_q, max_seqlen_k)
+    if _is_empty(q, k, opts):
+        grads = tuple(_grad_like(t).zero_() for t in (q, k, v))
         return (*grads, attn_mask.new_zeros(attn_mask.shape) if bias_requires_grad else q.new_empty(0))
-    extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed)
+    extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k)
     dq, dk, dv, dbias = get_backend(backend).backward(dout, dlse, q, k, v, out, lse, extras, opts,
                                                       bias_requires_grad)
     return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0))
 
 
 @attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, bias_requires_grad, *scalars):
-    grads = tuple(empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
+def _(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k,
+      bias_requires_grad, *scalars):
+    grads = tuple(_grad_like(t) for t in (q, k, v))
     return (*grads, attn_mask.new_empty(attn_mask.shape) if bias_requires_grad else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, alibi_slopes, dropout_seed, *scalars = inputs
+    q, k, v, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k, *scalars = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k)
     ctx.bias_requires_grad = attn_mask is not None and attn_mask.requires_grad
     ctx.scalars = scalars
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed = ctx.saved_tensors
-    dq, dk, dv, dbias = attention_backward(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed,
-                                           ctx.bias_requires_grad, *ctx.scalars)
-    return dq, dk, dv, (dbias if ctx.bias_requires_grad else None), None, None, *([None] * len(ctx.scalars))
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    dq, dk, dv, dbias = attention_backward(dout, dlse, q, k, v, out, lse, *tensors, ctx.bias_requires_grad,
+                                           *ctx.scalars)
+    not_differentiable = [None] * (len(tensors) - 1 + len(ctx.scalars))  # all but attn_mask
+    return dq, dk, dv, (dbias if ctx.bias_requires_grad else None), *not_differentiable
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -25,6 +25,7 @@ class AttentionOptions:
     softcap:       scores become softcap * tanh(scores / softcap) before any bias or mask; 0 = off.
     dropout_p:     probability of zeroing an attention probability (kept ones scaled by 1/(1-p)).
     deterministic: gradients must be bitwise reproducible run to run.
+    max_seqlen_q, max_seqlen_k: the longest packed sequences of a varlen call (0 when dense).
     """
 
     scale: float = 1.0
@@ -35,6 +36,8 @@ class AttentionOptions:
     softcap: float = 0.0
     dropout_p: float = 0.0
     deterministic: bool = False
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
 
     def causal_offset(self, seqlen_q: int, seqlen_k: int) -> int:
         """The shift of the diagonal: query i is aligned with key i + shift."""
@@ -58,9 +61,13 @@ class AttentionTensors(NamedTuple):
     bias:          float, broadcastable to (B, Hq, Lq, Lk); added to the (softcapped) scores.
     alibi_slopes:  float32 (Hq,) or (B, Hq); adds -slope * |i + shift - j|.
     dropout_seed:  int64 (1,), the Philox key drawn from torch's generator (see dropout.py).
+    cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) sequence boundaries of packed varlen inputs
+                   (q (total_q, Hq, D), k and v (total_k, Hkv, D)); None for dense inputs.
     """
 
     mask: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
     alibi_slopes: Optional[torch.Tensor] = None
     dropout_seed: Optional[torch.Tensor] = None
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None

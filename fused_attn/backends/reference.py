@@ -34,7 +34,8 @@ def _as_4d(t: Tensor) -> Tensor:
 class _Problem:
     """One call's inputs arranged for block-by-block work: query heads grouped, scalars resolved."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions):
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions,
+                 first_batch: int = 0):
         self.acc_dtype = _accumulation_dtype(q.dtype)
         self.batch, self.heads_q, self.seqlen_q = q.shape[:3]
         self.heads_kv, self.seqlen_k = k.shape[1], k.shape[2]
@@ -49,7 +50,9 @@ class _Problem:
         if extras.alibi_slopes is not None:
             slopes = extras.alibi_slopes.expand(self.batch, self.heads_q).to(self.acc_dtype)
             self.slopes = _grouped(slopes, self.heads_kv)[..., None, None]
-        self.batch_heads = torch.arange(self.batch * self.heads_q, device=q.device).view(
+        # Dropout counters use the batch index of the whole call (first_batch: one packed sequence's).
+        first = first_batch * self.heads_q
+        self.batch_heads = torch.arange(first, first + self.batch * self.heads_q, device=q.device).view(
             self.batch, self.heads_kv, -1, 1, 1)
 
     def key_blocks(self) -> Iterator[tuple[int, int]]:
@@ -98,11 +101,30 @@ class _Problem:
         return keep.to(self.acc_dtype) / (1 - p)
 
 
+def _packed_sequences(extras: AttentionTensors):
+    """Per packed sequence: its index, query and key row ranges, and its own extras."""
+    bounds_q = extras.cu_seqlens_q.tolist()
+    bounds_k = extras.cu_seqlens_k.tolist()
+    for index in range(len(bounds_q) - 1):
+        slopes = extras.alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[index:index + 1]
+        yield (index, slice(bounds_q[index], bounds_q[index + 1]), slice(bounds_k[index], bounds_k[index + 1]),
+               AttentionTensors(alibi_slopes=slopes, dropout_seed=extras.dropout_seed))
+
+
+def _as_batch(packed: Tensor) -> Tensor:
+    """(L, H, D) rows of one packed sequence -> a (1, H, L, D) view."""
+    return packed.transpose(0, 1).unsqueeze(0)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def forward(self, q, k, v, extras, opts):
-        problem = _Problem(q, k, v, extras, opts)
+    def forward(self, q, k, v, extras, opts, first_batch: int = 0):
+        if q.dim() == 3:
+            return self._varlen_forward(q, k, v, extras, opts)
+        problem = _Problem(q, k, v, extras, opts, first_batch)
         row_shape = problem.q.shape[:-1]
         row_max = problem.q.new_full(row_shape, float("-inf"))
         row_sum = problem.q.new_zeros(row_shape)
@@ -128,8 +150,34 @@ class ReferenceBackend(Backend):
         result.copy_(out.flatten(1, 2))
         return result, lse.flatten(1, 2).to(_accumulation_dtype(q.dtype))
 
-    def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
-        problem = _Problem(q, k, v, extras, opts)
+    def _varlen_forward(self, q, k, v, extras, opts):
+        out = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
+        lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=_accumulation_dtype(q.dtype))
+        for index, rows, keys, own in _packed_sequences(extras):
+            if rows.stop > rows.start and keys.stop > keys.start:
+                seq_out, seq_lse = self.forward(_as_batch(q[rows]), _as_batch(k[keys]), _as_batch(v[keys]), own, opts,
+                                                first_batch=index)
+                out[rows] = seq_out[0].transpose(0, 1)
+                lse[:, rows] = seq_lse[0]
+        return out, lse
+
+    def _varlen_backward(self, dout, dlse, q, k, v, out, lse, extras, opts):
+        grads = [torch.zeros_like(t) for t in (q, k, v)]
+        for index, rows, keys, own in _packed_sequences(extras):
+            if rows.stop > rows.start and keys.stop > keys.start:
+                seq_grads = self.backward(
+                    _as_batch(dout[rows]), dlse[:, rows].unsqueeze(0), _as_batch(q[rows]), _as_batch(k[keys]),
+                    _as_batch(v[keys]), _as_batch(out[rows]), lse[:, rows].unsqueeze(0), own, opts, False,
+                    first_batch=index,
+                )
+                for grad, seq_grad, span in zip(grads, seq_grads, (rows, keys, keys)):
+                    grad[span] = seq_grad[0].transpose(0, 1)
+        return (*grads, None)
+
+    def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad, first_batch: int = 0):
+        if q.dim() == 3:
+            return self._varlen_backward(dout, dlse, q, k, v, out, lse, extras, opts)
+        problem = _Problem(q, k, v, extras, opts, first_batch)
         acc_dtype, heads_kv = problem.acc_dtype, problem.heads_kv
         dog = _grouped(dout, heads_kv).to(acc_dtype)
         # d(loss)/d(score_ij) = p_ij * (dp_ij - delta_i), delta_i = rowsum(dO * O) - dlse_i.

@@ -19,6 +19,10 @@ from ..layout import empty_like_layout, new_output
 from ..options import AttentionOptions, AttentionTensors
 from .common import (
     LOG2_E,
+    ProblemShape,
+    bhld_strides,
+    row_stat_strides,
+    sequence_bounds,
     dropout_keep,
     feature_arguments,
     head_dim_block,
@@ -36,24 +40,28 @@ def _delta_kernel(
     Out, DOut, DLse, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_lb, stride_lh, stride_lm,
-    num_heads, seqlen_q,
-    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    stride_glb, stride_glh, stride_glm, stride_lb, stride_lh,
+    num_heads, seqlen_q, CuSeqQ,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """delta_i = sum_d do_id * out_id - dlse_i, in fp32."""
+    """delta_i = sum_d do_id * out_id - dlse_i, in fp32, laid out like lse."""
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = (batch_head // num_heads).to(tl.int64)
     head = (batch_head % num_heads).to(tl.int64)
+    start_q, seqlen_q, _, _, _ = sequence_bounds(CuSeqQ, CuSeqQ, batch, seqlen_q, seqlen_q, VARLEN, False)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     inside = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
-    out = tl.load(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_om
+    positions = start_q + rows
+    out = tl.load(Out + batch * stride_ob + head * stride_oh + positions[:, None] * stride_om
                   + offs_dv[None, :] * stride_od, mask=inside, other=0.0).to(tl.float32)
-    dout = tl.load(DOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gm
+    dout = tl.load(DOut + batch * stride_gb + head * stride_gh + positions[:, None] * stride_gm
                    + offs_dv[None, :] * stride_gd, mask=inside, other=0.0).to(tl.float32)
-    dlse = tl.load(DLse + batch * stride_lb + head * stride_lh + rows * stride_lm, mask=rows < seqlen_q, other=0.0)
-    tl.store(Delta + batch_head.to(tl.int64) * seqlen_q + rows, tl.sum(out * dout, 1) - dlse, mask=rows < seqlen_q)
+    dlse = tl.load(DLse + batch * stride_glb + head * stride_glh + positions * stride_glm, mask=rows < seqlen_q,
+                   other=0.0)
+    tl.store(Delta + batch * stride_lb + head * stride_lh + positions, tl.sum(out * dout, 1) - dlse,
+             mask=rows < seqlen_q)
 
 
 @triton.jit
@@ -135,12 +143,12 @@ def _dkdv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    num_heads_kv, group_size, seqlen_q, seqlen_k,
+    stride_lb, stride_lh, num_heads_kv, group_size, seqlen_q, seqlen_k, CuSeqQ, CuSeqK,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Slopes, stride_sb, stride_sh,
-    Seed, threshold, inv_keep, shift, left, right, scale, softcap,
+    Seed, threshold, inv_keep, left, right, scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block_n = tl.program_id(0)
@@ -149,15 +157,23 @@ def _dkdv_kernel(
     head_kv = (batch_head_kv % num_heads_kv).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
+    start_q, seqlen_q, start_k, seqlen_k, shift = sequence_bounds(CuSeqQ, CuSeqK, batch, seqlen_q, seqlen_k,
+                                                                  VARLEN, BOTTOM_RIGHT)
+    if block_n * BLOCK_N >= seqlen_k:  # packed sequences shorter than the longest one
+        return
 
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_tile(K + batch * stride_kb + head_kv * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    K += batch * stride_kb + head_kv * stride_kh + start_k * stride_kn
+    V += batch * stride_vb + head_kv * stride_vh + start_k * stride_vn
+    DK += batch * stride_dkb + head_kv * stride_dkh + start_k * stride_dkn
+    DV += batch * stride_dvb + head_kv * stride_dvh + start_k * stride_dvn
+    k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                   cols, seqlen_k, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
-    v = load_tile(V + batch * stride_vb + head_kv * stride_vh + cols[:, None] * stride_vn
-                  + offs_dv[None, :] * stride_vd, cols, seqlen_k, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
+    v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                  cols, seqlen_k, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
 
     # Queries that see this key block: key j is seen by rows j - shift - right .. j - shift + left,
     # the forward window seen from the keys' side (bounds swapped, shift negated).
@@ -168,9 +184,11 @@ def _dkdv_kernel(
     for member in range(0, group_size):  # every query head that shares this k/v head
         head = head_kv * group_size + member
         batch_head = batch * num_heads_kv * group_size + head
-        q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        do_ptrs = (DOut + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gm
-                   + offs_dv[None, :] * stride_gd)
+        q_ptrs = (Q + batch * stride_qb + head * stride_qh + start_q * stride_qm
+                  + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+        do_ptrs = (DOut + batch * stride_gb + head * stride_gh + start_q * stride_gm
+                   + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd)
+        row_base = batch * stride_lb + head * stride_lh + start_q
         mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh,
                                                        Seed, batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
         for stage in tl.static_range(3):
@@ -181,7 +199,7 @@ def _dkdv_kernel(
             else:
                 start, stop = full_hi, hi
             dk, dv = _dkdv_query_blocks(
-                dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, batch_head * seqlen_q, stride_qm, stride_gm,
+                dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, row_base, stride_qm, stride_gm,
                 offs_m, cols, offs_d, offs_dv, start, stop, seqlen_q, seqlen_k,
                 mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
                 shift, left, right, scale, softcap,
@@ -191,10 +209,10 @@ def _dkdv_kernel(
 
     inside_d = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     inside_dv = (cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
-    tl.store(DK + batch * stride_dkb + head_kv * stride_dkh + cols[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=inside_d)
-    tl.store(DV + batch * stride_dvb + head_kv * stride_dvh + cols[:, None] * stride_dvn
-             + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=inside_dv)
+    tl.store(DK + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty),
+             mask=inside_d)
+    tl.store(DV + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=inside_dv)
 
 
 @triton.jit
@@ -232,12 +250,12 @@ def _dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    num_heads, group_size, seqlen_q, seqlen_k,
+    stride_lb, stride_lh, num_heads, group_size, seqlen_q, seqlen_k, CuSeqQ, CuSeqK,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Slopes, stride_sb, stride_sh,
-    Seed, threshold, inv_keep, shift, left, right, scale, softcap,
+    Seed, threshold, inv_keep, left, right, scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -247,18 +265,27 @@ def _dq_kernel(
     head_kv = head // group_size
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
+    start_q, seqlen_q, start_k, seqlen_k, shift = sequence_bounds(CuSeqQ, CuSeqK, batch, seqlen_q, seqlen_k,
+                                                                  VARLEN, BOTTOM_RIGHT)
+    if block_m * BLOCK_M >= seqlen_q:
+        return
 
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    Q += batch * stride_qb + head * stride_qh + start_q * stride_qm
+    DOut += batch * stride_gb + head * stride_gh + start_q * stride_gm
+    DQ += batch * stride_dqb + head * stride_dqh + start_q * stride_dqm
+    q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
-    dout = load_tile(DOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gm
-                     + offs_dv[None, :] * stride_gd, rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
-    lse, delta = load_row_stats(Lse, Delta, batch_head.to(tl.int64) * seqlen_q, rows, seqlen_q)
-    k_ptrs = K + batch * stride_kb + head_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + batch * stride_vb + head_kv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    dout = load_tile(DOut + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                     rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
+    lse, delta = load_row_stats(Lse, Delta, batch * stride_lb + head * stride_lh + start_q, rows, seqlen_q)
+    k_ptrs = (K + batch * stride_kb + head_kv * stride_kh + start_k * stride_kn
+              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_ptrs = (V + batch * stride_vb + head_kv * stride_vh + start_k * stride_vn
+              + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
     mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed,
                                                    batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
 
@@ -280,7 +307,7 @@ def _dq_kernel(
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, EVEN_D, EVEN_DV, stage != 1,
             HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, UPCAST, DOT_PRECISION,
         )
-    tl.store(DQ + batch * stride_dqb + head * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty),
              mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
@@ -297,12 +324,11 @@ def attention_backward(
     opts: AttentionOptions,
     bias_requires_grad: bool,
 ):
-    """Launch the backward kernels. Shapes and layouts as in backends/base.py."""
+    """Launch the backward kernels. Shapes and layouts as in backends/base.py (varlen: packed)."""
     from .bias_grad import bias_gradient
 
-    batch, heads_q, seqlen_q, head_dim = q.shape
-    heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    group_size = heads_q // heads_kv
+    problem = ProblemShape.of(q, k, v, extras, opts)
+    heads_q, heads_kv, head_dim, head_dim_v = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     cfg = tile_config(max(head_dim, head_dim_v), q.dtype, backward=True)
     block_d, block_dv = head_dim_block(head_dim), head_dim_block(head_dim_v)
     features, flags = feature_arguments(q, k, extras, opts)
@@ -310,25 +336,27 @@ def attention_backward(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
+    lse_strides = row_stat_strides(lse)[:2]
 
-    delta = new_output(q, (batch, heads_q, seqlen_q), torch.float32)
-    _delta_kernel[(num_blocks(seqlen_q, cfg.block_m), batch * heads_q)](
-        out, dout, dlse, delta, *out.stride(), *dout.stride(), *dlse.stride(), heads_q, seqlen_q,
-        HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_DV=block_dv,
+    delta = new_output(lse, tuple(lse.shape), torch.float32)
+    _delta_kernel[(num_blocks(problem.seqlen_q, cfg.block_m), problem.batch * heads_q)](
+        out, dout, dlse, delta, *bhld_strides(out), *bhld_strides(dout), *row_stat_strides(dlse), *lse_strides,
+        heads_q, problem.seqlen_q, problem.cu_seqlens_q,
+        HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_DV=block_dv, VARLEN=problem.varlen,
     )
 
-    dq = empty_like_layout(q, tuple(q.shape))
-    dk = empty_like_layout(k, tuple(k.shape))
-    dv = empty_like_layout(v, tuple(v.shape))
-    _dkdv_kernel[(num_blocks(seqlen_k, cfg.block_n), batch * heads_kv)](
-        q, k, v, dout, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        heads_kv, group_size, seqlen_q, seqlen_k, *features, **launch,
+    if problem.varlen:
+        dq, dk, dv = (new_output(t, tuple(t.shape), t.dtype) for t in (q, k, v))
+    else:
+        dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
+    strides = (*bhld_strides(q), *bhld_strides(k), *bhld_strides(v), *bhld_strides(dout))
+    _dkdv_kernel[(num_blocks(problem.seqlen_k, cfg.block_n), problem.batch * heads_kv)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, *bhld_strides(dk), *bhld_strides(dv), *lse_strides,
+        heads_kv, problem.group_size, *problem.sequence_arguments(), *features, **launch,
     )
-    _dq_kernel[(num_blocks(seqlen_q, cfg.block_m), batch * heads_q)](
-        q, k, v, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        heads_q, group_size, seqlen_q, seqlen_k, *features, **launch,
+    _dq_kernel[(num_blocks(problem.seqlen_q, cfg.block_m), problem.batch * heads_q)](
+        q, k, v, dout, lse, delta, dq, *strides, *bhld_strides(dq), *lse_strides,
+        heads_q, problem.group_size, *problem.sequence_arguments(), *features, **launch,
     )
     dbias = bias_gradient(dout, q, k, v, lse, delta, extras, opts, cfg) if bias_requires_grad else None
     return dq, dk, dv, dbias

@@ -26,13 +26,15 @@ def _bias_grad_kernel(
     stride_db, stride_dh, stride_dm, stride_dn,
     num_batches, num_heads, group_size, seqlen_q, seqlen_k, bias_heads,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Slopes, stride_sb, stride_sh,
-    Seed, threshold, inv_keep, shift, left, right, scale, softcap,
+    Seed, threshold, inv_keep, left, right, scale, softcap,
     FULL_BATCH: tl.constexpr, FULL_HEADS: tl.constexpr, FULL_ROWS: tl.constexpr, FULL_COLS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Dense inputs only (masks do not exist for packed varlen calls); lse and delta are (B, H, Lq)."""
     tile_m = tl.program_id(0)
     tile_n = tl.program_id(1)
     bias_bh = tl.program_id(2)
@@ -44,6 +46,7 @@ def _bias_grad_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    shift = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
 
     # What this tile of the gradient sums over: broadcast dims span everything, full dims one index/tile.
     batch_count = 1 if FULL_BATCH else num_batches

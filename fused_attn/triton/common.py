@@ -81,14 +81,41 @@ def num_blocks(length: int, block: int) -> int:
     return math.ceil(length / block)
 
 
+@dataclass(frozen=True)
+class ProblemShape:
+    """Batch size, (longest) sequence lengths and GQA group of a dense or packed varlen call."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    group_size: int
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    varlen: bool
+
+    @staticmethod
+    def of(q, k, v, extras: AttentionTensors, opts: AttentionOptions) -> "ProblemShape":
+        group_size = q.shape[1] // k.shape[1]
+        if q.dim() == 3:
+            return ProblemShape(extras.cu_seqlens_q.shape[0] - 1, opts.max_seqlen_q, opts.max_seqlen_k, group_size,
+                                extras.cu_seqlens_q, extras.cu_seqlens_k, True)
+        # Dense calls pass q where the kernels expect cu_seqlens: VARLEN=False never reads it.
+        return ProblemShape(q.shape[0], q.shape[2], k.shape[2], group_size, q, q, False)
+
+    def sequence_arguments(self) -> tuple:
+        """Kernel arguments seqlen_q, seqlen_k, CuSeqQ, CuSeqK."""
+        return self.seqlen_q, self.seqlen_k, self.cu_seqlens_q, self.cu_seqlens_k
+
+
 def feature_arguments(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors, opts: AttentionOptions):
     """Positional kernel arguments and constexpr flags describing masks, ALiBi, softcap and dropout.
 
     Every kernel takes them in this order: Mask, its 4 strides, Slopes, its 2 strides, Seed,
-    threshold, 1/(1-p), shift, left, right, scale, softcap. Size-1 (broadcast) dims get stride 0.
+    threshold, 1/(1-p), left, right, scale, softcap. Size-1 (broadcast) dims get stride 0.
+    Masks exist only for dense (B, H, L, D) inputs; varlen calls have none.
     """
-    batch, heads, seqlen_q = q.shape[:3]
-    seqlen_k = k.shape[2]
+    batch, heads = (q.shape[0], q.shape[1]) if q.dim() == 4 else (extras.cu_seqlens_q.shape[0] - 1, q.shape[1])
+    seqlen_q, seqlen_k = (q.shape[2], k.shape[2]) if q.dim() == 4 else (0, 0)
     mask = extras.mask if extras.mask is not None else extras.bias
     if mask is None:
         mask_args = (q, 0, 0, 0, 0)
@@ -105,9 +132,10 @@ def feature_arguments(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors
     seed = extras.dropout_seed if opts.dropout_p > 0 else q
     args = (
         *mask_args, *slope_args, seed, keep_threshold(opts.dropout_p), 1.0 / (1.0 - opts.dropout_p),
-        opts.causal_offset(seqlen_q, seqlen_k), opts.left, opts.right, opts.scale, opts.softcap or 1.0,
+        opts.left, opts.right, opts.scale, opts.softcap or 1.0,
     )
     flags = dict(
+        VARLEN=q.dim() == 3, BOTTOM_RIGHT=opts.bottom_right,
         HAS_LEFT=opts.left >= 0, HAS_RIGHT=opts.right >= 0, SOFTCAP=opts.softcap > 0,
         HAS_ALIBI=slopes is not None, MASK_KIND=mask_kind, DROPOUT=opts.dropout_p > 0,
         UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
@@ -156,6 +184,37 @@ def visible_span(start, BLOCK: tl.constexpr, length, shift, left, right,
     full_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, TILE) * TILE, lo), tl.cdiv(hi, TILE) * TILE)
     full_hi = tl.maximum((full_hi // TILE) * TILE, full_lo)
     return lo, full_lo, full_hi, hi
+
+
+def bhld_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, head, position, dim) strides: a packed varlen (total, H, D) tensor has batch stride 0."""
+    if t.dim() == 4:
+        return t.stride()
+    return 0, t.stride(1), t.stride(0), t.stride(2)
+
+
+def row_stat_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, position) strides of an lse-like tensor: (B, H, L) dense or (H, total) varlen."""
+    if t.dim() == 3:
+        return t.stride()
+    return 0, t.stride(0), t.stride(1)
+
+
+@triton.jit
+def sequence_bounds(CuSeqQ, CuSeqK, batch, seqlen_q, seqlen_k, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+    """(start_q, seqlen_q, start_k, seqlen_k, shift) of one batch entry: packed sequences read their
+    bounds from cu_seqlens; shift aligns the causal diagonal (bottom-right: Lk - Lq)."""
+    start_q = 0
+    start_k = 0
+    if VARLEN:
+        start_q = tl.load(CuSeqQ + batch)
+        seqlen_q = tl.load(CuSeqQ + batch + 1) - start_q
+        start_k = tl.load(CuSeqK + batch)
+        seqlen_k = tl.load(CuSeqK + batch + 1) - start_k
+    shift = 0
+    if BOTTOM_RIGHT:
+        shift = seqlen_k - seqlen_q
+    return start_q, seqlen_q, start_k, seqlen_k, shift
 
 
 @triton.jit

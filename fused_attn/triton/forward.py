@@ -15,6 +15,10 @@ from ..layout import empty_like_layout, new_output
 from ..options import AttentionOptions, AttentionTensors
 from .common import (
     LN_2,
+    ProblemShape,
+    bhld_strides,
+    row_stat_strides,
+    sequence_bounds,
     dropout_keep,
     feature_arguments,
     head_dim_block,
@@ -69,12 +73,12 @@ def _forward_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, group_size, seqlen_q, seqlen_k,
+    stride_lb, stride_lh, num_heads, group_size, seqlen_q, seqlen_k, CuSeqQ, CuSeqK,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Slopes, stride_sb, stride_sh,
-    Seed, threshold, inv_keep, shift, left, right, scale, softcap,
+    Seed, threshold, inv_keep, left, right, scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -84,16 +88,25 @@ def _forward_kernel(
     head_kv = head // group_size  # GQA: query heads of one group read the same k/v
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
+    start_q, seqlen_q, start_k, seqlen_k, shift = sequence_bounds(CuSeqQ, CuSeqK, batch, seqlen_q, seqlen_k,
+                                                                  VARLEN, BOTTOM_RIGHT)
+    if block_m * BLOCK_M >= seqlen_q:  # packed sequences shorter than the longest one
+        return
 
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    Q += batch * stride_qb + head * stride_qh + start_q * stride_qm
+    Out += batch * stride_ob + head * stride_oh + start_q * stride_om
+    Lse += batch * stride_lb + head * stride_lh + start_q
+    K += batch * stride_kb + head_kv * stride_kh + start_k * stride_kn
+    V += batch * stride_vb + head_kv * stride_vh + start_k * stride_vn
+    q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
     # k is read transposed, (BLOCK_D, BLOCK_N), so q @ k^T is a plain dot.
-    k_ptrs = K + batch * stride_kb + head_kv * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-    v_ptrs = V + batch * stride_vb + head_kv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    k_ptrs = K + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed,
                                                    batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
 
@@ -125,26 +138,31 @@ def _forward_kernel(
     out = acc * (inv_keep / row_sum)[:, None]
     lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(row_sum)) * LN_2)
 
-    o_ptrs = Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
+    o_ptrs = Out + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(Lse + batch_head.to(tl.int64) * seqlen_q + rows, lse, mask=rows < seqlen_q)
+    tl.store(Lse + rows, lse, mask=rows < seqlen_q)
 
 
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: AttentionTensors, opts: AttentionOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Shapes and layouts as in backends/base.py."""
-    batch, heads_q, seqlen_q, head_dim = q.shape
-    heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    out = empty_like_layout(q, (batch, heads_q, seqlen_q, head_dim_v))
-    lse = new_output(q, (batch, heads_q, seqlen_q), torch.float32)
+    """Launch the forward kernel. Shapes and layouts as in backends/base.py; packed varlen inputs
+    (total, H, D) with extras.cu_seqlens_* give out (total_q, Hq, Dv) and lse (Hq, total_q)."""
+    problem = ProblemShape.of(q, k, v, extras, opts)
+    heads_q, head_dim, head_dim_v = q.shape[1], q.shape[-1], v.shape[-1]
+    if problem.varlen:
+        out = new_output(q, (q.shape[0], heads_q, head_dim_v), q.dtype)
+        lse = new_output(q, (heads_q, q.shape[0]), torch.float32)
+    else:
+        out = empty_like_layout(q, (problem.batch, heads_q, problem.seqlen_q, head_dim_v))
+        lse = new_output(q, (problem.batch, heads_q, problem.seqlen_q), torch.float32)
     cfg = tile_config(max(head_dim, head_dim_v), q.dtype, backward=False)
     features, flags = feature_arguments(q, k, extras, opts)
-    grid = (num_blocks(seqlen_q, cfg.block_m), batch * heads_q)
+    grid = (num_blocks(problem.seqlen_q, cfg.block_m), problem.batch * heads_q)
     _forward_kernel[grid](
         q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, *features,
+        *bhld_strides(q), *bhld_strides(k), *bhld_strides(v), *bhld_strides(out), *row_stat_strides(lse)[:2],
+        heads_q, problem.group_size, *problem.sequence_arguments(), *features,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),

@@ -1,0 +1,70 @@
+"""fused_attn.varlen_attention: packed batches of sequences of different lengths, no padding."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .checks import check_alibi_slopes, check_cu_seqlens, check_packed_qkv, make_options
+from .dispatch import select_backend
+from .dropout import draw_seed
+from .ops import attention_forward
+from .options import AttentionTensors
+
+Tensor = torch.Tensor
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    causal_alignment: str = "top_left",
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    window: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Attention over a packed batch: sequence b is rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1.
+
+    Args:
+        q: (total_q, Hq, D), the queries of every sequence back to back.
+        k: (total_k, Hkv, D); v: (total_k, Hkv, Dv). Hq a multiple of Hkv (GQA), as in `attention`.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths, starting at 0. Query
+            sequence b attends only to key sequence b; no work is spent on padding.
+        max_seqlen_q, max_seqlen_k: the longest query and key sequence (ints; they size the grid).
+        Keywords: as in `fused_attn.attention` (causal alignment, window and ALiBi shifts are per
+            sequence: bottom-right aligns each sequence's last query with its last key), except
+            attn_mask, which packed sequences do not take. Dropout counters use the sequence's
+            batch index and its local positions.
+
+    Returns:
+        out (total_q, Hq, Dv) in the input dtype; with return_lse also lse (Hq, total_q) float32.
+    """
+    check_packed_qkv(q, k, v)
+    opts = make_options(q.transpose(0, 1), causal=causal, causal_alignment=causal_alignment, scale=scale,
+                        window=window, softcap=softcap, dropout_p=dropout_p, deterministic=deterministic)
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device, batch)
+    check_alibi_slopes(alibi_slopes, batch, q.shape[1], q.device)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    extras = AttentionTensors(alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    name = select_backend(q, k, v, extras, opts, backend)
+    dropout_seed = draw_seed(q.device) if opts.dropout_p > 0 else None
+    out, lse = attention_forward(
+        q, k, v, None, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k,
+        opts.scale, opts.causal, opts.bottom_right, opts.window_left, opts.window_right,
+        opts.softcap, opts.dropout_p, opts.deterministic, max_seqlen_q, max_seqlen_k, name,
+    )
+    return (out, lse) if return_lse else out
