@@ -41,12 +41,12 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     batch, heads_q, _, head_dim = q.shape
     if k.shape[0] != batch or v.shape[0] != batch:
         raise ValueError(
-            f"q, k and v must share the batch size (dim 0), got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}"
+            f"q, k and v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}"
         )
     if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads (dim 1), got {k.shape[1]} and {v.shape[1]}")
+        raise ValueError(f"k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
     if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must have the same sequence length (dim 2), got {k.shape[2]} and {v.shape[2]}")
+        raise ValueError(f"k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
     heads_kv = k.shape[1]
     if heads_kv == 0 or heads_q % heads_kv != 0:
         raise ValueError(
@@ -54,7 +54,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"({heads_kv}) for grouped-query attention"
         )
     if k.shape[3] != head_dim:
-        raise ValueError(f"q and k must have the same head dim (dim 3), got {head_dim} and {k.shape[3]}")
+        raise ValueError(f"q and k must have the same head dim, got {head_dim} and {k.shape[3]}")
     for name, dim in (("q/k", head_dim), ("v", v.shape[3])):
         if not 1 <= dim <= MAX_HEAD_DIM:
             raise ValueError(f"{name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")

@@ -37,13 +37,17 @@ def available_backends() -> list[str]:
     return [name for name, backend in BACKENDS.items() if backend.unavailable_reason() is None]
 
 
-def refusal_reasons(name: str, q, k, v, extras: AttentionTensors, opts: AttentionOptions) -> list[str]:
-    """Why backend `name` cannot serve this call; empty when it can."""
+def refusal_reasons(name: str, q, k, v, extras: AttentionTensors, opts: AttentionOptions,
+                    kvcache: bool = False) -> list[str]:
+    """Why backend `name` cannot serve this call (a KV-cache decoding call if kvcache); empty when it can."""
     backend = BACKENDS[name]
     unavailable = backend.unavailable_reason()
     if unavailable is not None:
         return [f"not available: {unavailable}"]
-    return backend.unsupported_reasons(q, k, v, extras, opts)
+    reasons = backend.unsupported_reasons(q, k, v, extras, opts)
+    if kvcache and not backend.supports_kvcache:
+        reasons.append("no KV-cache decoding")
+    return reasons
 
 
 def _requested(backend: Optional[str]) -> Optional[str]:
@@ -62,17 +66,18 @@ def preference(device: torch.device) -> list[str]:
     return [name for name in order if name in BACKENDS]
 
 
-def select_backend(q, k, v, extras: AttentionTensors, opts: AttentionOptions, backend: Optional[str] = None, warn: bool = True) -> str:
+def select_backend(q, k, v, extras: AttentionTensors, opts: AttentionOptions, backend: Optional[str] = None,
+                   warn: bool = True, kvcache: bool = False) -> str:
     """The name of the backend that will run this call (see module docstring)."""
     forced = _requested(backend)
     if forced is not None:
-        reasons = refusal_reasons(forced, q, k, v, extras, opts)
+        reasons = refusal_reasons(forced, q, k, v, extras, opts, kvcache)
         if reasons:
             raise BackendError(f"backend {forced!r} cannot serve this call: " + "; ".join(reasons))
         return forced
     refused: list[str] = []
     for name in preference(q.device):
-        reasons = refusal_reasons(name, q, k, v, extras, opts)
+        reasons = refusal_reasons(name, q, k, v, extras, opts, kvcache)
         if not reasons:
             if warn:
                 _warn_fallback(name, refused)

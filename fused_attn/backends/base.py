@@ -45,6 +45,17 @@ class Backend:
     ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    supports_kvcache: bool = False
+
+    def kvcache_forward(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, block_table: Optional[Tensor],
+        alibi_slopes: Optional[Tensor], opts: AttentionOptions,
+    ) -> tuple[Tensor, Tensor]:
+        """Decoding (inference only): q (B, Lq, Hq, D) against the first seqlens_k[b] keys of a
+        contiguous (B, capacity, Hkv, D) or paged (pages, page_size, Hkv, D) cache, bottom-right
+        aligned. Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) float32."""
+        raise NotImplementedError
+
     def backward(
         self,
         dout: Tensor,

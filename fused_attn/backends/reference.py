@@ -216,6 +216,33 @@ class ReferenceBackend(Backend):
         return (*grads, dbias)
 
 
+    supports_kvcache = True
+
+    def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+        batch, seqlen_q, heads_q, _ = q.shape
+        out = q.new_zeros((batch, seqlen_q, heads_q, v_cache.shape[-1]))
+        lse = q.new_full((batch, heads_q, seqlen_q), float("-inf"), dtype=_accumulation_dtype(q.dtype))
+        page_size = k_cache.shape[1]
+        for index, length in enumerate(seqlens_k.tolist()):
+            if length == 0:
+                continue
+            if block_table is None:
+                keys, values = k_cache[index, :length], v_cache[index, :length]
+            else:
+                pages = block_table[index, :-(-length // page_size)].long()
+                keys, values = (cache[pages].flatten(0, 1)[:length] for cache in (k_cache, v_cache))
+            slopes = alibi_slopes
+            if slopes is not None and slopes.dim() == 2:
+                slopes = slopes[index:index + 1]
+            seq_out, seq_lse = self.forward(
+                q[index:index + 1].transpose(1, 2), keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                AttentionTensors(alibi_slopes=slopes), opts,
+            )
+            out[index] = seq_out[0].transpose(0, 1)
+            lse[index] = seq_lse[0]
+        return out, lse
+
+
 def _accumulate_bias_grad(dbias: Tensor, dscores: Tensor, start: int, end: int) -> None:
     """Add one key block's score gradient (B, Hq, Lq, N), summed over the bias's broadcast dims."""
     broadcast = [dim for dim in range(3) if dbias.shape[dim] == 1 and dscores.shape[dim] != 1]

@@ -67,3 +67,10 @@ class TritonBackend(Backend):
         from ..triton.backward import attention_backward
 
         return attention_backward(dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad)
+
+    supports_kvcache = True
+
+    def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+        from ..triton.decode import decode_forward
+
+        return decode_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)

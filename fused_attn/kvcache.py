@@ -1,0 +1,175 @@
+"""fused_attn.attention_with_kvcache: decoding against a contiguous or paged KV cache."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .backends import get_backend
+from .checks import check_alibi_slopes, check_qkv, make_options
+from .dispatch import select_backend
+from .options import AttentionOptions, AttentionTensors
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("fused_attn::kvcache_forward", mutates_args=())
+def _kvcache_forward(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, block_table: Optional[Tensor],
+    alibi_slopes: Optional[Tensor], scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    opts = AttentionOptions(scale=scale, causal=causal, bottom_right=True, window_left=window_left,
+                            window_right=window_right, softcap=softcap)
+    return get_backend(backend).kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)
+
+
+@_kvcache_forward.register_fake
+def _(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, *scalars):
+    batch, seqlen_q, heads_q, _ = q.shape
+    return q.new_empty((batch, seqlen_q, heads_q, v_cache.shape[-1])), q.new_empty((batch, heads_q, seqlen_q),
+                                                                                    dtype=torch.float32)
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Union[Tensor, int],
+    *,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    window: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Attention of new queries against a KV cache, for decoding (inference only, no autograd).
+
+    Args:
+        q: (B, Lq, Hq, D) queries of the new tokens (sequence-major, as models hold them).
+        k_cache, v_cache: a contiguous cache (B, capacity, Hkv, D) / (B, capacity, Hkv, Dv), or,
+            with block_table, a paged one (num_pages, page_size, Hkv, D) / (..., Dv).
+        cache_seqlens: int32 (B,) (or one int for all): how many cached tokens each sequence has.
+        k, v: optional (B, Lnew, Hkv, D) / (B, Lnew, Hkv, Dv) new tokens. They are written into
+            the caches IN PLACE at positions cache_seqlens[b] .. cache_seqlens[b] + Lnew - 1 and
+            then attended to; cache_seqlens itself is not modified.
+        block_table: int32 (B, max_pages_per_sequence): page i of sequence b is k_cache[block_table[b, i]].
+        causal: query i (of Lq) sees keys up to i + seqlen_k - Lq: the cache convention, bottom-right
+            aligned; causal_alignment must stay "bottom_right".
+        scale, window, alibi_slopes, softcap: as in `fused_attn.attention`, aligned bottom-right.
+        dropout_p: must be 0 (inference only).
+        backend: as in `fused_attn.attention` ("triton" or "reference").
+
+    Returns:
+        out (B, Lq, Hq, Dv) in q's dtype; with return_lse also lse (B, Hq, Lq) float32.
+
+    Long caches are split across programs (split-KV) automatically, so one decode step fills the GPU.
+    """
+    _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v)
+    seqlens = _check_cache_seqlens(cache_seqlens, q)
+    if causal_alignment != "bottom_right":
+        raise ValueError(f"causal_alignment must be 'bottom_right' for KV-cache attention, got {causal_alignment!r}")
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0 for KV-cache attention (inference only), got {dropout_p!r}")
+    opts = make_options(q.transpose(1, 2), causal=causal, causal_alignment="bottom_right", scale=scale, window=window,
+                        softcap=softcap, dropout_p=0.0, deterministic=False)
+    check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    new_tokens = 0 if k is None else k.shape[1]
+    _check_capacity(seqlens, new_tokens, k_cache, block_table)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+
+    with torch.no_grad():
+        if k is not None:
+            _append(k_cache, v_cache, block_table, seqlens, k, v)
+        seqlens_k = seqlens + new_tokens
+        name = select_backend(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                              AttentionTensors(alibi_slopes=alibi_slopes), opts, backend, kvcache=True)
+        out, lse = _kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts.scale, opts.causal,
+                                    opts.window_left, opts.window_right, opts.softcap, name)
+    return (out, lse) if return_lse else out
+
+
+def _append(k_cache, v_cache, block_table, seqlens, k, v) -> None:
+    """Write the new tokens into the cache at each sequence's current length."""
+    positions = seqlens[:, None].long() + torch.arange(k.shape[1], device=k.device)
+    if block_table is None:
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        k_cache[rows, positions] = k
+        v_cache[rows, positions] = v
+    else:
+        page_size = k_cache.shape[1]
+        pages = block_table.long().gather(1, positions // page_size)
+        k_cache[pages, positions % page_size] = k
+        v_cache[pages, positions % page_size] = v
+
+
+def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-dimensional tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    # The attention rules (dtypes, devices, heads, head dims) on (B, H, L, D) views of the cache.
+    if block_table is None:
+        check_qkv(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+    else:
+        check_qkv(q.transpose(1, 2), k_cache[:1].transpose(1, 2).expand(q.shape[0], -1, -1, -1),
+                  v_cache[:1].transpose(1, 2).expand(q.shape[0], -1, -1, -1))
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+            raise TypeError("block_table must be an int32 tensor of shape (batch, max_pages_per_sequence)")
+        if block_table.shape[0] != q.shape[0] or block_table.device != q.device:
+            raise ValueError(f"block_table must have {q.shape[0]} rows (the batch) on {q.device}, "
+                             f"got {tuple(block_table.shape)} on {block_table.device}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must agree but in the last dim, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    if k is not None:
+        expected_k = (q.shape[0], k.shape[1] if k.dim() == 4 else -1, k_cache.shape[2], k_cache.shape[3])
+        expected_v = (q.shape[0], expected_k[1], v_cache.shape[2], v_cache.shape[3])
+        if tuple(k.shape) != expected_k or tuple(v.shape) != expected_v:
+            raise ValueError(f"k and v must be (B, Lnew, Hkv, D) = {expected_k} and {expected_v}, got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype or k.device != q.device or v.device != q.device:
+            raise TypeError("k and v must have the caches' dtype and q's device")
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
+        raise ValueError("attention_with_kvcache is inference only: its inputs must not require grad")
+
+
+def _check_cache_seqlens(cache_seqlens, q) -> Tensor:
+    batch = q.shape[0]
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
+    if tuple(cache_seqlens.shape) != (batch,) or cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens must have shape ({batch},) on {q.device}, got "
+                         f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    return cache_seqlens
+
+
+def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor]) -> None:
+    """Every sequence must fit its cache; pages must exist. Host checks, skipped while compiling."""
+    if torch.compiler.is_compiling():
+        return
+    page_size = k_cache.shape[1]
+    capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
+    lengths = (seqlens.long() + new_tokens)
+    if int(seqlens.min()) < 0:
+        raise ValueError("cache_seqlens must be >= 0")
+    if int(lengths.max()) > capacity:
+        raise ValueError(f"cache_seqlens + new tokens ({int(lengths.max())}) exceeds the cache capacity ({capacity})")
+    if block_table is not None:
+        used = -(-lengths // page_size)  # pages each sequence needs
+        needed = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]
+        pages = block_table[needed]
+        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
+            raise ValueError(f"block_table points past the {k_cache.shape[0]} pages of k_cache")

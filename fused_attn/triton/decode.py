@@ -1,0 +1,171 @@
+"""Decoding against a KV cache: few query rows, many keys, possibly paged.
+
+One program serves one key/value head and all query rows of its GQA group (Lq x G rows packed
+into the M dimension), so each cached key is read once per group, not once per query head. For
+long caches the keys are split across programs (split-KV, "flash-decoding"): each writes a
+partial output with its lse, and the partials are merged with their log-sum-exps.
+
+A contiguous cache (B, capacity, Hkv, D) is read as a paged one whose page b is batch b.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..options import AttentionOptions
+from .common import (
+    INTERPRETING,
+    LN_2,
+    dot_precision,
+    head_dim_block,
+    load_tile,
+    num_blocks,
+    score_tile,
+    upcast_tiles,
+)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, KCache, VCache, CacheSeqlens, BlockTable, OutPartial, LsePartial, Slopes,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kp, stride_kn, stride_kh, stride_kd,
+    stride_vp, stride_vn, stride_vh, stride_vd,
+    stride_tb, stride_sb, stride_sh,
+    stride_os, stride_ob, stride_om, stride_oh, stride_od,
+    stride_ls, stride_lb, stride_lm, stride_lh,
+    num_heads_kv, group_size, seqlen_q, page_size, split_size,
+    left, right, scale, softcap,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    split = tl.program_id(1)
+    batch_head_kv = tl.program_id(2)
+    batch = (batch_head_kv // num_heads_kv).to(tl.int64)
+    head_kv = (batch_head_kv % num_heads_kv).to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
+    seqlen_k = tl.load(CacheSeqlens + batch)
+    shift = seqlen_k - seqlen_q  # the cache convention: the last query sees the whole cache
+
+    # Packed rows: row r is query position r // G of query head head_kv * G + r % G.
+    packed = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = packed // group_size
+    heads = head_kv * group_size + packed % group_size
+    live = rows < seqlen_q
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + batch * stride_qb + rows[:, None] * stride_qm + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=live[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    slope = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + batch * stride_sb + heads * stride_sh, mask=live, other=0.0)[:, None]
+
+    # This split's keys, intersected with what the first..last query positions of the block can see.
+    lo = split * split_size
+    hi = tl.minimum((split + 1) * split_size, seqlen_k)
+    if HAS_LEFT:
+        lo = tl.maximum(lo, ((block_m * BLOCK_M // group_size + shift - left) // BLOCK_N) * BLOCK_N)
+    if HAS_RIGHT:
+        last_row = tl.minimum((block_m * BLOCK_M + BLOCK_M - 1) // group_size, seqlen_q - 1)
+        hi = tl.minimum(hi, last_row + shift + right + 1)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if PAGED:
+            pages = tl.load(BlockTable + batch * stride_tb + cols // page_size, mask=cols < seqlen_k, other=0)
+            slots = cols % page_size
+        else:
+            pages = cols * 0 + batch
+            slots = cols
+        pages = pages.to(tl.int64)
+        k_t = load_tile(KCache + pages[None, :] * stride_kp + slots[None, :] * stride_kn + head_kv * stride_kh
+                        + offs_d[:, None] * stride_kd, offs_d, HEAD_DIM, cols, seqlen_k, not EVEN_D, True, UPCAST)
+        qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+        scores, _ = score_tile(qk, rows, cols, seqlen_q, seqlen_k, Q, 0, 0, slope, shift, left, right, scale, softcap,
+                               True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, 0)
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        centre = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.math.exp2(scores - centre[:, None])
+        rescale = tl.math.exp2(row_max - centre)
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        v = load_tile(VCache + pages[:, None] * stride_vp + slots[:, None] * stride_vn + head_kv * stride_vh
+                      + offs_dv[None, :] * stride_vd, cols, seqlen_k, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    empty = row_sum == 0.0
+    row_sum = tl.where(empty, 1.0, row_sum)
+    lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(row_sum)) * LN_2)
+    out_ptrs = (OutPartial + split * stride_os + batch * stride_ob + rows[:, None] * stride_om
+                + heads[:, None] * stride_oh + offs_dv[None, :] * stride_od)
+    tl.store(out_ptrs, acc / row_sum[:, None], mask=live[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    lse_ptrs = LsePartial + split * stride_ls + batch * stride_lb + rows * stride_lm + heads * stride_lh
+    tl.store(lse_ptrs, lse, mask=live)
+
+
+def _num_splits(programs: int, capacity: int, block_n: int) -> int:
+    """Enough key splits to give the GPU several programs per SM, each with at least a few key blocks."""
+    if INTERPRETING:
+        return min(2, num_blocks(capacity, block_n))
+    target = 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(num_blocks(target, programs), num_blocks(capacity, 4 * block_n), 64))
+
+
+def decode_forward(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
+    block_table: torch.Tensor | None, alibi_slopes: torch.Tensor | None, opts: AttentionOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Lq, Hq, Dv), lse (B, Hq, Lq)) of q (B, Lq, Hq, D) against the first seqlens_k[b]
+    keys of the cache, bottom-right aligned. Shapes as in fused_attn.attention_with_kvcache."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv, head_dim_v = k_cache.shape[2], v_cache.shape[3]
+    group_size = heads_q // heads_kv
+    paged = block_table is not None
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if paged else page_size
+
+    rows = seqlen_q * group_size
+    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    block_n = 32 if INTERPRETING else (64 if head_dim <= 128 else 32)
+    m_blocks = num_blocks(rows, block_m)
+    splits = _num_splits(m_blocks * batch * heads_kv, capacity, block_n)
+    split_size = num_blocks(num_blocks(capacity, splits), block_n) * block_n
+
+    out_partial = torch.empty((splits, batch, seqlen_q, heads_q, head_dim_v), dtype=torch.float32, device=q.device)
+    lse_partial = torch.empty((splits, batch, seqlen_q, heads_q), dtype=torch.float32, device=q.device)
+    slopes = alibi_slopes.expand(batch, heads_q) if alibi_slopes is not None else q.new_empty((1, 1))
+    table = block_table if paged else seqlens_k[:, None]
+    k_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3))
+    v_strides = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3))
+    _decode_kernel[(m_blocks, splits, batch * heads_kv)](
+        q, k_cache, v_cache, seqlens_k, table, out_partial, lse_partial, slopes,
+        *q.stride(), *k_strides, *v_strides, table.stride(0), *slopes.stride(),
+        *out_partial.stride(), *lse_partial.stride(),
+        heads_kv, group_size, seqlen_q, page_size, split_size,
+        opts.left, opts.right, opts.scale, opts.softcap or 1.0,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+        PAGED=paged, HAS_LEFT=opts.left >= 0, HAS_RIGHT=opts.right >= 0, SOFTCAP=opts.softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    return merge_splits(out_partial, lse_partial, q.dtype)
+
+
+def merge_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, dtype: torch.dtype):
+    """Combine per-split softmax results: out = sum_s exp(lse_s - lse) out_s, lse = logsumexp_s lse_s."""
+    lse = torch.logsumexp(lse_partial, dim=0)
+    weights = torch.exp(lse_partial - torch.where(lse == float("-inf"), 0.0, lse))  # empty splits weigh 0
+    out = (weights[..., None] * out_partial).sum(0)
+    return out.to(dtype), lse.transpose(1, 2).contiguous()

@@ -1,0 +1,161 @@
+"""Decoding against a KV cache (contiguous and paged, with and without appending new tokens)
+against float64 attention over each sequence's cached prefix."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from oracle import assert_accurate, naive_attention
+
+import fused_attn
+
+B, HQ, HKV, D, DV, CAPACITY, PAGE = 3, 8, 2, 32, 24, 100, 16
+
+
+def make_cache(dtype):
+    return (torch.randn(B, CAPACITY, HKV, D, dtype=dtype, device=DEVICE),
+            torch.randn(B, CAPACITY, HKV, DV, dtype=dtype, device=DEVICE))
+
+
+def paged_copy(k_cache, v_cache):
+    """The same cache scattered over shuffled pages (plus unused ones), and its block table."""
+    pages_per_sequence = -(-CAPACITY // PAGE)
+    total_pages = B * pages_per_sequence + 3
+    table = torch.randperm(total_pages, device=DEVICE)[:B * pages_per_sequence].view(B, pages_per_sequence)
+    k_pages = torch.randn(total_pages, PAGE, HKV, D, dtype=k_cache.dtype, device=DEVICE)
+    v_pages = torch.randn(total_pages, PAGE, HKV, DV, dtype=v_cache.dtype, device=DEVICE)
+    for b in range(B):
+        for i in range(pages_per_sequence):
+            n = min(PAGE, CAPACITY - i * PAGE)
+            k_pages[table[b, i], :n] = k_cache[b, i * PAGE:i * PAGE + n]
+            v_pages[table[b, i], :n] = v_cache[b, i * PAGE:i * PAGE + n]
+    return k_pages, v_pages, table.to(torch.int32)
+
+
+CASES = [
+    pytest.param(1, 1, dict(causal=True), id="decode-one-token-append"),
+    pytest.param(5, 5, dict(causal=True), id="append-five-causal"),
+    pytest.param(3, 0, dict(causal=True, window=(12, -1)), id="window"),
+    pytest.param(1, 0, dict(softcap=4.0, alibi_slopes="per-head"), id="alibi-softcap"),
+    pytest.param(2, 0, dict(), id="no-mask"),
+]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("seqlen_q, new_tokens, keywords", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_kvcache_matches_attention_on_the_prefix(backend, dtype, seqlen_q, new_tokens, keywords, paged):
+    keywords = dict(keywords)
+    if keywords.get("alibi_slopes") == "per-head":
+        keywords["alibi_slopes"] = torch.rand(B, HQ, device=DEVICE)
+    k_cache, v_cache = make_cache(dtype)
+    # Lengths that name the edge cases: an empty cache, a middle one, a cache filled to capacity.
+    cached = torch.tensor([0, 37, CAPACITY - new_tokens], dtype=torch.int32, device=DEVICE)
+    if new_tokens == 0:
+        cached[0] = 1
+    q = torch.randn(B, seqlen_q, HQ, D, dtype=dtype, device=DEVICE)
+    k_new = torch.randn(B, new_tokens, HKV, D, dtype=dtype, device=DEVICE) if new_tokens else None
+    v_new = torch.randn(B, new_tokens, HKV, DV, dtype=dtype, device=DEVICE) if new_tokens else None
+    caches, table = (k_cache.clone(), v_cache.clone()), None
+    if paged:
+        *caches, table = paged_copy(k_cache, v_cache)
+    cached_before = cached.clone()
+    out, lse = fused_attn.attention_with_kvcache(q, *caches, cached, k=k_new, v=v_new, block_table=table,
+                                                 return_lse=True, backend=backend, **keywords)
+    assert out.shape == (B, seqlen_q, HQ, DV) and lse.shape == (B, HQ, seqlen_q)
+    assert torch.equal(cached, cached_before), "cache_seqlens must not be modified"
+
+    for b in range(B):
+        length = int(cached[b])
+        keys = torch.cat([k_cache[b, :length], k_new[b]]) if new_tokens else k_cache[b, :length]
+        values = torch.cat([v_cache[b, :length], v_new[b]]) if new_tokens else v_cache[b, :length]
+        slopes = keywords.get("alibi_slopes")
+        ref_keywords = dict(causal=keywords.get("causal", False), window=keywords.get("window", (-1, -1)),
+                            softcap=keywords.get("softcap", 0.0), bottom_right=True,
+                            alibi_slopes=None if slopes is None else slopes[b:b + 1])
+        args = (q[b:b + 1].transpose(1, 2), keys.transpose(0, 1)[None], values.transpose(0, 1)[None])
+        exact_out, exact_lse = naive_attention(*args, dtype=torch.float64, **ref_keywords)
+        low_out, _ = naive_attention(*args, **ref_keywords)
+        assert_accurate(f"out[{b}]", out[b], exact_out[0].transpose(0, 1), low_out[0].transpose(0, 1), dtype)
+        torch.testing.assert_close(lse[b].double(), exact_lse[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_new_tokens_are_written_in_place_and_nothing_else(backend, paged):
+    k_cache, v_cache = make_cache(torch.float32)
+    caches, table = [k_cache.clone(), v_cache.clone()], None
+    if paged:
+        *caches, table = paged_copy(k_cache, v_cache)
+    before = [c.clone() for c in caches]
+    cached = torch.tensor([3, 0, 90], dtype=torch.int32, device=DEVICE)
+    k_new = torch.randn(B, 4, HKV, D, device=DEVICE)
+    v_new = torch.randn(B, 4, HKV, DV, device=DEVICE)
+    q = torch.randn(B, 4, HQ, D, device=DEVICE)
+    fused_attn.attention_with_kvcache(q, *caches, cached, k=k_new, v=v_new, block_table=table, causal=True,
+                                      backend=backend)
+    for cache, old, new in zip(caches, before, (k_new, v_new)):
+        expected = old.clone()
+        for b in range(B):
+            for t in range(4):
+                position = int(cached[b]) + t
+                if table is None:
+                    expected[b, position] = new[b, t]
+                else:
+                    expected[table[b, position // PAGE], position % PAGE] = new[b, t]
+        assert torch.equal(cache, expected)
+
+
+def test_long_cache_uses_several_splits_and_matches(backend):
+    """Split-KV partial results merged by their lse equal one pass over the cache."""
+    k_cache = torch.randn(1, 300, HKV, D, device=DEVICE)
+    v_cache = torch.randn(1, 300, HKV, DV, device=DEVICE)
+    q = torch.randn(1, 1, HQ, D, device=DEVICE)
+    out = fused_attn.attention_with_kvcache(q, k_cache, v_cache, 300, backend=backend)
+    ref = fused_attn.attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                               backend="reference").transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def qkv_cache():
+    q = torch.randn(B, 1, HQ, D, device=DEVICE)
+    k_cache, v_cache = make_cache(torch.float32)
+    return q, k_cache, v_cache
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(cache_seqlens=torch.tensor([1, 2, 101], dtype=torch.int32)), ValueError, r"exceeds the cache capacity \(100\)"),
+    (dict(cache_seqlens=torch.tensor([1, 2, 3])), TypeError, r"cache_seqlens must be an int or an int32 tensor"),
+    (dict(cache_seqlens=torch.tensor([1, 2], dtype=torch.int32)), ValueError, r"cache_seqlens must have shape \(3,\)"),
+    (dict(k_cache=torch.randn(B, CAPACITY, 3, D), v_cache=torch.randn(B, CAPACITY, 3, DV)), ValueError,
+     r"must be a multiple of the number of key/value heads"),
+    (dict(k_cache=torch.randn(B, CAPACITY, 1, D)), ValueError, r"k and v must have the same number of heads"),
+    (dict(q=torch.randn(B, 1, HQ, D + 1)), ValueError, r"q and k must have the same head dim"),
+    (dict(k=torch.randn(B, 1, HKV, D)), ValueError, r"k and v must be given together"),
+    (dict(k=torch.randn(B, 1, HKV, D), v=torch.randn(B, 2, HKV, DV)), ValueError, r"k and v must be \(B, Lnew, Hkv, D\)"),
+    (dict(dropout_p=0.1), ValueError, r"dropout_p must be 0 for KV-cache attention"),
+    (dict(causal_alignment="top_left"), ValueError, r"causal_alignment must be 'bottom_right'"),
+    (dict(block_table=torch.zeros(B, 7, dtype=torch.int64)), TypeError, r"block_table must be an int32 tensor"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_kvcache_bad_input(change, error, message):
+    q, k_cache, v_cache = qkv_cache()
+    arguments = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=torch.tensor([1, 2, 3], dtype=torch.int32))
+    arguments.update({key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+                      for key, value in change.items()})
+    with pytest.raises(error, match=message):
+        fused_attn.attention_with_kvcache(arguments.pop("q"), arguments.pop("k_cache"), arguments.pop("v_cache"),
+                                          arguments.pop("cache_seqlens"), **arguments)
+
+
+def test_block_table_past_the_pages():
+    q = torch.randn(B, 1, HQ, D, device=DEVICE)
+    k_pages = torch.randn(10, PAGE, HKV, D, device=DEVICE)
+    v_pages = torch.randn(10, PAGE, HKV, DV, device=DEVICE)
+    table = torch.full((B, 2), 3, dtype=torch.int32, device=DEVICE)
+    table[1, 1] = 10
+    with pytest.raises(ValueError, match="block_table points past the 10 pages of k_cache"):
+        fused_attn.attention_with_kvcache(q, k_pages, v_pages, 20, block_table=table)
+
+
+def test_kvcache_rejects_inputs_that_require_grad():
+    q, k_cache, v_cache = qkv_cache()
+    with pytest.raises(ValueError, match="inference only"):
+        fused_attn.attention_with_kvcache(q.requires_grad_(), k_cache, v_cache, 5)
