@@ -14,7 +14,7 @@ def test_opcheck(backend, causal, sequence_major):
     dtype = torch.float16 if backend == "triton" else torch.float32
     q, k, v = random_qkv(1, 4, 2, 37, 50, 32, 16, dtype, DEVICE, sequence_major=sequence_major,
                          requires_grad=True)
-    args = (q, k, v, None, None, None, 0.25, causal, True, -1, -1, 0.0, 0.0, False, backend)
+    args = (q, k, v, None, None, None, None, None, 0.25, causal, True, -1, -1, 0.0, 0.0, False, 0, 0, backend)
     torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
 
 
@@ -25,7 +25,7 @@ def test_opcheck_with_every_feature(backend):
     bias = torch.randn(1, 4, 37, 50, dtype=dtype, device=DEVICE, requires_grad=True)
     slopes = torch.rand(4, device=DEVICE)
     seed = fused_attn.dropout.draw_seed(DEVICE)
-    args = (q, k, v, bias, slopes, seed, 0.25, True, True, 20, -1, 5.0, 0.1, False, backend)
+    args = (q, k, v, bias, slopes, seed, None, None, 0.25, True, True, 20, -1, 5.0, 0.1, False, 0, 0, backend)
     torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
 
 
@@ -53,3 +53,11 @@ def test_float64_gradcheck(alignment):
         return out, lse
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_kvcache_opcheck(backend):
+    q = torch.randn(2, 3, 4, 32, device=DEVICE)
+    k_cache, v_cache = torch.randn(2, 50, 2, 32, device=DEVICE), torch.randn(2, 50, 2, 16, device=DEVICE)
+    seqlens = torch.tensor([7, 50], dtype=torch.int32, device=DEVICE)
+    args = (q, k_cache, v_cache, seqlens, None, None, 0.2, True, -1, -1, 0.0, backend)
+    torch.library.opcheck(torch.ops.fused_attn.kvcache_forward.default, args)
