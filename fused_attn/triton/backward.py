@@ -23,6 +23,7 @@ from .common import (
     bhld_strides,
     row_stat_strides,
     sequence_bounds,
+    stage_bounds,
     dropout_keep,
     feature_arguments,
     head_dim_block,
@@ -192,12 +193,7 @@ def _dkdv_kernel(
         mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh,
                                                        Seed, batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
         for stage in tl.static_range(3):
-            if stage == 0:
-                start, stop = lo, full_lo
-            elif stage == 1:
-                start, stop = full_lo, full_hi
-            else:
-                start, stop = full_hi, hi
+            start, stop = stage_bounds(stage, lo, full_lo, full_hi, hi)
             dk, dv = _dkdv_query_blocks(
                 dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, row_base, stride_qm, stride_gm,
                 offs_m, cols, offs_d, offs_dv, start, stop, seqlen_q, seqlen_k,
@@ -293,12 +289,7 @@ def _dq_kernel(
                                             HAS_LEFT, HAS_RIGHT, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for stage in tl.static_range(3):
-        if stage == 0:
-            start, stop = lo, full_lo
-        elif stage == 1:
-            start, stop = full_lo, full_hi
-        else:
-            start, stop = full_hi, hi
+        start, stop = stage_bounds(stage, lo, full_lo, full_hi, hi)
         dq = _dq_key_blocks(
             dq, q, dout, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
             rows, offs_n, offs_d, offs_dv, start, stop, seqlen_q, seqlen_k,

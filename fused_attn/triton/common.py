@@ -218,6 +218,21 @@ def sequence_bounds(CuSeqQ, CuSeqK, batch, seqlen_q, seqlen_k, VARLEN: tl.conste
 
 
 @triton.jit
+def stage_bounds(STAGE: tl.constexpr, lo, full_lo, full_hi, hi):
+    """Tiles of a visible_span in three stages: 0 and 2 the partly visible ones before and after
+    (masked), 1 the fully visible ones between (no masks)."""
+    start = full_lo
+    stop = full_hi
+    if STAGE == 0:
+        start = lo
+        stop = full_lo
+    if STAGE == 2:
+        start = full_hi
+        stop = hi
+    return start, stop
+
+
+@triton.jit
 def tanh(x):
     """tanh from exp2 (libdevice is unavailable in the interpreter); saturates cleanly at +-1."""
     return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2_E)) + 1.0)

@@ -19,6 +19,7 @@ from .common import (
     bhld_strides,
     row_stat_strides,
     sequence_bounds,
+    stage_bounds,
     dropout_keep,
     feature_arguments,
     head_dim_block,
@@ -117,12 +118,7 @@ def _forward_kernel(
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for stage in tl.static_range(3):
-        if stage == 0:
-            start, stop = lo, full_lo
-        elif stage == 1:
-            start, stop = full_lo, full_hi
-        else:
-            start, stop = full_hi, hi
+        start, stop = stage_bounds(stage, lo, full_lo, full_hi, hi)
         acc, row_max, row_sum = _forward_key_blocks(
             acc, row_max, row_sum, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
             rows, offs_n, offs_d, offs_dv, start, stop, seqlen_q, seqlen_k,
