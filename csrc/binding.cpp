@@ -97,6 +97,14 @@ void cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   at::parallel_for(0, cpu::forward_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
 }
 
+// The one-pass backward does 5 block products per (query block, key block) pair where the
+// two-pass one does 7, but has only B * Hkv tasks (of equal size): take it when that parallelism
+// is not worse than the extra work, ceil(tasks / threads) * 5 <= tasks / threads * 7.
+bool prefer_one_pass(const cpu::Problem& p) {
+  const int64_t tasks = cpu::fused_tasks(p), threads = at::get_num_threads();
+  return cpu::ceil_div(tasks, threads) * 5 * threads <= tasks * 7;
+}
+
 void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
                   const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv,
                   bool causal, int64_t causal_offset, double scale) {
@@ -116,9 +124,15 @@ void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const
                                strided(dq), strided(dk), strided(dv), lse_c.data_ptr<float>(),
                                dlse_c.data_ptr<float>(), delta.data_ptr<float>()};
   const cpu::Kernels& kernels = select_kernels();
-  // The dk/dv pass reads the delta of every row, which the dq pass writes: two parallel loops.
-  at::parallel_for(0, cpu::dq_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_dq(args, begin, end); });
-  at::parallel_for(0, cpu::dkdv_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_dkdv(args, begin, end); });
+  // Both schedules give the same bits; the choice is only about speed. Every pass reads the
+  // delta of rows other tasks write, hence separate parallel loops.
+  if (prefer_one_pass(p)) {
+    at::parallel_for(0, cpu::dq_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_delta(args, begin, end); });
+    at::parallel_for(0, cpu::fused_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_fused(args, begin, end); });
+  } else {
+    at::parallel_for(0, cpu::dq_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_dq(args, begin, end); });
+    at::parallel_for(0, cpu::dkdv_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_dkdv(args, begin, end); });
+  }
 }
 
 std::string cpu_isa() { return select_kernels().isa; }

@@ -30,6 +30,6 @@ namespace {
 
 }  // namespace
 
-const Kernels kKernels = {FUSED_ATTN_ISA_NAME, forward, backward_dq, backward_dkdv};
+const Kernels kKernels = {FUSED_ATTN_ISA_NAME, forward, backward_dq, backward_dkdv, backward_delta, backward_fused};
 
 }  // namespace fused_attn::cpu::FUSED_ATTN_ISA

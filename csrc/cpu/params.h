@@ -50,6 +50,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t forward_tasks(const Problem& p) { return p.batch * p.heads_q * ceil_div(p.seqlen_q, kBlockM); }
 inline int64_t dq_tasks(const Problem& p) { return forward_tasks(p); }
 inline int64_t dkdv_tasks(const Problem& p) { return p.batch * p.heads_kv * ceil_div(p.seqlen_k, kBlockN); }
+inline int64_t fused_tasks(const Problem& p) { return p.batch * p.heads_kv; }
 
 // One instruction set's kernels. Every task writes only its own rows of the outputs (dk/dv of
 // a key block are summed over the query heads of its group inside the task), so results are
@@ -57,10 +58,14 @@ inline int64_t dkdv_tasks(const Problem& p) { return p.batch * p.heads_kv * ceil
 struct Kernels {
   const char* isa;
   void (*forward)(const ForwardArgs&, int64_t begin, int64_t end);
-  // Pass 1: dq for a block of query rows; also writes delta for those rows.
+  // Backward, two-pass schedule (see backward.h). Pass 1, dq_tasks: dq for a block of query
+  // rows, also writing delta for them. Pass 2, dkdv_tasks: dk and dv for a block of keys.
   void (*backward_dq)(const BackwardArgs&, int64_t begin, int64_t end);
-  // Pass 2 (after pass 1): dk and dv for a block of keys.
   void (*backward_dkdv)(const BackwardArgs&, int64_t begin, int64_t end);
+  // Backward, one-pass schedule: delta (dq_tasks), then dq, dk and dv per (batch, key/value
+  // head) (fused_tasks). Same gradients, bit for bit, with fewer products.
+  void (*backward_delta)(const BackwardArgs&, int64_t begin, int64_t end);
+  void (*backward_fused)(const BackwardArgs&, int64_t begin, int64_t end);
 };
 
 const Kernels& portable_kernels();
