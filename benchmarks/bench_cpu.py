@@ -1,0 +1,168 @@
+"""CPU benchmark: the `cpu` backend against torch SDPA's CPU kernels, and its peak memory.
+
+Run from the repository root (``make bench`` on a machine without a GPU runs this)::
+
+    python -m benchmarks.bench_cpu            # full sweep, about 10 minutes on 2 cores
+    python -m benchmarks.bench_cpu --quick    # a few rows, to check that everything runs
+
+Speed: fused_attn (backend="cpu") vs torch SDPA with its default CPU choice (the flash kernel)
+and pinned to SDPBackend.MATH (which materialises the L x L scores), B=1, H=4, D=64, fp32 and
+bf16, full and causal, forward (under no_grad) and forward+backward, L from 512 to 8192.
+
+Memory: peak resident set size (resource.getrusage maxrss) of a fresh subprocess that runs one
+forward at B=1, H=2, D=64, fp32, for several L; it must grow linearly with L (the goal at
+L=32768 is under 1.5 GB; the inputs and output alone are 64 MiB).
+
+Goals are reported, never asserted: cpu >= 0.8x the flash kernel (aim: > 1x) and >= 3x math
+at L >= 2048. Timings need an otherwise idle machine: the load average is recorded.
+Results go to benchmarks/results/<cpu>/bench_cpu{,-quick}.{csv,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+from .bench import RESULTS_DIR, Config, device_slug, environment_lines, make_inputs, make_provider, make_step, time_cpu
+
+PROVIDERS = ("fused_attn:cpu", "sdpa", "sdpa_math")
+LABELS = {"fused_attn:cpu": "cpu", "sdpa": "flash", "sdpa_math": "math"}
+PASSES = ("fwd", "fwd+bwd")
+MEMORY_SEQLENS = (8192, 16384, 32768)
+MEMORY_GOAL_BYTES = 1.5e9
+
+
+def configs(quick: bool) -> list[Config]:
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    seqlens = (512, 2048) if quick else (512, 1024, 2048, 4096, 8192)
+    return [Config(dtype, causal, 1, 4, L, 64) for dtype in dtypes for causal in (False, True) for L in seqlens]
+
+
+def time_rows(cfgs: list[Config], target_s: float) -> dict:
+    """{(cfg, pass, provider): median ms or None}, printing progress to stderr."""
+    providers = [make_provider(name) for name in PROVIDERS]
+    times = {}
+    start = time.perf_counter()
+    for cfg in cfgs:
+        for pass_ in PASSES:
+            sets = make_inputs(cfg, "cpu", grad=pass_ == "fwd+bwd", n_sets=2)
+            for prov in providers:
+                try:
+                    with prov.context():
+                        ms = time_cpu(make_step(prov, cfg, sets, pass_), sets, target_s=target_s)
+                except Exception as exc:  # reported as n/a, e.g. out of memory in the math kernel
+                    print(f"  {prov.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    ms = None
+                times[cfg, pass_, prov.name] = ms
+                print(f"  [{time.perf_counter() - start:6.1f}s] {LABELS[prov.name]:<5} {cfg.dtype_name:<8} "
+                      f"causal={cfg.causal!s:<5} L={cfg.L:<5} {pass_:<7} "
+                      + ("n/a" if ms is None else f"{ms:9.2f} ms"), file=sys.stderr, flush=True)
+            del sets
+    return times
+
+
+PEAK_RSS_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch, fused_attn
+    L = int(sys.argv[1])
+    q, k, v = (torch.randn(1, 2, L, 64) for _ in range(3))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        out = fused_attn.attention(q, k, v, backend="cpu")
+    print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+""")
+
+
+def peak_rss(seqlen: int) -> tuple[int, int]:
+    """(peak RSS in bytes before the call, after it) of a fresh process running one forward."""
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(seqlen)], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    before, after = result.stdout.split()
+    return int(before), int(after)
+
+
+def ratio(num, den) -> str:
+    return "n/a" if num is None or den is None else f"{num / den:.2f}"
+
+
+def fmt_ms(ms) -> str:
+    return "n/a" if ms is None else f"{ms:.2f}"
+
+
+def report(cfgs, times, memory, header) -> tuple[list[str], list[list]]:
+    """(markdown lines, csv rows)."""
+    lines = header + [
+        "",
+        "Times are medians in ms, B=1, H=4, D=64. `vs flash` / `vs math` = their time / cpu's time (>1: cpu faster).",
+        "",
+        "| dtype | causal | L | pass | cpu ms | flash ms | math ms | vs flash | vs math | TFLOP/s cpu |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = []
+    misses = []
+    for cfg in cfgs:
+        for pass_ in PASSES:
+            cpu, flash, math = (times[cfg, pass_, name] for name in PROVIDERS)
+            tflops = "n/a" if cpu is None else f"{cfg.flops(pass_) / (cpu * 1e-3) / 1e12:.3f}"
+            lines.append(f"| {cfg.dtype_name} | {cfg.causal} | {cfg.L} | {pass_} | {fmt_ms(cpu)} | {fmt_ms(flash)} | "
+                         f"{fmt_ms(math)} | {ratio(flash, cpu)} | {ratio(math, cpu)} | {tflops} |")
+            rows.append([cfg.dtype_name, cfg.causal, cfg.B, cfg.H, cfg.L, cfg.D, pass_, fmt_ms(cpu), fmt_ms(flash),
+                         fmt_ms(math), ratio(flash, cpu), ratio(math, cpu)])
+            if cfg.L >= 2048 and cpu is not None:
+                if flash is not None and flash / cpu < 0.8:
+                    misses.append(f"{cfg.dtype_name} causal={cfg.causal} L={cfg.L} {pass_}: {flash / cpu:.2f}x flash")
+                if math is not None and math / cpu < 3:
+                    misses.append(f"{cfg.dtype_name} causal={cfg.causal} L={cfg.L} {pass_}: {math / cpu:.2f}x math")
+    lines += ["", "Goals at L >= 2048 (>= 0.8x flash, >= 3x math): "
+              + ("all met." if not misses else "missed by " + "; ".join(misses))]
+    if memory:
+        lines += ["", "Peak RSS of a fresh process running one fp32 forward, B=1, H=2, D=64 (inputs + output: "
+                  "4 x 2 x L x 64 x 4 bytes):", "", "| L | RSS before the call | peak RSS | goal |", "|---:|---:|---:|---|"]
+        for seqlen, (before, after) in memory.items():
+            goal = f"< {MEMORY_GOAL_BYTES / 1e9:.1f} GB: {'met' if after < MEMORY_GOAL_BYTES else 'MISSED'}" \
+                if seqlen == 32768 else ""
+            lines.append(f"| {seqlen} | {before / 2**20:.0f} MiB | {after / 2**20:.0f} MiB | {goal} |")
+    return lines, rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few rows and no memory sweep")
+    parser.add_argument("--target-s", type=float, default=0.3, help="seconds of timed calls per row")
+    parser.add_argument("--out-dir", type=Path, help="default: benchmarks/results/<cpu>/")
+    args = parser.parse_args(argv)
+    if "cpu" not in __import__("fused_attn").available_backends():
+        raise SystemExit("the fused_attn cpu backend is unavailable: build the extension (make env)")
+
+    cfgs = configs(args.quick)
+    header = ["# fused_attn CPU benchmark: cpu backend vs torch SDPA", ""] + environment_lines(on_cuda=False)
+    print("\n".join(header), flush=True)
+    start = time.perf_counter()
+    times = time_rows(cfgs, args.target_s)
+    memory = {} if args.quick else {L: peak_rss(L) for L in MEMORY_SEQLENS}
+    lines, rows = report(cfgs, times, memory, header)
+    lines.append(f"\nTotal run time {time.perf_counter() - start:.0f} s; load average after the run: "
+                 f"{os.getloadavg()[0]:.2f}.")
+    print("\n".join(lines[len(header):]), flush=True)
+
+    out_dir = args.out_dir or RESULTS_DIR / device_slug(on_cuda=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "bench_cpu-quick" if args.quick else "bench_cpu"
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dtype", "causal", "B", "H", "L", "D", "pass", "cpu_ms", "flash_ms", "math_ms",
+                         "vs_flash", "vs_math"])
+        writer.writerows(rows)
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {out_dir / stem}.csv and .md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
