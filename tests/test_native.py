@@ -1,7 +1,6 @@
 """What is specific to the C++ backend: it is built and loaded, its two builds (portable and
 AVX2) agree, thread count never changes a bit, the backward schedules agree, longer sequences
 match the reference backend, and its op errors are clear."""
-import os
 
 import pytest
 import torch
@@ -11,11 +10,11 @@ from oracle import random_qkv
 import fused_attn
 from fused_attn.backends import cpu_backend
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU kernels; CPU-only CI covers them")
+# These tests use CPU tensors on every machine: the extension is built on GPU machines too.
 
 
 def test_extension_is_built_and_loaded():
-    """CI builds csrc/ (make test installs the package); the backend must never silently drop out."""
+    """make test builds csrc/ (editable install); the backend must never silently drop out."""
     assert "cpu" in fused_attn.available_backends(), fused_attn.backends.get_backend("cpu").unavailable_reason()
 
 

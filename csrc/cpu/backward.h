@@ -96,9 +96,7 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   }
 }
 
-// Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query
-// heads and the query blocks that see the block. With dq != nullptr (the one-pass schedule) also
-// dQ += dS K for those rows, dq being the group's (G x Lq x Dp) fp32 accumulator.
+// The tiles of one key block's backward, carved out of a thread's scratch.
 struct KeyBlockScratch {
   float *kt, *vt, *kb, *qb, *dob, *s, *dp, *dk, *dv;
 
@@ -121,6 +119,9 @@ struct KeyBlockScratch {
   }
 };
 
+// Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query
+// heads and the query blocks that see the block. With dq != nullptr (the one-pass schedule) also
+// dQ += dS K for those rows, dq being the group's (G x Lq x Dp) fp32 accumulator.
 template <typename T>
 void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t k0, const KeyBlockScratch& t,
                         float* dq) {
