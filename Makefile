@@ -51,8 +51,9 @@ else
 endif
 
 # The stamp records what was installed: the requirement list plus a hash of the files that define
-# the package build. When neither changed, `make test` skips pip entirely (fast re-runs).
-BUILD_FILES := setup.py pyproject.toml
+# the package build, C++ sources included (the editable install compiles csrc/ into
+# fused_attn/_native*.so). When neither changed, `make test` skips pip entirely (fast re-runs).
+BUILD_FILES := setup.py pyproject.toml $(sort $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null))
 INSTALL_KEY := $(REQUIREMENTS) | $(shell cat $(BUILD_FILES) 2>/dev/null | sha256sum | cut -c1-16)
 ifeq ($(ENV_KIND),venv)
   STAMP := $(VENV)/.installed
@@ -114,8 +115,11 @@ _install-system _install-given:
 	    || echo "note: editable install failed; using PYTHONPATH=$(CURDIR) instead"
 	$(WRITE_STAMP)
 
+# Also forgets the install stamp: the editable install's compiled extension is deleted here, and
+# the next `make test` must rebuild it.
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks
+	rm -f $(VENV)/.installed
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 	find fused_attn -name '*.so' -delete 2>/dev/null || true
 

@@ -6,35 +6,97 @@ Install for development with::
 
 (``--no-build-isolation`` so the build sees the installed torch instead of downloading one.)
 
-The C++ (CPU) and CUDA fallback kernels in csrc/ will be added through ``native_extensions()``
-below; everything else is a plain pure-Python package.
+This builds the C++ kernels in csrc/ into ``fused_attn/_native`` (the CPU backend) with ninja
+through torch.utils.cpp_extension. The package works without them: if the extension is missing
+or cannot be loaded, fused_attn says why once and CPU calls go to the next backend.
+Set FUSED_ATTN_SKIP_NATIVE=1 to install without building it.
 """
 import os
+import platform
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# Kernel sources compiled with extra flags of their own, after the common sources and linked
+# after them (see csrc/cpu/kernels_portable.cpp for why the order matters). The binding picks
+# them at run time only on a CPU that has the instruction set.
+ISA_SOURCES = {"csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]}
+
+
+def _is_x86_64_gcc_like():
+    return platform.machine().lower() in ("x86_64", "amd64") and os.name == "posix"
+
 
 def native_extensions():
     """Return the list of compiled extensions (``ext_modules``) to build.
 
-    Empty for now: the package is pure Python (Triton kernels are JIT-compiled at run time).
-
-    When csrc/ gets its kernels, build them here with torch.utils.cpp_extension (import torch
-    inside this function so that metadata-only commands work without torch), e.g. a
-    CppExtension for csrc/cpu/*.cpp plus, only when
-    ``torch.version.cuda is not None and CUDA_HOME is not None`` (not torch.cuda.is_available(),
-    see shared/FACTS.md), a CUDAExtension for csrc/cuda/*.cu; and return
-    ``{"build_ext": BuildExtension.with_options(use_ninja=True)}`` from ``native_cmdclass()``.
-    Do not hard-code ``-std=``: torch chooses the C++ standard.
+    One CppExtension, ``fused_attn._native``: the torch binding (csrc/binding.cpp) and the CPU
+    kernels, built portable and, on x86-64, a second time for AVX2+FMA. OpenMP is on so
+    at::parallel_for runs in parallel. torch is imported here, not at the top, so that
+    metadata-only commands work without it. The C++ standard is left to torch.
     """
-    return []
+    if os.environ.get("FUSED_ATTN_SKIP_NATIVE") == "1":
+        return []
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        return []
+    sources = ["csrc/binding.cpp", "csrc/cpu/kernels_portable.cpp"]
+    isa_sources = {}
+    if _is_x86_64_gcc_like():
+        isa_sources = ISA_SOURCES
+    else:  # compiled without the flags it provides no kernels, and the portable ones serve
+        sources += list(ISA_SOURCES)
+    extension = CppExtension(
+        "fused_attn._native",
+        sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        depends=_headers(),
+        extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi", "-Wno-unknown-pragmas"],
+        extra_link_args=["-fopenmp"],
+    )
+    extension.isa_sources = isa_sources
+    return [extension]
+
+
+def _headers():
+    found = []
+    for root, _, files in os.walk(os.path.join(HERE, "csrc")):
+        found += [os.path.relpath(os.path.join(root, f), HERE) for f in files if f.endswith(".h")]
+    return sorted(found)
 
 
 def native_cmdclass():
-    """cmdclass for building native_extensions(); empty while there are none."""
-    return {}
+    """cmdclass building native_extensions() with ninja, plus the per-file ISA flags."""
+    if not native_extensions():
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildNative(BuildExtension.with_options(use_ninja=True)):
+        """BuildExtension, plus sources compiled with flags of their own (``isa_sources``).
+
+        setuptools has no per-file flags: each such source is compiled by itself into its own
+        build directory and linked in as an extra object, after the common sources.
+        """
+
+        def build_extension(self, ext):
+            for source, flags in getattr(ext, "isa_sources", {}).items():
+                args = ext.extra_compile_args
+                args = {key: value + flags for key, value in args.items()} if isinstance(args, dict) else args + flags
+                name = os.path.splitext(os.path.basename(source))[0]
+                ext.extra_objects = list(ext.extra_objects or []) + self.compiler.compile(
+                    [source],
+                    output_dir=os.path.join(self.build_temp, name),
+                    macros=ext.define_macros,
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs=args,
+                    depends=ext.depends,
+                )
+            super().build_extension(ext)
+
+    return {"build_ext": BuildNative}
 
 
 def read_readme():
@@ -48,7 +110,7 @@ def read_readme():
 setup(
     name="fused_attn",
     version="0.1.0",
-    description="Fused, memory-efficient scaled-dot-product attention for PyTorch (Triton kernels)",
+    description="Fused, memory-efficient scaled-dot-product attention for PyTorch (Triton and C++ kernels)",
     long_description=read_readme(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fused_attn", "fused_attn.*"]),

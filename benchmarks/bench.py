@@ -6,6 +6,10 @@ Run from the repository root (``make bench`` does this)::
     python -m benchmarks.bench --quick    # a few rows, to check that everything runs
     python -m benchmarks.bench --providers fused_attn,fused_attn:reference,sdpa_math
 
+On a machine without a GPU, a run without --providers/--seqlens/--out is the dedicated CPU suite,
+benchmarks/bench_cpu.py (the cpu backend vs SDPA's flash and math kernels, plus peak memory);
+give --providers (e.g. the default fused_attn,sdpa,sdpa_math) for this module's generic sweep.
+
 Providers:
     fused_attn            fused_attn.attention(..., backend=None): automatic dispatch
     fused_attn:NAME       fused_attn.attention(..., backend="NAME"), e.g. fused_attn:triton
@@ -379,6 +383,10 @@ def main(argv=None) -> int:
     if on_cuda and triton is None:
         raise SystemExit("CUDA timing uses triton.testing.do_bench, but triton cannot be imported")
     device = "cuda" if on_cuda else "cpu"
+    if not on_cuda and not (args.providers or args.seqlens or args.out):
+        from . import bench_cpu
+
+        return bench_cpu.main(["--quick"] if args.quick else [])
 
     provider_names = args.providers.split(",") if args.providers else default_providers(on_cuda)
     providers = [make_provider(n.strip()) for n in provider_names if n.strip()]

@@ -17,8 +17,20 @@ import pytest  # noqa: E402
 
 import fused_attn  # noqa: E402
 
+from fused_attn.dispatch import refusal_reasons  # noqa: E402
+from fused_attn.options import AttentionOptions  # noqa: E402
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = fused_attn.available_backends()
+
+
+def _serves_device(name):
+    """Whether backend `name` runs on DEVICE at all (the `cpu` backend does not take CUDA tensors)."""
+    probe = torch.zeros(1, 1, 1, 8, device=DEVICE)
+    return not refusal_reasons(name, probe, probe, probe, AttentionOptions())
+
+
+# Every test taking the `backend` fixture runs once per backend that can serve DEVICE tensors.
+BACKENDS = [name for name in fused_attn.available_backends() if _serves_device(name)]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -23,8 +23,10 @@ def test_triton_available_here():
     assert "triton" in fused_attn.available_backends()
 
 
-def test_automatic_choice_prefers_triton():
-    assert fused_attn.explain(*qkv()).splitlines()[0] == "would run: triton"
+def test_automatic_choice_prefers_the_device_native_backend():
+    """Triton kernels first for CUDA tensors; the C++ kernels first for CPU tensors."""
+    expected = "triton" if DEVICE.type == "cuda" else "cpu"
+    assert fused_attn.explain(*qkv()).splitlines()[0] == f"would run: {expected}"
 
 
 def test_forced_backend_that_cannot_serve_raises_with_reasons():
@@ -48,7 +50,8 @@ def test_fallback_warns_once(monkeypatch):
             out = fused_attn.attention(*qkv(torch.float64))
     assert out.dtype == torch.float64
     messages = [str(w.message) for w in caught if "fused_attn" in str(w.message)]
-    assert len(messages) == 1 and "'reference' backend because triton" in messages[0]
+    first_choice = "triton" if DEVICE.type == "cuda" else "cpu"
+    assert len(messages) == 1 and f"'reference' backend because {first_choice}" in messages[0]
 
 
 def test_explain_lists_every_backend_and_why():

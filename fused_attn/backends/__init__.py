@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from .base import Backend
+from .cpu_backend import CpuBackend
 from .reference import ReferenceBackend
 from .triton_backend import TritonBackend
 
-BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (TritonBackend(), ReferenceBackend())}
+BACKENDS: dict[str, Backend] = {
+    backend.name: backend for backend in (TritonBackend(), CpuBackend(), ReferenceBackend())
+}
 
 
 def get_backend(name: str) -> Backend:
+    """The registered backend called `name` (KeyError if there is none)."""
     return BACKENDS[name]

@@ -1,0 +1,253 @@
+// Backward, without atomics, in one of two schedules that give bitwise identical gradients
+// (every element is accumulated from the same terms in the same order):
+//
+//   two passes, for few (batch, key/value head) pairs:
+//     pass 1, per (batch, query head, query block): delta = rowsum(dO * O) - dlse, then
+//             dQ = sum over key blocks of dS K;
+//     pass 2, per (batch, key/value head, key block): dV = sum P^T dO and dK = sum dS^T Q over
+//             the query heads of the group and their query blocks, in a fixed order;
+//   one pass, when there are enough (batch, key/value head) pairs to keep every thread busy:
+//     per (batch, query head, query block): delta only; then per (batch, key/value head):
+//     pass 2 for each key block in turn, also adding dS K to the group's dQ, so S and dP are
+//     computed once instead of twice (5 block products instead of 7).
+//
+// with P = exp(scale S - lse) recomputed from the saved lse, dP = dO V^T and
+// dS = P * (dP - delta) * scale. Pass 1 works on S^T (queries as columns, like the forward);
+// pass 2 on S (keys as columns), so each pass packs its fixed operand transposed once per task.
+// Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
+
+// lse as the backward uses it: rows that saw no key have lse = -inf; +inf makes every
+// p = exp(s - lse) exactly 0 there, so their gradients are 0 instead of NaN.
+inline float backward_lse(float lse) { return lse == -kInf ? kInf : lse; }
+
+// delta_i = sum_c dO_ic O_ic - dlse_i for rows [q0, q0 + rows) of (b, h), into args.delta.
+template <typename T>
+void compute_delta(const BackwardArgs& args, int64_t b, int64_t h, int64_t q0, int64_t rows) {
+  const Problem& p = args.p;
+  const T* dout = at_row<T>(args.dout, b, h, q0);
+  const T* out = at_row<T>(args.out, b, h, q0);
+  const int64_t row_offset = (b * p.heads_q + h) * p.seqlen_q + q0;
+  for (int64_t i = 0; i < rows; ++i) {
+    float dot_product = 0.f;
+    for (int64_t c = 0; c < p.head_dim_v; ++c)
+      dot_product += static_cast<float>(dout[i * args.dout.row + c * args.dout.col]) *
+                     static_cast<float>(out[i * args.out.row + c * args.out.col]);
+    args.delta[row_offset + i] = dot_product - args.dlse[row_offset + i];
+  }
+}
+
+template <typename T>
+void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
+  const Problem& p = args.p;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
+  const int64_t BM = kBlockM, BN = kBlockN;
+  Scratch scratch(Scratch::size_of({D * BM, Dv * BM, BN * Dp, BN * Dvp, BN * BM, BN * BM, BM * Dp, BM, BM}));
+  float* qt = scratch.take(D * BM);    // Q^T (D x BM)
+  float* dot = scratch.take(Dv * BM);  // dO^T (Dv x BM)
+  float* kb = scratch.take(BN * Dp);   // key block, rows
+  float* vb = scratch.take(BN * Dvp);  // value block, rows
+  float* st = scratch.take(BN * BM);   // S^T, then P^T, then dS^T
+  float* dpt = scratch.take(BN * BM);  // dP^T
+  float* dq = scratch.take(BM * Dp);   // dQ rows
+  float* lse = scratch.take(BM);
+  float* delta = scratch.take(BM);
+
+  const int64_t blocks = ceil_div(p.seqlen_q, BM);
+  const int64_t group = p.heads_q / p.heads_kv;
+  const Vec scale(p.scale);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / blocks, b = bh / p.heads_q, h = bh % p.heads_q, hk = h / group;
+    const int64_t q0 = balanced_block(task % blocks, blocks) * BM;
+    const int64_t rows = std::min(BM, p.seqlen_q - q0);
+    const int64_t row_offset = bh * p.seqlen_q + q0;  // into the (B, Hq, Lq) row vectors
+
+    const T* q = at_row<T>(args.q, b, h, q0);
+    load_tile(qt, BM, q, args.q.col, args.q.row, D, rows);
+    load_tile(dot, BM, at_row<T>(args.dout, b, h, q0), args.dout.col, args.dout.row, Dv, rows);
+    compute_delta<T>(args, b, h, q0, rows);
+    // Padding columns get lse = +inf, so p = 0 there.
+    for (int64_t i = 0; i < BM; ++i) {
+      lse[i] = i < rows ? backward_lse(args.lse[row_offset + i]) : kInf;
+      delta[i] = i < rows ? args.delta[row_offset + i] : 0.f;
+    }
+    fill(dq, rows * Dp, 0.f);
+
+    const int64_t keys_end = visible_keys(p, q0, rows);
+    for (int64_t k0 = 0; k0 < keys_end; k0 += BN) {
+      const int64_t keys = std::min(BN, keys_end - k0);
+      load_tile(kb, Dp, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D);
+      load_tile(vb, Dvp, at_row<T>(args.v, b, hk, k0), args.v.row, args.v.col, keys, Dv);
+      gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);     // S^T = K Q^T
+      gemm(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, false); // dP^T = V dO^T
+      // dS^T = P^T * (dP^T - delta) * scale, P^T = exp(scale S^T - lse), queries along columns
+      for (int64_t j = 0; j < keys; ++j) {
+        float* s = st + j * BM;
+        const float* dp = dpt + j * BM;
+        for (int64_t c = 0; c < BM; c += kVec) {
+          const Vec prob = exp(at::vec::fmadd(Vec::loadu(s + c), scale, -Vec::loadu(lse + c)));
+          (prob * (Vec::loadu(dp + c) - Vec::loadu(delta + c)) * scale).store(s + c);
+        }
+      }
+      mask_causal_columns(st, p, q0, k0, keys, 0.f);
+      gemm(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, true);  // dQ += dS K, dS read from dS^T
+    }
+    store_rows(at_row_mut<T>(args.dq, b, h, q0), args.dq.row, args.dq.col, dq, Dp, rows, D);
+  }
+}
+
+// The tiles of one key block's backward, carved out of a thread's scratch.
+struct KeyBlockScratch {
+  float *kt, *vt, *kb, *qb, *dob, *s, *dp, *dk, *dv;
+
+  static int64_t floats(int64_t D, int64_t Dv) {
+    const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
+    return Scratch::size_of({D * kBlockN, Dv * kBlockN, kBlockN * Dp, kBlockM * Dp, kBlockM * Dvp,
+                             kBlockM * kBlockN, kBlockM * kBlockN, kBlockN * Dp, kBlockN * Dvp});
+  }
+  KeyBlockScratch(Scratch& scratch, int64_t D, int64_t Dv) {
+    const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
+    kt = scratch.take(D * kBlockN);     // K^T (D x BN): key j is column j
+    vt = scratch.take(Dv * kBlockN);    // V^T (Dv x BN)
+    kb = scratch.take(kBlockN * Dp);    // K rows, for dQ += dS K
+    qb = scratch.take(kBlockM * Dp);    // query block, rows
+    dob = scratch.take(kBlockM * Dvp);  // dO block, rows
+    s = scratch.take(kBlockM * kBlockN);   // S, then P
+    dp = scratch.take(kBlockM * kBlockN);  // dP, then dS
+    dk = scratch.take(kBlockN * Dp);
+    dv = scratch.take(kBlockN * Dvp);
+  }
+};
+
+// Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query
+// heads and the query blocks that see the block. With dq != nullptr (the one-pass schedule) also
+// dQ += dS K for those rows, dq being the group's (G x Lq x Dp) fp32 accumulator.
+template <typename T>
+void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t k0, const KeyBlockScratch& t,
+                        float* dq) {
+  const Problem& p = args.p;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
+  const int64_t BM = kBlockM, BN = kBlockN;
+  const int64_t group = p.heads_q / p.heads_kv;
+  const Vec scale(p.scale);
+  const int64_t keys = std::min(BN, p.seqlen_k - k0);
+
+  load_tile(t.kt, BN, at_row<T>(args.k, b, hk, k0), args.k.col, args.k.row, D, keys);
+  load_tile(t.vt, BN, at_row<T>(args.v, b, hk, k0), args.v.col, args.v.row, Dv, keys);
+  if (dq != nullptr) load_tile(t.kb, Dp, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D);
+  fill(t.dk, keys * Dp, 0.f);
+  fill(t.dv, keys * Dvp, 0.f);
+  // The first query that sees key k0 (k0 <= i + offset); earlier rows contribute nothing.
+  const int64_t first_row = p.causal ? std::min(p.seqlen_q, std::max<int64_t>(0, k0 - p.causal_offset)) : 0;
+
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = hk * group + g;
+    for (int64_t q0 = first_row; q0 < p.seqlen_q; q0 += BM) {
+      const int64_t rows = std::min(BM, p.seqlen_q - q0);
+      const int64_t row_offset = (b * p.heads_q + h) * p.seqlen_q + q0;
+      load_tile(t.qb, Dp, at_row<T>(args.q, b, h, q0), args.q.row, args.q.col, rows, D);
+      load_tile(t.dob, Dvp, at_row<T>(args.dout, b, h, q0), args.dout.row, args.dout.col, rows, Dv);
+      gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // S = Q K^T
+      gemm(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
+      // P = exp(scale S - lse), dS = P * (dP - delta) * scale, keys along columns; keys past
+      // the causal diagonal or past the block's end (zero padding of K^T) get P = dS = 0.
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = q0 + i;
+        const Vec lse(backward_lse(args.lse[row_offset + i]));
+        const Vec delta(args.delta[row_offset + i]);
+        float* si = t.s + i * BN;
+        float* dpi = t.dp + i * BN;
+        for (int64_t c = 0; c < BN; c += kVec) {
+          const Vec prob = exp(at::vec::fmadd(Vec::loadu(si + c), scale, -lse));
+          prob.store(si + c);
+          (prob * (Vec::loadu(dpi + c) - delta) * scale).store(dpi + c);
+        }
+        int64_t visible = keys;
+        if (p.causal) visible = std::min(keys, std::max<int64_t>(0, row + p.causal_offset - k0 + 1));
+        fill(si + visible, BN - visible, 0.f);
+        fill(dpi + visible, BN - visible, 0.f);
+      }
+      gemm(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, true);  // dV += P^T dO
+      gemm(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, true);     // dK += dS^T Q
+      if (dq != nullptr)                                                 // dQ += dS K
+        gemm(rows, Dp, keys, t.dp, BN, 1, t.kb, Dp, dq + (g * p.seqlen_q + q0) * Dp, Dp, true);
+    }
+  }
+  store_rows(at_row_mut<T>(args.dk, b, hk, k0), args.dk.row, args.dk.col, t.dk, Dp, keys, D);
+  store_rows(at_row_mut<T>(args.dv, b, hk, k0), args.dv.row, args.dv.col, t.dv, Dvp, keys, Dv);
+}
+
+template <typename T>
+void backward_dkdv_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
+  const Problem& p = args.p;
+  Scratch scratch(KeyBlockScratch::floats(p.head_dim, p.head_dim_v));
+  const KeyBlockScratch tiles(scratch, p.head_dim, p.head_dim_v);
+  const int64_t blocks = ceil_div(p.seqlen_k, kBlockN);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / blocks, b = bh / p.heads_kv, hk = bh % p.heads_kv;
+    key_block_backward<T>(args, b, hk, balanced_block(task % blocks, blocks) * kBlockN, tiles, nullptr);
+  }
+}
+
+// One-pass schedule, first step: delta for a block of query rows (tasks as in pass 1).
+template <typename T>
+void backward_delta_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
+  const Problem& p = args.p;
+  const int64_t blocks = ceil_div(p.seqlen_q, kBlockM);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / blocks, q0 = (task % blocks) * kBlockM;
+    compute_delta<T>(args, bh / p.heads_q, bh % p.heads_q, q0, std::min(kBlockM, p.seqlen_q - q0));
+  }
+}
+
+// One-pass schedule, second step: per (batch, key/value head), every key block in turn.
+template <typename T>
+void backward_fused_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
+  const Problem& p = args.p;
+  const int64_t Dp = round_up(p.head_dim, kVec);
+  const int64_t group = p.heads_q / p.heads_kv;
+  Scratch scratch(KeyBlockScratch::floats(p.head_dim, p.head_dim_v) + Scratch::size_of({group * p.seqlen_q * Dp}));
+  const KeyBlockScratch tiles(scratch, p.head_dim, p.head_dim_v);
+  float* dq = scratch.take(group * p.seqlen_q * Dp);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
+    fill(dq, group * p.seqlen_q * Dp, 0.f);
+    for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockN) key_block_backward<T>(args, b, hk, k0, tiles, dq);
+    for (int64_t g = 0; g < group; ++g)
+      store_rows(at_row_mut<T>(args.dq, b, hk * group + g, 0), args.dq.row, args.dq.col, dq + g * p.seqlen_q * Dp,
+                 Dp, p.seqlen_q, p.head_dim);
+  }
+}
+
+void backward_dq(const BackwardArgs& args, int64_t begin, int64_t end) {
+  switch (args.p.dtype) {
+    case DType::Float32: return backward_dq_typed<float>(args, begin, end);
+    case DType::BFloat16: return backward_dq_typed<c10::BFloat16>(args, begin, end);
+    case DType::Float16: return backward_dq_typed<c10::Half>(args, begin, end);
+  }
+}
+
+void backward_dkdv(const BackwardArgs& args, int64_t begin, int64_t end) {
+  switch (args.p.dtype) {
+    case DType::Float32: return backward_dkdv_typed<float>(args, begin, end);
+    case DType::BFloat16: return backward_dkdv_typed<c10::BFloat16>(args, begin, end);
+    case DType::Float16: return backward_dkdv_typed<c10::Half>(args, begin, end);
+  }
+}
+
+void backward_delta(const BackwardArgs& args, int64_t begin, int64_t end) {
+  switch (args.p.dtype) {
+    case DType::Float32: return backward_delta_typed<float>(args, begin, end);
+    case DType::BFloat16: return backward_delta_typed<c10::BFloat16>(args, begin, end);
+    case DType::Float16: return backward_delta_typed<c10::Half>(args, begin, end);
+  }
+}
+
+void backward_fused(const BackwardArgs& args, int64_t begin, int64_t end) {
+  switch (args.p.dtype) {
+    case DType::Float32: return backward_fused_typed<float>(args, begin, end);
+    case DType::BFloat16: return backward_fused_typed<c10::BFloat16>(args, begin, end);
+    case DType::Float16: return backward_fused_typed<c10::Half>(args, begin, end);
+  }
+}

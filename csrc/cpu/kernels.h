@@ -1,0 +1,35 @@
+// The CPU kernels for one instruction set. A translation unit defines FUSED_ATTN_ISA (the
+// namespace), FUSED_ATTN_ISA_NAME and ATen's CPU_CAPABILITY macros, then includes this file:
+// kernels_portable.cpp and kernels_avx2.cpp are the whole of those units.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
+#include <limits>
+#include <new>
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "params.h"
+
+#ifndef FUSED_ATTN_ISA
+#error "define FUSED_ATTN_ISA (the namespace of this instruction set's kernels) before including kernels.h"
+#endif
+
+namespace fused_attn::cpu::FUSED_ATTN_ISA {
+namespace {
+
+#include "tile.h"
+#include "forward.h"
+#include "backward.h"
+
+}  // namespace
+
+const Kernels kKernels = {FUSED_ATTN_ISA_NAME, forward, backward_dq, backward_dkdv, backward_delta, backward_fused};
+
+}  // namespace fused_attn::cpu::FUSED_ATTN_ISA

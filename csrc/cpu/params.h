@@ -1,0 +1,75 @@
+// What the CPU kernels receive: raw pointers, sizes and element strides, no torch types.
+//
+// The kernels are compiled once per instruction set (kernels_portable.cpp, kernels_avx2.cpp) and
+// see only this header and ATen's header-only vector library; the torch binding (binding.cpp)
+// turns tensors into these structs and picks the instruction set at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_attn::cpu {
+
+// Queries per task and keys per inner step. Scratch per thread is a few tiles of this size, so
+// memory stays O(L): the Lq x Lk score matrix never exists.
+constexpr int64_t kBlockM = 64;
+constexpr int64_t kBlockN = 64;
+
+enum class DType { Float32, BFloat16, Float16 };
+
+// A (B, H, L, D) tensor: element pointer and element strides, any layout (the common
+// sequence-major (B, L, H, D) view is read in place).
+struct Strided {
+  void* data;
+  int64_t batch, head, row, col;
+};
+
+struct Problem {
+  DType dtype;
+  int64_t batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v;
+  bool causal;
+  int64_t causal_offset;  // query i sees key j iff j <= i + causal_offset (when causal)
+  float scale;
+};
+
+struct ForwardArgs {
+  Problem p;
+  Strided q, k, v, out;
+  float* lse;  // (B, Hq, Lq) contiguous, natural log, -inf on rows that see no key
+};
+
+struct BackwardArgs {
+  Problem p;
+  Strided q, k, v, out, dout, dq, dk, dv;
+  const float* lse;   // (B, Hq, Lq) contiguous, as returned by the forward
+  const float* dlse;  // (B, Hq, Lq) contiguous gradient of lse
+  float* delta;       // (B, Hq, Lq) scratch: rowsum(dO * O) - dlse, written by the dq pass
+};
+
+// Task counts: the binding runs tasks [0, n) in parallel; each kernel call gets a range.
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t forward_tasks(const Problem& p) { return p.batch * p.heads_q * ceil_div(p.seqlen_q, kBlockM); }
+inline int64_t dq_tasks(const Problem& p) { return forward_tasks(p); }
+inline int64_t dkdv_tasks(const Problem& p) { return p.batch * p.heads_kv * ceil_div(p.seqlen_k, kBlockN); }
+inline int64_t fused_tasks(const Problem& p) { return p.batch * p.heads_kv; }
+
+// One instruction set's kernels. Every task writes only its own rows of the outputs (dk/dv of
+// a key block are summed over the query heads of its group inside the task), so results are
+// bitwise independent of how tasks are spread over threads.
+struct Kernels {
+  const char* isa;
+  void (*forward)(const ForwardArgs&, int64_t begin, int64_t end);
+  // Backward, two-pass schedule (see backward.h). Pass 1, dq_tasks: dq for a block of query
+  // rows, also writing delta for them. Pass 2, dkdv_tasks: dk and dv for a block of keys.
+  void (*backward_dq)(const BackwardArgs&, int64_t begin, int64_t end);
+  void (*backward_dkdv)(const BackwardArgs&, int64_t begin, int64_t end);
+  // Backward, one-pass schedule: delta (dq_tasks), then dq, dk and dv per (batch, key/value
+  // head) (fused_tasks). Same gradients, bit for bit, with fewer products.
+  void (*backward_delta)(const BackwardArgs&, int64_t begin, int64_t end);
+  void (*backward_fused)(const BackwardArgs&, int64_t begin, int64_t end);
+};
+
+const Kernels& portable_kernels();
+// nullptr when this build has no AVX2 kernels (non-x86 or a compiler without target pragmas).
+const Kernels* avx2_kernels();
+
+}  // namespace fused_attn::cpu

@@ -1,0 +1,168 @@
+// Building blocks of the CPU kernels: scratch memory, tile loads/stores with dtype conversion,
+// a register-blocked matrix product, and exp. Everything works on fp32 tiles.
+//
+// Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA, once per instruction
+// set: at::vec::Vectorized<float> is 8 AVX2 lanes in the AVX2 build and a plain array the
+// compiler vectorizes as it can in the portable build. The code is the same for both.
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-thread scratch: one allocation per kernel call (one call per thread), 64-byte aligned.
+// Defined in this namespace rather than using std::vector, so no template instance is shared
+// (and possibly merged at link time) between the portable and the AVX2 build.
+class Scratch {
+ public:
+  explicit Scratch(int64_t floats)
+      : data_(static_cast<float*>(std::aligned_alloc(64, round_up(floats * sizeof(float), 64)))) {
+    if (data_ == nullptr) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(data_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  // Hands out consecutive tiles, each rounded up to a whole number of cache lines.
+  float* take(int64_t floats) {
+    float* tile = data_ + used_;
+    used_ += round_up(floats, 16);
+    return tile;
+  }
+  static int64_t size_of(std::initializer_list<int64_t> tiles) {
+    int64_t total = 0;
+    for (int64_t t : tiles) total += round_up(t, 16);
+    return total;
+  }
+
+ private:
+  float* data_;
+  int64_t used_ = 0;
+};
+
+// Order in which a thread's tasks visit the blocks of one head: 0, n-1, 1, n-2, ... With a
+// causal mask block i costs about i (or n-1-i) units of work, so any two consecutive tasks cost
+// the same and the contiguous task ranges of at::parallel_for get equal work.
+inline int64_t balanced_block(int64_t t, int64_t n) { return (t % 2 == 0) ? t / 2 : n - 1 - t / 2; }
+
+template <typename T>
+inline const T* at_row(const Strided& s, int64_t b, int64_t h, int64_t row) {
+  return static_cast<const T*>(s.data) + b * s.batch + h * s.head + row * s.row;
+}
+template <typename T>
+inline T* at_row_mut(const Strided& s, int64_t b, int64_t h, int64_t row) {
+  return static_cast<T*>(s.data) + b * s.batch + h * s.head + row * s.row;
+}
+
+// dst (rows x padded_cols, row-major) = mul * src(r, c), zero in columns [cols, padded_cols).
+// Swapping the strides loads the transpose: load_tile(dst, ld, q, q.col, q.row, D, m) is Q^T.
+template <typename T>
+inline void load_tile(float* dst, int64_t padded_cols, const T* src, int64_t row_stride, int64_t col_stride,
+                      int64_t rows, int64_t cols, float mul = 1.f) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* d = dst + r * padded_cols;
+    const T* s = src + r * row_stride;
+    if (col_stride == 1) {
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]) * mul;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c * col_stride]) * mul;
+    }
+    for (int64_t c = cols; c < padded_cols; ++c) d[c] = 0.f;
+  }
+}
+
+// dst(r, c) = T(mul[r] * src[r * ld + c]) for r < rows, c < cols (rounding to nearest even).
+template <typename T>
+inline void store_rows(T* dst, int64_t row_stride, int64_t col_stride, const float* src, int64_t ld,
+                       int64_t rows, int64_t cols, const float* mul = nullptr) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float m = mul ? mul[r] : 1.f;
+    T* d = dst + r * row_stride;
+    const float* s = src + r * ld;
+    for (int64_t c = 0; c < cols; ++c) d[c * col_stride] = static_cast<T>(s[c] * m);
+  }
+}
+
+inline void fill(float* dst, int64_t n, float value) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = value;
+}
+
+// ------------------------------------------------------------------------------------------
+// C (M x N) = [C +] A (M x K) * B (K x N)
+//
+// A is read one scalar at a time and broadcast, A(i, k) = a[i * a_rs + k * a_cs], so A can be a
+// transposed view of a tile at no cost (P^T, dS^T). B and C are row-major and N is a multiple of
+// kVec (tiles are zero-padded), so every B/C access is a full vector. The micro-kernel keeps an
+// MR x (NR * kVec) block of C in registers over the whole K loop: 6 x 2 vectors = 12 of the 16
+// AVX2 registers, plus 2 for B and 1 for the broadcast.
+
+constexpr int kMR = 6;
+
+template <int MR, int NR>
+inline void micro_kernel(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                         float* c, int64_t ldc, bool accumulate) {
+  Vec acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = accumulate ? Vec::loadu(c + i * ldc + j * kVec) : Vec(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    Vec bk[NR];
+    for (int j = 0; j < NR; ++j) bk[j] = Vec::loadu(b + k * ldb + j * kVec);
+    const float* ak = a + k * a_cs;
+    for (int i = 0; i < MR; ++i) {
+      const Vec ai(ak[i * a_rs]);
+      for (int j = 0; j < NR; ++j) acc[i][j] = at::vec::fmadd(ai, bk[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j].store(c + i * ldc + j * kVec);
+}
+
+// One column panel of C (NR vectors wide), all M rows: full MR-row tiles, then the ragged rest.
+template <int NR>
+inline void gemm_panel(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                       int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + kMR <= M; i += kMR)
+    micro_kernel<kMR, NR>(K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
+  const float* ai = a + i * a_rs;
+  float* ci = c + i * ldc;
+  switch (M - i) {
+    case 5: micro_kernel<5, NR>(K, ai, a_rs, a_cs, b, ldb, ci, ldc, accumulate); break;
+    case 4: micro_kernel<4, NR>(K, ai, a_rs, a_cs, b, ldb, ci, ldc, accumulate); break;
+    case 3: micro_kernel<3, NR>(K, ai, a_rs, a_cs, b, ldb, ci, ldc, accumulate); break;
+    case 2: micro_kernel<2, NR>(K, ai, a_rs, a_cs, b, ldb, ci, ldc, accumulate); break;
+    case 1: micro_kernel<1, NR>(K, ai, a_rs, a_cs, b, ldb, ci, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                 int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  int64_t j = 0;
+  for (; j + 2 * kVec <= N; j += 2 * kVec) gemm_panel<2>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc, accumulate);
+  if (j < N) gemm_panel<1>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc, accumulate);
+}
+
+// ------------------------------------------------------------------------------------------
+// exp(x) to about 1 ulp (Cephes expf): x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-7
+// polynomial, 2^n built in the exponent bits. exp(-inf) = 0, which the masking relies on.
+// (ATen's exp_u20 is faster but ~20 ulp, visible in fp32 outputs; Sleef is not linkable.)
+inline Vec exp(Vec x) {
+  const Vec lo(-87.33654f), hi(88.72283f);
+  const Vec underflow = x < lo;
+  x = at::vec::minimum(at::vec::maximum(x, lo), hi);
+  const Vec n = (x * Vec(1.44269504088896341f)).round();
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);   // ln2 in two parts: the high part is exact
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);     // in float, so r has no cancellation error
+  Vec p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r) + Vec(1.f);
+  const auto bits = (at::vec::convert_to_int_of_same_size(n) + at::vec::Vectorized<int32_t>(127))
+                    << at::vec::Vectorized<int32_t>(23);
+  const Vec result = p * at::vec::cast<float>(bits);
+  return Vec::blendv(result, Vec(0.f), underflow);
+}
