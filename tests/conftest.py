@@ -18,23 +18,49 @@ import pytest  # noqa: E402
 import fused_attn  # noqa: E402
 
 from fused_attn.dispatch import refusal_reasons  # noqa: E402
-from fused_attn.options import AttentionOptions  # noqa: E402
+from fused_attn.options import AttentionOptions, AttentionTensors  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _serves_device(name):
-    """Whether backend `name` runs on DEVICE at all (the `cpu` backend does not take CUDA tensors)."""
-    probe = torch.zeros(1, 1, 1, 8, device=DEVICE)
-    return not refusal_reasons(name, probe, probe, probe, AttentionOptions())
+def _serving(probe=None, extras=AttentionTensors(), opts=AttentionOptions(), kvcache=False):
+    """The available backends that serve a call like the probe on DEVICE (the `cpu` backend takes
+    no CUDA tensors; not every backend has every feature: those say so and dispatch moves on,
+    which tests/test_dispatch.py checks)."""
+    probe = torch.zeros(1, 1, 1, 8, device=DEVICE) if probe is None else probe
+    return [name for name in fused_attn.available_backends()
+            if not refusal_reasons(name, probe, probe, probe, extras, opts, kvcache)]
 
 
-# Every test taking the `backend` fixture runs once per backend that can serve DEVICE tensors.
-BACKENDS = [name for name in fused_attn.available_backends() if _serves_device(name)]
+_probe = torch.zeros(1, 1, 1, 8, device=DEVICE)
+_cu_seqlens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+# Every test taking one of these fixtures runs once per backend that serves what it tests.
+BACKENDS = _serving()
+VARIANT_BACKENDS = _serving(
+    extras=AttentionTensors(bias=_probe, alibi_slopes=_probe[0, 0, 0, :1]),
+    opts=AttentionOptions(window_left=2, window_right=2, softcap=1.0, dropout_p=0.1),
+)
+VARLEN_BACKENDS = _serving(_probe[0], AttentionTensors(cu_seqlens_q=_cu_seqlens, cu_seqlens_k=_cu_seqlens))
+KVCACHE_BACKENDS = _serving(kvcache=True)
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
+    return request.param
+
+
+@pytest.fixture(params=VARIANT_BACKENDS)
+def variant_backend(request):
+    return request.param
+
+
+@pytest.fixture(params=VARLEN_BACKENDS)
+def varlen_backend(request):
+    return request.param
+
+
+@pytest.fixture(params=KVCACHE_BACKENDS)
+def kvcache_backend(request):
     return request.param
 
 

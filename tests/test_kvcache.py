@@ -43,7 +43,7 @@ CASES = [
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("seqlen_q, new_tokens, keywords", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_kvcache_matches_attention_on_the_prefix(backend, dtype, seqlen_q, new_tokens, keywords, paged):
+def test_kvcache_matches_attention_on_the_prefix(kvcache_backend, dtype, seqlen_q, new_tokens, keywords, paged):
     keywords = dict(keywords)
     if keywords.get("alibi_slopes") == "per-head":
         keywords["alibi_slopes"] = torch.rand(B, HQ, device=DEVICE)
@@ -60,7 +60,7 @@ def test_kvcache_matches_attention_on_the_prefix(backend, dtype, seqlen_q, new_t
         *caches, table = paged_copy(k_cache, v_cache)
     cached_before = cached.clone()
     out, lse = fused_attn.attention_with_kvcache(q, *caches, cached, k=k_new, v=v_new, block_table=table,
-                                                 return_lse=True, backend=backend, **keywords)
+                                                 return_lse=True, backend=kvcache_backend, **keywords)
     assert out.shape == (B, seqlen_q, HQ, DV) and lse.shape == (B, HQ, seqlen_q)
     assert torch.equal(cached, cached_before), "cache_seqlens must not be modified"
 
@@ -80,7 +80,7 @@ def test_kvcache_matches_attention_on_the_prefix(backend, dtype, seqlen_q, new_t
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_new_tokens_are_written_in_place_and_nothing_else(backend, paged):
+def test_new_tokens_are_written_in_place_and_nothing_else(kvcache_backend, paged):
     k_cache, v_cache = make_cache(torch.float32)
     caches, table = [k_cache.clone(), v_cache.clone()], None
     if paged:
@@ -91,7 +91,7 @@ def test_new_tokens_are_written_in_place_and_nothing_else(backend, paged):
     v_new = torch.randn(B, 4, HKV, DV, device=DEVICE)
     q = torch.randn(B, 4, HQ, D, device=DEVICE)
     fused_attn.attention_with_kvcache(q, *caches, cached, k=k_new, v=v_new, block_table=table, causal=True,
-                                      backend=backend)
+                                      backend=kvcache_backend)
     for cache, old, new in zip(caches, before, (k_new, v_new)):
         expected = old.clone()
         for b in range(B):
@@ -104,12 +104,12 @@ def test_new_tokens_are_written_in_place_and_nothing_else(backend, paged):
         assert torch.equal(cache, expected)
 
 
-def test_long_cache_uses_several_splits_and_matches(backend):
+def test_long_cache_uses_several_splits_and_matches(kvcache_backend):
     """Split-KV partial results merged by their lse equal one pass over the cache."""
     k_cache = torch.randn(1, 300, HKV, D, device=DEVICE)
     v_cache = torch.randn(1, 300, HKV, DV, device=DEVICE)
     q = torch.randn(1, 1, HQ, D, device=DEVICE)
-    out = fused_attn.attention_with_kvcache(q, k_cache, v_cache, 300, backend=backend)
+    out = fused_attn.attention_with_kvcache(q, k_cache, v_cache, 300, backend=kvcache_backend)
     ref = fused_attn.attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
                                backend="reference").transpose(1, 2)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -18,8 +18,9 @@ def test_opcheck(backend, causal, sequence_major):
     torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
 
 
-def test_opcheck_with_every_feature(backend):
+def test_opcheck_with_every_feature(variant_backend):
     """A learnable broadcast bias, ALiBi, softcap, a window and dropout through the op's schema."""
+    backend = variant_backend
     dtype = torch.float16 if backend == "triton" else torch.float32
     q, k, v = random_qkv(2, 4, 2, 37, 50, 32, 16, dtype, DEVICE, requires_grad=True)
     bias = torch.randn(1, 4, 37, 50, dtype=dtype, device=DEVICE, requires_grad=True)
@@ -55,9 +56,9 @@ def test_float64_gradcheck(alignment):
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
-def test_kvcache_opcheck(backend):
+def test_kvcache_opcheck(kvcache_backend):
     q = torch.randn(2, 3, 4, 32, device=DEVICE)
     k_cache, v_cache = torch.randn(2, 50, 2, 32, device=DEVICE), torch.randn(2, 50, 2, 16, device=DEVICE)
     seqlens = torch.tensor([7, 50], dtype=torch.int32, device=DEVICE)
-    args = (q, k_cache, v_cache, seqlens, None, None, 0.2, True, -1, -1, 0.0, backend)
+    args = (q, k_cache, v_cache, seqlens, None, None, 0.2, True, -1, -1, 0.0, kvcache_backend)
     torch.library.opcheck(torch.ops.fused_attn.kvcache_forward.default, args)

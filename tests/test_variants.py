@@ -16,28 +16,28 @@ SHAPE = (B, HQ, HKV, LQ, LK, D, D)
     (1, HQ, LQ, LK), (B, 1, 1, LK), (1, 1, LQ, LK), (B, HQ, LQ, LK), (LQ, LK), (B, HQ, LQ, 1), (1,),
 ], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_learnable_bias_gradient_has_the_bias_shape(backend, bias_shape, dtype):
+def test_learnable_bias_gradient_has_the_bias_shape(variant_backend, bias_shape, dtype):
     bias = torch.randn(bias_shape, dtype=dtype, device=DEVICE, requires_grad=True)
-    check_against_oracle(backend, SHAPE, dtype, DEVICE, attn_mask=bias, causal=True)
+    check_against_oracle(variant_backend, SHAPE, dtype, DEVICE, attn_mask=bias, causal=True)
 
 
-def test_float32_bias_with_bfloat16_inputs(backend):
+def test_float32_bias_with_bfloat16_inputs(variant_backend):
     bias = torch.randn(1, HQ, LQ, LK, device=DEVICE, requires_grad=True)
-    check_against_oracle(backend, SHAPE, torch.bfloat16, DEVICE, attn_mask=bias)
+    check_against_oracle(variant_backend, SHAPE, torch.bfloat16, DEVICE, attn_mask=bias)
 
 
 @pytest.mark.parametrize("mask_shape", [(B, 1, 1, LK), (1, 1, LQ, LK), (B, HQ, LQ, LK)], ids=str)
-def test_bool_mask(backend, mask_shape):
+def test_bool_mask(variant_backend, mask_shape):
     mask = torch.rand(mask_shape, device=DEVICE) > 0.3
-    check_against_oracle(backend, SHAPE, torch.float16, DEVICE, attn_mask=mask)
+    check_against_oracle(variant_backend, SHAPE, torch.float16, DEVICE, attn_mask=mask)
 
 
-def test_bool_mask_with_fully_masked_rows(backend):
+def test_bool_mask_with_fully_masked_rows(variant_backend):
     mask = torch.rand(B, HQ, LQ, LK, device=DEVICE) > 0.5
     mask[:, :, ::3] = False  # every third query row sees nothing
-    check_against_oracle(backend, SHAPE, torch.float32, DEVICE, attn_mask=mask)
+    check_against_oracle(variant_backend, SHAPE, torch.float32, DEVICE, attn_mask=mask)
     q, k, v = random_qkv(*SHAPE, torch.float32, DEVICE, requires_grad=True)
-    out, lse = fused_attn.attention(q, k, v, attn_mask=mask, return_lse=True, backend=backend)
+    out, lse = fused_attn.attention(q, k, v, attn_mask=mask, return_lse=True, backend=variant_backend)
     assert torch.all(out[:, :, ::3] == 0) and torch.all(lse[:, :, ::3] == float("-inf"))
     out.backward(torch.randn_like(out))
     assert torch.all(q.grad[:, :, ::3] == 0) and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
@@ -46,40 +46,40 @@ def test_bool_mask_with_fully_masked_rows(backend):
 @pytest.mark.parametrize("window", [(5, 3), (0, 0), (16, -1), (-1, 7), (100, 100)], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
 @pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
-def test_sliding_window(backend, window, causal, alignment):
-    check_against_oracle(backend, SHAPE, torch.float16, DEVICE, window=window, causal=causal,
+def test_sliding_window(variant_backend, window, causal, alignment):
+    check_against_oracle(variant_backend, SHAPE, torch.float16, DEVICE, window=window, causal=causal,
                          causal_alignment=alignment)
 
 
-def test_window_with_more_queries_than_keys(backend):
+def test_window_with_more_queries_than_keys(variant_backend):
     """Bottom-right windows with Lq > Lk leave early rows without keys."""
-    check_against_oracle(backend, (1, 2, 1, 90, 33, 64, 64), torch.float32, DEVICE, window=(4, 2),
+    check_against_oracle(variant_backend, (1, 2, 1, 90, 33, 64, 64), torch.float32, DEVICE, window=(4, 2),
                          causal_alignment="bottom_right")
 
 
 @pytest.mark.parametrize("slopes_shape", [(HQ,), (B, HQ)], ids=str)
 @pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
-def test_alibi(backend, slopes_shape, alignment):
+def test_alibi(variant_backend, slopes_shape, alignment):
     slopes = torch.rand(slopes_shape, device=DEVICE)
-    check_against_oracle(backend, SHAPE, torch.float16, DEVICE, alibi_slopes=slopes, causal_alignment=alignment)
-    check_against_oracle(backend, SHAPE, torch.float32, DEVICE, alibi_slopes=slopes, causal=True,
+    check_against_oracle(variant_backend, SHAPE, torch.float16, DEVICE, alibi_slopes=slopes, causal_alignment=alignment)
+    check_against_oracle(variant_backend, SHAPE, torch.float32, DEVICE, alibi_slopes=slopes, causal=True,
                          causal_alignment=alignment)
 
 
 @pytest.mark.parametrize("softcap", [0.5, 30.0])
-def test_softcap(backend, softcap):
-    check_against_oracle(backend, SHAPE, torch.float16, DEVICE, softcap=softcap, causal=True, scale=0.8)
+def test_softcap(variant_backend, softcap):
+    check_against_oracle(variant_backend, SHAPE, torch.float16, DEVICE, softcap=softcap, causal=True, scale=0.8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_dropout_matches_reference_with_the_materialized_mask(backend, dtype):
-    check_against_oracle(backend, SHAPE, dtype, DEVICE, dropout_p=0.3, causal=True)
+def test_dropout_matches_reference_with_the_materialized_mask(variant_backend, dtype):
+    check_against_oracle(variant_backend, SHAPE, dtype, DEVICE, dropout_p=0.3, causal=True)
 
 
-def test_everything_at_once(backend):
+def test_everything_at_once(variant_backend):
     bias = torch.randn(B, 1, LQ, LK, device=DEVICE, requires_grad=True)
     check_against_oracle(
-        backend, (B, HQ, 1, LQ, LK, 40, 24), torch.float16, DEVICE, sequence_major=True,
+        variant_backend, (B, HQ, 1, LQ, LK, 40, 24), torch.float16, DEVICE, sequence_major=True,
         attn_mask=bias, window=(20, 5), causal=True, causal_alignment="bottom_right",
         alibi_slopes=torch.rand(HQ, device=DEVICE), softcap=10.0, dropout_p=0.2,
     )
@@ -94,21 +94,21 @@ def run_with_dropout(backend, seed, p=0.25, dtype=torch.float32):
     return out, q.grad, k.grad, v.grad
 
 
-def test_dropout_is_reproducible_from_the_seed(backend):
-    first, second, other = (run_with_dropout(backend, seed) for seed in (7, 7, 8))
+def test_dropout_is_reproducible_from_the_seed(variant_backend):
+    first, second, other = (run_with_dropout(variant_backend, seed) for seed in (7, 7, 8))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     assert not torch.equal(first[0], other[0])
 
 
-def test_dropout_mask_is_the_same_in_every_backend(backend):
-    ours = run_with_dropout(backend, 11)
+def test_dropout_mask_is_the_same_in_every_backend(variant_backend):
+    ours = run_with_dropout(variant_backend, 11)
     ref = run_with_dropout("reference", 11)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_keep_rate_and_unbiased_output(backend):
+def test_dropout_keep_rate_and_unbiased_output(variant_backend):
     p = 0.3
     keep = fused_attn.dropout_keep_mask(4, 8, 256, 256, p, DEVICE)
     kept = keep.double().mean().item()
@@ -116,7 +116,7 @@ def test_dropout_keep_rate_and_unbiased_output(backend):
     assert abs(kept - (1 - p)) < 6 * sigma
     # With v = 1 every output element is sum_j p_ij keep_ij / (1 - p), whose expectation is 1.
     q, k, _ = random_qkv(2, 4, 4, 64, 256, 16, 16, torch.float32, DEVICE)
-    out = fused_attn.attention(q, k, torch.ones_like(k), dropout_p=p, backend=backend)
+    out = fused_attn.attention(q, k, torch.ones_like(k), dropout_p=p, backend=variant_backend)
     assert abs(out.mean().item() - 1) < 0.02
 
 

@@ -28,12 +28,12 @@ def as_batch(t):
     return t.transpose(0, 1).unsqueeze(0)
 
 
-def check_varlen(backend, dtype, **keywords):
+def check_varlen(varlen_backend, dtype, **keywords):
     q, k, v = packed_inputs(dtype)
     cu_q, cu_k = cumulative(LENGTHS_Q), cumulative(LENGTHS_K)
     state = torch.random.get_rng_state() if DEVICE.type == "cpu" else torch.cuda.get_rng_state()
     out, lse = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, max(LENGTHS_Q), max(LENGTHS_K), return_lse=True,
-                                           backend=backend, **keywords)
+                                           backend=varlen_backend, **keywords)
     assert out.shape == (q.shape[0], HQ, DV) and lse.shape == (HQ, q.shape[0])
     dropout_p = keywords.pop("dropout_p", 0.0)
     keep = None
@@ -83,22 +83,22 @@ def check_varlen(backend, dtype, **keywords):
     pytest.param(dict(causal=True, causal_alignment="bottom_right"), id="causal-bottom-right"),
     pytest.param(dict(window=(4, 2), causal_alignment="bottom_right", softcap=5.0), id="window-softcap"),
 ])
-def test_varlen_matches_per_sequence_reference(backend, dtype, keywords):
-    check_varlen(backend, dtype, **keywords)
+def test_varlen_matches_per_sequence_reference(varlen_backend, dtype, keywords):
+    check_varlen(varlen_backend, dtype, **keywords)
 
 
-def test_varlen_alibi_per_sequence_slopes(backend):
-    check_varlen(backend, torch.float32, causal=True, alibi_slopes=torch.rand(len(LENGTHS_Q), HQ, device=DEVICE))
+def test_varlen_alibi_per_sequence_slopes(varlen_backend):
+    check_varlen(varlen_backend, torch.float32, causal=True, alibi_slopes=torch.rand(len(LENGTHS_Q), HQ, device=DEVICE))
 
 
-def test_varlen_dropout(backend):
-    check_varlen(backend, torch.float32, dropout_p=0.25, causal=True)
+def test_varlen_dropout(varlen_backend):
+    check_varlen(varlen_backend, torch.float32, dropout_p=0.25, causal=True)
 
 
-def test_varlen_compiles(backend):
+def test_varlen_compiles(varlen_backend):
     q, k, v = packed_inputs(torch.float32)
     cu_q, cu_k = cumulative(LENGTHS_Q), cumulative(LENGTHS_K)
-    fn = lambda q, k, v: fused_attn.varlen_attention(q, k, v, cu_q, cu_k, 70, 40, causal=True, backend=backend)  # noqa: E731
+    fn = lambda q, k, v: fused_attn.varlen_attention(q, k, v, cu_q, cu_k, 70, 40, causal=True, backend=varlen_backend)  # noqa: E731
     torch._dynamo.reset()
     eager = torch.autograd.grad(fn(q, k, v).square().sum(), (q, k, v))
     compiled = torch.autograd.grad(torch.compile(fn, fullgraph=True)(q, k, v).square().sum(), (q, k, v))
@@ -106,10 +106,10 @@ def test_varlen_compiles(backend):
         torch.testing.assert_close(a, b)
 
 
-def test_varlen_opcheck(backend):
+def test_varlen_opcheck(varlen_backend):
     q, k, v = packed_inputs(torch.float32)
     args = (q, k, v, None, None, None, cumulative(LENGTHS_Q), cumulative(LENGTHS_K),
-            0.2, True, True, -1, -1, 0.0, 0.0, False, max(LENGTHS_Q), max(LENGTHS_K), backend)
+            0.2, True, True, -1, -1, 0.0, 0.0, False, max(LENGTHS_Q), max(LENGTHS_K), varlen_backend)
     torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..layout import empty_like_layout, new_output
-from ..options import AttentionOptions
+from ..options import AttentionOptions, AttentionTensors
 from . import native
 from .base import Backend, Tensor
 
@@ -28,26 +28,39 @@ class CpuBackend(Backend):
     def unavailable_reason(self) -> Optional[str]:
         return native.load_error()
 
-    def unsupported_reasons(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> list[str]:
+    def unsupported_reasons(
+        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions
+    ) -> list[str]:
         reasons = []
         if q.device.type != "cpu":
             reasons.append(f"tensors on {q.device.type} (needs CPU)")
         if q.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
+        # The C++ kernels do plain and causal attention so far; the variants are the reference's.
+        unsupported = {
+            "attn_mask": extras.mask is not None or extras.bias is not None,
+            "alibi_slopes": extras.alibi_slopes is not None,
+            "window": opts.window_left >= 0 or opts.window_right >= 0,
+            "softcap": opts.softcap > 0,
+            "dropout": opts.dropout_p > 0,
+            "varlen": q.dim() == 3,
+        }
+        reasons += [f"no {name} in the C++ kernels yet" for name, used in unsupported.items() if used]
         return reasons
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors,
+                opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
         lse = new_output(q, q.shape[:3], torch.float32)
         offset = opts.causal_offset(q.shape[2], k.shape[2])
         _ops().cpu_forward(q, k, v, out, lse, opts.causal, offset, opts.scale)
         return out, lse
 
-    def backward(self, dout, dlse, q, k, v, out, lse, opts):
+    def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
         dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
         offset = opts.causal_offset(q.shape[2], k.shape[2])
         _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, opts.causal, offset, opts.scale)
-        return dq, dk, dv
+        return dq, dk, dv, None
 
 
 def active_isa() -> str:
