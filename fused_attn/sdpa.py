@@ -252,14 +252,15 @@ def _unsupported_reason(plan: _Plan) -> Optional[str]:
 def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
     plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if isinstance(plan, _Refusal) or _unsupported_reason(plan) is not None:
-        # torch serves it (or raises its own error for invalid input).
-        return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        # What was there before enable() (torch's function) serves it, or raises its own error.
+        fallback = _replaced if _replaced is not None else _TORCH_SDPA
+        return fallback(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     return _run(plan)
 
 
 _patched_sdpa.__doc__ = (
     "torch.nn.functional.scaled_dot_product_attention routed to fused_attn (installed by fused_attn.enable() "
-    "or fused_attn.patch_sdpa()). Calls fused_attn cannot serve go to torch's original function.\n\n"
+    "or fused_attn.patch_sdpa()). Calls fused_attn cannot serve go to the function it replaced (torch's).\n\n"
     + (scaled_dot_product_attention.__doc__ or "")
 )
 _patched_sdpa.__name__ = "scaled_dot_product_attention"
@@ -282,8 +283,8 @@ def enable() -> None:
     Replaces the attribute on the torch.nn.functional module, so every caller that looks it up
     there at call time (torch.nn.MultiheadAttention's slow path, Hugging Face's "sdpa" attention,
     most model code) runs fused_attn; calls fused_attn cannot serve (unsupported dtype or head
-    dim, nested tensors, no backend, invalid input) go to torch's original function, which also
-    raises torch's own errors. Code that did ``from torch.nn.functional import
+    dim, nested tensors, no backend, invalid input) go to the function it replaced (torch's
+    original, unless another library had patched it first), which also raises torch's own errors. Code that did ``from torch.nn.functional import
     scaled_dot_product_attention`` before enabling keeps torch's function: it holds its own
     reference. Functions torch.compile compiled before enabling keep what they traced.
 

@@ -223,6 +223,20 @@ def test_patch_restores_after_an_exception_and_nests(spy):
     assert F.scaled_dot_product_attention is original
 
 
+def test_a_function_patched_in_by_someone_else_is_restored_and_serves_the_fallback(spy, monkeypatch):
+    seen = []
+
+    def theirs(*args, **kwargs):
+        seen.append(1)
+        return TORCH_SDPA(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", theirs)
+    with fused_attn.patch_sdpa():
+        F.scaled_dot_product_attention(*(randn(1, 1, 4, 300) for _ in range(3)))  # fused_attn cannot serve
+        F.scaled_dot_product_attention(*(randn(1, 1, 4, D) for _ in range(3)))
+    assert F.scaled_dot_product_attention is theirs and seen == [1] and spy == [1]
+
+
 def test_names_imported_before_patching_keep_torchs_function(spy):
     from torch.nn.functional import scaled_dot_product_attention as imported_before
 
