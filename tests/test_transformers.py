@@ -135,6 +135,20 @@ def test_generation_with_kv_cache_matches_sdpa(spy):
         assert_close(logits, expected, "logits")
 
 
+def test_compile_fullgraph(spy):
+    torch._dynamo.reset()
+    config = transformers.LlamaConfig(**SMALL, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).to(DEVICE).eval()
+    model.set_attn_implementation("fused_attn")
+    ids, mask = inputs()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        compiled = torch.compile(model, fullgraph=True)(input_ids=ids, attention_mask=mask).logits
+    torch._dynamo.reset()
+    assert spy
+    assert_close(compiled, expected, "logits")
+
+
 def test_dropout_only_in_training(spy):
     config = transformers.LlamaConfig(**SMALL, num_key_value_heads=2, attention_dropout=0.25)
     config._attn_implementation = "fused_attn"
