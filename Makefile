@@ -33,7 +33,11 @@ VENV := .venv
 # torch MUST stay pinned: torch==2.13.0 is the CPU build on local disk; a bare `torch` makes pip
 # download a multi-GB CUDA build. setuptools>=70.1 is needed because the editable install runs
 # without build isolation (and includes bdist_wheel, so no separate `wheel` package).
-REQUIREMENTS := torch==2.13.0 triton==3.9.0 pytest pytest-benchmark ninja numpy setuptools>=70.1
+# transformers is only for tests/test_transformers.py (the attn_implementation="fused_attn"
+# integration); the package never imports it on its own. It is installed on this venv route only:
+# the system-python (GPU) route downloads nothing, and that test file skips there without it.
+REQUIREMENTS := torch==2.13.0 triton==3.9.0 pytest pytest-benchmark ninja numpy setuptools>=70.1 \
+                transformers==5.23.0
 
 # Give JIT-built torch extensions their own directory: a build killed half-way leaves a stale lock
 # in the shared default (~/.cache/torch_extensions) and later builds hang (shared/FACTS.md).

@@ -1,0 +1,254 @@
+"""fused_attn.nn.MultiheadAttention against torch.nn.MultiheadAttention, and fused_attn.nn.Attention.
+
+torch's module in float64 (same state dict) is the ground truth and in float32 the low-precision
+reference of the accuracy rule. Bug classes: the opposite bool-mask convention of
+nn.MultiheadAttention, merging key_padding_mask with attn_mask, 2-D vs (N * H)-row 3-D masks,
+bias_k/bias_v and zero-attention columns that must stay unmasked, the is_causal hint, kdim/vdim,
+seq-first vs batch_first layouts, unbatched inputs, state_dict compatibility, compile and export.
+"""
+import pytest
+import torch
+
+from conftest import DEVICE
+from oracle import assert_accurate
+
+import fused_attn
+from fused_attn.nn import Attention, MultiheadAttention
+
+E, H, N, L, S = 32, 2, 2, 9, 11
+
+
+def make_pair(**config):
+    """(ours float32, torch float64, torch float32) with one random state dict (non-zero biases)."""
+    reference = torch.nn.MultiheadAttention(E, H, device=DEVICE, dtype=torch.float64, **config)
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if "bias" in name:
+                parameter.normal_(0, 0.3)
+    ours = MultiheadAttention(E, H, device=DEVICE, **config)
+    ours.load_state_dict(reference.state_dict())
+    low = torch.nn.MultiheadAttention(E, H, device=DEVICE, **config)
+    low.load_state_dict(reference.state_dict())
+    return ours, reference, low
+
+
+def bool_key_padding(batch, length):
+    mask = torch.rand(batch, length, device=DEVICE) > 0.7  # True = padding (ignored)
+    mask[:, 0] = False
+    return mask
+
+
+def check_mha(config, inputs, kinds, **forward):
+    """Outputs and gradients (inputs and every parameter) of the need_weights=False path.
+
+    inputs: the distinct input tensors; kinds: how they are passed ("qkv" self-attention, "q_kv"
+    shared key/value, "q_k_v" three tensors).
+    """
+    ours, reference, low = make_pair(**config)
+
+    def call(module, tensors, dtype):
+        tensors = [t.detach().to(dtype).requires_grad_() for t in tensors]
+        args = {"qkv": lambda t: (t[0], t[0], t[0]), "q_kv": lambda t: (t[0], t[1], t[1]),
+                "q_k_v": lambda t: tuple(t)}[kinds](tensors)
+        masks = {name: (m.to(dtype) if m is not None and m.is_floating_point() else m) for name, m in forward.items()
+                 if name in ("attn_mask", "key_padding_mask")}
+        other = {name: value for name, value in forward.items() if name not in masks}
+        out, weights = module(*args, need_weights=False, **masks, **other)
+        assert weights is None
+        return out, tensors
+
+    out, leaves = call(ours, inputs, torch.float32)
+    dout = torch.randn_like(out)
+    names = [name for name, _ in ours.named_parameters()]
+    grads = torch.autograd.grad(out, leaves + [p for _, p in ours.named_parameters()], dout)
+    results = {}
+    for module, dtype in ((reference, torch.float64), (low, torch.float32)):
+        ref_out, ref_leaves = call(module, inputs, dtype)
+        params = dict(module.named_parameters())
+        results[dtype] = ref_out, torch.autograd.grad(ref_out, ref_leaves + [params[n] for n in names], dout.to(dtype))
+    (exact, exact_grads), (lowp, low_grads) = results[torch.float64], results[torch.float32]
+    assert out.shape == exact.shape
+    assert_accurate("out", out, exact, lowp, torch.float32)
+    for name, grad, e, lo in zip([f"d{i}" for i in range(len(leaves))] + names, grads, exact_grads, low_grads):
+        assert_accurate(name, grad, e, lo, torch.float32)
+
+
+def seq(length, batch_first, dim=E):
+    return torch.randn(*((N, length) if batch_first else (length, N)), dim, device=DEVICE)
+
+
+def causal_bool(length_q, length_k):
+    return torch.ones(length_q, length_k, dtype=torch.bool, device=DEVICE).triu(1)  # True = masked out
+
+
+MHA_CASES = {
+    "self-attention, seq-first": lambda: ({}, [seq(L, False)], "qkv", {}),
+    "self-attention, batch_first, bool key_padding_mask": lambda: (
+        dict(batch_first=True), [seq(L, True)], "qkv", dict(key_padding_mask=bool_key_padding(N, L))),
+    "cross-attention, kdim/vdim": lambda: (
+        dict(kdim=24, vdim=20, batch_first=True), [seq(L, True), seq(S, True, 24), seq(S, True, 20)], "q_k_v",
+        dict(key_padding_mask=bool_key_padding(N, S))),
+    "add_bias_kv, add_zero_attn, both masks bool": lambda: (
+        dict(add_bias_kv=True, add_zero_attn=True), [seq(L, False), seq(S, False)], "q_kv",
+        dict(key_padding_mask=bool_key_padding(N, S), attn_mask=torch.rand(L, S, device=DEVICE) > 0.8)),
+    "float 3-D attn_mask (N * H, L, S), float key_padding_mask": lambda: (
+        dict(batch_first=True), [seq(L, True), seq(S, True), seq(S, True)], "q_k_v",
+        dict(attn_mask=torch.randn(N * H, L, S, device=DEVICE),
+             key_padding_mask=torch.randn(N, S, device=DEVICE))),
+    "bool 3-D attn_mask": lambda: (
+        {}, [seq(L, False), seq(S, False)], "q_kv",
+        dict(attn_mask=(torch.rand(N * H, L, S, device=DEVICE) > 0.7).index_fill_(2, torch.tensor([0], device=DEVICE), False))),
+    "is_causal hint without key_padding_mask": lambda: (
+        dict(batch_first=True), [seq(L, True)], "qkv", dict(attn_mask=causal_bool(L, L), is_causal=True)),
+    "is_causal hint with key_padding_mask": lambda: (
+        {}, [seq(L, False)], "qkv",
+        dict(attn_mask=causal_bool(L, L), is_causal=True, key_padding_mask=bool_key_padding(N, L))),
+    "unbatched": lambda: (
+        dict(batch_first=True), [torch.randn(L, E, device=DEVICE), torch.randn(S, E, device=DEVICE)], "q_kv",
+        dict(key_padding_mask=bool_key_padding(1, S)[0], attn_mask=torch.randn(L, S, device=DEVICE))),
+    "no bias, zero attention only": lambda: (
+        dict(bias=False, add_zero_attn=True), [seq(L, False), seq(S, False), seq(S, False)], "q_k_v", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(MHA_CASES))
+def test_multihead_attention_parity(case):
+    config, inputs, kinds, forward = MHA_CASES[case]()
+    check_mha(config, inputs, kinds, **forward)
+
+
+def test_fully_padded_sequence_gives_the_output_bias_like_torch():
+    ours, _, low = make_pair(batch_first=True)
+    x = seq(L, True)
+    padding = bool_key_padding(N, L)
+    padding[1] = True  # the second sequence has no keys at all
+    out, _ = ours(x, x, x, key_padding_mask=padding, need_weights=False)
+    expected, _ = low(x, x, x, key_padding_mask=padding, need_weights=False)
+    torch.testing.assert_close(out[1], ours.out_proj.bias.expand(L, E))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_need_weights_returns_torchs_weights(average):
+    ours, _, low = make_pair()
+    x, memory = seq(L, False), seq(S, False)
+    padding = bool_key_padding(N, S)
+    out, weights = ours(x, memory, memory, key_padding_mask=padding, average_attn_weights=average)
+    expected, expected_weights = low(x, memory, memory, key_padding_mask=padding, average_attn_weights=average)
+    assert weights.shape == ((N, L, S) if average else (N, H, L, S))
+    torch.testing.assert_close(weights, expected_weights)
+    torch.testing.assert_close(out, expected)
+
+
+def test_eval_matches_torchs_native_fast_path():
+    ours, _, low = make_pair(batch_first=True)
+    ours.eval(), low.eval()
+    x = seq(L, True)
+    padding = bool_key_padding(N, L)
+    with torch.no_grad():
+        expected, _ = low(x, x, x, key_padding_mask=padding, need_weights=False)
+        out, _ = ours(x, x, x, key_padding_mask=padding, need_weights=False)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [{}, dict(kdim=24, vdim=20, add_bias_kv=True, bias=False)], ids=["packed", "separate"])
+def test_state_dict_round_trip(config):
+    theirs = torch.nn.MultiheadAttention(E, H, device=DEVICE, **config)
+    ours = MultiheadAttention(E, H, device=DEVICE, **config)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    back = torch.nn.MultiheadAttention(E, H, device=DEVICE, **config)
+    back.load_state_dict(ours.state_dict())
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor) and torch.equal(ours.state_dict()[name], tensor)
+    converted = MultiheadAttention.from_torch(theirs.eval())
+    assert not converted.training and converted.batch_first == theirs.batch_first
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], tensor)
+
+
+def test_dropout_only_in_training_and_seeded():
+    ours = MultiheadAttention(E, H, dropout=0.5, batch_first=True, device=DEVICE)
+    x = seq(L, True)
+    runs = []
+    for seed in (3, 3):
+        torch.manual_seed(seed)
+        runs.append(ours(x, x, x, need_weights=False)[0])
+    assert torch.equal(runs[0], runs[1])
+    ours.eval()
+    evaluated = ours(x, x, x, need_weights=False)[0]
+    assert not torch.allclose(runs[0], evaluated)
+    ours.dropout = 0.0
+    torch.testing.assert_close(ours.train()(x, x, x, need_weights=False)[0], evaluated)
+
+
+def test_is_causal_requires_attn_mask_like_torch():
+    ours, _, low = make_pair()
+    x = seq(L, False)
+    for module in (low, ours):
+        with pytest.raises(RuntimeError, match="Need attn_mask"):
+            module(x, x, x, need_weights=False, is_causal=True)
+
+
+# --- fused_attn.nn.Attention ------------------------------------------------------------------
+
+def test_attention_module_matches_the_function_and_drops_out_only_in_training():
+    q, k, v = (torch.randn(2, 4 if i == 0 else 2, 20, 16, device=DEVICE) for i in range(3))
+    module = Attention(causal=True, dropout=0.3, window=(6, -1), softcap=5.0, scale=0.4)
+    assert "causal=True" in repr(module) and "softcap=5.0" in repr(module)
+    module.eval()
+    expected = fused_attn.attention(q, k, v, causal=True, window=(6, -1), softcap=5.0, scale=0.4)
+    torch.testing.assert_close(module(q, k, v), expected, rtol=0, atol=0)
+    module.train()
+    torch.manual_seed(9)
+    dropped = module(q, k, v)
+    torch.manual_seed(9)
+    expected = fused_attn.attention(q, k, v, causal=True, window=(6, -1), softcap=5.0, scale=0.4, dropout_p=0.3)
+    torch.testing.assert_close(dropped, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dropout"):
+        Attention(dropout=1.0)
+
+
+# --- torch.compile and torch.export -----------------------------------------------------------
+
+def test_compile_fullgraph_modules_forward_and_backward():
+    torch._dynamo.reset()
+    mha = MultiheadAttention(E, H, batch_first=True, add_bias_kv=True, device=DEVICE)
+    attn = Attention(causal=True)
+    x = seq(L, True).requires_grad_()
+    padding = bool_key_padding(N, L)
+    q = torch.randn(N, 4, L, 16, device=DEVICE, requires_grad=True)
+    kv = torch.randn(N, 2, L, 16, device=DEVICE, requires_grad=True)
+
+    def loss(x, q, kv):
+        out, _ = mha(x, x, x, key_padding_mask=padding, need_weights=False)
+        return out.square().sum() + attn(q, kv, kv).square().sum()
+
+    leaves = (x, q, kv, mha.in_proj_weight, mha.bias_k)
+    eager = torch.autograd.grad(loss(x, q, kv), leaves)
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x, q, kv), leaves)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = MultiheadAttention(E, H, batch_first=True, device=DEVICE)
+        self.attn = Attention(causal=True)
+
+    def forward(self, x, padding):
+        out, _ = self.mha(x, x, x, key_padding_mask=padding, need_weights=False)
+        heads = out.unflatten(-1, (H, -1)).transpose(1, 2)
+        return self.attn(heads, heads, heads)
+
+
+def test_export_for_inference():
+    module = _SelfAttention().eval()
+    x = seq(L, True)
+    padding = bool_key_padding(N, L)
+    program = torch.export.export(module, (x, padding))
+    assert "fused_attn.forward" in str(program.graph_module.code)
+    x2 = seq(L, True)
+    padding2 = bool_key_padding(N, L)
+    torch.testing.assert_close(program.module()(x2, padding2), module(x2, padding2), rtol=1e-6, atol=1e-6)
