@@ -128,7 +128,7 @@ def main(argv=None) -> int:
             if n_sets < 1:
                 for name in provs:
                     rows.append(dict(base, provider=name,
-                                     error=f"skipped: caches need {per_set / 2**30:.0f} GiB > budget"))
+                                     error=f"skipped: caches need {per_set / 2**30:.2f} GiB > budget"))
                 continue
             try:
                 sets = [make_set(B, L, Hkv, Hq, D, dtype, device, g) for _ in range(n_sets)]

@@ -1,7 +1,7 @@
 """Peak memory of attention forward and forward+backward vs sequence length, and the longest L that fits.
 
     python -m benchmarks.bench_memory            # CUDA: B=1, H=16, D=128, bf16, L = 1k..64k, then doubling
-                                                 # to --max-seqlen (256k) to find each provider's limit
+                                                 # to --max-seqlen (128k) to find each provider's limit
     python -m benchmarks.bench --suite memory    # the same through the main entry point
 
 Providers (as in benchmarks/bench.py): fused_attn, and torch SDPA pinned to flash, efficient, cuDNN and
@@ -30,6 +30,8 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +50,7 @@ def plan(flav: str, on_cuda: bool, max_seqlen: Optional[int]):
         providers = ["fused_attn", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math"]
         H, D, dtype = 16, 128, torch.bfloat16
         sweep = [1024, 4096] if flav == "quick" else [1024 << i for i in range(7)]  # 1k..64k
-        limit = max_seqlen if max_seqlen is not None else (sweep[-1] if flav == "quick" else 262144)
+        limit = max_seqlen if max_seqlen is not None else (sweep[-1] if flav == "quick" else 131072)
     else:
         providers = ["fused_attn", "sdpa", "sdpa_math"]
         H, D, dtype = 4, 64, torch.float32
@@ -148,29 +150,50 @@ def child(args) -> int:
 # Parent
 
 
+def _report(r: dict) -> None:
+    common.progress(f"{r['provider']:<16} L={r['L']:<7} fwd {common.fmt(_mib(r.get('fwd_bytes')), '.1f')} MiB  "
+                    f"fwd+bwd {common.fmt(_mib(r.get('fwdbwd_bytes')), '.1f')} MiB"
+                    + (f"  ({r['error']})" if r.get("error") else ""))
+
+
 def _spawn(args, device, name, seqlens, H, D, dtype, timeout_s) -> list[dict]:
+    """Run one child; report each row as it arrives (a CUDA sweep can take minutes)."""
     cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--child", name, "--device", device,
            "--seqlens", ",".join(map(str, seqlens)), "--heads", str(H), "--head-dim", str(D),
            "--dtype", common.dtype_name(dtype)]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     rows: list[dict] = []
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        err = f"timed out after {timeout_s}s\n" + (err or "")
-    for line in (out or "").splitlines():
-        if line.startswith("RESULT "):
-            rows.append(json.loads(line[len("RESULT "):]))
+    timed_out = threading.Event()
+    with tempfile.TemporaryFile(mode="w+") as err_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
+
+        def kill():
+            timed_out.set()
+            proc.kill()  # only this child, which this function started
+
+        timer = threading.Timer(timeout_s, kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    row = json.loads(line[len("RESULT "):])
+                    rows.append(row)
+                    _report(row)
+            proc.wait()
+        finally:
+            timer.cancel()
+        err_file.seek(0)
+        err = err_file.read()
     done = {r["L"] for r in rows}
     missing = [L for L in seqlens if L not in done]
     if missing:
-        tail = [s for s in (err or "").strip().splitlines() if s.strip()]
-        why = f"subprocess ended (rc {proc.returncode}): {tail[-1][:120] if tail else 'no message'}"
-        rows += [{"provider": name, "L": L, "error": why} for L in missing]
+        tail = [s for s in err.strip().splitlines() if s.strip()]
+        why = (f"timed out after {timeout_s}s" if timed_out.is_set() else
+               f"subprocess ended (rc {proc.returncode}): {tail[-1][:120] if tail else 'no message'}")
+        for L in missing:
+            rows.append({"provider": name, "L": L, "error": why})
+            _report(rows[-1])
     return rows
 
 
@@ -194,7 +217,7 @@ def _capacity_bytes(on_cuda: bool) -> Optional[int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
-    p.add_argument("--max-seqlen", type=int, help="keep doubling L past the sweep up to this (CUDA default 262144)")
+    p.add_argument("--max-seqlen", type=int, help="keep doubling L past the sweep up to this (CUDA default 131072)")
     p.add_argument("--providers", help="comma-separated provider names (see benchmarks/bench.py)")
     p.add_argument("--timeout-s", type=int, default=None, help="per-subprocess time limit")
     # child mode (internal)
@@ -230,14 +253,13 @@ def main(argv=None) -> int:
                 r = _spawn(args, device, name, [L], H, D, dtype, timeout_s)
                 got += r
                 if any(x.get("error") == "OOM" or "timed out" in x.get("error", "") for x in r):
-                    got += [{"provider": name, "L": L2, "error": "not run (failed at a smaller L)"}
-                            for L2 in seqlens if L2 > L]
+                    for L2 in seqlens:
+                        if L2 > L:
+                            got.append({"provider": name, "L": L2, "error": "not run (failed at a smaller L)"})
+                            _report(got[-1])
                     break
         for r in got:
             r["input_bytes"] = 4 * H * r["L"] * D * elem
-            common.progress(f"{name:<16} L={r['L']:<7} fwd {common.fmt(_mib(r.get('fwd_bytes')), '.1f')} MiB  "
-                            f"fwd+bwd {common.fmt(_mib(r.get('fwdbwd_bytes')), '.1f')} MiB"
-                            + (f"  ({r['error']})" if r.get("error") else ""))
         rows += got
 
     baseline = "sdpa_flash" if on_cuda else "sdpa"
