@@ -2,6 +2,8 @@
 #
 #   make test                  set up the environment, then python -m pytest tests $(PYTEST_ARGS)
 #   make bench                 set up the environment, then python -m benchmarks.bench $(ARGS)
+#                              (every suite: speed, memory, masked, decode, varlen; ARGS="--suite memory")
+#   make bench-regression      pytest-benchmark timings: python -m pytest benchmarks/test_regression.py
 #   make env                   only set up the environment
 #   make clean                 remove build artefacts (keeps .venv); make distclean also removes .venv
 #
@@ -81,6 +83,12 @@ test: env
 
 bench: env
 	$(PYTHON) -m benchmarks.bench $(ARGS)
+
+# Small pytest-benchmark timing suite: reports timings, asserts nothing about speed. Not collected by
+# `make test` (pyproject.toml: testpaths = ["tests"]).
+.PHONY: bench-regression
+bench-regression: env
+	$(PYTHON) -m pytest benchmarks/test_regression.py $(PYTEST_ARGS)
 
 info:
 	@echo "environment: $(ENV_KIND)"

@@ -28,6 +28,9 @@ Forward rows are timed under torch.no_grad() (inference); forward+backward rows 
 and one backward with a random output gradient. Inputs are random normal and the timed function
 rotates among several input sets. On CUDA timing uses triton.testing.do_bench (median, with
 warm-up, L2 flushed between calls); on CPU the median of time.perf_counter over several calls.
+
+`--suite` (benchmarks/suites.py) also runs the other suites: memory, masked, decode, varlen (files
+benchmarks/bench_<suite>.py); `make bench` runs all of them (`--suite speed` for this sweep only).
 """
 from __future__ import annotations
 
@@ -529,4 +532,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks.suites import cli  # --suite speed|memory|masked|decode|varlen|all (default all)
+
+    sys.exit(cli(main))

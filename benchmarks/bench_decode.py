@@ -1,0 +1,228 @@
+"""Decoding: fused_attn.attention_with_kvcache (contiguous and paged caches) vs torch SDPA, as bandwidth.
+
+    python -m benchmarks.bench_decode            # CUDA: B in {1,4,16}, Hq=32, Hkv=8, D=128, bf16, Lq=1,
+                                                 # cache 4k..128k, page 256
+    python -m benchmarks.bench --suite decode    # the same through the main entry point
+
+Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
+    fused_attn contig     attention_with_kvcache on a contiguous (B, L, Hkv, D) cache (the public
+                          call: argument checks and capacity checks, which synchronize, included)
+    fused_attn paged      the same data in a paged cache (pages of 256, shuffled across the pool)
+    fused_attn op only    the registered op on the contiguous cache, without the Python checks
+                          (private API, fused_attn.kvcache._kvcache_forward): the kernel's own cost
+    sdpa gqa              torch SDPA, q (B, 32, 1, D) vs k/v (B, 8, L, D) views of the contiguous
+                          cache, enable_gqa=True, torch's backend choice
+    sdpa grouped          torch SDPA with the 4 query heads of a group as 4 query rows:
+                          q (B, 8, 4, D) vs k/v (B, 8, L, D), exact for Lq=1, no copies
+Bandwidth = bytes of K and V read (2*B*L*Hkv*D*elem) / median time; "% copy" relates it to the
+device-to-device copy bandwidth measured at the start ((bytes read + written) / time of a 1 GiB copy).
+Caches rotate among up to 3 random sets (the L2 cache is also flushed between calls by do_bench);
+a row whose caches would exceed --mem-budget-gib (60) is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import fused_attn
+from benchmarks import common
+
+SUITE = "decode"
+PAGE = 256
+
+
+def plan(flav: str, on_cuda: bool):
+    if on_cuda:
+        Hq, Hkv, D, dtype = 32, 8, 128, torch.bfloat16
+        if flav == "quick":
+            return (1, 4), (4096, 32768), Hq, Hkv, D, dtype
+        return (1, 4, 16), tuple(4096 << i for i in range(6)), Hq, Hkv, D, dtype  # 4k..128k
+    Hq, Hkv, D, dtype = 8, 2, 64, torch.float32
+    if flav == "quick":
+        return (1, 2), (512,), Hq, Hkv, D, dtype
+    if flav == "small":
+        return (1, 4), (1024, 4096), Hq, Hkv, D, dtype
+    return (1, 4, 16), (1024, 4096, 16384), Hq, Hkv, D, dtype
+
+
+def make_set(B, L, Hkv, Hq, D, dtype, device, g):
+    kc = common.rand((B, L, Hkv, D), device, dtype)
+    vc = common.rand((B, L, Hkv, D), device, dtype)
+    q = common.rand((B, 1, Hq, D), device, dtype)
+    npg = L // PAGE
+    perm = torch.randperm(B * npg, generator=g).to(device)
+    kp = torch.empty((B * npg, PAGE, Hkv, D), device=device, dtype=dtype)
+    vp = torch.empty_like(kp)
+    kp[perm] = kc.reshape(B * npg, PAGE, Hkv, D)
+    vp[perm] = vc.reshape(B * npg, PAGE, Hkv, D)
+    table = perm.reshape(B, npg).to(torch.int32).contiguous()
+    return {"q": q, "kc": kc, "vc": vc, "kp": kp, "vp": vp, "table": table}
+
+
+def providers(on_cuda: bool, Hkv: int, Hq: int):
+    backend = "triton" if on_cuda else "reference"
+    G = Hq // Hkv
+
+    def contig(s, seqlens):
+        return fused_attn.attention_with_kvcache(s["q"], s["kc"], s["vc"], seqlens)
+
+    def paged(s, seqlens):
+        return fused_attn.attention_with_kvcache(s["q"], s["kp"], s["vp"], seqlens, block_table=s["table"])
+
+    def op_only(s, seqlens):
+        from fused_attn.kvcache import _kvcache_forward  # private: the kernel without Python checks
+        D = s["q"].shape[-1]
+        return _kvcache_forward(s["q"], s["kc"], s["vc"], seqlens, None, None, D ** -0.5, False, -1, -1, 0.0,
+                                backend)[0]
+
+    def sdpa_gqa(s, seqlens):
+        q, k, v = s["q"].transpose(1, 2), s["kc"].transpose(1, 2), s["vc"].transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
+
+    def sdpa_grouped(s, seqlens):
+        B, _, _, D = s["q"].shape
+        q = s["q"].reshape(B, Hkv, G, D)  # query head h = kv_head * G + g
+        out = F.scaled_dot_product_attention(q, s["kc"].transpose(1, 2), s["vc"].transpose(1, 2))
+        return out.reshape(B, 1, Hq, D)
+
+    return {"fused_attn contig": contig, "fused_attn paged": paged, "fused_attn op only": op_only,
+            "sdpa gqa": sdpa_gqa, "sdpa grouped": sdpa_grouped}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(p)
+    p.add_argument("--mem-budget-gib", type=float, default=60.0, help="skip rows whose caches need more")
+    args = p.parse_args(argv)
+    device, on_cuda = common.resolve_device(args)
+    flav = common.flavour(args, on_cuda)
+    batches, seqlens, Hq, Hkv, D, dtype = plan(flav, on_cuda)
+    elem = torch.empty((), dtype=dtype).element_size()
+    header = common.header_lines("fused_attn benchmark: KV-cache decoding", on_cuda, flav)
+    print("\n".join(header), flush=True)
+    print(f"Hq={Hq}, Hkv={Hkv}, D={D}, {common.dtype_name(dtype)}, Lq=1, page {PAGE}; B in {batches}, "
+          f"L in {[common.fmt_len(L) for L in seqlens]}", flush=True)
+
+    copy_gbs = None
+    try:
+        copy_gbs = common.copy_bandwidth_gbs(device, on_cuda)
+        common.progress(f"device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
+    except Exception as exc:
+        common.progress(f"copy bandwidth: n/a ({common.after_error(exc, on_cuda)})")
+
+    provs = providers(on_cuda, Hkv, Hq)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    for B in batches:
+        for L in seqlens:
+            kv_bytes = 2 * B * L * Hkv * D * elem
+            per_set = 2 * kv_bytes  # contiguous + paged copies
+            n_sets = min(3, int(args.mem_budget_gib * 2**30 // per_set))
+            base = {"B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": common.dtype_name(dtype),
+                    "kv_bytes": kv_bytes, "error": ""}
+            if n_sets < 1:
+                for name in provs:
+                    rows.append(dict(base, provider=name,
+                                     error=f"skipped: caches need {per_set / 2**30:.2f} GiB > budget"))
+                continue
+            try:
+                sets = [make_set(B, L, Hkv, Hq, D, dtype, device, g) for _ in range(n_sets)]
+                seqlens_t = torch.full((B,), L, dtype=torch.int32, device=device)
+            except Exception as exc:
+                err = common.after_error(exc, on_cuda)
+                for name in provs:
+                    rows.append(dict(base, provider=name, error=f"inputs: {err}"))
+                continue
+            ref = None
+            for name, fn in provs.items():
+                row = dict(base, provider=name)
+                cycle = itertools.cycle(sets)
+
+                def step(fn=fn, cycle=cycle):
+                    fn(next(cycle), seqlens_t)
+
+                try:
+                    row["ms"] = common.time_ms(step, on_cuda)
+                    row["gbs"] = kv_bytes / (row["ms"] * 1e-3) / 1e9
+                    if copy_gbs:
+                        row["pct_copy"] = 100.0 * row["gbs"] / copy_gbs
+                    out = fn(sets[0], seqlens_t).float()
+                    if name == "sdpa gqa":
+                        ref = out
+                    row["_out"] = out
+                except Exception as exc:
+                    row["error"] = common.after_error(exc, on_cuda)
+                rows.append(row)
+                common.progress(f"B={B:<3} L={common.fmt_len(L):<5} {name:<20} {common.fmt(row.get('ms'), '.4f')} ms "
+                                f"{common.fmt(row.get('gbs'), '.0f')} GB/s"
+                                + (f" ({common.fmt(row.get('pct_copy'), '.0f')}% of copy)" if copy_gbs else "")
+                                + (f"  ({row['error']})" if row["error"] else ""))
+            # correctness: every row against SDPA (or fused contiguous if SDPA failed) on set 0
+            here = [r for r in rows if r["B"] == B and r["L"] == L]
+            ref = ref if ref is not None else next((r["_out"] for r in here if "_out" in r), None)
+            for r in here:
+                out = r.pop("_out", None)
+                if out is not None and ref is not None:
+                    r["max_abs_diff"] = (out - ref).abs().max().item()
+            del sets
+            if on_cuda:
+                torch.cuda.empty_cache()
+
+    key = {(r["B"], r["L"], r["provider"]): r for r in rows}
+    for r in rows:
+        s = key.get((r["B"], r["L"], "sdpa gqa"))
+        if r.get("ms") and s and s.get("ms"):
+            r["vs_sdpa"] = s["ms"] / r["ms"]
+        best = [x["ms"] for n in ("sdpa gqa", "sdpa grouped") if (x := key.get((r["B"], r["L"], n))) and x.get("ms")]
+        if r.get("ms") and best:
+            r["vs_best_sdpa"] = min(best) / r["ms"]
+
+    cols = [common.Column("B"), common.Column("L"), common.Column("provider", align_right=False),
+            common.Column("ms", "median ms", ".4f"), common.Column("gbs", "K/V GB/s", ".4g"),
+            common.Column("pct_copy", "% of copy BW", ".1f"), common.Column("vs_sdpa", "vs sdpa gqa", ".2f"),
+            common.Column("vs_best_sdpa", "vs best sdpa", ".2f"), common.Column("max_abs_diff", "max|diff|", ".2e"),
+            common.Column("error", align_right=False)]
+    body = [f"Hq={Hq}, Hkv={Hkv}, D={D}, {common.dtype_name(dtype)}, Lq=1, full caches, page {PAGE}. "
+            f"Device copy bandwidth (read + write): {common.fmt(copy_gbs, '.0f')} GB/s. "
+            "K/V GB/s = 2*B*L*Hkv*D*elem / time. vs sdpa: SDPA time / row time (>1: faster). "
+            "max|diff|: output vs sdpa gqa.", ""]
+    body += common.markdown_table(rows, cols)
+
+    long_L = 32768 if on_cuda else max(seqlens)
+    body += ["", f"Goals (caches >= {common.fmt_len(long_L)}; the worst row counts):"]
+    for name in ("fused_attn contig", "fused_attn paged", "fused_attn op only"):
+        mine = [r for r in rows if r["provider"] == name and r["L"] >= long_L]
+        fr = [r["pct_copy"] / 100 for r in mine if r.get("pct_copy") is not None]
+        vs = [r["vs_sdpa"] for r in mine if r.get("vs_sdpa") is not None]
+        body.append(common.goal_line(f"{name}: fraction of copy bandwidth", min(fr) if fr else None, 0.6,
+                                     higher_is_better=True))
+        body.append(common.goal_line(f"{name}: speed-up vs sdpa gqa", min(vs) if vs else None, 2.0,
+                                     higher_is_better=True))
+    if not on_cuda:
+        body.append("- (CPU: informational; the goals are for the GPU)")
+
+    png = common.results_path(args, on_cuda, SUITE, flav, ".png")
+    series = {}
+    for name in provs:
+        for B in batches:
+            mine = [r for r in rows if r["provider"] == name and r["B"] == B]
+            series[f"{name} B={B}"] = ([r["L"] for r in mine], [r.get("gbs") for r in mine])
+    note = common.maybe_plot(args, png, series, xlabel="cache length", ylabel="K/V GB/s",
+                             title=f"decode Hq={Hq} Hkv={Hkv} D={D} (copy {common.fmt(copy_gbs, '.0f')} GB/s)")
+    if note:
+        body += ["", note]
+    for r in rows:
+        r["copy_gbs"] = copy_gbs
+    keys = ["provider", "B", "L", "Hq", "Hkv", "D", "dtype", "kv_bytes", "ms", "gbs", "pct_copy", "copy_gbs",
+            "vs_sdpa", "vs_best_sdpa", "max_abs_diff", "error"]
+    common.finish(args, on_cuda, SUITE, flav, header, body, rows, keys)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Helpers shared by the benchmark suites (memory, masked, decode, varlen).
+
+- device choice and the size flavour of a run (quick / small / full);
+- timing: on CUDA `triton.testing.do_bench` (CUDA events, warm-up, L2 flushed between calls, median);
+  on CPU the median of `time.perf_counter` over several calls after warm-up;
+- per-row error capture (out of memory, unsupported) so one failing row prints n/a, never aborts;
+- result files: CSV and markdown in benchmarks/results/<device-slug>/, with the device name and the
+  torch / triton / CUDA versions in both; PNG plots only if matplotlib can be imported.
+
+Everything here must also run on a CPU-only machine, and on the GPU machine with what is installed
+(no package index there: no new dependencies).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from benchmarks.bench import RESULTS_DIR, device_name, device_slug, environment_lines
+
+try:
+    import triton
+    import triton.testing
+except Exception:  # triton is optional on CPU
+    triton = None
+
+FLAVOURS = ("quick", "small", "full")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments, device, flavour
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny sizes: check that every row runs")
+    p.add_argument("--full", action="store_true",
+                   help="CPU: the larger sizes (the default on CPU is a short 'small' flavour); no effect on CUDA")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
+    p.add_argument("--out-dir", type=Path, help="results folder (default: benchmarks/results/<device>/)")
+    p.add_argument("--no-plot", action="store_true", help="do not write PNG plots even if matplotlib is there")
+
+
+def resolve_device(args) -> tuple[str, bool]:
+    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    if on_cuda and triton is None:
+        raise SystemExit("CUDA timing uses triton.testing.do_bench, but triton cannot be imported")
+    return ("cuda" if on_cuda else "cpu"), on_cuda
+
+
+def flavour(args, on_cuda: bool) -> str:
+    """quick: a few tiny rows. full: the issue's sizes (CUDA default). small: CPU default (short)."""
+    if args.quick:
+        return "quick"
+    if on_cuda or args.full:
+        return "full"
+    return "small"
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress and formatting
+
+_T0 = time.perf_counter()
+
+
+def progress(text: str) -> None:
+    print(f"  [{time.perf_counter() - _T0:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def fmt(x, spec: str = ".3f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, str):
+        return x
+    return format(x, spec)
+
+
+def fmt_len(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+
+
+def is_oom(exc: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t)
+    if oom_types and isinstance(exc, oom_types):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and ("out of memory" in text or isinstance(exc, MemoryError))
+
+
+def short_error(exc: BaseException) -> str:
+    if is_oom(exc):
+        return "OOM"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:160]
+
+
+def after_error(exc: BaseException, on_cuda: bool) -> str:
+    """Describe a failed row and release what it left behind (cached blocks after an OOM)."""
+    if os.environ.get("BENCH_DEBUG"):
+        traceback.print_exc()
+    if on_cuda:
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass
+        torch.cuda.empty_cache()
+    return short_error(exc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_ms(step: Callable[[], object], on_cuda: bool, *, grads: Sequence[torch.Tensor] = (),
+            warmup_ms: int = 25, rep_ms: int = 100, cpu_target_s: float = 0.3,
+            cpu_min_reps: int = 3, cpu_max_reps: int = 25) -> float:
+    """Median milliseconds of one call of step(); grads are set to None before every call.
+
+    step must rotate its inputs itself (several random input sets), never use zeros.
+    """
+    grads = list(grads)
+
+    def clear():
+        for t in grads:
+            t.grad = None
+
+    if on_cuda:
+        clear()
+        step()  # compile / autotune / pick kernels outside the measurement
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads or None,
+                                             return_mode="median"))
+    est = 0.0
+    for _ in range(2):  # warm-up, and a cost estimate from the second call
+        clear()
+        t0 = time.perf_counter()
+        step()
+        est = time.perf_counter() - t0
+    reps = max(cpu_min_reps, min(cpu_max_reps, int(cpu_target_s / max(est, 1e-6))))
+    times = []
+    for _ in range(reps):
+        clear()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth_gbs(device: str, on_cuda: bool, nbytes: Optional[int] = None) -> float:
+    """Device-to-device copy bandwidth, (bytes read + bytes written) / median time, in GB/s."""
+    nbytes = nbytes or ((1 << 30) if on_cuda else (1 << 27))
+    n = nbytes // 2
+    src = [torch.randn(n, device=device, dtype=torch.float32).to(torch.bfloat16) for _ in range(2)]
+    dst = torch.empty_like(src[0])
+    it = iter(range(1 << 62))
+
+    def step():
+        dst.copy_(src[next(it) % 2])
+
+    ms = time_ms(step, on_cuda, warmup_ms=50, rep_ms=300, cpu_target_s=0.5)
+    del src, dst
+    if on_cuda:
+        torch.cuda.empty_cache()
+    return 2 * n * 2 / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment and results
+
+
+def env_columns(on_cuda: bool) -> dict[str, str]:
+    return {
+        "device": device_name(on_cuda),
+        "torch": torch.__version__,
+        "triton": getattr(triton, "__version__", "") if triton is not None else "",
+        "cuda": torch.version.cuda or "",
+        "cudnn": str(torch.backends.cudnn.version() or "") if on_cuda else "",
+        "python": platform.python_version(),
+    }
+
+
+def header_lines(title: str, on_cuda: bool, flav: str) -> list[str]:
+    lines = [f"# {title}", ""] + environment_lines(on_cuda)
+    lines.append(f"- flavour: {flav}" + {"quick": " (tiny sizes, only checks that rows run)",
+                                        "small": " (CPU default: reduced sizes; --full for the larger CPU sizes)",
+                                        "full": ""}[flav])
+    return lines
+
+
+def results_path(args, on_cuda: bool, suite: str, flav: str, ext: str = ".csv") -> Path:
+    folder = args.out_dir or (RESULTS_DIR / device_slug(on_cuda))
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = "" if flav == "full" else f"-{flav}"
+    return folder / f"{suite}{suffix}{ext}"
+
+
+class Column:
+    def __init__(self, key: str, header: Optional[str] = None, spec: str = ".3f", align_right: bool = True):
+        self.key, self.header, self.spec, self.align_right = key, header or key, spec, align_right
+
+
+def markdown_table(rows: Iterable[dict], columns: Sequence[Column]) -> list[str]:
+    out = ["| " + " | ".join(c.header.replace("|", "\\|") for c in columns) + " |",
+           "|" + "|".join("---:" if c.align_right else "---" for c in columns) + "|"]
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c.key)
+            cells.append(fmt(v, c.spec) if isinstance(v, float) or v is None else str(v))
+        out.append("| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |")
+    return out
+
+
+def write_csv(path: Path, rows: Sequence[dict], keys: Sequence[str], on_cuda: bool) -> None:
+    env = env_columns(on_cuda)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(keys) + list(env))
+        for r in rows:
+            vals = []
+            for k in keys:
+                v = r.get(k)
+                vals.append("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v))
+            w.writerow(vals + list(env.values()))
+
+
+def finish(args, on_cuda: bool, suite: str, flav: str, header: list[str], body: list[str],
+           rows: Sequence[dict], csv_keys: Sequence[str]) -> Path:
+    """Print the report, write <suite>.csv and <suite>.md; return the CSV path."""
+    print("\n".join([""] + body), flush=True)
+    path = results_path(args, on_cuda, suite, flav)
+    write_csv(path, rows, csv_keys, on_cuda)
+    md = path.with_suffix(".md")
+    md.write_text("\n".join(header + [""] + body) + "\n")
+    print(f"\nwrote {path} and {md}", flush=True)
+    return path
+
+
+def maybe_plot(args, path: Path, xs_by_series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str,
+               title: str, logx: bool = True, logy: bool = False) -> Optional[str]:
+    """Write a PNG line plot if matplotlib is importable; returns a note for the report."""
+    if getattr(args, "no_plot", False):
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return "(no PNG plot: matplotlib is not installed)"
+    try:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, (xs, ys) in xs_by_series.items():
+            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        if logx:
+            ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return f"plot: {path.name}"
+    except Exception as exc:
+        return f"(plot failed: {short_error(exc)})"
+
+
+def goal_line(name: str, value: Optional[float], target: float, *, higher_is_better: bool, spec: str = ".2f") -> str:
+    if value is None:
+        return f"- {name}: n/a (target {'>=' if higher_is_better else '<='} {target:{spec}})"
+    ok = value >= target if higher_is_better else value <= target
+    return f"- {name}: {value:{spec}} (target {'>=' if higher_is_better else '<='} {target:{spec}}) " \
+           f"**{'met' if ok else 'MISSED'}**"
+
+
+def rand(shape, device, dtype, requires_grad: bool = False, scale: float = 1.0) -> torch.Tensor:
+    """Random normal tensor (never zeros or constants)."""
+    t = torch.randn(shape, device=device, dtype=torch.float32) * scale
+    return t.to(dtype).requires_grad_(requires_grad)

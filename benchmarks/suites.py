@@ -1,0 +1,89 @@
+"""`python -m benchmarks.bench --suite ...`: choose among the benchmark suites.
+
+    --suite speed      benchmarks/bench.py's own sweep (fused_attn vs torch SDPA, fwd and fwd+bwd)
+    --suite memory     benchmarks/bench_memory.py  (peak memory vs L, longest L before OOM)
+    --suite masked     benchmarks/bench_masked.py  (padding mask, bias gradient, causal, window)
+    --suite decode     benchmarks/bench_decode.py  (KV-cache decoding bandwidth, contiguous and paged)
+    --suite varlen     benchmarks/bench_varlen.py  (packed batches vs padded dense)
+    --suite all        every suite (the default); a comma-separated list also works
+    --full             CPU only: larger sizes for the non-speed suites (their CPU default is short)
+
+--quick and --device go to every suite. With one suite, all other arguments go to it; with several,
+the other arguments go to the speed suite (as before), and each suite runs in its own subprocess so
+that an out-of-memory or a kernel fault in one cannot spoil the next (and no suite inherits
+another's cached GPU memory).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+SUITES = ("speed", "memory", "masked", "decode", "varlen")
+MODULES = {"memory": "benchmarks.bench_memory", "masked": "benchmarks.bench_masked",
+           "decode": "benchmarks.bench_decode", "varlen": "benchmarks.bench_varlen"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _selected(text: str | None) -> list[str]:
+    if not text or text == "all":
+        return list(SUITES)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if "all" in names:
+        return list(SUITES)
+    bad = [n for n in names if n not in SUITES]
+    if bad:
+        raise SystemExit(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)} or all")
+    return [s for s in SUITES if s in names]
+
+
+def cli(speed_main: Callable[[list[str]], int], argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--suite")
+    p.add_argument("--full", action="store_true")
+    p.add_argument("-h", "--help", action="store_true")
+    known, rest = p.parse_known_args(argv)
+    if known.help:
+        print(__doc__)
+        print("Arguments of the speed suite:\n")
+        speed_main(["--help"])  # exits
+        return 0
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--quick", action="store_true")
+    peek.add_argument("--device")
+    shared, _ = peek.parse_known_args(rest)
+    common = (["--quick"] if shared.quick else []) + (["--device", shared.device] if shared.device else [])
+    suites = _selected(known.suite)
+
+    if len(suites) == 1:
+        name = suites[0]
+        if name == "speed":
+            return speed_main(rest)
+        args = rest + (["--full"] if known.full else [])
+        return importlib.import_module(MODULES[name]).main(args)
+
+    extra = [a for a in rest if a not in common]
+    if extra and "speed" not in suites:
+        raise SystemExit(f"arguments {extra} need a single --suite (they are passed to that suite only)")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    summary, rc_all = [], 0
+    for name in suites:
+        if name == "speed":
+            args = rest
+        else:
+            args = common + (["--full"] if known.full else [])
+        cmd = [sys.executable, "-m", "benchmarks.bench", "--suite", name] + args
+        print(f"\n===== suite {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd, cwd=REPO, env=env)
+        summary.append(f"- {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - t0:.0f}s")
+        rc_all = rc_all or rc
+    print("\n===== suites\n" + "\n".join(summary), flush=True)
+    return rc_all
