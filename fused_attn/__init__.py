@@ -10,6 +10,6 @@ from .varlen import varlen_attention
 __all__ = [
     "attention", "varlen_attention", "attention_with_kvcache", "explain", "available_backends",
     "dropout_keep_mask", "BackendError",
-    "scaled_dot_product_attention", "patch_sdpa", "enable", "disable", "is_enabled", "nn",
+    "scaled_dot_product_attention", "patch_sdpa", "enable", "disable", "is_enabled", "nn", "integrations",
 ]
 __version__ = "0.1.0"
