@@ -1,7 +1,7 @@
 // The torch binding of fused_attn's native kernels: ops in the `fused_attn_native` namespace.
 //
-//   cpu_forward(q, k, v, out!, lse!, causal, causal_offset, scale)
-//   cpu_backward(dout, dlse, q, k, v, out, lse, dq!, dk!, dv!, causal, causal_offset, scale)
+//   cpu_forward(q, k, v, out!, lse!, scale, window_left, window_right, shift, softcap, alibi_slopes)
+//   cpu_backward(dout, dlse, q, k, v, out, lse, dq!, dk!, dv!, <the forward's arguments from scale on>)
 //   cpu_isa() -> str       which kernels the next call runs: "avx2" or "portable"
 //
 // Outputs are passed in (allocated by fused_attn/backends/cpu_backend.py), so their layout follows
@@ -13,6 +13,7 @@
 #include <Python.h>
 
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -71,9 +72,18 @@ void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype, at::I
   TORCH_CHECK(t.sizes() == shape, "fused_attn_native: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-// Checks q, k, v against each other and returns the problem they describe.
-cpu::Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, int64_t causal_offset,
-                        double scale) {
+// The arguments both ops take after their tensors: scale and the variants (params.h, Variants).
+// Window bounds are -1 (unbounded) or >= 0; causal is window_right = 0; shift aligns query i with
+// key i + shift. alibi_slopes: float32 (Hq,) or (B, Hq).
+#define FUSED_ATTN_VARIANT_PARAMS                                                                        \
+  double scale, int64_t window_left, int64_t window_right, int64_t shift, double softcap,                \
+      const std::optional<Tensor>&alibi_slopes
+#define FUSED_ATTN_VARIANT_ARGS scale, window_left, window_right, shift, softcap, alibi_slopes
+#define FUSED_ATTN_VARIANT_SCHEMA \
+  "float scale, int window_left, int window_right, int shift, float softcap=0., Tensor? alibi_slopes=None"
+
+// Checks q, k, v against each other and the variants' tensors against them; returns the problem.
+cpu::Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "fused_attn_native: q, k, v must be (B, H, L, D)");
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
@@ -83,12 +93,29 @@ cpu::Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, bool 
   check_tensor(q, "q", q.scalar_type(), q.sizes());
   check_tensor(k, "k", q.scalar_type(), {B, Hkv, Lk, D});
   check_tensor(v, "v", q.scalar_type(), {B, Hkv, Lk, Dv});
-  return {kernel_dtype(q), B, Hq, Hkv, Lq, Lk, D, Dv, causal, causal_offset, static_cast<float>(scale)};
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "fused_attn_native: window bounds must be >= -1");
+  cpu::Variants variants;
+  variants.window_left = window_left;
+  variants.window_right = window_right;
+  variants.shift = shift;
+  variants.softcap = static_cast<float>(softcap);
+  if (alibi_slopes) {
+    const Tensor& slopes = *alibi_slopes;
+    TORCH_CHECK(slopes.device().is_cpu() && slopes.scalar_type() == at::kFloat,
+                "fused_attn_native: alibi_slopes must be a float32 CPU tensor");
+    TORCH_CHECK(slopes.sizes() == at::IntArrayRef({Hq}) || slopes.sizes() == at::IntArrayRef({B, Hq}),
+                "fused_attn_native: alibi_slopes must have shape (Hq,) or (B, Hq), got ", slopes.sizes());
+    const Tensor expanded = slopes.expand({B, Hq});  // stride 0 along the batch of (Hq,) slopes
+    variants.alibi_slopes = slopes.data_ptr<float>();
+    variants.slopes_batch = expanded.stride(0);
+    variants.slopes_head = expanded.stride(1);
+  }
+  return {kernel_dtype(q), B, Hq, Hkv, Lq, Lk, D, Dv, static_cast<float>(scale), variants};
 }
 
-void cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
-                 int64_t causal_offset, double scale) {
-  const cpu::Problem p = problem_of(q, k, v, causal, causal_offset, scale);
+void cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                 FUSED_ATTN_VARIANT_PARAMS) {
+  const cpu::Problem p = problem_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
   check_tensor(out, "out", q.scalar_type(), {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v});
   check_tensor(lse, "lse", at::kFloat, {p.batch, p.heads_q, p.seqlen_q});
   TORCH_CHECK(lse.is_contiguous(), "fused_attn_native: lse must be contiguous");
@@ -107,8 +134,8 @@ bool prefer_one_pass(const cpu::Problem& p) {
 
 void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
                   const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv,
-                  bool causal, int64_t causal_offset, double scale) {
-  const cpu::Problem p = problem_of(q, k, v, causal, causal_offset, scale);
+                  FUSED_ATTN_VARIANT_PARAMS) {
+  const cpu::Problem p = problem_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
   const std::vector<int64_t> rows{p.batch, p.heads_q, p.seqlen_q};
   check_tensor(out, "out", q.scalar_type(), {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v});
   check_tensor(dout, "dout", q.scalar_type(), out.sizes());
@@ -141,10 +168,10 @@ std::string cpu_isa() { return select_kernels().isa; }
 }  // namespace fused_attn
 
 TORCH_LIBRARY(fused_attn_native, m) {
-  m.def("cpu_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, bool causal, int causal_offset, "
-        "float scale) -> ()");
+  m.def("cpu_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, " FUSED_ATTN_VARIANT_SCHEMA
+        ") -> ()");
   m.def("cpu_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, bool causal, int causal_offset, float scale) -> ()");
+        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSED_ATTN_VARIANT_SCHEMA ") -> ()");
   m.def("cpu_isa() -> str", &fused_attn::cpu_isa);
 }
 

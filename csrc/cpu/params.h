@@ -23,12 +23,24 @@ struct Strided {
   int64_t batch, head, row, col;
 };
 
+// The variants of the scores, all off by default. Query i of head (b, h) and key j are at
+// distance d = j - (i + shift); their score is
+//   s = softcap * tanh(scale q.k / softcap) - slope(b, h) |d|      (softcap 0: s = scale q.k)
+// and key j is hidden from query i (score -inf) when d < -window_left or d > window_right
+// (a bound of -1: unbounded; causal is window_right = 0).
+struct Variants {
+  int64_t window_left = -1, window_right = -1;
+  int64_t shift = 0;
+  float softcap = 0.f;
+  const float* alibi_slopes = nullptr;  // slope(b, h) = alibi_slopes[b * slopes_batch + h * slopes_head]
+  int64_t slopes_batch = 0, slopes_head = 0;
+};
+
 struct Problem {
   DType dtype;
   int64_t batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v;
-  bool causal;
-  int64_t causal_offset;  // query i sees key j iff j <= i + causal_offset (when causal)
   float scale;
+  Variants variants;
 };
 
 struct ForwardArgs {

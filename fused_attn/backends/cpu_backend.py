@@ -36,12 +36,8 @@ class CpuBackend(Backend):
             reasons.append(f"tensors on {q.device.type} (needs CPU)")
         if q.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
-        # The C++ kernels do plain and causal attention so far; the variants are the reference's.
         unsupported = {
             "attn_mask": extras.mask is not None or extras.bias is not None,
-            "alibi_slopes": extras.alibi_slopes is not None,
-            "window": opts.window_left >= 0 or opts.window_right >= 0,
-            "softcap": opts.softcap > 0,
             "dropout": opts.dropout_p > 0,
             "varlen": q.dim() == 3,
         }
@@ -52,15 +48,19 @@ class CpuBackend(Backend):
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
         lse = new_output(q, q.shape[:3], torch.float32)
-        offset = opts.causal_offset(q.shape[2], k.shape[2])
-        _ops().cpu_forward(q, k, v, out, lse, opts.causal, offset, opts.scale)
+        _ops().cpu_forward(q, k, v, out, lse, *_variant_args(q, k, extras, opts))
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
         dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
-        offset = opts.causal_offset(q.shape[2], k.shape[2])
-        _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, opts.causal, offset, opts.scale)
+        _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *_variant_args(q, k, extras, opts))
         return dq, dk, dv, None
+
+
+def _variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
+    """The ops' arguments after their tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA)."""
+    shift = opts.causal_offset(q.shape[2], k.shape[2])
+    return (opts.scale, opts.left, opts.right, shift, opts.softcap, extras.alibi_slopes)
 
 
 def active_isa() -> str:
