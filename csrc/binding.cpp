@@ -1,7 +1,7 @@
 // The torch binding of fused_attn's native kernels: ops in the `fused_attn_native` namespace.
 //
-//   cpu_forward(q, k, v, out!, lse!, scale, window_left, window_right, shift, softcap, alibi_slopes)
-//   cpu_backward(dout, dlse, q, k, v, out, lse, dq!, dk!, dv!, <the forward's arguments from scale on>)
+//   cpu_forward(q, k, v, out!, lse!, scale, window_left, window_right, shift, softcap, alibi_slopes, mask, bias)
+//   cpu_backward(dout, dlse, q, k, v, out, lse, dq!, dk!, dv!, <the forward's arguments from scale on>, dbias!)
 //   cpu_isa() -> str       which kernels the next call runs: "avx2" or "portable"
 //
 // Outputs are passed in (allocated by fused_attn/backends/cpu_backend.py), so their layout follows
@@ -74,13 +74,16 @@ void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype, at::I
 
 // The arguments both ops take after their tensors: scale and the variants (params.h, Variants).
 // Window bounds are -1 (unbounded) or >= 0; causal is window_right = 0; shift aligns query i with
-// key i + shift. alibi_slopes: float32 (Hq,) or (B, Hq).
-#define FUSED_ATTN_VARIANT_PARAMS                                                                        \
-  double scale, int64_t window_left, int64_t window_right, int64_t shift, double softcap,                \
-      const std::optional<Tensor>&alibi_slopes
-#define FUSED_ATTN_VARIANT_ARGS scale, window_left, window_right, shift, softcap, alibi_slopes
-#define FUSED_ATTN_VARIANT_SCHEMA \
-  "float scale, int window_left, int window_right, int shift, float softcap=0., Tensor? alibi_slopes=None"
+// key i + shift. alibi_slopes: float32 (Hq,) or (B, Hq). mask (bool) and bias (float32): views
+// of shape (B, Hq, Lq, Lk), broadcast ones (stride 0) welcome; they are read in place.
+#define FUSED_ATTN_VARIANT_PARAMS                                                                       \
+  double scale, int64_t window_left, int64_t window_right, int64_t shift, double softcap,               \
+      const std::optional<Tensor>&alibi_slopes, const std::optional<Tensor>&mask,                         \
+      const std::optional<Tensor>&bias
+#define FUSED_ATTN_VARIANT_ARGS scale, window_left, window_right, shift, softcap, alibi_slopes, mask, bias
+#define FUSED_ATTN_VARIANT_SCHEMA                                                                        \
+  "float scale, int window_left, int window_right, int shift, float softcap=0., Tensor? alibi_slopes=None, " \
+  "Tensor? mask=None, Tensor? bias=None"
 
 // Checks q, k, v against each other and the variants' tensors against them; returns the problem.
 cpu::Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS) {
@@ -110,6 +113,14 @@ cpu::Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED
     variants.slopes_batch = expanded.stride(0);
     variants.slopes_head = expanded.stride(1);
   }
+  if (mask) {
+    check_tensor(*mask, "mask", at::kBool, {B, Hq, Lq, Lk});
+    variants.mask = strided(*mask);
+  }
+  if (bias) {
+    check_tensor(*bias, "bias", at::kFloat, {B, Hq, Lq, Lk});
+    variants.bias = strided(*bias);
+  }
   return {kernel_dtype(q), B, Hq, Hkv, Lq, Lk, D, Dv, static_cast<float>(scale), variants};
 }
 
@@ -134,7 +145,7 @@ bool prefer_one_pass(const cpu::Problem& p) {
 
 void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
                   const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv,
-                  FUSED_ATTN_VARIANT_PARAMS) {
+                  FUSED_ATTN_VARIANT_PARAMS, const std::optional<Tensor>& dbias) {
   const cpu::Problem p = problem_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
   const std::vector<int64_t> rows{p.batch, p.heads_q, p.seqlen_q};
   check_tensor(out, "out", q.scalar_type(), {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v});
@@ -147,18 +158,25 @@ void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const
   // Row vectors are tiny next to the inputs; contiguous copies keep the kernels' indexing simple.
   const Tensor lse_c = lse.contiguous(), dlse_c = dlse.contiguous();
   const Tensor delta = at::empty(rows, lse.options());
+  cpu::Strided dbias_view{nullptr, 0, 0, 0, 0};
+  if (dbias) {
+    check_tensor(*dbias, "dbias", at::kFloat, {p.batch, p.heads_q, p.seqlen_q, p.seqlen_k});
+    TORCH_CHECK(bias, "fused_attn_native: dbias without bias");
+    dbias_view = strided(*dbias);
+  }
   const cpu::BackwardArgs args{p, strided(q), strided(k), strided(v), strided(out), strided(dout),
                                strided(dq), strided(dk), strided(dv), lse_c.data_ptr<float>(),
-                               dlse_c.data_ptr<float>(), delta.data_ptr<float>()};
+                               dlse_c.data_ptr<float>(), delta.data_ptr<float>(), dbias_view};
   const cpu::Kernels& kernels = select_kernels();
-  // Both schedules give the same bits; the choice is only about speed. Every pass reads the
-  // delta of rows other tasks write, hence separate parallel loops.
-  if (prefer_one_pass(p)) {
+  // Both schedules give the same bits; the choice is only about speed, except that the bias
+  // gradient is summed by the two-pass one's dK/dV tasks (params.h, dkdv_split). Every pass reads
+  // the delta of rows other tasks write, hence separate parallel loops.
+  if (prefer_one_pass(p) && !dbias) {
     at::parallel_for(0, cpu::dq_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_delta(args, begin, end); });
     at::parallel_for(0, cpu::fused_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_fused(args, begin, end); });
   } else {
     at::parallel_for(0, cpu::dq_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_dq(args, begin, end); });
-    at::parallel_for(0, cpu::dkdv_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_dkdv(args, begin, end); });
+    at::parallel_for(0, cpu::dkdv_tasks(p, dbias_view), 1, [&](int64_t begin, int64_t end) { kernels.backward_dkdv(args, begin, end); });
   }
 }
 
@@ -171,7 +189,7 @@ TORCH_LIBRARY(fused_attn_native, m) {
   m.def("cpu_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, " FUSED_ATTN_VARIANT_SCHEMA
         ") -> ()");
   m.def("cpu_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSED_ATTN_VARIANT_SCHEMA ") -> ()");
+        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSED_ATTN_VARIANT_SCHEMA ", Tensor(d!)? dbias=None) -> ()");
   m.def("cpu_isa() -> str", &fused_attn::cpu_isa);
 }
 

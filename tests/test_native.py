@@ -45,9 +45,10 @@ def test_isa_choice(isa):
         isa("sse9")
 
 
-def variant_keywords(heads_q):
+def variant_keywords(heads_q, seqlen_q, seqlen_k):
     """Every variant the kernels have, cutting across block boundaries."""
-    return dict(window=(70, 20), alibi_slopes=torch.rand(heads_q), softcap=5.0)
+    return dict(window=(70, 20), alibi_slopes=torch.rand(heads_q), softcap=5.0,
+                attn_mask=torch.randn(seqlen_q, seqlen_k).masked_fill(torch.rand(seqlen_q, seqlen_k) < 0.2, -torch.inf))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -56,7 +57,7 @@ def test_portable_build_matches_vectorized(isa, dtype):
         pytest.skip("this CPU runs the portable kernels only")
     q, k, v = random_qkv(2, 4, 2, 150, 130, 72, 40, dtype, "cpu", sequence_major=True)
     dout = torch.randn(2, 4, 150, 40, dtype=dtype)
-    for keywords in (dict(causal=False), dict(causal=True), variant_keywords(4)):
+    for keywords in (dict(causal=False), dict(causal=True), variant_keywords(4, 150, 130)):
         vectorized = run(q, k, v, dout, causal_alignment="bottom_right", **keywords)
         isa("portable")
         portable = run(q, k, v, dout, causal_alignment="bottom_right", **keywords)
@@ -77,7 +78,7 @@ def test_thread_count_changes_no_bit(shape, variants):
     q, k, v = random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, 64, 64, torch.float32, "cpu")
     dout = torch.randn(batch, heads_q, seqlen_q, 64)
     threads = torch.get_num_threads()
-    keywords = variant_keywords(heads_q) if variants else dict(causal=True)
+    keywords = variant_keywords(heads_q, seqlen_q, seqlen_k) if variants else dict(causal=True)
     results = []
     try:
         for n in (1, 2, 3):
@@ -88,6 +89,24 @@ def test_thread_count_changes_no_bit(shape, variants):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bias_shape", [(1,), (2, 1, 1, 150), (1, 6, 200, 150), (2, 6, 200, 1)], ids=str)
+def test_bias_gradient_is_bitwise_independent_of_thread_count(bias_shape):
+    """dbias is summed over broadcast dims in a fixed order by tasks that own its elements."""
+    q, k, v = random_qkv(2, 6, 2, 200, 150, 32, 32, torch.float32, "cpu")
+    bias = torch.randn(bias_shape)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            leaf = bias.clone().requires_grad_()
+            out = fused_attn.attention(q, k, v, attn_mask=leaf, causal=True, backend="cpu")
+            grads.append(torch.autograd.grad(out.square().sum(), leaf)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -21,14 +21,17 @@
 // p = exp(s - lse) exactly 0 there, so their gradients are 0 instead of NaN.
 inline float backward_lse(float lse) { return lse == -kInf ? kInf : lse; }
 
-// dS for one vector of scores, from P and dP (see the top of this file); tanh is null without softcap.
-inline Vec score_grad(Vec prob, Vec dp, Vec delta, const float* tanh, Vec scale) {
-  Vec ds = prob * (dp - delta);
+// The gradient of the final scores, P * (dP - delta): also the bias gradient.
+inline Vec score_grad(Vec prob, Vec dp, Vec delta) { return prob * (dp - delta); }
+
+// dS, the gradient of q.k, from the final scores': through the softcap (tanh null without one)
+// and the scale.
+inline Vec qk_grad(Vec score_grad, const float* tanh, Vec scale) {
   if (tanh != nullptr) {
     const Vec th = Vec::loadu(tanh);
-    ds = ds * (Vec(1.f) - th * th);
+    score_grad = score_grad * (Vec(1.f) - th * th);
   }
-  return ds * scale;
+  return score_grad * scale;
 }
 
 // delta_i = sum_c dO_ic O_ic - dlse_i for rows [q0, q0 + rows) of (b, h), into args.delta.
@@ -100,8 +103,8 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
         const float* dp = dpt + j * BM;
         for (int64_t c = 0; c < BM; c += kVec) {
           const Vec prob = exp(Vec::loadu(s + c) - Vec::loadu(lse + c));
-          score_grad(prob, Vec::loadu(dp + c), Vec::loadu(delta + c), tanh ? tanh + j * BM + c : nullptr, scale)
-              .store(s + c);
+          const Vec grad = score_grad(prob, Vec::loadu(dp + c), Vec::loadu(delta + c));
+          qk_grad(grad, tanh ? tanh + j * BM + c : nullptr, scale).store(s + c);
         }
       }
       gemm(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, true);  // dQ += dS K, dS read from dS^T
@@ -112,12 +115,13 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
 
 // The tiles of one key block's backward, carved out of a thread's scratch.
 struct KeyBlockScratch {
-  float *kt, *vt, *kb, *qb, *dob, *s, *dp, *tanh, *dk, *dv;
+  float *kt, *vt, *kb, *qb, *dob, *s, *dp, *tanh, *dbias, *dk, *dv;
 
   static int64_t floats(int64_t D, int64_t Dv) {
     const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
     return Scratch::size_of({D * kBlockN, Dv * kBlockN, kBlockN * Dp, kBlockM * Dp, kBlockM * Dvp,
-                             kBlockM * kBlockN, kBlockM * kBlockN, kBlockM * kBlockN, kBlockN * Dp, kBlockN * Dvp});
+                             kBlockM * kBlockN, kBlockM * kBlockN, kBlockM * kBlockN, kBlockM * kBlockN,
+                             kBlockN * Dp, kBlockN * Dvp});
   }
   KeyBlockScratch(Scratch& scratch, int64_t D, int64_t Dv) {
     const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
@@ -129,10 +133,23 @@ struct KeyBlockScratch {
     s = scratch.take(kBlockM * kBlockN);   // S, then P
     dp = scratch.take(kBlockM * kBlockN);  // dP, then dS
     tanh = scratch.take(kBlockM * kBlockN);  // tanh of the softcap, S's layout
+    dbias = scratch.take(kBlockM * kBlockN);  // the bias gradient of the tile, S's layout
     dk = scratch.take(kBlockN * Dp);
     dv = scratch.take(kBlockN * Dvp);
   }
 };
+
+// dbias(b, h, q0 + i, k0 + j) += grad(i, j) for one (rows x keys) tile in S's layout. Along
+// broadcast dims dbias has stride 0, so the terms of one element are summed in the order the
+// task visits them; the task split (params.h, dkdv_split) gives every element one writer.
+inline void add_bias_grad(const Strided& dbias, const float* grad, int64_t b, int64_t h, int64_t q0, int64_t rows,
+                          int64_t k0, int64_t keys) {
+  float* base = at_row_mut<float>(dbias, b, h, q0) + k0 * dbias.col;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = base + i * dbias.row;
+    for (int64_t j = 0; j < keys; ++j) row[j * dbias.col] += grad[i * kBlockN + j];
+  }
+}
 
 // Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query
 // heads and the query blocks that see the block. With dq != nullptr (the one-pass schedule) also
@@ -177,9 +194,12 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
         for (int64_t c = 0; c < BN; c += kVec) {
           const Vec prob = exp(Vec::loadu(si + c) - lse);
           prob.store(si + c);
-          score_grad(prob, Vec::loadu(dpi + c), delta, tanh ? tanh + i * BN + c : nullptr, scale).store(dpi + c);
+          const Vec grad = score_grad(prob, Vec::loadu(dpi + c), delta);
+          if (args.dbias.data != nullptr) grad.store(t.dbias + i * BN + c);
+          qk_grad(grad, tanh ? tanh + i * BN + c : nullptr, scale).store(dpi + c);
         }
       }
+      if (args.dbias.data != nullptr) add_bias_grad(args.dbias, t.dbias, b, h, q0, rows, k0, keys);
       gemm(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, true);  // dV += P^T dO
       gemm(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, true);     // dK += dS^T Q
       if (dq != nullptr)                                                 // dQ += dS K
@@ -196,9 +216,20 @@ void backward_dkdv_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   Scratch scratch(KeyBlockScratch::floats(p.head_dim, p.head_dim_v));
   const KeyBlockScratch tiles(scratch, p.head_dim, p.head_dim_v);
   const int64_t blocks = ceil_div(p.seqlen_k, kBlockN);
+  // A task is one (batch, head, block) triple, or all of them along the dims dkdv_split does not
+  // split (those where the bias gradient is broadcast).
+  const DkdvSplit split = dkdv_split(p, args.dbias);
+  auto span = [](int64_t index, int64_t parts, int64_t n) {
+    return parts == n ? Range{index, index + 1} : Range{0, n};
+  };
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t bh = task / blocks, b = bh / p.heads_kv, hk = bh % p.heads_kv;
-    key_block_backward<T>(args, b, hk, balanced_block(task % blocks, blocks) * kBlockN, tiles, nullptr);
+    const Range batches = span(task / (split.heads * split.blocks), split.batches, p.batch);
+    const Range heads = span(task / split.blocks % split.heads, split.heads, p.heads_kv);
+    const Range block_ids = span(task % split.blocks, split.blocks, blocks);
+    for (int64_t b = batches.begin; b < batches.end; ++b)
+      for (int64_t hk = heads.begin; hk < heads.end; ++hk)
+        for (int64_t block = block_ids.begin; block < block_ids.end; ++block)
+          key_block_backward<T>(args, b, hk, balanced_block(block, blocks) * kBlockN, tiles, nullptr);
   }
 }
 

@@ -60,7 +60,8 @@ inline bool window_cuts(const Problem& p, const ScoreTile& t) {
 }
 
 // Turns a tile of q.k (times `mul`: 1 where q was loaded pre-scaled) into final scores:
-//   s = softcap * tanh(scale q.k / softcap) - slope |j - (i + shift)|,  -inf where the window hides j.
+//   s = softcap * tanh(scale q.k / softcap) - slope |j - (i + shift)| + bias,
+// -inf where the window or the mask hides key j from query i.
 // With `tanh` (same layout) not null, tanh(scale q.k / softcap) is kept there for the backward's
 // chain rule, d(softcap tanh(x / softcap)) / dx = 1 - tanh^2.
 inline void finish_scores(const Problem& p, const ScoreTile& t, float mul, float* tanh) {
@@ -78,16 +79,20 @@ inline void finish_scores(const Problem& p, const ScoreTile& t, float mul, float
     }
   }
   const bool cuts = window_cuts(p, t);
-  if (v.alibi_slopes == nullptr && !cuts) return;
+  if (v.alibi_slopes == nullptr && v.bias.data == nullptr && v.mask.data == nullptr && !cuts) return;
   const float slope = v.alibi_slopes == nullptr ? 0.f : v.alibi_slopes[t.b * v.slopes_batch + t.h * v.slopes_head];
+  const float* bias = v.bias.data == nullptr ? nullptr : at_row<float>(v.bias, t.b, t.h, t.q0) + t.k0 * v.bias.col;
+  const bool* mask = v.mask.data == nullptr ? nullptr : at_row<bool>(v.mask, t.b, t.h, t.q0) + t.k0 * v.mask.col;
   t.for_each([&](int64_t i, int64_t j) {
     const int64_t distance = t.k0 + j - (t.q0 + i + v.shift);
     float& s = t.at(i, j);
-    if (cuts && ((v.window_left >= 0 && distance < -v.window_left) ||
-                 (v.window_right >= 0 && distance > v.window_right))) {
+    if ((cuts && ((v.window_left >= 0 && distance < -v.window_left) ||
+                  (v.window_right >= 0 && distance > v.window_right))) ||
+        (mask != nullptr && !mask[i * v.mask.row + j * v.mask.col])) {
       s = -kInf;
-    } else if (v.alibi_slopes != nullptr) {
-      s -= slope * static_cast<float>(std::abs(distance));
+      return;
     }
+    if (v.alibi_slopes != nullptr) s -= slope * static_cast<float>(std::abs(distance));
+    if (bias != nullptr) s += bias[i * v.bias.row + j * v.bias.col];
   });
 }

@@ -37,7 +37,6 @@ class CpuBackend(Backend):
         if q.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
         unsupported = {
-            "attn_mask": extras.mask is not None or extras.bias is not None,
             "dropout": opts.dropout_p > 0,
             "varlen": q.dim() == 3,
         }
@@ -53,14 +52,33 @@ class CpuBackend(Backend):
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
         dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
-        _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *_variant_args(q, k, extras, opts))
-        return dq, dk, dv, None
+        dbias = None
+        if bias_requires_grad:
+            # Summed over the bias's broadcast dims inside the kernels: never (B, Hq, Lq, Lk) memory.
+            dbias = torch.zeros(_as_4d(extras.bias).shape, dtype=torch.float32, device=q.device)
+        _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *_variant_args(q, k, extras, opts),
+                            None if dbias is None else dbias.expand(_scores_shape(q, k)))
+        if dbias is not None:
+            dbias = dbias.reshape(extras.bias.shape).to(extras.bias.dtype)
+        return dq, dk, dv, dbias
 
 
 def _variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
     """The ops' arguments after their tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA)."""
     shift = opts.causal_offset(q.shape[2], k.shape[2])
-    return (opts.scale, opts.left, opts.right, shift, opts.softcap, extras.alibi_slopes)
+    full = _scores_shape(q, k)
+    mask = None if extras.mask is None else _as_4d(extras.mask).expand(full)
+    # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
+    bias = None if extras.bias is None else _as_4d(extras.bias).to(torch.float32).expand(full)
+    return (opts.scale, opts.left, opts.right, shift, opts.softcap, extras.alibi_slopes, mask, bias)
+
+
+def _scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
 def active_isa() -> str:
