@@ -1,6 +1,7 @@
 // The torch binding of fused_attn's native kernels: ops in the `fused_attn_native` namespace.
 //
-//   cpu_forward(q, k, v, out!, lse!, scale, window_left, window_right, shift, softcap, alibi_slopes, mask, bias)
+//   cpu_forward(q, k, v, out!, lse!, scale, window_left, window_right, shift, softcap, alibi_slopes, mask, bias,
+//               dropout_seed, dropout_p)
 //   cpu_backward(dout, dlse, q, k, v, out, lse, dq!, dk!, dv!, <the forward's arguments from scale on>, dbias!)
 //   cpu_isa() -> str       which kernels the next call runs: "avx2" or "portable"
 //
@@ -12,6 +13,8 @@
 // (auto | portable | avx2, read at every call) overrides the choice made from the CPU.
 #include <Python.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -76,14 +79,16 @@ void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype, at::I
 // Window bounds are -1 (unbounded) or >= 0; causal is window_right = 0; shift aligns query i with
 // key i + shift. alibi_slopes: float32 (Hq,) or (B, Hq). mask (bool) and bias (float32): views
 // of shape (B, Hq, Lq, Lk), broadcast ones (stride 0) welcome; they are read in place.
+// dropout_seed: int64 (1,), the Philox key (fused_attn/dropout.py), needed when dropout_p > 0.
 #define FUSED_ATTN_VARIANT_PARAMS                                                                       \
   double scale, int64_t window_left, int64_t window_right, int64_t shift, double softcap,               \
       const std::optional<Tensor>&alibi_slopes, const std::optional<Tensor>&mask,                         \
-      const std::optional<Tensor>&bias
-#define FUSED_ATTN_VARIANT_ARGS scale, window_left, window_right, shift, softcap, alibi_slopes, mask, bias
+      const std::optional<Tensor>&bias, const std::optional<Tensor>&dropout_seed, double dropout_p
+#define FUSED_ATTN_VARIANT_ARGS \
+  scale, window_left, window_right, shift, softcap, alibi_slopes, mask, bias, dropout_seed, dropout_p
 #define FUSED_ATTN_VARIANT_SCHEMA                                                                        \
   "float scale, int window_left, int window_right, int shift, float softcap=0., Tensor? alibi_slopes=None, " \
-  "Tensor? mask=None, Tensor? bias=None"
+  "Tensor? mask=None, Tensor? bias=None, Tensor? dropout_seed=None, float dropout_p=0."
 
 // Checks q, k, v against each other and the variants' tensors against them; returns the problem.
 cpu::Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS) {
@@ -120,6 +125,17 @@ cpu::Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED
   if (bias) {
     check_tensor(*bias, "bias", at::kFloat, {B, Hq, Lq, Lk});
     variants.bias = strided(*bias);
+  }
+  if (dropout_p > 0) {
+    TORCH_CHECK(dropout_p < 1, "fused_attn_native: dropout_p must be < 1");
+    TORCH_CHECK(dropout_seed && dropout_seed->device().is_cpu() && dropout_seed->scalar_type() == at::kLong &&
+                    dropout_seed->numel() == 1,
+                "fused_attn_native: dropout needs dropout_seed, an int64 CPU tensor of one element");
+    variants.dropout = true;
+    variants.dropout_seed = static_cast<uint64_t>(*dropout_seed->data_ptr<int64_t>());
+    // round(p * 2^32) as fused_attn/dropout.py's keep_threshold (ties to even, like Python's round)
+    variants.drop_threshold = static_cast<uint32_t>(std::min(std::nearbyint(dropout_p * 4294967296.0), 4294967295.0));
+    variants.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   }
   return {kernel_dtype(q), B, Hq, Hkv, Lq, Lk, D, Dv, static_cast<float>(scale), variants};
 }

@@ -12,7 +12,8 @@
 //     computed once instead of twice (5 block products instead of 7).
 //
 // with P = exp(S - lse) recomputed from the saved lse (S the final scores of scores.h), dP = dO V^T
-// and dS = P * (dP - delta) * scale, times 1 - tanh^2 under a softcap (the chain rule through
+// and dS = P * (dP - delta) * scale (under dropout dP is dO V^T times the keep factors, and dV
+// sums the dropped P), times 1 - tanh^2 under a softcap (the chain rule through
 // softcap * tanh(x / softcap)); hidden keys have S = -inf, so P = dS = 0 there. Pass 1 works on S^T (queries as columns, like the forward);
 // pass 2 on S (keys as columns), so each pass packs its fixed operand transposed once per task.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
@@ -97,6 +98,7 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
       gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);     // K Q^T
       gemm(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, false); // dP^T = V dO^T
       finish_scores(p, {st, keys * BM, 1, BM, b, h, q0, rows, k0, keys}, p.scale, tanh);  // S^T
+      if (p.variants.dropout) apply_dropout(p, {dpt, keys * BM, 1, BM, b, h, q0, rows, k0, keys});
       // P^T = exp(S^T - lse), then dS^T, queries along columns
       for (int64_t j = 0; j < keys; ++j) {
         float* s = st + j * BM;
@@ -183,7 +185,9 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       load_tile(t.dob, Dvp, at_row<T>(args.dout, b, h, q0), args.dout.row, args.dout.col, rows, Dv);
       gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // Q K^T
       gemm(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
-      finish_scores(p, {t.s, rows * BN, BN, 1, b, h, q0, rows, k0, keys}, p.scale, tanh);  // S
+      const ScoreTile s_tile{t.s, rows * BN, BN, 1, b, h, q0, rows, k0, keys};
+      finish_scores(p, s_tile, p.scale, tanh);  // S
+      if (p.variants.dropout) apply_dropout(p, {t.dp, rows * BN, BN, 1, b, h, q0, rows, k0, keys});
       // P = exp(S - lse), then dS, keys along columns. Columns past the block's end (zero
       // padding of K^T) hold junk that the products below never read (they stop at `keys`).
       for (int64_t i = 0; i < rows; ++i) {
@@ -200,6 +204,7 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
         }
       }
       if (args.dbias.data != nullptr) add_bias_grad(args.dbias, t.dbias, b, h, q0, rows, k0, keys);
+      if (p.variants.dropout) apply_dropout(p, s_tile);  // P -> the dropped P, for dV
       gemm(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, true);  // dV += P^T dO
       gemm(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, true);     // dK += dS^T Q
       if (dq != nullptr)                                                 // dQ += dS K

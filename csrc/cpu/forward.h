@@ -68,6 +68,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);
       finish_scores(p, {st, keys * BM, 1, BM, b, h, q0, rows, k0, keys}, 1.f, nullptr);
       softmax_update(st, keys, row_max, row_sum, alpha);
+      if (p.variants.dropout) apply_dropout(p, {st, keys * BM, 1, BM, b, h, q0, rows, k0, keys});
       // acc = alpha * acc + P V, with P read from P^T
       for (int64_t i = 0; i < rows; ++i) {
         if (alpha[i] == 1.f) continue;

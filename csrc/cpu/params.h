@@ -37,6 +37,13 @@ struct Variants {
   int64_t slopes_batch = 0, slopes_head = 0;
   Strided mask{nullptr, 0, 0, 0, 0};  // bool; data null: none
   Strided bias{nullptr, 0, 0, 0, 0};  // float32; data null: none
+  // Dropout (fused_attn/dropout.py): probability (b, h, i, j) is kept iff the first word of
+  // Philox4x32-7 on counter (j, i, b * Hq + h, 0) under key dropout_seed is >= drop_threshold,
+  // and kept ones are scaled by keep_scale = 1 / (1 - p). The lse is that of the undropped scores.
+  bool dropout = false;
+  uint64_t dropout_seed = 0;
+  uint32_t drop_threshold = 0;
+  float keep_scale = 1.f;
 };
 
 struct Problem {

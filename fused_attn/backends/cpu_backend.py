@@ -37,7 +37,6 @@ class CpuBackend(Backend):
         if q.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
         unsupported = {
-            "dropout": opts.dropout_p > 0,
             "varlen": q.dim() == 3,
         }
         reasons += [f"no {name} in the C++ kernels yet" for name, used in unsupported.items() if used]
@@ -70,7 +69,8 @@ def _variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: Attentio
     mask = None if extras.mask is None else _as_4d(extras.mask).expand(full)
     # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
     bias = None if extras.bias is None else _as_4d(extras.bias).to(torch.float32).expand(full)
-    return (opts.scale, opts.left, opts.right, shift, opts.softcap, extras.alibi_slopes, mask, bias)
+    return (opts.scale, opts.left, opts.right, shift, opts.softcap, extras.alibi_slopes, mask, bias,
+            extras.dropout_seed, opts.dropout_p)
 
 
 def _scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
