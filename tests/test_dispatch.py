@@ -68,13 +68,15 @@ def test_explain_with_forced_backend():
 
 @pytest.mark.skipif("cpu" not in fused_attn.available_backends() or DEVICE.type != "cpu",
                     reason="needs the C++ extension and CPU tensors")
-def test_cpu_backend_refuses_variants_with_reasons_and_dispatch_moves_on(monkeypatch):
+def test_cpu_backend_refuses_what_it_lacks_with_reasons_and_dispatch_moves_on(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())
     q, k, v = qkv()
     assert fused_attn.explain(q, k, v).splitlines()[0] == "would run: cpu"
-    report = fused_attn.explain(q, k, v, softcap=2.0, window=(3, 0))
-    assert "cpu: no window in the C++ kernels yet; no softcap in the C++ kernels yet" in report
-    with pytest.raises(fused_attn.BackendError, match="backend 'cpu' cannot serve this call: no alibi_slopes"):
-        fused_attn.attention(q, k, v, alibi_slopes=torch.rand(2), backend="cpu")
-    with pytest.warns(UserWarning, match="because cpu \\(no dropout in the C\\+\\+ kernels yet\\) refused"):
-        fused_attn.attention(q, k, v, dropout_p=0.5)
+    assert fused_attn.explain(q, k, v, softcap=2.0, window=(3, 0), dropout_p=0.1).splitlines()[0] == "would run: cpu"
+    # Packed (varlen) inputs are what the C++ kernels do not take yet.
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]  # (total, H, D)
+    cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(fused_attn.BackendError, match="backend 'cpu' cannot serve this call: no varlen"):
+        fused_attn.varlen_attention(*packed, cu_seqlens, cu_seqlens, 5, 5, backend="cpu")
+    with pytest.warns(UserWarning, match="because cpu \\(no varlen in the C\\+\\+ kernels yet\\) refused"):
+        fused_attn.varlen_attention(*packed, cu_seqlens, cu_seqlens, 5, 5)

@@ -45,25 +45,32 @@ def test_isa_choice(isa):
         isa("sse9")
 
 
+def variant_keywords(heads_q, seqlen_q, seqlen_k):
+    """Every variant the kernels have, cutting across block boundaries."""
+    return dict(window=(70, 20), alibi_slopes=torch.rand(heads_q), softcap=5.0,
+                attn_mask=torch.randn(seqlen_q, seqlen_k).masked_fill(torch.rand(seqlen_q, seqlen_k) < 0.2, -torch.inf))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_portable_build_matches_vectorized(isa, dtype):
     if isa("auto") != "avx2":
         pytest.skip("this CPU runs the portable kernels only")
     q, k, v = random_qkv(2, 4, 2, 150, 130, 72, 40, dtype, "cpu", sequence_major=True)
     dout = torch.randn(2, 4, 150, 40, dtype=dtype)
-    for causal in (False, True):
-        vectorized = run(q, k, v, dout, causal=causal, causal_alignment="bottom_right")
+    for keywords in (dict(causal=False), dict(causal=True), variant_keywords(4, 150, 130)):
+        vectorized = run(q, k, v, dout, causal_alignment="bottom_right", **keywords)
         isa("portable")
-        portable = run(q, k, v, dout, causal=causal, causal_alignment="bottom_right")
+        portable = run(q, k, v, dout, causal_alignment="bottom_right", **keywords)
         isa("auto")
         tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), vectorized, portable):
             torch.testing.assert_close(a, b, **tolerance, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("variants", [False, True], ids=["causal", "variants"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 300, 333), (2, 6, 2, 200, 150), (1, 4, 4, 129, 500)],
                          ids=["one-kv-head", "gqa", "mha"])
-def test_thread_count_changes_no_bit(shape):
+def test_thread_count_changes_no_bit(shape, variants):
     """Tasks own their outputs and sum in a fixed order. With B * Hkv = 1 one thread takes the
     one-pass backward and two threads the two-pass one, so this also checks that both schedules
     give identical bits."""
@@ -71,16 +78,35 @@ def test_thread_count_changes_no_bit(shape):
     q, k, v = random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, 64, 64, torch.float32, "cpu")
     dout = torch.randn(batch, heads_q, seqlen_q, 64)
     threads = torch.get_num_threads()
+    keywords = variant_keywords(heads_q, seqlen_q, seqlen_k) if variants else dict(causal=True)
     results = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(run(q, k, v, dout, causal=True, causal_alignment="bottom_right"))
+            results.append(run(q, k, v, dout, causal_alignment="bottom_right", **keywords))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bias_shape", [(1,), (2, 1, 1, 150), (1, 6, 200, 150), (2, 6, 200, 1)], ids=str)
+def test_bias_gradient_is_bitwise_independent_of_thread_count(bias_shape):
+    """dbias is summed over broadcast dims in a fixed order by tasks that own its elements."""
+    q, k, v = random_qkv(2, 6, 2, 200, 150, 32, 32, torch.float32, "cpu")
+    bias = torch.randn(bias_shape)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            leaf = bias.clone().requires_grad_()
+            out = fused_attn.attention(q, k, v, attn_mask=leaf, causal=True, backend="cpu")
+            grads.append(torch.autograd.grad(out.square().sum(), leaf)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -105,11 +131,11 @@ def test_native_op_checks_its_arguments():
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
     out, lse = torch.empty(1, 2, 8, 16), torch.empty(1, 2, 8)
     with pytest.raises(RuntimeError, match="lse must be Float"):
-        torch.ops.fused_attn_native.cpu_forward(q, k, v, out, lse.double(), False, 0, 0.25)
+        torch.ops.fused_attn_native.cpu_forward(q, k, v, out, lse.double(), 0.25, -1, -1, 0)
     with pytest.raises(RuntimeError, match="out must have shape"):
-        torch.ops.fused_attn_native.cpu_forward(q, k, v, out[:, :1], lse, False, 0, 0.25)
+        torch.ops.fused_attn_native.cpu_forward(q, k, v, out[:, :1], lse, 0.25, -1, -1, 0)
     with pytest.raises(RuntimeError, match="dtype Double"):
-        torch.ops.fused_attn_native.cpu_forward(q.double(), k.double(), v.double(), out.double(), lse, False, 0, 0.25)
+        torch.ops.fused_attn_native.cpu_forward(q.double(), k.double(), v.double(), out.double(), lse, 0.25, -1, -1, 0)
 
 
 def test_missing_extension_is_reported_not_fatal(monkeypatch):

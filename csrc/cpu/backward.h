@@ -11,14 +11,29 @@
 //     pass 2 for each key block in turn, also adding dS K to the group's dQ, so S and dP are
 //     computed once instead of twice (5 block products instead of 7).
 //
-// with P = exp(scale S - lse) recomputed from the saved lse, dP = dO V^T and
-// dS = P * (dP - delta) * scale. Pass 1 works on S^T (queries as columns, like the forward);
+// with P = exp(S - lse) recomputed from the saved lse (S the final scores of scores.h), dP = dO V^T
+// and dS = P * (dP - delta) * scale (under dropout dP is dO V^T times the keep factors, and dV
+// sums the dropped P), times 1 - tanh^2 under a softcap (the chain rule through
+// softcap * tanh(x / softcap)); hidden keys have S = -inf, so P = dS = 0 there. Pass 1 works on S^T (queries as columns, like the forward);
 // pass 2 on S (keys as columns), so each pass packs its fixed operand transposed once per task.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
 // lse as the backward uses it: rows that saw no key have lse = -inf; +inf makes every
 // p = exp(s - lse) exactly 0 there, so their gradients are 0 instead of NaN.
 inline float backward_lse(float lse) { return lse == -kInf ? kInf : lse; }
+
+// The gradient of the final scores, P * (dP - delta): also the bias gradient.
+inline Vec score_grad(Vec prob, Vec dp, Vec delta) { return prob * (dp - delta); }
+
+// dS, the gradient of q.k, from the final scores': through the softcap (tanh null without one)
+// and the scale.
+inline Vec qk_grad(Vec score_grad, const float* tanh, Vec scale) {
+  if (tanh != nullptr) {
+    const Vec th = Vec::loadu(tanh);
+    score_grad = score_grad * (Vec(1.f) - th * th);
+  }
+  return score_grad * scale;
+}
 
 // delta_i = sum_c dO_ic O_ic - dlse_i for rows [q0, q0 + rows) of (b, h), into args.delta.
 template <typename T>
@@ -42,13 +57,15 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v;
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
   const int64_t BM = kBlockM, BN = kBlockN;
-  Scratch scratch(Scratch::size_of({D * BM, Dv * BM, BN * Dp, BN * Dvp, BN * BM, BN * BM, BM * Dp, BM, BM}));
+  Scratch scratch(Scratch::size_of({D * BM, Dv * BM, BN * Dp, BN * Dvp, BN * BM, BN * BM, BN * BM, BM * Dp, BM, BM}));
   float* qt = scratch.take(D * BM);    // Q^T (D x BM)
   float* dot = scratch.take(Dv * BM);  // dO^T (Dv x BM)
   float* kb = scratch.take(BN * Dp);   // key block, rows
   float* vb = scratch.take(BN * Dvp);  // value block, rows
   float* st = scratch.take(BN * BM);   // S^T, then P^T, then dS^T
   float* dpt = scratch.take(BN * BM);  // dP^T
+  float* tanh_t = scratch.take(BN * BM);  // tanh of the softcap, S^T's layout
+  float* tanh = p.variants.softcap > 0.f ? tanh_t : nullptr;
   float* dq = scratch.take(BM * Dp);   // dQ rows
   float* lse = scratch.take(BM);
   float* delta = scratch.take(BM);
@@ -73,23 +90,25 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     }
     fill(dq, rows * Dp, 0.f);
 
-    const int64_t keys_end = visible_keys(p, q0, rows);
-    for (int64_t k0 = 0; k0 < keys_end; k0 += BN) {
-      const int64_t keys = std::min(BN, keys_end - k0);
+    const Range visible = visible_keys(p, q0, rows);
+    for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
+      const int64_t keys = std::min(BN, visible.end - k0);
       load_tile(kb, Dp, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D);
       load_tile(vb, Dvp, at_row<T>(args.v, b, hk, k0), args.v.row, args.v.col, keys, Dv);
-      gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);     // S^T = K Q^T
+      gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);     // K Q^T
       gemm(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, false); // dP^T = V dO^T
-      // dS^T = P^T * (dP^T - delta) * scale, P^T = exp(scale S^T - lse), queries along columns
+      finish_scores(p, {st, keys * BM, 1, BM, b, h, q0, rows, k0, keys}, p.scale, tanh);  // S^T
+      if (p.variants.dropout) apply_dropout(p, {dpt, keys * BM, 1, BM, b, h, q0, rows, k0, keys});
+      // P^T = exp(S^T - lse), then dS^T, queries along columns
       for (int64_t j = 0; j < keys; ++j) {
         float* s = st + j * BM;
         const float* dp = dpt + j * BM;
         for (int64_t c = 0; c < BM; c += kVec) {
-          const Vec prob = exp(at::vec::fmadd(Vec::loadu(s + c), scale, -Vec::loadu(lse + c)));
-          (prob * (Vec::loadu(dp + c) - Vec::loadu(delta + c)) * scale).store(s + c);
+          const Vec prob = exp(Vec::loadu(s + c) - Vec::loadu(lse + c));
+          const Vec grad = score_grad(prob, Vec::loadu(dp + c), Vec::loadu(delta + c));
+          qk_grad(grad, tanh ? tanh + j * BM + c : nullptr, scale).store(s + c);
         }
       }
-      mask_causal_columns(st, p, q0, k0, keys, 0.f);
       gemm(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, true);  // dQ += dS K, dS read from dS^T
     }
     store_rows(at_row_mut<T>(args.dq, b, h, q0), args.dq.row, args.dq.col, dq, Dp, rows, D);
@@ -98,12 +117,13 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
 
 // The tiles of one key block's backward, carved out of a thread's scratch.
 struct KeyBlockScratch {
-  float *kt, *vt, *kb, *qb, *dob, *s, *dp, *dk, *dv;
+  float *kt, *vt, *kb, *qb, *dob, *s, *dp, *tanh, *dbias, *dk, *dv;
 
   static int64_t floats(int64_t D, int64_t Dv) {
     const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
     return Scratch::size_of({D * kBlockN, Dv * kBlockN, kBlockN * Dp, kBlockM * Dp, kBlockM * Dvp,
-                             kBlockM * kBlockN, kBlockM * kBlockN, kBlockN * Dp, kBlockN * Dvp});
+                             kBlockM * kBlockN, kBlockM * kBlockN, kBlockM * kBlockN, kBlockM * kBlockN,
+                             kBlockN * Dp, kBlockN * Dvp});
   }
   KeyBlockScratch(Scratch& scratch, int64_t D, int64_t Dv) {
     const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
@@ -114,10 +134,24 @@ struct KeyBlockScratch {
     dob = scratch.take(kBlockM * Dvp);  // dO block, rows
     s = scratch.take(kBlockM * kBlockN);   // S, then P
     dp = scratch.take(kBlockM * kBlockN);  // dP, then dS
+    tanh = scratch.take(kBlockM * kBlockN);  // tanh of the softcap, S's layout
+    dbias = scratch.take(kBlockM * kBlockN);  // the bias gradient of the tile, S's layout
     dk = scratch.take(kBlockN * Dp);
     dv = scratch.take(kBlockN * Dvp);
   }
 };
+
+// dbias(b, h, q0 + i, k0 + j) += grad(i, j) for one (rows x keys) tile in S's layout. Along
+// broadcast dims dbias has stride 0, so the terms of one element are summed in the order the
+// task visits them; the task split (params.h, dkdv_split) gives every element one writer.
+inline void add_bias_grad(const Strided& dbias, const float* grad, int64_t b, int64_t h, int64_t q0, int64_t rows,
+                          int64_t k0, int64_t keys) {
+  float* base = at_row_mut<float>(dbias, b, h, q0) + k0 * dbias.col;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = base + i * dbias.row;
+    for (int64_t j = 0; j < keys; ++j) row[j * dbias.col] += grad[i * kBlockN + j];
+  }
+}
 
 // Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query
 // heads and the query blocks that see the block. With dq != nullptr (the one-pass schedule) also
@@ -138,36 +172,39 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
   if (dq != nullptr) load_tile(t.kb, Dp, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D);
   fill(t.dk, keys * Dp, 0.f);
   fill(t.dv, keys * Dvp, 0.f);
-  // The first query that sees key k0 (k0 <= i + offset); earlier rows contribute nothing.
-  const int64_t first_row = p.causal ? std::min(p.seqlen_q, std::max<int64_t>(0, k0 - p.causal_offset)) : 0;
+  float* tanh = p.variants.softcap > 0.f ? t.tanh : nullptr;
+  // Queries outside the window of every key of the block contribute nothing.
+  const Range visible = visible_queries(p, k0, keys);
 
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = hk * group + g;
-    for (int64_t q0 = first_row; q0 < p.seqlen_q; q0 += BM) {
-      const int64_t rows = std::min(BM, p.seqlen_q - q0);
+    for (int64_t q0 = visible.begin; q0 < visible.end; q0 += BM) {
+      const int64_t rows = std::min(BM, visible.end - q0);
       const int64_t row_offset = (b * p.heads_q + h) * p.seqlen_q + q0;
       load_tile(t.qb, Dp, at_row<T>(args.q, b, h, q0), args.q.row, args.q.col, rows, D);
       load_tile(t.dob, Dvp, at_row<T>(args.dout, b, h, q0), args.dout.row, args.dout.col, rows, Dv);
-      gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // S = Q K^T
+      gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // Q K^T
       gemm(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
-      // P = exp(scale S - lse), dS = P * (dP - delta) * scale, keys along columns; keys past
-      // the causal diagonal or past the block's end (zero padding of K^T) get P = dS = 0.
+      const ScoreTile s_tile{t.s, rows * BN, BN, 1, b, h, q0, rows, k0, keys};
+      finish_scores(p, s_tile, p.scale, tanh);  // S
+      if (p.variants.dropout) apply_dropout(p, {t.dp, rows * BN, BN, 1, b, h, q0, rows, k0, keys});
+      // P = exp(S - lse), then dS, keys along columns. Columns past the block's end (zero
+      // padding of K^T) hold junk that the products below never read (they stop at `keys`).
       for (int64_t i = 0; i < rows; ++i) {
-        const int64_t row = q0 + i;
         const Vec lse(backward_lse(args.lse[row_offset + i]));
         const Vec delta(args.delta[row_offset + i]);
         float* si = t.s + i * BN;
         float* dpi = t.dp + i * BN;
         for (int64_t c = 0; c < BN; c += kVec) {
-          const Vec prob = exp(at::vec::fmadd(Vec::loadu(si + c), scale, -lse));
+          const Vec prob = exp(Vec::loadu(si + c) - lse);
           prob.store(si + c);
-          (prob * (Vec::loadu(dpi + c) - delta) * scale).store(dpi + c);
+          const Vec grad = score_grad(prob, Vec::loadu(dpi + c), delta);
+          if (args.dbias.data != nullptr) grad.store(t.dbias + i * BN + c);
+          qk_grad(grad, tanh ? tanh + i * BN + c : nullptr, scale).store(dpi + c);
         }
-        int64_t visible = keys;
-        if (p.causal) visible = std::min(keys, std::max<int64_t>(0, row + p.causal_offset - k0 + 1));
-        fill(si + visible, BN - visible, 0.f);
-        fill(dpi + visible, BN - visible, 0.f);
       }
+      if (args.dbias.data != nullptr) add_bias_grad(args.dbias, t.dbias, b, h, q0, rows, k0, keys);
+      if (p.variants.dropout) apply_dropout(p, s_tile);  // P -> the dropped P, for dV
       gemm(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, true);  // dV += P^T dO
       gemm(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, true);     // dK += dS^T Q
       if (dq != nullptr)                                                 // dQ += dS K
@@ -184,9 +221,20 @@ void backward_dkdv_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   Scratch scratch(KeyBlockScratch::floats(p.head_dim, p.head_dim_v));
   const KeyBlockScratch tiles(scratch, p.head_dim, p.head_dim_v);
   const int64_t blocks = ceil_div(p.seqlen_k, kBlockN);
+  // A task is one (batch, head, block) triple, or all of them along the dims dkdv_split does not
+  // split (those where the bias gradient is broadcast).
+  const DkdvSplit split = dkdv_split(p, args.dbias);
+  auto span = [](int64_t index, int64_t parts, int64_t n) {
+    return parts == n ? Range{index, index + 1} : Range{0, n};
+  };
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t bh = task / blocks, b = bh / p.heads_kv, hk = bh % p.heads_kv;
-    key_block_backward<T>(args, b, hk, balanced_block(task % blocks, blocks) * kBlockN, tiles, nullptr);
+    const Range batches = span(task / (split.heads * split.blocks), split.batches, p.batch);
+    const Range heads = span(task / split.blocks % split.heads, split.heads, p.heads_kv);
+    const Range block_ids = span(task % split.blocks, split.blocks, blocks);
+    for (int64_t b = batches.begin; b < batches.end; ++b)
+      for (int64_t hk = heads.begin; hk < heads.end; ++hk)
+        for (int64_t block = block_ids.begin; block < block_ids.end; ++block)
+          key_block_backward<T>(args, b, hk, balanced_block(block, blocks) * kBlockN, tiles, nullptr);
   }
 }
 

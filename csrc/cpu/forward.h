@@ -1,27 +1,10 @@
-// Forward: out = softmax(scale * Q K^T) V and lse, one block of kBlockM queries per task.
+// Forward: out = softmax(S) V and lse, S the scores of scale * Q K^T (scores.h), one block of
+// kBlockM queries per task.
 //
 // Scores are computed transposed, S^T = K (scale Q)^T, so that each query is a column: the
 // online softmax then runs along columns with one vector holding kVec queries' running max and
 // sum, and Q^T is packed once per task while K and V are read block by block as rows.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
-
-// Number of keys a block of queries [q0, q0 + rows) looks at: all of them, or under a causal
-// mask those up to the last row's diagonal (clamped to [0, Lk]).
-inline int64_t visible_keys(const Problem& p, int64_t q0, int64_t rows) {
-  if (!p.causal) return p.seqlen_k;
-  return std::min(p.seqlen_k, std::max<int64_t>(0, q0 + rows + p.causal_offset));
-}
-
-// Hides, in a (keys x kBlockM) tile of S^T, the queries that may not see each key: query q0 + i
-// sees key k0 + j iff k0 + j <= q0 + i + offset, so the first (k0 + j - offset - q0) columns of
-// row j are masked. Returns early when even the block's first query sees every key.
-inline void mask_causal_columns(float* st, const Problem& p, int64_t q0, int64_t k0, int64_t keys, float value) {
-  if (!p.causal || k0 + keys - 1 <= q0 + p.causal_offset) return;
-  for (int64_t j = 0; j < keys; ++j) {
-    const int64_t hidden = std::min(kBlockM, std::max<int64_t>(0, k0 + j - p.causal_offset - q0));
-    fill(st + j * kBlockM, hidden, value);
-  }
-}
 
 // Online softmax over one key block, for every query column of S^T (keys x kBlockM):
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  l' = l exp(m - m') + sum_j p_j.
@@ -76,15 +59,16 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     fill(row_sum, BM, 0.f);
     fill(acc, rows * Dvp, 0.f);
 
-    const int64_t keys_end = visible_keys(p, q0, rows);
-    for (int64_t k0 = 0; k0 < keys_end; k0 += BN) {
-      const int64_t keys = std::min(BN, keys_end - k0);
+    const Range visible = visible_keys(p, q0, rows);
+    for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
+      const int64_t keys = std::min(BN, visible.end - k0);
       load_tile(kb, Dp, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D);
       load_tile(vb, Dvp, at_row<T>(args.v, b, hk, k0), args.v.row, args.v.col, keys, Dv);
       // S^T = K (scale Q)^T
       gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);
-      mask_causal_columns(st, p, q0, k0, keys, -kInf);
+      finish_scores(p, {st, keys * BM, 1, BM, b, h, q0, rows, k0, keys}, 1.f, nullptr);
       softmax_update(st, keys, row_max, row_sum, alpha);
+      if (p.variants.dropout) apply_dropout(p, {st, keys * BM, 1, BM, b, h, q0, rows, k0, keys});
       // acc = alpha * acc + P V, with P read from P^T
       for (int64_t i = 0; i < rows; ++i) {
         if (alpha[i] == 1.f) continue;

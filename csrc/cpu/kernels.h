@@ -25,6 +25,7 @@ namespace fused_attn::cpu::FUSED_ATTN_ISA {
 namespace {
 
 #include "tile.h"
+#include "scores.h"
 #include "forward.h"
 #include "backward.h"
 

@@ -36,13 +36,7 @@ class CpuBackend(Backend):
             reasons.append(f"tensors on {q.device.type} (needs CPU)")
         if q.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
-        # The C++ kernels do plain and causal attention so far; the variants are the reference's.
         unsupported = {
-            "attn_mask": extras.mask is not None or extras.bias is not None,
-            "alibi_slopes": extras.alibi_slopes is not None,
-            "window": opts.window_left >= 0 or opts.window_right >= 0,
-            "softcap": opts.softcap > 0,
-            "dropout": opts.dropout_p > 0,
             "varlen": q.dim() == 3,
         }
         reasons += [f"no {name} in the C++ kernels yet" for name, used in unsupported.items() if used]
@@ -52,15 +46,39 @@ class CpuBackend(Backend):
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
         lse = new_output(q, q.shape[:3], torch.float32)
-        offset = opts.causal_offset(q.shape[2], k.shape[2])
-        _ops().cpu_forward(q, k, v, out, lse, opts.causal, offset, opts.scale)
+        _ops().cpu_forward(q, k, v, out, lse, *_variant_args(q, k, extras, opts))
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
         dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
-        offset = opts.causal_offset(q.shape[2], k.shape[2])
-        _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, opts.causal, offset, opts.scale)
-        return dq, dk, dv, None
+        dbias = None
+        if bias_requires_grad:
+            # Summed over the bias's broadcast dims inside the kernels: never (B, Hq, Lq, Lk) memory.
+            dbias = torch.zeros(_as_4d(extras.bias).shape, dtype=torch.float32, device=q.device)
+        _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *_variant_args(q, k, extras, opts),
+                            None if dbias is None else dbias.expand(_scores_shape(q, k)))
+        if dbias is not None:
+            dbias = dbias.reshape(extras.bias.shape).to(extras.bias.dtype)
+        return dq, dk, dv, dbias
+
+
+def _variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
+    """The ops' arguments after their tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA)."""
+    shift = opts.causal_offset(q.shape[2], k.shape[2])
+    full = _scores_shape(q, k)
+    mask = None if extras.mask is None else _as_4d(extras.mask).expand(full)
+    # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
+    bias = None if extras.bias is None else _as_4d(extras.bias).to(torch.float32).expand(full)
+    return (opts.scale, opts.left, opts.right, shift, opts.softcap, extras.alibi_slopes, mask, bias,
+            extras.dropout_seed, opts.dropout_p)
+
+
+def _scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
 def active_isa() -> str:
