@@ -64,11 +64,12 @@ def naive_attention(q, k, v, *, causal=False, bottom_right=False, scale=None, at
 FLOOR = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def assert_accurate(name, actual, exact, lowprec, dtype):
+def assert_accurate(name, actual, exact, lowprec, dtype, floor_scale=1.0):
     """max|actual - exact| <= 2 * max|lowprec - exact| + floor, finite everywhere it should be.
 
     exact: the float64 result. lowprec: the same math in the input dtype. The floor scales with
-    the result's magnitude. Triton's interpreter truncates fp32 -> bf16 casts instead of rounding,
+    the result's magnitude, times floor_scale for results that sum many terms (rounding of the
+    terms walks like sqrt(count), and a sum that cancels is far smaller than its terms). Triton's interpreter truncates fp32 -> bf16 casts instead of rounding,
     so there one bf16 ulp of the result is allowed on top (FACTS.md).
     """
     actual = actual.double()
@@ -82,7 +83,7 @@ def assert_accurate(name, actual, exact, lowprec, dtype):
     if exact.numel() == 0:
         return
     magnitude = max(1.0, exact.abs().max().item())
-    allowed = 2 * (lowprec - exact).abs().max().item() + FLOOR[dtype] * magnitude
+    allowed = 2 * (lowprec - exact).abs().max().item() + FLOOR[dtype] * magnitude * floor_scale
     if INTERPRETING and dtype == torch.bfloat16:
         allowed += magnitude * 2.0**-7
     error = (actual - exact).abs().max().item()
@@ -149,6 +150,8 @@ def check_against_oracle(backend, shape, dtype, device, sequence_major=False, **
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_accurate("out", out, exact_out, low_out, dtype)
     assert_accurate("lse", lse, exact_lse, low_lse.to(torch.float32), torch.float32)
-    for name, grad, exact, low, leaf in zip(("dq", "dk", "dv", "dbias"), grads, exact_grads, low_grads, leaves):
+    summed = {3: math.sqrt(out.shape[0] * out.shape[1] * out.shape[2] * k.shape[2] / mask.numel())} if len(leaves) > 3 else {}
+    for index, (name, grad, exact, low, leaf) in enumerate(zip(("dq", "dk", "dv", "dbias"), grads, exact_grads,
+                                                               low_grads, leaves)):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, f"{name}: {grad.dtype} {tuple(grad.shape)}"
-        assert_accurate(name, grad, exact, low, dtype)
+        assert_accurate(name, grad, exact, low, dtype, floor_scale=summed.get(index, 1.0))
