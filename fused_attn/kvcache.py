@@ -162,14 +162,18 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
         return
     page_size = k_cache.shape[1]
     capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
-    lengths = (seqlens.long() + new_tokens)
-    if int(seqlens.min()) < 0:
-        raise ValueError("cache_seqlens must be >= 0")
-    if int(lengths.max()) > capacity:
-        raise ValueError(f"cache_seqlens + new tokens ({int(lengths.max())}) exceeds the cache capacity ({capacity})")
+    lengths = seqlens.long() + new_tokens
+    facts = [seqlens.min().long(), lengths.max()]
     if block_table is not None:
         used = -(-lengths // page_size)  # pages each sequence needs
         needed = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]
-        pages = block_table[needed]
-        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
-            raise ValueError(f"block_table points past the {k_cache.shape[0]} pages of k_cache")
+        pages = block_table.long()
+        facts += [torch.where(needed, pages, 0).min(), torch.where(needed, pages, -1).max()]
+    # One device-to-host transfer for every check: this runs once per decoding step.
+    shortest, longest, *page_range = torch.stack(facts).tolist()
+    if shortest < 0:
+        raise ValueError("cache_seqlens must be >= 0")
+    if longest > capacity:
+        raise ValueError(f"cache_seqlens + new tokens ({longest}) exceeds the cache capacity ({capacity})")
+    if page_range and (page_range[0] < 0 or page_range[1] >= k_cache.shape[0]):
+        raise ValueError(f"block_table points past the {k_cache.shape[0]} pages of k_cache")

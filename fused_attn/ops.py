@@ -30,11 +30,8 @@ def _is_empty(q: Tensor, k: Tensor, opts: AttentionOptions) -> bool:
 
 def _empty_outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Outputs of a call in which no query row sees a key: out = 0, lse = -inf."""
-    if q.dim() == 3:
-        return q.new_zeros((q.shape[0], q.shape[1], v.shape[2])), q.new_full((q.shape[1], q.shape[0]), float("-inf"),
-                                                                               dtype=_lse_dtype(q.dtype))
-    out = empty_like_layout(q, (*q.shape[:3], v.shape[3])).zero_()
-    return out, q.new_full(q.shape[:3], float("-inf"), dtype=_lse_dtype(q.dtype))
+    out, lse = _output_like(q, v)
+    return out.zero_(), lse.fill_(float("-inf"))
 
 
 def _output_like(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

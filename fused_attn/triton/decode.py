@@ -165,6 +165,8 @@ def decode_forward(
 
 def merge_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, dtype: torch.dtype):
     """Combine per-split softmax results: out = sum_s exp(lse_s - lse) out_s, lse = logsumexp_s lse_s."""
+    if out_partial.shape[0] == 1:  # one split: its result is final
+        return out_partial[0].to(dtype), lse_partial[0].transpose(1, 2).contiguous()
     lse = torch.logsumexp(lse_partial, dim=0)
     weights = torch.exp(lse_partial - torch.where(lse == float("-inf"), 0.0, lse))  # empty splits weigh 0
     out = (weights[..., None] * out_partial).sum(0)
