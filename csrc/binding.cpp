@@ -1,13 +1,16 @@
 // The torch binding of fused_attn's native kernels: ops in the `fused_attn_native` namespace.
 //
-//   cpu_forward(q, k, v, out!, lse!, scale, window_left, window_right, shift, softcap, alibi_slopes, mask, bias,
-//               dropout_seed, dropout_p)
+//   cpu_forward(q, k, v, out!, lse!, scale, window_left, window_right, bottom_right, softcap, alibi_slopes, mask,
+//               bias, dropout_seed, dropout_p, cu_seqlens_q, cu_seqlens_k)    dense or packed (varlen) inputs
 //   cpu_backward(dout, dlse, q, k, v, out, lse, dq!, dk!, dv!, <the forward's arguments from scale on>, dbias!)
+//   cpu_kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, out!, lse!, scale, window_left,
+//                       window_right, softcap, alibi_slopes)                 decoding against a KV cache
 //   cpu_isa() -> str       which kernels the next call runs: "avx2" or "portable"
 //
 // Outputs are passed in (allocated by fused_attn/backends/cpu_backend.py), so their layout follows
-// fused_attn/layout.py in one place. The ops are called inside the opaque custom op
-// fused_attn::forward / fused_attn::backward, which carry autograd and fake implementations.
+// fused_attn/layout.py in one place. The ops are called inside the opaque custom ops
+// fused_attn::forward / fused_attn::backward / fused_attn::kvcache_forward, which carry autograd
+// and fake implementations.
 //
 // The kernels exist once per instruction set; the environment variable FUSED_ATTN_CPU_ISA
 // (auto | portable | avx2, read at every call) overrides the choice made from the CPU.
@@ -65,8 +68,18 @@ cpu::DType kernel_dtype(const Tensor& t) {
   }
 }
 
+// (B, H, L, D) tensors as they are; packed (total, H, D) ones as (B, H, total, D) with batch
+// stride 0, their sequences being row ranges (params.h, sequence).
 cpu::Strided strided(const Tensor& t) {
+  if (t.dim() == 3) return {t.data_ptr(), 0, t.stride(1), t.stride(0), t.stride(2)};
   return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Dense (B, H, L) or packed (H, total) row values, rows contiguous.
+cpu::RowValues row_values(const Tensor& t) {
+  TORCH_CHECK(t.stride(-1) == 1, "fused_attn_native: row values (lse, dlse) must have contiguous rows");
+  if (t.dim() == 2) return {t.data_ptr<float>(), 0, t.stride(0)};
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1)};
 }
 
 void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
@@ -75,37 +88,55 @@ void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype, at::I
   TORCH_CHECK(t.sizes() == shape, "fused_attn_native: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-// The arguments both ops take after their tensors: scale and the variants (params.h, Variants).
-// Window bounds are -1 (unbounded) or >= 0; causal is window_right = 0; shift aligns query i with
-// key i + shift. alibi_slopes: float32 (Hq,) or (B, Hq). mask (bool) and bias (float32): views
-// of shape (B, Hq, Lq, Lk), broadcast ones (stride 0) welcome; they are read in place.
-// dropout_seed: int64 (1,), the Philox key (fused_attn/dropout.py), needed when dropout_p > 0.
-#define FUSED_ATTN_VARIANT_PARAMS                                                                       \
-  double scale, int64_t window_left, int64_t window_right, int64_t shift, double softcap,               \
-      const std::optional<Tensor>&alibi_slopes, const std::optional<Tensor>&mask,                         \
-      const std::optional<Tensor>&bias, const std::optional<Tensor>&dropout_seed, double dropout_p
-#define FUSED_ATTN_VARIANT_ARGS \
-  scale, window_left, window_right, shift, softcap, alibi_slopes, mask, bias, dropout_seed, dropout_p
-#define FUSED_ATTN_VARIANT_SCHEMA                                                                        \
-  "float scale, int window_left, int window_right, int shift, float softcap=0., Tensor? alibi_slopes=None, " \
-  "Tensor? mask=None, Tensor? bias=None, Tensor? dropout_seed=None, float dropout_p=0."
+// Sequence lengths read on the host (cu_seqlens and cache lengths are CPU tensors): they build
+// the task tables, so no task is spent on padding. Checked here, as the kernels trust them.
+std::vector<int64_t> lengths_of(const Tensor& t, const char* name, int64_t entries, bool cumulative, int64_t limit) {
+  check_tensor(t, name, at::kInt, {entries});
+  TORCH_CHECK(t.is_contiguous(), "fused_attn_native: ", name, " must be contiguous");
+  const int32_t* values = t.data_ptr<int32_t>();
+  std::vector<int64_t> lengths;
+  if (cumulative) {
+    TORCH_CHECK(values[0] == 0, "fused_attn_native: ", name, " must start at 0");
+    for (int64_t b = 0; b + 1 < entries; ++b) lengths.push_back(values[b + 1] - values[b]);
+  } else {
+    lengths.assign(values, values + entries);
+  }
+  int64_t total = 0;
+  for (int64_t length : lengths) {
+    TORCH_CHECK(length >= 0, "fused_attn_native: ", name, " must be non-decreasing (cumulative) or >= 0");
+    total = cumulative ? total + length : std::max(total, length);
+  }
+  TORCH_CHECK(total <= limit, "fused_attn_native: ", name, " goes past the ", limit, " rows of its tensor");
+  return lengths;
+}
 
-// Checks q, k, v against each other and the variants' tensors against them; returns the problem.
-cpu::Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "fused_attn_native: q, k, v must be (B, H, L, D)");
-  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fused_attn_native: query heads (", Hq, ") must be a multiple of key/value heads (", Hkv, ")");
-  TORCH_CHECK(B > 0 && Lq > 0 && Lk > 0 && D > 0 && Dv > 0, "fused_attn_native: empty inputs are handled in Python");
-  kernel_dtype(q);
-  check_tensor(q, "q", q.scalar_type(), q.sizes());
-  check_tensor(k, "k", q.scalar_type(), {B, Hkv, Lk, D});
-  check_tensor(v, "v", q.scalar_type(), {B, Hkv, Lk, Dv});
+// A checked call: the kernels' Problem and every sequence's lengths.
+struct Call {
+  cpu::Problem p;
+  std::vector<int64_t> seqlens_q, seqlens_k;
+};
+
+// The task table (params.h, TaskTable) whose group b has count(b) tasks.
+template <typename Count>
+std::vector<int64_t> task_table(int64_t groups, Count count) {
+  std::vector<int64_t> first{0};
+  for (int64_t b = 0; b < groups; ++b) first.push_back(first.back() + count(b));
+  return first;
+}
+cpu::TaskTable table_view(const std::vector<int64_t>& first) {
+  return {first.data(), static_cast<int64_t>(first.size()) - 1};
+}
+
+// The variants every kernel call may have. Window bounds are -1 (unbounded) or >= 0; causal is
+// window_right = 0; bottom_right aligns each sequence's last query with its last key.
+// alibi_slopes: float32 (Hq,) or (B, Hq).
+cpu::Variants variants_of(int64_t B, int64_t Hq, int64_t window_left, int64_t window_right, bool bottom_right,
+                          double softcap, const std::optional<Tensor>& alibi_slopes) {
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "fused_attn_native: window bounds must be >= -1");
   cpu::Variants variants;
   variants.window_left = window_left;
   variants.window_right = window_right;
-  variants.shift = shift;
+  variants.bottom_right = bottom_right;
   variants.softcap = static_cast<float>(softcap);
   if (alibi_slopes) {
     const Tensor& slopes = *alibi_slopes;
@@ -118,6 +149,58 @@ cpu::Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED
     variants.slopes_batch = expanded.stride(0);
     variants.slopes_head = expanded.stride(1);
   }
+  return variants;
+}
+
+// The arguments of cpu_forward and cpu_backward after their tensors: scale and the variants
+// (above, and params.h, Variants). mask (bool) and bias (float32): views of shape
+// (B, Hq, Lq, Lk), broadcast ones (stride 0) welcome; they are read in place. dropout_seed: int64
+// (1,), the Philox key (fused_attn/dropout.py), needed when dropout_p > 0. cu_seqlens_q/k: int32
+// (B + 1,) for packed q (total_q, Hq, D), k and v (total_k, Hkv, D), which take no mask or bias.
+#define FUSED_ATTN_VARIANT_PARAMS                                                                          \
+  double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,              \
+      const std::optional<Tensor>&alibi_slopes, const std::optional<Tensor>&mask,                            \
+      const std::optional<Tensor>&bias, const std::optional<Tensor>&dropout_seed, double dropout_p,          \
+      const std::optional<Tensor>&cu_seqlens_q, const std::optional<Tensor>&cu_seqlens_k
+#define FUSED_ATTN_VARIANT_ARGS                                                                            \
+  scale, window_left, window_right, bottom_right, softcap, alibi_slopes, mask, bias, dropout_seed, dropout_p, \
+      cu_seqlens_q, cu_seqlens_k
+#define FUSED_ATTN_VARIANT_SCHEMA                                                                              \
+  "float scale, int window_left, int window_right, bool bottom_right, float softcap=0., "                      \
+  "Tensor? alibi_slopes=None, Tensor? mask=None, Tensor? bias=None, Tensor? dropout_seed=None, "               \
+  "float dropout_p=0., Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None"
+
+// Checks q, k, v against each other and the variants' tensors against them.
+Call call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS) {
+  const bool packed = q.dim() == 3;
+  TORCH_CHECK(cu_seqlens_q.has_value() == packed && cu_seqlens_k.has_value() == packed,
+              "fused_attn_native: packed (total, H, D) inputs come with cu_seqlens_q and cu_seqlens_k, and only they");
+  TORCH_CHECK((q.dim() == 4 || packed) && k.dim() == q.dim() && v.dim() == q.dim(),
+              "fused_attn_native: q, k, v must be (B, H, L, D), or (total, H, D) when packed");
+  const int64_t Hq = q.size(1), Hkv = k.size(1), D = q.size(-1), Dv = v.size(-1);  // dim 1: heads, both layouts
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fused_attn_native: query heads (", Hq, ") must be a multiple of key/value heads (", Hkv, ")");
+  kernel_dtype(q);
+  check_tensor(q, "q", q.scalar_type(), q.sizes());
+  Call call;
+  const int64_t B = packed ? cu_seqlens_q->numel() - 1 : q.size(0);
+  if (packed) {
+    check_tensor(k, "k", q.scalar_type(), {k.size(0), Hkv, D});
+    check_tensor(v, "v", q.scalar_type(), {k.size(0), Hkv, Dv});
+    TORCH_CHECK(B > 0, "fused_attn_native: cu_seqlens_q must have batch + 1 >= 2 entries");
+    call.seqlens_q = lengths_of(*cu_seqlens_q, "cu_seqlens_q", B + 1, true, q.size(0));
+    call.seqlens_k = lengths_of(*cu_seqlens_k, "cu_seqlens_k", B + 1, true, k.size(0));
+    TORCH_CHECK(!mask && !bias, "fused_attn_native: packed inputs take no mask or bias");
+  } else {
+    check_tensor(k, "k", q.scalar_type(), {B, Hkv, k.size(2), D});
+    check_tensor(v, "v", q.scalar_type(), {B, Hkv, k.size(2), Dv});
+    call.seqlens_q.assign(B, q.size(2));
+    call.seqlens_k.assign(B, k.size(2));
+  }
+  const int64_t Lq = *std::max_element(call.seqlens_q.begin(), call.seqlens_q.end());
+  const int64_t Lk = *std::max_element(call.seqlens_k.begin(), call.seqlens_k.end());
+  TORCH_CHECK(B > 0 && D > 0 && Dv > 0 && (packed || (Lq > 0 && Lk > 0)),
+              "fused_attn_native: empty inputs are handled in Python");
+  cpu::Variants variants = variants_of(B, Hq, window_left, window_right, bottom_right, softcap, alibi_slopes);
   if (mask) {
     check_tensor(*mask, "mask", at::kBool, {B, Hq, Lq, Lk});
     variants.mask = strided(*mask);
@@ -137,63 +220,165 @@ cpu::Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED
     variants.drop_threshold = static_cast<uint32_t>(std::min(std::nearbyint(dropout_p * 4294967296.0), 4294967295.0));
     variants.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   }
-  return {kernel_dtype(q), B, Hq, Hkv, Lq, Lk, D, Dv, static_cast<float>(scale), variants};
+  call.p = {kernel_dtype(q), B, Hq, Hkv, Lq, Lk, D, Dv, static_cast<float>(scale), variants};
+  if (packed) {
+    call.p.cu_seqlens_q = cu_seqlens_q->data_ptr<int32_t>();
+    call.p.cu_seqlens_k = cu_seqlens_k->data_ptr<int32_t>();
+  }
+  return call;
+}
+
+// The shapes of out and lse: (B, Hq, Lq, Dv) and (B, Hq, Lq), or packed (total_q, Hq, Dv) and (Hq, total_q).
+std::vector<int64_t> out_shape(const Tensor& q, const Tensor& v) {
+  std::vector<int64_t> shape = q.sizes().vec();
+  shape.back() = v.size(-1);
+  return shape;
+}
+std::vector<int64_t> lse_shape(const Tensor& q) {
+  if (q.dim() == 3) return {q.size(1), q.size(0)};
+  return {q.size(0), q.size(1), q.size(2)};
+}
+
+// Packed rows past the last sequence (dim `dim` of t, rows from cu_seqlens[B] on) belong to no
+// sequence: the caller fills them as an empty sequence's rows (out 0, lse -inf, gradients 0).
+Tensor unused_rows(const Tensor& t, int64_t dim, const int32_t* cu_seqlens, int64_t batch) {
+  return t.narrow(dim, cu_seqlens[batch], t.size(dim) - cu_seqlens[batch]);
 }
 
 void cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                  FUSED_ATTN_VARIANT_PARAMS) {
-  const cpu::Problem p = problem_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
-  check_tensor(out, "out", q.scalar_type(), {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v});
-  check_tensor(lse, "lse", at::kFloat, {p.batch, p.heads_q, p.seqlen_q});
-  TORCH_CHECK(lse.is_contiguous(), "fused_attn_native: lse must be contiguous");
-  const cpu::ForwardArgs args{p, strided(q), strided(k), strided(v), strided(out), lse.data_ptr<float>()};
+  const Call call = call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
+  check_tensor(out, "out", q.scalar_type(), out_shape(q, v));
+  check_tensor(lse, "lse", at::kFloat, lse_shape(q));
+  const std::vector<int64_t> tasks =
+      task_table(call.p.batch, [&](int64_t b) { return cpu::forward_tasks(call.p, call.seqlens_q[b]); });
+  const cpu::ForwardArgs args{call.p, strided(q), strided(k), strided(v), strided(out), row_values(lse),
+                              table_view(tasks), {}};
   const cpu::Kernels& kernels = select_kernels();
-  at::parallel_for(0, cpu::forward_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+  at::parallel_for(0, tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+  if (call.p.cu_seqlens_q != nullptr) {
+    unused_rows(out, 0, call.p.cu_seqlens_q, call.p.batch).zero_();
+    unused_rows(lse, 1, call.p.cu_seqlens_q, call.p.batch).fill_(-INFINITY);
+  }
 }
 
 // The one-pass backward does 5 block products per (query block, key block) pair where the
-// two-pass one does 7, but has only B * Hkv tasks (of equal size): take it when that parallelism
-// is not worse than the extra work, ceil(tasks / threads) * 5 <= tasks / threads * 7.
-bool prefer_one_pass(const cpu::Problem& p) {
-  const int64_t tasks = cpu::fused_tasks(p), threads = at::get_num_threads();
-  return cpu::ceil_div(tasks, threads) * 5 * threads <= tasks * 7;
+// two-pass one does 7, but has only B * Hkv tasks, each as big as its sequence: take it when its
+// longest thread (at::parallel_for gives each thread ceil(tasks / threads) consecutive tasks)
+// has no more work than the two-pass schedule spread evenly. Work is counted in query x key rows.
+bool prefer_one_pass(const Call& call) {
+  const int64_t tasks = call.p.batch * call.p.heads_kv;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  const int64_t chunk = cpu::ceil_div(tasks, threads);
+  double total = 0, longest = 0, current = 0;
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / call.p.heads_kv;
+    const double work = static_cast<double>(call.seqlens_q[b]) * static_cast<double>(call.seqlens_k[b]);
+    total += work;
+    current = task % chunk == 0 ? work : current + work;
+    longest = std::max(longest, current);
+  }
+  return longest * 5 * threads <= total * 7;
 }
 
 void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
                   const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv,
                   FUSED_ATTN_VARIANT_PARAMS, const std::optional<Tensor>& dbias) {
-  const cpu::Problem p = problem_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
-  const std::vector<int64_t> rows{p.batch, p.heads_q, p.seqlen_q};
-  check_tensor(out, "out", q.scalar_type(), {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v});
+  const Call call = call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
+  const cpu::Problem& p = call.p;
+  check_tensor(out, "out", q.scalar_type(), out_shape(q, v));
   check_tensor(dout, "dout", q.scalar_type(), out.sizes());
-  check_tensor(lse, "lse", at::kFloat, rows);
-  check_tensor(dlse, "dlse", at::kFloat, rows);
+  check_tensor(lse, "lse", at::kFloat, lse_shape(q));
+  check_tensor(dlse, "dlse", at::kFloat, lse.sizes());
   check_tensor(dq, "dq", q.scalar_type(), q.sizes());
   check_tensor(dk, "dk", q.scalar_type(), k.sizes());
   check_tensor(dv, "dv", q.scalar_type(), v.sizes());
   // Row vectors are tiny next to the inputs; contiguous copies keep the kernels' indexing simple.
   const Tensor lse_c = lse.contiguous(), dlse_c = dlse.contiguous();
-  const Tensor delta = at::empty(rows, lse.options());
+  const Tensor delta = at::empty(lse.sizes(), lse.options());
   cpu::Strided dbias_view{nullptr, 0, 0, 0, 0};
   if (dbias) {
     check_tensor(*dbias, "dbias", at::kFloat, {p.batch, p.heads_q, p.seqlen_q, p.seqlen_k});
     TORCH_CHECK(bias, "fused_attn_native: dbias without bias");
     dbias_view = strided(*dbias);
   }
+  const cpu::DkdvSplit split = cpu::dkdv_split(dbias_view);
+  const std::vector<int64_t> query_tasks =
+      task_table(p.batch, [&](int64_t b) { return cpu::dq_tasks(p, call.seqlens_q[b]); });
+  const std::vector<int64_t> key_tasks = task_table(
+      split.batches ? p.batch : 1, [&](int64_t b) { return cpu::dkdv_tasks(p, split, call.seqlens_k[b]); });
   const cpu::BackwardArgs args{p, strided(q), strided(k), strided(v), strided(out), strided(dout),
-                               strided(dq), strided(dk), strided(dv), lse_c.data_ptr<float>(),
-                               dlse_c.data_ptr<float>(), delta.data_ptr<float>(), dbias_view};
+                               strided(dq), strided(dk), strided(dv), row_values(lse_c), row_values(dlse_c),
+                               row_values(delta), dbias_view, table_view(query_tasks), table_view(key_tasks)};
   const cpu::Kernels& kernels = select_kernels();
   // Both schedules give the same bits; the choice is only about speed, except that the bias
   // gradient is summed by the two-pass one's dK/dV tasks (params.h, dkdv_split). Every pass reads
   // the delta of rows other tasks write, hence separate parallel loops.
-  if (prefer_one_pass(p) && !dbias) {
-    at::parallel_for(0, cpu::dq_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_delta(args, begin, end); });
-    at::parallel_for(0, cpu::fused_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_fused(args, begin, end); });
+  if (prefer_one_pass(call) && !dbias) {
+    at::parallel_for(0, query_tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.backward_delta(args, begin, end); });
+    at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) { kernels.backward_fused(args, begin, end); });
   } else {
-    at::parallel_for(0, cpu::dq_tasks(p), 1, [&](int64_t begin, int64_t end) { kernels.backward_dq(args, begin, end); });
-    at::parallel_for(0, cpu::dkdv_tasks(p, dbias_view), 1, [&](int64_t begin, int64_t end) { kernels.backward_dkdv(args, begin, end); });
+    at::parallel_for(0, query_tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.backward_dq(args, begin, end); });
+    at::parallel_for(0, key_tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.backward_dkdv(args, begin, end); });
   }
+  if (p.cu_seqlens_q != nullptr) {
+    unused_rows(dq, 0, p.cu_seqlens_q, p.batch).zero_();
+    unused_rows(dk, 0, p.cu_seqlens_k, p.batch).zero_();
+    unused_rows(dv, 0, p.cu_seqlens_k, p.batch).zero_();
+  }
+}
+
+// Decoding: q (B, Lq, Hq, D) against the first seqlens_k[b] keys of a contiguous cache
+// (B, capacity, Hkv, D) or, with block_table (B, max_pages) int32, of a paged one
+// (pages, page_size, Hkv, D); bottom-right aligned. out (B, Lq, Hq, Dv), lse (B, Hq, Lq).
+void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& seqlens_k,
+                         const std::optional<Tensor>& block_table, const Tensor& out, const Tensor& lse, double scale,
+                         int64_t window_left, int64_t window_right, double softcap,
+                         const std::optional<Tensor>& alibi_slopes) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "fused_attn_native: q (B, Lq, Hq, D), k_cache and v_cache must be 4-dimensional");
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(2), Dv = v_cache.size(3), page_size = k_cache.size(1);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fused_attn_native: query heads (", Hq, ") must be a multiple of key/value heads (", Hkv, ")");
+  TORCH_CHECK(B > 0 && Lq > 0 && D > 0 && Dv > 0, "fused_attn_native: empty inputs are handled in Python");
+  kernel_dtype(q);
+  check_tensor(q, "q", q.scalar_type(), q.sizes());
+  check_tensor(k_cache, "k_cache", q.scalar_type(), {k_cache.size(0), page_size, Hkv, D});
+  check_tensor(v_cache, "v_cache", q.scalar_type(), {k_cache.size(0), page_size, Hkv, Dv});
+  check_tensor(out, "out", q.scalar_type(), {B, Lq, Hq, Dv});
+  check_tensor(lse, "lse", at::kFloat, {B, Hq, Lq});
+  cpu::Pages pages;
+  int64_t capacity = page_size;
+  if (block_table) {
+    const Tensor& table = *block_table;
+    check_tensor(table, "block_table", at::kInt, {B, table.size(-1)});
+    TORCH_CHECK(table.stride(1) == 1, "fused_attn_native: block_table rows must be contiguous");
+    capacity = page_size * table.size(1);
+    pages = {table.data_ptr<int32_t>(), table.stride(0), page_size};
+  } else {
+    TORCH_CHECK(k_cache.size(0) == B, "fused_attn_native: a contiguous cache must have B = ", B, " rows, got ", k_cache.size(0));
+  }
+  Call call;
+  call.seqlens_k = lengths_of(seqlens_k, "seqlens_k", B, false, capacity);
+  call.seqlens_q.assign(B, Lq);
+  if (block_table) {  // every page a sequence reads must exist
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < cpu::ceil_div(call.seqlens_k[b], page_size); ++i) {
+        const int32_t page = pages.table[b * pages.table_stride + i];
+        TORCH_CHECK(page >= 0 && page < k_cache.size(0), "fused_attn_native: block_table[", b, ", ", i, "] = ", page,
+                    " is not a page of k_cache (", k_cache.size(0), " pages)");
+      }
+  }
+  call.p = {kernel_dtype(q), B, Hq, Hkv, Lq, capacity, D, Dv, static_cast<float>(scale),
+            variants_of(B, Hq, window_left, window_right, true, softcap, alibi_slopes)};
+  call.p.seqlens_k = seqlens_k.data_ptr<int32_t>();
+  const std::vector<int64_t> tasks = task_table(B, [&](int64_t) { return cpu::forward_tasks(call.p, Lq); });
+  // (B, L, H, D) tensors as (B, H, L, D) views; a paged cache's pages play the batch.
+  auto heads_first = [](const Tensor& t) { return strided(t.transpose(1, 2)); };
+  const cpu::ForwardArgs args{call.p, heads_first(q), heads_first(k_cache), heads_first(v_cache), heads_first(out),
+                              row_values(lse), table_view(tasks), pages};
+  const cpu::Kernels& kernels = select_kernels();
+  at::parallel_for(0, tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
 }
 
 std::string cpu_isa() { return select_kernels().isa; }
@@ -206,12 +391,16 @@ TORCH_LIBRARY(fused_attn_native, m) {
         ") -> ()");
   m.def("cpu_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSED_ATTN_VARIANT_SCHEMA ", Tensor(d!)? dbias=None) -> ()");
+  m.def("cpu_kvcache_forward(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
+        "Tensor(a!) out, Tensor(b!) lse, float scale, int window_left, int window_right, float softcap=0., "
+        "Tensor? alibi_slopes=None) -> ()");
   m.def("cpu_isa() -> str", &fused_attn::cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(fused_attn_native, CPU, m) {
   m.impl("cpu_forward", &fused_attn::cpu_forward);
   m.impl("cpu_backward", &fused_attn::cpu_backward);
+  m.impl("cpu_kvcache_forward", &fused_attn::cpu_kvcache_forward);
 }
 
 // `import fused_attn._native` loads this library, which registers the ops above; the module

@@ -8,6 +8,7 @@ from conftest import DEVICE
 
 import fused_attn
 from fused_attn import dispatch
+from fused_attn.options import AttentionOptions, AttentionTensors
 
 
 def qkv(dtype=torch.float32):
@@ -68,15 +69,22 @@ def test_explain_with_forced_backend():
 
 @pytest.mark.skipif("cpu" not in fused_attn.available_backends() or DEVICE.type != "cpu",
                     reason="needs the C++ extension and CPU tensors")
-def test_cpu_backend_refuses_what_it_lacks_with_reasons_and_dispatch_moves_on(monkeypatch):
+def test_cpu_backend_serves_every_kind_of_call_and_refuses_float64_with_reasons(monkeypatch):
+    """Dense, packed (varlen) and KV-cache calls on CPU tensors go to the C++ kernels without a
+    fallback warning; what the kernels lack (float64) is refused with the reason."""
     monkeypatch.setattr(dispatch, "_warned", set())
     q, k, v = qkv()
     assert fused_attn.explain(q, k, v).splitlines()[0] == "would run: cpu"
     assert fused_attn.explain(q, k, v, softcap=2.0, window=(3, 0), dropout_p=0.1).splitlines()[0] == "would run: cpu"
-    # Packed (varlen) inputs are what the C++ kernels do not take yet.
     packed = [t[0].transpose(0, 1) for t in (q, k, v)]  # (total, H, D)
     cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32)
-    with pytest.raises(fused_attn.BackendError, match="backend 'cpu' cannot serve this call: no varlen"):
-        fused_attn.varlen_attention(*packed, cu_seqlens, cu_seqlens, 5, 5, backend="cpu")
-    with pytest.warns(UserWarning, match="because cpu \\(no varlen in the C\\+\\+ kernels yet\\) refused"):
-        fused_attn.varlen_attention(*packed, cu_seqlens, cu_seqlens, 5, 5)
+    extras = AttentionTensors(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens)
+    assert dispatch.select_backend(*packed, extras, AttentionOptions()) == "cpu"
+    cache = k.transpose(1, 2)  # (B, capacity, Hkv, D)
+    assert dispatch.select_backend(q, k, v, AttentionTensors(), AttentionOptions(bottom_right=True), kvcache=True) == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        fused_attn.varlen_attention(*packed, cu_seqlens, cu_seqlens, 5, 5, causal=True)
+        fused_attn.attention_with_kvcache(q.transpose(1, 2)[:, :1], cache, cache, 6, causal=True)
+    with pytest.raises(fused_attn.BackendError, match="backend 'cpu' cannot serve this call: dtype torch.float64"):
+        fused_attn.varlen_attention(*(t.double() for t in packed), cu_seqlens, cu_seqlens, 5, 5, backend="cpu")

@@ -1,21 +1,23 @@
 // Backward, without atomics, in one of two schedules that give bitwise identical gradients
 // (every element is accumulated from the same terms in the same order):
 //
-//   two passes, for few (batch, key/value head) pairs:
-//     pass 1, per (batch, query head, query block): delta = rowsum(dO * O) - dlse, then
+//   two passes, for few (sequence, key/value head) pairs:
+//     pass 1, per (sequence, query head, query block): delta = rowsum(dO * O) - dlse, then
 //             dQ = sum over key blocks of dS K;
-//     pass 2, per (batch, key/value head, key block): dV = sum P^T dO and dK = sum dS^T Q over
+//     pass 2, per (sequence, key/value head, key block): dV = sum P^T dO and dK = sum dS^T Q over
 //             the query heads of the group and their query blocks, in a fixed order;
-//   one pass, when there are enough (batch, key/value head) pairs to keep every thread busy:
-//     per (batch, query head, query block): delta only; then per (batch, key/value head):
+//   one pass, when there are enough (sequence, key/value head) pairs to keep every thread busy:
+//     per (sequence, query head, query block): delta only; then per (sequence, key/value head):
 //     pass 2 for each key block in turn, also adding dS K to the group's dQ, so S and dP are
 //     computed once instead of twice (5 block products instead of 7).
 //
 // with P = exp(S - lse) recomputed from the saved lse (S the final scores of scores.h), dP = dO V^T
 // and dS = P * (dP - delta) * scale (under dropout dP is dO V^T times the keep factors, and dV
 // sums the dropped P), times 1 - tanh^2 under a softcap (the chain rule through
-// softcap * tanh(x / softcap)); hidden keys have S = -inf, so P = dS = 0 there. Pass 1 works on S^T (queries as columns, like the forward);
-// pass 2 on S (keys as columns), so each pass packs its fixed operand transposed once per task.
+// softcap * tanh(x / softcap)); hidden keys have S = -inf, so P = dS = 0 there. Pass 1 works on
+// S^T (queries as columns, like the forward); pass 2 on S (keys as columns), so each pass packs
+// its fixed operand transposed once per task. Every task works inside one sequence (params.h,
+// sequence): packed sequences are never padded.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
 // lse as the backward uses it: rows that saw no key have lse = -inf; +inf makes every
@@ -38,23 +40,32 @@ inline Vec qk_grad(Vec score_grad, const float* tanh, Vec scale) {
 // delta_i = sum_c dO_ic O_ic - dlse_i for rows [q0, q0 + rows) of (b, h), into args.delta.
 template <typename T>
 void compute_delta(const BackwardArgs& args, int64_t b, int64_t h, int64_t q0, int64_t rows) {
-  const Problem& p = args.p;
   const T* dout = at_row<T>(args.dout, b, h, q0);
   const T* out = at_row<T>(args.out, b, h, q0);
-  const int64_t row_offset = (b * p.heads_q + h) * p.seqlen_q + q0;
+  const float* dlse = args.dlse.at(b, h, q0);
+  float* delta = args.delta.at(b, h, q0);
   for (int64_t i = 0; i < rows; ++i) {
     float dot_product = 0.f;
-    for (int64_t c = 0; c < p.head_dim_v; ++c)
+    for (int64_t c = 0; c < args.p.head_dim_v; ++c)
       dot_product += static_cast<float>(dout[i * args.dout.row + c * args.dout.col]) *
                      static_cast<float>(out[i * args.out.row + c * args.out.col]);
-    args.delta[row_offset + i] = dot_product - args.dlse[row_offset + i];
+    delta[i] = dot_product - dlse[i];
   }
+}
+
+// The (query head, query block) of a dq or delta task of a sequence.
+struct DqBlock {
+  int64_t h, q0, rows;
+};
+inline DqBlock dq_block(const Problem& p, int64_t index) {
+  const int64_t blocks = ceil_div(p.seqlen_q, kBlockM);
+  const int64_t q0 = balanced_block(index % blocks, blocks) * kBlockM;
+  return {index / blocks, q0, std::min(kBlockM, p.seqlen_q - q0)};
 }
 
 template <typename T>
 void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
-  const Problem& p = args.p;
-  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t D = args.p.head_dim, Dv = args.p.head_dim_v;
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
   const int64_t BM = kBlockM, BN = kBlockN;
   Scratch scratch(Scratch::size_of({D * BM, Dv * BM, BN * Dp, BN * Dvp, BN * BM, BN * BM, BN * BM, BM * Dp, BM, BM}));
@@ -65,40 +76,40 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   float* st = scratch.take(BN * BM);   // S^T, then P^T, then dS^T
   float* dpt = scratch.take(BN * BM);  // dP^T
   float* tanh_t = scratch.take(BN * BM);  // tanh of the softcap, S^T's layout
-  float* tanh = p.variants.softcap > 0.f ? tanh_t : nullptr;
+  float* tanh = args.p.variants.softcap > 0.f ? tanh_t : nullptr;
   float* dq = scratch.take(BM * Dp);   // dQ rows
   float* lse = scratch.take(BM);
   float* delta = scratch.take(BM);
 
-  const int64_t blocks = ceil_div(p.seqlen_q, BM);
-  const int64_t group = p.heads_q / p.heads_kv;
-  const Vec scale(p.scale);
+  const int64_t group = args.p.heads_q / args.p.heads_kv;
+  const Vec scale(args.p.scale);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t bh = task / blocks, b = bh / p.heads_q, h = bh % p.heads_q, hk = h / group;
-    const int64_t q0 = balanced_block(task % blocks, blocks) * BM;
-    const int64_t rows = std::min(BM, p.seqlen_q - q0);
-    const int64_t row_offset = bh * p.seqlen_q + q0;  // into the (B, Hq, Lq) row vectors
+    const TaskAt at = locate(args.query_tasks, task);
+    const int64_t b = at.sequence;
+    const BackwardArgs s = sequence(args, b);
+    const Problem& p = s.p;
+    const auto [h, q0, rows] = dq_block(p, at.index);
+    const int64_t hk = h / group;
 
-    const T* q = at_row<T>(args.q, b, h, q0);
-    load_tile(qt, BM, q, args.q.col, args.q.row, D, rows);
-    load_tile(dot, BM, at_row<T>(args.dout, b, h, q0), args.dout.col, args.dout.row, Dv, rows);
-    compute_delta<T>(args, b, h, q0, rows);
+    load_tile(qt, BM, at_row<T>(s.q, b, h, q0), s.q.col, s.q.row, D, rows);
+    load_tile(dot, BM, at_row<T>(s.dout, b, h, q0), s.dout.col, s.dout.row, Dv, rows);
+    compute_delta<T>(s, b, h, q0, rows);
     // Padding columns get lse = +inf, so p = 0 there.
     for (int64_t i = 0; i < BM; ++i) {
-      lse[i] = i < rows ? backward_lse(args.lse[row_offset + i]) : kInf;
-      delta[i] = i < rows ? args.delta[row_offset + i] : 0.f;
+      lse[i] = i < rows ? backward_lse(*s.lse.at(b, h, q0 + i)) : kInf;
+      delta[i] = i < rows ? *s.delta.at(b, h, q0 + i) : 0.f;
     }
     fill(dq, rows * Dp, 0.f);
 
     const Range visible = visible_keys(p, q0, rows);
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
-      load_tile(kb, Dp, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D);
-      load_tile(vb, Dvp, at_row<T>(args.v, b, hk, k0), args.v.row, args.v.col, keys, Dv);
+      load_tile(kb, Dp, at_row<T>(s.k, b, hk, k0), s.k.row, s.k.col, keys, D);
+      load_tile(vb, Dvp, at_row<T>(s.v, b, hk, k0), s.v.row, s.v.col, keys, Dv);
       gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);     // K Q^T
       gemm(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, false); // dP^T = V dO^T
-      finish_scores(p, {st, keys * BM, 1, BM, b, h, q0, rows, k0, keys}, p.scale, tanh);  // S^T
-      if (p.variants.dropout) apply_dropout(p, {dpt, keys * BM, 1, BM, b, h, q0, rows, k0, keys});
+      finish_scores(p, {st, 1, BM, b, h, q0, rows, k0, keys}, keys * BM, p.scale, tanh);  // S^T
+      if (p.variants.dropout) apply_dropout(p, {dpt, 1, BM, b, h, q0, rows, k0, keys});
       // P^T = exp(S^T - lse), then dS^T, queries along columns
       for (int64_t j = 0; j < keys; ++j) {
         float* s = st + j * BM;
@@ -111,7 +122,7 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
       }
       gemm(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, true);  // dQ += dS K, dS read from dS^T
     }
-    store_rows(at_row_mut<T>(args.dq, b, h, q0), args.dq.row, args.dq.col, dq, Dp, rows, D);
+    store_rows(at_row_mut<T>(s.dq, b, h, q0), s.dq.row, s.dq.col, dq, Dp, rows, D);
   }
 }
 
@@ -180,25 +191,26 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
     const int64_t h = hk * group + g;
     for (int64_t q0 = visible.begin; q0 < visible.end; q0 += BM) {
       const int64_t rows = std::min(BM, visible.end - q0);
-      const int64_t row_offset = (b * p.heads_q + h) * p.seqlen_q + q0;
+      const float* lse = args.lse.at(b, h, q0);
+      const float* delta = args.delta.at(b, h, q0);
       load_tile(t.qb, Dp, at_row<T>(args.q, b, h, q0), args.q.row, args.q.col, rows, D);
       load_tile(t.dob, Dvp, at_row<T>(args.dout, b, h, q0), args.dout.row, args.dout.col, rows, Dv);
       gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // Q K^T
       gemm(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
-      const ScoreTile s_tile{t.s, rows * BN, BN, 1, b, h, q0, rows, k0, keys};
-      finish_scores(p, s_tile, p.scale, tanh);  // S
-      if (p.variants.dropout) apply_dropout(p, {t.dp, rows * BN, BN, 1, b, h, q0, rows, k0, keys});
+      const ScoreTile s_tile{t.s, BN, 1, b, h, q0, rows, k0, keys};
+      finish_scores(p, s_tile, rows * BN, p.scale, tanh);  // S
+      if (p.variants.dropout) apply_dropout(p, {t.dp, BN, 1, b, h, q0, rows, k0, keys});
       // P = exp(S - lse), then dS, keys along columns. Columns past the block's end (zero
       // padding of K^T) hold junk that the products below never read (they stop at `keys`).
       for (int64_t i = 0; i < rows; ++i) {
-        const Vec lse(backward_lse(args.lse[row_offset + i]));
-        const Vec delta(args.delta[row_offset + i]);
+        const Vec lse_i(backward_lse(lse[i]));
+        const Vec delta_i(delta[i]);
         float* si = t.s + i * BN;
         float* dpi = t.dp + i * BN;
         for (int64_t c = 0; c < BN; c += kVec) {
-          const Vec prob = exp(Vec::loadu(si + c) - lse);
+          const Vec prob = exp(Vec::loadu(si + c) - lse_i);
           prob.store(si + c);
-          const Vec grad = score_grad(prob, Vec::loadu(dpi + c), delta);
+          const Vec grad = score_grad(prob, Vec::loadu(dpi + c), delta_i);
           if (args.dbias.data != nullptr) grad.store(t.dbias + i * BN + c);
           qk_grad(grad, tanh ? tanh + i * BN + c : nullptr, scale).store(dpi + c);
         }
@@ -217,54 +229,60 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
 
 template <typename T>
 void backward_dkdv_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
-  const Problem& p = args.p;
-  Scratch scratch(KeyBlockScratch::floats(p.head_dim, p.head_dim_v));
-  const KeyBlockScratch tiles(scratch, p.head_dim, p.head_dim_v);
-  const int64_t blocks = ceil_div(p.seqlen_k, kBlockN);
-  // A task is one (batch, head, block) triple, or all of them along the dims dkdv_split does not
-  // split (those where the bias gradient is broadcast).
-  const DkdvSplit split = dkdv_split(p, args.dbias);
-  auto span = [](int64_t index, int64_t parts, int64_t n) {
-    return parts == n ? Range{index, index + 1} : Range{0, n};
-  };
+  const Problem& all = args.p;
+  Scratch scratch(KeyBlockScratch::floats(all.head_dim, all.head_dim_v));
+  const KeyBlockScratch tiles(scratch, all.head_dim, all.head_dim_v);
+  // A task is one (sequence, head, block) triple, or all of them along the dims dkdv_split does
+  // not split (those where the bias gradient is broadcast; then inputs are dense, every sequence
+  // of the same length, and key_tasks has a single group, of all sequences).
+  const DkdvSplit split = dkdv_split(args.dbias);
   for (int64_t task = begin; task < end; ++task) {
-    const Range batches = span(task / (split.heads * split.blocks), split.batches, p.batch);
-    const Range heads = span(task / split.blocks % split.heads, split.heads, p.heads_kv);
-    const Range block_ids = span(task % split.blocks, split.blocks, blocks);
-    for (int64_t b = batches.begin; b < batches.end; ++b)
+    const TaskAt at = locate(args.key_tasks, task);
+    const Range batches = split.batches ? Range{at.sequence, at.sequence + 1} : Range{0, all.batch};
+    for (int64_t b = batches.begin; b < batches.end; ++b) {
+      const BackwardArgs s = sequence(args, b);
+      const int64_t blocks = ceil_div(s.p.seqlen_k, kBlockN);
+      const int64_t split_blocks = split.blocks ? blocks : 1;
+      const Range heads = split.heads ? Range{at.index / split_blocks, at.index / split_blocks + 1}
+                                      : Range{0, all.heads_kv};
+      const Range block_ids = split.blocks ? Range{at.index % blocks, at.index % blocks + 1} : Range{0, blocks};
       for (int64_t hk = heads.begin; hk < heads.end; ++hk)
         for (int64_t block = block_ids.begin; block < block_ids.end; ++block)
-          key_block_backward<T>(args, b, hk, balanced_block(block, blocks) * kBlockN, tiles, nullptr);
+          key_block_backward<T>(s, b, hk, balanced_block(block, blocks) * kBlockN, tiles, nullptr);
+    }
   }
 }
 
 // One-pass schedule, first step: delta for a block of query rows (tasks as in pass 1).
 template <typename T>
 void backward_delta_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
-  const Problem& p = args.p;
-  const int64_t blocks = ceil_div(p.seqlen_q, kBlockM);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t bh = task / blocks, q0 = (task % blocks) * kBlockM;
-    compute_delta<T>(args, bh / p.heads_q, bh % p.heads_q, q0, std::min(kBlockM, p.seqlen_q - q0));
+    const TaskAt at = locate(args.query_tasks, task);
+    const BackwardArgs s = sequence(args, at.sequence);
+    const DqBlock block = dq_block(s.p, at.index);
+    compute_delta<T>(s, at.sequence, block.h, block.q0, block.rows);
   }
 }
 
-// One-pass schedule, second step: per (batch, key/value head), every key block in turn.
+// One-pass schedule, second step: per (sequence, key/value head), every key block in turn.
 template <typename T>
 void backward_fused_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
-  const Problem& p = args.p;
-  const int64_t Dp = round_up(p.head_dim, kVec);
-  const int64_t group = p.heads_q / p.heads_kv;
-  Scratch scratch(KeyBlockScratch::floats(p.head_dim, p.head_dim_v) + Scratch::size_of({group * p.seqlen_q * Dp}));
-  const KeyBlockScratch tiles(scratch, p.head_dim, p.head_dim_v);
-  float* dq = scratch.take(group * p.seqlen_q * Dp);
+  const Problem& all = args.p;
+  const int64_t Dp = round_up(all.head_dim, kVec);
+  const int64_t group = all.heads_q / all.heads_kv;
+  // The group's dQ rows in fp32; the longest sequence's fit.
+  Scratch scratch(KeyBlockScratch::floats(all.head_dim, all.head_dim_v) + Scratch::size_of({group * all.seqlen_q * Dp}));
+  const KeyBlockScratch tiles(scratch, all.head_dim, all.head_dim_v);
+  float* dq = scratch.take(group * all.seqlen_q * Dp);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
+    const int64_t b = task / all.heads_kv, hk = task % all.heads_kv;
+    const BackwardArgs s = sequence(args, b);
+    const Problem& p = s.p;
     fill(dq, group * p.seqlen_q * Dp, 0.f);
-    for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockN) key_block_backward<T>(args, b, hk, k0, tiles, dq);
+    for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockN) key_block_backward<T>(s, b, hk, k0, tiles, dq);
     for (int64_t g = 0; g < group; ++g)
-      store_rows(at_row_mut<T>(args.dq, b, hk * group + g, 0), args.dq.row, args.dq.col, dq + g * p.seqlen_q * Dp,
-                 Dp, p.seqlen_q, p.head_dim);
+      store_rows(at_row_mut<T>(s.dq, b, hk * group + g, 0), s.dq.row, s.dq.col, dq + g * p.seqlen_q * Dp, Dp,
+                 p.seqlen_q, p.head_dim);
   }
 }
 

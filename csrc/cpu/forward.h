@@ -1,27 +1,29 @@
-// Forward: out = softmax(S) V and lse, S the scores of scale * Q K^T (scores.h), one block of
-// kBlockM queries per task.
+// Forward: out = softmax(S) V and lse, S the scores of scale * Q K^T (scores.h). A task is a
+// block of up to kBlockM query rows of one sequence and key/value head (params.h, query_tiling):
+// one query head's rows, or all rows of several heads of the group when the sequence is short.
 //
 // Scores are computed transposed, S^T = K (scale Q)^T, so that each query is a column: the
 // online softmax then runs along columns with one vector holding kVec queries' running max and
-// sum, and Q^T is packed once per task while K and V are read block by block as rows.
+// sum, and Q^T is packed once per task while K and V are read block by block as rows (through
+// the page table of a paged KV cache).
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
-// Online softmax over one key block, for every query column of S^T (keys x kBlockM):
+// Online softmax over one key block, for the `cols` query columns of S^T (keys x cols):
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  l' = l exp(m - m') + sum_j p_j.
 // S^T is overwritten with P^T, and alpha = exp(m - m') is left for rescaling the accumulator.
 // A column with nothing visible yet keeps m = -inf; using 0 in its place keeps exp() at 0
 // instead of exp(-inf + inf) = NaN.
-inline void softmax_update(float* st, int64_t keys, float* row_max, float* row_sum, float* alpha) {
-  for (int64_t c = 0; c < kBlockM; c += kVec) {
+inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float* row_sum, float* alpha) {
+  for (int64_t c = 0; c < cols; c += kVec) {
     Vec block_max(-kInf);
-    for (int64_t j = 0; j < keys; ++j) block_max = at::vec::maximum(block_max, Vec::loadu(st + j * kBlockM + c));
+    for (int64_t j = 0; j < keys; ++j) block_max = at::vec::maximum(block_max, Vec::loadu(st + j * cols + c));
     const Vec old_max = Vec::loadu(row_max + c);
     const Vec new_max = at::vec::maximum(old_max, block_max);
     const Vec shift = Vec::blendv(new_max, Vec(0.f), new_max == Vec(-kInf));
     Vec sum(0.f);
     for (int64_t j = 0; j < keys; ++j) {
-      const Vec prob = exp(Vec::loadu(st + j * kBlockM + c) - shift);
-      prob.store(st + j * kBlockM + c);
+      const Vec prob = exp(Vec::loadu(st + j * cols + c) - shift);
+      prob.store(st + j * cols + c);
       sum = sum + prob;
     }
     const Vec rescale = exp(old_max - shift);
@@ -31,61 +33,115 @@ inline void softmax_update(float* st, int64_t keys, float* row_max, float* row_s
   }
 }
 
+// The query rows of one forward task: heads h0 .. h0 + heads - 1, rows [q0, q0 + rows) of each;
+// head g's rows are the columns [g * rows, (g + 1) * rows) of the task's S^T.
+struct QueryBlock {
+  int64_t hk, h0, heads, q0, rows;
+};
+inline QueryBlock query_block(const Problem& p, int64_t index) {
+  const QueryTiling tiling = query_tiling(p, p.seqlen_q);
+  const int64_t per_head = tiling.chunks * tiling.blocks, hk = index / per_head;
+  const int64_t chunk = index % per_head / tiling.blocks;
+  const int64_t q0 = balanced_block(index % tiling.blocks, tiling.blocks) * kBlockM;
+  const int64_t h0 = hk * (p.heads_q / p.heads_kv) + chunk * tiling.heads;
+  const int64_t heads = std::min(tiling.heads, (hk + 1) * (p.heads_q / p.heads_kv) - h0);
+  return {hk, h0, heads, q0, std::min(kBlockM, p.seqlen_q - q0)};
+}
+
+// scale * Q^T of the block (D x ld), zero in the columns past its queries.
+template <typename T>
+void load_queries_t(float* qt, int64_t ld, const Strided& q, int64_t b, const QueryBlock& block, int64_t D,
+                    float scale) {
+  const int64_t cols = block.heads * block.rows;
+  for (int64_t d = 0; d < D; ++d) {
+    float* dst = qt + d * ld;
+    for (int64_t g = 0; g < block.heads; ++g) {
+      const T* src = at_row<T>(q, b, block.h0 + g, block.q0) + d * q.col;
+      for (int64_t i = 0; i < block.rows; ++i) dst[g * block.rows + i] = static_cast<float>(src[i * q.row]) * scale;
+    }
+    fill(dst + cols, ld - cols, 0.f);
+  }
+}
+
+// Rows [k0, k0 + n) of K or V of (b, hk) into dst as load_tile does; in a paged cache (pages.table
+// not null) b's rows are gathered page by page.
+template <typename T>
+void load_key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
+                   int64_t n, int64_t cols) {
+  if (pages.table == nullptr) return load_tile(dst, ld, at_row<T>(s, b, hk, k0), s.row, s.col, n, cols);
+  for (int64_t j = k0; j < k0 + n;) {
+    const int64_t slot = j % pages.size, run = std::min(pages.size - slot, k0 + n - j);
+    const int64_t page = pages.table[b * pages.table_stride + j / pages.size];
+    load_tile(dst + (j - k0) * ld, ld, at_row<T>(s, page, hk, slot), s.row, s.col, run, cols);
+    j += run;
+  }
+}
+
 template <typename T>
 void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
-  const Problem& p = args.p;
-  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t D = args.p.head_dim, Dv = args.p.head_dim_v;
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
   const int64_t BM = kBlockM, BN = kBlockN;
   Scratch scratch(Scratch::size_of({D * BM, BN * Dp, BN * Dvp, BN * BM, BM * Dvp, BM, BM, BM}));
-  float* qt = scratch.take(D * BM);     // scale * Q^T, (D x BM): query i is column i
+  float* qt = scratch.take(D * BM);     // scale * Q^T, (D x ld): query column c is column c
   float* kb = scratch.take(BN * Dp);    // key block, rows
   float* vb = scratch.take(BN * Dvp);   // value block, rows
-  float* st = scratch.take(BN * BM);    // S^T, then P^T
-  float* acc = scratch.take(BM * Dvp);  // unnormalised output rows
+  float* st = scratch.take(BN * BM);    // S^T, then P^T (keys x ld)
+  float* acc = scratch.take(BM * Dvp);  // unnormalised output rows, one per query column
   float* row_max = scratch.take(BM);
   float* row_sum = scratch.take(BM);
   float* alpha = scratch.take(BM);
 
-  const int64_t blocks = ceil_div(p.seqlen_q, BM);
-  const int64_t group = p.heads_q / p.heads_kv;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t bh = task / blocks, b = bh / p.heads_q, h = bh % p.heads_q, hk = h / group;
-    const int64_t q0 = balanced_block(task % blocks, blocks) * BM;
-    const int64_t rows = std::min(BM, p.seqlen_q - q0);
+    const TaskAt at = locate(args.tasks, task);
+    const int64_t b = at.sequence;
+    const ForwardArgs s = sequence(args, b);
+    const Problem& p = s.p;
+    const QueryBlock block = query_block(p, at.index);
+    const int64_t rows = block.rows, cols = block.heads * rows, ld = round_up(cols, kVec);
+    // The score tile of head g of the block, in S^T.
+    auto head_tile = [&](int64_t g, int64_t k0, int64_t keys) {
+      return ScoreTile{st + g * rows, 1, ld, b, block.h0 + g, block.q0, rows, k0, keys};
+    };
 
-    load_tile(qt, BM, at_row<T>(args.q, b, h, q0), args.q.col, args.q.row, D, rows, p.scale);
-    fill(row_max, BM, -kInf);
-    fill(row_sum, BM, 0.f);
-    fill(acc, rows * Dvp, 0.f);
+    load_queries_t<T>(qt, ld, s.q, b, block, D, p.scale);
+    fill(row_max, ld, -kInf);
+    fill(row_sum, ld, 0.f);
+    fill(acc, cols * Dvp, 0.f);
 
-    const Range visible = visible_keys(p, q0, rows);
+    const Range visible = visible_keys(p, block.q0, rows);  // the same rows for every head
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
-      load_tile(kb, Dp, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D);
-      load_tile(vb, Dvp, at_row<T>(args.v, b, hk, k0), args.v.row, args.v.col, keys, Dv);
+      load_key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
+      load_key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
       // S^T = K (scale Q)^T
-      gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);
-      finish_scores(p, {st, keys * BM, 1, BM, b, h, q0, rows, k0, keys}, 1.f, nullptr);
-      softmax_update(st, keys, row_max, row_sum, alpha);
-      if (p.variants.dropout) apply_dropout(p, {st, keys * BM, 1, BM, b, h, q0, rows, k0, keys});
+      gemm(keys, ld, D, kb, Dp, 1, qt, ld, st, ld, false);
+      cap_scores(p, st, keys * ld, 1.f, nullptr);
+      for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
+      softmax_update(st, keys, ld, row_max, row_sum, alpha);
+      if (p.variants.dropout)
+        for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g, k0, keys));
       // acc = alpha * acc + P V, with P read from P^T
-      for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t i = 0; i < cols; ++i) {
         if (alpha[i] == 1.f) continue;
         const Vec a(alpha[i]);
         for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
       }
-      gemm(rows, Dvp, keys, st, 1, BM, vb, Dvp, acc, Dvp, true);
+      gemm(cols, Dvp, keys, st, 1, ld, vb, Dvp, acc, Dvp, true);
     }
 
     // out = acc / l and lse = m + log l; rows that saw no key get out = 0 and lse = -inf.
-    float* lse = args.lse + (b * p.heads_q + h) * p.seqlen_q + q0;
-    for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t i = 0; i < cols; ++i) {
       const bool empty = row_sum[i] == 0.f;
-      lse[i] = empty ? -kInf : row_max[i] + std::log(row_sum[i]);
-      alpha[i] = empty ? 0.f : 1.f / row_sum[i];  // reused as the normaliser
+      row_max[i] = empty ? -kInf : row_max[i] + std::log(row_sum[i]);  // reused as the lse
+      alpha[i] = empty ? 0.f : 1.f / row_sum[i];                        // reused as the normaliser
     }
-    store_rows(at_row_mut<T>(args.out, b, h, q0), args.out.row, args.out.col, acc, Dvp, rows, Dv, alpha);
+    for (int64_t g = 0; g < block.heads; ++g) {
+      const int64_t h = block.h0 + g;
+      std::copy(row_max + g * rows, row_max + (g + 1) * rows, s.lse.at(b, h, block.q0));
+      store_rows(at_row_mut<T>(s.out, b, h, block.q0), s.out.row, s.out.col, acc + g * rows * Dvp, Dvp, rows, Dv,
+                 alpha + g * rows);
+    }
   }
 }
 

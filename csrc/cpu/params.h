@@ -5,7 +5,9 @@
 // turns tensors into these structs and picks the instruction set at run time.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 namespace fused_attn::cpu {
 
@@ -16,22 +18,35 @@ constexpr int64_t kBlockN = 64;
 
 enum class DType { Float32, BFloat16, Float16 };
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // A (B, H, L, D) tensor: element pointer and element strides, any layout (the common
-// sequence-major (B, L, H, D) view is read in place).
+// sequence-major (B, L, H, D) view is read in place; packed (total, H, D) tensors have batch
+// stride 0, their sequences being row ranges).
 struct Strided {
   void* data;
   int64_t batch, head, row, col;
 };
 
+// One float per query row of each head (lse, its gradient, delta): row i of head (b, h) is
+// data[b * batch + h * head + i]. Dense (B, H, L) and packed (H, total) tensors alike.
+struct RowValues {
+  float* data;
+  int64_t batch, head;
+
+  float* at(int64_t b, int64_t h, int64_t i) const { return data + b * batch + h * head + i; }
+};
+
 // The variants of the scores, all off by default. Query i of head (b, h) and key j are at
-// distance d = j - (i + shift); their score is
+// distance d = j - (i + shift), shift being 0, or Lk - Lq with bottom_right (per sequence, see
+// Problem::shift); their score is
 //   s = softcap * tanh(scale q.k / softcap) - slope(b, h) |d| + bias(b, h, i, j)
 // (softcap 0: no tanh), and key j is hidden from query i (score -inf) when d < -window_left or
 // d > window_right (a bound of -1: unbounded; causal is window_right = 0) or mask(b, h, i, j) is
 // false. The mask and bias are broadcast views of (B, Hq, Lq, Lk): stride 0 along broadcast dims.
 struct Variants {
   int64_t window_left = -1, window_right = -1;
-  int64_t shift = 0;
+  bool bottom_right = false;
   float softcap = 0.f;
   const float* alibi_slopes = nullptr;  // slope(b, h) = alibi_slopes[b * slopes_batch + h * slopes_head]
   int64_t slopes_batch = 0, slopes_head = 0;
@@ -40,69 +55,170 @@ struct Variants {
   // Dropout (fused_attn/dropout.py): probability (b, h, i, j) is kept iff the first word of
   // Philox4x32-7 on counter (j, i, b * Hq + h, 0) under key dropout_seed is >= drop_threshold,
   // and kept ones are scaled by keep_scale = 1 / (1 - p). The lse is that of the undropped scores.
+  // i and j count from the sequence's first row, so packed sequences draw what they would alone.
   bool dropout = false;
   uint64_t dropout_seed = 0;
   uint32_t drop_threshold = 0;
   float keep_scale = 1.f;
 };
 
+// One call. Kernels work on one sequence at a time (sequence(), below), whose view has that
+// sequence's lengths in seqlen_q and seqlen_k; in the call's own Problem they are the dense
+// lengths, or for packed batches the longest sequences' (they size the scratch), and for KV
+// caches seqlen_k is the capacity.
 struct Problem {
   DType dtype;
   int64_t batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v;
   float scale;
   Variants variants;
+  // Packed (varlen) batches: sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q
+  // and likewise of k (int32, B + 1 entries). KV caches: sequence b sees the first seqlens_k[b]
+  // keys of its cache. Null otherwise.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  const int32_t* seqlens_k = nullptr;
+
+  // Query i is aligned with key i + shift (a sequence's view: its own lengths).
+  int64_t shift() const { return variants.bottom_right ? seqlen_k - seqlen_q : 0; }
+};
+
+// Tasks of one kind, listed sequence by sequence: those of sequence b are [first[b], first[b + 1]),
+// so the tasks of a packed batch cover its real lengths only (the binding builds the table).
+struct TaskTable {
+  const int64_t* first = nullptr;  // B + 1 entries, from 0
+  int64_t sequences = 0;
+
+  int64_t count() const { return first[sequences]; }
+};
+
+// A task's sequence and its index among that sequence's tasks.
+struct TaskAt {
+  int64_t sequence, index;
+};
+inline TaskAt locate(const TaskTable& table, int64_t task) {
+  const int64_t b = std::upper_bound(table.first, table.first + table.sequences + 1, task) - table.first - 1;
+  return {b, task - table.first[b]};
+}
+
+// A paged KV cache (pages, page_size, Hkv, D), addressed as the Strided (pages, Hkv, page_size,
+// D): key j of sequence b is row j % size of page table[b * table_stride + j / size].
+struct Pages {
+  const int32_t* table = nullptr;  // null: not paged
+  int64_t table_stride = 0, size = 0;
 };
 
 struct ForwardArgs {
   Problem p;
   Strided q, k, v, out;
-  float* lse;  // (B, Hq, Lq) contiguous, natural log, -inf on rows that see no key
+  RowValues lse;  // natural log, -inf on rows that see no key
+  TaskTable tasks;  // query_tiling's tasks of every sequence
+  Pages pages;  // k and v of a paged KV cache
 };
 
 struct BackwardArgs {
   Problem p;
   Strided q, k, v, out, dout, dq, dk, dv;
-  const float* lse;   // (B, Hq, Lq) contiguous, as returned by the forward
-  const float* dlse;  // (B, Hq, Lq) contiguous gradient of lse
-  float* delta;       // (B, Hq, Lq) scratch: rowsum(dO * O) - dlse, written by the dq pass
+  RowValues lse, dlse;  // as returned by the forward, and the gradient of lse
+  RowValues delta;      // scratch: rowsum(dO * O) - dlse, written by the dq (or delta) pass
   // float32 gradient of the bias, the broadcast (B, Hq, Lq, Lk) view of a zeroed buffer of the
   // bias's own shape (stride 0 along broadcast dims, where terms are summed); data null: none.
   Strided dbias;
+  TaskTable query_tasks;  // per sequence: (query head, query block) pairs
+  TaskTable key_tasks;    // per group of sequences (dkdv_split): (key/value head, key block) tasks
 };
 
-// Task counts: the binding runs tasks [0, n) in parallel; each kernel call gets a range.
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t forward_tasks(const Problem& p) { return p.batch * p.heads_q * ceil_div(p.seqlen_q, kBlockM); }
-inline int64_t dq_tasks(const Problem& p) { return forward_tasks(p); }
-// dK/dV tasks own (batch, key/value head, key block) triples. With a bias gradient every element
-// of dbias must have one writer too, so along a dim where the bias is broadcast (dbias stride 0)
-// one task covers the whole dim, in a fixed order: the split is then 1 along it.
-struct DkdvSplit {
-  int64_t batches, heads, blocks;
+// Where sequence b's rows start in the (packed) tensors, and its lengths.
+struct SequenceRows {
+  int64_t start_q, start_k, seqlen_q, seqlen_k;
 };
-inline DkdvSplit dkdv_split(const Problem& p, const Strided& dbias) {
+inline SequenceRows sequence_rows(const Problem& p, int64_t b) {
+  if (p.cu_seqlens_q != nullptr)
+    return {p.cu_seqlens_q[b], p.cu_seqlens_k[b], p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b],
+            p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b]};
+  return {0, 0, p.seqlen_q, p.seqlens_k != nullptr ? p.seqlens_k[b] : p.seqlen_k};
+}
+
+inline Strided from_row(const Strided& s, int64_t row, DType dtype) {
+  const int64_t bytes = dtype == DType::Float32 ? 4 : 2;
+  return {static_cast<char*>(s.data) + row * s.row * bytes, s.batch, s.head, s.row, s.col};
+}
+inline RowValues from_row(const RowValues& r, int64_t row) { return {r.data + row, r.batch, r.head}; }
+
+// Sequence b of a call as a problem of its own: its lengths, and the tensors starting at its
+// first rows. Kernels index the view with b and local rows (which also feed the dropout
+// counters and ALiBi distances); for dense inputs it is the call itself.
+inline ForwardArgs sequence(const ForwardArgs& a, int64_t b) {
+  const SequenceRows r = sequence_rows(a.p, b);
+  ForwardArgs s = a;
+  s.p.seqlen_q = r.seqlen_q;
+  s.p.seqlen_k = r.seqlen_k;
+  s.q = from_row(a.q, r.start_q, a.p.dtype);
+  s.out = from_row(a.out, r.start_q, a.p.dtype);
+  s.lse = from_row(a.lse, r.start_q);
+  s.k = from_row(a.k, r.start_k, a.p.dtype);
+  s.v = from_row(a.v, r.start_k, a.p.dtype);
+  return s;
+}
+inline BackwardArgs sequence(const BackwardArgs& a, int64_t b) {
+  const SequenceRows r = sequence_rows(a.p, b);
+  BackwardArgs s = a;
+  s.p.seqlen_q = r.seqlen_q;
+  s.p.seqlen_k = r.seqlen_k;
+  for (Strided* t : {&s.q, &s.out, &s.dout, &s.dq}) *t = from_row(*t, r.start_q, a.p.dtype);
+  for (Strided* t : {&s.k, &s.v, &s.dk, &s.dv}) *t = from_row(*t, r.start_k, a.p.dtype);
+  for (RowValues* t : {&s.lse, &s.dlse, &s.delta}) *t = from_row(*t, r.start_q);
+  return s;
+}
+
+// How the forward cuts one sequence's queries into tasks, each on one key/value head: blocks of
+// up to kBlockM query rows of one query head; or, when the whole sequence fits a block (decoding,
+// short packed sequences), all its rows for several query heads of the group at once, so that
+// K and V are read once for them and the block is not mostly padding.
+struct QueryTiling {
+  int64_t heads;   // query heads per task
+  int64_t chunks;  // tasks across the group's heads
+  int64_t blocks;  // query blocks
+};
+inline QueryTiling query_tiling(const Problem& p, int64_t seqlen_q) {
+  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t fit = seqlen_q == 0 ? 1 : std::clamp<int64_t>(kBlockM / seqlen_q, 1, group);
+  const int64_t chunks = ceil_div(group, fit);
+  return {ceil_div(group, chunks), chunks, ceil_div(seqlen_q, kBlockM)};  // chunks of even size
+}
+inline int64_t forward_tasks(const Problem& p, int64_t seqlen_q) {
+  const QueryTiling tiling = query_tiling(p, seqlen_q);
+  return p.heads_kv * tiling.chunks * tiling.blocks;
+}
+// The backward's dq (and delta) tasks: (query head, query block) pairs.
+inline int64_t dq_tasks(const Problem& p, int64_t seqlen_q) { return p.heads_q * ceil_div(seqlen_q, kBlockM); }
+
+// dK/dV tasks own (sequence, key/value head, key block) triples. With a bias gradient (dense
+// inputs only) every element of dbias must have one writer too, so along a dim where the bias is
+// broadcast (dbias stride 0) one task covers the whole dim, in a fixed order: the split is then 1
+// along it, and key_tasks has one group of sequences (all of them) instead of one per sequence.
+struct DkdvSplit {
+  bool batches, heads, blocks;  // whether tasks split that dim
+};
+inline DkdvSplit dkdv_split(const Strided& dbias) {
   const bool owned = dbias.data != nullptr;
-  return {owned && dbias.batch == 0 ? 1 : p.batch, owned && dbias.head == 0 ? 1 : p.heads_kv,
-          owned && dbias.col == 0 ? 1 : ceil_div(p.seqlen_k, kBlockN)};
+  return {!owned || dbias.batch != 0, !owned || dbias.head != 0, !owned || dbias.col != 0};
 }
-inline int64_t dkdv_tasks(const Problem& p, const Strided& dbias) {
-  const DkdvSplit split = dkdv_split(p, dbias);
-  return split.batches * split.heads * split.blocks;
+inline int64_t dkdv_tasks(const Problem& p, const DkdvSplit& split, int64_t seqlen_k) {
+  return (split.heads ? p.heads_kv : 1) * (split.blocks ? ceil_div(seqlen_k, kBlockN) : 1);
 }
-inline int64_t fused_tasks(const Problem& p) { return p.batch * p.heads_kv; }
 
 // One instruction set's kernels. Every task writes only its own rows of the outputs (dk/dv of
 // a key block are summed over the query heads of its group inside the task), so results are
 // bitwise independent of how tasks are spread over threads.
 struct Kernels {
   const char* isa;
-  void (*forward)(const ForwardArgs&, int64_t begin, int64_t end);
-  // Backward, two-pass schedule (see backward.h). Pass 1, dq_tasks: dq for a block of query
-  // rows, also writing delta for them. Pass 2, dkdv_tasks: dk and dv for a block of keys.
+  void (*forward)(const ForwardArgs&, int64_t begin, int64_t end);  // tasks: args.tasks
+  // Backward, two-pass schedule (see backward.h). Pass 1, query_tasks: dq for a block of query
+  // rows, also writing delta for them. Pass 2, key_tasks: dk and dv for a block of keys.
   void (*backward_dq)(const BackwardArgs&, int64_t begin, int64_t end);
   void (*backward_dkdv)(const BackwardArgs&, int64_t begin, int64_t end);
-  // Backward, one-pass schedule: delta (dq_tasks), then dq, dk and dv per (batch, key/value
-  // head) (fused_tasks). Same gradients, bit for bit, with fewer products.
+  // Backward, one-pass schedule: delta (query_tasks), then dq, dk and dv per (sequence,
+  // key/value head), B * Hkv tasks. Same gradients, bit for bit, with fewer products.
   void (*backward_delta)(const BackwardArgs&, int64_t begin, int64_t end);
   void (*backward_fused)(const BackwardArgs&, int64_t begin, int64_t end);
 };

@@ -1,8 +1,11 @@
 """The `cpu` backend: the C++ kernels in csrc/cpu/, primary for CPU tensors.
 
-Fused forward and two-pass backward with fp32 accumulation, parallel over batch, heads and
+Fused forward and two-pass backward with fp32 accumulation, parallel over sequences, heads and
 query (or key) blocks, vectorized with AVX2+FMA where the CPU has it (chosen at run time;
-FUSED_ATTN_CPU_ISA=portable forces the portable build). float64 is left to the reference backend.
+FUSED_ATTN_CPU_ISA=portable forces the portable build). Dense, packed (varlen: tasks cover each
+sequence's real length, never padding) and KV-cache decoding calls (contiguous or paged caches;
+the query rows of a GQA group share one task, so each cached key is read once per key/value
+head). float64 is left to the reference backend.
 """
 from __future__ import annotations
 
@@ -36,21 +39,22 @@ class CpuBackend(Backend):
             reasons.append(f"tensors on {q.device.type} (needs CPU)")
         if q.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
-        unsupported = {
-            "varlen": q.dim() == 3,
-        }
-        reasons += [f"no {name} in the C++ kernels yet" for name, used in unsupported.items() if used]
         return reasons
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors,
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
-        out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
-        lse = new_output(q, q.shape[:3], torch.float32)
+        if q.dim() == 3:  # packed: out (total_q, Hq, Dv), lse (Hq, total_q)
+            out = new_output(q, (*q.shape[:2], v.shape[2]), q.dtype)
+            lse = new_output(q, (q.shape[1], q.shape[0]), torch.float32)
+        else:
+            out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
+            lse = new_output(q, q.shape[:3], torch.float32)
         _ops().cpu_forward(q, k, v, out, lse, *_variant_args(q, k, extras, opts))
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
-        dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
+        dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) if t.dim() == 4 else new_output(t, t.shape, t.dtype)
+                      for t in (q, k, v))
         dbias = None
         if bias_requires_grad:
             # Summed over the bias's broadcast dims inside the kernels: never (B, Hq, Lq, Lk) memory.
@@ -61,16 +65,28 @@ class CpuBackend(Backend):
             dbias = dbias.reshape(extras.bias.shape).to(extras.bias.dtype)
         return dq, dk, dv, dbias
 
+    supports_kvcache = True
+
+    def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+        out = new_output(q, (*q.shape[:3], v_cache.shape[3]), q.dtype)
+        lse = new_output(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)
+        table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows
+        _ops().cpu_kvcache_forward(q, k_cache, v_cache, seqlens_k, table, out, lse, opts.scale, opts.left,
+                                   opts.right, opts.softcap, alibi_slopes)
+        return out, lse
+
 
 def _variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
     """The ops' arguments after their tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA)."""
-    shift = opts.causal_offset(q.shape[2], k.shape[2])
-    full = _scores_shape(q, k)
-    mask = None if extras.mask is None else _as_4d(extras.mask).expand(full)
-    # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
-    bias = None if extras.bias is None else _as_4d(extras.bias).to(torch.float32).expand(full)
-    return (opts.scale, opts.left, opts.right, shift, opts.softcap, extras.alibi_slopes, mask, bias,
-            extras.dropout_seed, opts.dropout_p)
+    mask = bias = None
+    if q.dim() == 4:  # packed inputs take no mask or bias
+        full = _scores_shape(q, k)
+        mask = None if extras.mask is None else _as_4d(extras.mask).expand(full)
+        # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
+        bias = None if extras.bias is None else _as_4d(extras.bias).to(torch.float32).expand(full)
+    cu_seqlens = [None if t is None else t.contiguous() for t in (extras.cu_seqlens_q, extras.cu_seqlens_k)]
+    return (opts.scale, opts.left, opts.right, opts.bottom_right, opts.softcap, extras.alibi_slopes, mask, bias,
+            extras.dropout_seed, opts.dropout_p, *cu_seqlens)
 
 
 def _scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
