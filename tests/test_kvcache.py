@@ -37,6 +37,10 @@ CASES = [
     pytest.param(3, 0, dict(causal=True, window=(12, -1)), id="window"),
     pytest.param(1, 0, dict(softcap=4.0, alibi_slopes="per-head"), id="alibi-softcap"),
     pytest.param(2, 0, dict(), id="no-mask"),
+    # Query rows of several heads share a block (GQA packing) only while they fit one: 20 rows of 4
+    # heads do not, 70 rows take two blocks per head.
+    pytest.param(20, 4, dict(causal=True, window=(30, -1)), id="twenty-rows"),
+    pytest.param(70, 0, dict(causal=True), id="prefill-seventy"),
 ]
 
 

@@ -1,6 +1,9 @@
 """What is specific to the C++ backend: it is built and loaded, its two builds (portable and
-AVX2) agree, thread count never changes a bit, the backward schedules agree, longer sequences
-match the reference backend, and its op errors are clear."""
+AVX2) agree, thread count never changes a bit (dense, packed and KV-cache calls), the backward
+schedules agree, the forward's tasks (one head's block, or several heads of a group packed into
+one) cover every row, longer sequences match the reference backend, and its op errors are clear."""
+
+import itertools
 
 import pytest
 import torch
@@ -18,13 +21,34 @@ def test_extension_is_built_and_loaded():
     assert "cpu" in fused_attn.available_backends(), fused_attn.backends.get_backend("cpu").unavailable_reason()
 
 
-def run(q, k, v, dout, **kw):
-    """(out, lse, dq, dk, dv) from the cpu backend, the loss using lse too."""
+def run(q, k, v, dout, function=fused_attn.attention, backend="cpu", **kw):
+    """(out, lse, dq, dk, dv) from `function` (attention, or varlen_attention with its extra
+    positional arguments in kw["args"]) on `backend`, the loss using lse too."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = fused_attn.attention(q, k, v, return_lse=True, backend="cpu", **kw)
+    out, lse = function(q, k, v, *kw.pop("args", ()), return_lse=True, backend=backend, **kw)
     dlse = torch.linspace(-1, 1, lse.numel()).reshape(lse.shape)
     loss = (out.float() * dout.float()).sum() + torch.where(torch.isfinite(lse), lse * dlse, 0).sum()
     return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
+
+
+def results_per_thread_count(compute):
+    """compute() with 1, 2 and 3 threads."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)  # the same dropout key every time
+            results.append(compute())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def assert_bitwise_equal(results):
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.fixture
@@ -77,18 +101,73 @@ def test_thread_count_changes_no_bit(shape, variants):
     batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
     q, k, v = random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, 64, 64, torch.float32, "cpu")
     dout = torch.randn(batch, heads_q, seqlen_q, 64)
-    threads = torch.get_num_threads()
     keywords = variant_keywords(heads_q, seqlen_q, seqlen_k) if variants else dict(causal=True)
+    assert_bitwise_equal(results_per_thread_count(
+        lambda: run(q, k, v, dout, causal_alignment="bottom_right", **keywords)))
+
+
+def packed(lengths_q, lengths_k, heads_q, heads_kv, dim, dtype=torch.float32):
+    """Packed q, k, v, dout and the arguments of varlen_attention after them."""
+    q, dout = (torch.randn(sum(lengths_q), heads_q, dim, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(sum(lengths_k), heads_kv, dim, dtype=dtype) for _ in range(2))
+    cu = [torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32) for n in (lengths_q, lengths_k)]
+    return q, k, v, dout, (*cu, max(lengths_q), max(lengths_k))
+
+
+def test_thread_count_changes_no_bit_varlen():
+    """Sequences of very different sizes: one thread takes the one-pass backward, two threads the
+    two-pass one (the first sequence is most of the work), so this also checks they agree."""
+    q, k, v, dout, args = packed([300, 0, 70, 1, 5], [250, 40, 0, 1, 130], 3, 1, 32)
+    keywords = dict(causal=True, causal_alignment="bottom_right", window=(90, 3), softcap=5.0, dropout_p=0.2,
+                    alibi_slopes=torch.rand(5, 3))
+    assert_bitwise_equal(results_per_thread_count(
+        lambda: run(q, k, v, dout, fused_attn.varlen_attention, args=args, **keywords)))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_thread_count_changes_no_bit_kvcache(paged):
+    q = torch.randn(3, 2, 8, 32)
+    k_cache, v_cache = torch.randn(2, 3, 200, 2, 32)
+    lengths = torch.tensor([200, 0, 77], dtype=torch.int32)
+    table = None
+    if paged:  # the same rows as pages of 16, shuffled
+        table = torch.randperm(3 * 13, dtype=torch.int32).view(3, 13)
+        pages = torch.zeros(2, 3 * 13, 16, 2, 32)
+        pages[:, table.flatten().long()] = torch.nn.functional.pad(torch.stack([k_cache, v_cache]),
+                                                                   (0, 0, 0, 0, 0, 8)).view(2, 3 * 13, 16, 2, 32)
+        k_cache, v_cache = pages
+    results = results_per_thread_count(lambda: fused_attn.attention_with_kvcache(
+        q, k_cache, v_cache, lengths, block_table=table, causal=True, alibi_slopes=torch.rand(8), return_lse=True,
+        backend="cpu"))
+    assert_bitwise_equal(results)
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 5, 21, 30, 64, 65])
+def test_forward_tasks_cover_every_row_of_every_head(seqlen_q):
+    """Short sequences pack the rows of several query heads of a group into one task (here 3, 3,
+    3, 2 + 1, then 1 head per task); each head keeps its own slope, mask row, dropout bits."""
+    heads_q, heads_kv, seqlen_k = 6, 2, 90
+    q, k, v = random_qkv(2, heads_q, heads_kv, seqlen_q, seqlen_k, 40, 24, torch.float32, "cpu", sequence_major=True)
+    dout = torch.randn(2, heads_q, seqlen_q, 24)
+    keywords = dict(causal=True, causal_alignment="bottom_right", alibi_slopes=torch.rand(2, heads_q), softcap=5.0,
+                    attn_mask=torch.rand(2, heads_q, seqlen_q, seqlen_k) > 0.2, dropout_p=0.2)
     results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(run(q, k, v, dout, causal_alignment="bottom_right", **keywords))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    for backend in ("cpu", "reference"):
+        torch.manual_seed(0)
+        results.append(run(q, k, v, dout, backend=backend, **keywords))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_rows_after_the_last_sequence_belong_to_none():
+    """Tokens after cu_seqlens[-1] belong to no sequence: out 0, lse -inf, gradients 0 (as the
+    reference backend gives), never uninitialised memory."""
+    q, k, v, dout, (cu_q, cu_k, *maxima) = packed([5, 7], [6, 9], 2, 2, 16)
+    ours = run(q, k, v, dout, fused_attn.varlen_attention, args=(cu_q[:-1], cu_k[:-1], *maxima))
+    reference = run(q, k, v, dout, fused_attn.varlen_attention, "reference", args=(cu_q[:-1], cu_k[:-1], *maxima))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert (ours[0][5:] == 0).all() and (ours[1][:, 5:] == -torch.inf).all() and (ours[3][6:] == 0).all()
 
 
 @pytest.mark.parametrize("bias_shape", [(1,), (2, 1, 1, 150), (1, 6, 200, 150), (2, 6, 200, 1)], ids=str)
@@ -128,14 +207,49 @@ def test_long_sequences_match_reference_backend(dtype, causal):
 
 
 def test_native_op_checks_its_arguments():
+    ops = torch.ops.fused_attn_native
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
     out, lse = torch.empty(1, 2, 8, 16), torch.empty(1, 2, 8)
     with pytest.raises(RuntimeError, match="lse must be Float"):
-        torch.ops.fused_attn_native.cpu_forward(q, k, v, out, lse.double(), 0.25, -1, -1, 0)
+        ops.cpu_forward(q, k, v, out, lse.double(), 0.25, -1, -1, False)
     with pytest.raises(RuntimeError, match="out must have shape"):
-        torch.ops.fused_attn_native.cpu_forward(q, k, v, out[:, :1], lse, 0.25, -1, -1, 0)
+        ops.cpu_forward(q, k, v, out[:, :1], lse, 0.25, -1, -1, False)
     with pytest.raises(RuntimeError, match="dtype Double"):
-        torch.ops.fused_attn_native.cpu_forward(q.double(), k.double(), v.double(), out.double(), lse, 0.25, -1, -1, 0)
+        ops.cpu_forward(q.double(), k.double(), v.double(), out.double(), lse, 0.25, -1, -1, False)
+
+
+def test_native_op_checks_packed_arguments():
+    ops = torch.ops.fused_attn_native
+    q, k, v = (torch.randn(8, 2, 16) for _ in range(3))
+    out, lse = torch.empty(8, 2, 16), torch.empty(2, 8)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="packed .* inputs come with cu_seqlens_q and cu_seqlens_k"):
+        ops.cpu_forward(q, k, v, out, lse, 0.25, -1, -1, False)
+    with pytest.raises(RuntimeError, match="cu_seqlens_k must be Int"):
+        ops.cpu_forward(q, k, v, out, lse, 0.25, -1, -1, False, cu_seqlens_q=cu, cu_seqlens_k=cu.long())
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must be non-decreasing"):
+        ops.cpu_forward(q, k, v, out, lse, 0.25, -1, -1, False, cu_seqlens_q=cu.flip(0).roll(1), cu_seqlens_k=cu)
+    with pytest.raises(RuntimeError, match="cu_seqlens_k goes past the 8 rows of its tensor"):
+        ops.cpu_forward(q, k, v, out, lse, 0.25, -1, -1, False, cu_seqlens_q=cu, cu_seqlens_k=cu + cu.sign())
+    with pytest.raises(RuntimeError, match="lse must have shape \\[2, 8\\]"):
+        ops.cpu_forward(q, k, v, out, lse.T, 0.25, -1, -1, False, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+def test_native_kvcache_op_checks_its_arguments():
+    ops = torch.ops.fused_attn_native
+    q, out, lse = torch.randn(2, 1, 4, 16), torch.empty(2, 1, 4, 16), torch.empty(2, 4, 1)
+    pages = torch.randn(5, 8, 2, 16)
+    lengths = torch.tensor([9, 3], dtype=torch.int32)
+    table = torch.tensor([[0, 4], [1, 2]], dtype=torch.int32)
+    ops.cpu_kvcache_forward(q, pages, pages, lengths, table, out, lse, 0.25, -1, -1)
+    with pytest.raises(RuntimeError, match="seqlens_k goes past the 16 rows"):
+        ops.cpu_kvcache_forward(q, pages, pages, lengths * 2, table, out, lse, 0.25, -1, -1)
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 1\] = 5 is not a page of k_cache \(5 pages\)"):
+        ops.cpu_kvcache_forward(q, pages, pages, lengths, table + 1, out, lse, 0.25, -1, -1)
+    with pytest.raises(RuntimeError, match="a contiguous cache must have B = 2 rows"):
+        ops.cpu_kvcache_forward(q, pages, pages, lengths, None, out, lse, 0.25, -1, -1)
+    with pytest.raises(RuntimeError, match="v_cache must have shape"):
+        ops.cpu_kvcache_forward(q, pages, pages[..., :8].transpose(1, 2), lengths, table, out, lse, 0.25, -1, -1)
 
 
 def test_missing_extension_is_reported_not_fatal(monkeypatch):

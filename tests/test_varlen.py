@@ -8,9 +8,10 @@ from oracle import assert_accurate, naive_attention
 import fused_attn
 
 HQ, HKV, D, DV = 4, 2, 32, 24
-# Sequence lengths chosen for their bug classes: empty, single row, Lq > Lk, Lq < Lk, a multi-block one.
-LENGTHS_Q = [5, 1, 0, 40, 33, 70]
-LENGTHS_K = [9, 1, 7, 40, 20, 3]
+# Sequence lengths chosen for their bug classes: empty queries, single row, Lq > Lk, Lq < Lk, a
+# multi-block one, queries without keys.
+LENGTHS_Q = [5, 1, 0, 40, 33, 70, 6]
+LENGTHS_K = [9, 1, 7, 40, 20, 3, 0]
 
 
 def cumulative(lengths):
@@ -115,11 +116,11 @@ def test_varlen_opcheck(varlen_backend):
 
 @pytest.mark.parametrize("change, error, message", [
     (dict(cu_seqlens_q=lambda c: c.long()), TypeError, r"cu_seqlens_q must be int32, got torch.int64"),
-    (dict(cu_seqlens_k=lambda c: c[:-1]), ValueError, r"cu_seqlens_k must have 7 entries like cu_seqlens_q"),
+    (dict(cu_seqlens_k=lambda c: c[:-1]), ValueError, r"cu_seqlens_k must have 8 entries like cu_seqlens_q"),
     (dict(cu_seqlens_q=lambda c: c.flip(0)), ValueError, r"cu_seqlens_q must start at 0"),
     (dict(cu_seqlens_q=lambda c: torch.cat([c[:2], c[1:2] - 1, c[3:]])), ValueError, r"must be non-decreasing"),
-    (dict(cu_seqlens_k=lambda c: c + torch.arange(7, dtype=torch.int32, device=c.device)), ValueError,
-     r"cu_seqlens_k ends at 86, past the 80 packed tokens"),
+    (dict(cu_seqlens_k=lambda c: c + torch.arange(8, dtype=torch.int32, device=c.device)), ValueError,
+     r"cu_seqlens_k ends at 87, past the 80 packed tokens"),
     (dict(cu_seqlens_q=lambda c: c[None]), ValueError, r"cu_seqlens_q must have shape \(batch \+ 1,\)"),
     (dict(max_seqlen_q=lambda m: 69), ValueError, r"max_seqlen_q \(69\) is shorter than the longest sequence \(70\)"),
     (dict(max_seqlen_k=lambda m: 4.0), TypeError, r"max_seqlen_k must be a non-negative int"),
