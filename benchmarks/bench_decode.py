@@ -6,10 +6,12 @@
 
 Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
     fused_attn contig     attention_with_kvcache on a contiguous (B, L, Hkv, D) cache (the public
-                          call: argument checks and capacity checks, which synchronize, included)
+                          call: argument checks and capacity checks, which synchronize, included),
+                          dispatched as usual: the triton backend on CUDA, the cpu (C++) one on CPU
     fused_attn paged      the same data in a paged cache (pages of 256, shuffled across the pool)
     fused_attn op only    the registered op on the contiguous cache, without the Python checks
                           (private API, fused_attn.kvcache._kvcache_forward): the kernel's own cost
+    fused_attn reference  (CPU only) the public call on the reference backend, sequence by sequence
     sdpa gqa              torch SDPA, q (B, 32, 1, D) vs k/v (B, 8, L, D) views of the contiguous
                           cache, enable_gqa=True, torch's backend choice
     sdpa grouped          torch SDPA with the 4 query heads of a group as 4 query rows:
@@ -64,7 +66,7 @@ def make_set(B, L, Hkv, Hq, D, dtype, device, g):
 
 
 def providers(on_cuda: bool, Hkv: int, Hq: int):
-    backend = "triton" if on_cuda else "reference"
+    backend = "triton" if on_cuda else "cpu"
     G = Hq // Hkv
 
     def contig(s, seqlens):
@@ -89,8 +91,13 @@ def providers(on_cuda: bool, Hkv: int, Hq: int):
         out = F.scaled_dot_product_attention(q, s["kc"].transpose(1, 2), s["vc"].transpose(1, 2))
         return out.reshape(B, 1, Hq, D)
 
-    return {"fused_attn contig": contig, "fused_attn paged": paged, "fused_attn op only": op_only,
-            "sdpa gqa": sdpa_gqa, "sdpa grouped": sdpa_grouped}
+    def reference(s, seqlens):
+        return fused_attn.attention_with_kvcache(s["q"], s["kc"], s["vc"], seqlens, backend="reference")
+
+    provs = {"fused_attn contig": contig, "fused_attn paged": paged, "fused_attn op only": op_only}
+    if not on_cuda:
+        provs["fused_attn reference"] = reference
+    return {**provs, "sdpa gqa": sdpa_gqa, "sdpa grouped": sdpa_grouped}
 
 
 def main(argv=None) -> int:

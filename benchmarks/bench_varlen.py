@@ -5,7 +5,9 @@
 
 For each L, sequence lengths are drawn uniformly in [L/2, L] until the batch holds (about) 16k tokens
 (the last sequence fills the remainder if that is at least L/2). Rows:
-    varlen            fused_attn.varlen_attention on the packed (total, H, D) tensors
+    varlen            fused_attn.varlen_attention on the packed (total, H, D) tensors, dispatched as
+                      usual (the triton backend on CUDA, the cpu (C++) one on CPU)
+    varlen reference  (CPU only) the same on the reference backend, sequence by sequence
     dense padded      fused_attn.attention on (B, H, Lmax, D) views of zero-copy padded
                       (B, Lmax, H, D) tensors with a (B, 1, 1, Lmax) bool key-padding mask
     sdpa padded       torch SDPA on the same padded tensors and mask (causal: the mask and the
@@ -18,6 +20,7 @@ varlen's to dense padded's says how much efficiency the raggedness costs (goal: 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import random
 import sys
@@ -110,9 +113,9 @@ def main(argv=None) -> int:
             sdpa_mask = key_mask if not causal else key_mask & torch.ones(Lmax, Lmax, dtype=torch.bool,
                                                                           device=device).tril()[None, None]
 
-            def varlen(s, causal=causal):
+            def varlen(s, causal=causal, backend=None):
                 q, k, v, _ = s["packed"]
-                return fused_attn.varlen_attention(q, k, v, cu, cu, Lmax, Lmax, causal=causal)
+                return fused_attn.varlen_attention(q, k, v, cu, cu, Lmax, Lmax, causal=causal, backend=backend)
 
             def dense(s, causal=causal):
                 q, k, v = (t.transpose(1, 2) for t in s["padded"][:3])
@@ -123,6 +126,8 @@ def main(argv=None) -> int:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask).transpose(1, 2)
 
             provs = {"varlen": (varlen, "packed"), "dense padded": (dense, "padded"), "sdpa padded": (sdpa, "padded")}
+            if not on_cuda:
+                provs["varlen reference"] = (functools.partial(varlen, backend="reference"), "packed")
             useful = 4.0 * H * D * pairs(lengths, causal)
             computed_dense = 4.0 * H * D * B * (Lmax * (Lmax + 1) // 2 if causal else Lmax * Lmax)
             for pass_ in passes:
@@ -200,7 +205,7 @@ def main(argv=None) -> int:
 
     png = common.results_path(args, on_cuda, SUITE, flav, ".png")
     series = {}
-    for name in ("varlen", "dense padded", "sdpa padded"):
+    for name in dict.fromkeys(r["provider"] for r in rows if r["provider"] != "all"):
         for causal in causals:
             mine = [r for r in rows if r["provider"] == name and r.get("causal") == causal and r.get("pass") == passes[-1]]
             series[f"{name}{' causal' if causal else ''}"] = ([r["L"] for r in mine], [r.get("us_per_token") for r in mine])
