@@ -65,12 +65,14 @@ def attention_with_kvcache(
             aligned; causal_alignment must stay "bottom_right".
         scale, window, alibi_slopes, softcap: as in `fused_attn.attention`, aligned bottom-right.
         dropout_p: must be 0 (inference only).
-        backend: as in `fused_attn.attention` ("triton" or "reference").
+        backend: as in `fused_attn.attention` ("triton", "cpu" or "reference").
 
     Returns:
         out (B, Lq, Hq, Dv) in q's dtype; with return_lse also lse (B, Hq, Lq) float32.
 
-    Long caches are split across programs (split-KV) automatically, so one decode step fills the GPU.
+    On GPUs long caches are split across programs (split-KV) automatically, so one decode step fills
+    the GPU. The query rows of a GQA group share one program (or CPU task), so each cached key is
+    read once per key/value head.
     """
     _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v)
     seqlens = _check_cache_seqlens(cache_seqlens, q)
