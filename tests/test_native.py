@@ -45,6 +45,12 @@ def results_per_thread_count(compute):
     return results
 
 
+def assert_close_each(ours, theirs, **tolerance):
+    """(out, lse, dq, dk, dv) against another run's, naming the first that differs."""
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, theirs):
+        torch.testing.assert_close(a, b, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def assert_bitwise_equal(results):
     for other in results[1:]:
         for a, b in zip(results[0], other):
@@ -118,8 +124,8 @@ def test_thread_count_changes_no_bit_varlen():
     """Sequences of very different sizes: one thread takes the one-pass backward, two threads the
     two-pass one (the first sequence is most of the work), so this also checks they agree."""
     q, k, v, dout, args = packed([300, 0, 70, 1, 5], [250, 40, 0, 1, 130], 3, 1, 32)
-    keywords = dict(causal=True, causal_alignment="bottom_right", window=(90, 3), softcap=5.0, dropout_p=0.2,
-                    alibi_slopes=torch.rand(5, 3))
+    keywords = {"causal": True, "causal_alignment": "bottom_right", "window": (90, 3), "softcap": 5.0,
+                "dropout_p": 0.2, "alibi_slopes": torch.rand(5, 3)}
     assert_bitwise_equal(results_per_thread_count(
         lambda: run(q, k, v, dout, fused_attn.varlen_attention, args=args, **keywords)))
 
@@ -149,14 +155,13 @@ def test_forward_tasks_cover_every_row_of_every_head(seqlen_q):
     heads_q, heads_kv, seqlen_k = 6, 2, 90
     q, k, v = random_qkv(2, heads_q, heads_kv, seqlen_q, seqlen_k, 40, 24, torch.float32, "cpu", sequence_major=True)
     dout = torch.randn(2, heads_q, seqlen_q, 24)
-    keywords = dict(causal=True, causal_alignment="bottom_right", alibi_slopes=torch.rand(2, heads_q), softcap=5.0,
-                    attn_mask=torch.rand(2, heads_q, seqlen_q, seqlen_k) > 0.2, dropout_p=0.2)
+    keywords = {"causal": True, "causal_alignment": "bottom_right", "alibi_slopes": torch.rand(2, heads_q),
+                "softcap": 5.0, "attn_mask": torch.rand(2, heads_q, seqlen_q, seqlen_k) > 0.2, "dropout_p": 0.2}
     results = []
     for backend in ("cpu", "reference"):
         torch.manual_seed(0)
         results.append(run(q, k, v, dout, backend=backend, **keywords))
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_close_each(*results, rtol=1e-4, atol=1e-5)
 
 
 def test_packed_rows_after_the_last_sequence_belong_to_none():
@@ -165,8 +170,7 @@ def test_packed_rows_after_the_last_sequence_belong_to_none():
     q, k, v, dout, (cu_q, cu_k, *maxima) = packed([5, 7], [6, 9], 2, 2, 16)
     ours = run(q, k, v, dout, fused_attn.varlen_attention, args=(cu_q[:-1], cu_k[:-1], *maxima))
     reference = run(q, k, v, dout, fused_attn.varlen_attention, "reference", args=(cu_q[:-1], cu_k[:-1], *maxima))
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, reference):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert_close_each(ours, reference, rtol=1e-5, atol=1e-6)
     assert (ours[0][5:] == 0).all() and (ours[1][:, 5:] == -torch.inf).all() and (ours[3][6:] == 0).all()
 
 
