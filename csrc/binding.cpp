@@ -103,7 +103,7 @@ std::vector<int64_t> lengths_of(const Tensor& t, const char* name, int64_t entri
   }
   int64_t total = 0;
   for (int64_t length : lengths) {
-    TORCH_CHECK(length >= 0, "fused_attn_native: ", name, " must be non-decreasing (cumulative) or >= 0");
+    TORCH_CHECK(length >= 0, "fused_attn_native: ", name, cumulative ? " must be non-decreasing" : " must be >= 0");
     total = cumulative ? total + length : std::max(total, length);
   }
   TORCH_CHECK(total <= limit, "fused_attn_native: ", name, " goes past the ", limit, " rows of its tensor");

@@ -83,7 +83,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
   const int64_t BM = kBlockM, BN = kBlockN;
   Scratch scratch(Scratch::size_of({D * BM, BN * Dp, BN * Dvp, BN * BM, BM * Dvp, BM, BM, BM}));
-  float* qt = scratch.take(D * BM);     // scale * Q^T, (D x ld): query column c is column c
+  float* qt = scratch.take(D * BM);     // scale * Q^T (D x ld): the block's query rows as columns
   float* kb = scratch.take(BN * Dp);    // key block, rows
   float* vb = scratch.take(BN * Dvp);   // value block, rows
   float* st = scratch.take(BN * BM);    // S^T, then P^T (keys x ld)

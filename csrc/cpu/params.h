@@ -152,11 +152,9 @@ inline ForwardArgs sequence(const ForwardArgs& a, int64_t b) {
   ForwardArgs s = a;
   s.p.seqlen_q = r.seqlen_q;
   s.p.seqlen_k = r.seqlen_k;
-  s.q = from_row(a.q, r.start_q, a.p.dtype);
-  s.out = from_row(a.out, r.start_q, a.p.dtype);
+  for (Strided* t : {&s.q, &s.out}) *t = from_row(*t, r.start_q, a.p.dtype);
+  for (Strided* t : {&s.k, &s.v}) *t = from_row(*t, r.start_k, a.p.dtype);  // start 0 in a KV cache
   s.lse = from_row(a.lse, r.start_q);
-  s.k = from_row(a.k, r.start_k, a.p.dtype);
-  s.v = from_row(a.v, r.start_k, a.p.dtype);
   return s;
 }
 inline BackwardArgs sequence(const BackwardArgs& a, int64_t b) {
