@@ -144,16 +144,20 @@ def shared_memory_bytes(shape: ShapeClass, tiles: TileConfig, major: int, mask_b
     """An upper bound on the shared memory of a launch on compute capability `major`.x, checked
     against Triton's compiler for every candidate in tests/aot_compile.py.
 
-    The loads of a kernel's inner loop are multi-buffered: num_stages copies on Hopper (asynchronous
-    copies completing on barriers), num_stages - 1 elsewhere (cp.async). The tiles a program loads
-    once and the scratch of transposes stay in shared memory too, and so does a (block_m x block_n)
-    tile of the mask or bias when there is one (mask_bytes: its element size).
+    The loads of a kernel's inner loop are multi-buffered. Where its dots run on Hopper's wgmma
+    (block_m >= 64: a warpgroup covers 64 rows), the dot reads its operands from shared memory while
+    the next loads land: num_stages buffers. With mma.sync (other GPUs, or fewer rows) num_stages - 1
+    are in flight, and the probabilities may pass through shared memory on their way to the second
+    dot. The tiles a program loads once, the scratch of transposes and, when the call has a mask or
+    bias (mask_bytes: its element size), a (block_m x block_n) tile of it stay there too.
     """
     m, n, d = tiles.block_m, tiles.block_n, shape.head_dim
-    buffers = max(tiles.num_stages if major >= 9 else tiles.num_stages - 1, 1)
+    wgmma = major >= 9 and m >= 64
+    buffers = max(tiles.num_stages if wgmma else tiles.num_stages - 1, 1)
+    probabilities = 0 if wgmma else m * n
     streamed, resident = {
-        "forward": (2 * n * d, m * d),  # k and v per step; q
-        "decode": (2 * n * d, m * d),
+        "forward": (2 * n * d, m * d + probabilities + 2 * m),  # k and v per step; q, row max and sum
+        "decode": (2 * n * d, m * d + probabilities + 2 * m),
         "dkdv": (2 * m * d + 4 * m, 2 * n * d + m * n),  # q, do, lse and delta per step; k, v, p^T
         "dq": (2 * n * d, 2 * m * d + m * n),  # k and v per step; q, do, ds
         "bias_grad": (2 * n * d, 2 * m * d + m * n),
@@ -197,7 +201,7 @@ def autotune_mode() -> str:
 class Tuned:
     tiles: TileConfig
     default: TileConfig
-    timings: dict  # TileConfig -> median milliseconds, for every candidate that ran
+    timings: dict[TileConfig, float]  # median milliseconds of every candidate that ran
 
 
 # (arch, shape key) -> choice tuned in this process.
@@ -256,7 +260,7 @@ def _tune(shape: ShapeClass, launch: Callable[[TileConfig], object], default: Ti
             timings[tiles] = measure(functools.partial(launch, tiles))
         except triton.runtime.OutOfResources:  # the bound is checked, but the compiler has the last word
             continue
-    best = min(timings, key=timings.get)
+    best = min(timings, key=timings.get, default=default)
     if default in timings and timings[best] > (1 - MIN_GAIN) * timings[default]:
         best = default
     return Tuned(best, default, timings)
@@ -279,8 +283,12 @@ def choice_entry(tuned: Tuned, tuned_on: str) -> dict:
     """One shipped choice as JSON: the tiles, then what the tuning measured (for people; not read back)."""
     return {
         "tiles": asdict(tuned.tiles),
-        "ms": round(tuned.timings[tuned.tiles], 4),
-        "default_ms": round(tuned.timings[tuned.default], 4) if tuned.default in tuned.timings else None,
+        "ms": _rounded(tuned.timings.get(tuned.tiles)),
+        "default_ms": _rounded(tuned.timings.get(tuned.default)),
         "tuned_on": tuned_on,
-        "candidates_ms": {str(tiles): round(ms, 4) for tiles, ms in tuned.timings.items()},
+        "candidates_ms": {str(tiles): _rounded(ms) for tiles, ms in tuned.timings.items()},
     }
+
+
+def _rounded(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 4)
