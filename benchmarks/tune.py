@@ -4,6 +4,7 @@ same architecture instead of tuning (fused_attn/triton/tuning.py).
 
     python -m benchmarks.tune              # every shape class the benchmarks use (about 3 minutes)
     python -m benchmarks.tune --dry-run    # the same, without writing the file
+    python -m benchmarks.tune --calls "speed d128,speed d128 causal"   # some calls: their classes only
 
 One representative call per benchmark (bench.py's speed sweep, bench_masked.py's bias gradient,
 bench_decode.py) runs with FUSED_ATTN_AUTOTUNE=force, so the library's own tuner times every
@@ -89,19 +90,19 @@ CALLS = {
 }
 
 
-def compile_worker(rank: int) -> None:
+def compile_worker(names: list[str], rank: int) -> None:
     """Compile the rank-th candidate of every class the calls touch (Triton caches it on disk)."""
     every = tuning.candidates
     tuning.candidates = lambda shape, major: every(shape, major)[rank:rank + 1] or every(shape, major)[:1]
-    for make in CALLS.values():
-        make()[0]()
+    for name in names:
+        CALLS[name]()[0]()
     torch.cuda.synchronize()
 
 
-def precompile(jobs: int) -> None:
+def precompile(names: list[str], jobs: int) -> None:
     env = dict(os.environ, **{tuning.ENV_VARIABLE: "force"})
-    workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.tune", "--compile-rank", str(rank)], env=env)
-               for rank in range(jobs)]
+    command = [sys.executable, "-m", "benchmarks.tune", "--calls", ",".join(names), "--compile-rank"]
+    workers = [subprocess.Popen([*command, str(rank)], env=env) for rank in range(jobs)]
     if any(worker.wait() for worker in workers):
         raise SystemExit("a compile worker failed (its error is above)")
 
@@ -144,23 +145,28 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tune and report, but write no file")
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
                         help="compile workers (default: 8, the most candidates a class has, or the CPU count)")
+    parser.add_argument("--calls", default=",".join(CALLS),
+                        help=f"comma-separated subset of the calls (default: all of {', '.join(CALLS)})")
     parser.add_argument("--compile-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    names = [name.strip() for name in args.calls.split(",") if name.strip()]
+    if unknown := set(names) - set(CALLS):
+        raise SystemExit(f"unknown calls {sorted(unknown)}; choose from {', '.join(CALLS)}")
     if not torch.cuda.is_available() or tuning.INTERPRETING:
         raise SystemExit("benchmarks.tune needs a CUDA GPU (and TRITON_INTERPRET unset)")
     os.environ[tuning.ENV_VARIABLE] = "force"
     if args.compile_rank is not None:
-        compile_worker(args.compile_rank)
+        compile_worker(names, args.compile_rank)
         return 0
 
     info = tuning.device_info(torch.device(DEVICE))
     start = time.perf_counter()
     if args.jobs > 1:
-        precompile(args.jobs)
+        precompile(names, args.jobs)
     print(f"compiled in {time.perf_counter() - start:.0f}s", flush=True)
     tuned_on, calls = {}, {}
-    for name, make in CALLS.items():
-        calls[name] = make()
+    for name in names:
+        calls[name] = CALLS[name]()
         calls[name][0]()
         for key in tuning.tuned_choices(info.arch):
             tuned_on.setdefault(key, name)

@@ -2,6 +2,7 @@
 in for the card, so every rule of the module docstring is checked here; and the kernels' numerics
 with tiles other than the interpreter's square 32 x 32 ones."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,6 +199,22 @@ def test_mask_bytes():
     assert tuning.mask_bytes(extras()) == 0
     assert tuning.mask_bytes(extras(mask=torch.ones(2, 2, dtype=torch.bool))) == 1
     assert tuning.mask_bytes(extras(bias=torch.ones(2, 2))) == 4
+
+
+def test_shipped_files_name_fitting_candidates():
+    """Every choice in fused_attn/triton/tuned/ (benchmarks/tune.py) is a candidate of its class that
+    fits the shared memory of the architecture's flagship (A100, H100)."""
+    limits = {"sm80": 166912, "sm90": 232448}
+    classes = {shape.key: shape for shape in (
+        ShapeClass(kernel, 2 ** power, dtype_bytes, causal, block_m if kernel == "decode" else 0)
+        for kernel in tuning.KERNELS for power in range(4, 9) for dtype_bytes in (2, 4) for causal in (False, True)
+        for block_m in (16, 32, 64))}
+    for path in sorted(Path(tuning.__file__).with_name("tuned").glob("*.json")):
+        major = int(path.stem[2:-1])
+        for key, entry in json.loads(path.read_text())["choices"].items():
+            tiles = TileConfig(**entry["tiles"])
+            assert tiles in tuning.candidates(classes[key], major), (path.name, key)
+            assert tuning.shared_memory_bytes(classes[key], tiles, major) <= limits[path.stem], (path.name, key)
 
 
 def test_shape_class_keys():
