@@ -18,11 +18,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fused_attn.triton import tuning  # noqa: E402
 from fused_attn.triton.backward import _delta_kernel, _dkdv_kernel, _dq_kernel  # noqa: E402
 from fused_attn.triton.bias_grad import _bias_grad_kernel  # noqa: E402
 from fused_attn.triton.decode import _decode_kernel  # noqa: E402
 from fused_attn.triton.forward import _forward_kernel  # noqa: E402
-from fused_attn.triton.tuning import KERNELS, ShapeClass, candidates, shared_memory_bytes  # noqa: E402
 
 FP32_POINTERS = {"Lse", "Delta", "DLse", "Slopes", "DBias", "OutPartial", "LsePartial"}
 INT32_POINTERS = {"CuSeqQ", "CuSeqK", "CacheSeqlens", "BlockTable"}
@@ -34,8 +34,8 @@ KERNEL_FUNCTIONS = {"forward": _forward_kernel, "dkdv": _dkdv_kernel, "dq": _dq_
                     "bias_grad": _bias_grad_kernel, "decode": _decode_kernel}
 # Bytes of shared memory a block may use on the A100 and on the H100: the candidates tuning would try there.
 SHARED_MEMORY = {80: 166912, 90: 232448}
-PLAIN = dict(VARLEN=False, BOTTOM_RIGHT=False, HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False,
-             MASK_KIND=0, DROPOUT=False, UPCAST=False, DOT_PRECISION="ieee", PAGED=False)
+PLAIN = {"VARLEN": False, "BOTTOM_RIGHT": False, "HAS_LEFT": False, "HAS_RIGHT": False, "SOFTCAP": False,
+         "HAS_ALIBI": False, "MASK_KIND": 0, "DROPOUT": False, "UPCAST": False, "DOT_PRECISION": "ieee", "PAGED": False}
 
 
 def signature(kernel, constexprs, data_type, mask_type):
@@ -113,13 +113,13 @@ def candidate_jobs(capability):
     bias_grad always runs with a bias (bf16 here)."""
     major = capability // 10
     jobs = []
-    for kernel in KERNELS:
+    for kernel in tuning.KERNELS:
         mask_bytes = 2 if kernel == "bias_grad" else 0
         widest = {}
         for head_dim in (64, 128):
-            shape = ShapeClass(kernel, head_dim, 2, False, 16 if kernel == "decode" else 0)
-            for tiles in candidates(shape, major):
-                if shared_memory_bytes(shape, tiles, major, mask_bytes) <= SHARED_MEMORY[capability]:
+            shape = tuning.ShapeClass(kernel, head_dim, 2, False, 16 if kernel == "decode" else 0)
+            for tiles in tuning.candidates(shape, major):
+                if tuning.shared_memory_bytes(shape, tiles, major, mask_bytes) <= SHARED_MEMORY[capability]:
                     widest[tiles] = shape
         jobs += [(shape, tiles, mask_bytes) for tiles, shape in widest.items()]
     return jobs
@@ -145,7 +145,7 @@ def main(capability):
     over = []
     for shape, candidate, mask_bytes in tiles:
         shared = compile_candidate(shape, candidate, mask_bytes, target)
-        bound = shared_memory_bytes(shape, candidate, capability // 10, mask_bytes)
+        bound = tuning.shared_memory_bytes(shape, candidate, capability // 10, mask_bytes)
         line = f"sm_{capability} {shape.key} {candidate}: compiled, {shared} bytes of shared memory (bound {bound})"
         print(line, flush=True)
         if shared > bound:
