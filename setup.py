@@ -114,6 +114,8 @@ setup(
     long_description=read_readme(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fused_attn", "fused_attn.*"]),
+    # Tile choices tuned per GPU architecture by `python -m benchmarks.tune` (fused_attn/triton/tuning.py).
+    package_data={"fused_attn.triton": ["tuned/*.json"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",

@@ -2,9 +2,11 @@
 
 Triton's interpreter executes the kernels on CPU but never compiles them, so type errors,
 unsupported operations and resource overruns only show on a GPU. This script runs the real
-compiler down to a cubin for the given target, for each kernel with every feature off and on.
+compiler down to a cubin for the given target: each kernel with every feature off and on, then
+every candidate tile configuration that tuning may pick (fused_attn/triton/tuning.py), checking
+that the shared memory it compiles to stays within tuning's bound.
 
-    python tests/aot_compile.py 90     # sm_90 (Hopper); prints one line per kernel
+    python tests/aot_compile.py 90     # sm_90 (Hopper); prints the job count, then one line per job
 """
 import inspect
 import os
@@ -16,6 +18,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fused_attn.triton import tuning  # noqa: E402
 from fused_attn.triton.backward import _delta_kernel, _dkdv_kernel, _dq_kernel  # noqa: E402
 from fused_attn.triton.bias_grad import _bias_grad_kernel  # noqa: E402
 from fused_attn.triton.decode import _decode_kernel  # noqa: E402
@@ -24,6 +27,15 @@ from fused_attn.triton.forward import _forward_kernel  # noqa: E402
 FP32_POINTERS = {"Lse", "Delta", "DLse", "Slopes", "DBias", "OutPartial", "LsePartial"}
 INT32_POINTERS = {"CuSeqQ", "CuSeqK", "CacheSeqlens", "BlockTable"}
 FLOAT_SCALARS = {"inv_keep", "scale", "softcap"}
+# The last-dim strides of contiguous tensors: q, k, v, out, do, dk, dv, dq, the bias gradient, the mask.
+UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_gd", "stride_dkd", "stride_dvd",
+                "stride_dqd", "stride_dn", "stride_mn"}
+KERNEL_FUNCTIONS = {"forward": _forward_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel,
+                    "bias_grad": _bias_grad_kernel, "decode": _decode_kernel}
+# Bytes of shared memory a block may use on the A100 and on the H100: the candidates tuning would try there.
+SHARED_MEMORY = {80: 166912, 90: 232448}
+PLAIN = {"VARLEN": False, "BOTTOM_RIGHT": False, "HAS_LEFT": False, "HAS_RIGHT": False, "SOFTCAP": False,
+         "HAS_ALIBI": False, "MASK_KIND": 0, "DROPOUT": False, "UPCAST": False, "DOT_PRECISION": "ieee", "PAGED": False}
 
 
 def signature(kernel, constexprs, data_type, mask_type):
@@ -49,41 +61,97 @@ def signature(kernel, constexprs, data_type, mask_type):
     return types
 
 
-def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf16", num_warps=4, num_stages=2):
+def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf16", num_warps=4, num_stages=2,
+                   contiguous=False):
+    """Bytes of shared memory of the compiled kernel.
+
+    contiguous: specialise as Triton's JIT does for contiguous, 16-byte aligned tensors: unit strides
+    become constants, and the other strides and the pointers are known multiples of 16. Only then do
+    the loads vectorise and the inner loops pipeline (num_stages buffers), as on the GPU.
+    """
     names = list(inspect.signature(kernel.fn).parameters)
     constexprs = {name: value for name, value in constexprs.items() if name in names}
-    source = ASTSource(fn=kernel, signature=signature(kernel, constexprs, data_type, mask_type),
-                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+    if contiguous:
+        constexprs.update({name: 1 for name in names if name in UNIT_STRIDES})
+    types = signature(kernel, constexprs, data_type, mask_type)
+    aligned = [name for name, kind in types.items()
+               if contiguous and (kind.startswith("*") or (name.startswith("stride_") and kind != "constexpr"))]
+    source = ASTSource(fn=kernel, signature=types,
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()},
+                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
     compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     return compiled.metadata.shared
 
 
-def main(capability):
-    target = GPUTarget("cuda", capability, 32)
+def feature_jobs():
+    """(name, kernel, constexprs, compile keywords): each kernel with every feature off and on."""
     shapes = dict(HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128)
-    plain = dict(VARLEN=False, BOTTOM_RIGHT=False, HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False,
-                 MASK_KIND=0, DROPOUT=False, UPCAST=False, DOT_PRECISION="ieee", PAGED=False)
-    everything = dict(plain, BOTTOM_RIGHT=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True,
+    everything = dict(PLAIN, BOTTOM_RIGHT=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True,
                       MASK_KIND=2, DROPOUT=True, PAGED=True)
-    varlen = dict(plain, VARLEN=True, HAS_RIGHT=True, DROPOUT=True)
+    varlen = dict(PLAIN, VARLEN=True, HAS_RIGHT=True, DROPOUT=True)
     bias_dims = dict(FULL_BATCH=False, FULL_HEADS=True, FULL_ROWS=True, FULL_COLS=True)
-    jobs = [
-        ("forward", _forward_kernel, dict(shapes, **plain), {}),
+    return [
+        ("forward", _forward_kernel, dict(shapes, **PLAIN), {}),
         ("forward+all", _forward_kernel, dict(shapes, **everything), {}),
         ("forward+varlen", _forward_kernel, dict(shapes, **varlen), {}),
-        ("forward+bool-mask-fp32", _forward_kernel, dict(shapes, **dict(plain, MASK_KIND=1), BLOCK_M=32),
+        ("forward+bool-mask-fp32", _forward_kernel, dict(shapes, **dict(PLAIN, MASK_KIND=1), BLOCK_M=32),
          dict(data_type="*fp32", mask_type="*u8")),
         ("delta", _delta_kernel, dict(HEAD_DIM_V=128, BLOCK_M=64, BLOCK_DV=128, VARLEN=False), {}),
-        ("dkdv", _dkdv_kernel, dict(shapes, **plain), {}),
+        ("dkdv", _dkdv_kernel, dict(shapes, **PLAIN), {}),
         ("dkdv+all", _dkdv_kernel, dict(shapes, **everything), {}),
         ("dq+all", _dq_kernel, dict(shapes, **everything), {}),
         ("dq+varlen", _dq_kernel, dict(shapes, **varlen), {}),
         ("bias-grad", _bias_grad_kernel, dict(shapes, **everything, **bias_dims), {}),
         ("decode+all", _decode_kernel, dict(shapes, **everything), {}),
     ]
-    for name, kernel, constexprs, types in jobs:
+
+
+def candidate_jobs(capability):
+    """(shape class, tiles, mask bytes) of every candidate tuning may try on this architecture, once
+    each, at the widest 16-bit head dim of the benchmarks (64, 128) it fits: the most shared memory and
+    registers it will see there.
+    bias_grad always runs with a bias (bf16 here)."""
+    major = capability // 10
+    jobs = []
+    for kernel in tuning.KERNELS:
+        mask_bytes = 2 if kernel == "bias_grad" else 0
+        widest = {}
+        for head_dim in (64, 128):
+            shape = tuning.ShapeClass(kernel, head_dim, 2, False, 16 if kernel == "decode" else 0)
+            for tiles in tuning.candidates(shape, major):
+                if tuning.shared_memory_bytes(shape, tiles, major, mask_bytes) <= SHARED_MEMORY[capability]:
+                    widest[tiles] = shape
+        jobs += [(shape, tiles, mask_bytes) for tiles, shape in widest.items()]
+    return jobs
+
+
+def compile_candidate(shape, tiles, mask_bytes, target):
+    head_dims = dict(HEAD_DIM=shape.head_dim, HEAD_DIM_V=shape.head_dim, BLOCK_D=shape.head_dim,
+                     BLOCK_DV=shape.head_dim)
+    constexprs = dict(PLAIN, **head_dims, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                      MASK_KIND=2 if mask_bytes else 0, FULL_BATCH=False, FULL_HEADS=True, FULL_ROWS=True,
+                      FULL_COLS=True)
+    return compile_kernel(KERNEL_FUNCTIONS[shape.kernel], constexprs, target, num_warps=tiles.num_warps,
+                          num_stages=tiles.num_stages, contiguous=True)
+
+
+def main(capability):
+    target = GPUTarget("cuda", capability, 32)
+    features, tiles = feature_jobs(), candidate_jobs(capability)
+    print(f"{len(features) + len(tiles)} jobs", flush=True)
+    for name, kernel, constexprs, types in features:
         shared = compile_kernel(kernel, constexprs, target, **types)
-        print(f"sm_{capability} {name}: compiled, {shared} bytes of shared memory")
+        print(f"sm_{capability} {name}: compiled, {shared} bytes of shared memory", flush=True)
+    over = []
+    for shape, candidate, mask_bytes in tiles:
+        shared = compile_candidate(shape, candidate, mask_bytes, target)
+        bound = tuning.shared_memory_bytes(shape, candidate, capability // 10, mask_bytes)
+        line = f"sm_{capability} {shape.key} {candidate}: compiled, {shared} bytes of shared memory (bound {bound})"
+        print(line, flush=True)
+        if shared > bound:
+            over.append(line)
+    if over:
+        sys.exit("tuning's shared-memory bound is too low for:\n" + "\n".join(over))
 
 
 if __name__ == "__main__":

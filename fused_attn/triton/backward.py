@@ -31,9 +31,9 @@ from .common import (
     load_tile,
     num_blocks,
     score_tile,
-    tile_config,
     visible_span,
 )
+from .tuning import ShapeClass, mask_bytes, select
 
 
 @triton.jit
@@ -320,20 +320,17 @@ def attention_backward(
 
     problem = ProblemShape.of(q, k, v, extras, opts)
     heads_q, heads_kv, head_dim, head_dim_v = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
-    cfg = tile_config(max(head_dim, head_dim_v), q.dtype, backward=True)
     block_d, block_dv = head_dim_block(head_dim), head_dim_block(head_dim_v)
     features, flags = feature_arguments(q, k, extras, opts)
-    launch = dict(
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )
     lse_strides = row_stat_strides(lse)[:2]
 
+    # Two fp32 (rows x Dv) tiles per program: 64 rows while they stay in registers.
+    delta_rows = max(16, min(64, 8192 // block_dv))
     delta = new_output(lse, tuple(lse.shape), torch.float32)
-    _delta_kernel[(num_blocks(problem.seqlen_q, cfg.block_m), problem.batch * heads_q)](
+    _delta_kernel[(num_blocks(problem.seqlen_q, delta_rows), problem.batch * heads_q)](
         out, dout, dlse, delta, *bhld_strides(out), *bhld_strides(dout), *row_stat_strides(dlse), *lse_strides,
         heads_q, problem.seqlen_q, problem.cu_seqlens_q,
-        HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_DV=block_dv, VARLEN=problem.varlen,
+        HEAD_DIM_V=head_dim_v, BLOCK_M=delta_rows, BLOCK_DV=block_dv, VARLEN=problem.varlen,
     )
 
     if problem.varlen:
@@ -341,13 +338,33 @@ def attention_backward(
     else:
         dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
     strides = (*bhld_strides(q), *bhld_strides(k), *bhld_strides(v), *bhld_strides(dout))
-    _dkdv_kernel[(num_blocks(problem.seqlen_k, cfg.block_n), problem.batch * heads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, *strides, *bhld_strides(dk), *bhld_strides(dv), *lse_strides,
-        heads_kv, problem.group_size, *problem.sequence_arguments(), *features, **launch,
-    )
-    _dq_kernel[(num_blocks(problem.seqlen_q, cfg.block_m), problem.batch * heads_q)](
-        q, k, v, dout, lse, delta, dq, *strides, *bhld_strides(dq), *lse_strides,
-        heads_q, problem.group_size, *problem.sequence_arguments(), *features, **launch,
-    )
-    dbias = bias_gradient(dout, q, k, v, lse, delta, extras, opts, cfg) if bias_requires_grad else None
+
+    def launch_options(tiles):
+        return dict(
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+            BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags,
+        )
+
+    def dkdv_grid(tiles):
+        return num_blocks(problem.seqlen_k, tiles.block_n), problem.batch * heads_kv
+
+    def launch_dkdv(tiles):
+        _dkdv_kernel[dkdv_grid(tiles)](
+            q, k, v, dout, lse, delta, dk, dv, *strides, *bhld_strides(dk), *bhld_strides(dv), *lse_strides,
+            heads_kv, problem.group_size, *problem.sequence_arguments(), *features, **launch_options(tiles),
+        )
+
+    def dq_grid(tiles):
+        return num_blocks(problem.seqlen_q, tiles.block_m), problem.batch * heads_q
+
+    def launch_dq(tiles):
+        _dq_kernel[dq_grid(tiles)](
+            q, k, v, dout, lse, delta, dq, *strides, *bhld_strides(dq), *lse_strides,
+            heads_q, problem.group_size, *problem.sequence_arguments(), *features, **launch_options(tiles),
+        )
+
+    for kernel, launch, grid in (("dkdv", launch_dkdv, dkdv_grid), ("dq", launch_dq, dq_grid)):
+        shape = ShapeClass.of(kernel, q, v, opts)
+        launch(select(shape, q.device, launch, grid, mask_bytes=mask_bytes(extras), reproducible=opts.deterministic))
+    dbias = bias_gradient(dout, q, k, v, lse, delta, extras, opts) if bias_requires_grad else None
     return dq, dk, dv, dbias

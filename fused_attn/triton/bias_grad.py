@@ -13,7 +13,8 @@ import triton.language as tl
 
 from ..options import AttentionOptions, AttentionTensors
 from .backward import backward_tile, load_row_stats
-from .common import TileConfig, feature_arguments, head_dim_block, head_state, load_tile, num_blocks
+from .common import feature_arguments, head_dim_block, head_state, load_tile, num_blocks
+from .tuning import ShapeClass, mask_bytes, select
 
 
 @triton.jit
@@ -106,7 +107,7 @@ def _bias_grad_kernel(
 
 def bias_gradient(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
-    extras: AttentionTensors, opts: AttentionOptions, cfg: TileConfig,
+    extras: AttentionTensors, opts: AttentionOptions,
 ) -> torch.Tensor:
     """The bias gradient with extras.bias's shape and dtype (lse and delta from the backward pass)."""
     bias = extras.bias
@@ -116,18 +117,25 @@ def bias_gradient(
     full = [size != 1 or total == 1 for size, total in zip(bias_shape, (batch, heads_q, seqlen_q, seqlen_k))]
     dbias = torch.empty(bias_shape, dtype=torch.float32, device=q.device)
     features, flags = feature_arguments(q, k, extras, opts)
-    grid = (
-        num_blocks(seqlen_q, cfg.block_m) if full[2] else 1,
-        num_blocks(seqlen_k, cfg.block_n) if full[3] else 1,
-        bias_shape[0] * bias_shape[1],
-    )
-    _bias_grad_kernel[grid](
-        q, k, v, dout, lse, delta, dbias,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dbias.stride(),
-        batch, heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, bias_shape[1], *features,
-        FULL_BATCH=full[0], FULL_HEADS=full[1], FULL_ROWS=full[2], FULL_COLS=full[3],
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )
+
+    def grid(tiles):
+        return (
+            num_blocks(seqlen_q, tiles.block_m) if full[2] else 1,
+            num_blocks(seqlen_k, tiles.block_n) if full[3] else 1,
+            bias_shape[0] * bias_shape[1],
+        )
+
+    def launch(tiles):
+        _bias_grad_kernel[grid(tiles)](
+            q, k, v, dout, lse, delta, dbias,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dbias.stride(),
+            batch, heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, bias_shape[1], *features,
+            FULL_BATCH=full[0], FULL_HEADS=full[1], FULL_ROWS=full[2], FULL_COLS=full[3],
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+            BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags,
+        )
+
+    shape = ShapeClass.of("bias_grad", q, v, opts)
+    launch(select(shape, q.device, launch, grid, mask_bytes=mask_bytes(extras), reproducible=opts.deterministic))
     return dbias.reshape(bias.shape).to(bias.dtype)

@@ -52,31 +52,6 @@ def head_dim_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def tile_config(head_dim: int, dtype: torch.dtype, backward: bool) -> TileConfig:
-    """Sensible fixed tiles; the benchmark issue replaces this with autotuned ones for Hopper."""
-    if INTERPRETING:
-        # The interpreter's cost grows with the number of programs times loop steps.
-        return TileConfig(32, 32, 1, 1)
-    wide = head_dim_block(head_dim) * (4 if dtype == torch.float32 else 2)  # bytes per row
-    if backward:
-        if wide <= 256:
-            return TileConfig(64, 64, 4, 2)
-        return TileConfig(32, 32, 4, 1)
-    if wide <= 128:
-        return TileConfig(128, 64, 4, 3)
-    if wide <= 256:
-        return TileConfig(128, 64, 8, 2)
-    return TileConfig(64, 32, 4, 1)
-
-
 def num_blocks(length: int, block: int) -> int:
     return math.ceil(length / block)
 

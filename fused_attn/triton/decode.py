@@ -24,6 +24,7 @@ from .common import (
     score_tile,
     upcast_tiles,
 )
+from .tuning import ShapeClass, select
 
 
 @triton.jit
@@ -137,30 +138,38 @@ def decode_forward(
 
     rows = seqlen_q * group_size
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
-    block_n = 32 if INTERPRETING else (64 if head_dim <= 128 else 32)
     m_blocks = num_blocks(rows, block_m)
-    splits = _num_splits(m_blocks * batch * heads_kv, capacity, block_n)
-    split_size = num_blocks(num_blocks(capacity, splits), block_n) * block_n
-
-    out_partial = torch.empty((splits, batch, seqlen_q, heads_q, head_dim_v), dtype=torch.float32, device=q.device)
-    lse_partial = torch.empty((splits, batch, seqlen_q, heads_q), dtype=torch.float32, device=q.device)
     slopes = alibi_slopes.expand(batch, heads_q) if alibi_slopes is not None else q.new_empty((1, 1))
     table = block_table if paged else seqlens_k[:, None]
     k_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3))
     v_strides = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3))
-    _decode_kernel[(m_blocks, splits, batch * heads_kv)](
-        q, k_cache, v_cache, seqlens_k, table, out_partial, lse_partial, slopes,
-        *q.stride(), *k_strides, *v_strides, table.stride(0), *slopes.stride(),
-        *out_partial.stride(), *lse_partial.stride(),
-        heads_kv, group_size, seqlen_q, page_size, split_size,
-        opts.left, opts.right, opts.scale, opts.softcap or 1.0,
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
-        PAGED=paged, HAS_LEFT=opts.left >= 0, HAS_RIGHT=opts.right >= 0, SOFTCAP=opts.softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
-    )
-    return merge_splits(out_partial, lse_partial, q.dtype)
+
+    def grid(tiles):
+        return m_blocks, _num_splits(m_blocks * batch * heads_kv, capacity, tiles.block_n), batch * heads_kv
+
+    def launch(tiles):
+        """The partial results of every split, merged: the split count follows block_n."""
+        launch_grid = grid(tiles)
+        splits = launch_grid[1]
+        split_size = num_blocks(num_blocks(capacity, splits), tiles.block_n) * tiles.block_n
+        out_partial = torch.empty((splits, batch, seqlen_q, heads_q, head_dim_v), dtype=torch.float32,
+                                  device=q.device)
+        lse_partial = torch.empty((splits, batch, seqlen_q, heads_q), dtype=torch.float32, device=q.device)
+        _decode_kernel[launch_grid](
+            q, k_cache, v_cache, seqlens_k, table, out_partial, lse_partial, slopes,
+            *q.stride(), *k_strides, *v_strides, table.stride(0), *slopes.stride(),
+            *out_partial.stride(), *lse_partial.stride(),
+            heads_kv, group_size, seqlen_q, page_size, split_size,
+            opts.left, opts.right, opts.scale, opts.softcap or 1.0,
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+            BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+            PAGED=paged, HAS_LEFT=opts.left >= 0, HAS_RIGHT=opts.right >= 0, SOFTCAP=opts.softcap > 0,
+            HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
+        return merge_splits(out_partial, lse_partial, q.dtype)
+
+    return launch(select(ShapeClass.of("decode", q, v_cache, opts, block_m), q.device, launch, grid))
 
 
 def merge_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, dtype: torch.dtype):

@@ -27,9 +27,9 @@ from .common import (
     load_tile,
     num_blocks,
     score_tile,
-    tile_config,
     visible_span,
 )
+from .tuning import ShapeClass, mask_bytes, select
 
 
 @triton.jit
@@ -152,16 +152,22 @@ def attention_forward(
     else:
         out = empty_like_layout(q, (problem.batch, heads_q, problem.seqlen_q, head_dim_v))
         lse = new_output(q, (problem.batch, heads_q, problem.seqlen_q), torch.float32)
-    cfg = tile_config(max(head_dim, head_dim_v), q.dtype, backward=False)
     features, flags = feature_arguments(q, k, extras, opts)
-    grid = (num_blocks(problem.seqlen_q, cfg.block_m), problem.batch * heads_q)
-    _forward_kernel[grid](
-        q, k, v, out, lse,
-        *bhld_strides(q), *bhld_strides(k), *bhld_strides(v), *bhld_strides(out), *row_stat_strides(lse)[:2],
-        heads_q, problem.group_size, *problem.sequence_arguments(), *features,
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )
+
+    def grid(tiles):
+        return num_blocks(problem.seqlen_q, tiles.block_m), problem.batch * heads_q
+
+    def launch(tiles):
+        _forward_kernel[grid(tiles)](
+            q, k, v, out, lse,
+            *bhld_strides(q), *bhld_strides(k), *bhld_strides(v), *bhld_strides(out), *row_stat_strides(lse)[:2],
+            heads_q, problem.group_size, *problem.sequence_arguments(), *features,
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+            BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags,
+        )
+
+    shape = ShapeClass.of("forward", q, v, opts)
+    launch(select(shape, q.device, launch, grid, mask_bytes=mask_bytes(extras), reproducible=opts.deterministic))
     return out, lse
