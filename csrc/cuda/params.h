@@ -1,0 +1,67 @@
+// What the CUDA kernels receive: raw device pointers, sizes and element strides, no torch and no
+// CUDA types, so the torch binding (binding.cpp) and the kernels (forward*.cu) share it, and the
+// emulated build (tests/cuda_emulator/) compiles it unchanged. Naming follows csrc/cpu/params.h.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_attn::cuda {
+
+enum class DType { Float32, BFloat16, Float16 };
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A (B, H, L, D) tensor: element pointer and element strides. q, k, v and out must have col == 1
+// (the Python side makes the last dim contiguous); mask and bias may have any strides, 0 along
+// broadcast dims.
+struct Strided {
+  void* data;
+  int64_t batch, head, row, col;
+};
+
+// One float per query row of each head (lse, and in the backward its gradient and delta): row i
+// of head (b, h) is data[b * batch + h * head + i].
+struct RowValues {
+  float* data;
+  int64_t batch, head;
+};
+
+// The variants of the scores, all off by default. Query i of head (b, h) and key j are at
+// distance d = j - (i + shift), shift being 0, or Lk - Lq for bottom-right alignment; their score is
+//   s = softcap * tanh(scale q.k / softcap) - slope(b, h) |d| + bias(b, h, i, j)
+// (softcap 0: no tanh), and key j is hidden from query i (score -inf) when d < -window_left or
+// d > window_right (a bound of -1: unbounded; causal is window_right = 0) or mask(b, h, i, j) is
+// false. The mask and bias are broadcast views of (B, Hq, Lq, Lk): stride 0 along broadcast dims.
+struct Variants {
+  int64_t window_left = -1, window_right = -1;
+  int64_t shift = 0;
+  float softcap = 0.f;
+  const float* alibi_slopes = nullptr;  // slope(b, h) = alibi_slopes[b * slopes_batch + h * slopes_head]
+  int64_t slopes_batch = 0, slopes_head = 0;
+  Strided mask{nullptr, 0, 0, 0, 0};  // bool; data null: none
+  Strided bias{nullptr, 0, 0, 0, 0};  // float32; data null: none
+  // Dropout (fused_attn/dropout.py): probability (b, h, i, j) is kept iff the first word of
+  // Philox4x32-7 on counter (j, i, b * Hq + h, 0) under key *dropout_seed is >= drop_threshold,
+  // and kept ones are scaled by keep_scale = 1 / (1 - p). The lse is that of the undropped scores.
+  // The key is read on the device (one int64 in device memory), so no host sync is needed.
+  bool dropout = false;
+  const int64_t* dropout_seed = nullptr;
+  uint32_t drop_threshold = 0;
+  float keep_scale = 1.f;
+};
+
+// The sizes of one dense call (packed/varlen inputs are not served by the CUDA kernels).
+struct Problem {
+  DType dtype;
+  int64_t batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v;
+  float scale;
+  Variants variants;
+};
+
+struct ForwardParams {
+  Problem p;
+  Strided q, k, v, out;
+  RowValues lse;  // natural log, -inf on rows that see no key
+};
+
+}  // namespace fused_attn::cuda
