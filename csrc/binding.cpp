@@ -14,6 +14,13 @@
 //
 // The kernels exist once per instruction set; the environment variable FUSED_ATTN_CPU_ISA
 // (auto | portable | avx2, read at every call) overrides the choice made from the CPU.
+//
+// With FUSED_ATTN_WITH_CUDA (setup.py defines it when it builds csrc/cuda/), also
+//   cuda_forward(q, k, v, out!, lse!, <the variant arguments>, int stream)   dense inputs, CUDA tensors
+// whose kernels are launched on `stream` (torch.cuda.current_stream().cuda_stream, an int, so this
+// file needs no CUDA header of torch's). With FUSED_ATTN_EMULATOR as well (tests/cuda_emulator/),
+// only that section is compiled, its ops are registered as fused_attn_emulated::* on CPU tensors,
+// and the stream is ignored: the CUDA kernels run on the emulator.
 #include <Python.h>
 
 #include <algorithm>
@@ -30,11 +37,18 @@
 
 #include "cpu/params.h"
 
+#ifdef FUSED_ATTN_WITH_CUDA
+#include <c10/core/DeviceGuard.h>
+
+#include "cuda/launch.h"
+#endif
+
 namespace fused_attn {
 namespace {
 
 using at::Tensor;
 
+#ifndef FUSED_ATTN_EMULATOR
 bool cpu_has_avx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
   // libgcc also checks that the OS saves the AVX registers.
@@ -58,6 +72,7 @@ const cpu::Kernels& select_kernels() {
   }
   TORCH_CHECK(false, "FUSED_ATTN_CPU_ISA must be auto, portable or avx2, got '", wanted, "'");
 }
+#endif  // FUSED_ATTN_EMULATOR
 
 cpu::DType kernel_dtype(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -82,8 +97,10 @@ cpu::RowValues row_values(const Tensor& t) {
   return {t.data_ptr<float>(), t.stride(0), t.stride(1)};
 }
 
-void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device().is_cpu(), "fused_attn_native: ", name, " must be a CPU tensor, got ", t.device());
+// t must live on `device` (the CPU ops' default) with this dtype and shape.
+void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
+                  at::Device device = at::kCPU) {
+  TORCH_CHECK(t.device() == device, "fused_attn_native: ", name, " must be on ", device, ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, "fused_attn_native: ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == shape, "fused_attn_native: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
@@ -116,6 +133,7 @@ struct Call {
   std::vector<int64_t> seqlens_q, seqlens_k;
 };
 
+#ifndef FUSED_ATTN_EMULATOR
 // The task table (params.h, TaskTable) whose group b has count(b) tasks.
 template <typename Count>
 std::vector<int64_t> task_table(int64_t groups, Count count) {
@@ -126,12 +144,13 @@ std::vector<int64_t> task_table(int64_t groups, Count count) {
 cpu::TaskTable table_view(const std::vector<int64_t>& first) {
   return {first.data(), static_cast<int64_t>(first.size()) - 1};
 }
+#endif  // FUSED_ATTN_EMULATOR
 
 // The variants every kernel call may have. Window bounds are -1 (unbounded) or >= 0; causal is
 // window_right = 0; bottom_right aligns each sequence's last query with its last key.
-// alibi_slopes: float32 (Hq,) or (B, Hq).
+// alibi_slopes: float32 (Hq,) or (B, Hq), on the call's device.
 cpu::Variants variants_of(int64_t B, int64_t Hq, int64_t window_left, int64_t window_right, bool bottom_right,
-                          double softcap, const std::optional<Tensor>& alibi_slopes) {
+                          double softcap, const std::optional<Tensor>& alibi_slopes, at::Device device = at::kCPU) {
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "fused_attn_native: window bounds must be >= -1");
   cpu::Variants variants;
   variants.window_left = window_left;
@@ -140,8 +159,8 @@ cpu::Variants variants_of(int64_t B, int64_t Hq, int64_t window_left, int64_t wi
   variants.softcap = static_cast<float>(softcap);
   if (alibi_slopes) {
     const Tensor& slopes = *alibi_slopes;
-    TORCH_CHECK(slopes.device().is_cpu() && slopes.scalar_type() == at::kFloat,
-                "fused_attn_native: alibi_slopes must be a float32 CPU tensor");
+    TORCH_CHECK(slopes.device() == device && slopes.scalar_type() == at::kFloat,
+                "fused_attn_native: alibi_slopes must be a float32 tensor on ", device);
     TORCH_CHECK(slopes.sizes() == at::IntArrayRef({Hq}) || slopes.sizes() == at::IntArrayRef({B, Hq}),
                 "fused_attn_native: alibi_slopes must have shape (Hq,) or (B, Hq), got ", slopes.sizes());
     const Tensor expanded = slopes.expand({B, Hq});  // stride 0 along the batch of (Hq,) slopes
@@ -170,8 +189,10 @@ cpu::Variants variants_of(int64_t B, int64_t Hq, int64_t window_left, int64_t wi
   "Tensor? alibi_slopes=None, Tensor? mask=None, Tensor? bias=None, Tensor? dropout_seed=None, "               \
   "float dropout_p=0., Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None"
 
-// Checks q, k, v against each other and the variants' tensors against them.
-Call call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS) {
+// Checks q, k, v against each other and the variants' tensors against them, all on `device`.
+// The dropout key is read here from a CPU seed; on other devices the kernels read it themselves.
+Call call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS,
+             at::Device device = at::kCPU) {
   const bool packed = q.dim() == 3;
   TORCH_CHECK(cu_seqlens_q.has_value() == packed && cu_seqlens_k.has_value() == packed,
               "fused_attn_native: packed (total, H, D) inputs come with cu_seqlens_q and cu_seqlens_k, and only they");
@@ -180,19 +201,19 @@ Call call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIA
   const int64_t Hq = q.size(1), Hkv = k.size(1), D = q.size(-1), Dv = v.size(-1);  // dim 1: heads, both layouts
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fused_attn_native: query heads (", Hq, ") must be a multiple of key/value heads (", Hkv, ")");
   kernel_dtype(q);
-  check_tensor(q, "q", q.scalar_type(), q.sizes());
+  check_tensor(q, "q", q.scalar_type(), q.sizes(), device);
   Call call;
   const int64_t B = packed ? cu_seqlens_q->numel() - 1 : q.size(0);
   if (packed) {
-    check_tensor(k, "k", q.scalar_type(), {k.size(0), Hkv, D});
-    check_tensor(v, "v", q.scalar_type(), {k.size(0), Hkv, Dv});
+    check_tensor(k, "k", q.scalar_type(), {k.size(0), Hkv, D}, device);
+    check_tensor(v, "v", q.scalar_type(), {k.size(0), Hkv, Dv}, device);
     TORCH_CHECK(B > 0, "fused_attn_native: cu_seqlens_q must have batch + 1 >= 2 entries");
     call.seqlens_q = lengths_of(*cu_seqlens_q, "cu_seqlens_q", B + 1, true, q.size(0));
     call.seqlens_k = lengths_of(*cu_seqlens_k, "cu_seqlens_k", B + 1, true, k.size(0));
     TORCH_CHECK(!mask && !bias, "fused_attn_native: packed inputs take no mask or bias");
   } else {
-    check_tensor(k, "k", q.scalar_type(), {B, Hkv, k.size(2), D});
-    check_tensor(v, "v", q.scalar_type(), {B, Hkv, k.size(2), Dv});
+    check_tensor(k, "k", q.scalar_type(), {B, Hkv, k.size(2), D}, device);
+    check_tensor(v, "v", q.scalar_type(), {B, Hkv, k.size(2), Dv}, device);
     call.seqlens_q.assign(B, q.size(2));
     call.seqlens_k.assign(B, k.size(2));
   }
@@ -200,22 +221,22 @@ Call call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIA
   const int64_t Lk = *std::max_element(call.seqlens_k.begin(), call.seqlens_k.end());
   TORCH_CHECK(B > 0 && D > 0 && Dv > 0 && (packed || (Lq > 0 && Lk > 0)),
               "fused_attn_native: empty inputs are handled in Python");
-  cpu::Variants variants = variants_of(B, Hq, window_left, window_right, bottom_right, softcap, alibi_slopes);
+  cpu::Variants variants = variants_of(B, Hq, window_left, window_right, bottom_right, softcap, alibi_slopes, device);
   if (mask) {
-    check_tensor(*mask, "mask", at::kBool, {B, Hq, Lq, Lk});
+    check_tensor(*mask, "mask", at::kBool, {B, Hq, Lq, Lk}, device);
     variants.mask = strided(*mask);
   }
   if (bias) {
-    check_tensor(*bias, "bias", at::kFloat, {B, Hq, Lq, Lk});
+    check_tensor(*bias, "bias", at::kFloat, {B, Hq, Lq, Lk}, device);
     variants.bias = strided(*bias);
   }
   if (dropout_p > 0) {
     TORCH_CHECK(dropout_p < 1, "fused_attn_native: dropout_p must be < 1");
-    TORCH_CHECK(dropout_seed && dropout_seed->device().is_cpu() && dropout_seed->scalar_type() == at::kLong &&
+    TORCH_CHECK(dropout_seed && dropout_seed->device() == device && dropout_seed->scalar_type() == at::kLong &&
                     dropout_seed->numel() == 1,
-                "fused_attn_native: dropout needs dropout_seed, an int64 CPU tensor of one element");
+                "fused_attn_native: dropout needs dropout_seed, an int64 tensor of one element on ", device);
     variants.dropout = true;
-    variants.dropout_seed = static_cast<uint64_t>(*dropout_seed->data_ptr<int64_t>());
+    if (device.is_cpu()) variants.dropout_seed = static_cast<uint64_t>(*dropout_seed->data_ptr<int64_t>());
     // round(p * 2^32) as fused_attn/dropout.py's keep_threshold (ties to even, like Python's round)
     variants.drop_threshold = static_cast<uint32_t>(std::min(std::nearbyint(dropout_p * 4294967296.0), 4294967295.0));
     variants.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
@@ -239,6 +260,7 @@ std::vector<int64_t> lse_shape(const Tensor& q) {
   return {q.size(0), q.size(1), q.size(2)};
 }
 
+#ifndef FUSED_ATTN_EMULATOR
 // Packed rows past the last sequence (dim `dim` of t, rows from cu_seqlens[B] on) belong to no
 // sequence: the caller fills them as an empty sequence's rows (out 0, lse -inf, gradients 0).
 Tensor unused_rows(const Tensor& t, int64_t dim, const int32_t* cu_seqlens, int64_t batch) {
@@ -382,9 +404,111 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
 }
 
 std::string cpu_isa() { return select_kernels().isa; }
+#endif  // FUSED_ATTN_EMULATOR
+
+
+#ifdef FUSED_ATTN_WITH_CUDA
+// ---- The CUDA kernels (csrc/cuda/): dense calls only; packed ones are left to other backends. ----
+
+#ifdef FUSED_ATTN_EMULATOR
+constexpr at::DeviceType kCudaDeviceType = at::kCPU;  // the emulator runs the kernels on CPU tensors
+#else
+constexpr at::DeviceType kCudaDeviceType = at::kCUDA;
+#endif
+
+cuda::Strided cuda_strided(const cpu::Strided& s) { return {s.data, s.batch, s.head, s.row, s.col}; }
+cuda::Strided cuda_strided(const Tensor& t) { return cuda_strided(strided(t)); }
+cuda::RowValues cuda_row_values(const Tensor& t) {
+  const cpu::RowValues r = row_values(t);
+  return {r.data, r.batch, r.head};
+}
+
+// The kernels' view of a checked dense call (call_of on the tensors' device).
+cuda::Problem cuda_problem(const Call& call, const std::optional<Tensor>& dropout_seed) {
+  const cpu::Problem& p = call.p;
+  const cpu::Variants& v = p.variants;
+  cuda::Problem c{};
+  c.dtype = p.dtype == cpu::DType::Float32    ? cuda::DType::Float32
+            : p.dtype == cpu::DType::BFloat16 ? cuda::DType::BFloat16
+                                              : cuda::DType::Float16;
+  c.batch = p.batch, c.heads_q = p.heads_q, c.heads_kv = p.heads_kv, c.seqlen_q = p.seqlen_q;
+  c.seqlen_k = p.seqlen_k, c.head_dim = p.head_dim, c.head_dim_v = p.head_dim_v, c.scale = p.scale;
+  c.variants.window_left = v.window_left;
+  c.variants.window_right = v.window_right;
+  c.variants.shift = p.shift();
+  c.variants.softcap = v.softcap;
+  c.variants.alibi_slopes = v.alibi_slopes;
+  c.variants.slopes_batch = v.slopes_batch;
+  c.variants.slopes_head = v.slopes_head;
+  c.variants.mask = cuda_strided(v.mask);
+  c.variants.bias = cuda_strided(v.bias);
+  if (v.dropout) {
+    c.variants.dropout = true;
+    c.variants.dropout_seed = dropout_seed->data_ptr<int64_t>();
+    c.variants.drop_threshold = v.drop_threshold;
+    c.variants.keep_scale = v.keep_scale;
+  }
+  return c;
+}
+
+// The checks every CUDA op makes beyond call_of's: the device, dense inputs, sizes the kernels
+// take, and contiguous last dims.
+Call cuda_call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS) {
+  TORCH_CHECK(q.device().type() == kCudaDeviceType, "fused_attn_native: q must be a ",
+              at::DeviceTypeName(kCudaDeviceType), " tensor, got ", q.device());
+  TORCH_CHECK(q.dim() == 4 && !cu_seqlens_q && !cu_seqlens_k,
+              "fused_attn_native: the CUDA kernels take dense (B, H, L, D) inputs only, not packed ones");
+  const Call call = call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS, q.device());
+  const cpu::Problem& p = call.p;
+  TORCH_CHECK(p.head_dim <= cuda::kMaxHeadDim && p.head_dim_v <= cuda::kMaxHeadDim,
+              "fused_attn_native: the CUDA kernels take head dims up to ", cuda::kMaxHeadDim, ", got D = ",
+              p.head_dim, ", Dv = ", p.head_dim_v);
+  TORCH_CHECK(p.seqlen_q < (int64_t{1} << 31) && p.seqlen_k < (int64_t{1} << 31),
+              "fused_attn_native: the CUDA kernels take sequences shorter than 2^31");
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
+    TORCH_CHECK(t->stride(3) == 1, "fused_attn_native: ", name, " must have a contiguous last dim");
+  return call;
+}
+
+cudaStream_t stream_of(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)); }
+
+void cuda_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                  FUSED_ATTN_VARIANT_PARAMS, int64_t stream) {
+  const Call call = cuda_call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
+  check_tensor(out, "out", q.scalar_type(), out_shape(q, v), q.device());
+  check_tensor(lse, "lse", at::kFloat, lse_shape(q), q.device());
+  TORCH_CHECK(out.stride(3) == 1, "fused_attn_native: out must have a contiguous last dim");
+  const c10::DeviceGuard guard(q.device());
+  const cuda::ForwardParams params{cuda_problem(call, dropout_seed), cuda_strided(q), cuda_strided(k),
+                                   cuda_strided(v), cuda_strided(out), cuda_row_values(lse)};
+  const cudaError_t error = cuda::launch_forward(params, stream_of(stream));
+  TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA forward failed to launch: ", cudaGetErrorString(error));
+}
+#endif  // FUSED_ATTN_WITH_CUDA
 
 }  // namespace
 }  // namespace fused_attn
+
+#ifdef FUSED_ATTN_WITH_CUDA
+#ifdef FUSED_ATTN_EMULATOR
+#define FUSED_ATTN_CUDA_OPS fused_attn_emulated
+#define FUSED_ATTN_CUDA_DISPATCH_KEY CPU
+#else
+#define FUSED_ATTN_CUDA_OPS fused_attn_native
+#define FUSED_ATTN_CUDA_DISPATCH_KEY CUDA
+#endif
+
+TORCH_LIBRARY_FRAGMENT(FUSED_ATTN_CUDA_OPS, m) {
+  m.def("cuda_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, " FUSED_ATTN_VARIANT_SCHEMA
+        ", int stream=0) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(FUSED_ATTN_CUDA_OPS, FUSED_ATTN_CUDA_DISPATCH_KEY, m) {
+  m.impl("cuda_forward", &fused_attn::cuda_forward);
+}
+#endif  // FUSED_ATTN_WITH_CUDA
+
+#ifndef FUSED_ATTN_EMULATOR
 
 TORCH_LIBRARY(fused_attn_native, m) {
   m.def("cpu_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, " FUSED_ATTN_VARIANT_SCHEMA
@@ -410,3 +534,4 @@ static PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native",
                                     nullptr};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
+#endif  // FUSED_ATTN_EMULATOR

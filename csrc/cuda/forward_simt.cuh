@@ -1,0 +1,122 @@
+// The forward in exact fp32 on the CUDA cores (FMA, no tf32), for float32 inputs: one block per
+// 32 query rows of one head, 4 threads per row. Each thread scores 8 of a block's 32 keys and
+// accumulates a quarter of the row's output columns; the row's probabilities meet V through a
+// small shared tile. Same streaming structure as forward_mma.cuh.
+#pragma once
+
+#include "elements.cuh"
+#include "scores.cuh"
+#include "softmax.cuh"
+#include "tiles.cuh"
+
+namespace fused_attn::cuda::simt_forward {
+
+constexpr int kThreadsPerRow = 4;
+constexpr int kBlockM = 32;
+constexpr int kBlockN = 32;
+constexpr int kThreads = kThreadsPerRow * kBlockM;
+constexpr int kProbStride = kBlockN + 1;
+
+template <int kDim>
+__host__ __device__ constexpr int smem_stride() { return kDim + 4; }  // whole 16-byte chunks, rows on different banks
+template <int kDim>
+__host__ __device__ constexpr size_t smem_bytes() {
+  return sizeof(float) * (smem_stride<kDim>() * (kBlockM + 2 * kBlockN) + kBlockM * kProbStride);
+}
+
+template <int kDim>
+__global__ void forward_kernel(ForwardParams params) {
+  constexpr int kStride = smem_stride<kDim>();
+  const Problem& p = params.p;
+  const int q0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (p.heads_q / p.heads_kv);
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
+  const int Lq = static_cast<int>(p.seqlen_q);
+  const int row = threadIdx.x / kThreadsPerRow, part = threadIdx.x % kThreadsPerRow;  // keys / columns part + 4u
+
+  float* q_smem = reinterpret_cast<float*>(dynamic_shared_memory());
+  float* k_smem = q_smem + kBlockM * kStride;
+  float* v_smem = k_smem + kBlockN * kStride;
+  float* p_smem = v_smem + kBlockN * kStride;
+  const float* q = element_at<float>(params.q, b, h, q0, 0);
+  const float* k = element_at<float>(params.k, b, h_kv, 0, 0);
+  const float* v = element_at<float>(params.v, b, h_kv, 0, 0);
+  auto load_keys = [&](float* smem, const float* rows, int64_t stride, int n0, int cols) {
+    load_tile<float, kBlockN, kDim, kStride, kThreads>(smem, rows + n0 * stride, stride,
+                                                        static_cast<int>(p.seqlen_k) - n0, cols);
+  };
+
+  const HeadScores scores(p, b, h);
+  const int rows = Lq - q0 < kBlockM ? Lq - q0 : kBlockM;
+  const KeyRange keys = visible_keys(p, q0, rows);
+  const int first = keys.begin / kBlockN * kBlockN;
+  const int i = q0 + row;
+
+  float o[kDim / kThreadsPerRow] = {};
+  RowSoftmax softmax;
+
+  load_tile<float, kBlockM, kDim, kStride, kThreads>(q_smem, q, params.q.row, Lq - q0, D);
+  if (first < keys.end) load_keys(k_smem, k, params.k.row, first, D);
+  ptx::cp_async_commit();
+  for (int n0 = first; n0 < keys.end; n0 += kBlockN) {
+    load_keys(v_smem, v, params.v.row, n0, Dv);
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<1>();  // Q and this block's K
+    __syncthreads();
+
+    float s[kBlockN / kThreadsPerRow];
+    float block_max = -INFINITY;
+    for (int u = 0; u < kBlockN / kThreadsPerRow; ++u) {
+      const int key = part + kThreadsPerRow * u;
+      float dot = 0.f;
+      for (int d = 0; d < kDim; ++d) dot = fmaf(q_smem[row * kStride + d], k_smem[key * kStride + d], dot);
+      s[u] = scores.score(dot, i, n0 + key);
+      block_max = fmaxf(block_max, s[u]);
+    }
+    __syncthreads();  // every thread is done with K
+    if (n0 + kBlockN < keys.end) load_keys(k_smem, k, params.k.row, n0 + kBlockN, D);
+    ptx::cp_async_commit();
+
+    block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
+    block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
+    const float alpha = softmax.rescale(block_max);
+    for (float& x : o) x *= alpha;
+    for (int u = 0; u < kBlockN / kThreadsPerRow; ++u) {
+      const int key = part + kThreadsPerRow * u;
+      const float prob = softmax.probability(s[u]);
+      softmax.sum += prob;  // the lse and the normaliser see every probability, dropped or not
+      p_smem[row * kProbStride + key] = prob * scores.dropout_factor(i, n0 + key);
+    }
+
+    ptx::cp_async_wait<1>();  // this block's V
+    __syncthreads();          // also publishes the probabilities
+    for (int key = 0; key < kBlockN; ++key) {
+      const float prob = p_smem[row * kProbStride + key];
+      for (int u = 0; u < kDim / kThreadsPerRow; ++u)
+        o[u] = fmaf(prob, v_smem[key * kStride + part + kThreadsPerRow * u], o[u]);
+    }
+    __syncthreads();  // every thread is done with V and the probabilities
+  }
+  ptx::cp_async_wait<0>();
+
+  float total = softmax.sum;
+  total += __shfl_xor_sync(0xffffffffu, total, 1);
+  total += __shfl_xor_sync(0xffffffffu, total, 2);
+  if (i >= Lq) return;
+  const float normaliser = RowSoftmax::normaliser(total);
+  float* out = static_cast<float*>(params.out.data) + b * params.out.batch + h * params.out.head + i * params.out.row;
+  for (int u = 0; u < kDim / kThreadsPerRow; ++u) {
+    const int col = part + kThreadsPerRow * u;
+    if (col < Dv) out[col] = o[u] * normaliser;
+  }
+  if (part == 0) params.lse.data[b * params.lse.batch + h * params.lse.head + i] = softmax.lse(total);
+}
+
+template <int kDim>
+cudaError_t launch(const ForwardParams& params, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(params.p.seqlen_q, kBlockM)), static_cast<unsigned>(params.p.heads_q),
+                  static_cast<unsigned>(params.p.batch));
+  return launch_kernel(forward_kernel<kDim>, grid, dim3(kThreads), smem_bytes<kDim>(), stream, params);
+}
+
+}  // namespace fused_attn::cuda::simt_forward

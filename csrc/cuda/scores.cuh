@@ -1,0 +1,87 @@
+// The variants of the scores (params.h, Variants) for one head: which keys a block of queries may
+// see, and the final score of one (query, key) pair from its dot product. Both forward paths
+// (and the backward, which recomputes the scores) use these, so they agree on every variant.
+#pragma once
+
+#include "cuda_api.cuh"
+#include "params.h"
+
+namespace fused_attn::cuda {
+
+struct KeyRange {
+  int begin, end;  // [begin, end); empty when begin >= end
+};
+
+// Keys that some query of [q0, q0 + rows) may see under the window: query i sees keys
+// i + shift - left .. i + shift + right.
+__device__ __forceinline__ KeyRange visible_keys(const Problem& p, int q0, int rows) {
+  const Variants& v = p.variants;
+  const int64_t begin = v.window_left < 0 ? 0 : q0 + v.shift - v.window_left;
+  const int64_t end = v.window_right < 0 ? p.seqlen_k : q0 + rows + v.shift + v.window_right;
+  auto clamp = [&](int64_t x) { return static_cast<int>(x < 0 ? 0 : x > p.seqlen_k ? p.seqlen_k : x); };
+  return {clamp(begin), clamp(end)};
+}
+
+// The first 32-bit word of Philox4x32-7 (Salmon et al. 2011) for counter (c0, c1, c2, 0) under a
+// 64-bit key: the same rounds as fused_attn/dropout.py and csrc/cpu/scores.h.
+__device__ __forceinline__ uint32_t philox_bits(uint64_t key, uint32_t c0, uint32_t c1, uint32_t c2) {
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32), c3 = 0;
+  for (int round = 0; round < 7; ++round) {
+    const uint64_t product_b = uint64_t{0xCD9E8D57u} * c2, product_a = uint64_t{0xD2511F53u} * c0;
+    const uint32_t next0 = static_cast<uint32_t>(product_b >> 32) ^ c1 ^ k0;
+    const uint32_t next2 = static_cast<uint32_t>(product_a >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(product_b);
+    c3 = static_cast<uint32_t>(product_a);
+    c0 = next0;
+    c2 = next2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// The score rules of head (b, h): final scores from dot products, and dropout factors.
+class HeadScores {
+ public:
+  __device__ HeadScores(const Problem& p, int b, int h) : p_(p), v_(p.variants), b_(b), h_(h) {
+    slope_ = v_.alibi_slopes == nullptr ? 0.f : v_.alibi_slopes[b * v_.slopes_batch + h * v_.slopes_head];
+    seed_ = v_.dropout ? static_cast<uint64_t>(*v_.dropout_seed) : 0;
+  }
+
+  // s = softcap * tanh(scale q.k / softcap) - slope |d| + bias, or -inf where query i may not see
+  // key j: outside the sequence, the window, or the mask (rows past Lq count as hidden).
+  __device__ __forceinline__ float score(float dot, int i, int j) const {
+    if (i >= p_.seqlen_q || j >= p_.seqlen_k) return -INFINITY;
+    const int64_t distance = j - (i + v_.shift);
+    if ((v_.window_left >= 0 && distance < -v_.window_left) || (v_.window_right >= 0 && distance > v_.window_right))
+      return -INFINITY;
+    if (v_.mask.data != nullptr && !*at<bool>(v_.mask, i, j)) return -INFINITY;
+    float s = dot * p_.scale;
+    if (v_.softcap > 0.f) s = v_.softcap * tanhf(s / v_.softcap);
+    if (v_.alibi_slopes != nullptr) s -= slope_ * static_cast<float>(distance < 0 ? -distance : distance);
+    if (v_.bias.data != nullptr) s += *at<float>(v_.bias, i, j);
+    return s;
+  }
+
+  // What multiplies probability (i, j) before it meets V: 1 without dropout, else keep / (1 - p).
+  __device__ __forceinline__ float dropout_factor(int i, int j) const {
+    if (!v_.dropout) return 1.f;
+    const uint32_t head = static_cast<uint32_t>(b_ * p_.heads_q + h_);
+    const uint32_t bits = philox_bits(seed_, static_cast<uint32_t>(j), static_cast<uint32_t>(i), head);
+    return bits >= v_.drop_threshold ? v_.keep_scale : 0.f;
+  }
+
+ private:
+  template <typename T>
+  __device__ __forceinline__ const T* at(const Strided& s, int i, int j) const {
+    return static_cast<const T*>(s.data) + b_ * s.batch + h_ * s.head + i * s.row + j * s.col;
+  }
+
+  const Problem& p_;
+  const Variants& v_;
+  int b_, h_;
+  float slope_;
+  uint64_t seed_;
+};
+
+}  // namespace fused_attn::cuda

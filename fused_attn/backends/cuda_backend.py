@@ -1,0 +1,118 @@
+"""The `cuda` backend: the CUDA C++ kernels in csrc/cuda/, a fallback for CUDA tensors.
+
+Used when Triton is missing or cannot serve a call, or when forced (`backend="cuda"`). sm_80 and
+newer: tensor cores (mma.sync, fp32 accumulation) for float16/bfloat16, exact fp32 FMA for float32;
+every score variant; dense inputs only (varlen and KV-cache calls go to the next backend).
+
+The class is parameterised by the ops namespace and device type its kernels run on, so the test
+suite also instantiates it on the emulated build of the same kernels (tests/cuda_emulator/:
+`torch.ops.fused_attn_emulated`, CPU tensors) and runs the comparisons it would run on a GPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from ..layout import empty_like_layout, new_output
+from ..options import AttentionOptions, AttentionTensors
+from . import native
+from .base import Backend, Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # csrc/cuda/launch.h, kMaxHeadDim
+# Written by setup.py: empty when the extension was built with the CUDA kernels, else why not.
+BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native_cuda.txt")
+
+
+def cuda_build_error() -> Optional[str]:
+    """None when fused_attn._native has the CUDA kernels, else why it has not."""
+    error = native.load_error()
+    if error is not None:
+        return error
+    if not os.path.exists(BUILD_NOTE):
+        return "fused_attn._native was built without the CUDA kernels (no fused_attn/_native_cuda.txt)"
+    with open(BUILD_NOTE, encoding="utf-8") as f:
+        note = f.read().strip()
+    if note:
+        return f"fused_attn._native was built without the CUDA kernels: {note}"
+    if not hasattr(torch.ops.fused_attn_native, "cuda_forward"):
+        return "fused_attn._native has no cuda_forward op (rebuild it)"
+    return None
+
+
+def _native_ops():
+    return torch.ops.fused_attn_native
+
+
+def _current_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class CudaBackend(Backend):
+    """The CUDA kernels behind the ops `ops().cuda_forward` (csrc/binding.cpp, CUDA section) on
+    tensors of `device_type`. `availability()` says why the ops cannot run (None when they can);
+    `stream(device)` is the stream handle the op launches on."""
+
+    def __init__(self, name: str = "cuda", ops: Callable = _native_ops, device_type: str = "cuda",
+                 availability: Optional[Callable[[], Optional[str]]] = None,
+                 stream: Callable[[torch.device], int] = _current_stream):
+        self.name = name
+        self._ops = ops
+        self._device_type = device_type
+        self._availability = availability or self._native_availability
+        self._stream = stream
+
+    @staticmethod
+    def _native_availability() -> Optional[str]:
+        if not torch.cuda.is_available():
+            return "no CUDA GPU"
+        return cuda_build_error()
+
+    def unavailable_reason(self) -> Optional[str]:
+        return self._availability()
+
+    def unsupported_reasons(
+        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions
+    ) -> list[str]:
+        reasons = []
+        if q.device.type != self._device_type:
+            reasons.append(f"tensors on {q.device.type} (needs {self._device_type})")
+        if q.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
+        if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+            reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} (supports up to {MAX_HEAD_DIM})")
+        if extras.cu_seqlens_q is not None:
+            reasons.append("packed (varlen) inputs (dense inputs only)")
+        return reasons
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors,
+                opts: AttentionOptions) -> tuple[Tensor, Tensor]:
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
+        lse = new_output(q, q.shape[:3], torch.float32)
+        self._ops().cuda_forward(q, k, v, out, lse, *_variant_args(q, k, extras, opts), self._stream(q.device))
+        return out, lse
+
+    def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
+        raise NotImplementedError("the cuda backend's backward kernels are not built yet (csrc/cuda/backward*)")
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    """The kernels read rows of the head dim as contiguous vectors; other layouts are copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
+    """The op's arguments after its tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA)."""
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    mask = None if extras.mask is None else _as_4d(extras.mask).expand(full)
+    # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
+    bias = None if extras.bias is None else _as_4d(extras.bias).to(torch.float32).expand(full)
+    return (opts.scale, opts.left, opts.right, opts.bottom_right, opts.softcap, extras.alibi_slopes, mask, bias,
+            extras.dropout_seed, opts.dropout_p, None, None)
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
