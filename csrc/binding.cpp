@@ -17,6 +17,7 @@
 //
 // With FUSED_ATTN_WITH_CUDA (setup.py defines it when it builds csrc/cuda/), also
 //   cuda_forward(q, k, v, out!, lse!, <the variant arguments>, int stream)   dense inputs, CUDA tensors
+//   cuda_backward(<cpu_backward's arguments>, int stream)
 // whose kernels are launched on `stream` (torch.cuda.current_stream().cuda_stream, an int, so this
 // file needs no CUDA header of torch's). With FUSED_ATTN_EMULATOR as well (tests/cuda_emulator/),
 // only that section is compiled, its ops are registered as fused_attn_emulated::* on CPU tensors,
@@ -40,6 +41,7 @@
 #ifdef FUSED_ATTN_WITH_CUDA
 #include <c10/core/DeviceGuard.h>
 
+#include "cuda/backward_launch.h"
 #include "cuda/launch.h"
 #endif
 
@@ -484,6 +486,41 @@ void cuda_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   const cudaError_t error = cuda::launch_forward(params, stream_of(stream));
   TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA forward failed to launch: ", cudaGetErrorString(error));
 }
+
+// As cpu_backward, for the CUDA kernels: out, dout and the gradients need contiguous last dims.
+// dbias, float32, the broadcast (B, Hq, Lq, Lk) view of a buffer of the bias's own shape, is
+// written whole (each element once, its broadcast terms summed in the kernel), not accumulated.
+void cuda_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
+                   const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                   FUSED_ATTN_VARIANT_PARAMS, const std::optional<Tensor>& dbias, int64_t stream) {
+  const Call call = cuda_call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
+  const cpu::Problem& p = call.p;
+  check_tensor(out, "out", q.scalar_type(), out_shape(q, v), q.device());
+  check_tensor(dout, "dout", q.scalar_type(), out.sizes(), q.device());
+  check_tensor(lse, "lse", at::kFloat, lse_shape(q), q.device());
+  check_tensor(dlse, "dlse", at::kFloat, lse.sizes(), q.device());
+  check_tensor(dq, "dq", q.scalar_type(), q.sizes(), q.device());
+  check_tensor(dk, "dk", q.scalar_type(), k.sizes(), q.device());
+  check_tensor(dv, "dv", q.scalar_type(), v.sizes(), q.device());
+  for (const auto& [t, name] : {std::pair{&out, "out"}, std::pair{&dout, "dout"}, std::pair{&dq, "dq"},
+                                std::pair{&dk, "dk"}, std::pair{&dv, "dv"}})
+    TORCH_CHECK(t->stride(3) == 1, "fused_attn_native: ", name, " must have a contiguous last dim");
+  if (dbias) {
+    TORCH_CHECK(bias, "fused_attn_native: dbias without bias");
+    check_tensor(*dbias, "dbias", at::kFloat, {p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, q.device());
+  }
+  const c10::DeviceGuard guard(q.device());
+  // Row vectors are tiny next to the inputs; contiguous copies keep the kernels' indexing simple.
+  const Tensor lse_c = lse.contiguous(), dlse_c = dlse.contiguous();
+  const Tensor delta = at::empty(lse.sizes(), lse.options());
+  cuda::BackwardParams params{cuda_problem(call, dropout_seed), cuda_strided(q), cuda_strided(k), cuda_strided(v),
+                              cuda_strided(out), cuda_strided(dout), cuda_strided(dq), cuda_strided(dk),
+                              cuda_strided(dv), cuda_row_values(lse_c), cuda_row_values(dlse_c),
+                              cuda_row_values(delta)};
+  if (dbias) params.dbias = cuda_strided(*dbias);
+  const cudaError_t error = cuda::launch_backward(params, stream_of(stream));
+  TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA backward failed to launch: ", cudaGetErrorString(error));
+}
 #endif  // FUSED_ATTN_WITH_CUDA
 
 }  // namespace
@@ -501,10 +538,14 @@ void cuda_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
 TORCH_LIBRARY_FRAGMENT(FUSED_ATTN_CUDA_OPS, m) {
   m.def("cuda_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, " FUSED_ATTN_VARIANT_SCHEMA
         ", int stream=0) -> ()");
+  m.def("cuda_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSED_ATTN_VARIANT_SCHEMA
+        ", Tensor(d!)? dbias=None, int stream=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(FUSED_ATTN_CUDA_OPS, FUSED_ATTN_CUDA_DISPATCH_KEY, m) {
   m.impl("cuda_forward", &fused_attn::cuda_forward);
+  m.impl("cuda_backward", &fused_attn::cuda_backward);
 }
 #endif  // FUSED_ATTN_WITH_CUDA
 

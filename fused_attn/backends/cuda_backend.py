@@ -51,9 +51,9 @@ def _current_stream(device: torch.device) -> int:
 
 
 class CudaBackend(Backend):
-    """The CUDA kernels behind the ops `ops().cuda_forward` (csrc/binding.cpp, CUDA section) on
-    tensors of `device_type`. `availability()` says why the ops cannot run (None when they can);
-    `stream(device)` is the stream handle the op launches on."""
+    """The CUDA kernels behind the ops `ops().cuda_forward` and `ops().cuda_backward` (csrc/binding.cpp,
+    CUDA section) on tensors of `device_type`. `availability()` says why the ops cannot run (None
+    when they can); `stream(device)` is the stream handle the op launches on."""
 
     def __init__(self, name: str = "cuda", ops: Callable = _native_ops, device_type: str = "cuda",
                  availability: Optional[Callable[[], Optional[str]]] = None,
@@ -96,7 +96,18 @@ class CudaBackend(Backend):
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
-        raise NotImplementedError("the cuda backend's backward kernels are not built yet (csrc/cuda/backward*)")
+        q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
+        dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
+        dbias = None
+        if bias_requires_grad:
+            # Each element written once, its broadcast terms summed in the kernel: never (B, Hq, Lq, Lk) memory.
+            dbias = new_output(q, _as_4d(extras.bias).shape, torch.float32)
+        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        self._ops().cuda_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *_variant_args(q, k, extras, opts),
+                                  None if dbias is None else dbias.expand(full), self._stream(q.device))
+        if dbias is not None:
+            dbias = dbias.reshape(extras.bias.shape).to(extras.bias.dtype)
+        return dq, dk, dv, dbias
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
