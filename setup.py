@@ -10,6 +10,11 @@ This builds the C++ kernels in csrc/ into ``fused_attn/_native`` (the CPU backen
 through torch.utils.cpp_extension. The package works without them: if the extension is missing
 or cannot be loaded, fused_attn says why once and CPU calls go to the next backend.
 Set FUSED_ATTN_SKIP_NATIVE=1 to install without building it.
+
+With a CUDA build of torch and a CUDA toolkit (CUDA_HOME with its headers), the same extension
+also gets the CUDA kernels of csrc/cuda/ (the `cuda` backend), compiled by nvcc for sm_80 and
+sm_90. fused_attn/_native_cuda.txt records why they were not built (empty when they were), and
+the backend reports it. FUSED_ATTN_CUDA=0 skips them; FUSED_ATTN_CUDA=1 makes their absence an error.
 """
 import os
 import platform
@@ -22,6 +27,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # after them (see csrc/cpu/kernels_portable.cpp for why the order matters). The binding picks
 # them at run time only on a CPU that has the instruction set.
 ISA_SOURCES = {"csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]}
+
+CUDA_SOURCES = ["csrc/cuda/forward.cu", "csrc/cuda/forward_f16.cu", "csrc/cuda/forward_bf16.cu",
+                "csrc/cuda/forward_f32.cu"]
+# Ampere (A100) and Hopper (H100/H200) code; newer GPUs run the sm_90 PTX. No --use_fast_math:
+# the kernels' expf/logf/tanhf must stay accurate.
+NVCC_FLAGS = ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=[sm_90,compute_90]"]
+CUDA_NOTE = os.path.join(HERE, "fused_attn", "_native_cuda.txt")
+
+
+def cuda_build_reason():
+    """None when the CUDA kernels can be built here, else why not (FUSED_ATTN_CUDA=1: an error)."""
+    wanted = os.environ.get("FUSED_ATTN_CUDA")
+    if wanted == "0":
+        return "FUSED_ATTN_CUDA=0"
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None:
+        reason = "torch is a CPU-only build (torch.version.cuda is None)"
+    elif CUDA_HOME is None:
+        reason = "no CUDA toolkit found (set CUDA_HOME)"
+    elif not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h")):
+        reason = f"the CUDA toolkit at {CUDA_HOME} has no include/cuda_runtime_api.h"
+    else:
+        return None
+    if wanted == "1":
+        raise RuntimeError(f"FUSED_ATTN_CUDA=1, but the CUDA kernels cannot be built: {reason}")
+    return reason
+
+
+def _write_cuda_note(reason):
+    with open(CUDA_NOTE, "w", encoding="utf-8") as f:
+        f.write("" if reason is None else reason + "\n")
 
 
 def _is_x86_64_gcc_like():
@@ -37,9 +75,10 @@ def native_extensions():
     metadata-only commands work without it. The C++ standard is left to torch.
     """
     if os.environ.get("FUSED_ATTN_SKIP_NATIVE") == "1":
+        _write_cuda_note("FUSED_ATTN_SKIP_NATIVE=1")
         return []
     try:
-        from torch.utils.cpp_extension import CppExtension
+        from torch.utils.cpp_extension import CppExtension, CUDAExtension
     except ImportError:
         return []
     sources = ["csrc/binding.cpp", "csrc/cpu/kernels_portable.cpp"]
@@ -48,14 +87,28 @@ def native_extensions():
         isa_sources = ISA_SOURCES
     else:  # compiled without the flags it provides no kernels, and the portable ones serve
         sources += list(ISA_SOURCES)
-    extension = CppExtension(
-        "fused_attn._native",
-        sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
-        depends=_headers(),
-        extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi", "-Wno-unknown-pragmas"],
-        extra_link_args=["-fopenmp"],
-    )
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi", "-Wno-unknown-pragmas"]
+    reason = cuda_build_reason()
+    _write_cuda_note(reason)
+    if reason is None:
+        extension = CUDAExtension(
+            "fused_attn._native",
+            sources + CUDA_SOURCES,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            depends=_headers(),
+            define_macros=[("FUSED_ATTN_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        extension = CppExtension(
+            "fused_attn._native",
+            sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            depends=_headers(),
+            extra_compile_args=cxx_flags,
+            extra_link_args=["-fopenmp"],
+        )
     extension.isa_sources = isa_sources
     return [extension]
 
@@ -63,7 +116,7 @@ def native_extensions():
 def _headers():
     found = []
     for root, _, files in os.walk(os.path.join(HERE, "csrc")):
-        found += [os.path.relpath(os.path.join(root, f), HERE) for f in files if f.endswith(".h")]
+        found += [os.path.relpath(os.path.join(root, f), HERE) for f in files if f.endswith((".h", ".cuh"))]
     return sorted(found)
 
 
@@ -115,7 +168,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fused_attn", "fused_attn.*"]),
     # Tile choices tuned per GPU architecture by `python -m benchmarks.tune` (fused_attn/triton/tuning.py).
-    package_data={"fused_attn.triton": ["tuned/*.json"]},
+    package_data={"fused_attn.triton": ["tuned/*.json"], "fused_attn": ["_native_cuda.txt"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",

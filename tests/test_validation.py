@@ -65,7 +65,7 @@ def test_mixed_devices():
     (dict(scale="0.1"), ValueError, r"scale must be a finite number"),
     (dict(deterministic=None), TypeError, r"deterministic must be a bool"),
     (dict(return_lse="yes"), TypeError, r"return_lse must be a bool"),
-    (dict(backend="flash"), ValueError, r"backend must be one of \['cpu', 'reference', 'triton'\]"),
+    (dict(backend="flash"), ValueError, r"backend must be one of \['cpu', 'cuda', 'reference', 'triton'\]"),
 ])
 def test_bad_keywords(keywords, error, message):
     with pytest.raises(error, match=message):

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from .base import Backend
 from .cpu_backend import CpuBackend
+from .cuda_backend import CudaBackend
 from .reference import ReferenceBackend
 from .triton_backend import TritonBackend
 
 BACKENDS: dict[str, Backend] = {
-    backend.name: backend for backend in (TritonBackend(), CpuBackend(), ReferenceBackend())
+    backend.name: backend for backend in (TritonBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())
 }
 
 

@@ -24,7 +24,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 using std::isinf;
 using std::isnan;

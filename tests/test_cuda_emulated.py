@@ -1,0 +1,199 @@
+"""The cuda backend's forward kernels (csrc/cuda/) run on the CPU emulator (tests/cuda_emulator/):
+the backend class on the emulated ops (torch.ops.fused_attn_emulated, CPU tensors), called through
+fused_attn.attention like any backend, against float64 math with the peers' accuracy rule
+(tests/oracle.py). Outputs start as NaN (conftest), so an element the kernels forget fails.
+
+Shapes are small (the emulator runs every CUDA thread as a fiber) but cross every block boundary:
+64 query rows per block on tensor cores, 32 in fp32; 64 keys per block (32 for head dims > 128).
+"""
+import math
+
+import pytest
+import torch
+
+from cuda_emulator.build import load_emulated_ops
+from oracle import assert_accurate, naive_attention, random_qkv
+
+import fused_attn
+from fused_attn.backends import BACKENDS, cuda_backend
+from fused_attn.backends.cuda_backend import CudaBackend
+from fused_attn.options import AttentionOptions, AttentionTensors
+
+CPU = torch.device("cpu")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+EMULATED = "cuda_emulated"
+
+
+@pytest.fixture(scope="module")
+def emulated_ops():
+    return load_emulated_ops()
+
+
+@pytest.fixture
+def cuda(emulated_ops, monkeypatch):
+    """The name under which fused_attn.attention runs the emulated cuda backend in this test."""
+    backend = CudaBackend(EMULATED, ops=lambda: emulated_ops, device_type="cpu", availability=lambda: None,
+                          stream=lambda device: 0)
+    monkeypatch.setitem(BACKENDS, EMULATED, backend)
+    return EMULATED
+
+
+def check_forward(backend, shape, dtype, sequence_major=False, qkv=None, **keywords):
+    """attention(**keywords) on `backend` vs float64 math: out and lse (dropout replayed from
+    torch's generator). shape: (B, Hq, Hkv, Lq, Lk, D, Dv). Returns (out, lse)."""
+    q, k, v = qkv or random_qkv(*shape, dtype=dtype, device=CPU, sequence_major=sequence_major)
+    state = torch.random.get_rng_state()
+    out, lse = fused_attn.attention(q, k, v, return_lse=True, backend=backend, **keywords)
+    dropout_p = keywords.get("dropout_p", 0.0)
+    keep = None
+    if dropout_p > 0:
+        torch.random.set_rng_state(state)
+        keep = fused_attn.dropout_keep_mask(shape[0], shape[1], shape[3], shape[4], dropout_p, CPU)
+    naive = dict(causal=keywords.get("causal", False), bottom_right=keywords.get("causal_alignment") == "bottom_right",
+                 scale=keywords.get("scale"), window=keywords.get("window", (-1, -1)),
+                 softcap=keywords.get("softcap", 0.0), alibi_slopes=keywords.get("alibi_slopes"),
+                 attn_mask=keywords.get("attn_mask"), dropout_keep=keep, dropout_p=dropout_p)
+    exact_out, exact_lse = naive_attention(q, k, v, dtype=torch.float64, **naive)
+    low_out, low_lse = naive_attention(q, k, v, **naive)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == exact_out.shape
+    assert_accurate("out", out, exact_out, low_out, dtype)
+    assert_accurate("lse", lse, exact_lse, low_lse.to(torch.float32), torch.float32)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", [(16, 16), (40, 40), (64, 64), (128, 128), (256, 256), (64, 24), (24, 72), (200, 8)])
+def test_head_dims(cuda, dtype, dims):
+    """Every head-dim bucket (32, 64, 128, 256), zero-padded columns, Dv != D; 70 keys cross a block."""
+    check_forward(cuda, (1, 2, 1, 19, 70, *dims), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths", [(1, 1), (1, 129), (17, 63), (63, 17), (129, 129), (65, 33)])
+@pytest.mark.parametrize("alignment", [None, "top_left", "bottom_right"])
+def test_lengths_and_causal(cuda, dtype, lengths, alignment):
+    """Ragged Lq/Lk on both sides of the blocks; causal both ways (bottom-right with Lq > Lk leaves
+    rows that see no key: out 0, lse -inf)."""
+    keywords = {} if alignment is None else dict(causal=True, causal_alignment=alignment)
+    check_forward(cuda, (1, 1, 1, *lengths, 32, 32), dtype, **keywords)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(6, 2), (4, 1)])
+def test_gqa_and_sequence_major(cuda, dtype, heads):
+    """GQA and MQA (shared heads read in place), (B, L, H, D) storage seen as (B, H, L, D)."""
+    check_forward(cuda, (2, *heads, 33, 47, 64, 64), dtype, sequence_major=True, causal=True)
+
+
+def test_strided_last_dim(cuda):
+    """Inputs whose last dim is not contiguous are copied once by the backend; out keeps q's layout."""
+    q, k, v = (torch.randn(2, 3, 21, 80)[..., ::2] for _ in range(3))
+    out, _ = check_forward(cuda, (2, 3, 3, 21, 21, 40, 40), torch.float32, qkv=(q, k, v))
+    assert out.stride(-1) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_shape", [(2, 1, 37, 75), (1, 3, 1, 75), (37, 75), (75,)])
+def test_bool_mask(cuda, dtype, mask_shape):
+    """Bool masks read in place through broadcast strides; a row masked in full gives out 0, lse -inf."""
+    mask = torch.rand(mask_shape) > 0.3
+    if len(mask_shape) >= 2 and mask_shape[-2] > 1:
+        mask[..., 5, :] = False
+    out, lse = check_forward(cuda, (2, 3, 3, 37, 75, 32, 32), dtype, attn_mask=mask)
+    if len(mask_shape) >= 2 and mask_shape[-2] > 1:
+        assert torch.all(out[..., 5, :] == 0) and torch.all(lse[..., 5] == -math.inf)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias_shape", [(2, 3, 37, 75), (1, 3, 37, 75), (2, 1, 1, 75), (37, 1)])
+def test_float_bias(cuda, dtype, bias_shape):
+    """Float masks are added to the scores (float32 read in place; a 16-bit one converted in its own shape)."""
+    bias = torch.randn(bias_shape, dtype=dtype if dtype != torch.float32 else torch.float32)
+    check_forward(cuda, (2, 3, 3, 37, 75, 32, 32), dtype, attn_mask=bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", [
+    dict(window=(20, 5)),
+    dict(window=(0, 0)),
+    dict(window=(7, -1), causal=True, causal_alignment="bottom_right"),
+    dict(softcap=2.0),
+    dict(alibi_slopes="heads"),
+    dict(alibi_slopes="batch_heads", causal=True, window=(40, -1)),
+    dict(softcap=5.0, alibi_slopes="heads", window=(30, 30), scale=0.3),
+])
+def test_variants(cuda, dtype, variant):
+    """Sliding windows (blocks outside them skipped), softcap, ALiBi per head or per (batch, head), combined."""
+    variant = dict(variant)
+    if variant.get("alibi_slopes") == "heads":
+        variant["alibi_slopes"] = torch.rand(4)
+    elif variant.get("alibi_slopes") == "batch_heads":
+        variant["alibi_slopes"] = torch.rand(2, 4)
+    check_forward(cuda, (2, 4, 2, 70, 100, 48, 48), dtype, **variant)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_matches_the_shared_philox_mask(cuda, dtype):
+    """The kernels drop exactly fused_attn.dropout_keep_mask's elements (the bits every backend draws)."""
+    check_forward(cuda, (2, 3, 1, 45, 77, 32, 32), dtype, dropout_p=0.3, causal=True)
+
+
+def test_dropout_agrees_with_the_cpu_backend(cuda):
+    """Same seed, same bits: the emulated CUDA kernels and the C++ CPU kernels give the same output."""
+    if "cpu" not in fused_attn.available_backends():
+        pytest.fail("the cpu backend (fused_attn._native) is not built: " + str(BACKENDS["cpu"].unavailable_reason()))
+    q, k, v = random_qkv(1, 2, 2, 30, 90, 32, 32, torch.float32, CPU)
+    torch.manual_seed(7)
+    ours = fused_attn.attention(q, k, v, dropout_p=0.5, backend=cuda)
+    torch.manual_seed(7)
+    theirs = fused_attn.attention(q, k, v, dropout_p=0.5, backend="cpu")
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_that_see_no_key(cuda):
+    """A window that hides every key from some rows, and a mask hiding everything: 0 and -inf, never NaN."""
+    out, lse = check_forward(cuda, (1, 2, 2, 80, 20, 32, 32), torch.float16, window=(0, 0))
+    assert torch.all(out[:, :, 20:] == 0) and torch.all(lse[:, :, 20:] == -math.inf)
+    out, lse = check_forward(cuda, (1, 2, 2, 9, 20, 32, 32), torch.bfloat16, attn_mask=torch.zeros(9, 20, dtype=torch.bool))
+    assert torch.all(out == 0) and torch.all(lse == -math.inf)
+
+
+def test_refusals_and_op_errors(cuda, emulated_ops):
+    """What the backend leaves to others, and the op's own checks (before any kernel runs)."""
+    backend = BACKENDS[cuda]
+    q = torch.randn(1, 2, 4, 300)
+    reasons = backend.unsupported_reasons(q, q, q, AttentionTensors(), AttentionOptions())
+    assert any("head dim 300" in r for r in reasons)
+    packed = torch.zeros(4, 2, 8)
+    seqlens = torch.tensor([0, 4], dtype=torch.int32)
+    reasons = backend.unsupported_reasons(packed, packed, packed, AttentionTensors(cu_seqlens_q=seqlens,
+                                                                                   cu_seqlens_k=seqlens), AttentionOptions())
+    assert any("packed" in r for r in reasons)
+    assert any("float64" in r for r in backend.unsupported_reasons(q.double(), q.double(), q.double(),
+                                                                   AttentionTensors(), AttentionOptions()))
+    q, k, v = random_qkv(1, 2, 1, 4, 5, 8, 8, torch.float16, CPU)
+    out, lse = torch.empty(1, 2, 4, 8, dtype=torch.float16), torch.empty(1, 2, 4)
+    with pytest.raises(RuntimeError, match="must be Half, got Float"):
+        emulated_ops.cuda_forward(q, k.float(), v, out, lse, 1.0, -1, -1, False)
+    with pytest.raises(RuntimeError, match="head dims up to 256"):
+        big = torch.zeros(1, 1, 2, 264, dtype=torch.float16)
+        emulated_ops.cuda_forward(big, big, big, torch.empty_like(big), torch.empty(1, 1, 2), 1.0, -1, -1, False)
+    with pytest.raises(RuntimeError, match="dense"):
+        emulated_ops.cuda_forward(packed, packed, packed, torch.empty_like(packed), torch.empty(2, 4), 1.0, -1, -1,
+                                  False, cu_seqlens_q=seqlens, cu_seqlens_k=seqlens)
+
+
+def test_backward_is_not_served_yet(cuda):
+    """Until the backward kernels exist, asking for gradients says so instead of returning garbage."""
+    q, k, v = random_qkv(1, 1, 1, 4, 4, 8, 8, torch.float32, CPU, requires_grad=True)
+    out = fused_attn.attention(q, k, v, backend=cuda)
+    with pytest.raises(NotImplementedError, match="backward"):
+        out.sum().backward()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks how a machine without a GPU reports the real backend")
+def test_real_backend_says_why_it_is_unavailable():
+    reason = BACKENDS["cuda"].unavailable_reason()
+    assert reason is not None and "no CUDA GPU" in reason
+    if torch.version.cuda is None and cuda_backend.native.load_error() is None:
+        assert "CPU-only" in cuda_backend.cuda_build_error()
