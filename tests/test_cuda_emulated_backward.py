@@ -24,12 +24,16 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 @pytest.fixture(scope="module")
 def emulated():
-    """The cuda backend on the emulated ops (CPU tensors), registered under NAME while the module runs."""
-    ops = load_emulated_ops()
-    BACKENDS[NAME] = CudaBackend(NAME, ops=lambda: ops, device_type="cpu", availability=lambda: None,
-                                 stream=lambda device: 0)
-    yield ops
-    del BACKENDS[NAME]
+    return load_emulated_ops()
+
+
+@pytest.fixture
+def cuda(emulated, monkeypatch):
+    """The name under which fused_attn.attention runs the emulated cuda backend in this test."""
+    backend = CudaBackend(NAME, ops=lambda: emulated, device_type="cpu", availability=lambda: None,
+                          stream=lambda device: 0)
+    monkeypatch.setitem(BACKENDS, NAME, backend)
+    return NAME
 
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv) and keywords of fused_attn.attention.
@@ -37,6 +41,8 @@ CASES = {
     "plain": ((1, 2, 1, 17, 33, 64, 64), {}),
     "causal-top-left-long-q": ((1, 2, 2, 70, 17, 32, 32), dict(causal=True)),
     "causal-bottom-right-gqa": ((2, 4, 2, 17, 129, 40, 24), dict(causal=True, causal_alignment="bottom_right")),
+    "long-causal": ((1, 1, 1, 129, 129, 32, 32), dict(causal=True)),
+    "bottom-right-rows-see-no-key": ((1, 2, 1, 65, 33, 32, 32), dict(causal=True, causal_alignment="bottom_right")),
     "one-query": ((1, 4, 1, 1, 63, 16, 16), dict(causal=True, causal_alignment="bottom_right")),
     "head-dim-128": ((1, 1, 1, 33, 40, 128, 96), dict(causal=True)),
     "head-dim-256-dv-differs": ((1, 1, 1, 20, 37, 256, 136), {}),
@@ -48,15 +54,15 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gradients_match_float64(emulated, dtype, case):
+def test_gradients_match_float64(cuda, dtype, case):
     shape, keywords = CASES[case]
-    check_against_oracle(NAME, shape, dtype, CPU, **keywords)
+    check_against_oracle(cuda, shape, dtype, CPU, **keywords)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_transposed_inputs(emulated, dtype):
+def test_transposed_inputs(cuda, dtype):
     """(B, L, H, D) storage read through transposed views; gradients laid out like their inputs."""
-    check_against_oracle(NAME, (2, 2, 1, 40, 33, 32, 32), dtype, CPU, sequence_major=True, causal=True)
+    check_against_oracle(cuda, (2, 2, 1, 40, 33, 32, 32), dtype, CPU, sequence_major=True, causal=True)
 
 
 # Bias shapes broadcast to (B, Hq, Lq, Lk) = (2, 2, 70, 67): each dim broadcast or not, and
@@ -66,14 +72,14 @@ BIAS_SHAPES = [(70, 67), (1, 67), (70, 1), (2, 1, 67), (2, 1, 70, 67), (2, 2, 70
 
 @pytest.mark.parametrize("bias_shape", BIAS_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_bias_gradient_in_its_own_shape(emulated, dtype, bias_shape):
+def test_bias_gradient_in_its_own_shape(cuda, dtype, bias_shape):
     bias = torch.randn(bias_shape, dtype=dtype).requires_grad_()
-    check_against_oracle(NAME, (2, 2, 1, 70, 67, 32, 32), dtype, CPU, attn_mask=bias, causal=True,
+    check_against_oracle(cuda, (2, 2, 1, 70, 67, 32, 32), dtype, CPU, attn_mask=bias, causal=True,
                          causal_alignment="bottom_right")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fully_masked_rows_get_zero_gradients(emulated, dtype):
+def test_fully_masked_rows_get_zero_gradients(cuda, dtype):
     """Rows whose mask hides every key: out 0, lse -inf, and dq exactly 0 (not NaN); their keys'
     dk/dv get nothing from them. A learnable bias with -inf entries hides keys the same way (the
     float64 reference's softmax gradient is NaN on a row of -inf biases, so rows keep a key here)."""
@@ -81,9 +87,9 @@ def test_fully_masked_rows_get_zero_gradients(emulated, dtype):
     mask = torch.rand(B, H, Lq, Lk) > 0.3
     mask[:, :, 5] = False
     mask[:, 1, 30:] = False
-    check_against_oracle(NAME, (B, H, H, Lq, Lk, D, D), dtype, CPU, attn_mask=mask)
+    check_against_oracle(cuda, (B, H, H, Lq, Lk, D, D), dtype, CPU, attn_mask=mask)
     q, k, v = random_qkv(B, H, H, Lq, Lk, D, D, dtype, CPU, requires_grad=True)
-    out = fused_attn.attention(q, k, v, attn_mask=mask, backend=NAME)
+    out = fused_attn.attention(q, k, v, attn_mask=mask, backend=cuda)
     out.backward(torch.randn_like(out))
     assert torch.equal(q.grad[:, :, 5], torch.zeros_like(q.grad[:, :, 5]))
     assert torch.equal(q.grad[:, 1, 30:], torch.zeros_like(q.grad[:, 1, 30:]))
@@ -91,10 +97,10 @@ def test_fully_masked_rows_get_zero_gradients(emulated, dtype):
     hidden = ~mask[0, 0]
     hidden[:, 0] = False
     bias = torch.randn(Lq, Lk, dtype=dtype).masked_fill(hidden, float("-inf")).requires_grad_()
-    check_against_oracle(NAME, (B, H, H, Lq, Lk, D, D), dtype, CPU, attn_mask=bias)
+    check_against_oracle(cuda, (B, H, H, Lq, Lk, D, D), dtype, CPU, attn_mask=bias)
 
 
-def test_gradients_are_reproducible(emulated):
+def test_gradients_are_reproducible(cuda):
     """Fixed summation order: two runs give the same bits (dropout replayed from the same seed)."""
     q, k, v = random_qkv(1, 4, 2, 70, 66, 32, 32, torch.float16, CPU)
     bias = torch.randn(1, 1, 70, 66)
@@ -102,7 +108,7 @@ def test_gradients_are_reproducible(emulated):
     def run():
         torch.manual_seed(0)
         leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
-        out = fused_attn.attention(*leaves[:3], attn_mask=leaves[3], dropout_p=0.2, backend=NAME)
+        out = fused_attn.attention(*leaves[:3], attn_mask=leaves[3], dropout_p=0.2, backend=cuda)
         return torch.autograd.grad(out, leaves, torch.ones_like(out))
 
     for first, second in zip(run(), run()):

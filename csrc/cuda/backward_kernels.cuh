@@ -91,10 +91,12 @@ template <typename T, int kTiles>
 __device__ __forceinline__ void store_stripe(const Strided& s, int b, int h, int row0, int valid_rows, int cols,
                                              const float (&acc)[kTiles][4]) {
   const int lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
+  FUSED_ATTN_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int i = row0 + group + 8 * r;
     if (i >= valid_rows) continue;
     T* row = row_at<T>(s, b, h, i);
+    FUSED_ATTN_UNROLL
     for (int n = 0; n < kTiles; ++n)
       for (int e = 0; e < 2; ++e) {
         const int col = 8 * n + 2 * t + e;
@@ -145,6 +147,7 @@ __global__ void dq_kernel(BackwardParams params) {
                                                       Lq - q0, static_cast<int>(p.head_dim_v));
 
   float lse[2], delta[2];  // of rows group and group + 8 of the warp's stripe
+  FUSED_ATTN_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int i = q0 + row0 + group + 8 * r;
     lse[r] = i < Lq ? backward_lse(row_value(params.lse, b, h, i)) : INFINITY;
@@ -166,6 +169,7 @@ __global__ void dq_kernel(BackwardParams params) {
     float s[kStream / 8][4] = {}, dp[kStream / 8][4] = {};
     product_rows<T, kDim>(s, q_smem + row0 * kStride, k_smem, kStride);     // Q K^T
     product_rows<T, kDim>(dp, do_smem + row0 * kStride, v_smem, kStride);  // dO V^T
+    FUSED_ATTN_UNROLL
     for (int n = 0; n < kStream / 8; ++n)
       for (int e = 0; e < 4; ++e) {
         const int i = q0 + row0 + group + 8 * (e / 2), j = n0 + 8 * n + 2 * t + e % 2;
@@ -222,6 +226,7 @@ __global__ void dkdv_kernel(BackwardParams params) {
       float st[kStream / 8][4] = {}, dpt[kStream / 8][4] = {};  // S^T and dP^T: keys are rows here
       product_rows<T, kDim>(st, k_smem + row0 * kStride, q_smem, kStride);    // K Q^T
       product_rows<T, kDim>(dpt, v_smem + row0 * kStride, do_smem, kStride);  // V dO^T
+      FUSED_ATTN_UNROLL
       for (int n = 0; n < kStream / 8; ++n)
         for (int e = 0; e < 4; ++e) {
           const int j = n0 + row0 + group + 8 * (e / 2), r = 8 * n + 2 * t + e % 2;
@@ -279,6 +284,7 @@ __global__ void dbias_kernel(BackwardParams params) {
       for (int m0 = m_first; m0 < m_end; m0 += kRows) {
         const KeyRange keys = visible_keys(p, m0, Lq - m0 < kRows ? Lq - m0 : kRows);
         float lse[2], delta[2];
+        FUSED_ATTN_UNROLL
         for (int r = 0; r < 2; ++r) {
           const int i = m0 + row0 + group + 8 * r;
           lse[r] = i < Lq ? backward_lse(row_value(params.lse, b, h, i)) : INFINITY;
@@ -306,6 +312,7 @@ __global__ void dbias_kernel(BackwardParams params) {
           float s[kStream / 8][4] = {}, dp[kStream / 8][4] = {};
           product_rows<T, kDim>(s, q_smem + row0 * kStride, k_smem, kStride);
           product_rows<T, kDim>(dp, do_smem + row0 * kStride, v_smem, kStride);
+          FUSED_ATTN_UNROLL
           for (int n = 0; n < kStream / 8; ++n)
             for (int e = 0; e < 4; ++e) {
               const int i = m0 + row0 + group + 8 * (e / 2), j = n0 + 8 * n + 2 * t + e % 2;
@@ -319,6 +326,7 @@ __global__ void dbias_kernel(BackwardParams params) {
   __syncthreads();
   constexpr int kSumStride = kStream + 1;
   float* sums = reinterpret_cast<float*>(dynamic_shared_memory());
+  FUSED_ATTN_UNROLL
   for (int n = 0; n < kStream / 8; ++n)
     for (int e = 0; e < 4; ++e) sums[(row0 + group + 8 * (e / 2)) * kSumStride + 8 * n + 2 * t + e % 2] = sum[n][e];
   __syncthreads();
