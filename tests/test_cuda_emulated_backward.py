@@ -49,6 +49,7 @@ CASES = {
     "window-alibi-softcap": ((1, 2, 1, 65, 70, 32, 32),
                              dict(window=(9, 4), alibi_slopes=torch.tensor([0.5, 0.125]), softcap=2.0)),
     "dropout": ((1, 2, 1, 66, 70, 32, 16), dict(dropout_p=0.3)),
+    "keys-no-query-sees": ((1, 1, 1, 17, 70, 32, 32), dict(causal=True)),
 }
 
 
@@ -76,6 +77,14 @@ def test_bias_gradient_in_its_own_shape(cuda, dtype, bias_shape):
     bias = torch.randn(bias_shape, dtype=dtype).requires_grad_()
     check_against_oracle(cuda, (2, 2, 1, 70, 67, 32, 32), dtype, CPU, attn_mask=bias, causal=True,
                          causal_alignment="bottom_right")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bias_gradient_with_every_other_variant(cuda, dtype):
+    """A per-head bias row shared by the heads' queries, under GQA, window, ALiBi, softcap and dropout."""
+    bias = torch.randn(1, 4, 1, 67, dtype=dtype).requires_grad_()
+    check_against_oracle(cuda, (2, 4, 2, 70, 67, 32, 32), dtype, CPU, attn_mask=bias, window=(20, 10),
+                         alibi_slopes=torch.rand(2, 4), softcap=3.0, dropout_p=0.2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
