@@ -183,14 +183,6 @@ def test_refusals_and_op_errors(cuda, emulated_ops):
                                   False, cu_seqlens_q=seqlens, cu_seqlens_k=seqlens)
 
 
-def test_backward_is_not_served_yet(cuda):
-    """Until the backward kernels exist, asking for gradients says so instead of returning garbage."""
-    q, k, v = random_qkv(1, 1, 1, 4, 4, 8, 8, torch.float32, CPU, requires_grad=True)
-    out = fused_attn.attention(q, k, v, backend=cuda)
-    with pytest.raises(NotImplementedError, match="backward"):
-        out.sum().backward()
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks how a machine without a GPU reports the real backend")
 def test_real_backend_says_why_it_is_unavailable():
     reason = BACKENDS["cuda"].unavailable_reason()
