@@ -33,6 +33,8 @@ struct Tiles {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kRows = 16 * kWarps;
   static constexpr int kStream = kDim >= 256 || (kExact && kDim >= 128) ? 32 : 64;
+  // dk/dv hold two accumulators (dK and dV) where the others hold one: fewer streamed queries.
+  static constexpr int kQueryStream = kDim >= 128 ? 32 : kStream;
   // Row stride in shared memory: whole 16-byte chunks, rows spread over the banks.
   static constexpr int kStride = kDim + (kExact ? 4 : 8);
   // Two owned tiles (kRows rows) and two streamed ones, then (dk/dv) lse and delta of the
@@ -185,7 +187,7 @@ __global__ void dq_kernel(BackwardParams params) {
 template <typename T, int kDim>
 __global__ void dkdv_kernel(BackwardParams params) {
   using Shape = Tiles<T, kDim>;
-  constexpr int kRows = Shape::kRows, kStream = Shape::kStream, kStride = Shape::kStride;
+  constexpr int kRows = Shape::kRows, kStream = Shape::kQueryStream, kStride = Shape::kStride;
   const Problem& p = params.p;
   const int n0 = blockIdx.x * kRows, hk = blockIdx.y, b = blockIdx.z;
   const int group_size = static_cast<int>(p.heads_q / p.heads_kv);
