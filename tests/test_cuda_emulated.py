@@ -183,12 +183,16 @@ def test_refusals_and_op_errors(cuda, emulated_ops):
                                   False, cu_seqlens_q=seqlens, cu_seqlens_k=seqlens)
 
 
-def test_backward_is_not_served_yet(cuda):
-    """Until the backward kernels exist, asking for gradients says so instead of returning garbage."""
+def test_calls_needing_gradients_go_elsewhere(cuda):
+    """Until the backward kernels exist, dispatch does not pick the backend for calls that need
+    gradients, and forcing it says why; without gradients it serves."""
     q, k, v = random_qkv(1, 1, 1, 4, 4, 8, 8, torch.float32, CPU, requires_grad=True)
-    out = fused_attn.attention(q, k, v, backend=cuda)
+    with pytest.raises(fused_attn.BackendError, match="backward kernels are not built"):
+        fused_attn.attention(q, k, v, backend=cuda)
+    with torch.no_grad():
+        fused_attn.attention(q, k, v, backend=cuda)
     with pytest.raises(NotImplementedError, match="backward"):
-        out.sum().backward()
+        BACKENDS[cuda].backward(*(None,) * 9, False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks how a machine without a GPU reports the real backend")

@@ -55,6 +55,9 @@ class CudaBackend(Backend):
     tensors of `device_type`. `availability()` says why the ops cannot run (None when they can);
     `stream(device)` is the stream handle the op launches on."""
 
+    # Whether backward kernels exist; until they do, calls that need gradients go to other backends.
+    supports_backward = False
+
     def __init__(self, name: str = "cuda", ops: Callable = _native_ops, device_type: str = "cuda",
                  availability: Optional[Callable[[], Optional[str]]] = None,
                  stream: Callable[[torch.device], int] = _current_stream):
@@ -85,6 +88,8 @@ class CudaBackend(Backend):
             reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} (supports up to {MAX_HEAD_DIM})")
         if extras.cu_seqlens_q is not None:
             reasons.append("packed (varlen) inputs (dense inputs only)")
+        if not self.supports_backward and _needs_gradients(q, k, v, extras):
+            reasons.append("gradients are needed, and its backward kernels are not built yet")
         return reasons
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors,
@@ -97,6 +102,11 @@ class CudaBackend(Backend):
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
         raise NotImplementedError("the cuda backend's backward kernels are not built yet (csrc/cuda/backward*)")
+
+
+def _needs_gradients(q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors) -> bool:
+    tensors = (q, k, v) if extras.bias is None else (q, k, v, extras.bias)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
