@@ -26,13 +26,13 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def _serving(probe=None, extras=AttentionTensors(), opts=AttentionOptions(), kvcache=False):
     """The available backends that serve a call like the probe on DEVICE (the `cpu` backend takes
     no CUDA tensors; not every backend has every feature: those say so and dispatch moves on,
-    which tests/test_dispatch.py checks)."""
-    probe = torch.zeros(1, 1, 1, 8, device=DEVICE) if probe is None else probe
+    which tests/test_dispatch.py checks). The probe needs gradients, as the tests' calls do."""
+    probe = torch.zeros(1, 1, 1, 8, device=DEVICE, requires_grad=not kvcache) if probe is None else probe
     return [name for name in fused_attn.available_backends()
             if not refusal_reasons(name, probe, probe, probe, extras, opts, kvcache)]
 
 
-_probe = torch.zeros(1, 1, 1, 8, device=DEVICE)
+_probe = torch.zeros(1, 1, 1, 8, device=DEVICE, requires_grad=True)
 _cu_seqlens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
 # Every test taking one of these fixtures runs once per backend that serves what it tests.
 BACKENDS = _serving()

@@ -70,9 +70,11 @@ __global__ void forward_kernel(ForwardParams params) {
     __syncthreads();
 
     float s[kBlockN / 8][4] = {};
+    #pragma unroll
     for (int kk = 0; kk < kDim; kk += 16) {
       uint32_t a[4];
       ptx::ldmatrix_x4(a, q_smem + (row0 + (lane & 15)) * kStride + kk + (lane >> 4) * 8);
+      #pragma unroll
       for (int nn = 0; nn < kBlockN; nn += 16) {
         uint32_t b4[4];  // B fragments of key tiles nn and nn + 8
         ptx::ldmatrix_x4(b4, k_smem + (nn + (lane & 7) + (lane >> 4) * 8) * kStride + kk + ((lane >> 3) & 1) * 8);
@@ -86,21 +88,28 @@ __global__ void forward_kernel(ForwardParams params) {
 
     // Scores, then the softmax of rows group (r = 0) and group + 8 (r = 1) of the warp.
     float block_max[2] = {-INFINITY, -INFINITY};
+    #pragma unroll
     for (int n = 0; n < kBlockN / 8; ++n)
+      #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = q0 + row0 + group + 8 * (e / 2), j = n0 + n * 8 + 2 * t + e % 2;
         s[n][e] = scores.score(s[n][e], i, j);
         block_max[e / 2] = fmaxf(block_max[e / 2], s[n][e]);
       }
     float alpha[2];
+    #pragma unroll
     for (int r = 0; r < 2; ++r) {  // the row's four threads are lanes 4 * group .. 4 * group + 3
       block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 1));
       block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 2));
       alpha[r] = softmax[r].rescale(block_max[r]);
     }
+    #pragma unroll
     for (int n = 0; n < kDim / 8; ++n)
+      #pragma unroll
       for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
+    #pragma unroll
     for (int n = 0; n < kBlockN / 8; ++n)
+      #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = q0 + row0 + group + 8 * (e / 2), j = n0 + n * 8 + 2 * t + e % 2;
         const float prob = softmax[e / 2].probability(s[n][e]);
@@ -110,9 +119,11 @@ __global__ void forward_kernel(ForwardParams params) {
 
     ptx::cp_async_wait<1>();  // this block's V
     __syncthreads();
+    #pragma unroll
     for (int kc = 0; kc < kBlockN / 16; ++kc) {
       const uint32_t a[4] = {E::pack(s[2 * kc][0], s[2 * kc][1]), E::pack(s[2 * kc][2], s[2 * kc][3]),
                              E::pack(s[2 * kc + 1][0], s[2 * kc + 1][1]), E::pack(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+      #pragma unroll
       for (int nd = 0; nd < kDim; nd += 16) {
         uint32_t b4[4];  // B fragments of output column tiles nd and nd + 8
         ptx::ldmatrix_x4_trans(b4, v_smem + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + nd + (lane >> 4) * 8);
@@ -124,6 +135,7 @@ __global__ void forward_kernel(ForwardParams params) {
   }
   ptx::cp_async_wait<0>();
 
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float total = softmax[r].sum;
     total += __shfl_xor_sync(0xffffffffu, total, 1);
@@ -132,7 +144,9 @@ __global__ void forward_kernel(ForwardParams params) {
     if (i >= Lq) continue;
     const float normaliser = RowSoftmax::normaliser(total);
     T* out = static_cast<T*>(params.out.data) + b * params.out.batch + h * params.out.head + i * params.out.row;
+    #pragma unroll
     for (int n = 0; n < kDim / 8; ++n)
+      #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int col = n * 8 + 2 * t + e;
         if (col < Dv) out[col] = E::from_float(o[n][2 * r + e] * normaliser);

@@ -66,6 +66,7 @@ __global__ void forward_kernel(ForwardParams params) {
 
     float s[kBlockN / kThreadsPerRow];
     float block_max = -INFINITY;
+    #pragma unroll
     for (int u = 0; u < kBlockN / kThreadsPerRow; ++u) {
       const int key = part + kThreadsPerRow * u;
       float dot = 0.f;
@@ -80,7 +81,9 @@ __global__ void forward_kernel(ForwardParams params) {
     block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
     block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
     const float alpha = softmax.rescale(block_max);
+    #pragma unroll
     for (float& x : o) x *= alpha;
+    #pragma unroll
     for (int u = 0; u < kBlockN / kThreadsPerRow; ++u) {
       const int key = part + kThreadsPerRow * u;
       const float prob = softmax.probability(s[u]);
@@ -92,6 +95,7 @@ __global__ void forward_kernel(ForwardParams params) {
     __syncthreads();          // also publishes the probabilities
     for (int key = 0; key < kBlockN; ++key) {
       const float prob = p_smem[row * kProbStride + key];
+      #pragma unroll
       for (int u = 0; u < kDim / kThreadsPerRow; ++u)
         o[u] = fmaf(prob, v_smem[key * kStride + part + kThreadsPerRow * u], o[u]);
     }
@@ -105,6 +109,7 @@ __global__ void forward_kernel(ForwardParams params) {
   if (i >= Lq) return;
   const float normaliser = RowSoftmax::normaliser(total);
   float* out = static_cast<float*>(params.out.data) + b * params.out.batch + h * params.out.head + i * params.out.row;
+  #pragma unroll
   for (int u = 0; u < kDim / kThreadsPerRow; ++u) {
     const int col = part + kThreadsPerRow * u;
     if (col < Dv) out[col] = o[u] * normaliser;

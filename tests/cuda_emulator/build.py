@@ -18,7 +18,7 @@ CSRC = os.path.join(REPO, "csrc")
 BUILD_DIR = os.path.join(REPO, "build", "cuda_emulator")
 NAME = "fused_attn_emulated"
 FLAGS = ["-O2", "-DFUSED_ATTN_WITH_CUDA", "-DFUSED_ATTN_EMULATOR", "-Wall", "-Wno-unused-function",
-         "-Wno-missing-field-initializers"]
+         "-Wno-missing-field-initializers", "-Wno-unknown-pragmas"]
 STALE_LOCK_SECONDS = 1800
 
 
