@@ -29,9 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ISA_SOURCES = {"csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]}
 
 CUDA_SOURCES = ["csrc/cuda/forward.cu", "csrc/cuda/forward_f16.cu", "csrc/cuda/forward_bf16.cu",
-                "csrc/cuda/forward_f32.cu"]
-CUDA_SOURCES += ["csrc/cuda/backward.cu", "csrc/cuda/backward_f16.cu", "csrc/cuda/backward_bf16.cu",
-                 "csrc/cuda/backward_f32.cu"]
+                "csrc/cuda/forward_f32.cu", "csrc/cuda/backward.cu", "csrc/cuda/backward_f16.cu",
+                "csrc/cuda/backward_bf16.cu", "csrc/cuda/backward_f32.cu"]
 # Ampere (A100) and Hopper (H100/H200) code; newer GPUs run the sm_90 PTX. No --use_fast_math:
 # the kernels' expf/logf/tanhf must stay accurate.
 NVCC_FLAGS = ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=[sm_90,compute_90]"]

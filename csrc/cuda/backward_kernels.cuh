@@ -184,9 +184,14 @@ __global__ void dq_kernel(BackwardParams params) {
   store_stripe<T>(params.dq, b, h, q0 + row0, Lq, static_cast<int>(p.head_dim), dq);
 }
 
-template <typename T, int kDim>
+// What a dk/dv block computes: both gradients, or one of them (for the widest heads, whose dK and
+// dV accumulators do not fit the registers together: two launches then, each recomputing S).
+enum class KeyGradients { Both, Keys, Values };
+
+template <typename T, int kDim, KeyGradients kWhich>
 __global__ void dkdv_kernel(BackwardParams params) {
   using Shape = Tiles<T, kDim>;
+  constexpr bool kKeys = kWhich != KeyGradients::Values, kValues = kWhich != KeyGradients::Keys;
   constexpr int kRows = Shape::kRows, kStream = Shape::kQueryStream, kStride = Shape::kStride;
   const Problem& p = params.p;
   const int n0 = blockIdx.x * kRows, hk = blockIdx.y, b = blockIdx.z;
@@ -207,7 +212,7 @@ __global__ void dkdv_kernel(BackwardParams params) {
                                                       static_cast<int>(p.head_dim_v));
   const KeyRange queries = visible_queries(p, n0, Lk - n0 < kRows ? Lk - n0 : kRows);
 
-  float dk[kDim / 8][4] = {}, dv[kDim / 8][4] = {};
+  float dk[kKeys ? kDim / 8 : 1][4] = {}, dv[kValues ? kDim / 8 : 1][4] = {};
   for (int g = 0; g < group_size; ++g) {
     const int h = hk * group_size + g;
     const HeadScores scores(p, b, h);
@@ -227,7 +232,7 @@ __global__ void dkdv_kernel(BackwardParams params) {
 
       float st[kStream / 8][4] = {}, dpt[kStream / 8][4] = {};  // S^T and dP^T: keys are rows here
       product_rows<T, kDim>(st, k_smem + row0 * kStride, q_smem, kStride);    // K Q^T
-      product_rows<T, kDim>(dpt, v_smem + row0 * kStride, do_smem, kStride);  // V dO^T
+      if constexpr (kKeys) product_rows<T, kDim>(dpt, v_smem + row0 * kStride, do_smem, kStride);  // V dO^T
       FUSED_ATTN_UNROLL
       for (int n = 0; n < kStream / 8; ++n)
         for (int e = 0; e < 4; ++e) {
@@ -236,14 +241,14 @@ __global__ void dkdv_kernel(BackwardParams params) {
           st[n][e] = grad.prob;
           dpt[n][e] = grad.dot_grad;
         }
-      product_held<T>(dv, st, do_smem, kStride);  // dV += P^T dO
-      product_held<T>(dk, dpt, q_smem, kStride);  // dK += dS^T Q
+      if constexpr (kValues) product_held<T>(dv, st, do_smem, kStride);  // dV += P^T dO
+      if constexpr (kKeys) product_held<T>(dk, dpt, q_smem, kStride);    // dK += dS^T Q
       __syncthreads();  // every warp is done with this query block
     }
   }
   ptx::cp_async_wait<0>();  // K and V, when no query block was visible
-  store_stripe<T>(params.dk, b, hk, n0 + row0, Lk, static_cast<int>(p.head_dim), dk);
-  store_stripe<T>(params.dv, b, hk, n0 + row0, Lk, static_cast<int>(p.head_dim_v), dv);
+  if constexpr (kKeys) store_stripe<T>(params.dk, b, hk, n0 + row0, Lk, static_cast<int>(p.head_dim), dk);
+  if constexpr (kValues) store_stripe<T>(params.dv, b, hk, n0 + row0, Lk, static_cast<int>(p.head_dim_v), dv);
 }
 
 // Which dims of (B, Hq, Lq, Lk) the bias gradient is broadcast along (stride 0): a dbias block
@@ -358,8 +363,17 @@ cudaError_t launch(const BackwardParams& params, cudaStream_t stream) {
   error = launch_kernel(dq_kernel<T, kDim>, dim3(blocks(p.seqlen_q, Shape::kRows), Hq, B), dim3(Shape::kThreads),
                         Shape::kSmemBytes, stream, params);
   if (error != cudaSuccess) return error;
-  error = launch_kernel(dkdv_kernel<T, kDim>, dim3(blocks(p.seqlen_k, Shape::kRows), Hkv, B), dim3(Shape::kThreads),
-                        Shape::kSmemBytes, stream, params);
+  const dim3 key_blocks(blocks(p.seqlen_k, Shape::kRows), Hkv, B);
+  if constexpr (kDim >= 256) {
+    error = launch_kernel(dkdv_kernel<T, kDim, KeyGradients::Keys>, key_blocks, dim3(Shape::kThreads),
+                          Shape::kSmemBytes, stream, params);
+    if (error != cudaSuccess) return error;
+    error = launch_kernel(dkdv_kernel<T, kDim, KeyGradients::Values>, key_blocks, dim3(Shape::kThreads),
+                          Shape::kSmemBytes, stream, params);
+  } else {
+    error = launch_kernel(dkdv_kernel<T, kDim, KeyGradients::Both>, key_blocks, dim3(Shape::kThreads),
+                          Shape::kSmemBytes, stream, params);
+  }
   if (error != cudaSuccess || params.dbias.data == nullptr) return error;
   const BiasOwnership own = bias_ownership(params.dbias);
   const dim3 grid(own.rows ? blocks(p.seqlen_q, Shape::kRows) : 1, own.cols ? blocks(p.seqlen_k, Shape::kStream) : 1,
