@@ -137,3 +137,13 @@ def test_op_rejects_bad_arguments_before_running(emulated):
                                *variants)
     with pytest.raises(RuntimeError, match="dk must have shape"):
         emulated.cuda_backward(out, lse, q, k, v, out, lse, dq, dv[:, :, :4], dv, *variants)
+
+
+def test_opcheck_with_every_feature(cuda):
+    """torch.library.opcheck through the autograd op (its backward the emulated cuda_backward): a
+    learnable broadcast bias, ALiBi, softcap, a window and dropout."""
+    q, k, v = random_qkv(2, 4, 2, 37, 50, 32, 16, torch.float32, CPU, requires_grad=True)
+    bias = torch.randn(1, 4, 37, 50, requires_grad=True)
+    seed = fused_attn.dropout.draw_seed(CPU)
+    args = (q, k, v, bias, torch.rand(4), seed, None, None, 0.25, True, True, 20, -1, 5.0, 0.1, False, 0, 0, cuda)
+    torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
