@@ -2,11 +2,14 @@
 the backend class on the emulated ops (torch.ops.fused_attn_emulated, CPU tensors), called through
 fused_attn.attention like any backend, against float64 math with the peers' accuracy rule
 (tests/oracle.py). Outputs start as NaN (conftest), so an element the kernels forget fails.
+Where the real backend is available (a GPU, and the extension built with the CUDA kernels), the
+same matrix also runs on it with CUDA tensors.
 
 Shapes are small (the emulator runs every CUDA thread as a fiber) but cross every block boundary:
 64 query rows per block on tensor cores, 32 in fp32; 64 keys per block (32 for head dims > 128).
 """
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -29,26 +32,46 @@ def emulated_ops():
     return load_emulated_ops()
 
 
+class Target(NamedTuple):
+    """A backend name for fused_attn.attention and the device of its tensors."""
+    name: str
+    device: torch.device
+
+
 @pytest.fixture
-def cuda(emulated_ops, monkeypatch):
-    """The name under which fused_attn.attention runs the emulated cuda backend in this test."""
+def emulated(emulated_ops, monkeypatch):
+    """The emulated cuda backend, registered for this test."""
     backend = CudaBackend(EMULATED, ops=lambda: emulated_ops, device_type="cpu", availability=lambda: None,
                           stream=lambda device: 0)
     monkeypatch.setitem(BACKENDS, EMULATED, backend)
-    return EMULATED
+    return Target(EMULATED, CPU)
 
 
-def check_forward(backend, shape, dtype, sequence_major=False, qkv=None, **keywords):
-    """attention(**keywords) on `backend` vs float64 math: out and lse (dropout replayed from
+NATIVE = [] if BACKENDS["cuda"].unavailable_reason() is not None else ["native"]
+
+
+@pytest.fixture(params=["emulated"] + NATIVE)
+def cuda(request):
+    """The emulated backend, and the real one on CUDA tensors where it is available."""
+    if request.param == "native":
+        return Target("cuda", torch.device("cuda"))
+    return request.getfixturevalue("emulated")
+
+
+def check_forward(target, shape, dtype, sequence_major=False, qkv=None, **keywords):
+    """attention(**keywords) on `target` vs float64 math: out and lse (dropout replayed from
     torch's generator). shape: (B, Hq, Hkv, Lq, Lk, D, Dv). Returns (out, lse)."""
-    q, k, v = qkv or random_qkv(*shape, dtype=dtype, device=CPU, sequence_major=sequence_major)
-    state = torch.random.get_rng_state()
-    out, lse = fused_attn.attention(q, k, v, return_lse=True, backend=backend, **keywords)
+    device = target.device
+    q, k, v = qkv or random_qkv(*shape, dtype=dtype, device=device, sequence_major=sequence_major)
+    keywords = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in keywords.items()}
+    generator = torch.random if device.type == "cpu" else torch.cuda
+    state = generator.get_rng_state()
+    out, lse = fused_attn.attention(q, k, v, return_lse=True, backend=target.name, **keywords)
     dropout_p = keywords.get("dropout_p", 0.0)
     keep = None
     if dropout_p > 0:
-        torch.random.set_rng_state(state)
-        keep = fused_attn.dropout_keep_mask(shape[0], shape[1], shape[3], shape[4], dropout_p, CPU)
+        generator.set_rng_state(state)
+        keep = fused_attn.dropout_keep_mask(shape[0], shape[1], shape[3], shape[4], dropout_p, device)
     naive = dict(causal=keywords.get("causal", False), bottom_right=keywords.get("causal_alignment") == "bottom_right",
                  scale=keywords.get("scale"), window=keywords.get("window", (-1, -1)),
                  softcap=keywords.get("softcap", 0.0), alibi_slopes=keywords.get("alibi_slopes"),
@@ -87,7 +110,7 @@ def test_gqa_and_sequence_major(cuda, dtype, heads):
 
 def test_strided_last_dim(cuda):
     """Inputs whose last dim is not contiguous are copied once by the backend; out keeps q's layout."""
-    q, k, v = (torch.randn(2, 3, 21, 80)[..., ::2] for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 21, 80, device=cuda.device)[..., ::2] for _ in range(3))
     out, _ = check_forward(cuda, (2, 3, 3, 21, 21, 40, 40), torch.float32, qkv=(q, k, v))
     assert out.stride(-1) == 1
 
@@ -138,13 +161,13 @@ def test_dropout_matches_the_shared_philox_mask(cuda, dtype):
     check_forward(cuda, (2, 3, 1, 45, 77, 32, 32), dtype, dropout_p=0.3, causal=True)
 
 
-def test_dropout_agrees_with_the_cpu_backend(cuda):
+def test_dropout_agrees_with_the_cpu_backend(emulated):
     """Same seed, same bits: the emulated CUDA kernels and the C++ CPU kernels give the same output."""
     if "cpu" not in fused_attn.available_backends():
         pytest.fail("the cpu backend (fused_attn._native) is not built: " + str(BACKENDS["cpu"].unavailable_reason()))
     q, k, v = random_qkv(1, 2, 2, 30, 90, 32, 32, torch.float32, CPU)
     torch.manual_seed(7)
-    ours = fused_attn.attention(q, k, v, dropout_p=0.5, backend=cuda)
+    ours = fused_attn.attention(q, k, v, dropout_p=0.5, backend=emulated.name)
     torch.manual_seed(7)
     theirs = fused_attn.attention(q, k, v, dropout_p=0.5, backend="cpu")
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -154,13 +177,14 @@ def test_rows_that_see_no_key(cuda):
     """A window that hides every key from some rows, and a mask hiding everything: 0 and -inf, never NaN."""
     out, lse = check_forward(cuda, (1, 2, 2, 80, 20, 32, 32), torch.float16, window=(0, 0))
     assert torch.all(out[:, :, 20:] == 0) and torch.all(lse[:, :, 20:] == -math.inf)
-    out, lse = check_forward(cuda, (1, 2, 2, 9, 20, 32, 32), torch.bfloat16, attn_mask=torch.zeros(9, 20, dtype=torch.bool))
+    out, lse = check_forward(cuda, (1, 2, 2, 9, 20, 32, 32), torch.bfloat16,
+                             attn_mask=torch.zeros(9, 20, dtype=torch.bool))
     assert torch.all(out == 0) and torch.all(lse == -math.inf)
 
 
-def test_refusals_and_op_errors(cuda, emulated_ops):
+def test_refusals_and_op_errors(emulated, emulated_ops):
     """What the backend leaves to others, and the op's own checks (before any kernel runs)."""
-    backend = BACKENDS[cuda]
+    backend = BACKENDS[emulated.name]
     q = torch.randn(1, 2, 4, 300)
     reasons = backend.unsupported_reasons(q, q, q, AttentionTensors(), AttentionOptions())
     assert any("head dim 300" in r for r in reasons)

@@ -230,9 +230,13 @@ bool run_block(Launch& l, dim3 block_idx, dim3 grid, dim3 block) {
     f.context.uc_link = &l.scheduler;
     makecontext(&f.context, trampoline, 0);
   }
+  // Threads run in index order in even blocks and in reverse order in odd ones, so a read that
+  // misses a barrier sees unwritten (NaN) shared memory in one order or the other.
+  const bool reverse = (block_idx.x + block_idx.y + block_idx.z) % 2 != 0;
   while (l.live > 0) {
     bool ran = false;
-    for (Fiber& f : l.fibers) {
+    for (int index = 0; index < threads; ++index) {
+      Fiber& f = l.fibers[reverse ? threads - 1 - index : index];
       if (f.state != State::Runnable) continue;
       l.current = &f;
       swapcontext(&l.scheduler, &f.context);

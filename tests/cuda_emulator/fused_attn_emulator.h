@@ -4,7 +4,8 @@
 //
 // Execution model: launch_kernel runs the grid's blocks one after another; inside a block every
 // CUDA thread is a fiber (ucontext) that runs until it reaches __syncthreads or a warp collective
-// (shuffle, __syncwarp, ldmatrix, mma), where it waits for the others. The last thread to arrive
+// (shuffle, __syncwarp, ldmatrix, mma), where it waits for the others (threads run in index order
+// in even blocks, in reverse order in odd ones, so reads that miss a barrier show). The last thread to arrive
 // computes the collective for all, as the PTX ISA defines it (fragment layouts included), so
 // divergent collectives, deadlocks, misaligned ldmatrix/cp.async addresses and too much shared
 // memory are reported as launch errors. __shared__ arrays are static: blocks never run at the
