@@ -2,11 +2,15 @@
 against float64 math with the peers' accuracy rule (tests/oracle.py): dq, dk, dv and the bias
 gradient in each of the bias's broadcast shapes, for fp16/bf16 (tensor-core path) and fp32 (exact
 SIMT path), every variant the kernels have, GQA, ragged lengths, head dims of every bucket,
-transposed inputs, dropout (against the materialized keep mask) and fully masked rows.
+transposed inputs, dropout (against the materialized keep mask) and fully masked rows. Where the
+real backend is available (a GPU, and the extension built with the CUDA kernels), the same tests
+also run on it with CUDA tensors.
 
 The emulator runs each CUDA thread as a fiber, so shapes stay small; they still cross the block
 boundaries (64 rows for 16-bit inputs, 32 or 64 for fp32) where it matters.
 """
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -17,23 +21,47 @@ import fused_attn
 from fused_attn.backends import BACKENDS
 from fused_attn.backends.cuda_backend import CudaBackend
 
-NAME = "cuda_emulated"
+EMULATED = "cuda_emulated"
 CPU = torch.device("cpu")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
+class Target(NamedTuple):
+    """A backend name for fused_attn.attention and the device of its tensors."""
+    name: str
+    device: torch.device
+
+
 @pytest.fixture(scope="module")
-def emulated():
+def emulated_ops():
     return load_emulated_ops()
 
 
 @pytest.fixture
-def cuda(emulated, monkeypatch):
-    """The name under which fused_attn.attention runs the emulated cuda backend in this test."""
-    backend = CudaBackend(NAME, ops=lambda: emulated, device_type="cpu", availability=lambda: None,
+def emulated(emulated_ops, monkeypatch):
+    """The emulated cuda backend, registered for this test."""
+    backend = CudaBackend(EMULATED, ops=lambda: emulated_ops, device_type="cpu", availability=lambda: None,
                           stream=lambda device: 0)
-    monkeypatch.setitem(BACKENDS, NAME, backend)
-    return NAME
+    monkeypatch.setitem(BACKENDS, EMULATED, backend)
+    return Target(EMULATED, CPU)
+
+
+NATIVE = [] if BACKENDS["cuda"].unavailable_reason() is not None else ["native"]
+
+
+@pytest.fixture(params=["emulated"] + NATIVE)
+def cuda(request):
+    """The emulated backend, and the real one on CUDA tensors where it is available."""
+    if request.param == "native":
+        return Target("cuda", torch.device("cuda"))
+    return request.getfixturevalue("emulated")
+
+
+def check(target, shape, dtype, **keywords):
+    """check_against_oracle on the target's backend and device (keyword tensors moved there)."""
+    keywords = {key: value.to(target.device) if isinstance(value, torch.Tensor) else value
+                for key, value in keywords.items()}
+    check_against_oracle(target.name, shape, dtype, target.device, **keywords)
 
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv) and keywords of fused_attn.attention.
@@ -57,13 +85,13 @@ CASES = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradients_match_float64(cuda, dtype, case):
     shape, keywords = CASES[case]
-    check_against_oracle(cuda, shape, dtype, CPU, **keywords)
+    check(cuda, shape, dtype, **keywords)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_transposed_inputs(cuda, dtype):
     """(B, L, H, D) storage read through transposed views; gradients laid out like their inputs."""
-    check_against_oracle(cuda, (2, 2, 1, 40, 33, 32, 32), dtype, CPU, sequence_major=True, causal=True)
+    check(cuda, (2, 2, 1, 40, 33, 32, 32), dtype, sequence_major=True, causal=True)
 
 
 # Bias shapes broadcast to (B, Hq, Lq, Lk) = (2, 2, 70, 67): each dim broadcast or not, and
@@ -74,17 +102,16 @@ BIAS_SHAPES = [(70, 67), (1, 67), (70, 1), (2, 1, 67), (2, 1, 70, 67), (2, 2, 70
 @pytest.mark.parametrize("bias_shape", BIAS_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_bias_gradient_in_its_own_shape(cuda, dtype, bias_shape):
-    bias = torch.randn(bias_shape, dtype=dtype).requires_grad_()
-    check_against_oracle(cuda, (2, 2, 1, 70, 67, 32, 32), dtype, CPU, attn_mask=bias, causal=True,
-                         causal_alignment="bottom_right")
+    bias = torch.randn(bias_shape, dtype=dtype, device=cuda.device).requires_grad_()
+    check(cuda, (2, 2, 1, 70, 67, 32, 32), dtype, attn_mask=bias, causal=True, causal_alignment="bottom_right")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bias_gradient_with_every_other_variant(cuda, dtype):
     """A per-head bias row shared by the heads' queries, under GQA, window, ALiBi, softcap and dropout."""
-    bias = torch.randn(1, 4, 1, 67, dtype=dtype).requires_grad_()
-    check_against_oracle(cuda, (2, 4, 2, 70, 67, 32, 32), dtype, CPU, attn_mask=bias, window=(20, 10),
-                         alibi_slopes=torch.rand(2, 4), softcap=3.0, dropout_p=0.2)
+    bias = torch.randn(1, 4, 1, 67, dtype=dtype, device=cuda.device).requires_grad_()
+    check(cuda, (2, 4, 2, 70, 67, 32, 32), dtype, attn_mask=bias, window=(20, 10), alibi_slopes=torch.rand(2, 4),
+          softcap=3.0, dropout_p=0.2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -93,57 +120,59 @@ def test_fully_masked_rows_get_zero_gradients(cuda, dtype):
     dk/dv get nothing from them. A learnable bias with -inf entries hides keys the same way (the
     float64 reference's softmax gradient is NaN on a row of -inf biases, so rows keep a key here)."""
     B, H, Lq, Lk, D = 1, 2, 40, 35, 32
-    mask = torch.rand(B, H, Lq, Lk) > 0.3
+    mask = torch.rand(B, H, Lq, Lk, device=cuda.device) > 0.3
     mask[:, :, 5] = False
     mask[:, 1, 30:] = False
-    check_against_oracle(cuda, (B, H, H, Lq, Lk, D, D), dtype, CPU, attn_mask=mask)
-    q, k, v = random_qkv(B, H, H, Lq, Lk, D, D, dtype, CPU, requires_grad=True)
-    out = fused_attn.attention(q, k, v, attn_mask=mask, backend=cuda)
+    check(cuda, (B, H, H, Lq, Lk, D, D), dtype, attn_mask=mask)
+    q, k, v = random_qkv(B, H, H, Lq, Lk, D, D, dtype, cuda.device, requires_grad=True)
+    out = fused_attn.attention(q, k, v, attn_mask=mask, backend=cuda.name)
     out.backward(torch.randn_like(out))
     assert torch.equal(q.grad[:, :, 5], torch.zeros_like(q.grad[:, :, 5]))
     assert torch.equal(q.grad[:, 1, 30:], torch.zeros_like(q.grad[:, 1, 30:]))
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     hidden = ~mask[0, 0]
     hidden[:, 0] = False
-    bias = torch.randn(Lq, Lk, dtype=dtype).masked_fill(hidden, float("-inf")).requires_grad_()
-    check_against_oracle(cuda, (B, H, H, Lq, Lk, D, D), dtype, CPU, attn_mask=bias)
+    bias = torch.randn(Lq, Lk, dtype=dtype, device=cuda.device).masked_fill(hidden, float("-inf")).requires_grad_()
+    check(cuda, (B, H, H, Lq, Lk, D, D), dtype, attn_mask=bias)
 
 
 def test_gradients_are_reproducible(cuda):
     """Fixed summation order: two runs give the same bits (dropout replayed from the same seed)."""
-    q, k, v = random_qkv(1, 4, 2, 70, 66, 32, 32, torch.float16, CPU)
-    bias = torch.randn(1, 1, 70, 66)
+    q, k, v = random_qkv(1, 4, 2, 70, 66, 32, 32, torch.float16, cuda.device)
+    bias = torch.randn(1, 1, 70, 66, device=cuda.device)
 
     def run():
         torch.manual_seed(0)
         leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
-        out = fused_attn.attention(*leaves[:3], attn_mask=leaves[3], dropout_p=0.2, backend=cuda)
+        out = fused_attn.attention(*leaves[:3], attn_mask=leaves[3], dropout_p=0.2, backend=cuda.name)
         return torch.autograd.grad(out, leaves, torch.ones_like(out))
 
     for first, second in zip(run(), run()):
         assert torch.equal(first, second)
 
 
-def test_op_rejects_bad_arguments_before_running(emulated):
+def test_op_rejects_bad_arguments_before_running(emulated_ops):
     q, k, v = random_qkv(1, 2, 1, 8, 8, 16, 16, torch.float32, CPU)
     out, lse = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     variants = (0.25, -1, -1, False)
     with pytest.raises(RuntimeError, match="dbias without bias"):
-        emulated.cuda_backward(out, lse, q, k, v, out, lse, dq, dk, dv, *variants,
-                               dbias=torch.zeros(1, 2, 8, 8))
+        emulated_ops.cuda_backward(out, lse, q, k, v, out, lse, dq, dk, dv, *variants,
+                                   dbias=torch.zeros(1, 2, 8, 8))
     with pytest.raises(RuntimeError, match="dq must have a contiguous last dim"):
-        emulated.cuda_backward(out, lse, q, k, v, out, lse, torch.empty(1, 2, 16, 8).transpose(2, 3), dk, dv,
-                               *variants)
+        emulated_ops.cuda_backward(out, lse, q, k, v, out, lse, torch.empty(1, 2, 16, 8).transpose(2, 3), dk,
+                                   dv, *variants)
     with pytest.raises(RuntimeError, match="dk must have shape"):
-        emulated.cuda_backward(out, lse, q, k, v, out, lse, dq, dv[:, :, :4], dv, *variants)
+        emulated_ops.cuda_backward(out, lse, q, k, v, out, lse, dq, dv[:, :, :4], dv, *variants)
 
 
 def test_opcheck_with_every_feature(cuda):
-    """torch.library.opcheck through the autograd op (its backward the emulated cuda_backward): a
+    """torch.library.opcheck through the autograd op (its backward the cuda backend's): a
     learnable broadcast bias, ALiBi, softcap, a window and dropout."""
-    q, k, v = random_qkv(2, 4, 2, 37, 50, 32, 16, torch.float32, CPU, requires_grad=True)
-    bias = torch.randn(1, 4, 37, 50, requires_grad=True)
-    seed = fused_attn.dropout.draw_seed(CPU)
-    args = (q, k, v, bias, torch.rand(4), seed, None, None, 0.25, True, True, 20, -1, 5.0, 0.1, False, 0, 0, cuda)
+    device = cuda.device
+    q, k, v = random_qkv(2, 4, 2, 37, 50, 32, 16, torch.float32, device, requires_grad=True)
+    bias = torch.randn(1, 4, 37, 50, device=device, requires_grad=True)
+    seed = fused_attn.dropout.draw_seed(device)
+    args = (q, k, v, bias, torch.rand(4, device=device), seed, None, None, 0.25, True, True, 20, -1, 5.0, 0.1, False,
+            0, 0, cuda.name)
     torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
