@@ -3,13 +3,14 @@
 //   delta:  delta_i = rowsum(dO * O)_i - dlse_i, one warp per query row;
 //   dq:     one block per (query block, head): dQ = sum over visible key blocks of dS K;
 //   dk/dv:  one block per (key block, key/value head): dV = sum P^T dO and dK = sum dS^T Q over
-//           the query heads of its group and their visible query blocks, in a fixed order;
+//           the query heads of its group and their visible query blocks, in a fixed order (head
+//           dim 256: dK and dV in two launches, as their accumulators do not fit together);
 //   dbias:  one block per tile of the bias gradient in the bias's own shape, summing P (dP - delta)
 //           over every (batch, head, row, column) that tile is broadcast to.
 //
 // with P = exp(S - lse) recomputed from the forward's lse (S the final scores, scores.cuh),
 // dP = dO V^T (times the dropout factors), dS = P (dP - delta) times d S / d(q.k) (the scale, and
-// 1 - tanh^2 under a softcap); the lse term: d lse / d S = P, hence the - dlse in delta. Every
+// 1 - tanh^2 under a softcap), and dV summing the dropped P (P times the dropout factors); the lse term: d lse / d S = P, hence the - dlse in delta. Every
 // output element has one writer, and every sum runs in a fixed order: no atomics, and the
 // gradients are bitwise reproducible. Fully masked rows (lse = -inf) get P = 0, so zero gradients.
 #pragma once
@@ -273,9 +274,12 @@ __global__ void dbias_kernel(BackwardParams params) {
   const int row0 = threadIdx.x / 32 * 16;
   // This block's part of the gradient, and what it sums over: every index of a broadcast dim.
   const int own_heads = own.head ? Hq : 1;
-  const int b_own = own.batch ? static_cast<int>(blockIdx.z) / own_heads : 0;
-  const int h_own = own.head ? static_cast<int>(blockIdx.z) % own_heads : 0;
-  const int m_first = own.rows ? blockIdx.x * kRows : 0, m_end = own.rows ? m_first + 1 : Lq;
+  // blockIdx.x: (batch, head) member and row tile (x has room for B * Hq * tiles), y: column tile.
+  const int row_tiles = own.rows ? (Lq + kRows - 1) / kRows : 1;
+  const int member = static_cast<int>(blockIdx.x) / row_tiles, row_tile = static_cast<int>(blockIdx.x) % row_tiles;
+  const int b_own = own.batch ? member / own_heads : 0;
+  const int h_own = own.head ? member % own_heads : 0;
+  const int m_first = own.rows ? row_tile * kRows : 0, m_end = own.rows ? m_first + 1 : Lq;
   const int n_first = own.cols ? blockIdx.y * kStream : 0, n_end = own.cols ? n_first + 1 : Lk;
 
   T* q_smem = reinterpret_cast<T*>(dynamic_shared_memory());
@@ -376,8 +380,8 @@ cudaError_t launch(const BackwardParams& params, cudaStream_t stream) {
   }
   if (error != cudaSuccess || params.dbias.data == nullptr) return error;
   const BiasOwnership own = bias_ownership(params.dbias);
-  const dim3 grid(own.rows ? blocks(p.seqlen_q, Shape::kRows) : 1, own.cols ? blocks(p.seqlen_k, Shape::kStream) : 1,
-                  (own.batch ? B : 1) * (own.head ? Hq : 1));
+  const dim3 grid((own.rows ? blocks(p.seqlen_q, Shape::kRows) : 1) * (own.batch ? B : 1) * (own.head ? Hq : 1),
+                  own.cols ? blocks(p.seqlen_k, Shape::kStream) : 1);
   return launch_kernel(dbias_kernel<T, kDim>, grid, dim3(Shape::kThreads), Shape::kSmemBytes, stream, params);
 }
 
