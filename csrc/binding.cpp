@@ -467,6 +467,9 @@ Call cuda_call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_
               p.head_dim, ", Dv = ", p.head_dim_v);
   TORCH_CHECK(p.seqlen_q < (int64_t{1} << 31) && p.seqlen_k < (int64_t{1} << 31),
               "fused_attn_native: the CUDA kernels take sequences shorter than 2^31");
+  TORCH_CHECK(p.batch <= 65535 && p.heads_q <= 65535,  // grid dims y and z
+              "fused_attn_native: the CUDA kernels take up to 65535 batches and heads, got ", p.batch, " and ",
+              p.heads_q);
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
     TORCH_CHECK(t->stride(3) == 1, "fused_attn_native: ", name, " must have a contiguous last dim");
   return call;

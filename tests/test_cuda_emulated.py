@@ -85,10 +85,19 @@ def check_forward(target, shape, dtype, sequence_major=False, qkv=None, **keywor
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dims", [(16, 16), (40, 40), (64, 64), (128, 128), (256, 256), (64, 24), (24, 72), (200, 8)])
+@pytest.mark.parametrize("dims", [(16, 16), (40, 40), (64, 64), (128, 128), (256, 256), (64, 24), (24, 72), (200, 8),
+                                  (17, 59), (1, 3)])
 def test_head_dims(cuda, dtype, dims):
-    """Every head-dim bucket (32, 64, 128, 256), zero-padded columns, Dv != D; 70 keys cross a block."""
+    """Every head-dim bucket (32, 64, 128, 256), zero-padded columns, Dv != D, rows that are not
+    whole 16-byte chunks (copied element by element); 70 keys cross a block."""
     check_forward(cuda, (1, 2, 1, 19, 70, *dims), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_misaligned_rows(cuda, dtype):
+    """Views starting one element into their storage: rows not 16-byte aligned, read without cp.async."""
+    q, k, v = (torch.randn(2, 2, length, 41, device=cuda.device).to(dtype)[..., 1:] for length in (23, 66, 66))
+    check_forward(cuda, (2, 2, 2, 23, 66, 40, 40), dtype, qkv=(q, k, v))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
