@@ -2,7 +2,9 @@
 
 Used when Triton is missing or cannot serve a call, or when forced (`backend="cuda"`). sm_80 and
 newer: tensor cores (mma.sync, fp32 accumulation) for float16/bfloat16, exact fp32 FMA for float32;
-every score variant; dense inputs only (varlen and KV-cache calls go to the next backend).
+every score variant; forward and backward (deterministic, no atomics; a bias's gradient summed
+into its own shape in the kernels); dense inputs only (varlen and KV-cache calls go to the next
+backend).
 
 The class is parameterised by the ops namespace and device type its kernels run on, so the test
 suite also instantiates it on the emulated build of the same kernels (tests/cuda_emulator/:
