@@ -2,7 +2,8 @@
 
 Used when Triton is missing or cannot serve a call, or when forced (`backend="cuda"`). sm_80 and
 newer: tensor cores (mma.sync, fp32 accumulation) for float16/bfloat16, exact fp32 FMA for float32;
-every score variant; dense inputs only (varlen and KV-cache calls go to the next backend).
+every score variant; dense inputs and KV-cache decoding (contiguous or paged caches); packed
+(varlen) calls go to the next backend.
 
 The class is parameterised by the ops namespace and device type its kernels run on, so the test
 suite also instantiates it on the emulated build of the same kernels (tests/cuda_emulator/:
@@ -102,6 +103,17 @@ class CudaBackend(Backend):
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
         raise NotImplementedError("the cuda backend's backward kernels are not built yet (csrc/cuda/backward*)")
+
+    supports_kvcache = True
+
+    def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+        q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+        out = new_output(q, (*q.shape[:3], v_cache.shape[3]), q.dtype)
+        lse = new_output(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)
+        table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows
+        self._ops().cuda_kvcache_forward(q, k_cache, v_cache, seqlens_k.contiguous(), table, out, lse, opts.scale,
+                                         opts.left, opts.right, opts.softcap, alibi_slopes, self._stream(q.device))
+        return out, lse
 
 
 def _needs_gradients(q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors) -> bool:
