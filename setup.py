@@ -14,7 +14,8 @@ Set FUSED_ATTN_SKIP_NATIVE=1 to install without building it.
 With a CUDA build of torch and a CUDA toolkit (CUDA_HOME with its headers), the same extension
 also gets the CUDA kernels of csrc/cuda/ (the `cuda` backend), compiled by nvcc for sm_80 and
 sm_90. fused_attn/_native_cuda.txt records why they were not built (empty when they were), and
-the backend reports it. FUSED_ATTN_CUDA=0 skips them; FUSED_ATTN_CUDA=1 makes their absence an error.
+the backend reports it. FUSED_ATTN_CUDA=0 skips them; FUSED_ATTN_CUDA=1 makes their absence an error;
+FUSED_ATTN_CUDA_ARCHS (default "80 90") chooses the architectures.
 """
 import os
 import platform
@@ -31,9 +32,22 @@ ISA_SOURCES = {"csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]}
 CUDA_SOURCES = ["csrc/cuda/forward.cu", "csrc/cuda/forward_f16.cu", "csrc/cuda/forward_bf16.cu",
                 "csrc/cuda/forward_f32.cu", "csrc/cuda/backward.cu", "csrc/cuda/backward_f16.cu",
                 "csrc/cuda/backward_bf16.cu", "csrc/cuda/backward_f32.cu"]
-# Ampere (A100) and Hopper (H100/H200) code; newer GPUs run the sm_90 PTX. No --use_fast_math:
-# the kernels' expf/logf/tanhf must stay accurate.
-NVCC_FLAGS = ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=[sm_90,compute_90]"]
+# Ampere (A100) and Hopper (H100/H200) code by default; newer GPUs run the newest PTX.
+# FUSED_ATTN_CUDA_ARCHS (e.g. "90", or "80 90") builds for those architectures only. No
+# --use_fast_math: the kernels' expf/logf/tanhf must stay accurate.
+DEFAULT_CUDA_ARCHS = "80 90"
+
+
+def nvcc_flags():
+    archs = os.environ.get("FUSED_ATTN_CUDA_ARCHS") or DEFAULT_CUDA_ARCHS
+    archs = {arch.replace(".", "") for arch in archs.replace(",", " ").replace(";", " ").split()}
+    if not archs or any(not arch.isdigit() or int(arch) < 80 for arch in archs):
+        raise RuntimeError(f"FUSED_ATTN_CUDA_ARCHS must list compute capabilities >= 80 (e.g. '80 90'), got {archs}")
+    archs = sorted(archs, key=int)
+    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs[:-1]]
+    gencode.append(f"-gencode=arch=compute_{archs[-1]},code=[sm_{archs[-1]},compute_{archs[-1]}]")
+    return ["-O3", *gencode]
+
 CUDA_NOTE = os.path.join(HERE, "fused_attn", "_native_cuda.txt")
 
 
@@ -98,7 +112,7 @@ def native_extensions():
             include_dirs=[os.path.join(HERE, "csrc")],
             depends=_headers(),
             define_macros=[("FUSED_ATTN_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags()},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -18,6 +18,7 @@
 // With FUSED_ATTN_WITH_CUDA (setup.py defines it when it builds csrc/cuda/), also
 //   cuda_forward(q, k, v, out!, lse!, <the variant arguments>, int stream)   dense inputs, CUDA tensors
 //   cuda_backward(<cpu_backward's arguments>, int stream)
+//   cuda_kvcache_forward(<cpu_kvcache_forward's arguments>, int stream)      decoding against a KV cache
 // whose kernels are launched on `stream` (torch.cuda.current_stream().cuda_stream, an int, so this
 // file needs no CUDA header of torch's). With FUSED_ATTN_EMULATOR as well (tests/cuda_emulator/),
 // only that section is compiled, its ops are registered as fused_attn_emulated::* on CPU tensors,
@@ -524,6 +525,65 @@ void cuda_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, cons
   const cudaError_t error = cuda::launch_backward(params, stream_of(stream));
   TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA backward failed to launch: ", cudaGetErrorString(error));
 }
+
+// Decoding, as cpu_kvcache_forward: q (B, Lq, Hq, D) against the first seqlens_k[b] keys of a
+// contiguous cache (B, capacity, Hkv, D) or, with block_table (B, max_pages) int32, of a paged one
+// (pages, page_size, Hkv, D); bottom-right aligned. out (B, Lq, Hq, Dv), lse (B, Hq, Lq). The
+// lengths and page indices stay on the device: fused_attn/kvcache.py has checked them.
+void cuda_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& seqlens_k,
+                          const std::optional<Tensor>& block_table, const Tensor& out, const Tensor& lse, double scale,
+                          int64_t window_left, int64_t window_right, double softcap,
+                          const std::optional<Tensor>& alibi_slopes, int64_t stream) {
+  TORCH_CHECK(q.device().type() == kCudaDeviceType, "fused_attn_native: q must be a ",
+              at::DeviceTypeName(kCudaDeviceType), " tensor, got ", q.device());
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "fused_attn_native: q (B, Lq, Hq, D), k_cache and v_cache must be 4-dimensional");
+  const at::Device device = q.device();
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(2), Dv = v_cache.size(3), page_size = k_cache.size(1);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fused_attn_native: query heads (", Hq, ") must be a multiple of key/value heads (", Hkv, ")");
+  TORCH_CHECK(B > 0 && Lq > 0 && D > 0 && Dv > 0, "fused_attn_native: empty inputs are handled in Python");
+  TORCH_CHECK(D <= cuda::kMaxHeadDim && Dv <= cuda::kMaxHeadDim, "fused_attn_native: the CUDA kernels take head dims up to ",
+              cuda::kMaxHeadDim, ", got D = ", D, ", Dv = ", Dv);
+  TORCH_CHECK(B <= 65535 && Hq <= 65535, "fused_attn_native: the CUDA kernels take up to 65535 batches and heads");
+  kernel_dtype(q);
+  check_tensor(q, "q", q.scalar_type(), q.sizes(), device);
+  check_tensor(k_cache, "k_cache", q.scalar_type(), {k_cache.size(0), page_size, Hkv, D}, device);
+  check_tensor(v_cache, "v_cache", q.scalar_type(), {k_cache.size(0), page_size, Hkv, Dv}, device);
+  check_tensor(out, "out", q.scalar_type(), {B, Lq, Hq, Dv}, device);
+  check_tensor(lse, "lse", at::kFloat, {B, Hq, Lq}, device);
+  check_tensor(seqlens_k, "seqlens_k", at::kInt, {B}, device);
+  TORCH_CHECK(seqlens_k.is_contiguous(), "fused_attn_native: seqlens_k must be contiguous");
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"},
+                                std::pair{&out, "out"}})
+    TORCH_CHECK(t->stride(3) == 1, "fused_attn_native: ", name, " must have a contiguous last dim");
+  cuda::KvCache cache;
+  cache.seqlens_k = seqlens_k.data_ptr<int32_t>();
+  int64_t capacity = page_size;
+  if (block_table) {
+    const Tensor& table = *block_table;
+    check_tensor(table, "block_table", at::kInt, {B, table.size(-1)}, device);
+    TORCH_CHECK(table.stride(1) == 1, "fused_attn_native: block_table rows must be contiguous");
+    capacity = page_size * table.size(1);
+    cache.page_table = table.data_ptr<int32_t>();
+    cache.table_stride = table.stride(0);
+    cache.page_size = page_size;
+  } else {
+    TORCH_CHECK(k_cache.size(0) == B, "fused_attn_native: a contiguous cache must have B = ", B, " rows, got ", k_cache.size(0));
+  }
+  TORCH_CHECK(capacity < (int64_t{1} << 31), "fused_attn_native: the CUDA kernels take caches shorter than 2^31");
+  Call call;
+  call.p = {kernel_dtype(q), B, Hq, Hkv, Lq, capacity, D, Dv, static_cast<float>(scale),
+            variants_of(B, Hq, window_left, window_right, true, softcap, alibi_slopes, device)};
+  const c10::DeviceGuard guard(device);
+  // (B, L, H, D) tensors as (B, H, L, D) views; a paged cache's pages play the batch.
+  auto heads_first = [](const Tensor& t) { return cuda_strided(t.transpose(1, 2)); };
+  cuda::ForwardParams params{cuda_problem(call, std::nullopt), heads_first(q), heads_first(k_cache),
+                             heads_first(v_cache), heads_first(out), cuda_row_values(lse), cache};
+  const cudaError_t error = cuda::launch_forward(params, stream_of(stream));
+  TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA KV-cache forward failed to launch: ",
+              cudaGetErrorString(error));
+}
 #endif  // FUSED_ATTN_WITH_CUDA
 
 }  // namespace
@@ -544,11 +604,15 @@ TORCH_LIBRARY_FRAGMENT(FUSED_ATTN_CUDA_OPS, m) {
   m.def("cuda_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSED_ATTN_VARIANT_SCHEMA
         ", Tensor(d!)? dbias=None, int stream=0) -> ()");
+  m.def("cuda_kvcache_forward(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
+        "Tensor(a!) out, Tensor(b!) lse, float scale, int window_left, int window_right, float softcap=0., "
+        "Tensor? alibi_slopes=None, int stream=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(FUSED_ATTN_CUDA_OPS, FUSED_ATTN_CUDA_DISPATCH_KEY, m) {
   m.impl("cuda_forward", &fused_attn::cuda_forward);
   m.impl("cuda_backward", &fused_attn::cuda_backward);
+  m.impl("cuda_kvcache_forward", &fused_attn::cuda_kvcache_forward);
 }
 #endif  // FUSED_ATTN_WITH_CUDA
 

@@ -35,3 +35,12 @@ def empty_like_layout(
     if is_sequence_major(like):
         return new_output(like, (batch, length, heads, dim), dtype).transpose(1, 2)
     return new_output(like, shape, dtype)
+
+
+def fill_unused_rows(t: torch.Tensor, dim: int, cu_seqlens: torch.Tensor, value: float) -> torch.Tensor:
+    """Set the packed rows of `t` along `dim` from cu_seqlens[-1] on (they belong to no sequence,
+    so no kernel program covers them) to `value`, in place. Runs on the device, without reading
+    cu_seqlens on the host: no synchronisation."""
+    rows = torch.arange(t.shape[dim], device=t.device)
+    unused = (rows >= cu_seqlens[-1]).reshape((-1,) + (1,) * (t.dim() - 1 - dim))
+    return t.masked_fill_(unused, value)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+import test_kvcache as kvcache_tests
 from cuda_emulator.build import load_emulated_ops
 from oracle import assert_accurate, naive_attention, random_qkv
 
@@ -189,6 +190,18 @@ def test_rows_that_see_no_key(cuda):
     out, lse = check_forward(cuda, (1, 2, 2, 9, 20, 32, 32), torch.bfloat16,
                              attn_mask=torch.zeros(9, 20, dtype=torch.bool))
     assert torch.all(out == 0) and torch.all(lse == -math.inf)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("seqlen_q, new_tokens, keywords", kvcache_tests.CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_kvcache(emulated, monkeypatch, dtype, seqlen_q, new_tokens, keywords, paged):
+    """KV-cache decoding on the emulator: tests/test_kvcache.py's check (contiguous and paged caches,
+    appending, empty and full caches, windows, ALiBi, softcap) with CPU tensors. On a GPU that file
+    runs it on the real backend."""
+    monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
+    kvcache_tests.test_kvcache_matches_attention_on_the_prefix(emulated.name, dtype, seqlen_q, new_tokens, keywords,
+                                                               paged)
 
 
 def test_refusals_and_op_errors(emulated, emulated_ops):

@@ -135,3 +135,24 @@ def test_varlen_bad_input(change, error, message):
         arguments[name] = edit(arguments[name])
     with pytest.raises(error, match=message):
         fused_attn.varlen_attention(**arguments)
+
+
+def test_varlen_rows_after_the_last_sequence(varlen_backend):
+    """Packed tensors may be longer than cu_seqlens[-1] (a preallocated buffer): those rows belong
+    to no sequence and come back as an empty sequence's (out 0, lse -inf, zero gradients), not as
+    whatever memory the outputs were allocated from."""
+    extra_q, extra_k = 3, 2
+    q, k, v = (torch.randn(t.shape[0] + extra, *t.shape[1:], device=DEVICE, requires_grad=True)
+               for t, extra in zip(packed_inputs(torch.float32), (extra_q, extra_k, extra_k)))
+    cu_q, cu_k = cumulative(LENGTHS_Q), cumulative(LENGTHS_K)
+    out, lse = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, max(LENGTHS_Q), max(LENGTHS_K), causal=True,
+                                           return_lse=True, backend=varlen_backend)
+    dq, dk, dv = torch.autograd.grad((out * torch.randn_like(out)).sum() + lse[:, :-extra_q].sum(), (q, k, v))
+    assert torch.equal(out[-extra_q:], torch.zeros_like(out[-extra_q:]))
+    assert torch.equal(lse[:, -extra_q:], torch.full_like(lse[:, -extra_q:], float("-inf")))
+    for grad, extra in ((dq, extra_q), (dk, extra_k), (dv, extra_k)):
+        assert torch.equal(grad[-extra:], torch.zeros_like(grad[-extra:]))
+    # The rows inside the sequences are the ones of the exact-length call.
+    exact = fused_attn.varlen_attention(q[:-extra_q], k[:-extra_k], v[:-extra_k], cu_q, cu_k, max(LENGTHS_Q),
+                                        max(LENGTHS_K), causal=True, backend=varlen_backend)
+    torch.testing.assert_close(out[:-extra_q], exact, rtol=0, atol=0)

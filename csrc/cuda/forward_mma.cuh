@@ -33,8 +33,8 @@ template <typename T, int kDim>
 __global__ void forward_kernel(ForwardParams params) {
   constexpr int kBlockN = block_n<kDim>(), kStride = smem_stride<kDim>();
   using E = Element<T>;
-  const Problem& p = params.p;
   const int q0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
+  const Problem p = sequence_problem(params, b);
   const int h_kv = h / (p.heads_q / p.heads_kv);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
   const int Lq = static_cast<int>(p.seqlen_q);
@@ -45,11 +45,10 @@ __global__ void forward_kernel(ForwardParams params) {
   T* k_smem = q_smem + kBlockM * kStride;
   T* v_smem = k_smem + kBlockN * kStride;
   const T* q = element_at<T>(params.q, b, h, q0, 0);
-  const T* k = element_at<T>(params.k, b, h_kv, 0, 0);
-  const T* v = element_at<T>(params.v, b, h_kv, 0, 0);
-  auto load_keys = [&](T* smem, const T* rows, int64_t stride, int n0, int cols) {
-    load_tile<T, kBlockN, kDim, kStride, kThreads>(smem, rows + n0 * stride, stride,
-                                                    static_cast<int>(p.seqlen_k) - n0, cols);
+  auto load_keys = [&](T* smem, const Strided& s, int n0, int cols) {
+    auto row_at = [&](int r) { return key_row<T>(s, params.cache, b, h_kv, n0 + r); };
+    load_tile<T, kBlockN, kDim, kStride, kThreads>(smem, row_at, static_cast<int>(p.seqlen_k) - n0, cols,
+                                                    static_cast<const T*>(s.data));
   };
 
   const HeadScores scores(p, b, h);
@@ -60,11 +59,12 @@ __global__ void forward_kernel(ForwardParams params) {
   float o[kDim / 8][4] = {};
   RowSoftmax softmax[2];  // rows group and group + 8 of the warp's 16
 
-  load_tile<T, kBlockM, kDim, kStride, kThreads>(q_smem, q, params.q.row, Lq - q0, D);
-  if (first < keys.end) load_keys(k_smem, k, params.k.row, first, D);
+  auto query_row = [&](int r) { return q + r * params.q.row; };
+  load_tile<T, kBlockM, kDim, kStride, kThreads>(q_smem, query_row, Lq - q0, D, q);
+  if (first < keys.end) load_keys(k_smem, params.k, first, D);
   ptx::cp_async_commit();
   for (int n0 = first; n0 < keys.end; n0 += kBlockN) {
-    load_keys(v_smem, v, params.v.row, n0, Dv);
+    load_keys(v_smem, params.v, n0, Dv);
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();  // Q and this block's K
     __syncthreads();
@@ -83,7 +83,7 @@ __global__ void forward_kernel(ForwardParams params) {
       }
     }
     __syncthreads();  // every warp is done with K
-    if (n0 + kBlockN < keys.end) load_keys(k_smem, k, params.k.row, n0 + kBlockN, D);
+    if (n0 + kBlockN < keys.end) load_keys(k_smem, params.k, n0 + kBlockN, D);
     ptx::cp_async_commit();
 
     // Scores, then the softmax of rows group (r = 0) and group + 8 (r = 1) of the warp.

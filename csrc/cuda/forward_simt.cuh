@@ -27,8 +27,8 @@ __host__ __device__ constexpr size_t smem_bytes() {
 template <int kDim>
 __global__ void forward_kernel(ForwardParams params) {
   constexpr int kStride = smem_stride<kDim>();
-  const Problem& p = params.p;
   const int q0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
+  const Problem p = sequence_problem(params, b);
   const int h_kv = h / (p.heads_q / p.heads_kv);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
   const int Lq = static_cast<int>(p.seqlen_q);
@@ -39,11 +39,10 @@ __global__ void forward_kernel(ForwardParams params) {
   float* v_smem = k_smem + kBlockN * kStride;
   float* p_smem = v_smem + kBlockN * kStride;
   const float* q = element_at<float>(params.q, b, h, q0, 0);
-  const float* k = element_at<float>(params.k, b, h_kv, 0, 0);
-  const float* v = element_at<float>(params.v, b, h_kv, 0, 0);
-  auto load_keys = [&](float* smem, const float* rows, int64_t stride, int n0, int cols) {
-    load_tile<float, kBlockN, kDim, kStride, kThreads>(smem, rows + n0 * stride, stride,
-                                                        static_cast<int>(p.seqlen_k) - n0, cols);
+  auto load_keys = [&](float* smem, const Strided& s, int n0, int cols) {
+    auto row_at = [&](int r) { return key_row<float>(s, params.cache, b, h_kv, n0 + r); };
+    load_tile<float, kBlockN, kDim, kStride, kThreads>(smem, row_at, static_cast<int>(p.seqlen_k) - n0, cols,
+                                                    static_cast<const float*>(s.data));
   };
 
   const HeadScores scores(p, b, h);
@@ -55,11 +54,12 @@ __global__ void forward_kernel(ForwardParams params) {
   float o[kDim / kThreadsPerRow] = {};
   RowSoftmax softmax;
 
-  load_tile<float, kBlockM, kDim, kStride, kThreads>(q_smem, q, params.q.row, Lq - q0, D);
-  if (first < keys.end) load_keys(k_smem, k, params.k.row, first, D);
+  auto query_row = [&](int r) { return q + r * params.q.row; };
+  load_tile<float, kBlockM, kDim, kStride, kThreads>(q_smem, query_row, Lq - q0, D, q);
+  if (first < keys.end) load_keys(k_smem, params.k, first, D);
   ptx::cp_async_commit();
   for (int n0 = first; n0 < keys.end; n0 += kBlockN) {
-    load_keys(v_smem, v, params.v.row, n0, Dv);
+    load_keys(v_smem, params.v, n0, Dv);
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();  // Q and this block's K
     __syncthreads();
@@ -75,7 +75,7 @@ __global__ void forward_kernel(ForwardParams params) {
       block_max = fmaxf(block_max, s[u]);
     }
     __syncthreads();  // every thread is done with K
-    if (n0 + kBlockN < keys.end) load_keys(k_smem, k, params.k.row, n0 + kBlockN, D);
+    if (n0 + kBlockN < keys.end) load_keys(k_smem, params.k, n0 + kBlockN, D);
     ptx::cp_async_commit();
 
     block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));

@@ -58,10 +58,22 @@ struct Problem {
   Variants variants;
 };
 
+// Decoding against a KV cache (seqlens_k null: a dense call). Batch b sees the first
+// seqlens_k[b] keys of its cache (int32, device), aligned bottom-right (shift seqlens_k[b] - Lq);
+// Problem::seqlen_k is then the capacity. Paged caches (page_table not null) are addressed as the
+// Strided (pages, Hkv, page_size, D): key j of batch b is row j % page_size of page
+// page_table[b * table_stride + j / page_size].
+struct KvCache {
+  const int32_t* seqlens_k = nullptr;
+  const int32_t* page_table = nullptr;
+  int64_t table_stride = 0, page_size = 0;
+};
+
 struct ForwardParams {
   Problem p;
   Strided q, k, v, out;
   RowValues lse;  // natural log, -inf on rows that see no key
+  KvCache cache;  // k and v are a KV cache when cache.seqlens_k is set
 };
 
 }  // namespace fused_attn::cuda

@@ -8,6 +8,25 @@
 
 namespace fused_attn::cuda {
 
+// The problem as block (b, ...) sees it: for a KV cache, batch b's own key count and shift.
+__device__ __forceinline__ Problem sequence_problem(const ForwardParams& params, int b) {
+  Problem p = params.p;
+  if (params.cache.seqlens_k != nullptr) {
+    p.seqlen_k = params.cache.seqlens_k[b];
+    p.variants.shift = p.seqlen_k - p.seqlen_q;
+  }
+  return p;
+}
+
+// Where key j of batch b, key/value head h_kv starts in k or v (`s`): dense rows, or a cache page.
+template <typename T>
+__device__ __forceinline__ const T* key_row(const Strided& s, const KvCache& cache, int b, int h_kv, int j) {
+  const T* base = static_cast<const T*>(s.data) + h_kv * s.head;
+  if (cache.page_table == nullptr) return base + b * s.batch + j * s.row;
+  const int64_t page = cache.page_table[b * cache.table_stride + j / cache.page_size];
+  return base + page * s.batch + (j % cache.page_size) * s.row;
+}
+
 struct KeyRange {
   int begin, end;  // [begin, end); empty when begin >= end
 };

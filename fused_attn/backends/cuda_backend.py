@@ -3,8 +3,8 @@
 Used when Triton is missing or cannot serve a call, or when forced (`backend="cuda"`). sm_80 and
 newer: tensor cores (mma.sync, fp32 accumulation) for float16/bfloat16, exact fp32 FMA for float32;
 every score variant; forward and backward (deterministic, no atomics; a bias's gradient summed
-into its own shape in the kernels); dense inputs only (varlen and KV-cache calls go to the next
-backend).
+into its own shape in the kernels) of dense inputs, and KV-cache decoding (contiguous or paged
+caches); packed (varlen) calls go to the next backend.
 
 The class is parameterised by the ops namespace and device type its kernels run on, so the test
 suite also instantiates it on the emulated build of the same kernels (tests/cuda_emulator/:
@@ -110,6 +110,17 @@ class CudaBackend(Backend):
         if dbias is not None:
             dbias = dbias.reshape(extras.bias.shape).to(extras.bias.dtype)
         return dq, dk, dv, dbias
+
+    supports_kvcache = True
+
+    def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+        q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+        out = new_output(q, (*q.shape[:3], v_cache.shape[3]), q.dtype)
+        lse = new_output(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)
+        table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows
+        self._ops().cuda_kvcache_forward(q, k_cache, v_cache, seqlens_k.contiguous(), table, out, lse, opts.scale,
+                                         opts.left, opts.right, opts.softcap, alibi_slopes, self._stream(q.device))
+        return out, lse
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import empty_like_layout, new_output
+from ..layout import empty_like_layout, fill_unused_rows, new_output
 from ..options import AttentionOptions, AttentionTensors
 from .common import (
     LOG2_E,
@@ -366,5 +366,9 @@ def attention_backward(
     for kernel, launch, grid in (("dkdv", launch_dkdv, dkdv_grid), ("dq", launch_dq, dq_grid)):
         shape = ShapeClass.of(kernel, q, v, opts)
         launch(select(shape, q.device, launch, grid, mask_bytes=mask_bytes(extras), reproducible=opts.deterministic))
+    if problem.varlen:  # packed rows after the last sequence take no part: zero gradients
+        fill_unused_rows(dq, 0, extras.cu_seqlens_q, 0.0)
+        for grad in (dk, dv):
+            fill_unused_rows(grad, 0, extras.cu_seqlens_k, 0.0)
     dbias = bias_gradient(dout, q, k, v, lse, delta, extras, opts) if bias_requires_grad else None
     return dq, dk, dv, dbias

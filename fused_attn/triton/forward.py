@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import empty_like_layout, new_output
+from ..layout import empty_like_layout, fill_unused_rows, new_output
 from ..options import AttentionOptions, AttentionTensors
 from .common import (
     LN_2,
@@ -170,4 +170,7 @@ def attention_forward(
 
     shape = ShapeClass.of("forward", q, v, opts)
     launch(select(shape, q.device, launch, grid, mask_bytes=mask_bytes(extras), reproducible=opts.deterministic))
+    if problem.varlen:  # packed rows after the last sequence: an empty sequence's out and lse
+        fill_unused_rows(out, 0, extras.cu_seqlens_q, 0.0)
+        fill_unused_rows(lse, 1, extras.cu_seqlens_q, float("-inf"))
     return out, lse

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The checks only a GPU can run, prepared as one script for a lent GPU machine (the `device` tool:
+# 15 minutes of device time per session, at most 10 minutes per call). Run from the repository root:
+#
+#   bash benchmarks/device_check.sh build test sanitize     # call 1 (~8 min): native tests
+#   bash benchmarks/device_check.sh build tune bench        # call 2 (~8 min): tuning and benchmarks
+#
+# Stages (each time-boxed so the call ends inside its limit, and each logged):
+#   build     make env with the CUDA kernels required (FUSED_ATTN_CUDA=1), for this GPU only
+#   test      the test suite natively (every backend the GPU serves), in parallel with xdist
+#   sanitize  compute-sanitizer memcheck and racecheck over the cuda and triton kernels
+#   tune      python -m benchmarks.tune: the tile choices for this architecture
+#   bench     make bench, every suite
+# Logs go to $OUT/log.txt; results (benchmarks/results/, tuned tiles, logs) to $OUT/results.tgz,
+# which the device tool brings back (it returns at most 8 files, 2 folders deep).
+set -uo pipefail
+OUT=${OUT:-build/device}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1 PIP_PROGRESS_BAR=off
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize)
+
+say() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
+run_stage() {  # run_stage NAME SECONDS COMMAND...: the command's output logged, its status reported
+    local name=$1 seconds=$2; shift 2
+    say "$name (limit ${seconds}s): $*"
+    timeout --signal=INT --kill-after=20 "$seconds" "$@" 2>&1 | tee -a "$LOG" "$OUT/$name.txt" | tail -n 40
+    say "$name exit ${PIPESTATUS[0]}"
+}
+
+say "start: ${stages[*]}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$LOG"
+ARCH=$(python3 -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+
+for stage in "${stages[@]}"; do
+    case $stage in
+        build) run_stage build 300 env FUSED_ATTN_CUDA=1 FUSED_ATTN_CUDA_ARCHS="$ARCH" MAX_JOBS=16 make env
+               say "cuda build note: '$(cat fused_attn/_native_cuda.txt 2>/dev/null)'" ;;
+        test) run_stage test 330 python3 -m pytest tests -q -x -n 14 --timeout 300 -p no:cacheprovider ;;
+        sanitize) run_stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
+                      python3 -m benchmarks.sanitize_calls
+                  run_stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 3 \
+                      python3 -m benchmarks.sanitize_calls --small ;;
+        tune) run_stage tune 240 python3 -m benchmarks.tune ;;
+        bench) run_stage bench 330 make bench ;;
+        *) say "unknown stage $stage" ;;
+    esac
+done
+cp fused_attn/triton/tuned/*.json "$OUT/" 2>/dev/null
+tar czf "$OUT/results.tgz" benchmarks/results fused_attn/triton/tuned "$OUT"/*.txt 2>/dev/null
+say "done"
