@@ -10,9 +10,10 @@
 //
 // with P = exp(S - lse) recomputed from the forward's lse (S the final scores, scores.cuh),
 // dP = dO V^T (times the dropout factors), dS = P (dP - delta) times d S / d(q.k) (the scale, and
-// 1 - tanh^2 under a softcap), and dV summing the dropped P (P times the dropout factors); the lse term: d lse / d S = P, hence the - dlse in delta. Every
-// output element has one writer, and every sum runs in a fixed order: no atomics, and the
-// gradients are bitwise reproducible. Fully masked rows (lse = -inf) get P = 0, so zero gradients.
+// 1 - tanh^2 under a softcap), and dV summing the dropped P (P times the dropout factors). The lse
+// term: d lse / d S = P, hence the - dlse in delta. Every output element has one writer, and
+// every sum runs in a fixed order: no atomics, and the gradients are bitwise reproducible. Fully
+// masked rows (lse = -inf) get P = 0, so zero gradients.
 #pragma once
 
 #include "backward_params.h"
@@ -88,6 +89,15 @@ __device__ __forceinline__ float row_value(const RowValues& r, int64_t b, int64_
   return r.data[b * r.batch + h * r.head + i];
 }
 
+// Rows [r0, r0 + kCount) of head (b, h) of a (B, H, L, D) tensor into shared memory (load_tile:
+// zeros past `valid_rows` rows and `cols` columns; the caller commits and waits).
+template <typename T, int kCount, int kDim, int kStride, int kThreads>
+__device__ __forceinline__ void load_rows(T* smem, const Strided& s, int b, int h, int r0, int valid_rows, int cols) {
+  const T* first = row_at<T>(s, b, h, r0);
+  auto row = [&](int r) { return first + r * s.row; };
+  load_tile<T, kCount, kDim, kStride, kThreads>(smem, row, valid_rows, cols, first);
+}
+
 // Writes this warp's 16 x kDim stripe held in the accumulator layout: rows row0 + group (+ 8)
 // of (b, h) that are < valid_rows, columns < cols.
 template <typename T, int kTiles>
@@ -137,6 +147,7 @@ __global__ void dq_kernel(BackwardParams params) {
   const int q0 = blockIdx.x * kRows, h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (p.heads_q / p.heads_kv);
   const int Lq = static_cast<int>(p.seqlen_q), Lk = static_cast<int>(p.seqlen_k);
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
   const int lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
   const int row0 = threadIdx.x / 32 * 16;  // the warp's first row in the block
 
@@ -144,10 +155,8 @@ __global__ void dq_kernel(BackwardParams params) {
   T* do_smem = q_smem + kRows * kStride;
   T* k_smem = do_smem + kRows * kStride;
   T* v_smem = k_smem + kStream * kStride;
-  load_tile<T, kRows, kDim, kStride, Shape::kThreads>(q_smem, row_at<T>(params.q, b, h, q0), params.q.row, Lq - q0,
-                                                      static_cast<int>(p.head_dim));
-  load_tile<T, kRows, kDim, kStride, Shape::kThreads>(do_smem, row_at<T>(params.dout, b, h, q0), params.dout.row,
-                                                      Lq - q0, static_cast<int>(p.head_dim_v));
+  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(q_smem, params.q, b, h, q0, Lq - q0, D);
+  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(do_smem, params.dout, b, h, q0, Lq - q0, Dv);
 
   float lse[2], delta[2];  // of rows group and group + 8 of the warp's stripe
   FUSED_ATTN_UNROLL
@@ -161,10 +170,8 @@ __global__ void dq_kernel(BackwardParams params) {
 
   float dq[kDim / 8][4] = {};
   for (int n0 = keys.begin / kStream * kStream; n0 < keys.end; n0 += kStream) {
-    load_tile<T, kStream, kDim, kStride, Shape::kThreads>(k_smem, row_at<T>(params.k, b, hk, n0), params.k.row, Lk - n0,
-                                                          static_cast<int>(p.head_dim));
-    load_tile<T, kStream, kDim, kStride, Shape::kThreads>(v_smem, row_at<T>(params.v, b, hk, n0), params.v.row, Lk - n0,
-                                                          static_cast<int>(p.head_dim_v));
+    load_rows<T, kStream, kDim, kStride, Shape::kThreads>(k_smem, params.k, b, hk, n0, Lk - n0, D);
+    load_rows<T, kStream, kDim, kStride, Shape::kThreads>(v_smem, params.v, b, hk, n0, Lk - n0, Dv);
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
     __syncthreads();
@@ -182,7 +189,7 @@ __global__ void dq_kernel(BackwardParams params) {
     __syncthreads();  // every warp is done with K and V
   }
   ptx::cp_async_wait<0>();  // Q and dO, when no key block was visible
-  store_stripe<T>(params.dq, b, h, q0 + row0, Lq, static_cast<int>(p.head_dim), dq);
+  store_stripe<T>(params.dq, b, h, q0 + row0, Lq, D, dq);
 }
 
 // What a dk/dv block computes: both gradients, or one of them (for the widest heads, whose dK and
@@ -198,6 +205,7 @@ __global__ void dkdv_kernel(BackwardParams params) {
   const int n0 = blockIdx.x * kRows, hk = blockIdx.y, b = blockIdx.z;
   const int group_size = static_cast<int>(p.heads_q / p.heads_kv);
   const int Lq = static_cast<int>(p.seqlen_q), Lk = static_cast<int>(p.seqlen_k);
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
   const int lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
   const int row0 = threadIdx.x / 32 * 16;  // the warp's first key in the block
 
@@ -207,10 +215,8 @@ __global__ void dkdv_kernel(BackwardParams params) {
   T* do_smem = q_smem + kStream * kStride;
   float* lse_smem = reinterpret_cast<float*>(do_smem + kStream * kStride);
   float* delta_smem = lse_smem + kStream;
-  load_tile<T, kRows, kDim, kStride, Shape::kThreads>(k_smem, row_at<T>(params.k, b, hk, n0), params.k.row, Lk - n0,
-                                                      static_cast<int>(p.head_dim));
-  load_tile<T, kRows, kDim, kStride, Shape::kThreads>(v_smem, row_at<T>(params.v, b, hk, n0), params.v.row, Lk - n0,
-                                                      static_cast<int>(p.head_dim_v));
+  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(k_smem, params.k, b, hk, n0, Lk - n0, D);
+  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(v_smem, params.v, b, hk, n0, Lk - n0, Dv);
   const KeyRange queries = visible_queries(p, n0, Lk - n0 < kRows ? Lk - n0 : kRows);
 
   float dk[kKeys ? kDim / 8 : 1][4] = {}, dv[kValues ? kDim / 8 : 1][4] = {};
@@ -218,10 +224,8 @@ __global__ void dkdv_kernel(BackwardParams params) {
     const int h = hk * group_size + g;
     const HeadScores scores(p, b, h);
     for (int m0 = queries.begin / kStream * kStream; m0 < queries.end; m0 += kStream) {
-      load_tile<T, kStream, kDim, kStride, Shape::kThreads>(q_smem, row_at<T>(params.q, b, h, m0), params.q.row,
-                                                            Lq - m0, static_cast<int>(p.head_dim));
-      load_tile<T, kStream, kDim, kStride, Shape::kThreads>(do_smem, row_at<T>(params.dout, b, h, m0),
-                                                            params.dout.row, Lq - m0, static_cast<int>(p.head_dim_v));
+      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(q_smem, params.q, b, h, m0, Lq - m0, D);
+      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(do_smem, params.dout, b, h, m0, Lq - m0, Dv);
       for (int r = threadIdx.x; r < kStream; r += Shape::kThreads) {
         const int i = m0 + r;
         lse_smem[r] = i < Lq ? backward_lse(row_value(params.lse, b, h, i)) : INFINITY;
@@ -248,8 +252,8 @@ __global__ void dkdv_kernel(BackwardParams params) {
     }
   }
   ptx::cp_async_wait<0>();  // K and V, when no query block was visible
-  if constexpr (kKeys) store_stripe<T>(params.dk, b, hk, n0 + row0, Lk, static_cast<int>(p.head_dim), dk);
-  if constexpr (kValues) store_stripe<T>(params.dv, b, hk, n0 + row0, Lk, static_cast<int>(p.head_dim_v), dv);
+  if constexpr (kKeys) store_stripe<T>(params.dk, b, hk, n0 + row0, Lk, D, dk);
+  if constexpr (kValues) store_stripe<T>(params.dv, b, hk, n0 + row0, Lk, Dv, dv);
 }
 
 // Which dims of (B, Hq, Lq, Lk) the bias gradient is broadcast along (stride 0): a dbias block
@@ -269,6 +273,7 @@ __global__ void dbias_kernel(BackwardParams params) {
   const BiasOwnership own = bias_ownership(params.dbias);
   const int B = static_cast<int>(p.batch), Hq = static_cast<int>(p.heads_q);
   const int Lq = static_cast<int>(p.seqlen_q), Lk = static_cast<int>(p.seqlen_k);
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
   const int group_size = Hq / static_cast<int>(p.heads_kv);
   const int lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
   const int row0 = threadIdx.x / 32 * 16;
@@ -306,16 +311,12 @@ __global__ void dbias_kernel(BackwardParams params) {
           if (n0 >= keys.end || n0 + kStream <= keys.begin) continue;  // nothing visible: zero terms
           __syncthreads();  // every warp is done with the previous tiles
           if (!rows_loaded) {
-            load_tile<T, kRows, kDim, kStride, Shape::kThreads>(q_smem, row_at<T>(params.q, b, h, m0), params.q.row,
-                                                                Lq - m0, static_cast<int>(p.head_dim));
-            load_tile<T, kRows, kDim, kStride, Shape::kThreads>(do_smem, row_at<T>(params.dout, b, h, m0),
-                                                                params.dout.row, Lq - m0, static_cast<int>(p.head_dim_v));
+            load_rows<T, kRows, kDim, kStride, Shape::kThreads>(q_smem, params.q, b, h, m0, Lq - m0, D);
+            load_rows<T, kRows, kDim, kStride, Shape::kThreads>(do_smem, params.dout, b, h, m0, Lq - m0, Dv);
             rows_loaded = true;
           }
-          load_tile<T, kStream, kDim, kStride, Shape::kThreads>(k_smem, row_at<T>(params.k, b, hk, n0), params.k.row,
-                                                                Lk - n0, static_cast<int>(p.head_dim));
-          load_tile<T, kStream, kDim, kStride, Shape::kThreads>(v_smem, row_at<T>(params.v, b, hk, n0), params.v.row,
-                                                                Lk - n0, static_cast<int>(p.head_dim_v));
+          load_rows<T, kStream, kDim, kStride, Shape::kThreads>(k_smem, params.k, b, hk, n0, Lk - n0, D);
+          load_rows<T, kStream, kDim, kStride, Shape::kThreads>(v_smem, params.v, b, hk, n0, Lk - n0, Dv);
           ptx::cp_async_commit();
           ptx::cp_async_wait<0>();
           __syncthreads();
