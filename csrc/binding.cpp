@@ -411,7 +411,7 @@ std::string cpu_isa() { return select_kernels().isa; }
 
 
 #ifdef FUSED_ATTN_WITH_CUDA
-// ---- The CUDA kernels (csrc/cuda/): dense calls only; packed ones are left to other backends. ----
+// ---- The CUDA kernels (csrc/cuda/): dense calls and KV caches; packed ones are left to other backends. ----
 
 #ifdef FUSED_ATTN_EMULATOR
 constexpr at::DeviceType kCudaDeviceType = at::kCPU;  // the emulator runs the kernels on CPU tensors

@@ -10,19 +10,26 @@ import subprocess
 import pytest
 import torch
 
-from cuda_emulator.build import BUILD_DIR, CSRC, HERE
+from cuda_emulator.build import BUILD_DIR, CSRC, HERE, inputs_hash
 
 WARP = 32
 
 
 @pytest.fixture(scope="module")
 def selftest():
-    """Builds selftest.cpp with the emulator; returns run(mode, words) -> output words."""
-    binary = os.path.join(BUILD_DIR, "selftest")
-    os.makedirs(BUILD_DIR, exist_ok=True)
-    subprocess.run(["g++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", "-DFUSED_ATTN_EMULATOR", f"-I{HERE}",
-                    f"-I{os.path.join(CSRC, 'cuda')}", os.path.join(HERE, "selftest.cpp"),
-                    os.path.join(HERE, "fused_attn_emulator.cpp"), "-o", binary], check=True)
+    """Builds selftest.cpp with the emulator (once per version of the sources, each build under its
+    own name and then renamed, so parallel test processes never run a half-written binary);
+    returns run(mode, words) -> output words."""
+    sources = [os.path.join(HERE, name) for name in ("selftest.cpp", "fused_attn_emulator.cpp",
+                                                     "fused_attn_emulator.h")]
+    sources.append(os.path.join(CSRC, "cuda", "cuda_api.cuh"))
+    binary = os.path.join(BUILD_DIR, f"selftest-{inputs_hash(sources)}")
+    if not os.path.exists(binary):
+        os.makedirs(BUILD_DIR, exist_ok=True)
+        temporary = f"{binary}.{os.getpid()}.tmp"
+        subprocess.run(["g++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", "-DFUSED_ATTN_EMULATOR", f"-I{HERE}",
+                        f"-I{os.path.join(CSRC, 'cuda')}", *sources[:2], "-o", temporary], check=True)
+        os.replace(temporary, binary)
 
     def run(mode, words=()):
         result = subprocess.run([binary, mode], input="\n".join(str(w) for w in words), capture_output=True, text=True,

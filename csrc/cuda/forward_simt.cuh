@@ -42,7 +42,7 @@ __global__ void forward_kernel(ForwardParams params) {
   auto load_keys = [&](float* smem, const Strided& s, int n0, int cols) {
     auto row_at = [&](int r) { return key_row<float>(s, params.cache, b, h_kv, n0 + r); };
     load_tile<float, kBlockN, kDim, kStride, kThreads>(smem, row_at, static_cast<int>(p.seqlen_k) - n0, cols,
-                                                    static_cast<const float*>(s.data));
+                                                        static_cast<const float*>(s.data));
   };
 
   const HeadScores scores(p, b, h);

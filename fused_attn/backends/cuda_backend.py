@@ -12,6 +12,7 @@ suite also instantiates it on the emulated build of the same kernels (tests/cuda
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Optional
 
@@ -28,8 +29,10 @@ MAX_HEAD_DIM = 256  # csrc/cuda/launch.h, kMaxHeadDim
 BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native_cuda.txt")
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_build_error() -> Optional[str]:
-    """None when fused_attn._native has the CUDA kernels, else why it has not."""
+    """None when fused_attn._native has the CUDA kernels, else why it has not (found once: dispatch
+    asks on every call)."""
     error = native.load_error()
     if error is not None:
         return error
