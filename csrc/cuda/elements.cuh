@@ -1,5 +1,6 @@
-// The 16-bit element types of the tensor-core kernels, as one traits struct each: rounding from
-// fp32 (to nearest even), two floats packed into a 32-bit register of an mma fragment, and the
+// The element types the kernels read and write, as one traits struct each: conversion to and from
+// fp32 (round to nearest even; the backward's dtype-generic kernels use these for every type), and
+// for the 16-bit ones, two floats packed into a 32-bit register of an mma fragment and the
 // tensor-core product that reads them. Plus element addressing for every type.
 #pragma once
 
@@ -14,7 +15,14 @@ template <typename T>
 struct Element;
 
 template <>
+struct Element<float> {
+  static __device__ __forceinline__ float to_float(float x) { return x; }
+  static __device__ __forceinline__ float from_float(float x) { return x; }
+};
+
+template <>
 struct Element<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
   // lo in the low 16 bits (the lower column of a fragment pair), hi in the high ones.
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -30,6 +38,7 @@ struct Element<__half> {
 
 template <>
 struct Element<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
