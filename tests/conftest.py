@@ -5,6 +5,7 @@ before the kernels are imported (FACTS.md). Every kernel output starts as NaN, s
 kernel forgets to write fails the accuracy checks.
 """
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -71,3 +72,45 @@ def fresh_seed():
     torch.manual_seed(seed)
     print(f"torch.manual_seed({seed})")  # shown with a failure's captured output
     yield seed
+
+
+# --- the cuda backend: on the CPU emulator (tests/cuda_emulator/), and natively where it runs ----
+
+CUDA_EMULATED = "cuda_emulated"
+
+
+class Target(NamedTuple):
+    """A backend name for fused_attn.attention and the device of its tensors."""
+    name: str
+    device: torch.device
+
+
+@pytest.fixture(scope="session")
+def emulated_ops():
+    """The CUDA kernels and their binding compiled for the emulator (torch.ops.fused_attn_emulated)."""
+    from cuda_emulator.build import load_emulated_ops
+
+    return load_emulated_ops()
+
+
+@pytest.fixture
+def emulated(emulated_ops, monkeypatch):
+    """The cuda backend class on the emulated ops and CPU tensors, registered for this test."""
+    from fused_attn.backends import BACKENDS
+    from fused_attn.backends.cuda_backend import CudaBackend
+
+    backend = CudaBackend(CUDA_EMULATED, ops=lambda: emulated_ops, device_type="cpu", availability=lambda: None,
+                          stream=lambda device: 0)
+    monkeypatch.setitem(BACKENDS, CUDA_EMULATED, backend)
+    return Target(CUDA_EMULATED, torch.device("cpu"))
+
+
+CUDA_NATIVE = [] if fused_attn.backends.BACKENDS["cuda"].unavailable_reason() is not None else ["native"]
+
+
+@pytest.fixture(params=["emulated"] + CUDA_NATIVE)
+def cuda(request):
+    """The emulated cuda backend, and the real one on CUDA tensors where it is available."""
+    if request.param == "native":
+        return Target("cuda", torch.device("cuda"))
+    return request.getfixturevalue("emulated")

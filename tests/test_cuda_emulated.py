@@ -9,54 +9,19 @@ Shapes are small (the emulator runs every CUDA thread as a fiber) but cross ever
 64 query rows per block on tensor cores, 32 in fp32; 64 keys per block (32 for head dims > 128).
 """
 import math
-from typing import NamedTuple
 
 import pytest
 import torch
 
 import test_kvcache as kvcache_tests
-from cuda_emulator.build import load_emulated_ops
 from oracle import assert_accurate, naive_attention, random_qkv
 
 import fused_attn
 from fused_attn.backends import BACKENDS, cuda_backend
-from fused_attn.backends.cuda_backend import CudaBackend
 from fused_attn.options import AttentionOptions, AttentionTensors
 
 CPU = torch.device("cpu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-EMULATED = "cuda_emulated"
-
-
-@pytest.fixture(scope="module")
-def emulated_ops():
-    return load_emulated_ops()
-
-
-class Target(NamedTuple):
-    """A backend name for fused_attn.attention and the device of its tensors."""
-    name: str
-    device: torch.device
-
-
-@pytest.fixture
-def emulated(emulated_ops, monkeypatch):
-    """The emulated cuda backend, registered for this test."""
-    backend = CudaBackend(EMULATED, ops=lambda: emulated_ops, device_type="cpu", availability=lambda: None,
-                          stream=lambda device: 0)
-    monkeypatch.setitem(BACKENDS, EMULATED, backend)
-    return Target(EMULATED, CPU)
-
-
-NATIVE = [] if BACKENDS["cuda"].unavailable_reason() is not None else ["native"]
-
-
-@pytest.fixture(params=["emulated"] + NATIVE)
-def cuda(request):
-    """The emulated backend, and the real one on CUDA tensors where it is available."""
-    if request.param == "native":
-        return Target("cuda", torch.device("cuda"))
-    return request.getfixturevalue("emulated")
 
 
 def check_forward(target, shape, dtype, sequence_major=False, qkv=None, **keywords):

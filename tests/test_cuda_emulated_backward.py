@@ -9,52 +9,15 @@ also run on it with CUDA tensors.
 The emulator runs each CUDA thread as a fiber, so shapes stay small; they still cross the block
 boundaries (64 rows for 16-bit inputs, 32 or 64 for fp32) where it matters.
 """
-from typing import NamedTuple
-
 import pytest
 import torch
 
-from cuda_emulator.build import load_emulated_ops
 from oracle import check_against_oracle, random_qkv
 
 import fused_attn
-from fused_attn.backends import BACKENDS
-from fused_attn.backends.cuda_backend import CudaBackend
 
-EMULATED = "cuda_emulated"
 CPU = torch.device("cpu")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-
-
-class Target(NamedTuple):
-    """A backend name for fused_attn.attention and the device of its tensors."""
-    name: str
-    device: torch.device
-
-
-@pytest.fixture(scope="module")
-def emulated_ops():
-    return load_emulated_ops()
-
-
-@pytest.fixture
-def emulated(emulated_ops, monkeypatch):
-    """The emulated cuda backend, registered for this test."""
-    backend = CudaBackend(EMULATED, ops=lambda: emulated_ops, device_type="cpu", availability=lambda: None,
-                          stream=lambda device: 0)
-    monkeypatch.setitem(BACKENDS, EMULATED, backend)
-    return Target(EMULATED, CPU)
-
-
-NATIVE = [] if BACKENDS["cuda"].unavailable_reason() is not None else ["native"]
-
-
-@pytest.fixture(params=["emulated"] + NATIVE)
-def cuda(request):
-    """The emulated backend, and the real one on CUDA tensors where it is available."""
-    if request.param == "native":
-        return Target("cuda", torch.device("cuda"))
-    return request.getfixturevalue("emulated")
 
 
 def check(target, shape, dtype, **keywords):

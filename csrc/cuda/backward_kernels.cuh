@@ -104,12 +104,12 @@ template <typename T, int kTiles>
 __device__ __forceinline__ void store_stripe(const Strided& s, int b, int h, int row0, int valid_rows, int cols,
                                              const float (&acc)[kTiles][4]) {
   const int lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
-  FUSED_ATTN_UNROLL
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = row0 + group + 8 * r;
     if (i >= valid_rows) continue;
     T* row = row_at<T>(s, b, h, i);
-    FUSED_ATTN_UNROLL
+    #pragma unroll
     for (int n = 0; n < kTiles; ++n)
       for (int e = 0; e < 2; ++e) {
         const int col = 8 * n + 2 * t + e;
@@ -159,7 +159,7 @@ __global__ void dq_kernel(BackwardParams params) {
   load_rows<T, kRows, kDim, kStride, Shape::kThreads>(do_smem, params.dout, b, h, q0, Lq - q0, Dv);
 
   float lse[2], delta[2];  // of rows group and group + 8 of the warp's stripe
-  FUSED_ATTN_UNROLL
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = q0 + row0 + group + 8 * r;
     lse[r] = i < Lq ? backward_lse(row_value(params.lse, b, h, i)) : INFINITY;
@@ -179,7 +179,7 @@ __global__ void dq_kernel(BackwardParams params) {
     float s[kStream / 8][4] = {}, dp[kStream / 8][4] = {};
     product_rows<T, kDim>(s, q_smem + row0 * kStride, k_smem, kStride);     // Q K^T
     product_rows<T, kDim>(dp, do_smem + row0 * kStride, v_smem, kStride);  // dO V^T
-    FUSED_ATTN_UNROLL
+    #pragma unroll
     for (int n = 0; n < kStream / 8; ++n)
       for (int e = 0; e < 4; ++e) {
         const int i = q0 + row0 + group + 8 * (e / 2), j = n0 + 8 * n + 2 * t + e % 2;
@@ -238,7 +238,7 @@ __global__ void dkdv_kernel(BackwardParams params) {
       float st[kStream / 8][4] = {}, dpt[kStream / 8][4] = {};  // S^T and dP^T: keys are rows here
       product_rows<T, kDim>(st, k_smem + row0 * kStride, q_smem, kStride);    // K Q^T
       if constexpr (kKeys) product_rows<T, kDim>(dpt, v_smem + row0 * kStride, do_smem, kStride);  // V dO^T
-      FUSED_ATTN_UNROLL
+      #pragma unroll
       for (int n = 0; n < kStream / 8; ++n)
         for (int e = 0; e < 4; ++e) {
           const int j = n0 + row0 + group + 8 * (e / 2), r = 8 * n + 2 * t + e % 2;
@@ -300,7 +300,7 @@ __global__ void dbias_kernel(BackwardParams params) {
       for (int m0 = m_first; m0 < m_end; m0 += kRows) {
         const KeyRange keys = visible_keys(p, m0, Lq - m0 < kRows ? Lq - m0 : kRows);
         float lse[2], delta[2];
-        FUSED_ATTN_UNROLL
+        #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int i = m0 + row0 + group + 8 * r;
           lse[r] = i < Lq ? backward_lse(row_value(params.lse, b, h, i)) : INFINITY;
@@ -324,7 +324,7 @@ __global__ void dbias_kernel(BackwardParams params) {
           float s[kStream / 8][4] = {}, dp[kStream / 8][4] = {};
           product_rows<T, kDim>(s, q_smem + row0 * kStride, k_smem, kStride);
           product_rows<T, kDim>(dp, do_smem + row0 * kStride, v_smem, kStride);
-          FUSED_ATTN_UNROLL
+          #pragma unroll
           for (int n = 0; n < kStream / 8; ++n)
             for (int e = 0; e < 4; ++e) {
               const int i = m0 + row0 + group + 8 * (e / 2), j = n0 + 8 * n + 2 * t + e % 2;
@@ -338,7 +338,7 @@ __global__ void dbias_kernel(BackwardParams params) {
   __syncthreads();
   constexpr int kSumStride = kStream + 1;
   float* sums = reinterpret_cast<float*>(dynamic_shared_memory());
-  FUSED_ATTN_UNROLL
+  #pragma unroll
   for (int n = 0; n < kStream / 8; ++n)
     for (int e = 0; e < 4; ++e) sums[(row0 + group + 8 * (e / 2)) * kSumStride + 8 * n + 2 * t + e % 2] = sum[n][e];
   __syncthreads();

@@ -10,14 +10,6 @@
 
 #include "elements.cuh"
 
-// Loops over register arrays must be unrolled, or nvcc moves the arrays to local memory; the
-// emulator's compiler does not know the pragma.
-#ifdef __CUDACC__
-#define FUSED_ATTN_UNROLL _Pragma("unroll")
-#else
-#define FUSED_ATTN_UNROLL
-#endif
-
 namespace fused_attn::cuda::backward {
 
 // acc (16 x 8 kTiles) += A B^T, A being the 16 rows at `a` and B the 8 kTiles rows at `b`, both
@@ -30,7 +22,7 @@ __device__ __forceinline__ void product_rows(float (&acc)[kTiles][4], const T* a
     const int group = lane / 4, col = 2 * (lane % 4);
     for (int k = 0; k < kDepth; ++k) {
       const float a0 = a[group * stride + k], a1 = a[(group + 8) * stride + k];
-      FUSED_ATTN_UNROLL
+      #pragma unroll
       for (int n = 0; n < kTiles; ++n) {
         const float b0 = b[(8 * n + col) * stride + k], b1 = b[(8 * n + col + 1) * stride + k];
         acc[n][0] = fmaf(a0, b0, acc[n][0]);
@@ -44,7 +36,7 @@ __device__ __forceinline__ void product_rows(float (&acc)[kTiles][4], const T* a
     for (int kk = 0; kk < kDepth; kk += 16) {
       uint32_t fragment[4];
       ptx::ldmatrix_x4(fragment, a + (lane & 15) * stride + kk + (lane >> 4) * 8);
-      FUSED_ATTN_UNROLL
+      #pragma unroll
       for (int n = 0; n < kTiles; n += 2) {
         uint32_t b4[4];  // B fragments of column tiles n and n + 1
         ptx::ldmatrix_x4(b4, b + (8 * n + (lane & 7) + (lane >> 4) * 8) * stride + kk + ((lane >> 3) & 1) * 8);
@@ -65,7 +57,7 @@ __device__ __forceinline__ void product_held(float (&acc)[kTiles][4], const floa
   if constexpr (std::is_same_v<T, float>) {
     // Row group's 8 columns of tile k are spread over the lanes 4 * group + source: fetch them.
     const int col = 2 * (lane % 4);
-    FUSED_ATTN_UNROLL
+    #pragma unroll
     for (int k = 0; k < kInner; ++k)
       for (int source = 0; source < 4; ++source) {
         const int from = (lane & ~3) | source;
@@ -73,7 +65,7 @@ __device__ __forceinline__ void product_held(float (&acc)[kTiles][4], const floa
         const float x2 = __shfl_sync(0xffffffffu, a[k][2], from), x3 = __shfl_sync(0xffffffffu, a[k][3], from);
         const float* row0 = b + (8 * k + 2 * source) * stride;  // rows of A's columns 2 source, 2 source + 1
         const float* row1 = row0 + stride;
-        FUSED_ATTN_UNROLL
+        #pragma unroll
       for (int n = 0; n < kTiles; ++n) {
           const int c = 8 * n + col;
           acc[n][0] = fmaf(x1, row1[c], fmaf(x0, row0[c], acc[n][0]));
@@ -85,14 +77,14 @@ __device__ __forceinline__ void product_held(float (&acc)[kTiles][4], const floa
   } else {
     static_assert(kInner % 2 == 0 && kTiles % 2 == 0, "whole 16 x 16 fragments");
     using E = Element<T>;
-    FUSED_ATTN_UNROLL
+    #pragma unroll
     for (int kc = 0; kc < kInner / 2; ++kc) {
       // The accumulator fragments of columns 16 kc .. 16 kc + 15 are the A fragment of those
       // columns (PTX ISA layouts: columns 2t, 2t + 1 of rows group and group + 8 in both).
       const uint32_t fragment[4] = {E::pack(a[2 * kc][0], a[2 * kc][1]), E::pack(a[2 * kc][2], a[2 * kc][3]),
                                     E::pack(a[2 * kc + 1][0], a[2 * kc + 1][1]),
                                     E::pack(a[2 * kc + 1][2], a[2 * kc + 1][3])};
-      FUSED_ATTN_UNROLL
+      #pragma unroll
       for (int n = 0; n < kTiles; n += 2) {
         uint32_t b4[4];  // B fragments of column tiles n and n + 1, from row-major B by .trans
         ptx::ldmatrix_x4_trans(b4, b + (16 * kc + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + 8 * n + (lane >> 4) * 8);

@@ -5,6 +5,9 @@
 // With FUSED_ATTN_EMULATOR the same names come from tests/cuda_emulator/fused_attn_emulator.h,
 // which runs kernels on the CPU (one fiber per CUDA thread) so CI can test them without a GPU.
 // Kernels must use nothing CUDA-specific beyond what both halves provide (see that header).
+//
+// Loops over register arrays carry `#pragma unroll`: without it nvcc moves the arrays to local
+// memory (tests/test_cuda_compile.py makes that an error). The emulator's g++ ignores the pragma.
 #pragma once
 
 #ifdef FUSED_ATTN_EMULATOR
