@@ -118,13 +118,35 @@ __device__ __forceinline__ void store_stripe(const Strided& s, int b, int h, int
   }
 }
 
+// The call as the blocks of batch b see it (scores.cuh, sequence_params): for a packed batch,
+// sequence b's lengths and shift, and every tensor from the sequence's first rows on.
+template <typename T>
+__device__ __forceinline__ BackwardParams sequence_params(BackwardParams params, int b) {
+  if (params.packed.cu_seqlens_q == nullptr) return params;
+  const SequenceRows rows = sequence_rows(params.packed, b);
+  restrict_to(params.p, rows, params.packed.bottom_right);
+  params.q = from_row<T>(params.q, rows.q_start);
+  params.out = from_row<T>(params.out, rows.q_start);
+  params.dout = from_row<T>(params.dout, rows.q_start);
+  params.dq = from_row<T>(params.dq, rows.q_start);
+  params.k = from_row<T>(params.k, rows.k_start);
+  params.v = from_row<T>(params.v, rows.k_start);
+  params.dk = from_row<T>(params.dk, rows.k_start);
+  params.dv = from_row<T>(params.dv, rows.k_start);
+  params.lse = from_row(params.lse, rows.q_start);
+  params.dlse = from_row(params.dlse, rows.q_start);
+  params.delta = from_row(params.delta, rows.q_start);
+  return params;
+}
+
 constexpr int kDeltaWarps = 4;
 constexpr int kDeltaRows = 16;  // query rows per delta block
 
 template <typename T>
-__global__ void delta_kernel(BackwardParams params) {
-  const Problem& p = params.p;
+__global__ void delta_kernel(BackwardParams call) {
   const int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const BackwardParams params = sequence_params<T>(call, b);
+  const Problem& p = params.p;
   for (int r = warp; r < kDeltaRows; r += kDeltaWarps) {
     const int i = blockIdx.x * kDeltaRows + r;
     if (i >= p.seqlen_q) break;  // the whole warp leaves together
@@ -140,11 +162,13 @@ __global__ void delta_kernel(BackwardParams params) {
 }
 
 template <typename T, int kDim>
-__global__ void dq_kernel(BackwardParams params) {
+__global__ void dq_kernel(BackwardParams call) {
   using Shape = Tiles<T, kDim>;
   constexpr int kRows = Shape::kRows, kStream = Shape::kStream, kStride = Shape::kStride;
-  const Problem& p = params.p;
   const int q0 = blockIdx.x * kRows, h = blockIdx.y, b = blockIdx.z;
+  const BackwardParams params = sequence_params<T>(call, b);
+  const Problem& p = params.p;
+  if (q0 >= p.seqlen_q) return;  // past the end of a shorter packed sequence: no rows
   const int hk = h / (p.heads_q / p.heads_kv);
   const int Lq = static_cast<int>(p.seqlen_q), Lk = static_cast<int>(p.seqlen_k);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
@@ -197,12 +221,14 @@ __global__ void dq_kernel(BackwardParams params) {
 enum class KeyGradients { Both, Keys, Values };
 
 template <typename T, int kDim, KeyGradients kWhich>
-__global__ void dkdv_kernel(BackwardParams params) {
+__global__ void dkdv_kernel(BackwardParams call) {
   using Shape = Tiles<T, kDim>;
   constexpr bool kKeys = kWhich != KeyGradients::Values, kValues = kWhich != KeyGradients::Keys;
   constexpr int kRows = Shape::kRows, kStream = Shape::kQueryStream, kStride = Shape::kStride;
-  const Problem& p = params.p;
   const int n0 = blockIdx.x * kRows, hk = blockIdx.y, b = blockIdx.z;
+  const BackwardParams params = sequence_params<T>(call, b);
+  const Problem& p = params.p;
+  if (n0 >= p.seqlen_k) return;  // past the end of a shorter packed sequence: no keys
   const int group_size = static_cast<int>(p.heads_q / p.heads_kv);
   const int Lq = static_cast<int>(p.seqlen_q), Lk = static_cast<int>(p.seqlen_k);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
