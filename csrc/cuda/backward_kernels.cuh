@@ -138,6 +138,12 @@ __device__ __forceinline__ BackwardParams sequence_params(BackwardParams params,
   params.delta = from_row(params.delta, rows.q_start);
   return params;
 }
+// The first packed query row of batch b (0 for a dense call), for kernels that index the call's
+// own query-side tensors from it instead of keeping moved pointers live (dk/dv: one register
+// instead of four pointers, at the register limit for head dim 64).
+__device__ __forceinline__ int query_start(const Packed& packed, int b) {
+  return packed.cu_seqlens_q == nullptr ? 0 : packed.cu_seqlens_q[b];
+}
 
 constexpr int kDeltaWarps = 4;
 constexpr int kDeltaRows = 16;  // query rows per delta block
@@ -226,9 +232,10 @@ __global__ void dkdv_kernel(BackwardParams call) {
   constexpr bool kKeys = kWhich != KeyGradients::Values, kValues = kWhich != KeyGradients::Keys;
   constexpr int kRows = Shape::kRows, kStream = Shape::kQueryStream, kStride = Shape::kStride;
   const int n0 = blockIdx.x * kRows, hk = blockIdx.y, b = blockIdx.z;
-  const BackwardParams params = sequence_params<T>(call, b);
+  const BackwardParams params = sequence_params<T>(call, b);  // its query side unused: see query_start
   const Problem& p = params.p;
   if (n0 >= p.seqlen_k) return;  // past the end of a shorter packed sequence: no keys
+  const int q_start = query_start(call.packed, b);
   const int group_size = static_cast<int>(p.heads_q / p.heads_kv);
   const int Lq = static_cast<int>(p.seqlen_q), Lk = static_cast<int>(p.seqlen_k);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
@@ -250,12 +257,12 @@ __global__ void dkdv_kernel(BackwardParams call) {
     const int h = hk * group_size + g;
     const HeadScores scores(p, b, h);
     for (int m0 = queries.begin / kStream * kStream; m0 < queries.end; m0 += kStream) {
-      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(q_smem, params.q, b, h, m0, Lq - m0, D);
-      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(do_smem, params.dout, b, h, m0, Lq - m0, Dv);
+      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(q_smem, call.q, b, h, q_start + m0, Lq - m0, D);
+      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(do_smem, call.dout, b, h, q_start + m0, Lq - m0, Dv);
       for (int r = threadIdx.x; r < kStream; r += Shape::kThreads) {
         const int i = m0 + r;
-        lse_smem[r] = i < Lq ? backward_lse(row_value(params.lse, b, h, i)) : INFINITY;
-        delta_smem[r] = i < Lq ? row_value(params.delta, b, h, i) : 0.f;
+        lse_smem[r] = i < Lq ? backward_lse(row_value(call.lse, b, h, q_start + i)) : INFINITY;
+        delta_smem[r] = i < Lq ? row_value(call.delta, b, h, q_start + i) : 0.f;
       }
       ptx::cp_async_commit();
       ptx::cp_async_wait<0>();
