@@ -138,11 +138,22 @@ __device__ __forceinline__ BackwardParams sequence_params(BackwardParams params,
   params.delta = from_row(params.delta, rows.q_start);
   return params;
 }
-// The first packed query row of batch b (0 for a dense call), for kernels that index the call's
-// own query-side tensors from it instead of keeping moved pointers live (dk/dv: one register
-// instead of four pointers, at the register limit for head dim 64).
-__device__ __forceinline__ int query_start(const Packed& packed, int b) {
-  return packed.cu_seqlens_q == nullptr ? 0 : packed.cu_seqlens_q[b];
+// Batch b as a kernel that indexes the call's own tensors sees it: the problem restricted to the
+// sequence, and the sequence's first query and key rows (0 for a dense call). The dk/dv kernel,
+// at the register limit, uses this rather than sequence_params: two ints live, not moved pointers.
+struct SequenceStart {
+  Problem p;
+  int q_row, k_row;
+};
+__device__ __forceinline__ SequenceStart sequence_start(const BackwardParams& params, int b) {
+  SequenceStart start{params.p, 0, 0};
+  if (params.packed.cu_seqlens_q != nullptr) {
+    const SequenceRows rows = sequence_rows(params.packed, b);
+    restrict_to(start.p, rows, params.packed.bottom_right);
+    start.q_row = static_cast<int>(rows.q_start);
+    start.k_row = static_cast<int>(rows.k_start);
+  }
+  return start;
 }
 
 constexpr int kDeltaWarps = 4;
@@ -227,15 +238,14 @@ __global__ void dq_kernel(BackwardParams call) {
 enum class KeyGradients { Both, Keys, Values };
 
 template <typename T, int kDim, KeyGradients kWhich>
-__global__ void dkdv_kernel(BackwardParams call) {
+__global__ void dkdv_kernel(BackwardParams params) {
   using Shape = Tiles<T, kDim>;
   constexpr bool kKeys = kWhich != KeyGradients::Values, kValues = kWhich != KeyGradients::Keys;
   constexpr int kRows = Shape::kRows, kStream = Shape::kQueryStream, kStride = Shape::kStride;
   const int n0 = blockIdx.x * kRows, hk = blockIdx.y, b = blockIdx.z;
-  const BackwardParams params = sequence_params<T>(call, b);  // its query side unused: see query_start
-  const Problem& p = params.p;
+  const SequenceStart start = sequence_start(params, b);  // rows below are local to the sequence
+  const Problem& p = start.p;
   if (n0 >= p.seqlen_k) return;  // past the end of a shorter packed sequence: no keys
-  const int q_start = query_start(call.packed, b);
   const int group_size = static_cast<int>(p.heads_q / p.heads_kv);
   const int Lq = static_cast<int>(p.seqlen_q), Lk = static_cast<int>(p.seqlen_k);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
@@ -248,8 +258,8 @@ __global__ void dkdv_kernel(BackwardParams call) {
   T* do_smem = q_smem + kStream * kStride;
   float* lse_smem = reinterpret_cast<float*>(do_smem + kStream * kStride);
   float* delta_smem = lse_smem + kStream;
-  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(k_smem, params.k, b, hk, n0, Lk - n0, D);
-  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(v_smem, params.v, b, hk, n0, Lk - n0, Dv);
+  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(k_smem, params.k, b, hk, start.k_row + n0, Lk - n0, D);
+  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(v_smem, params.v, b, hk, start.k_row + n0, Lk - n0, Dv);
   const KeyRange queries = visible_queries(p, n0, Lk - n0 < kRows ? Lk - n0 : kRows);
 
   float dk[kKeys ? kDim / 8 : 1][4] = {}, dv[kValues ? kDim / 8 : 1][4] = {};
@@ -257,12 +267,12 @@ __global__ void dkdv_kernel(BackwardParams call) {
     const int h = hk * group_size + g;
     const HeadScores scores(p, b, h);
     for (int m0 = queries.begin / kStream * kStream; m0 < queries.end; m0 += kStream) {
-      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(q_smem, call.q, b, h, q_start + m0, Lq - m0, D);
-      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(do_smem, call.dout, b, h, q_start + m0, Lq - m0, Dv);
+      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(q_smem, params.q, b, h, start.q_row + m0, Lq - m0, D);
+      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(do_smem, params.dout, b, h, start.q_row + m0, Lq - m0, Dv);
       for (int r = threadIdx.x; r < kStream; r += Shape::kThreads) {
         const int i = m0 + r;
-        lse_smem[r] = i < Lq ? backward_lse(row_value(call.lse, b, h, q_start + i)) : INFINITY;
-        delta_smem[r] = i < Lq ? row_value(call.delta, b, h, q_start + i) : 0.f;
+        lse_smem[r] = i < Lq ? backward_lse(row_value(params.lse, b, h, start.q_row + i)) : INFINITY;
+        delta_smem[r] = i < Lq ? row_value(params.delta, b, h, start.q_row + i) : 0.f;
       }
       ptx::cp_async_commit();
       ptx::cp_async_wait<0>();
@@ -285,8 +295,9 @@ __global__ void dkdv_kernel(BackwardParams call) {
     }
   }
   ptx::cp_async_wait<0>();  // K and V, when no query block was visible
-  if constexpr (kKeys) store_stripe<T>(params.dk, b, hk, n0 + row0, Lk, D, dk);
-  if constexpr (kValues) store_stripe<T>(params.dv, b, hk, n0 + row0, Lk, Dv, dv);
+  const int first = start.k_row + n0 + row0, end = start.k_row + Lk;  // the warp's rows, in packed rows
+  if constexpr (kKeys) store_stripe<T>(params.dk, b, hk, first, end, D, dk);
+  if constexpr (kValues) store_stripe<T>(params.dv, b, hk, first, end, Dv, dv);
 }
 
 // Which dims of (B, Hq, Lq, Lk) the bias gradient is broadcast along (stride 0): a dbias block
