@@ -192,10 +192,19 @@ cpu::Variants variants_of(int64_t B, int64_t Hq, int64_t window_left, int64_t wi
   "Tensor? alibi_slopes=None, Tensor? mask=None, Tensor? bias=None, Tensor? dropout_seed=None, "               \
   "float dropout_p=0., Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None"
 
+// cu_seqlens left on the device (the CUDA ops: the kernels read them, so no host sync): its
+// dtype, shape and layout checked; its values are fused_attn/varlen.py's to check.
+void check_device_lengths(const Tensor& t, const char* name, int64_t entries, at::Device device) {
+  check_tensor(t, name, at::kInt, {entries}, device);
+  TORCH_CHECK(t.is_contiguous(), "fused_attn_native: ", name, " must be contiguous");
+}
+
 // Checks q, k, v against each other and the variants' tensors against them, all on `device`.
 // The dropout key is read here from a CPU seed; on other devices the kernels read it themselves.
+// Packed lengths are read from cu_seqlens on the host, unless `longest` gives the longest query
+// and key sequences (then cu_seqlens stay on the device, see check_device_lengths).
 Call call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS,
-             at::Device device = at::kCPU) {
+             at::Device device = at::kCPU, std::optional<std::pair<int64_t, int64_t>> longest = std::nullopt) {
   const bool packed = q.dim() == 3;
   TORCH_CHECK(cu_seqlens_q.has_value() == packed && cu_seqlens_k.has_value() == packed,
               "fused_attn_native: packed (total, H, D) inputs come with cu_seqlens_q and cu_seqlens_k, and only they");
@@ -211,8 +220,19 @@ Call call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIA
     check_tensor(k, "k", q.scalar_type(), {k.size(0), Hkv, D}, device);
     check_tensor(v, "v", q.scalar_type(), {k.size(0), Hkv, Dv}, device);
     TORCH_CHECK(B > 0, "fused_attn_native: cu_seqlens_q must have batch + 1 >= 2 entries");
-    call.seqlens_q = lengths_of(*cu_seqlens_q, "cu_seqlens_q", B + 1, true, q.size(0));
-    call.seqlens_k = lengths_of(*cu_seqlens_k, "cu_seqlens_k", B + 1, true, k.size(0));
+    if (longest) {
+      check_device_lengths(*cu_seqlens_q, "cu_seqlens_q", B + 1, device);
+      check_device_lengths(*cu_seqlens_k, "cu_seqlens_k", B + 1, device);
+      TORCH_CHECK(longest->first >= 0 && longest->first <= q.size(0) && longest->second >= 0 &&
+                      longest->second <= k.size(0),
+                  "fused_attn_native: max_seqlen_q and max_seqlen_k must be in [0, packed rows], got ",
+                  longest->first, " and ", longest->second);
+      call.seqlens_q = {longest->first};
+      call.seqlens_k = {longest->second};
+    } else {
+      call.seqlens_q = lengths_of(*cu_seqlens_q, "cu_seqlens_q", B + 1, true, q.size(0));
+      call.seqlens_k = lengths_of(*cu_seqlens_k, "cu_seqlens_k", B + 1, true, k.size(0));
+    }
     TORCH_CHECK(!mask && !bias, "fused_attn_native: packed inputs take no mask or bias");
   } else {
     check_tensor(k, "k", q.scalar_type(), {B, Hkv, k.size(2), D}, device);
@@ -411,7 +431,7 @@ std::string cpu_isa() { return select_kernels().isa; }
 
 
 #ifdef FUSED_ATTN_WITH_CUDA
-// ---- The CUDA kernels (csrc/cuda/): dense calls and KV caches; packed ones are left to other backends. ----
+// ---- The CUDA kernels (csrc/cuda/): dense and packed calls, and KV caches. ----
 
 #ifdef FUSED_ATTN_EMULATOR
 constexpr at::DeviceType kCudaDeviceType = at::kCPU;  // the emulator runs the kernels on CPU tensors
@@ -454,14 +474,14 @@ cuda::Problem cuda_problem(const Call& call, const std::optional<Tensor>& dropou
   return c;
 }
 
-// The checks every CUDA op makes beyond call_of's: the device, dense inputs, sizes the kernels
-// take, and contiguous last dims.
-Call cuda_call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS) {
+// The checks every CUDA op makes beyond call_of's: the device, sizes the kernels take, and
+// contiguous last dims. Packed calls give the longest sequences (max_seqlen_q/k: they size the
+// grid), as the kernels read cu_seqlens on the device.
+Call cuda_call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIANT_PARAMS,
+                  int64_t max_seqlen_q, int64_t max_seqlen_k) {
   TORCH_CHECK(q.device().type() == kCudaDeviceType, "fused_attn_native: q must be a ",
               at::DeviceTypeName(kCudaDeviceType), " tensor, got ", q.device());
-  TORCH_CHECK(q.dim() == 4 && !cu_seqlens_q && !cu_seqlens_k,
-              "fused_attn_native: the CUDA kernels take dense (B, H, L, D) inputs only, not packed ones");
-  const Call call = call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS, q.device());
+  const Call call = call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS, q.device(), std::pair{max_seqlen_q, max_seqlen_k});
   const cpu::Problem& p = call.p;
   TORCH_CHECK(p.head_dim <= cuda::kMaxHeadDim && p.head_dim_v <= cuda::kMaxHeadDim,
               "fused_attn_native: the CUDA kernels take head dims up to ", cuda::kMaxHeadDim, ", got D = ",
@@ -472,21 +492,33 @@ Call cuda_call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_
               "fused_attn_native: the CUDA kernels take up to 65535 batches and heads, got ", p.batch, " and ",
               p.heads_q);
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
-    TORCH_CHECK(t->stride(3) == 1, "fused_attn_native: ", name, " must have a contiguous last dim");
+    TORCH_CHECK(t->stride(-1) == 1, "fused_attn_native: ", name, " must have a contiguous last dim");
   return call;
+}
+
+// Where the kernels find the packed sequences (params.h, Packed); none for a dense call.
+cuda::Packed cuda_packed(const Call& call) {
+  cuda::Packed packed;
+  packed.cu_seqlens_q = call.p.cu_seqlens_q;
+  packed.cu_seqlens_k = call.p.cu_seqlens_k;
+  packed.bottom_right = call.p.variants.bottom_right;
+  return packed;
 }
 
 cudaStream_t stream_of(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)); }
 
+// Packed calls (q (total_q, Hq, D), cu_seqlens_q/k given) also take max_seqlen_q/k; their rows
+// past cu_seqlens_q[B] are left for the caller to fill (fused_attn/layout.py, fill_unused_rows).
 void cuda_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                  FUSED_ATTN_VARIANT_PARAMS, int64_t stream) {
-  const Call call = cuda_call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
+                  FUSED_ATTN_VARIANT_PARAMS, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t stream) {
+  const Call call = cuda_call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS, max_seqlen_q, max_seqlen_k);
   check_tensor(out, "out", q.scalar_type(), out_shape(q, v), q.device());
   check_tensor(lse, "lse", at::kFloat, lse_shape(q), q.device());
-  TORCH_CHECK(out.stride(3) == 1, "fused_attn_native: out must have a contiguous last dim");
+  TORCH_CHECK(out.stride(-1) == 1, "fused_attn_native: out must have a contiguous last dim");
   const c10::DeviceGuard guard(q.device());
   const cuda::ForwardParams params{cuda_problem(call, dropout_seed), cuda_strided(q), cuda_strided(k),
-                                   cuda_strided(v), cuda_strided(out), cuda_row_values(lse)};
+                                   cuda_strided(v), cuda_strided(out), cuda_row_values(lse), {},
+                                   cuda_packed(call)};
   const cudaError_t error = cuda::launch_forward(params, stream_of(stream));
   TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA forward failed to launch: ", cudaGetErrorString(error));
 }
@@ -496,8 +528,9 @@ void cuda_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
 // written whole (each element once, its broadcast terms summed in the kernel), not accumulated.
 void cuda_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv,
-                   FUSED_ATTN_VARIANT_PARAMS, const std::optional<Tensor>& dbias, int64_t stream) {
-  const Call call = cuda_call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
+                   FUSED_ATTN_VARIANT_PARAMS, const std::optional<Tensor>& dbias, int64_t max_seqlen_q,
+                   int64_t max_seqlen_k, int64_t stream) {
+  const Call call = cuda_call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS, max_seqlen_q, max_seqlen_k);
   const cpu::Problem& p = call.p;
   check_tensor(out, "out", q.scalar_type(), out_shape(q, v), q.device());
   check_tensor(dout, "dout", q.scalar_type(), out.sizes(), q.device());
@@ -508,7 +541,7 @@ void cuda_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, cons
   check_tensor(dv, "dv", q.scalar_type(), v.sizes(), q.device());
   for (const auto& [t, name] : {std::pair{&out, "out"}, std::pair{&dout, "dout"}, std::pair{&dq, "dq"},
                                 std::pair{&dk, "dk"}, std::pair{&dv, "dv"}})
-    TORCH_CHECK(t->stride(3) == 1, "fused_attn_native: ", name, " must have a contiguous last dim");
+    TORCH_CHECK(t->stride(-1) == 1, "fused_attn_native: ", name, " must have a contiguous last dim");
   if (dbias) {
     TORCH_CHECK(bias, "fused_attn_native: dbias without bias");
     check_tensor(*dbias, "dbias", at::kFloat, {p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, q.device());
@@ -522,6 +555,7 @@ void cuda_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, cons
                               cuda_strided(dv), cuda_row_values(lse_c), cuda_row_values(dlse_c),
                               cuda_row_values(delta)};
   if (dbias) params.dbias = cuda_strided(*dbias);
+  params.packed = cuda_packed(call);
   const cudaError_t error = cuda::launch_backward(params, stream_of(stream));
   TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA backward failed to launch: ", cudaGetErrorString(error));
 }
@@ -600,10 +634,10 @@ void cuda_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(FUSED_ATTN_CUDA_OPS, m) {
   m.def("cuda_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, " FUSED_ATTN_VARIANT_SCHEMA
-        ", int stream=0) -> ()");
+        ", int max_seqlen_q=0, int max_seqlen_k=0, int stream=0) -> ()");
   m.def("cuda_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSED_ATTN_VARIANT_SCHEMA
-        ", Tensor(d!)? dbias=None, int stream=0) -> ()");
+        ", Tensor(d!)? dbias=None, int max_seqlen_q=0, int max_seqlen_k=0, int stream=0) -> ()");
   m.def("cuda_kvcache_forward(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
         "Tensor(a!) out, Tensor(b!) lse, float scale, int window_left, int window_right, float softcap=0., "
         "Tensor? alibi_slopes=None, int stream=0) -> ()");

@@ -179,7 +179,7 @@ def test_refusals_and_op_errors(emulated, emulated_ops):
     seqlens = torch.tensor([0, 4], dtype=torch.int32)
     reasons = backend.unsupported_reasons(packed, packed, packed, AttentionTensors(cu_seqlens_q=seqlens,
                                                                                    cu_seqlens_k=seqlens), AttentionOptions())
-    assert any("packed" in r for r in reasons)
+    assert reasons == []  # packed calls are served (tests/test_cuda_emulated_backward.py, test_varlen*)
     assert any("float64" in r for r in backend.unsupported_reasons(q.double(), q.double(), q.double(),
                                                                    AttentionTensors(), AttentionOptions()))
     q, k, v = random_qkv(1, 2, 1, 4, 5, 8, 8, torch.float16, CPU)
@@ -189,9 +189,18 @@ def test_refusals_and_op_errors(emulated, emulated_ops):
     with pytest.raises(RuntimeError, match="head dims up to 256"):
         big = torch.zeros(1, 1, 2, 264, dtype=torch.float16)
         emulated_ops.cuda_forward(big, big, big, torch.empty_like(big), torch.empty(1, 1, 2), 1.0, -1, -1, False)
-    with pytest.raises(RuntimeError, match="dense"):
-        emulated_ops.cuda_forward(packed, packed, packed, torch.empty_like(packed), torch.empty(2, 4), 1.0, -1, -1,
-                                  False, cu_seqlens_q=seqlens, cu_seqlens_k=seqlens)
+    # Packed calls: cu_seqlens stay on the device, so the binding checks their form, not their values.
+    packed_out, packed_lse = torch.empty_like(packed), torch.empty(2, 4)
+    with pytest.raises(RuntimeError, match="cu_seqlens_k must be Int, got Long"):
+        emulated_ops.cuda_forward(packed, packed, packed, packed_out, packed_lse, 1.0, -1, -1, False,
+                                  cu_seqlens_q=seqlens, cu_seqlens_k=seqlens.long(), max_seqlen_q=4, max_seqlen_k=4)
+    with pytest.raises(RuntimeError, match=r"max_seqlen_q and max_seqlen_k must be in \[0, packed rows\]"):
+        emulated_ops.cuda_forward(packed, packed, packed, packed_out, packed_lse, 1.0, -1, -1, False,
+                                  cu_seqlens_q=seqlens, cu_seqlens_k=seqlens, max_seqlen_q=5, max_seqlen_k=4)
+    with pytest.raises(RuntimeError, match="packed inputs take no mask or bias"):
+        emulated_ops.cuda_forward(packed, packed, packed, packed_out, packed_lse, 1.0, -1, -1, False,
+                                  mask=torch.ones(1, 2, 4, 4, dtype=torch.bool), cu_seqlens_q=seqlens,
+                                  cu_seqlens_k=seqlens, max_seqlen_q=4, max_seqlen_k=4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks how a machine without a GPU reports the real backend")

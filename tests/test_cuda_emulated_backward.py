@@ -12,6 +12,7 @@ boundaries (64 rows for 16-bit inputs, 32 or 64 for fp32) where it matters.
 import pytest
 import torch
 
+import test_varlen as varlen_tests
 from oracle import check_against_oracle, random_qkv
 
 import fused_attn
@@ -155,3 +156,39 @@ def test_opcheck_with_every_feature(cuda):
     args = (q, k, v, bias, torch.rand(4, device=device), seed, None, None, 0.25, True, True, 20, -1, 5.0, 0.1, False,
             0, 0, cuda.name)
     torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
+
+
+# Packed (varlen) batches on the emulator: tests/test_varlen.py's checks (forward and gradients of
+# every sequence against float64 math run sequence by sequence: empty, one-row, Lq > Lk and
+# Lq < Lk sequences, multi-block ones, queries without keys) with CPU tensors. On a GPU that file
+# runs them on the real backend (conftest's varlen_backend).
+
+@pytest.mark.parametrize("keywords", [
+    pytest.param(dict(), id="full"),
+    pytest.param(dict(causal=True), id="causal-top-left"),
+    pytest.param(dict(causal=True, causal_alignment="bottom_right"), id="causal-bottom-right"),
+    pytest.param(dict(window=(4, 2), causal_alignment="bottom_right", softcap=5.0), id="window-softcap"),
+])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_varlen(emulated, monkeypatch, dtype, keywords):
+    monkeypatch.setattr(varlen_tests, "DEVICE", CPU)
+    varlen_tests.check_varlen(emulated.name, dtype, **keywords)
+
+
+@pytest.mark.parametrize("slopes_shape", [(varlen_tests.HQ,), (len(varlen_tests.LENGTHS_Q), varlen_tests.HQ)],
+                         ids=["per-head", "per-sequence"])
+def test_varlen_alibi(emulated, monkeypatch, slopes_shape):
+    monkeypatch.setattr(varlen_tests, "DEVICE", CPU)
+    varlen_tests.check_varlen(emulated.name, torch.float16, causal=True, alibi_slopes=torch.rand(slopes_shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_varlen_dropout(emulated, monkeypatch, dtype):
+    """The Philox counters of packed sequences: sequence index and local positions, as the cpu backend."""
+    monkeypatch.setattr(varlen_tests, "DEVICE", CPU)
+    varlen_tests.check_varlen(emulated.name, dtype, dropout_p=0.25, causal=True, causal_alignment="bottom_right")
+
+
+def test_varlen_rows_after_the_last_sequence(emulated, monkeypatch):
+    monkeypatch.setattr(varlen_tests, "DEVICE", CPU)
+    varlen_tests.test_varlen_rows_after_the_last_sequence(emulated.name)

@@ -118,13 +118,52 @@ __device__ __forceinline__ void store_stripe(const Strided& s, int b, int h, int
   }
 }
 
+// The call as the blocks of batch b see it (scores.cuh, sequence_params): for a packed batch,
+// sequence b's lengths and shift, and every tensor from the sequence's first rows on.
+template <typename T>
+__device__ __forceinline__ BackwardParams sequence_params(BackwardParams params, int b) {
+  if (params.packed.cu_seqlens_q == nullptr) return params;
+  const SequenceRows rows = sequence_rows(params.packed, b);
+  restrict_to(params.p, rows, params.packed.bottom_right);
+  params.q = from_row<T>(params.q, rows.q_start);
+  params.out = from_row<T>(params.out, rows.q_start);
+  params.dout = from_row<T>(params.dout, rows.q_start);
+  params.dq = from_row<T>(params.dq, rows.q_start);
+  params.k = from_row<T>(params.k, rows.k_start);
+  params.v = from_row<T>(params.v, rows.k_start);
+  params.dk = from_row<T>(params.dk, rows.k_start);
+  params.dv = from_row<T>(params.dv, rows.k_start);
+  params.lse = from_row(params.lse, rows.q_start);
+  params.dlse = from_row(params.dlse, rows.q_start);
+  params.delta = from_row(params.delta, rows.q_start);
+  return params;
+}
+// Batch b as a kernel that indexes the call's own tensors sees it: the problem restricted to the
+// sequence, and the sequence's first query and key rows (0 for a dense call). The dk/dv kernel,
+// at the register limit, uses this rather than sequence_params: two ints live, not moved pointers.
+struct SequenceStart {
+  Problem p;
+  int q_row, k_row;
+};
+__device__ __forceinline__ SequenceStart sequence_start(const BackwardParams& params, int b) {
+  SequenceStart start{params.p, 0, 0};
+  if (params.packed.cu_seqlens_q != nullptr) {
+    const SequenceRows rows = sequence_rows(params.packed, b);
+    restrict_to(start.p, rows, params.packed.bottom_right);
+    start.q_row = static_cast<int>(rows.q_start);
+    start.k_row = static_cast<int>(rows.k_start);
+  }
+  return start;
+}
+
 constexpr int kDeltaWarps = 4;
 constexpr int kDeltaRows = 16;  // query rows per delta block
 
 template <typename T>
-__global__ void delta_kernel(BackwardParams params) {
-  const Problem& p = params.p;
+__global__ void delta_kernel(BackwardParams call) {
   const int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const BackwardParams params = sequence_params<T>(call, b);
+  const Problem& p = params.p;
   for (int r = warp; r < kDeltaRows; r += kDeltaWarps) {
     const int i = blockIdx.x * kDeltaRows + r;
     if (i >= p.seqlen_q) break;  // the whole warp leaves together
@@ -140,11 +179,13 @@ __global__ void delta_kernel(BackwardParams params) {
 }
 
 template <typename T, int kDim>
-__global__ void dq_kernel(BackwardParams params) {
+__global__ void dq_kernel(BackwardParams call) {
   using Shape = Tiles<T, kDim>;
   constexpr int kRows = Shape::kRows, kStream = Shape::kStream, kStride = Shape::kStride;
-  const Problem& p = params.p;
   const int q0 = blockIdx.x * kRows, h = blockIdx.y, b = blockIdx.z;
+  const BackwardParams params = sequence_params<T>(call, b);
+  const Problem& p = params.p;
+  if (q0 >= p.seqlen_q) return;  // past the end of a shorter packed sequence: no rows
   const int hk = h / (p.heads_q / p.heads_kv);
   const int Lq = static_cast<int>(p.seqlen_q), Lk = static_cast<int>(p.seqlen_k);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
@@ -201,8 +242,10 @@ __global__ void dkdv_kernel(BackwardParams params) {
   using Shape = Tiles<T, kDim>;
   constexpr bool kKeys = kWhich != KeyGradients::Values, kValues = kWhich != KeyGradients::Keys;
   constexpr int kRows = Shape::kRows, kStream = Shape::kQueryStream, kStride = Shape::kStride;
-  const Problem& p = params.p;
   const int n0 = blockIdx.x * kRows, hk = blockIdx.y, b = blockIdx.z;
+  const SequenceStart start = sequence_start(params, b);  // rows below are local to the sequence
+  const Problem& p = start.p;
+  if (n0 >= p.seqlen_k) return;  // past the end of a shorter packed sequence: no keys
   const int group_size = static_cast<int>(p.heads_q / p.heads_kv);
   const int Lq = static_cast<int>(p.seqlen_q), Lk = static_cast<int>(p.seqlen_k);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
@@ -215,8 +258,8 @@ __global__ void dkdv_kernel(BackwardParams params) {
   T* do_smem = q_smem + kStream * kStride;
   float* lse_smem = reinterpret_cast<float*>(do_smem + kStream * kStride);
   float* delta_smem = lse_smem + kStream;
-  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(k_smem, params.k, b, hk, n0, Lk - n0, D);
-  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(v_smem, params.v, b, hk, n0, Lk - n0, Dv);
+  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(k_smem, params.k, b, hk, start.k_row + n0, Lk - n0, D);
+  load_rows<T, kRows, kDim, kStride, Shape::kThreads>(v_smem, params.v, b, hk, start.k_row + n0, Lk - n0, Dv);
   const KeyRange queries = visible_queries(p, n0, Lk - n0 < kRows ? Lk - n0 : kRows);
 
   float dk[kKeys ? kDim / 8 : 1][4] = {}, dv[kValues ? kDim / 8 : 1][4] = {};
@@ -224,12 +267,12 @@ __global__ void dkdv_kernel(BackwardParams params) {
     const int h = hk * group_size + g;
     const HeadScores scores(p, b, h);
     for (int m0 = queries.begin / kStream * kStream; m0 < queries.end; m0 += kStream) {
-      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(q_smem, params.q, b, h, m0, Lq - m0, D);
-      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(do_smem, params.dout, b, h, m0, Lq - m0, Dv);
+      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(q_smem, params.q, b, h, start.q_row + m0, Lq - m0, D);
+      load_rows<T, kStream, kDim, kStride, Shape::kThreads>(do_smem, params.dout, b, h, start.q_row + m0, Lq - m0, Dv);
       for (int r = threadIdx.x; r < kStream; r += Shape::kThreads) {
         const int i = m0 + r;
-        lse_smem[r] = i < Lq ? backward_lse(row_value(params.lse, b, h, i)) : INFINITY;
-        delta_smem[r] = i < Lq ? row_value(params.delta, b, h, i) : 0.f;
+        lse_smem[r] = i < Lq ? backward_lse(row_value(params.lse, b, h, start.q_row + i)) : INFINITY;
+        delta_smem[r] = i < Lq ? row_value(params.delta, b, h, start.q_row + i) : 0.f;
       }
       ptx::cp_async_commit();
       ptx::cp_async_wait<0>();
@@ -252,8 +295,9 @@ __global__ void dkdv_kernel(BackwardParams params) {
     }
   }
   ptx::cp_async_wait<0>();  // K and V, when no query block was visible
-  if constexpr (kKeys) store_stripe<T>(params.dk, b, hk, n0 + row0, Lk, D, dk);
-  if constexpr (kValues) store_stripe<T>(params.dv, b, hk, n0 + row0, Lk, Dv, dv);
+  const int first = start.k_row + n0 + row0, end = start.k_row + Lk;  // the warp's rows, in packed rows
+  if constexpr (kKeys) store_stripe<T>(params.dk, b, hk, first, end, D, dk);
+  if constexpr (kValues) store_stripe<T>(params.dv, b, hk, first, end, Dv, dv);
 }
 
 // Which dims of (B, Hq, Lq, Lk) the bias gradient is broadcast along (stride 0): a dbias block

@@ -7,7 +7,7 @@
 
 namespace fused_attn::cuda {
 
-// dq, dk, dv (and dbias when params.dbias.data is set) for a checked dense call: asynchronous
+// dq, dk, dv (and dbias when params.dbias.data is set) for a checked dense or packed call: asynchronous
 // launches on `stream`, in order: delta, dq, dk/dv, dbias. Returns the first launch error
 // (cudaSuccess when all are queued). Same expectations as launch_forward; no atomics, so the
 // gradients are bitwise reproducible.

@@ -18,6 +18,7 @@ struct BackwardParams {
   // shape, stride 0 along broadcast dims (where the kernel sums the terms); data null: none.
   // Every element is written (not accumulated), so the buffer needs no zeroing.
   Strided dbias{nullptr, 0, 0, 0, 0};
+  Packed packed;  // a packed batch (params.h) when packed.cu_seqlens_q is set; then no bias
 };
 
 }  // namespace fused_attn::cuda

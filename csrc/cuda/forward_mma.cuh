@@ -30,11 +30,13 @@ template <typename T, int kDim>
 __host__ __device__ constexpr size_t smem_bytes() { return sizeof(T) * smem_stride<kDim>() * (kBlockM + 2 * block_n<kDim>()); }
 
 template <typename T, int kDim>
-__global__ void forward_kernel(ForwardParams params) {
+__global__ void forward_kernel(ForwardParams call) {
   constexpr int kBlockN = block_n<kDim>(), kStride = smem_stride<kDim>();
   using E = Element<T>;
   const int q0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
-  const Problem p = sequence_problem(params, b);
+  const ForwardParams params = sequence_params<T>(call, b);
+  const Problem& p = params.p;
+  if (q0 >= p.seqlen_q) return;  // past the end of a shorter packed sequence: no rows
   const int h_kv = h / (p.heads_q / p.heads_kv);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
   const int Lq = static_cast<int>(p.seqlen_q);

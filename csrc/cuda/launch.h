@@ -16,9 +16,10 @@ namespace fused_attn::cuda {
 // Largest head dim (D and Dv) the kernels take.
 constexpr int64_t kMaxHeadDim = 256;
 
-// out and lse for every (b, h, i) of p: an asynchronous launch on `stream`; returns the launch's
-// error (cudaSuccess when queued). Expects a checked call: 1 <= D, Dv <= kMaxHeadDim, Lq, Lk >= 1,
-// q, k, v and out with contiguous last dims.
+// out and lse for every (b, h, i) of p (of a packed call: every row of every sequence; rows after
+// the last sequence are not written): an asynchronous launch on `stream`; returns the launch's
+// error (cudaSuccess when queued). Expects a checked call: 1 <= D, Dv <= kMaxHeadDim, Lq, Lk >= 1
+// (packed: the longest sequences, and valid cu_seqlens), q, k, v and out with contiguous last dims.
 cudaError_t launch_forward(const ForwardParams& params, cudaStream_t stream);
 
 }  // namespace fused_attn::cuda

@@ -50,7 +50,8 @@ struct Variants {
   float keep_scale = 1.f;
 };
 
-// The sizes of one dense call (packed/varlen inputs are not served by the CUDA kernels).
+// The sizes of one call: of every sequence of a dense call; the longest ones of a packed call
+// (Packed below), which size the grid.
 struct Problem {
   DType dtype;
   int64_t batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v;
@@ -69,11 +70,25 @@ struct KvCache {
   int64_t table_stride = 0, page_size = 0;
 };
 
+// Packed (varlen) batches (cu_seqlens_q null: a dense call). Sequence b is rows
+// cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q, out and lse, and rows cu_seqlens_k[b] ..
+// cu_seqlens_k[b + 1] - 1 of k and v (int32, B + 1 entries, read on the device: no host sync).
+// The tensors are then Strided with batch stride 0 (row values: (Hq, total_q), batch 0), and
+// Problem::seqlen_q/k are the longest sequences. Each sequence is its own problem: local
+// positions for the window, ALiBi and the dropout counters (batch index b), and a shift of
+// Lk - Lq of its own lengths when bottom_right.
+struct Packed {
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  bool bottom_right = false;
+};
+
 struct ForwardParams {
   Problem p;
   Strided q, k, v, out;
   RowValues lse;  // natural log, -inf on rows that see no key
   KvCache cache;  // k and v are a KV cache when cache.seqlens_k is set
+  Packed packed;  // a packed batch when packed.cu_seqlens_q is set (never with a cache)
 };
 
 }  // namespace fused_attn::cuda

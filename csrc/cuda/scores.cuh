@@ -8,14 +8,50 @@
 
 namespace fused_attn::cuda {
 
-// The problem as block (b, ...) sees it: for a KV cache, batch b's own key count and shift.
-__device__ __forceinline__ Problem sequence_problem(const ForwardParams& params, int b) {
-  Problem p = params.p;
+// A tensor's view from packed row `start` on: the rows of one packed sequence.
+template <typename T>
+__device__ __forceinline__ Strided from_row(const Strided& s, int64_t start) {
+  return {static_cast<T*>(s.data) + start * s.row, s.batch, s.head, s.row, s.col};
+}
+__device__ __forceinline__ RowValues from_row(const RowValues& r, int64_t start) {
+  return {r.data + start, r.batch, r.head};
+}
+
+// Where packed sequence b lies (params.h, Packed): its first rows and its lengths.
+struct SequenceRows {
+  int64_t q_start, k_start, seqlen_q, seqlen_k;
+};
+__device__ __forceinline__ SequenceRows sequence_rows(const Packed& packed, int b) {
+  const int64_t q_start = packed.cu_seqlens_q[b], k_start = packed.cu_seqlens_k[b];
+  return {q_start, k_start, packed.cu_seqlens_q[b + 1] - q_start, packed.cu_seqlens_k[b + 1] - k_start};
+}
+// Problem p restricted to one sequence of its packed batch: the sequence's own lengths and shift.
+__device__ __forceinline__ void restrict_to(Problem& p, const SequenceRows& rows, bool bottom_right) {
+  p.seqlen_q = rows.seqlen_q;
+  p.seqlen_k = rows.seqlen_k;
+  p.variants.shift = bottom_right ? rows.seqlen_k - rows.seqlen_q : 0;
+}
+
+// The call as the blocks of batch b see it: for a KV cache, batch b's own key count and shift;
+// for a packed batch, sequence b's lengths and shift, and its tensors from its first rows on (so
+// the kernels index them like batch b of a dense call, whose batch stride here is 0). Blocks
+// past the sequence's end have nothing to do.
+template <typename T>
+__device__ __forceinline__ ForwardParams sequence_params(ForwardParams params, int b) {
   if (params.cache.seqlens_k != nullptr) {
-    p.seqlen_k = params.cache.seqlens_k[b];
-    p.variants.shift = p.seqlen_k - p.seqlen_q;
+    params.p.seqlen_k = params.cache.seqlens_k[b];
+    params.p.variants.shift = params.p.seqlen_k - params.p.seqlen_q;
   }
-  return p;
+  if (params.packed.cu_seqlens_q != nullptr) {
+    const SequenceRows rows = sequence_rows(params.packed, b);
+    restrict_to(params.p, rows, params.packed.bottom_right);
+    params.q = from_row<T>(params.q, rows.q_start);
+    params.out = from_row<T>(params.out, rows.q_start);
+    params.lse = from_row(params.lse, rows.q_start);
+    params.k = from_row<T>(params.k, rows.k_start);
+    params.v = from_row<T>(params.v, rows.k_start);
+  }
+  return params;
 }
 
 // Where key j of batch b, key/value head h_kv starts in k or v (`s`): dense rows, or a cache page.

@@ -3,8 +3,9 @@
 Used when Triton is missing or cannot serve a call, or when forced (`backend="cuda"`). sm_80 and
 newer: tensor cores (mma.sync, fp32 accumulation) for float16/bfloat16, exact fp32 FMA for float32;
 every score variant; forward and backward (deterministic, no atomics; a bias's gradient summed
-into its own shape in the kernels) of dense inputs, and KV-cache decoding (contiguous or paged
-caches); packed (varlen) calls go to the next backend.
+into its own shape in the kernels) of dense and packed (varlen) inputs, and KV-cache decoding
+(contiguous or paged caches). Packed calls run one grid over (query blocks of max_seqlen_q, heads,
+sequences), the kernels reading cu_seqlens on the device (no host sync).
 
 The class is parameterised by the ops namespace and device type its kernels run on, so the test
 suite also instantiates it on the emulated build of the same kernels (tests/cuda_emulator/:
@@ -18,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..layout import empty_like_layout, new_output
+from ..layout import empty_like_layout, fill_unused_rows, new_output
 from ..options import AttentionOptions, AttentionTensors
 from . import native
 from .base import Backend, Tensor
@@ -88,28 +89,40 @@ class CudaBackend(Backend):
             reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
         if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
             reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} (supports up to {MAX_HEAD_DIM})")
-        if extras.cu_seqlens_q is not None:
-            reasons.append("packed (varlen) inputs (dense inputs only)")
         return reasons
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors,
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
-        lse = new_output(q, q.shape[:3], torch.float32)
-        self._ops().cuda_forward(q, k, v, out, lse, *_variant_args(q, k, extras, opts), self._stream(q.device))
+        if q.dim() == 3:  # packed: out (total_q, Hq, Dv), lse (Hq, total_q)
+            out = new_output(q, (*q.shape[:2], v.shape[2]), q.dtype)
+            lse = new_output(q, (q.shape[1], q.shape[0]), torch.float32)
+        else:
+            out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
+            lse = new_output(q, q.shape[:3], torch.float32)
+        self._ops().cuda_forward(q, k, v, out, lse, *_variant_args(q, k, extras, opts), *_longest(opts),
+                                 self._stream(q.device))
+        if q.dim() == 3:  # packed rows after the last sequence: an empty sequence's out and lse
+            fill_unused_rows(out, 0, extras.cu_seqlens_q, 0.0)
+            fill_unused_rows(lse, 1, extras.cu_seqlens_q, float("-inf"))
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
         q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
-        dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
+        dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) if t.dim() == 4 else new_output(t, t.shape, t.dtype)
+                      for t in (q, k, v))
         dbias = None
         if bias_requires_grad:
             # Each element written once, its broadcast terms summed in the kernel: never (B, Hq, Lq, Lk) memory.
             dbias = new_output(q, _as_4d(extras.bias).shape, torch.float32)
         full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         self._ops().cuda_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *_variant_args(q, k, extras, opts),
-                                  None if dbias is None else dbias.expand(full), self._stream(q.device))
+                                  None if dbias is None else dbias.expand(full), *_longest(opts),
+                                  self._stream(q.device))
+        if q.dim() == 3:  # packed rows after the last sequence take no part: zero gradients
+            fill_unused_rows(dq, 0, extras.cu_seqlens_q, 0.0)
+            for grad in (dk, dv):
+                fill_unused_rows(grad, 0, extras.cu_seqlens_k, 0.0)
         if dbias is not None:
             dbias = dbias.reshape(extras.bias.shape).to(extras.bias.dtype)
         return dq, dk, dv, dbias
@@ -133,12 +146,21 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 def _variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
     """The op's arguments after its tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA)."""
-    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    mask = None if extras.mask is None else _as_4d(extras.mask).expand(full)
-    # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
-    bias = None if extras.bias is None else _as_4d(extras.bias).to(torch.float32).expand(full)
+    mask = bias = None
+    if q.dim() == 4:  # packed inputs take no mask or bias
+        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        mask = None if extras.mask is None else _as_4d(extras.mask).expand(full)
+        # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
+        bias = None if extras.bias is None else _as_4d(extras.bias).to(torch.float32).expand(full)
+    # The kernels read cu_seqlens as contiguous int32 rows, on the device.
+    cu_seqlens = [None if t is None else t.contiguous() for t in (extras.cu_seqlens_q, extras.cu_seqlens_k)]
     return (opts.scale, opts.left, opts.right, opts.bottom_right, opts.softcap, extras.alibi_slopes, mask, bias,
-            extras.dropout_seed, opts.dropout_p, None, None)
+            extras.dropout_seed, opts.dropout_p, *cu_seqlens)
+
+
+def _longest(opts: AttentionOptions) -> tuple[int, int]:
+    """max_seqlen_q and max_seqlen_k of a packed call (they size the grid; 0 when dense)."""
+    return opts.max_seqlen_q, opts.max_seqlen_k
 
 
 def _as_4d(t: Tensor) -> Tensor:
