@@ -70,3 +70,8 @@ class Backend:
         bias_requires_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         raise NotImplementedError
+
+
+def as_4d(t: Tensor) -> Tensor:
+    """A mask or bias broadcastable to (B, Hq, Lq, Lk) with its missing leading dims as size 1."""
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))

@@ -16,7 +16,7 @@ import torch
 from ..layout import empty_like_layout, new_output
 from ..options import AttentionOptions, AttentionTensors
 from . import native
-from .base import Backend, Tensor
+from .base import Backend, Tensor, as_4d
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -49,7 +49,7 @@ class CpuBackend(Backend):
         else:
             out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
             lse = new_output(q, q.shape[:3], torch.float32)
-        _ops().cpu_forward(q, k, v, out, lse, *_variant_args(q, k, extras, opts))
+        _ops().cpu_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts))
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
@@ -58,9 +58,9 @@ class CpuBackend(Backend):
         dbias = None
         if bias_requires_grad:
             # Summed over the bias's broadcast dims inside the kernels: never (B, Hq, Lq, Lk) memory.
-            dbias = torch.zeros(_as_4d(extras.bias).shape, dtype=torch.float32, device=q.device)
-        _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *_variant_args(q, k, extras, opts),
-                            None if dbias is None else dbias.expand(_scores_shape(q, k)))
+            dbias = torch.zeros(as_4d(extras.bias).shape, dtype=torch.float32, device=q.device)
+        _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *native.variant_args(q, k, extras, opts),
+                            None if dbias is None else dbias.expand(native.scores_shape(q, k)))
         if dbias is not None:
             dbias = dbias.reshape(extras.bias.shape).to(extras.bias.dtype)
         return dq, dk, dv, dbias
@@ -74,27 +74,6 @@ class CpuBackend(Backend):
         _ops().cpu_kvcache_forward(q, k_cache, v_cache, seqlens_k, table, out, lse, opts.scale, opts.left,
                                    opts.right, opts.softcap, alibi_slopes)
         return out, lse
-
-
-def _variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
-    """The ops' arguments after their tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA)."""
-    mask = bias = None
-    if q.dim() == 4:  # packed inputs take no mask or bias
-        full = _scores_shape(q, k)
-        mask = None if extras.mask is None else _as_4d(extras.mask).expand(full)
-        # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
-        bias = None if extras.bias is None else _as_4d(extras.bias).to(torch.float32).expand(full)
-    cu_seqlens = [None if t is None else t.contiguous() for t in (extras.cu_seqlens_q, extras.cu_seqlens_k)]
-    return (opts.scale, opts.left, opts.right, opts.bottom_right, opts.softcap, extras.alibi_slopes, mask, bias,
-            extras.dropout_seed, opts.dropout_p, *cu_seqlens)
-
-
-def _scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
-    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-
-
-def _as_4d(t: Tensor) -> Tensor:
-    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
 def active_isa() -> str:

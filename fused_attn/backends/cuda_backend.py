@@ -22,7 +22,7 @@ import torch
 from ..layout import empty_like_layout, fill_unused_rows, new_output
 from ..options import AttentionOptions, AttentionTensors
 from . import native
-from .base import Backend, Tensor
+from .base import Backend, Tensor, as_4d
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # csrc/cuda/launch.h, kMaxHeadDim
@@ -100,7 +100,7 @@ class CudaBackend(Backend):
         else:
             out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
             lse = new_output(q, q.shape[:3], torch.float32)
-        self._ops().cuda_forward(q, k, v, out, lse, *_variant_args(q, k, extras, opts), *_longest(opts),
+        self._ops().cuda_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts), *_longest(opts),
                                  self._stream(q.device))
         if q.dim() == 3:  # packed rows after the last sequence: an empty sequence's out and lse
             fill_unused_rows(out, 0, extras.cu_seqlens_q, 0.0)
@@ -114,9 +114,9 @@ class CudaBackend(Backend):
         dbias = None
         if bias_requires_grad:
             # Each element written once, its broadcast terms summed in the kernel: never (B, Hq, Lq, Lk) memory.
-            dbias = new_output(q, _as_4d(extras.bias).shape, torch.float32)
+            dbias = new_output(q, as_4d(extras.bias).shape, torch.float32)
         full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        self._ops().cuda_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *_variant_args(q, k, extras, opts),
+        self._ops().cuda_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *native.variant_args(q, k, extras, opts),
                                   None if dbias is None else dbias.expand(full), *_longest(opts),
                                   self._stream(q.device))
         if q.dim() == 3:  # packed rows after the last sequence take no part: zero gradients
@@ -144,24 +144,6 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
-    """The op's arguments after its tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA)."""
-    mask = bias = None
-    if q.dim() == 4:  # packed inputs take no mask or bias
-        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        mask = None if extras.mask is None else _as_4d(extras.mask).expand(full)
-        # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
-        bias = None if extras.bias is None else _as_4d(extras.bias).to(torch.float32).expand(full)
-    # The kernels read cu_seqlens as contiguous int32 rows, on the device.
-    cu_seqlens = [None if t is None else t.contiguous() for t in (extras.cu_seqlens_q, extras.cu_seqlens_k)]
-    return (opts.scale, opts.left, opts.right, opts.bottom_right, opts.softcap, extras.alibi_slopes, mask, bias,
-            extras.dropout_seed, opts.dropout_p, *cu_seqlens)
-
-
 def _longest(opts: AttentionOptions) -> tuple[int, int]:
     """max_seqlen_q and max_seqlen_k of a packed call (they size the grid; 0 when dense)."""
     return opts.max_seqlen_q, opts.max_seqlen_k
-
-
-def _as_4d(t: Tensor) -> Tensor:
-    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))

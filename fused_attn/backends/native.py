@@ -11,6 +11,11 @@ import importlib
 import warnings
 from typing import Optional
 
+import torch
+
+from ..options import AttentionOptions, AttentionTensors
+from .base import Tensor, as_4d
+
 _state: dict[str, Optional[str]] = {}
 
 
@@ -35,3 +40,23 @@ def _load() -> Optional[str]:
     except OSError as error:  # e.g. a missing shared library
         return f"fused_attn._native failed to load: {error}"
     return None
+
+
+def scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
+    """(B, Hq, Lq, Lk) of a dense call."""
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
+    """The native ops' arguments after their tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA),
+    shared by the cpu and cuda backends."""
+    mask = bias = None
+    if q.dim() == 4:  # packed inputs take no mask or bias
+        full = scores_shape(q, k)
+        mask = None if extras.mask is None else as_4d(extras.mask).expand(full)
+        # The kernels read float32 biases; a 16-bit one is converted in its own (broadcast) shape.
+        bias = None if extras.bias is None else as_4d(extras.bias).to(torch.float32).expand(full)
+    # The kernels read cu_seqlens as contiguous int32 rows.
+    cu_seqlens = [None if t is None else t.contiguous() for t in (extras.cu_seqlens_q, extras.cu_seqlens_k)]
+    return (opts.scale, opts.left, opts.right, opts.bottom_right, opts.softcap, extras.alibi_slopes, mask, bias,
+            extras.dropout_seed, opts.dropout_p, *cu_seqlens)

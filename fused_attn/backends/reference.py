@@ -13,7 +13,7 @@ import torch
 from ..dropout import keep_mask_from_seed
 from ..layout import empty_like_layout
 from ..options import AttentionOptions, AttentionTensors
-from .base import Backend, Tensor
+from .base import Backend, Tensor, as_4d
 
 KEY_BLOCK = 512
 
@@ -25,10 +25,6 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def _grouped(t: Tensor, heads_kv: int) -> Tensor:
     """(B, Hq, ...) -> (B, Hkv, G, ...): query heads grouped by the key/value head they share."""
     return t.unflatten(1, (heads_kv, t.shape[1] // heads_kv))
-
-
-def _as_4d(t: Tensor) -> Tensor:
-    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
 class _Problem:
@@ -44,8 +40,8 @@ class _Problem:
         self.shift = opts.causal_offset(self.seqlen_q, self.seqlen_k)
         self.rows = torch.arange(self.seqlen_q, device=q.device)
         full = (self.batch, self.heads_q, self.seqlen_q, self.seqlen_k)
-        self.mask = None if extras.mask is None else _grouped(_as_4d(extras.mask).expand(full), self.heads_kv)
-        self.bias = None if extras.bias is None else _grouped(_as_4d(extras.bias).expand(full), self.heads_kv)
+        self.mask = None if extras.mask is None else _grouped(as_4d(extras.mask).expand(full), self.heads_kv)
+        self.bias = None if extras.bias is None else _grouped(as_4d(extras.bias).expand(full), self.heads_kv)
         self.slopes = None
         if extras.alibi_slopes is not None:
             slopes = extras.alibi_slopes.expand(self.batch, self.heads_q).to(self.acc_dtype)
@@ -190,7 +186,7 @@ class ReferenceBackend(Backend):
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
         dbias = None
         if bias_requires_grad:
-            dbias = torch.zeros(_as_4d(extras.bias).shape, dtype=acc_dtype, device=q.device)
+            dbias = torch.zeros(as_4d(extras.bias).shape, dtype=acc_dtype, device=q.device)
         for start, end in problem.key_blocks():
             k_block, v_block = problem.kv_block(start, end)
             scores, tanh = problem.scores(k_block, start)
