@@ -77,24 +77,24 @@ const cpu::Kernels& select_kernels() {
 }
 #endif  // FUSED_ATTN_EMULATOR
 
-cpu::DType kernel_dtype(const Tensor& t) {
+DType kernel_dtype(const Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return cpu::DType::Float32;
-    case at::kBFloat16: return cpu::DType::BFloat16;
-    case at::kHalf: return cpu::DType::Float16;
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
     default: TORCH_CHECK(false, "fused_attn_native: dtype ", t.scalar_type(), " (supports float32, bfloat16, float16)");
   }
 }
 
 // (B, H, L, D) tensors as they are; packed (total, H, D) ones as (B, H, total, D) with batch
 // stride 0, their sequences being row ranges (params.h, sequence).
-cpu::Strided strided(const Tensor& t) {
+Strided strided(const Tensor& t) {
   if (t.dim() == 3) return {t.data_ptr(), 0, t.stride(1), t.stride(0), t.stride(2)};
   return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
 // Dense (B, H, L) or packed (H, total) row values, rows contiguous.
-cpu::RowValues row_values(const Tensor& t) {
+RowValues row_values(const Tensor& t) {
   TORCH_CHECK(t.stride(-1) == 1, "fused_attn_native: row values (lse, dlse) must have contiguous rows");
   if (t.dim() == 2) return {t.data_ptr<float>(), 0, t.stride(0)};
   return {t.data_ptr<float>(), t.stride(0), t.stride(1)};
@@ -439,21 +439,12 @@ constexpr at::DeviceType kCudaDeviceType = at::kCPU;  // the emulator runs the k
 constexpr at::DeviceType kCudaDeviceType = at::kCUDA;
 #endif
 
-cuda::Strided cuda_strided(const cpu::Strided& s) { return {s.data, s.batch, s.head, s.row, s.col}; }
-cuda::Strided cuda_strided(const Tensor& t) { return cuda_strided(strided(t)); }
-cuda::RowValues cuda_row_values(const Tensor& t) {
-  const cpu::RowValues r = row_values(t);
-  return {r.data, r.batch, r.head};
-}
-
 // The kernels' view of a checked dense call (call_of on the tensors' device).
 cuda::Problem cuda_problem(const Call& call, const std::optional<Tensor>& dropout_seed) {
   const cpu::Problem& p = call.p;
   const cpu::Variants& v = p.variants;
   cuda::Problem c{};
-  c.dtype = p.dtype == cpu::DType::Float32    ? cuda::DType::Float32
-            : p.dtype == cpu::DType::BFloat16 ? cuda::DType::BFloat16
-                                              : cuda::DType::Float16;
+  c.dtype = p.dtype;
   c.batch = p.batch, c.heads_q = p.heads_q, c.heads_kv = p.heads_kv, c.seqlen_q = p.seqlen_q;
   c.seqlen_k = p.seqlen_k, c.head_dim = p.head_dim, c.head_dim_v = p.head_dim_v, c.scale = p.scale;
   c.variants.window_left = v.window_left;
@@ -463,8 +454,8 @@ cuda::Problem cuda_problem(const Call& call, const std::optional<Tensor>& dropou
   c.variants.alibi_slopes = v.alibi_slopes;
   c.variants.slopes_batch = v.slopes_batch;
   c.variants.slopes_head = v.slopes_head;
-  c.variants.mask = cuda_strided(v.mask);
-  c.variants.bias = cuda_strided(v.bias);
+  c.variants.mask = v.mask;
+  c.variants.bias = v.bias;
   if (v.dropout) {
     c.variants.dropout = true;
     c.variants.dropout_seed = dropout_seed->data_ptr<int64_t>();
@@ -516,8 +507,8 @@ void cuda_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   check_tensor(lse, "lse", at::kFloat, lse_shape(q), q.device());
   TORCH_CHECK(out.stride(-1) == 1, "fused_attn_native: out must have a contiguous last dim");
   const c10::DeviceGuard guard(q.device());
-  const cuda::ForwardParams params{cuda_problem(call, dropout_seed), cuda_strided(q), cuda_strided(k),
-                                   cuda_strided(v), cuda_strided(out), cuda_row_values(lse), {},
+  const cuda::ForwardParams params{cuda_problem(call, dropout_seed), strided(q), strided(k),
+                                   strided(v), strided(out), row_values(lse), {},
                                    cuda_packed(call)};
   const cudaError_t error = cuda::launch_forward(params, stream_of(stream));
   TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA forward failed to launch: ", cudaGetErrorString(error));
@@ -550,11 +541,11 @@ void cuda_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, cons
   // Row vectors are tiny next to the inputs; contiguous copies keep the kernels' indexing simple.
   const Tensor lse_c = lse.contiguous(), dlse_c = dlse.contiguous();
   const Tensor delta = at::empty(lse.sizes(), lse.options());
-  cuda::BackwardParams params{cuda_problem(call, dropout_seed), cuda_strided(q), cuda_strided(k), cuda_strided(v),
-                              cuda_strided(out), cuda_strided(dout), cuda_strided(dq), cuda_strided(dk),
-                              cuda_strided(dv), cuda_row_values(lse_c), cuda_row_values(dlse_c),
-                              cuda_row_values(delta)};
-  if (dbias) params.dbias = cuda_strided(*dbias);
+  cuda::BackwardParams params{cuda_problem(call, dropout_seed), strided(q), strided(k), strided(v),
+                              strided(out), strided(dout), strided(dq), strided(dk),
+                              strided(dv), row_values(lse_c), row_values(dlse_c),
+                              row_values(delta)};
+  if (dbias) params.dbias = strided(*dbias);
   params.packed = cuda_packed(call);
   const cudaError_t error = cuda::launch_backward(params, stream_of(stream));
   TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA backward failed to launch: ", cudaGetErrorString(error));
@@ -611,9 +602,9 @@ void cuda_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& 
             variants_of(B, Hq, window_left, window_right, true, softcap, alibi_slopes, device)};
   const c10::DeviceGuard guard(device);
   // (B, L, H, D) tensors as (B, H, L, D) views; a paged cache's pages play the batch.
-  auto heads_first = [](const Tensor& t) { return cuda_strided(t.transpose(1, 2)); };
+  auto heads_first = [](const Tensor& t) { return strided(t.transpose(1, 2)); };
   cuda::ForwardParams params{cuda_problem(call, std::nullopt), heads_first(q), heads_first(k_cache),
-                             heads_first(v_cache), heads_first(out), cuda_row_values(lse), cache};
+                             heads_first(v_cache), heads_first(out), row_values(lse), cache};
   const cudaError_t error = cuda::launch_forward(params, stream_of(stream));
   TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA KV-cache forward failed to launch: ",
               cudaGetErrorString(error));

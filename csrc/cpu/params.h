@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "../common/views.h"
+
 namespace fused_attn::cpu {
 
 // Queries per task and keys per inner step. Scratch per thread is a few tiles of this size, so
@@ -16,26 +18,10 @@ namespace fused_attn::cpu {
 constexpr int64_t kBlockM = 64;
 constexpr int64_t kBlockN = 64;
 
-enum class DType { Float32, BFloat16, Float16 };
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// A (B, H, L, D) tensor: element pointer and element strides, any layout (the common
-// sequence-major (B, L, H, D) view is read in place; packed (total, H, D) tensors have batch
-// stride 0, their sequences being row ranges).
-struct Strided {
-  void* data;
-  int64_t batch, head, row, col;
-};
-
-// One float per query row of each head (lse, its gradient, delta): row i of head (b, h) is
-// data[b * batch + h * head + i]. Dense (B, H, L) and packed (H, total) tensors alike.
-struct RowValues {
-  float* data;
-  int64_t batch, head;
-
-  float* at(int64_t b, int64_t h, int64_t i) const { return data + b * batch + h * head + i; }
-};
+using fused_attn::ceil_div;
+using fused_attn::DType;
+using fused_attn::RowValues;
+using fused_attn::Strided;
 
 // The variants of the scores, all off by default. Query i of head (b, h) and key j are at
 // distance d = j - (i + shift), shift being 0, or Lk - Lq with bottom_right (per sequence, see

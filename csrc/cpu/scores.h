@@ -51,23 +51,6 @@ struct ScoreTile {
   }
 };
 
-// The first 32-bit word of Philox4x32-7 (Salmon et al. 2011) for counter (c0, c1, c2, 0) under a
-// 64-bit key: the same rounds as fused_attn/dropout.py and fused_attn/triton/common.py.
-inline uint32_t philox_bits(uint64_t key, uint32_t c0, uint32_t c1, uint32_t c2) {
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32), c3 = 0;
-  for (int round = 0; round < 7; ++round) {
-    const uint64_t product_b = uint64_t{0xCD9E8D57} * c2, product_a = uint64_t{0xD2511F53} * c0;
-    const uint32_t next0 = static_cast<uint32_t>(product_b >> 32) ^ c1 ^ k0;
-    const uint32_t next2 = static_cast<uint32_t>(product_a >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(product_b);
-    c3 = static_cast<uint32_t>(product_a);
-    c0 = next0;
-    c2 = next2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c0;
-}
 
 // Multiplies every valid element (i, j) of the tile by its dropout factor, keep / (1 - p) with
 // keep decided by Philox on (key k0 + j, query q0 + i, head b * Hq + h). The forward applies it

@@ -5,26 +5,14 @@
 
 #include <cstdint>
 
+#include "../common/views.h"
+
 namespace fused_attn::cuda {
 
-enum class DType { Float32, BFloat16, Float16 };
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// A (B, H, L, D) tensor: element pointer and element strides. q, k, v and out must have col == 1
-// (the Python side makes the last dim contiguous); mask and bias may have any strides, 0 along
-// broadcast dims.
-struct Strided {
-  void* data;
-  int64_t batch, head, row, col;
-};
-
-// One float per query row of each head (lse, and in the backward its gradient and delta): row i
-// of head (b, h) is data[b * batch + h * head + i].
-struct RowValues {
-  float* data;
-  int64_t batch, head;
-};
+using fused_attn::ceil_div;
+using fused_attn::DType;
+using fused_attn::RowValues;
+using fused_attn::Strided;
 
 // The variants of the scores, all off by default. Query i of head (b, h) and key j are at
 // distance d = j - (i + shift), shift being 0, or Lk - Lq for bottom-right alignment; their score is

@@ -3,8 +3,9 @@
 // (and the backward, which recomputes the scores) use these, so they agree on every variant.
 #pragma once
 
-#include "cuda_api.cuh"
+#include "cuda_api.cuh"  // first: philox.h needs its __host__ __device__
 #include "params.h"
+#include "../common/philox.h"
 
 namespace fused_attn::cuda {
 
@@ -77,23 +78,6 @@ __device__ __forceinline__ KeyRange visible_keys(const Problem& p, int q0, int r
   return {clamp(begin), clamp(end)};
 }
 
-// The first 32-bit word of Philox4x32-7 (Salmon et al. 2011) for counter (c0, c1, c2, 0) under a
-// 64-bit key: the same rounds as fused_attn/dropout.py and csrc/cpu/scores.h.
-__device__ __forceinline__ uint32_t philox_bits(uint64_t key, uint32_t c0, uint32_t c1, uint32_t c2) {
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32), c3 = 0;
-  for (int round = 0; round < 7; ++round) {
-    const uint64_t product_b = uint64_t{0xCD9E8D57u} * c2, product_a = uint64_t{0xD2511F53u} * c0;
-    const uint32_t next0 = static_cast<uint32_t>(product_b >> 32) ^ c1 ^ k0;
-    const uint32_t next2 = static_cast<uint32_t>(product_a >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(product_b);
-    c3 = static_cast<uint32_t>(product_a);
-    c0 = next0;
-    c2 = next2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c0;
-}
 
 // The score rules of head (b, h): final scores from dot products, and dropout factors.
 class HeadScores {
