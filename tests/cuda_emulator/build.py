@@ -26,8 +26,9 @@ STALE_LOCK_SECONDS = 1800
 
 def _inputs() -> list[str]:
     """Every file the extension is built from."""
-    patterns = [os.path.join(CSRC, "cuda", "*"), os.path.join(CSRC, "common", "*"), os.path.join(HERE, "fused_attn_emulator.*"),
-                os.path.join(CSRC, "binding.cpp"), os.path.join(CSRC, "cpu", "params.h")]
+    patterns = [os.path.join(CSRC, "cuda", "*"), os.path.join(CSRC, "common", "*"),
+                os.path.join(HERE, "fused_attn_emulator.*"), os.path.join(CSRC, "binding.cpp"),
+                os.path.join(CSRC, "cpu", "params.h")]
     return sorted(path for pattern in patterns for path in glob.glob(pattern))
 
 
