@@ -356,10 +356,10 @@ void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const
                                strided(dq), strided(dk), strided(dv), row_values(lse_c), row_values(dlse_c),
                                row_values(delta), dbias_view, table_view(query_tasks), table_view(key_tasks)};
   const cpu::Kernels& kernels = select_kernels();
-  // Both schedules give the same bits; the choice is only about speed, except that the bias
-  // gradient is summed by the two-pass one's dK/dV tasks (params.h, dkdv_split). Every pass reads
+  // Both schedules give the same bits; the choice is only about speed, except that some bias
+  // gradients need the two-pass one's task split (params.h, one_pass_owns_dbias). Every pass reads
   // the delta of rows other tasks write, hence separate parallel loops.
-  if (prefer_one_pass(call) && !dbias) {
+  if (prefer_one_pass(call) && cpu::one_pass_owns_dbias(p, dbias_view)) {
     at::parallel_for(0, query_tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.backward_delta(args, begin, end); });
     at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) { kernels.backward_fused(args, begin, end); });
   } else {

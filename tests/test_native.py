@@ -1,14 +1,14 @@
 """What is specific to the C++ backend: it is built and loaded, its two builds (portable and
 AVX2) agree, thread count never changes a bit (dense, packed and KV-cache calls), the backward
 schedules agree, the forward's tasks (one head's block, or several heads of a group packed into
-one) cover every row, longer sequences match the reference backend, and its op errors are clear."""
+one) cover every row, tiles the mask hides are skipped exactly, longer sequences match the reference backend, and its op errors are clear."""
 
 import itertools
 
 import pytest
 import torch
 
-from oracle import random_qkv
+from oracle import check_against_oracle, random_qkv
 
 import fused_attn
 from fused_attn.backends import cpu_backend
@@ -174,9 +174,12 @@ def test_packed_rows_after_the_last_sequence_belong_to_none():
     assert (ours[0][5:] == 0).all() and (ours[1][:, 5:] == -torch.inf).all() and (ours[3][6:] == 0).all()
 
 
-@pytest.mark.parametrize("bias_shape", [(1,), (2, 1, 1, 150), (1, 6, 200, 150), (2, 6, 200, 1)], ids=str)
+@pytest.mark.parametrize("bias_shape", [(1,), (2, 1, 1, 150), (1, 6, 200, 150), (2, 6, 200, 1), (2, 6, 200, 150),
+                                        (2, 6, 1, 150)], ids=str)
 def test_bias_gradient_is_bitwise_independent_of_thread_count(bias_shape):
-    """dbias is summed over broadcast dims in a fixed order by tasks that own its elements."""
+    """dbias is summed over broadcast dims in a fixed order by tasks that own its elements. The
+    last two shapes are not broadcast across (batch, key/value head) pairs, so one thread takes
+    the one-pass backward and three threads the two-pass one: both schedules sum alike."""
     q, k, v = random_qkv(2, 6, 2, 200, 150, 32, 32, torch.float32, "cpu")
     bias = torch.randn(bias_shape)
     threads = torch.get_num_threads()
@@ -190,6 +193,37 @@ def test_bias_gradient_is_bitwise_independent_of_thread_count(bias_shape):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def tile_sparse_mask(batch, heads, seqlen_q, seqlen_k):
+    """A bool mask that hides whole 64 x 64 tiles, which the kernels skip, and cuts others:
+    per-batch key padding (batch 0 sees 37 keys: every later key block is hidden), head 1 seeing
+    nothing at all, heads h >= 2 each missing their own key block [64 (h - 1), 64 h) and a
+    pattern of 40 x 50 blocks, and a few random holes."""
+    mask = torch.rand(batch, heads, seqlen_q, seqlen_k) > 0.05
+    mask[0, :, :, 37:] = False
+    mask[:, 1] = False
+    rows, cols = torch.arange(seqlen_q)[:, None] // 40, torch.arange(seqlen_k)[None] // 50
+    for h in range(2, heads):
+        mask[:, h, :, 64 * (h - 1):64 * h] = False
+        mask[:, h] &= (rows + cols + h) % 5 != 0
+    return mask
+
+
+@pytest.mark.parametrize("seqlen_q", [21, 150], ids=["heads-packed", "one-head-blocks"])
+def test_tiles_hidden_by_the_mask_are_skipped_exactly(seqlen_q):
+    """Against float64 math, with GQA; with 21 queries the forward packs the rows of three heads
+    into a task, and a key block is skipped only where the mask hides it from all three. Fully
+    masked rows (head 1) keep out 0, lse -inf and zero gradients; no thread count changes a bit."""
+    shape = (2, 6, 2, seqlen_q, 300, 32, 24)
+    keywords = dict(attn_mask=tile_sparse_mask(2, 6, seqlen_q, 300))
+    check_against_oracle("cpu", shape, torch.float32, torch.device("cpu"), **keywords)
+    q, k, v = random_qkv(*shape, torch.float32, "cpu")
+    dout = torch.randn(2, 6, seqlen_q, 24)
+    results = results_per_thread_count(lambda: run(q, k, v, dout, **keywords))
+    assert_bitwise_equal(results)
+    out, lse, dq = results[0][:3]
+    assert (out[:, 1] == 0).all() and (lse[:, 1] == -torch.inf).all() and (dq[:, 1] == 0).all()
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

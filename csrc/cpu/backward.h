@@ -104,6 +104,7 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     const Range visible = visible_keys(p, q0, rows);
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
+      if (mask_hides_tile(p, b, h, q0, rows, k0, keys)) continue;  // p = dS = 0 there
       load_tile(kb, Dp, at_row<T>(s.k, b, hk, k0), s.k.row, s.k.col, keys, D);
       load_tile(vb, Dvp, at_row<T>(s.v, b, hk, k0), s.v.row, s.v.col, keys, Dv);
       gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);     // K Q^T
@@ -160,7 +161,11 @@ inline void add_bias_grad(const Strided& dbias, const float* grad, int64_t b, in
   float* base = at_row_mut<float>(dbias, b, h, q0) + k0 * dbias.col;
   for (int64_t i = 0; i < rows; ++i) {
     float* row = base + i * dbias.row;
-    for (int64_t j = 0; j < keys; ++j) row[j * dbias.col] += grad[i * kBlockN + j];
+    const float* g = grad + i * kBlockN;
+    int64_t j = 0;
+    if (dbias.col == 1)
+      for (; j + kVec <= keys; j += kVec) (Vec::loadu(row + j) + Vec::loadu(g + j)).store(row + j);
+    for (; j < keys; ++j) row[j * dbias.col] += g[j];
   }
 }
 
@@ -191,6 +196,7 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
     const int64_t h = hk * group + g;
     for (int64_t q0 = visible.begin; q0 < visible.end; q0 += BM) {
       const int64_t rows = std::min(BM, visible.end - q0);
+      if (mask_hides_tile(p, b, h, q0, rows, k0, keys)) continue;  // p = dS = 0 there
       const float* lse = args.lse.at(b, h, q0);
       const float* delta = args.delta.at(b, h, q0);
       load_tile(t.qb, Dp, at_row<T>(args.q, b, h, q0), args.q.row, args.q.col, rows, D);

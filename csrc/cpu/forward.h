@@ -48,6 +48,14 @@ inline QueryBlock query_block(const Problem& p, int64_t index) {
   return {hk, h0, heads, q0, std::min(kBlockM, p.seqlen_q - q0)};
 }
 
+// Whether the mask hides keys [k0, k0 + keys) from every query of the block: then the key block
+// adds nothing to the block's rows (p = 0 throughout) and is skipped.
+inline bool masked_for_every_head(const Problem& p, int64_t b, const QueryBlock& block, int64_t k0, int64_t keys) {
+  for (int64_t g = 0; g < block.heads; ++g)
+    if (!mask_hides_tile(p, b, block.h0 + g, block.q0, block.rows, k0, keys)) return false;
+  return true;
+}
+
 // scale * Q^T of the block (D x ld), zero in the columns past its queries.
 template <typename T>
 void load_queries_t(float* qt, int64_t ld, const Strided& q, int64_t b, const QueryBlock& block, int64_t D,
@@ -112,6 +120,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     const Range visible = visible_keys(p, block.q0, rows);  // the same rows for every head
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
+      if (masked_for_every_head(p, b, block, k0, keys)) continue;
       load_key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
       load_key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
       // S^T = K (scale Q)^T

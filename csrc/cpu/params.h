@@ -187,6 +187,14 @@ inline DkdvSplit dkdv_split(const Strided& dbias) {
   const bool owned = dbias.data != nullptr;
   return {!owned || dbias.batch != 0, !owned || dbias.head != 0, !owned || dbias.col != 0};
 }
+// The one-pass schedule's tasks are whole (sequence, key/value head) pairs. They own their dbias
+// elements when dbias is not broadcast across such pairs, and sum each element's terms in the
+// two-pass order unless keys are broadcast (a two-pass task then visits its key blocks in
+// balanced_block order, a one-pass task in sequence).
+inline bool one_pass_owns_dbias(const Problem& p, const Strided& dbias) {
+  if (dbias.data == nullptr) return true;
+  return (dbias.batch != 0 || p.batch == 1) && (dbias.head != 0 || p.heads_kv == 1) && dbias.col != 0;
+}
 inline int64_t dkdv_tasks(const Problem& p, const DkdvSplit& split, int64_t seqlen_k) {
   return (split.heads ? p.heads_kv : 1) * (split.blocks ? ceil_div(seqlen_k, kBlockN) : 1);
 }

@@ -91,28 +91,116 @@ inline void cap_scores(const Problem& p, float* data, int64_t n, float mul, floa
   }
 }
 
-// The terms that depend on where a score is: s - slope |j - (i + shift)| + bias, or -inf where
-// the window or the mask hides key j from query i.
+// The lines of a tile along its contiguous dimension: a key's column of S^T (q_step 1) or a
+// query's row of S (k_step 1). f(line, n, i, j, di, dj) gets the line's n scores, line[e] being
+// element (i + e * di, j + e * dj).
+template <typename F>
+inline void for_each_line(const ScoreTile& t, F f) {
+  if (t.q_step == 1) {
+    for (int64_t j = 0; j < t.keys; ++j) f(t.data + j * t.k_step, t.rows, 0, j, 1, 0);
+  } else {
+    for (int64_t i = 0; i < t.rows; ++i) f(t.data + i * t.q_step, t.keys, i, 0, 0, 1);
+  }
+}
+
+// s[e] += x[e * stride], e < n: vectors where x is contiguous or one value.
+inline void add_strided(float* s, const float* x, int64_t stride, int64_t n) {
+  int64_t e = 0;
+  if (stride == 0 || stride == 1) {
+    const Vec broadcast(x[0]);
+    for (; e + kVec <= n; e += kVec)
+      (Vec::loadu(s + e) + (stride == 0 ? broadcast : Vec::loadu(x + e))).store(s + e);
+  }
+  for (; e < n; ++e) s[e] += x[e * stride];
+}
+
+// s[e] = -inf where keep[e * stride] is false, e < n.
+inline void hide_where_false(float* s, const bool* keep, int64_t stride, int64_t n) {
+  if (stride == 0) {
+    if (!keep[0]) fill(s, n, -kInf);
+    return;
+  }
+  for (int64_t e = 0; e < n; ++e) s[e] = keep[e * stride] ? s[e] : -kInf;
+}
+
+// Whether a (B, H, Lq, Lk) view stored along keys should be read key by key while the tile is
+// S^T: its lines (a key across queries) would read one element per row of the view, a long stride
+// that thrashes the cache (rows 4 KiB apart share a cache set), so the tile is written across
+// lines instead, which stays in L1.
+inline bool reads_across_lines(const ScoreTile& t, const Strided& view) {
+  return t.q_step == 1 && view.col == 1 && view.row != 0;
+}
+
+// The terms that depend on where a score is: s - slope |d| + bias with d = j - (i + shift), or
+// -inf where the window or the mask hides key j from query i. Applied one term at a time along
+// the tile's lines; each element gets the same operations in the same order as any other tile
+// shape would give it, so the forward and both backward passes agree bit for bit.
 inline void place_scores(const Problem& p, const ScoreTile& t) {
   const Variants& v = p.variants;
-  const bool cuts = window_cuts(p, t);
-  if (v.alibi_slopes == nullptr && v.bias.data == nullptr && v.mask.data == nullptr && !cuts) return;
-  const float slope = v.alibi_slopes == nullptr ? 0.f : v.alibi_slopes[t.b * v.slopes_batch + t.h * v.slopes_head];
-  const float* bias = v.bias.data == nullptr ? nullptr : at_row<float>(v.bias, t.b, t.h, t.q0) + t.k0 * v.bias.col;
-  const bool* mask = v.mask.data == nullptr ? nullptr : at_row<bool>(v.mask, t.b, t.h, t.q0) + t.k0 * v.mask.col;
   const int64_t shift = p.shift();
-  t.for_each([&](int64_t i, int64_t j) {
-    const int64_t distance = t.k0 + j - (t.q0 + i + shift);
-    float& s = t.at(i, j);
-    if ((cuts && ((v.window_left >= 0 && distance < -v.window_left) ||
-                  (v.window_right >= 0 && distance > v.window_right))) ||
-        (mask != nullptr && !mask[i * v.mask.row + j * v.mask.col])) {
-      s = -kInf;
-      return;
+  // Along a line d moves by dj - di per element: +1 along keys, -1 along queries.
+  auto distance = [&](int64_t i, int64_t j) { return t.k0 + j - (t.q0 + i + shift); };
+  if (v.alibi_slopes != nullptr) {
+    const float slope = v.alibi_slopes[t.b * v.slopes_batch + t.h * v.slopes_head];
+    for_each_line(t, [&](float* s, int64_t n, int64_t i, int64_t j, int64_t di, int64_t dj) {
+      const int64_t d0 = distance(i, j), step = dj - di;
+      for (int64_t e = 0; e < n; ++e) s[e] -= slope * static_cast<float>(std::abs(d0 + e * step));
+    });
+  }
+  if (v.bias.data != nullptr) {
+    const Strided& bias = v.bias;
+    const float* base = at_row<float>(bias, t.b, t.h, t.q0) + t.k0 * bias.col;
+    if (reads_across_lines(t, bias)) {
+      for (int64_t i = 0; i < t.rows; ++i)
+        for (int64_t j = 0; j < t.keys; ++j) t.at(i, j) += base[i * bias.row + j];
+    } else {
+      for_each_line(t, [&](float* s, int64_t n, int64_t i, int64_t j, int64_t di, int64_t dj) {
+        add_strided(s, base + i * bias.row + j * bias.col, di * bias.row + dj * bias.col, n);
+      });
     }
-    if (v.alibi_slopes != nullptr) s -= slope * static_cast<float>(std::abs(distance));
-    if (bias != nullptr) s += bias[i * v.bias.row + j * v.bias.col];
-  });
+  }
+  if (window_cuts(p, t)) {
+    // Visible: -window_left <= d0 + e * step <= window_right (a bound of -1: none on that side).
+    const int64_t left = v.window_left < 0 ? std::numeric_limits<int64_t>::max() / 4 : v.window_left;
+    const int64_t right = v.window_right < 0 ? std::numeric_limits<int64_t>::max() / 4 : v.window_right;
+    for_each_line(t, [&](float* s, int64_t n, int64_t i, int64_t j, int64_t di, int64_t dj) {
+      const int64_t d0 = distance(i, j);
+      const bool along_keys = dj - di > 0;
+      const int64_t first = along_keys ? -left - d0 : d0 - right;
+      const int64_t last = along_keys ? right - d0 : d0 + left;
+      const int64_t begin = std::clamp<int64_t>(first, 0, n), end = std::clamp<int64_t>(last + 1, begin, n);
+      fill(s, begin, -kInf);
+      fill(s + end, n - end, -kInf);
+    });
+  }
+  if (v.mask.data != nullptr) {
+    const Strided& mask = v.mask;
+    const bool* base = at_row<bool>(mask, t.b, t.h, t.q0) + t.k0 * mask.col;
+    if (reads_across_lines(t, mask)) {
+      for (int64_t i = 0; i < t.rows; ++i)
+        for (int64_t j = 0; j < t.keys; ++j)
+          if (!base[i * mask.row + j]) t.at(i, j) = -kInf;
+    } else {
+      for_each_line(t, [&](float* s, int64_t n, int64_t i, int64_t j, int64_t di, int64_t dj) {
+        hide_where_false(s, base + i * mask.row + j * mask.col, di * mask.row + dj * mask.col, n);
+      });
+    }
+  }
+}
+
+// Whether the mask hides every key of [k0, k0 + keys) from every query of [q0, q0 + rows) of
+// head (b, h): such a tile adds nothing (p = 0), so the kernels skip it. Stops at the first
+// visible pair, and reads one element along a broadcast dim.
+inline bool mask_hides_tile(const Problem& p, int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t k0,
+                            int64_t keys) {
+  const Strided& mask = p.variants.mask;
+  if (mask.data == nullptr) return false;
+  const bool* base = at_row<bool>(mask, b, h, q0) + k0 * mask.col;
+  const int64_t n_rows = mask.row == 0 ? 1 : rows, n_keys = mask.col == 0 ? 1 : keys;
+  for (int64_t i = 0; i < n_rows; ++i)
+    for (int64_t j = 0; j < n_keys; ++j)
+      if (base[i * mask.row + j * mask.col]) return false;
+  return true;
 }
 
 // Final scores of a whole tile whose n floats from t.data are its own (the backward's tiles).
