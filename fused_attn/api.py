@@ -8,7 +8,7 @@ import torch
 from .checks import check_alibi_slopes, check_attn_mask, check_qkv, make_options
 from .dispatch import explain_choice, select_backend
 from .dropout import draw_seed
-from .ops import attention_forward
+from .ops import attention_op
 from .options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
@@ -83,7 +83,7 @@ def attention(
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     name = select_backend(q, k, v, extras, opts, backend)
     dropout_seed = draw_seed(q.device) if opts.dropout_p > 0 else None
-    out, lse = attention_forward(
+    out, lse = attention_op(
         q, k, v, attn_mask, alibi_slopes, dropout_seed, None, None,
         opts.scale, opts.causal, opts.bottom_right, opts.window_left, opts.window_right,
         opts.softcap, opts.dropout_p, opts.deterministic, 0, 0, name,

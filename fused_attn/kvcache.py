@@ -8,13 +8,13 @@ import torch
 from .backends import get_backend
 from .checks import check_alibi_slopes, check_qkv, make_options
 from .dispatch import select_backend
+from .ops import needs_the_op
 from .options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("fused_attn::kvcache_forward", mutates_args=())
-def _kvcache_forward(
+def _kvcache_forward_impl(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, block_table: Optional[Tensor],
     alibi_slopes: Optional[Tensor], scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
     backend: str,
@@ -22,6 +22,9 @@ def _kvcache_forward(
     opts = AttentionOptions(scale=scale, causal=causal, bottom_right=True, window_left=window_left,
                             window_right=window_right, softcap=softcap)
     return get_backend(backend).kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)
+
+
+_kvcache_forward = torch.library.custom_op("fused_attn::kvcache_forward", _kvcache_forward_impl, mutates_args=())
 
 
 @_kvcache_forward.register_fake
@@ -94,8 +97,9 @@ def attention_with_kvcache(
         seqlens_k = seqlens + new_tokens
         name = select_backend(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
                               AttentionTensors(alibi_slopes=alibi_slopes), opts, backend, kvcache=True)
-        out, lse = _kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts.scale, opts.causal,
-                                    opts.window_left, opts.window_right, opts.softcap, name)
+        inputs = (q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts.scale, opts.causal,
+                  opts.window_left, opts.window_right, opts.softcap, name)
+        out, lse = _kvcache_forward(*inputs) if needs_the_op(inputs) else _kvcache_forward_impl(*inputs)
     return (out, lse) if return_lse else out
 
 

@@ -4,6 +4,11 @@
 so torch.compile traces them without graph breaks, and the backward is itself an op, so compiled
 graphs keep it opaque too. The backend is chosen in Python before the op is called and travels
 as a string argument; the op only runs it.
+
+`attention_op` is what the public functions call: the op while torch.compile or torch.export
+traces, or for tensor subclasses; in plain eager calls, an autograd.Function running the same
+two implementations. torch.library's autograd wrapper costs ~250 us a call on torch 2.13 (it
+rebuilds the schema's argument list once per argument), more than a whole small attention.
 """
 from __future__ import annotations
 
@@ -52,8 +57,7 @@ def _split_mask(attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional
     return (attn_mask, None) if attn_mask.dtype == torch.bool else (None, attn_mask)
 
 
-@torch.library.custom_op("fused_attn::forward", mutates_args=())
-def attention_forward(
+def _forward_impl(
     q: Tensor, k: Tensor, v: Tensor,
     attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_seed: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
@@ -70,13 +74,15 @@ def attention_forward(
     return get_backend(backend).forward(q, k, v, extras, opts)
 
 
+attention_forward = torch.library.custom_op("fused_attn::forward", _forward_impl, mutates_args=())
+
+
 @attention_forward.register_fake
 def _(q, k, v, *tensors_and_scalars):
     return _output_like(q, v)
 
 
-@torch.library.custom_op("fused_attn::backward", mutates_args=())
-def attention_backward(
+def _backward_impl(
     dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], dropout_seed: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], bias_requires_grad: bool,
@@ -95,6 +101,9 @@ def attention_backward(
     return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0))
 
 
+attention_backward = torch.library.custom_op("fused_attn::backward", _backward_impl, mutates_args=())
+
+
 @attention_backward.register_fake
 def _(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k,
       bias_requires_grad, *scalars):
@@ -110,12 +119,49 @@ def _setup_context(ctx, inputs, output):
     ctx.scalars = scalars
 
 
-def _backward(ctx, dout, dlse):
+def _gradients(ctx, dout, dlse, backward):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
-    dq, dk, dv, dbias = attention_backward(dout, dlse, q, k, v, out, lse, *tensors, ctx.bias_requires_grad,
-                                           *ctx.scalars)
+    dq, dk, dv, dbias = backward(dout, dlse, q, k, v, out, lse, *tensors, ctx.bias_requires_grad, *ctx.scalars)
     not_differentiable = [None] * (len(tensors) - 1 + len(ctx.scalars))  # all but attn_mask
     return dq, dk, dv, (dbias if ctx.bias_requires_grad else None), *not_differentiable
 
 
+def _backward(ctx, dout, dlse):
+    return _gradients(ctx, dout, dlse, attention_backward)
+
+
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """attention_forward's autograd, for plain eager calls: the same setup and implementations.
+    (forward takes ctx rather than defining setup_context: apply then skips binding the
+    arguments to the signature, another ~40 us a call.)"""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _gradients(ctx, dout, dlse, _backward_impl)
+
+
+def needs_the_op(inputs) -> bool:
+    """Whether a call must go through the registered op rather than its implementation: while
+    torch.compile or torch.export traces, under torch.func transforms, or for tensor subclasses
+    (fake, functional, DTensor...), which only the op's registrations handle."""
+    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or any(isinstance(t, Tensor) and type(t) is not Tensor for t in inputs))
+
+
+def attention_op(*inputs) -> tuple[Tensor, Tensor]:
+    """attention_forward(*inputs): the op where needs_the_op says so; else the same
+    implementation, through _EagerAttention when a gradient is wanted."""
+    if needs_the_op(inputs):
+        return attention_forward(*inputs)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        return _EagerAttention.apply(*inputs)
+    return _forward_impl(*inputs)

@@ -8,7 +8,7 @@ import torch
 from .checks import check_alibi_slopes, check_cu_seqlens, check_packed_qkv, make_options
 from .dispatch import select_backend
 from .dropout import draw_seed
-from .ops import attention_forward
+from .ops import attention_op
 from .options import AttentionTensors
 
 Tensor = torch.Tensor
@@ -62,7 +62,7 @@ def varlen_attention(
     extras = AttentionTensors(alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     name = select_backend(q, k, v, extras, opts, backend)
     dropout_seed = draw_seed(q.device) if opts.dropout_p > 0 else None
-    out, lse = attention_forward(
+    out, lse = attention_op(
         q, k, v, None, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k,
         opts.scale, opts.causal, opts.bottom_right, opts.window_left, opts.window_right,
         opts.softcap, opts.dropout_p, opts.deterministic, max_seqlen_q, max_seqlen_k, name,

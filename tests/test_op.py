@@ -62,3 +62,40 @@ def test_kvcache_opcheck(kvcache_backend):
     seqlens = torch.tensor([7, 50], dtype=torch.int32, device=DEVICE)
     args = (q, k_cache, v_cache, seqlens, None, None, 0.2, True, -1, -1, 0.0, kvcache_backend)
     torch.library.opcheck(torch.ops.fused_attn.kvcache_forward.default, args)
+
+
+def test_eager_calls_equal_the_op_bit_for_bit(variant_backend):
+    """Plain eager calls skip torch.library's dispatch (fused_attn/ops.py, attention_op) but must
+    run exactly what the op runs: the same outputs and gradients, a learnable bias's included."""
+    backend = variant_backend
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    q, k, v = random_qkv(2, 4, 2, 37, 50, 32, 16, dtype, DEVICE, requires_grad=True)
+    bias = torch.randn(1, 4, 37, 50, dtype=dtype, device=DEVICE, requires_grad=True)
+    slopes = torch.rand(4, device=DEVICE)
+    seed = fused_attn.dropout.draw_seed(DEVICE)
+    args = (q, k, v, bias, slopes, seed, None, None, 0.25, True, True, 20, -1, 5.0, 0.1, False, 0, 0, backend)
+    dout = torch.randn(2, 4, 37, 16, dtype=dtype, device=DEVICE)
+    dlse = torch.randn(2, 4, 37, device=DEVICE)
+    results = []
+    for call in (fused_attn.ops.attention_op, torch.ops.fused_attn.forward.default):
+        out, lse = call(*args)
+        loss = (out.float() * dout.float()).sum() + (lse * dlse).sum()
+        results.append((out, lse, *torch.autograd.grad(loss, (q, k, v, bias))))
+    for name, eager, op in zip(("out", "lse", "dq", "dk", "dv", "dbias"), *results):
+        assert torch.equal(eager, op), name
+    with torch.no_grad():
+        out, lse = fused_attn.ops.attention_op(*args)
+    assert torch.equal(out, results[1][0]) and out.grad_fn is None
+
+
+def test_calls_go_through_the_op_when_traced(monkeypatch):
+    """torch.compile sees the registered op; eager calls do without it."""
+    torch._dynamo.reset()
+    calls = []
+    op = fused_attn.ops.attention_forward
+    monkeypatch.setattr(fused_attn.ops, "attention_forward", lambda *a: calls.append(1) or op(*a))
+    q, k, v = random_qkv(1, 2, 2, 8, 8, 16, 16, torch.float32, DEVICE, requires_grad=True)
+    eager = fused_attn.attention(q, k, v)
+    assert calls == []
+    compiled = torch.compile(lambda q, k, v: fused_attn.attention(q, k, v), fullgraph=True)(q, k, v)
+    assert calls and torch.equal(eager, compiled)
