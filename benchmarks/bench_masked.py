@@ -16,6 +16,7 @@ Useful FLOPs count only the visible (i, j) pairs: forward 4*B*H*D*pairs, fwd+bwd
 peers' convention). "cost/FLOP vs plain" = (time / useful FLOPs) of the row over that of the same
 provider's plain row: 1.0 means the mask or the skipped tiles cost nothing beyond their share of work.
 "vs sdpa" = SDPA time / fused_attn time for the same case and pass (>1: fused_attn faster).
+On the CPU the two providers of a case are timed interleaved (common.time_ms_each).
 """
 from __future__ import annotations
 
@@ -52,6 +53,21 @@ def shapes(flav: str, on_cuda: bool):
         return 1, 2, 256, 64, torch.float32, ("fwd", "fwd+bwd"), 64
     passes = ("fwd", "fwd+bwd") if flav == "full" else ("fwd+bwd",)
     return 1, 4, 1024, 64, torch.float32, passes, 256
+
+
+def make_step(fn, case: Case, pass_: str, sets):
+    """One call of fn on the next input set: forward under no_grad, or forward and backward."""
+    cycle = itertools.cycle(sets)
+    if pass_ == "fwd":
+        def step():
+            q, k, v, _ = next(cycle)
+            with torch.no_grad():
+                fn(q, k, v, case)
+    else:
+        def step():
+            q, k, v, dout = next(cycle)
+            fn(q, k, v, case).backward(dout)
+    return step
 
 
 def window_pairs(L: int, left: int) -> int:
@@ -104,22 +120,18 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for case in cases:
         for pass_ in passes:
+            steps = {pname: make_step(fn, case, pass_, sets) for pname, fn in providers.items()}
+            times = common.time_ms_each(steps, on_cuda, grads=qkv_grads + case.grads)
+            for t in qkv_grads + case.grads:
+                t.grad = None
             for pname, fn in providers.items():
                 row = {"case": case.name, "provider": pname, "pass": pass_, "B": B, "H": H, "L": L, "D": D,
                        "dtype": common.dtype_name(dtype), "pairs": case.pairs, "error": ""}
                 row["useful_flops"] = 4.0 * H * D * case.pairs * (3.5 if pass_ == "fwd+bwd" else 1.0)
-                cycle = itertools.cycle(sets)
-                if pass_ == "fwd":
-                    def step(fn=fn, case=case, cycle=cycle):
-                        q, k, v, _ = next(cycle)
-                        with torch.no_grad():
-                            fn(q, k, v, case)
-                else:
-                    def step(fn=fn, case=case, cycle=cycle):
-                        q, k, v, dout = next(cycle)
-                        fn(q, k, v, case).backward(dout)
                 try:
-                    row["ms"] = common.time_ms(step, on_cuda, grads=qkv_grads + case.grads)
+                    if isinstance(times[pname], Exception):
+                        raise times[pname]
+                    row["ms"] = times[pname]
                     row["tflops"] = row["useful_flops"] / (row["ms"] * 1e-3) / 1e12
                     if pname == "fused_attn" and pass_ == passes[0]:
                         q, k, v, _ = sets[0]
@@ -129,8 +141,6 @@ def main(argv=None) -> int:
                         row["max_abs_diff"] = (a - b).abs().max().item()
                 except Exception as exc:
                     row["error"] = common.after_error(exc, on_cuda)
-                for t in qkv_grads + case.grads:
-                    t.grad = None
                 rows.append(row)
                 common.progress(f"{case.name:<24} {pname:<11} {pass_:<8} {common.fmt(row.get('ms'))} ms  "
                                 f"{common.fmt(row.get('tflops'), '.4g')} useful TFLOP/s"

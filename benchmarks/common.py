@@ -166,6 +166,47 @@ def time_ms(step: Callable[[], object], on_cuda: bool, *, grads: Sequence[torch.
     return statistics.median(times) * 1e3
 
 
+def time_ms_each(steps: dict[str, Callable[[], object]], on_cuda: bool, *, grads: Sequence[torch.Tensor] = (),
+                 cpu_target_s: float = 0.6, cpu_min_reps: int = 3, cpu_max_reps: int = 25) -> dict[str, object]:
+    """{name: median ms, or the exception it raised} of several providers' steps, as time_ms.
+
+    On the CPU the steps are timed interleaved, one call of each in turn, so a busy spell on a
+    shared machine slows every provider alike instead of whichever happened to be running.
+    """
+    if on_cuda:
+        results = {}
+        for name, step in steps.items():
+            try:
+                results[name] = time_ms(step, on_cuda, grads=grads)
+            except Exception as exc:  # reported in the provider's row; the others still run
+                results[name] = exc
+        return results
+    grads = list(grads)
+
+    def call(step):
+        for t in grads:
+            t.grad = None
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
+
+    results, estimate = {}, {}
+    for name, step in steps.items():
+        try:
+            call(step)  # warm-up
+            estimate[name] = call(step)
+        except Exception as exc:
+            results[name] = exc
+    if estimate:
+        reps = max(cpu_min_reps, min(cpu_max_reps, int(cpu_target_s / max(sum(estimate.values()), 1e-6))))
+        samples = {name: [] for name in estimate}
+        for _ in range(reps):
+            for name in estimate:
+                samples[name].append(call(steps[name]))
+        results.update({name: statistics.median(times) * 1e3 for name, times in samples.items()})
+    return {name: results[name] for name in steps}
+
+
 def copy_bandwidth_gbs(device: str, on_cuda: bool, nbytes: Optional[int] = None) -> float:
     """Device-to-device copy bandwidth, (bytes read + bytes written) / median time, in GB/s."""
     nbytes = nbytes or ((1 << 30) if on_cuda else (1 << 27))
