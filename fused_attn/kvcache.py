@@ -73,6 +73,8 @@ def attention_with_kvcache(
     Returns:
         out (B, Lq, Hq, Dv) in q's dtype; with return_lse also lse (B, Hq, Lq) float32.
 
+    The lengths and pages are checked on the host, one device-to-host transfer per call (a sync on
+    GPUs); not while torch.compile traces or a CUDA graph is captured, where they must be valid.
     On GPUs long caches are split across programs (split-KV) automatically, so one decode step fills
     the GPU. The query rows of a GQA group share one program (or CPU task), so each cached key is
     read once per key/value head.
@@ -162,9 +164,16 @@ def _check_cache_seqlens(cache_seqlens, q) -> Tensor:
     return cache_seqlens
 
 
+def _host_checks_skipped(device: torch.device) -> bool:
+    """The length and page checks read device values on the host: not while torch.compile traces
+    (a graph break) nor while a CUDA graph is captured (a sync is an error there)."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor]) -> None:
-    """Every sequence must fit its cache; pages must exist. Host checks, skipped while compiling."""
-    if torch.compiler.is_compiling():
+    """Every sequence must fit its cache; pages must exist. One device-to-host transfer (a sync on
+    GPUs), skipped where _host_checks_skipped says so."""
+    if _host_checks_skipped(seqlens.device):
         return
     page_size = k_cache.shape[1]
     capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
