@@ -417,13 +417,30 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
   call.p = {kernel_dtype(q), B, Hq, Hkv, Lq, capacity, D, Dv, static_cast<float>(scale),
             variants_of(B, Hq, window_left, window_right, true, softcap, alibi_slopes)};
   call.p.seqlens_k = seqlens_k.data_ptr<int32_t>();
-  const std::vector<int64_t> tasks = task_table(B, [&](int64_t) { return cpu::forward_tasks(call.p, Lq); });
+  // Split-KV when the call has too few tasks for a many-core CPU (params.h, split_keys): partial
+  // results in one float32 buffer, (acc, max, sum) per (b, h, query row, split), then merged.
+  const int64_t longest = *std::max_element(call.seqlens_k.begin(), call.seqlens_k.end());
+  cpu::Splits splits;
+  splits.keys = cpu::split_keys(B * cpu::forward_tasks(call.p, Lq), longest);
+  Tensor partials;
+  if (splits.keys != 0) {
+    splits.count = cpu::ceil_div(longest, splits.keys);
+    const int64_t rows = B * Hq * Lq * splits.count;
+    partials = at::empty({rows * (Dv + 2)}, q.options().dtype(at::kFloat));
+    splits.acc = partials.data_ptr<float>();
+    splits.max = splits.acc + rows * Dv;
+    splits.sum = splits.max + rows;
+  }
+  const std::vector<int64_t> tasks = task_table(
+      B, [&](int64_t b) { return cpu::forward_tasks(call.p, Lq) * splits.of(call.seqlens_k[b]); });
   // (B, L, H, D) tensors as (B, H, L, D) views; a paged cache's pages play the batch.
   auto heads_first = [](const Tensor& t) { return strided(t.transpose(1, 2)); };
   const cpu::ForwardArgs args{call.p, heads_first(q), heads_first(k_cache), heads_first(v_cache), heads_first(out),
-                              row_values(lse), table_view(tasks), pages};
+                              row_values(lse), table_view(tasks), pages, splits};
   const cpu::Kernels& kernels = select_kernels();
   at::parallel_for(0, tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+  if (splits.keys != 0)
+    at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) { kernels.merge_splits(args, begin, end); });
 }
 
 std::string cpu_isa() { return select_kernels().isa; }

@@ -130,22 +130,52 @@ def test_thread_count_changes_no_bit_varlen():
         lambda: run(q, k, v, dout, fused_attn.varlen_attention, args=args, **keywords)))
 
 
+def kv_cache(batch, capacity, heads_kv, dim, paged):
+    """(k_cache, v_cache, block_table): a contiguous cache, or the same rows as shuffled pages of 16."""
+    k_cache, v_cache = torch.randn(2, batch, capacity, heads_kv, dim)
+    if not paged:
+        return k_cache, v_cache, None
+    per_sequence = -(-capacity // 16)
+    table = torch.randperm(batch * per_sequence, dtype=torch.int32).view(batch, per_sequence)
+    pages = torch.zeros(2, batch * per_sequence, 16, heads_kv, dim)
+    padded = torch.nn.functional.pad(torch.stack([k_cache, v_cache]), (0, 0, 0, 0, 0, per_sequence * 16 - capacity))
+    pages[:, table.flatten().long()] = padded.view(2, batch * per_sequence, 16, heads_kv, dim)
+    return pages[0], pages[1], table
+
+
+@pytest.mark.parametrize("capacity", [200, 2500], ids=["one-pass", "split-kv"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_thread_count_changes_no_bit_kvcache(paged):
+def test_thread_count_changes_no_bit_kvcache(paged, capacity):
+    """Long caches with few tasks are split (split-KV, params.h): the split depends on the call,
+    never on the thread count."""
     q = torch.randn(3, 2, 8, 32)
-    k_cache, v_cache = torch.randn(2, 3, 200, 2, 32)
-    lengths = torch.tensor([200, 0, 77], dtype=torch.int32)
-    table = None
-    if paged:  # the same rows as pages of 16, shuffled
-        table = torch.randperm(3 * 13, dtype=torch.int32).view(3, 13)
-        pages = torch.zeros(2, 3 * 13, 16, 2, 32)
-        pages[:, table.flatten().long()] = torch.nn.functional.pad(torch.stack([k_cache, v_cache]),
-                                                                   (0, 0, 0, 0, 0, 8)).view(2, 3 * 13, 16, 2, 32)
-        k_cache, v_cache = pages
+    k_cache, v_cache, table = kv_cache(3, capacity, 2, 32, paged)
+    lengths = torch.tensor([capacity, 0, capacity * 13 // 25], dtype=torch.int32)
     results = results_per_thread_count(lambda: fused_attn.attention_with_kvcache(
         q, k_cache, v_cache, lengths, block_table=table, causal=True, alibi_slopes=torch.rand(8), return_lse=True,
         backend="cpu"))
     assert_bitwise_equal(results)
+
+
+@pytest.mark.parametrize("keywords", [dict(), dict(causal=True, window=(700, -1), alibi_slopes="per-head"),
+                                      dict(softcap=3.0)], ids=["plain", "window-alibi", "softcap"])
+@pytest.mark.parametrize("seqlen_q", [1, 3, 70])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_split_kv_decoding_matches_the_reference_backend(paged, seqlen_q, keywords):
+    """Caches long enough to be split (2 or 3 splits here) merge to the unsplit result: every
+    split length, GQA rows packed in a task (1 and 3 queries) or not (70), a window that leaves
+    whole splits out, empty sequences."""
+    keywords = dict(keywords)
+    if keywords.get("alibi_slopes") == "per-head":
+        keywords["alibi_slopes"] = torch.rand(4, 4)
+    q = torch.randn(4, seqlen_q, 4, 32)
+    k_cache, v_cache, table = kv_cache(4, 3100, 1, 32, paged)
+    lengths = torch.tensor([3100, 0, 2049, 1500], dtype=torch.int32)
+    ours, reference = (fused_attn.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=table,
+                                                         return_lse=True, backend=backend, **keywords)
+                       for backend in ("cpu", "reference"))
+    assert_close_each(ours, reference, rtol=1e-4, atol=1e-5)
+    assert (ours[0][1] == 0).all() and (ours[1][1] == -torch.inf).all()
 
 
 @pytest.mark.parametrize("seqlen_q", [1, 5, 21, 30, 64, 65])

@@ -56,6 +56,21 @@ inline bool masked_for_every_head(const Problem& p, int64_t b, const QueryBlock&
   return true;
 }
 
+// A split task's rows: the unnormalised output (acc, rows of ld floats), running max and sum.
+inline void store_partials(const ForwardArgs& args, int64_t b, const QueryBlock& block, int64_t split,
+                           const float* acc, int64_t ld, const float* row_max, const float* row_sum) {
+  const Splits& splits = args.splits;
+  const int64_t Dv = args.p.head_dim_v;
+  for (int64_t g = 0; g < block.heads; ++g)
+    for (int64_t i = 0; i < block.rows; ++i) {
+      const int64_t col = g * block.rows + i;
+      const int64_t at = ((b * args.p.heads_q + block.h0 + g) * args.p.seqlen_q + block.q0 + i) * splits.count + split;
+      splits.max[at] = row_max[col];
+      splits.sum[at] = row_sum[col];
+      std::copy(acc + col * ld, acc + col * ld + Dv, splits.acc + at * Dv);
+    }
+}
+
 // scale * Q^T of the block (D x ld), zero in the columns past its queries.
 template <typename T>
 void load_queries_t(float* qt, int64_t ld, const Strided& q, int64_t b, const QueryBlock& block, int64_t D,
@@ -105,7 +120,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     const int64_t b = at.sequence;
     const ForwardArgs s = sequence(args, b);
     const Problem& p = s.p;
-    const QueryBlock block = query_block(p, at.index);
+    const int64_t splits = args.splits.of(p.seqlen_k), split = at.index % splits;
+    const QueryBlock block = query_block(p, at.index / splits);
     const int64_t rows = block.rows, cols = block.heads * rows, ld = round_up(cols, kVec);
     // The score tile of head g of the block, in S^T.
     auto head_tile = [&](int64_t g, int64_t k0, int64_t keys) {
@@ -117,7 +133,11 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     fill(row_sum, ld, 0.f);
     fill(acc, cols * Dvp, 0.f);
 
-    const Range visible = visible_keys(p, block.q0, rows);  // the same rows for every head
+    Range visible = visible_keys(p, block.q0, rows);  // the same rows for every head
+    if (args.splits.keys != 0) {
+      visible.begin = std::max(visible.begin, split * args.splits.keys);
+      visible.end = std::min(visible.end, (split + 1) * args.splits.keys);
+    }
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
       if (masked_for_every_head(p, b, block, k0, keys)) continue;
@@ -139,6 +159,10 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       gemm(cols, Dvp, keys, st, 1, ld, vb, Dvp, acc, Dvp, true);
     }
 
+    if (args.splits.keys != 0) {
+      store_partials(args, b, block, split, acc, Dvp, row_max, row_sum);
+      continue;
+    }
     // out = acc / l and lse = m + log l; rows that saw no key get out = 0 and lse = -inf.
     for (int64_t i = 0; i < cols; ++i) {
       const bool empty = row_sum[i] == 0.f;
@@ -154,10 +178,52 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   }
 }
 
+// Split-KV: the output of (b, h), row i, from its splits' partials, merged by their maxima:
+//   m = max_s m_s;  l = sum_s l_s exp(m_s - m);  out = sum_s acc_s exp(m_s - m) / l;  lse = m + log l,
+// summed in split order. Rows no split saw get out = 0 and lse = -inf.
+template <typename T>
+void merge_splits_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
+  const Splits& splits = args.splits;
+  const int64_t Lq = args.p.seqlen_q, Dv = args.p.head_dim_v;
+  Scratch scratch(Scratch::size_of({Dv}));
+  float* row = scratch.take(Dv);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / args.p.heads_q, h = task % args.p.heads_q;
+    const ForwardArgs s = sequence(args, b);
+    const int64_t count = splits.of(s.p.seqlen_k);
+    for (int64_t i = 0; i < Lq; ++i) {
+      const int64_t first = ((b * args.p.heads_q + h) * Lq + i) * splits.count;
+      float m = -kInf;
+      for (int64_t split = 0; split < count; ++split) m = std::max(m, splits.max[first + split]);
+      float l = 0.f;
+      fill(row, Dv, 0.f);
+      if (m != -kInf) {
+        for (int64_t split = 0; split < count; ++split) {
+          const float weight = std::exp(splits.max[first + split] - m);  // 0 for a split that saw no key
+          l += splits.sum[first + split] * weight;
+          const float* acc = splits.acc + (first + split) * Dv;
+          for (int64_t c = 0; c < Dv; ++c) row[c] += acc[c] * weight;
+        }
+      }
+      *s.lse.at(b, h, i) = m == -kInf ? -kInf : m + std::log(l);
+      const float normaliser = m == -kInf ? 0.f : 1.f / l;
+      store_rows(at_row_mut<T>(s.out, b, h, i), s.out.row, s.out.col, row, Dv, 1, Dv, &normaliser);
+    }
+  }
+}
+
 void forward(const ForwardArgs& args, int64_t begin, int64_t end) {
   switch (args.p.dtype) {
     case DType::Float32: return forward_typed<float>(args, begin, end);
     case DType::BFloat16: return forward_typed<c10::BFloat16>(args, begin, end);
     case DType::Float16: return forward_typed<c10::Half>(args, begin, end);
+  }
+}
+
+void merge_splits(const ForwardArgs& args, int64_t begin, int64_t end) {
+  switch (args.p.dtype) {
+    case DType::Float32: return merge_splits_typed<float>(args, begin, end);
+    case DType::BFloat16: return merge_splits_typed<c10::BFloat16>(args, begin, end);
+    case DType::Float16: return merge_splits_typed<c10::Half>(args, begin, end);
   }
 }

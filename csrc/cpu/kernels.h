@@ -32,6 +32,7 @@ namespace {
 
 }  // namespace
 
-const Kernels kKernels = {FUSED_ATTN_ISA_NAME, forward, backward_dq, backward_dkdv, backward_delta, backward_fused};
+const Kernels kKernels = {FUSED_ATTN_ISA_NAME, forward,       merge_splits,  backward_dq,
+                          backward_dkdv,       backward_delta, backward_fused};
 
 }  // namespace fused_attn::cpu::FUSED_ATTN_ISA

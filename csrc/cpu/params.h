@@ -93,12 +93,25 @@ struct Pages {
   int64_t table_stride = 0, size = 0;
 };
 
+// Split-KV decoding: a KV-cache sequence's keys cut into splits of `keys` keys (a multiple of
+// kBlockN), each its own task, which leaves its rows' unnormalised output, running max and sum
+// here for merge_splits to combine. Element (b, h, i, split) of the (B, Hq, Lq, count) tensors
+// `max` and `sum` is at ((b * Hq + h) * Lq + i) * count + split; the output row's Dv floats of
+// `acc` start at that index times Dv. keys 0: no split.
+struct Splits {
+  int64_t keys = 0, count = 1;
+  float *acc = nullptr, *max = nullptr, *sum = nullptr;
+
+  int64_t of(int64_t seqlen_k) const { return keys == 0 ? 1 : std::max<int64_t>(1, ceil_div(seqlen_k, keys)); }
+};
+
 struct ForwardArgs {
   Problem p;
   Strided q, k, v, out;
   RowValues lse;  // natural log, -inf on rows that see no key
-  TaskTable tasks;  // query_tiling's tasks of every sequence
+  TaskTable tasks;  // query_tiling's tasks of every sequence, times its splits
   Pages pages;  // k and v of a paged KV cache
+  Splits splits;
 };
 
 struct BackwardArgs {
@@ -173,6 +186,20 @@ inline int64_t forward_tasks(const Problem& p, int64_t seqlen_q) {
   const QueryTiling tiling = query_tiling(p, seqlen_q);
   return p.heads_kv * tiling.chunks * tiling.blocks;
 }
+// Split-KV for KV caches: a call with few tasks (too few to keep a many-core CPU busy) cuts every
+// sequence's keys into splits so that there are about kSplitTarget tasks. The split depends on
+// the call alone (shapes and lengths), never on the thread count, so results stay bitwise
+// independent of it.
+// Splits are at least kMinSplitKeys long, so that a task's own costs (loading its queries,
+// storing partials, the merge) stay small next to reading its keys.
+constexpr int64_t kSplitTarget = 64;
+constexpr int64_t kMinSplitKeys = 16 * kBlockN;
+inline int64_t split_keys(int64_t tasks, int64_t longest_k) {
+  const int64_t wanted = std::min(ceil_div(kSplitTarget, std::max<int64_t>(tasks, 1)), longest_k / kMinSplitKeys);
+  if (wanted <= 1) return 0;
+  return ceil_div(ceil_div(longest_k, wanted), kBlockN) * kBlockN;
+}
+
 // The backward's dq (and delta) tasks: (query head, query block) pairs.
 inline int64_t dq_tasks(const Problem& p, int64_t seqlen_q) { return p.heads_q * ceil_div(seqlen_q, kBlockM); }
 
@@ -205,6 +232,8 @@ inline int64_t dkdv_tasks(const Problem& p, const DkdvSplit& split, int64_t seql
 struct Kernels {
   const char* isa;
   void (*forward)(const ForwardArgs&, int64_t begin, int64_t end);  // tasks: args.tasks
+  // With args.splits: out and lse of (b, h) pairs [begin, end) from their splits' partials.
+  void (*merge_splits)(const ForwardArgs&, int64_t begin, int64_t end);
   // Backward, two-pass schedule (see backward.h). Pass 1, query_tasks: dq for a block of query
   // rows, also writing delta for them. Pass 2, key_tasks: dk and dv for a block of keys.
   void (*backward_dq)(const BackwardArgs&, int64_t begin, int64_t end);

@@ -5,7 +5,7 @@ query (or key) blocks, vectorized with AVX2+FMA where the CPU has it (chosen at 
 FUSED_ATTN_CPU_ISA=portable forces the portable build). Dense, packed (varlen: tasks cover each
 sequence's real length, never padding) and KV-cache decoding calls (contiguous or paged caches;
 the query rows of a GQA group share one task, so each cached key is read once per key/value
-head). float64 is left to the reference backend.
+head; long caches of calls with few tasks are split, split-KV). float64 is left to the reference backend.
 """
 from __future__ import annotations
 
