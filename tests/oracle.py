@@ -155,3 +155,19 @@ def check_against_oracle(backend, shape, dtype, device, sequence_major=False, **
                                                                low_grads, leaves)):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, f"{name}: {grad.dtype} {tuple(grad.shape)}"
         assert_accurate(name, grad, exact, low, dtype, floor_scale=summed.get(index, 1.0))
+
+
+def tile_sparse_mask(batch, heads, seqlen_q, seqlen_k, device="cpu"):
+    """A bool mask that hides whole 64 x 64 tiles, which the kernels skip, and cuts others:
+    per-batch key padding (batch 0 sees 37 keys: every later key block is hidden), head 1 seeing
+    nothing at all, heads h >= 2 each missing their own key block [64 (h - 1), 64 h) and a
+    pattern of 40 x 50 blocks, and a few random holes."""
+    mask = torch.rand(batch, heads, seqlen_q, seqlen_k, device=device) > 0.05
+    mask[0, :, :, 37:] = False
+    mask[:, 1] = False
+    rows = torch.arange(seqlen_q, device=device)[:, None] // 40
+    cols = torch.arange(seqlen_k, device=device)[None] // 50
+    for h in range(2, heads):
+        mask[:, h, :, 64 * (h - 1):64 * h] = False
+        mask[:, h] &= (rows + cols + h) % 5 != 0
+    return mask

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from oracle import check_against_oracle, random_qkv
+from oracle import check_against_oracle, random_qkv, tile_sparse_mask
 
 import fused_attn
 from fused_attn.backends import cpu_backend
@@ -223,21 +223,6 @@ def test_bias_gradient_is_bitwise_independent_of_thread_count(bias_shape):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(grads[0], g) for g in grads[1:])
-
-
-def tile_sparse_mask(batch, heads, seqlen_q, seqlen_k):
-    """A bool mask that hides whole 64 x 64 tiles, which the kernels skip, and cuts others:
-    per-batch key padding (batch 0 sees 37 keys: every later key block is hidden), head 1 seeing
-    nothing at all, heads h >= 2 each missing their own key block [64 (h - 1), 64 h) and a
-    pattern of 40 x 50 blocks, and a few random holes."""
-    mask = torch.rand(batch, heads, seqlen_q, seqlen_k) > 0.05
-    mask[0, :, :, 37:] = False
-    mask[:, 1] = False
-    rows, cols = torch.arange(seqlen_q)[:, None] // 40, torch.arange(seqlen_k)[None] // 50
-    for h in range(2, heads):
-        mask[:, h, :, 64 * (h - 1):64 * h] = False
-        mask[:, h] &= (rows + cols + h) % 5 != 0
-    return mask
 
 
 @pytest.mark.parametrize("seqlen_q", [21, 150], ids=["heads-packed", "one-head-blocks"])

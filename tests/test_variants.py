@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from oracle import check_against_oracle, random_qkv
+from oracle import check_against_oracle, random_qkv, tile_sparse_mask
 
 import fused_attn
 
@@ -41,6 +41,13 @@ def test_bool_mask_with_fully_masked_rows(variant_backend):
     assert torch.all(out[:, :, ::3] == 0) and torch.all(lse[:, :, ::3] == float("-inf"))
     out.backward(torch.randn_like(out))
     assert torch.all(q.grad[:, :, ::3] == 0) and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+def test_bool_mask_hiding_whole_tiles(variant_backend):
+    """Tiles a bool mask hides entirely are skipped (forward, dq and dk/dv passes) without changing
+    anything: key padding, a head that sees nothing, per-head hidden key blocks (oracle.py)."""
+    mask = tile_sparse_mask(B, HQ, 70, 200, DEVICE)
+    check_against_oracle(variant_backend, (B, HQ, HKV, 70, 200, D, D), torch.float32, DEVICE, attn_mask=mask)
 
 
 @pytest.mark.parametrize("window", [(5, 3), (0, 0), (16, -1), (-1, 7), (100, 100)], ids=str)

@@ -31,6 +31,7 @@ from .common import (
     load_tile,
     num_blocks,
     score_tile,
+    visible_pairs,
     visible_span,
 )
 from .tuning import ShapeClass, mask_bytes, select
@@ -114,24 +115,26 @@ def _dkdv_query_blocks(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dk, dv of one key block over query blocks [start, stop) of one head.
+    """Accumulate dk, dv of one key block over query blocks [start, stop) of one head, but those
+    a bool mask hides.
 
     Out-of-range query rows load q = do = 0 and lse = +inf, so their p is 0.
     """
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
-        q = load_tile(q_ptrs + start_m * stride_qm, rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
-        dout = load_tile(do_ptrs + start_m * stride_gm, rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV,
-                         UPCAST)
-        lse, delta = load_row_stats(Lse, Delta, row_base, rows, seqlen_q)
-        dropped, _, dscores = backward_tile(
-            q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
-            mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
-            shift, left, right, scale, softcap,
-            CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION,
-        )
-        dv += tl.dot(tl.trans(dropped.to(dout.dtype)), dout, input_precision=DOT_PRECISION)
-        dk += tl.dot(tl.trans(dscores.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
+            q = load_tile(q_ptrs + start_m * stride_qm, rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
+            dout = load_tile(do_ptrs + start_m * stride_gm, rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV,
+                             UPCAST)
+            lse, delta = load_row_stats(Lse, Delta, row_base, rows, seqlen_q)
+            dropped, _, dscores = backward_tile(
+                q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
+                mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
+                shift, left, right, scale, softcap,
+                CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION,
+            )
+            dv += tl.dot(tl.trans(dropped.to(dout.dtype)), dout, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(dscores.to(q.dtype)), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -222,19 +225,21 @@ def _dq_key_blocks(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dq of one query block over key blocks [start, stop)."""
+    """Accumulate dq of one query block over key blocks [start, stop), but those a bool mask hides."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs + start_n * stride_kn, cols, seqlen_k, offs_d, HEAD_DIM, CHECK_WINDOW, not EVEN_D, UPCAST)
-        v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_WINDOW, not EVEN_DV,
-                      UPCAST)
-        _, _, dscores = backward_tile(
-            q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
-            mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
-            shift, left, right, scale, softcap,
-            CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION,
-        )
-        dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
+            k = load_tile(k_ptrs + start_n * stride_kn, cols, seqlen_k, offs_d, HEAD_DIM, CHECK_WINDOW, not EVEN_D,
+                          UPCAST)
+            v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_WINDOW,
+                          not EVEN_DV, UPCAST)
+            _, _, dscores = backward_tile(
+                q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
+                mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
+                shift, left, right, scale, softcap,
+                CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION,
+            )
+            dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 

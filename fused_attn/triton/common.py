@@ -270,6 +270,18 @@ def score_tile(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_m
 
 
 @triton.jit
+def visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND: tl.constexpr):
+    """How many (row, col) pairs of the tile a bool mask leaves visible (1 without a bool mask):
+    the kernels skip tiles where it is 0, which add nothing (p = dS = 0 there)."""
+    count = 1
+    if MASK_KIND == 1:
+        in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+        values = tl.load(mask_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn, mask=in_bounds, other=0)
+        count = tl.sum((values != 0).to(tl.int32))
+    return count
+
+
+@triton.jit
 def dropout_keep(seed_lo, seed_hi, rows, cols, batch_head, threshold):
     """Keep-mask of a (rows x cols) tile: Philox4x32 on counter (col, row, batch_head, 0), as dropout.py."""
     zero = (rows[:, None] * 0 + cols[None, :] * 0).to(tl.uint32)

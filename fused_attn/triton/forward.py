@@ -27,6 +27,7 @@ from .common import (
     load_tile,
     num_blocks,
     score_tile,
+    visible_pairs,
     visible_span,
 )
 from .tuning import ShapeClass, mask_bytes, select
@@ -43,27 +44,28 @@ def _forward_key_blocks(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Fold key blocks [start, stop) into the online softmax."""
+    """Fold key blocks [start, stop) into the online softmax; those a bool mask hides are skipped."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        k_t = load_tile(k_ptrs + start_n * stride_kn, offs_d, HEAD_DIM, cols, seqlen_k,
-                        not EVEN_D, CHECK_WINDOW, UPCAST)
-        qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-        scores, _ = score_tile(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
-                               shift, left, right, scale, softcap,
-                               CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND)
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        # A row that has seen no visible key keeps max -inf; shifting by 0 keeps exp2 at 0, not NaN.
-        centre = tl.where(new_max == float("-inf"), 0.0, new_max)
-        probs = tl.math.exp2(scores - centre[:, None])
-        rescale = tl.math.exp2(row_max - centre)
-        row_sum = row_sum * rescale + tl.sum(probs, 1)
-        if DROPOUT:  # the normaliser keeps every probability; only the output sees the dropped ones
-            probs = tl.where(dropout_keep(seed_lo, seed_hi, rows, cols, batch_head, threshold), probs, 0.0)
-        v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V,
-                      CHECK_WINDOW, not EVEN_DV, UPCAST)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-        row_max = new_max
+        if visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
+            k_t = load_tile(k_ptrs + start_n * stride_kn, offs_d, HEAD_DIM, cols, seqlen_k,
+                            not EVEN_D, CHECK_WINDOW, UPCAST)
+            qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+            scores, _ = score_tile(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
+                                   shift, left, right, scale, softcap,
+                                   CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND)
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            # A row that has seen no visible key keeps max -inf; shifting by 0 keeps exp2 at 0, not NaN.
+            centre = tl.where(new_max == float("-inf"), 0.0, new_max)
+            probs = tl.math.exp2(scores - centre[:, None])
+            rescale = tl.math.exp2(row_max - centre)
+            row_sum = row_sum * rescale + tl.sum(probs, 1)
+            if DROPOUT:  # the normaliser keeps every probability; only the output sees the dropped ones
+                probs = tl.where(dropout_keep(seed_lo, seed_hi, rows, cols, batch_head, threshold), probs, 0.0)
+            v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V,
+                          CHECK_WINDOW, not EVEN_DV, UPCAST)
+            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+            row_max = new_max
     return acc, row_max, row_sum
 
 
