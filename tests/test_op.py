@@ -18,16 +18,19 @@ def test_opcheck(backend, causal, sequence_major):
     torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
 
 
-def test_opcheck_with_every_feature(variant_backend):
-    """A learnable broadcast bias, ALiBi, softcap, a window and dropout through the op's schema."""
-    backend = variant_backend
+def every_feature_args(backend):
+    """The op's arguments with a learnable broadcast bias, ALiBi, softcap, a window and dropout."""
     dtype = torch.float16 if backend == "triton" else torch.float32
     q, k, v = random_qkv(2, 4, 2, 37, 50, 32, 16, dtype, DEVICE, requires_grad=True)
     bias = torch.randn(1, 4, 37, 50, dtype=dtype, device=DEVICE, requires_grad=True)
     slopes = torch.rand(4, device=DEVICE)
     seed = fused_attn.dropout.draw_seed(DEVICE)
-    args = (q, k, v, bias, slopes, seed, None, None, 0.25, True, True, 20, -1, 5.0, 0.1, False, 0, 0, backend)
-    torch.library.opcheck(torch.ops.fused_attn.forward.default, args)
+    return (q, k, v, bias, slopes, seed, None, None, 0.25, True, True, 20, -1, 5.0, 0.1, False, 0, 0, backend)
+
+
+def test_opcheck_with_every_feature(variant_backend):
+    """Every feature through the op's schema."""
+    torch.library.opcheck(torch.ops.fused_attn.forward.default, every_feature_args(variant_backend))
 
 
 def test_compile_fullgraph_forward_and_backward(backend):
@@ -67,14 +70,9 @@ def test_kvcache_opcheck(kvcache_backend):
 def test_eager_calls_equal_the_op_bit_for_bit(variant_backend):
     """Plain eager calls skip torch.library's dispatch (fused_attn/ops.py, attention_op) but must
     run exactly what the op runs: the same outputs and gradients, a learnable bias's included."""
-    backend = variant_backend
-    dtype = torch.float16 if backend == "triton" else torch.float32
-    q, k, v = random_qkv(2, 4, 2, 37, 50, 32, 16, dtype, DEVICE, requires_grad=True)
-    bias = torch.randn(1, 4, 37, 50, dtype=dtype, device=DEVICE, requires_grad=True)
-    slopes = torch.rand(4, device=DEVICE)
-    seed = fused_attn.dropout.draw_seed(DEVICE)
-    args = (q, k, v, bias, slopes, seed, None, None, 0.25, True, True, 20, -1, 5.0, 0.1, False, 0, 0, backend)
-    dout = torch.randn(2, 4, 37, 16, dtype=dtype, device=DEVICE)
+    args = every_feature_args(variant_backend)
+    q, k, v, bias = args[:4]
+    dout = torch.randn(2, 4, 37, 16, dtype=q.dtype, device=DEVICE)
     dlse = torch.randn(2, 4, 37, device=DEVICE)
     results = []
     for call in (fused_attn.ops.attention_op, torch.ops.fused_attn.forward.default):
