@@ -4,6 +4,8 @@
 #   make bench                 set up the environment, then python -m benchmarks.bench $(ARGS)
 #                              (every suite: speed, memory, masked, decode, varlen; ARGS="--suite memory")
 #   make bench-regression      pytest-benchmark timings: python -m pytest benchmarks/test_regression.py
+#   make plots                 PNG plots of every CSV in benchmarks/results/ (installs matplotlib into
+#                              .venv; the GPU machine has none, so its results are plotted elsewhere)
 #   make env                   only set up the environment
 #   make clean                 remove build artefacts (keeps .venv); make distclean also removes .venv
 #
@@ -89,6 +91,12 @@ bench: env
 .PHONY: bench-regression
 bench-regression: env
 	$(PYTHON) -m pytest benchmarks/test_regression.py $(PYTEST_ARGS)
+
+# matplotlib only for the plots: not a test or package dependency, installed on the venv route only.
+.PHONY: plots
+plots: env
+	@if [ "$(ENV_KIND)" = venv ]; then $(PYTHON) -m pip install -q 'matplotlib'; fi
+	$(PYTHON) -m benchmarks.plots $(ARGS)
 
 info:
 	@echo "environment: $(ENV_KIND)"

@@ -53,6 +53,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from benchmarks import plots
+
 try:
     import fused_attn
 except Exception as exc:  # the package is the thing under test: no silent fallback
@@ -528,6 +530,8 @@ def main(argv=None) -> int:
     md = out.with_suffix(".md")
     md.write_text("\n".join(header + table) + "\n")
     print(f"\nwrote {out} and {md} ({time.perf_counter() - t_start:.0f}s)", flush=True)
+    for note in plots.render(out):
+        print(note, flush=True)
     return 0
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from . import plots
 from .bench import (RESULTS_DIR, Config, clear_grads, device_slug, environment_lines, make_inputs, make_provider,
                     make_step)
 
@@ -214,6 +215,8 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"\nwrote {out_dir / stem}.csv and .md", flush=True)
+    for note in plots.render(out_dir / f"{stem}.csv"):
+        print(note, flush=True)
     return 0
 
 

@@ -213,16 +213,6 @@ def main(argv=None) -> int:
     if not on_cuda:
         body.append("- (CPU: informational; the goals are for the GPU)")
 
-    png = common.results_path(args, on_cuda, SUITE, flav, ".png")
-    series = {}
-    for name in provs:
-        for B in batches:
-            mine = [r for r in rows if r["provider"] == name and r["B"] == B]
-            series[f"{name} B={B}"] = ([r["L"] for r in mine], [r.get("gbs") for r in mine])
-    note = common.maybe_plot(args, png, series, xlabel="cache length", ylabel="K/V GB/s",
-                             title=f"decode Hq={Hq} Hkv={Hkv} D={D} (copy {common.fmt(copy_gbs, '.0f')} GB/s)")
-    if note:
-        body += ["", note]
     for r in rows:
         r["copy_gbs"] = copy_gbs
     keys = ["provider", "B", "L", "Hq", "Hkv", "D", "dtype", "kv_bytes", "ms", "gbs", "pct_copy", "copy_gbs",

@@ -317,15 +317,6 @@ def main(argv=None) -> int:
         + ("" if on_cuda else " (CPU, informational)"), fa.get("vs_baseline") if fa else None, 1.1,
         higher_is_better=False))
 
-    png = common.results_path(args, on_cuda, SUITE, flav, ".png")
-    series = {}
-    for name in providers:
-        mine = sorted((r for r in rows if r["provider"] == name), key=lambda r: r["L"])
-        series[name] = ([r["L"] for r in mine], [r.get("fwdbwd_mib") for r in mine])
-    note = common.maybe_plot(args, png, series, xlabel="sequence length L", ylabel="fwd+bwd peak MiB (above inputs)",
-                             title=f"peak memory, B=1 H={H} D={D} {common.dtype_name(dtype)}", logy=True)
-    if note:
-        body += ["", note]
     keys = ["provider", "L", "fwd_bytes", "fwdbwd_bytes", "input_bytes", "vs_baseline", "error"]
     for r in rows:
         r.update(H=H, D=D, dtype=common.dtype_name(dtype))

@@ -203,16 +203,6 @@ def main(argv=None) -> int:
     if not on_cuda:
         body.append("- (CPU: informational; the goals are for the GPU)")
 
-    png = common.results_path(args, on_cuda, SUITE, flav, ".png")
-    series = {}
-    for name in dict.fromkeys(r["provider"] for r in rows if r["provider"] != "all"):
-        for causal in causals:
-            mine = [r for r in rows if r["provider"] == name and r.get("causal") == causal and r.get("pass") == passes[-1]]
-            series[f"{name}{' causal' if causal else ''}"] = ([r["L"] for r in mine], [r.get("us_per_token") for r in mine])
-    note = common.maybe_plot(args, png, series, xlabel="max sequence length L", ylabel=f"{passes[-1]} us / real token",
-                             title=f"varlen vs padded, ~{total} tokens H={H} D={D}", logy=True)
-    if note:
-        body += ["", note]
     keys = ["L", "causal", "pass", "provider", "B", "tokens", "Lmax", "H", "D", "dtype", "useful_flops",
             "computed_flops", "ms", "us_per_token", "useful_tflops", "computed_tflops", "varlen_speedup",
             "max_abs_diff", "error"]

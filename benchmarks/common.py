@@ -5,7 +5,8 @@
   on CPU the median of `time.perf_counter` over several calls after warm-up;
 - per-row error capture (out of memory, unsupported) so one failing row prints n/a, never aborts;
 - result files: CSV and markdown in benchmarks/results/<device-slug>/, with the device name and the
-  torch / triton / CUDA versions in both; PNG plots only if matplotlib can be imported.
+  torch / triton / CUDA versions in both; PNG plots drawn from the CSV (benchmarks/plots.py) if
+  matplotlib can be imported.
 
 Everything here must also run on a CPU-only machine, and on the GPU machine with what is installed
 (no package index there: no new dependencies).
@@ -26,6 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from benchmarks import plots
 from benchmarks.bench import RESULTS_DIR, device_name, device_slug, environment_lines
 
 try:
@@ -294,41 +296,10 @@ def finish(args, on_cuda: bool, suite: str, flav: str, header: list[str], body: 
     md = path.with_suffix(".md")
     md.write_text("\n".join(header + [""] + body) + "\n")
     print(f"\nwrote {path} and {md}", flush=True)
+    if not getattr(args, "no_plot", False):
+        for note in plots.render(path):
+            print(note, flush=True)
     return path
-
-
-def maybe_plot(args, path: Path, xs_by_series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str,
-               title: str, logx: bool = True, logy: bool = False) -> Optional[str]:
-    """Write a PNG line plot if matplotlib is importable; returns a note for the report."""
-    if getattr(args, "no_plot", False):
-        return None
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return "(no PNG plot: matplotlib is not installed)"
-    try:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, (xs, ys) in xs_by_series.items():
-            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        if logx:
-            ax.set_xscale("log", base=2)
-        if logy:
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return f"plot: {path.name}"
-    except Exception as exc:
-        return f"(plot failed: {short_error(exc)})"
 
 
 def goal_line(name: str, value: Optional[float], target: float, *, higher_is_better: bool, spec: str = ".2f") -> str:
