@@ -100,6 +100,12 @@ def providers(on_cuda: bool, Hkv: int, Hq: int):
     return {**provs, "sdpa gqa": sdpa_gqa, "sdpa grouped": sdpa_grouped}
 
 
+def make_step(fn, sets, seqlens):
+    """One call of a provider on the next input set."""
+    cycle = itertools.cycle(sets)
+    return lambda: fn(next(cycle), seqlens)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
@@ -146,15 +152,14 @@ def main(argv=None) -> int:
                     rows.append(dict(base, provider=name, error=f"inputs: {err}"))
                 continue
             ref = None
+            steps = {name: make_step(fn, sets, seqlens_t) for name, fn in provs.items()}
+            times = common.time_ms_each(steps, on_cuda)
             for name, fn in provs.items():
                 row = dict(base, provider=name)
-                cycle = itertools.cycle(sets)
-
-                def step(fn=fn, cycle=cycle):
-                    fn(next(cycle), seqlens_t)
-
                 try:
-                    row["ms"] = common.time_ms(step, on_cuda)
+                    if isinstance(times[name], Exception):
+                        raise times[name]
+                    row["ms"] = times[name]
                     row["gbs"] = kv_bytes / (row["ms"] * 1e-3) / 1e9
                     if copy_gbs:
                         row["pct_copy"] = 100.0 * row["gbs"] / copy_gbs
