@@ -76,8 +76,8 @@ def attention_with_kvcache(
     The lengths and pages are checked on the host, one device-to-host transfer per call (a sync on
     GPUs); not while torch.compile traces or a CUDA graph is captured, where they must be valid.
     Long caches are split across programs (split-KV) automatically where a call has too few
-    (sequence, key/value head) pairs to fill the GPU or the CPU's cores. The query rows of a GQA group share one program (or CPU task), so each cached key is
-    read once per key/value head.
+    (sequence, key/value head) pairs to fill the GPU or the CPU's cores. The query rows of a GQA
+    group share one program (or CPU task), so each cached key is read once per key/value head.
     """
     _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v)
     seqlens = _check_cache_seqlens(cache_seqlens, q)

@@ -37,6 +37,32 @@ def empty_like_layout(
     return new_output(like, shape, dtype)
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """lse and the row statistics are float32, float64 for float64 inputs (the reference backend)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_outputs(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (out, lse) of an attention call: dense q (B, Hq, Lq, D) gives out
+    (B, Hq, Lq, Dv) laid out like q and lse (B, Hq, Lq); packed q (total_q, Hq, D) gives out
+    (total_q, Hq, Dv) and lse (Hq, total_q)."""
+    if q.dim() == 3:
+        return (new_output(q, (*q.shape[:2], v.shape[2]), q.dtype),
+                new_output(q, (q.shape[1], q.shape[0]), lse_dtype(q.dtype)))
+    return empty_like_layout(q, (*q.shape[:3], v.shape[3])), new_output(q, q.shape[:3], lse_dtype(q.dtype))
+
+
+def gradient_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient of q, k or v: laid out like a dense t, contiguous for a packed one."""
+    return empty_like_layout(t, tuple(t.shape)) if t.dim() == 4 else new_output(t, tuple(t.shape), t.dtype)
+
+
+def kvcache_outputs(q: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (out (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32) of a KV-cache call, q (B, Lq, Hq, D)."""
+    return (new_output(q, (*q.shape[:3], v_cache.shape[3]), q.dtype),
+            new_output(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32))
+
+
 def fill_unused_rows(t: torch.Tensor, dim: int, cu_seqlens: torch.Tensor, value: float) -> torch.Tensor:
     """Set the packed rows of `t` along `dim` from cu_seqlens[-1] on (they belong to no sequence,
     so no kernel program covers them) to `value`, in place. Runs on the device, without reading

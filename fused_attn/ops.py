@@ -17,14 +17,10 @@ from typing import Optional
 import torch
 
 from .backends import get_backend
-from .layout import empty_like_layout
+from .layout import attention_outputs, gradient_like
 from .options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _is_empty(q: Tensor, k: Tensor, opts: AttentionOptions) -> bool:
@@ -35,20 +31,8 @@ def _is_empty(q: Tensor, k: Tensor, opts: AttentionOptions) -> bool:
 
 def _empty_outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Outputs of a call in which no query row sees a key: out = 0, lse = -inf."""
-    out, lse = _output_like(q, v)
+    out, lse = attention_outputs(q, v)
     return out.zero_(), lse.fill_(float("-inf"))
-
-
-def _output_like(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Uninitialised (out, lse): dense (B, Hq, Lq, Dv) and (B, Hq, Lq); varlen (total_q, Hq, Dv) and (Hq, total_q)."""
-    if q.dim() == 3:
-        return q.new_empty((q.shape[0], q.shape[1], v.shape[2])), q.new_empty((q.shape[1], q.shape[0]),
-                                                                                dtype=_lse_dtype(q.dtype))
-    return empty_like_layout(q, (*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
-
-
-def _grad_like(t: Tensor) -> Tensor:
-    return empty_like_layout(t, tuple(t.shape)) if t.dim() == 4 else t.new_empty(t.shape)
 
 
 def _split_mask(attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -79,7 +63,7 @@ attention_forward = torch.library.custom_op("fused_attn::forward", _forward_impl
 
 @attention_forward.register_fake
 def _(q, k, v, *tensors_and_scalars):
-    return _output_like(q, v)
+    return attention_outputs(q, v)
 
 
 def _backward_impl(
@@ -93,7 +77,7 @@ def _backward_impl(
     opts = AttentionOptions(scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic,
                             max_seqlen_q, max_seqlen_k)
     if _is_empty(q, k, opts):
-        grads = tuple(_grad_like(t).zero_() for t in (q, k, v))
+        grads = tuple(gradient_like(t).zero_() for t in (q, k, v))
         return (*grads, attn_mask.new_zeros(attn_mask.shape) if bias_requires_grad else q.new_empty(0))
     extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k)
     dq, dk, dv, dbias = get_backend(backend).backward(dout, dlse, q, k, v, out, lse, extras, opts,
@@ -107,7 +91,7 @@ attention_backward = torch.library.custom_op("fused_attn::backward", _backward_i
 @attention_backward.register_fake
 def _(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k,
       bias_requires_grad, *scalars):
-    grads = tuple(_grad_like(t) for t in (q, k, v))
+    grads = tuple(gradient_like(t) for t in (q, k, v))
     return (*grads, attn_mask.new_empty(attn_mask.shape) if bias_requires_grad else q.new_empty(0))
 
 

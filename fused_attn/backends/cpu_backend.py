@@ -5,7 +5,8 @@ query (or key) blocks, vectorized with AVX2+FMA where the CPU has it (chosen at 
 FUSED_ATTN_CPU_ISA=portable forces the portable build). Dense, packed (varlen: tasks cover each
 sequence's real length, never padding) and KV-cache decoding calls (contiguous or paged caches;
 the query rows of a GQA group share one task, so each cached key is read once per key/value
-head; long caches of calls with few tasks are split, split-KV). float64 is left to the reference backend.
+head; long caches of calls with few tasks are split, split-KV). float64 is left to the reference
+backend.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..layout import empty_like_layout, new_output
+from ..layout import attention_outputs, gradient_like, kvcache_outputs
 from ..options import AttentionOptions, AttentionTensors
 from . import native
 from .base import Backend, Tensor, as_4d
@@ -43,18 +44,12 @@ class CpuBackend(Backend):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors,
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
-        if q.dim() == 3:  # packed: out (total_q, Hq, Dv), lse (Hq, total_q)
-            out = new_output(q, (*q.shape[:2], v.shape[2]), q.dtype)
-            lse = new_output(q, (q.shape[1], q.shape[0]), torch.float32)
-        else:
-            out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
-            lse = new_output(q, q.shape[:3], torch.float32)
+        out, lse = attention_outputs(q, v)
         _ops().cpu_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts))
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
-        dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) if t.dim() == 4 else new_output(t, t.shape, t.dtype)
-                      for t in (q, k, v))
+        dq, dk, dv = (gradient_like(t) for t in (q, k, v))
         dbias = None
         if bias_requires_grad:
             # Summed over the bias's broadcast dims inside the kernels: never (B, Hq, Lq, Lk) memory.
@@ -68,8 +63,7 @@ class CpuBackend(Backend):
     supports_kvcache = True
 
     def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
-        out = new_output(q, (*q.shape[:3], v_cache.shape[3]), q.dtype)
-        lse = new_output(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)
+        out, lse = kvcache_outputs(q, v_cache)
         table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows
         _ops().cpu_kvcache_forward(q, k_cache, v_cache, seqlens_k, table, out, lse, opts.scale, opts.left,
                                    opts.right, opts.softcap, alibi_slopes)

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..layout import empty_like_layout, fill_unused_rows, new_output
+from ..layout import attention_outputs, fill_unused_rows, gradient_like, kvcache_outputs, new_output
 from ..options import AttentionOptions, AttentionTensors
 from . import native
 from .base import Backend, Tensor, as_4d
@@ -94,12 +94,7 @@ class CudaBackend(Backend):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors,
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        if q.dim() == 3:  # packed: out (total_q, Hq, Dv), lse (Hq, total_q)
-            out = new_output(q, (*q.shape[:2], v.shape[2]), q.dtype)
-            lse = new_output(q, (q.shape[1], q.shape[0]), torch.float32)
-        else:
-            out = empty_like_layout(q, (*q.shape[:3], v.shape[3]))
-            lse = new_output(q, q.shape[:3], torch.float32)
+        out, lse = attention_outputs(q, v)
         self._ops().cuda_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts), *_longest(opts),
                                  self._stream(q.device))
         if q.dim() == 3:  # packed rows after the last sequence: an empty sequence's out and lse
@@ -109,15 +104,13 @@ class CudaBackend(Backend):
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
         q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
-        dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) if t.dim() == 4 else new_output(t, t.shape, t.dtype)
-                      for t in (q, k, v))
+        dq, dk, dv = (gradient_like(t) for t in (q, k, v))
         dbias = None
         if bias_requires_grad:
             # Each element written once, its broadcast terms summed in the kernel: never (B, Hq, Lq, Lk) memory.
             dbias = new_output(q, as_4d(extras.bias).shape, torch.float32)
-        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         self._ops().cuda_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *native.variant_args(q, k, extras, opts),
-                                  None if dbias is None else dbias.expand(full), *_longest(opts),
+                                  None if dbias is None else dbias.expand(native.scores_shape(q, k)), *_longest(opts),
                                   self._stream(q.device))
         if q.dim() == 3:  # packed rows after the last sequence take no part: zero gradients
             fill_unused_rows(dq, 0, extras.cu_seqlens_q, 0.0)
@@ -131,8 +124,7 @@ class CudaBackend(Backend):
 
     def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
         q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
-        out = new_output(q, (*q.shape[:3], v_cache.shape[3]), q.dtype)
-        lse = new_output(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)
+        out, lse = kvcache_outputs(q, v_cache)
         table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows
         self._ops().cuda_kvcache_forward(q, k_cache, v_cache, seqlens_k.contiguous(), table, out, lse, opts.scale,
                                          opts.left, opts.right, opts.softcap, alibi_slopes, self._stream(q.device))

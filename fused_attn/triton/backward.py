@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import empty_like_layout, fill_unused_rows, new_output
+from ..layout import fill_unused_rows, gradient_like, new_output
 from ..options import AttentionOptions, AttentionTensors
 from .common import (
     LOG2_E,
@@ -338,10 +338,7 @@ def attention_backward(
         HEAD_DIM_V=head_dim_v, BLOCK_M=delta_rows, BLOCK_DV=block_dv, VARLEN=problem.varlen,
     )
 
-    if problem.varlen:
-        dq, dk, dv = (new_output(t, tuple(t.shape), t.dtype) for t in (q, k, v))
-    else:
-        dq, dk, dv = (empty_like_layout(t, tuple(t.shape)) for t in (q, k, v))
+    dq, dk, dv = (gradient_like(t) for t in (q, k, v))
     strides = (*bhld_strides(q), *bhld_strides(k), *bhld_strides(v), *bhld_strides(dout))
 
     def launch_options(tiles):

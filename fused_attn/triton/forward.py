@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import empty_like_layout, fill_unused_rows, new_output
+from ..layout import attention_outputs, fill_unused_rows
 from ..options import AttentionOptions, AttentionTensors
 from .common import (
     LN_2,
@@ -148,12 +148,7 @@ def attention_forward(
     (total, H, D) with extras.cu_seqlens_* give out (total_q, Hq, Dv) and lse (Hq, total_q)."""
     problem = ProblemShape.of(q, k, v, extras, opts)
     heads_q, head_dim, head_dim_v = q.shape[1], q.shape[-1], v.shape[-1]
-    if problem.varlen:
-        out = new_output(q, (q.shape[0], heads_q, head_dim_v), q.dtype)
-        lse = new_output(q, (heads_q, q.shape[0]), torch.float32)
-    else:
-        out = empty_like_layout(q, (problem.batch, heads_q, problem.seqlen_q, head_dim_v))
-        lse = new_output(q, (problem.batch, heads_q, problem.seqlen_q), torch.float32)
+    out, lse = attention_outputs(q, v)
     features, flags = feature_arguments(q, k, extras, opts)
 
     def grid(tiles):
