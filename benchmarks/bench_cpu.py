@@ -14,7 +14,8 @@ forward at B=1, H=2, D=64, fp32, for several L; it must grow linearly with L (th
 L=32768 is under 1.5 GB; the inputs and output alone are 64 MiB).
 
 Providers are timed interleaved (one call of each in turn, median per provider), so a busy
-spell on a shared machine slows all of them alike. Goals are reported, never asserted: cpu >= 0.8x the flash kernel (aim: > 1x) and >= 3x math
+spell on a shared machine slows all of them alike (common.time_ms_each). Goals are reported, never
+asserted: cpu >= 0.8x the flash kernel (aim: > 1x) and >= 3x math
 at L >= 2048. Timings need an otherwise idle machine: the load average is recorded.
 Results go to benchmarks/results/<cpu>/bench_cpu{,-quick}.{csv,md}.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from . import plots
-from .bench import (RESULTS_DIR, Config, clear_grads, device_slug, environment_lines, make_inputs, make_provider,
+from . import common, plots
+from .bench import (RESULTS_DIR, Config, device_slug, environment_lines, make_inputs, make_provider,
                     make_step)
 
 PROVIDERS = ("fused_attn:cpu", "sdpa", "sdpa_math")
@@ -49,32 +49,12 @@ def configs(quick: bool) -> list[Config]:
     return [Config(dtype, causal, 1, 4, L, 64) for dtype in dtypes for causal in (False, True) for L in seqlens]
 
 
-def time_interleaved(steps: dict, sets, target_s: float, single_call_s: float = 3.0) -> dict:
-    """{provider: median ms} with the providers' calls interleaved round-robin.
-
-    On a machine shared with other work, a busy spell then slows every provider alike instead
-    of whichever happened to be running. One warm-up call each; a provider whose warm-up took
-    over single_call_s is timed by one more call only (keeps the default run near 10 minutes).
-    """
-    grad = sets[0][0].requires_grad
-    estimate, samples = {}, {name: [] for name in steps}
-
-    def call(name):
-        if grad:
-            clear_grads(sets)
-        start = time.perf_counter()
-        with steps[name][1]():
-            steps[name][0]()
-        return time.perf_counter() - start
-
-    for name in steps:
-        estimate[name] = call(name)
-    reps = max(3, min(15, int(target_s / max(1e-6, max(estimate.values())))))
-    for rep in range(reps):
-        for name in steps:
-            if rep == 0 or estimate[name] <= single_call_s:
-                samples[name].append(call(name))
-    return {name: statistics.median(times) * 1e3 for name, times in samples.items()}
+def in_context(step, context):
+    """step() run inside context() (a provider's pinned SDPA backend)."""
+    def run():
+        with context():
+            step()
+    return run
 
 
 def time_rows(cfgs: list[Config], target_s: float) -> dict:
@@ -85,17 +65,15 @@ def time_rows(cfgs: list[Config], target_s: float) -> dict:
     for cfg in cfgs:
         for pass_ in PASSES:
             sets = make_inputs(cfg, "cpu", grad=pass_ == "fwd+bwd", n_sets=2)
-            steps = {p.name: (make_step(p, cfg, sets, pass_), p.context) for p in providers}
-            try:
-                result = time_interleaved(steps, sets, target_s)
-            except Exception as exc:  # e.g. out of memory in the math kernel: time the others
-                print(f"  {type(exc).__name__}: {exc}", file=sys.stderr)
-                result = {}
-                for name in steps:
-                    try:
-                        result.update(time_interleaved({name: steps[name]}, sets, target_s))
-                    except Exception:
-                        result[name] = None
+            steps = {p.name: in_context(make_step(p, cfg, sets, pass_), p.context) for p in providers}
+            grads = [t for s in sets for t in s[:3] if t.requires_grad]
+            # A step whose warm-up takes over 3 s is timed once (keeps the default run near 10 minutes).
+            result = common.time_ms_each(steps, False, grads=grads, cpu_target_s=target_s, cpu_max_reps=15,
+                                         single_call_s=3.0)
+            for name, value in result.items():
+                if isinstance(value, Exception):  # e.g. out of memory in the math kernel
+                    print(f"  {name}: {type(value).__name__}: {value}", file=sys.stderr)
+                    result[name] = None
             for name in PROVIDERS:
                 times[cfg, pass_, name] = result.get(name)
             print(f"  [{time.perf_counter() - start:6.1f}s] {cfg.dtype_name:<8} causal={cfg.causal!s:<5} "

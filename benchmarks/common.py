@@ -140,51 +140,43 @@ def time_ms(step: Callable[[], object], on_cuda: bool, *, grads: Sequence[torch.
 
     step must rotate its inputs itself (several random input sets), never use zeros.
     """
-    grads = list(grads)
-
-    def clear():
+    if on_cuda:
         for t in grads:
             t.grad = None
-
-    if on_cuda:
-        clear()
         step()  # compile / autotune / pick kernels outside the measurement
         torch.cuda.synchronize()
-        return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads or None,
+        return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grads) or None,
                                              return_mode="median"))
-    est = 0.0
-    for _ in range(2):  # warm-up, and a cost estimate from the second call
-        clear()
-        t0 = time.perf_counter()
-        step()
-        est = time.perf_counter() - t0
-    reps = max(cpu_min_reps, min(cpu_max_reps, int(cpu_target_s / max(est, 1e-6))))
-    times = []
-    for _ in range(reps):
-        clear()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    result = _cpu_medians({"step": step}, grads, cpu_target_s, cpu_min_reps, cpu_max_reps)["step"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def time_ms_each(steps: dict[str, Callable[[], object]], on_cuda: bool, *, grads: Sequence[torch.Tensor] = (),
-                 cpu_target_s: float = 0.6, cpu_min_reps: int = 3, cpu_max_reps: int = 25) -> dict[str, object]:
+                 cpu_target_s: float = 0.6, cpu_min_reps: int = 3, cpu_max_reps: int = 25,
+                 single_call_s: float = math.inf) -> dict[str, object]:
     """{name: median ms, or the exception it raised} of several providers' steps, as time_ms.
 
     On the CPU the steps are timed interleaved, one call of each in turn, so a busy spell on a
-    shared machine slows every provider alike instead of whichever happened to be running.
+    shared machine slows every provider alike instead of whichever happened to be running; a
+    step whose warm-up took over single_call_s is timed by one call only.
     """
-    if on_cuda:
-        results = {}
-        for name, step in steps.items():
-            try:
-                results[name] = time_ms(step, on_cuda, grads=grads)
-            except Exception as exc:  # reported in the provider's row; the others still run
-                results[name] = exc
-        return results
-    grads = list(grads)
+    if not on_cuda:
+        return _cpu_medians(steps, grads, cpu_target_s, cpu_min_reps, cpu_max_reps, single_call_s)
+    results = {}
+    for name, step in steps.items():
+        try:
+            results[name] = time_ms(step, on_cuda, grads=grads)
+        except Exception as exc:  # reported in the provider's row; the others still run
+            results[name] = exc
+    return results
 
+
+def _cpu_medians(steps, grads, target_s: float, min_reps: int, max_reps: int,
+                 single_call_s: float = math.inf) -> dict[str, object]:
+    """{name: median ms or exception}: two warm-up calls each (the second one's time sizes the run),
+    then rounds of one call of each step; a step that raises is left out of later rounds."""
     def call(step):
         for t in grads:
             t.grad = None
@@ -195,17 +187,21 @@ def time_ms_each(steps: dict[str, Callable[[], object]], on_cuda: bool, *, grads
     results, estimate = {}, {}
     for name, step in steps.items():
         try:
-            call(step)  # warm-up
+            call(step)
             estimate[name] = call(step)
         except Exception as exc:
             results[name] = exc
-    if estimate:
-        reps = max(cpu_min_reps, min(cpu_max_reps, int(cpu_target_s / max(sum(estimate.values()), 1e-6))))
-        samples = {name: [] for name in estimate}
-        for _ in range(reps):
-            for name in estimate:
+    reps = max(min_reps, min(max_reps, int(target_s / max(sum(estimate.values()), 1e-6))))
+    samples = {name: [] for name in estimate}
+    for rep in range(reps):
+        for name in samples:
+            if name in results or (rep > 0 and estimate[name] > single_call_s):
+                continue
+            try:
                 samples[name].append(call(steps[name]))
-        results.update({name: statistics.median(times) * 1e3 for name, times in samples.items()})
+            except Exception as exc:
+                results[name] = exc
+    results.update({name: statistics.median(times) * 1e3 for name, times in samples.items() if name not in results})
     return {name: results[name] for name in steps}
 
 
