@@ -24,6 +24,17 @@ def _kvcache_forward_impl(
     return get_backend(backend).kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)
 
 
+def _eager_kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts: AttentionOptions,
+                           backend: str) -> tuple[Tensor, Tensor]:
+    """_kvcache_forward with the options already built: the op where needs_the_op says so, else
+    the backend directly (the op's dispatch costs more than a small decoding step)."""
+    inputs = (q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes)
+    if needs_the_op(inputs):
+        return _kvcache_forward(*inputs, opts.scale, opts.causal, opts.window_left, opts.window_right, opts.softcap,
+                                backend)
+    return get_backend(backend).kvcache_forward(*inputs, opts)
+
+
 _kvcache_forward = torch.library.custom_op("fused_attn::kvcache_forward", _kvcache_forward_impl, mutates_args=())
 
 
@@ -79,13 +90,13 @@ def attention_with_kvcache(
     (sequence, key/value head) pairs to fill the GPU or the CPU's cores. The query rows of a GQA
     group share one program (or CPU task), so each cached key is read once per key/value head.
     """
-    _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v)
+    heads_first = _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v)
     seqlens = _check_cache_seqlens(cache_seqlens, q)
     if causal_alignment != "bottom_right":
         raise ValueError(f"causal_alignment must be 'bottom_right' for KV-cache attention, got {causal_alignment!r}")
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0 for KV-cache attention (inference only), got {dropout_p!r}")
-    opts = make_options(q.transpose(1, 2), causal=causal, causal_alignment="bottom_right", scale=scale, window=window,
+    opts = make_options(q, causal=causal, causal_alignment="bottom_right", scale=scale, window=window,
                         softcap=softcap, dropout_p=0.0, deterministic=False)
     check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2], q.device)
     new_tokens = 0 if k is None else k.shape[1]
@@ -93,15 +104,13 @@ def attention_with_kvcache(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
 
-    with torch.no_grad():
-        if k is not None:
-            _append(k_cache, v_cache, block_table, seqlens, k, v)
+    # No input requires grad (checked above), so nothing below is recorded for autograd.
+    seqlens_k = seqlens
+    if k is not None:
+        _append(k_cache, v_cache, block_table, seqlens, k, v)
         seqlens_k = seqlens + new_tokens
-        name = select_backend(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
-                              AttentionTensors(alibi_slopes=alibi_slopes), opts, backend, kvcache=True)
-        inputs = (q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts.scale, opts.causal,
-                  opts.window_left, opts.window_right, opts.softcap, name)
-        out, lse = _kvcache_forward(*inputs) if needs_the_op(inputs) else _kvcache_forward_impl(*inputs)
+    name = select_backend(*heads_first, AttentionTensors(alibi_slopes=alibi_slopes), opts, backend, kvcache=True)
+    out, lse = _eager_kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts, name)
     return (out, lse) if return_lse else out
 
 
@@ -119,16 +128,18 @@ def _append(k_cache, v_cache, block_table, seqlens, k, v) -> None:
         v_cache[pages, positions % page_size] = v
 
 
-def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> None:
+def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> tuple[Tensor, Tensor, Tensor]:
+    """Checks the tensors; returns (B, H, L, D) views of q and the caches (for the backend choice)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-dimensional tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    heads_first = tuple(t.transpose(1, 2) for t in (q, k_cache, v_cache))
     # The attention rules (dtypes, devices, heads, head dims) on (B, H, L, D) views of the cache.
     if block_table is None:
-        check_qkv(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+        check_qkv(*heads_first)
     else:
-        check_qkv(q.transpose(1, 2), k_cache[:1].transpose(1, 2).expand(q.shape[0], -1, -1, -1),
+        check_qkv(heads_first[0], k_cache[:1].transpose(1, 2).expand(q.shape[0], -1, -1, -1),
                   v_cache[:1].transpose(1, 2).expand(q.shape[0], -1, -1, -1))
         if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
             raise TypeError("block_table must be an int32 tensor of shape (batch, max_pages_per_sequence)")
@@ -150,6 +161,7 @@ def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> None:
             raise TypeError("k and v must have the caches' dtype and q's device")
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
         raise ValueError("attention_with_kvcache is inference only: its inputs must not require grad")
+    return heads_first
 
 
 def _check_cache_seqlens(cache_seqlens, q) -> Tensor:
@@ -177,15 +189,18 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
         return
     page_size = k_cache.shape[1]
     capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
-    lengths = seqlens.long() + new_tokens
-    facts = [seqlens.min().long(), lengths.max()]
-    if block_table is not None:
+    # One device-to-host transfer for every check: this runs once per decoding step.
+    if block_table is None:
+        lengths = seqlens.tolist()  # B ints: cheaper than reducing them on the device first
+        shortest, longest, page_range = min(lengths), max(lengths) + new_tokens, ()
+    else:
+        lengths = seqlens.long() + new_tokens
         used = -(-lengths // page_size)  # pages each sequence needs
         needed = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]
         pages = block_table.long()
-        facts += [torch.where(needed, pages, 0).min(), torch.where(needed, pages, -1).max()]
-    # One device-to-host transfer for every check: this runs once per decoding step.
-    shortest, longest, *page_range = torch.stack(facts).tolist()
+        facts = [seqlens.min().long(), lengths.max(), torch.where(needed, pages, 0).min(),
+                 torch.where(needed, pages, -1).max()]
+        shortest, longest, *page_range = torch.stack(facts).tolist()
     if shortest < 0:
         raise ValueError("cache_seqlens must be >= 0")
     if longest > capacity:

@@ -130,16 +130,16 @@ def test_thread_count_changes_no_bit_varlen():
         lambda: run(q, k, v, dout, fused_attn.varlen_attention, args=args, **keywords)))
 
 
-def kv_cache(batch, capacity, heads_kv, dim, paged):
-    """(k_cache, v_cache, block_table): a contiguous cache, or the same rows as shuffled pages of 16."""
-    k_cache, v_cache = torch.randn(2, batch, capacity, heads_kv, dim)
+def kv_cache(batch, capacity, heads_kv, dim, paged, page=16, dtype=torch.float32):
+    """(k_cache, v_cache, block_table): a contiguous cache, or the same rows as shuffled pages."""
+    k_cache, v_cache = torch.randn(2, batch, capacity, heads_kv, dim, dtype=dtype)
     if not paged:
         return k_cache, v_cache, None
-    per_sequence = -(-capacity // 16)
+    per_sequence = -(-capacity // page)
     table = torch.randperm(batch * per_sequence, dtype=torch.int32).view(batch, per_sequence)
-    pages = torch.zeros(2, batch * per_sequence, 16, heads_kv, dim)
-    padded = torch.nn.functional.pad(torch.stack([k_cache, v_cache]), (0, 0, 0, 0, 0, per_sequence * 16 - capacity))
-    pages[:, table.flatten().long()] = padded.view(2, batch * per_sequence, 16, heads_kv, dim)
+    pages = torch.zeros(2, batch * per_sequence, page, heads_kv, dim, dtype=dtype)
+    padded = torch.nn.functional.pad(torch.stack([k_cache, v_cache]), (0, 0, 0, 0, 0, per_sequence * page - capacity))
+    pages[:, table.flatten().long()] = padded.view(2, batch * per_sequence, page, heads_kv, dim)
     return pages[0], pages[1], table
 
 
@@ -176,6 +176,41 @@ def test_split_kv_decoding_matches_the_reference_backend(paged, seqlen_q, keywor
                        for backend in ("cpu", "reference"))
     assert_close_each(ours, reference, rtol=1e-4, atol=1e-5)
     assert (ours[0][1] == 0).all() and (ours[1][1] == -torch.inf).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group, seqlen_q", [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (4, 2), (2, 3), (1, 8), (3, 3)],
+                         ids=lambda x: str(x))
+def test_blocks_of_few_queries_match_the_oracle(group, seqlen_q, dtype):
+    """Blocks of at most 8 query columns (decoding, short sequences: params.h query_tiling) take
+    their scores as dot products (tile.h scores_of_few_queries): every column count from 1 to 8
+    (3 x 3 = 9 takes the matrix product), 77 keys so that the last step is short, head dims a
+    multiple of 8 (fp32 keys and values read in place) or not (copied, padded), and keys and
+    values whose columns are strided (copied)."""
+    shape = (2, 2 * group, 2, seqlen_q, 77)
+    for dim, dim_v in ((64, 64), (24, 20), (20, 24)):
+        check_against_oracle("cpu", (*shape, dim, dim_v), dtype, torch.device("cpu"), sequence_major=True,
+                             causal=True, causal_alignment="bottom_right", softcap=5.0)
+    q, k, v = random_qkv(*shape, 32, 32, dtype, "cpu")
+    strided_k, strided_v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (k, v))
+    ours, same = (fused_attn.attention(q, k_, v_, window=(30, 10), return_lse=True, backend="cpu")
+                  for k_, v_ in ((k, v), (strided_k, strided_v)))
+    assert_close_each(ours, same, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("page", [None, 16, 80, 128], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decoding_reads_pages_in_place_or_copied(page, dtype):
+    """fp32 key blocks that lie within one page are read where they are; blocks that cross pages
+    (pages of 16, some of 80) are gathered. Both match the reference backend."""
+    q = torch.randn(3, 1, 8, 64, dtype=dtype)
+    k_cache, v_cache, table = kv_cache(3, 700, 2, 64, page is not None, page or 16, dtype)
+    lengths = torch.tensor([700, 333, 1], dtype=torch.int32)
+    ours, reference = (fused_attn.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=table,
+                                                         return_lse=True, backend=backend)
+                       for backend in ("cpu", "reference"))
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    assert_close_each(ours, reference, **tolerance)
 
 
 @pytest.mark.parametrize("seqlen_q", [1, 5, 21, 30, 64, 65])

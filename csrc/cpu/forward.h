@@ -86,6 +86,16 @@ void load_queries_t(float* qt, int64_t ld, const Strided& q, int64_t b, const Qu
   }
 }
 
+// scale * Q of the block as rows (kVec x D) for scores_of_few_queries: row c is column c of
+// S^T, and rows past the block's queries are zero.
+template <typename T>
+void load_query_rows(float* qr, const Strided& q, int64_t b, const QueryBlock& block, int64_t D, float scale) {
+  for (int64_t g = 0; g < block.heads; ++g)
+    load_tile(qr + g * block.rows * D, D, at_row<T>(q, b, block.h0 + g, block.q0), q.row, q.col, block.rows, D, scale);
+  const int64_t cols = block.heads * block.rows;
+  fill(qr + cols * D, (kVec - cols) * D, 0.f);
+}
+
 // Rows [k0, k0 + n) of K or V of (b, hk) into dst as load_tile does; in a paged cache (pages.table
 // not null) b's rows are gathered page by page.
 template <typename T>
@@ -100,6 +110,29 @@ void load_key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages,
   }
 }
 
+// fp32 rows laid out as the kernels' tiles: row r at data + r * ld, each a whole number of vectors.
+struct Rows {
+  const float* data;
+  int64_t ld;
+};
+
+// The same rows as fp32 tiles: read where they lie when they already are (fp32, unit column
+// stride, no padding, within one page), else converted into dst (n x ld). Decoding reads each
+// key once, so the copy would cost as much as the products.
+template <typename T>
+Rows key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
+              int64_t n, int64_t cols) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (s.col == 1 && cols == ld) {
+      if (pages.table == nullptr) return {at_row<float>(s, b, hk, k0), s.row};
+      if (k0 % pages.size + n <= pages.size)
+        return {at_row<float>(s, pages.table[b * pages.table_stride + k0 / pages.size], hk, k0 % pages.size), s.row};
+    }
+  }
+  load_key_rows<T>(dst, ld, s, pages, b, hk, k0, n, cols);
+  return {dst, ld};
+}
+
 template <typename T>
 void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const int64_t D = args.p.head_dim, Dv = args.p.head_dim_v;
@@ -107,6 +140,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const int64_t BM = kBlockM, BN = kBlockN;
   Scratch scratch(Scratch::size_of({D * BM, BN * Dp, BN * Dvp, BN * BM, BM * Dvp, BM, BM, BM}));
   float* qt = scratch.take(D * BM);     // scale * Q^T (D x ld): the block's query rows as columns
+                                        // (or, few queries, scale * Q: load_query_rows)
   float* kb = scratch.take(BN * Dp);    // key block, rows
   float* vb = scratch.take(BN * Dvp);   // value block, rows
   float* st = scratch.take(BN * BM);    // S^T, then P^T (keys x ld)
@@ -128,7 +162,14 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       return ScoreTile{st + g * rows, 1, ld, b, block.h0 + g, block.q0, rows, k0, keys};
     };
 
-    load_queries_t<T>(qt, ld, s.q, b, block, D, p.scale);
+    // Decoding: few queries per block, whose scores are dot products (scores_of_few_queries).
+    const bool few = cols <= kVec && D % kVec == 0;
+    if (few) {
+      load_query_rows<T>(qt, s.q, b, block, D, p.scale);
+      fill(st, BN * ld, 0.f);  // the padding columns of S^T, which it does not write
+    } else {
+      load_queries_t<T>(qt, ld, s.q, b, block, D, p.scale);
+    }
     fill(row_max, ld, -kInf);
     fill(row_sum, ld, 0.f);
     fill(acc, cols * Dvp, 0.f);
@@ -141,10 +182,13 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
       if (masked_for_every_head(p, b, block, k0, keys)) continue;
-      load_key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
-      load_key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
+      const Rows kr = key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
+      const Rows vr = key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
       // S^T = K (scale Q)^T
-      gemm(keys, ld, D, kb, Dp, 1, qt, ld, st, ld, false);
+      if (few)
+        scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);
+      else
+        gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
       cap_scores(p, st, keys * ld, 1.f, nullptr);
       for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
       softmax_update(st, keys, ld, row_max, row_sum, alpha);
@@ -156,7 +200,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         const Vec a(alpha[i]);
         for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
       }
-      gemm(cols, Dvp, keys, st, 1, ld, vb, Dvp, acc, Dvp, true);
+      gemm(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, true);
     }
 
     if (args.splits.keys != 0) {

@@ -10,6 +10,7 @@
 #include <initializer_list>
 #include <limits>
 #include <new>
+#include <type_traits>
 
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>

@@ -144,6 +144,67 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, 
 }
 
 // ------------------------------------------------------------------------------------------
+// Scores of a block of few queries (decoding): S^T (keys x ld) = K Q^T for cols <= kVec queries,
+// as dot products along D. gemm would spend a vector lane on every column of S^T up to ld, most of
+// them padding when one to four queries share the keys; here each key row is read once as
+// vectors and multiplied with the queries' rows, which stay in L1, and only the final sums are
+// spread across lanes.
+
+// The sums of the lanes of kVec vectors, as one vector: result[i] = sum of v[i]'s lanes.
+inline Vec lane_sums(const Vec (&v)[kVec]) {
+#if defined(CPU_CAPABILITY_AVX2)
+  // hadd pairs neighbouring lanes within each 128-bit half; two rounds leave [half sums of v0..v3
+  // | of v0..v3] and the same for v4..v7, and the halves are then added.
+  const __m256 v01 = _mm256_hadd_ps(v[0], v[1]), v23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 v45 = _mm256_hadd_ps(v[4], v[5]), v67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 low = _mm256_hadd_ps(v01, v23), high = _mm256_hadd_ps(v45, v67);
+  return Vec(_mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31)));
+#else
+  float sums[kVec], lanes[kVec];
+  for (int64_t i = 0; i < kVec; ++i) {
+    v[i].store(lanes);
+    sums[i] = 0.f;
+    for (int64_t l = 0; l < kVec; ++l) sums[i] += lanes[l];
+  }
+  return Vec::loadu(sums);
+#endif
+}
+
+// kCols queries (a power of two, >= cols) and kVec / kCols keys per step, one accumulator each.
+// k: key rows (ldk apart, D a multiple of kVec), q: the queries' rows (kCols x D, rows past cols
+// zero). A short last step rereads the last key instead of reading past the block.
+template <int kCols>
+void few_query_scores(int64_t keys, int64_t D, const float* k, int64_t ldk, const float* q, int64_t cols, float* st,
+                      int64_t ld) {
+  constexpr int kKeys = kVec / kCols;
+  for (int64_t j = 0; j < keys; j += kKeys) {
+    const float* rows[kKeys];
+    for (int i = 0; i < kKeys; ++i) rows[i] = k + std::min<int64_t>(j + i, keys - 1) * ldk;
+    Vec acc[kVec];
+    for (Vec& a : acc) a = Vec(0.f);
+    for (int64_t d = 0; d < D; d += kVec)
+      for (int i = 0; i < kKeys; ++i) {
+        const Vec key = Vec::loadu(rows[i] + d);
+        for (int c = 0; c < kCols; ++c) acc[i * kCols + c] = at::vec::fmadd(key, Vec::loadu(q + c * D + d), acc[i * kCols + c]);
+      }
+    float sums[kVec];
+    lane_sums(acc).store(sums);
+    for (int64_t i = 0; i < std::min<int64_t>(kKeys, keys - j); ++i)
+      for (int64_t c = 0; c < cols; ++c) st[(j + i) * ld + c] = sums[i * kCols + c];
+  }
+}
+
+// The dispatch covers kVec = 8, the width of both builds' Vec.
+static_assert(kVec == 8, "few_query_scores is instantiated for kVec = 8");
+inline void scores_of_few_queries(int64_t keys, int64_t D, const float* k, int64_t ldk, const float* q, int64_t cols,
+                                  float* st, int64_t ld) {
+  if (cols == 1) return few_query_scores<1>(keys, D, k, ldk, q, cols, st, ld);
+  if (cols == 2) return few_query_scores<2>(keys, D, k, ldk, q, cols, st, ld);
+  if (cols <= 4) return few_query_scores<4>(keys, D, k, ldk, q, cols, st, ld);
+  few_query_scores<8>(keys, D, k, ldk, q, cols, st, ld);
+}
+
+// ------------------------------------------------------------------------------------------
 // exp(x) to about 1 ulp (Cephes expf): x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-7
 // polynomial, 2^n built in the exponent bits. exp(-inf) = 0, which the masking relies on.
 // (ATen's exp_u20 is faster but ~20 ulp, visible in fp32 outputs; Sleef is not linkable.)
