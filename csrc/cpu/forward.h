@@ -110,6 +110,30 @@ void load_key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages,
   }
 }
 
+// Key j's row of K or V of (b, hk), through the page table of a paged cache.
+template <typename T>
+const T* key_row(const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t j) {
+  if (pages.table == nullptr) return at_row<T>(s, b, hk, j);
+  return at_row<T>(s, pages.table[b * pages.table_stride + j / pages.size], hk, j % pages.size);
+}
+
+// Rows [k0, k0 + n) of K and V asked for ahead of their use (nothing when n <= 0). Decoding reads
+// every key once: without this, the products that read fp32 rows in place (key_rows) would wait
+// on each cache miss, where a copy loop keeps many misses in flight. Measured on a 2-core EPYC
+// with caches out of L3: as fast as copying the rows, and faster than it when they are in L3.
+constexpr int64_t kPrefetchBlocks = 2;
+template <typename T>
+void prefetch_key_rows(const ForwardArgs& s, int64_t b, int64_t hk, int64_t k0, int64_t n) {
+  constexpr int64_t kLine = 64;
+  for (const auto& [t, dim] : {std::pair{&s.k, s.p.head_dim}, std::pair{&s.v, s.p.head_dim_v}}) {
+    const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
+    for (int64_t j = k0; j < k0 + n; ++j) {
+      const char* row = reinterpret_cast<const char*>(key_row<T>(*t, s.pages, b, hk, j));
+      for (int64_t at = 0; at < bytes; at += kLine) __builtin_prefetch(row + at, 0, 2);
+    }
+  }
+}
+
 // fp32 rows laid out as the kernels' tiles: row r at data + r * ld, each a whole number of vectors.
 struct Rows {
   const float* data;
@@ -123,11 +147,8 @@ template <typename T>
 Rows key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
               int64_t n, int64_t cols) {
   if constexpr (std::is_same_v<T, float>) {
-    if (s.col == 1 && cols == ld) {
-      if (pages.table == nullptr) return {at_row<float>(s, b, hk, k0), s.row};
-      if (k0 % pages.size + n <= pages.size)
-        return {at_row<float>(s, pages.table[b * pages.table_stride + k0 / pages.size], hk, k0 % pages.size), s.row};
-    }
+    if (s.col == 1 && cols == ld && (pages.table == nullptr || k0 % pages.size + n <= pages.size))
+      return {key_row<float>(s, pages, b, hk, k0), s.row};
   }
   load_key_rows<T>(dst, ld, s, pages, b, hk, k0, n, cols);
   return {dst, ld};
@@ -184,6 +205,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       if (masked_for_every_head(p, b, block, k0, keys)) continue;
       const Rows kr = key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
       const Rows vr = key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
+      prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
       // S^T = K (scale Q)^T
       if (few)
         scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);

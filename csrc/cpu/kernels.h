@@ -11,6 +11,7 @@
 #include <limits>
 #include <new>
 #include <type_traits>
+#include <utility>
 
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
