@@ -9,8 +9,8 @@ Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
                           call: argument checks and capacity checks, which synchronize, included),
                           dispatched as usual: the triton backend on CUDA, the cpu (C++) one on CPU
     fused_attn paged      the same data in a paged cache (pages of 256, shuffled across the pool)
-    fused_attn op only    the registered op on the contiguous cache, without the Python checks
-                          (private API, fused_attn.kvcache._kvcache_forward): the kernel's own cost
+    fused_attn op only    the backend's kernel call on the contiguous cache, without the Python
+                          checks and the backend choice (private API, Backend.kvcache_forward)
     fused_attn reference  (CPU only) the public call on the reference backend, sequence by sequence
     sdpa gqa              torch SDPA, q (B, 32, 1, D) vs k/v (B, 8, L, D) views of the contiguous
                           cache, enable_gqa=True, torch's backend choice
@@ -18,8 +18,10 @@ Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
                           q (B, 8, 4, D) vs k/v (B, 8, L, D), exact for Lq=1, no copies
 Bandwidth = bytes of K and V read (2*B*L*Hkv*D*elem) / median time; "% copy" relates it to the
 device-to-device copy bandwidth measured at the start ((bytes read + written) / time of a 1 GiB copy).
-Caches rotate among up to 3 random sets (the L2 cache is also flushed between calls by do_bench);
-a row whose caches would exceed --mem-budget-gib (60) is skipped.
+Caches rotate among random sets, one rotation shared by all providers: 3 on GPUs (do_bench also
+flushes the L2 cache between calls), on the CPU as many as make 256 MiB, so each call reads its
+cache from memory as a decoding step does. A row whose caches would exceed --mem-budget-gib (60)
+is skipped.
 """
 from __future__ import annotations
 
@@ -32,9 +34,12 @@ import torch.nn.functional as F
 
 import fused_attn
 from benchmarks import common
+from fused_attn.backends import get_backend
+from fused_attn.options import AttentionOptions
 
 SUITE = "decode"
 PAGE = 256
+CPU_ROTATION_BYTES = 256 << 20  # several times any CPU's last-level cache
 
 
 def plan(flav: str, on_cuda: bool):
@@ -76,10 +81,9 @@ def providers(on_cuda: bool, Hkv: int, Hq: int):
         return fused_attn.attention_with_kvcache(s["q"], s["kp"], s["vp"], seqlens, block_table=s["table"])
 
     def op_only(s, seqlens):
-        from fused_attn.kvcache import _kvcache_forward  # private: the kernel without Python checks
-        D = s["q"].shape[-1]
-        return _kvcache_forward(s["q"], s["kc"], s["vc"], seqlens, None, None, D ** -0.5, False, -1, -1, 0.0,
-                                backend)[0]
+        # private: the backend's kernel call, without the Python checks and the backend choice
+        opts = AttentionOptions(scale=s["q"].shape[-1] ** -0.5, bottom_right=True)
+        return get_backend(backend).kvcache_forward(s["q"], s["kc"], s["vc"], seqlens, None, None, opts)[0]
 
     def sdpa_gqa(s, seqlens):
         q, k, v = s["q"].transpose(1, 2), s["kc"].transpose(1, 2), s["vc"].transpose(1, 2)
@@ -100,10 +104,21 @@ def providers(on_cuda: bool, Hkv: int, Hq: int):
     return {**provs, "sdpa gqa": sdpa_gqa, "sdpa grouped": sdpa_grouped}
 
 
-def make_step(fn, sets, seqlens):
-    """One call of a provider on the next input set."""
-    cycle = itertools.cycle(sets)
-    return lambda: fn(next(cycle), seqlens)
+def make_steps(provs, sets, seqlens):
+    """One step per provider, all drawing from one rotation of the input sets: each call takes the
+    set after the previous call's, whichever provider made it. Interleaved (CPU) timing calls the
+    providers in turn, and with a rotation per provider each would read the set that the one
+    before it had just brought into the caches: every provider but the first timed warm."""
+    rotation = itertools.cycle(sets)
+    return {name: (lambda fn=fn: fn(next(rotation), seqlens)) for name, fn in provs.items()}
+
+
+def set_count(per_set: int, on_cuda: bool, budget_bytes: float) -> int:
+    """How many input sets to rotate: 3 on GPUs (do_bench also flushes the L2 cache between
+    calls); on the CPU enough that they outgrow its last-level cache (CPU_ROTATION_BYTES), so
+    that a call reads its cache from memory as a decoding step does; at most what fits the budget."""
+    wanted = 3 if on_cuda else max(3, -(-CPU_ROTATION_BYTES // per_set))
+    return min(wanted, int(budget_bytes // per_set))
 
 
 def main(argv=None) -> int:
@@ -135,7 +150,7 @@ def main(argv=None) -> int:
         for L in seqlens:
             kv_bytes = 2 * B * L * Hkv * D * elem
             per_set = 2 * kv_bytes  # contiguous + paged copies
-            n_sets = min(3, int(args.mem_budget_gib * 2**30 // per_set))
+            n_sets = set_count(per_set, on_cuda, args.mem_budget_gib * 2**30)
             base = {"B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": common.dtype_name(dtype),
                     "kv_bytes": kv_bytes, "error": ""}
             if n_sets < 1:
@@ -152,7 +167,7 @@ def main(argv=None) -> int:
                     rows.append(dict(base, provider=name, error=f"inputs: {err}"))
                 continue
             ref = None
-            steps = {name: make_step(fn, sets, seqlens_t) for name, fn in provs.items()}
+            steps = make_steps(provs, sets, seqlens_t)
             times = common.time_ms_each(steps, on_cuda)
             for name, fn in provs.items():
                 row = dict(base, provider=name)
