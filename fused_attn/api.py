@@ -63,8 +63,8 @@ def attention(
         deterministic: ask for bitwise reproducible gradients. Every backend already computes
             gradients without atomics (the dq and dk/dv passes each own their outputs, and GQA
             groups are summed inside one program), so this is always honoured at no cost.
-        backend: force "triton" or "reference" (or set FUSED_ATTN_BACKEND); None picks the first
-            that can serve the call (see `fused_attn.explain`). A forced backend that cannot
+        backend: force "triton", "cuda", "cpu" or "reference" (or set FUSED_ATTN_BACKEND); None
+            picks the first that can serve the call (see `fused_attn.explain`). A forced backend that cannot
             serve the call raises BackendError with its reasons.
 
     Returns:

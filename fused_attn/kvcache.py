@@ -79,7 +79,7 @@ def attention_with_kvcache(
             aligned; causal_alignment must stay "bottom_right".
         scale, window, alibi_slopes, softcap: as in `fused_attn.attention`, aligned bottom-right.
         dropout_p: must be 0 (inference only).
-        backend: as in `fused_attn.attention` ("triton", "cpu" or "reference").
+        backend: as in `fused_attn.attention` ("triton", "cuda", "cpu" or "reference").
 
     Returns:
         out (B, Lq, Hq, Dv) in q's dtype; with return_lse also lse (B, Hq, Lq) float32.
