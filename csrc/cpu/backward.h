@@ -201,9 +201,20 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       const float* delta = args.delta.at(b, h, q0);
       load_tile(t.qb, Dp, at_row<T>(args.q, b, h, q0), args.q.row, args.q.col, rows, D);
       load_tile(t.dob, Dvp, at_row<T>(args.dout, b, h, q0), args.dout.row, args.dout.col, rows, Dv);
-      gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // Q K^T
-      gemm(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
       const ScoreTile s_tile{t.s, BN, 1, b, h, q0, rows, k0, keys};
+      // A tile that the window cuts is computed only where some query sees some key (tile.h,
+      // banded products): the keys each kEdgeKeys queries may see, the queries each kMR keys may
+      // be seen by. Elsewhere S = -inf, so P = dS = 0 there, and dP is left 0.
+      const bool edge = window_cuts(p, s_tile);
+      auto keys_seen = [&](int64_t i0, int64_t m) { return local(visible_keys(p, q0 + i0, m), k0); };
+      auto queries_seeing = [&](int64_t j0, int64_t n) { return local(visible_queries(p, k0 + j0, n), q0); };
+      if (edge) {
+        gemm_banded_columns(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, kEdgeKeys, keys_seen, -kInf);
+        gemm_banded_columns(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, kEdgeKeys, keys_seen, 0.f);
+      } else {
+        gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // Q K^T
+        gemm(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
+      }
       finish_scores(p, s_tile, rows * BN, p.scale, tanh);  // S
       if (p.variants.dropout) apply_dropout(p, {t.dp, BN, 1, b, h, q0, rows, k0, keys});
       // P = exp(S - lse), then dS, keys along columns. Columns past the block's end (zero
@@ -223,10 +234,16 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       }
       if (args.dbias.data != nullptr) add_bias_grad(args.dbias, t.dbias, b, h, q0, rows, k0, keys);
       if (p.variants.dropout) apply_dropout(p, s_tile);  // P -> the dropped P, for dV
-      gemm(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, true);  // dV += P^T dO
-      gemm(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, true);     // dK += dS^T Q
-      if (dq != nullptr)                                                 // dQ += dS K
-        gemm(rows, Dp, keys, t.dp, BN, 1, t.kb, Dp, dq + (g * p.seqlen_q + q0) * Dp, Dp, true);
+      float* dq_rows = dq == nullptr ? nullptr : dq + (g * p.seqlen_q + q0) * Dp;
+      if (edge) {
+        gemm_banded_depth(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, queries_seeing);
+        gemm_banded_depth(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, queries_seeing);
+        if (dq != nullptr) gemm_banded_depth(rows, Dp, keys, t.dp, BN, 1, t.kb, Dp, dq_rows, Dp, keys_seen);
+      } else {
+        gemm(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, true);  // dV += P^T dO
+        gemm(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, true);     // dK += dS^T Q
+        if (dq != nullptr) gemm(rows, Dp, keys, t.dp, BN, 1, t.kb, Dp, dq_rows, Dp, true);  // dQ += dS K
+      }
     }
   }
   store_rows(at_row_mut<T>(args.dk, b, hk, k0), args.dk.row, args.dk.col, t.dk, Dp, keys, D);

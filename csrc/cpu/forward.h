@@ -154,45 +154,6 @@ Rows key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int6
   return {dst, ld};
 }
 
-// Tiles that the window cuts (the causal diagonal, a window's edges) are computed only where some
-// query sees some key, at a granularity of kEdgeKeys keys by one vector of queries in S^T, and of
-// kMR queries by one key in P V. Without it a diagonal tile costs twice its useful work, and a
-// window of w keys costs (w + 2 kBlockN) / w times its useful work.
-constexpr int64_t kEdgeKeys = 16;
-
-// S^T = K (scale Q)^T of a one-head block's cut tile: for each kEdgeKeys keys, only the query
-// columns (whole vectors) that may see one of them; the rest of their rows is set to -inf, which
-// the window gives those scores anyway (place_scores).
-inline void edge_scores(const Problem& p, const QueryBlock& block, int64_t k0, int64_t keys, int64_t D, const Rows& kr,
-                        const float* qt, float* st, int64_t ld) {
-  for (int64_t j0 = 0; j0 < keys; j0 += kEdgeKeys) {
-    const int64_t n = std::min(kEdgeKeys, keys - j0);
-    const Range seen = visible_queries(p, k0 + j0, n);
-    const int64_t begin = std::clamp<int64_t>(seen.begin - block.q0, 0, block.rows) / kVec * kVec;
-    const int64_t end = std::max(begin, round_up(std::clamp<int64_t>(seen.end - block.q0, 0, block.rows), kVec));
-    float* rows = st + j0 * ld;
-    for (int64_t j = 0; j < n; ++j) {
-      fill(rows + j * ld, begin, -kInf);
-      fill(rows + j * ld + end, ld - end, -kInf);
-    }
-    if (end > begin) gemm(n, end - begin, D, kr.data + j0 * kr.ld, kr.ld, 1, qt + begin, ld, rows + begin, ld, false);
-  }
-}
-
-// acc += P V for a one-head block's cut tile: for each kMR query rows, only the keys one of them
-// may see. The products skipped are those of probabilities 0, so acc gets the same bits.
-inline void edge_values(const Problem& p, const QueryBlock& block, int64_t k0, int64_t keys, const float* pt,
-                        int64_t ld, const Rows& vr, int64_t Dvp, float* acc) {
-  for (int64_t i0 = 0; i0 < block.rows; i0 += kMR) {
-    const int64_t m = std::min<int64_t>(kMR, block.rows - i0);
-    const Range seen = visible_keys(p, block.q0 + i0, m);
-    const int64_t begin = std::clamp<int64_t>(seen.begin - k0, 0, keys);
-    const int64_t end = std::clamp<int64_t>(seen.end - k0, begin, keys);
-    if (end > begin)
-      gemm(m, Dvp, end - begin, pt + begin * ld + i0, 1, ld, vr.data + begin * vr.ld, vr.ld, acc + i0 * Dvp, Dvp, true);
-  }
-}
-
 template <typename T>
 void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const int64_t D = args.p.head_dim, Dv = args.p.head_dim_v;
@@ -245,12 +206,16 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       const Rows kr = key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
       const Rows vr = key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
       prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
+      // A tile that the window cuts is computed only where some query sees some key (tile.h,
+      // banded products): a diagonal tile would cost twice its useful work.
       const bool edge = !few && block.heads == 1 && window_cuts(p, head_tile(0, k0, keys));
       // S^T = K (scale Q)^T
       if (few)
         scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);
-      else if (edge)
-        edge_scores(p, block, k0, keys, D, kr, qt, st, ld);
+      else if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
+        gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, [&](int64_t j0, int64_t n) {
+          return local(visible_queries(p, k0 + j0, n), block.q0);
+        }, -kInf);
       else
         gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
       cap_scores(p, st, keys * ld, 1.f, nullptr);
@@ -264,8 +229,10 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         const Vec a(alpha[i]);
         for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
       }
-      if (edge)
-        edge_values(p, block, k0, keys, st, ld, vr, Dvp, acc);
+      if (edge)  // for each kMR queries, the keys they may see
+        gemm_banded_depth(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, [&](int64_t i0, int64_t m) {
+          return local(visible_keys(p, block.q0 + i0, m), k0);
+        });
       else
         gemm(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, true);
     }

@@ -20,6 +20,13 @@ inline Range visible_keys(const Problem& p, int64_t q0, int64_t rows) {
   return {std::clamp<int64_t>(begin, 0, p.seqlen_k), std::clamp<int64_t>(end, 0, p.seqlen_k)};
 }
 
+// A range of rows or keys counted from `origin` (a tile's first), as the banded products of
+// tile.h take it.
+inline std::pair<int64_t, int64_t> local(const Range& r, int64_t origin) { return {r.begin - origin, r.end - origin}; }
+
+// Granularity of the banded score products: keys (or queries) per group.
+constexpr int64_t kEdgeKeys = 16;
+
 // Queries that may see some key of [k0, k0 + keys): the same inequalities solved for i.
 inline Range visible_queries(const Problem& p, int64_t k0, int64_t keys) {
   const Variants& v = p.variants;

@@ -143,6 +143,44 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, 
   if (j < N) gemm_panel<1>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc, accumulate);
 }
 
+// Banded products, for tiles that a window cuts (the causal diagonal, a window's edges): most of
+// such a tile is hidden, and these compute only where some pair is visible.
+//
+// C (M x N) = A (M x K) B (K x N), rows in groups of `group`: group [i0, i0 + m) computes only its
+// columns within cols(i0, m) = {begin, end}, widened to whole vectors; its other columns are set
+// to `outside`. N and ldc as in gemm.
+template <typename Cols>
+inline void gemm_banded_columns(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
+                                const float* b, int64_t ldb, float* c, int64_t ldc, int64_t group, Cols cols,
+                                float outside) {
+  for (int64_t i0 = 0; i0 < M; i0 += group) {
+    const int64_t m = std::min(group, M - i0);
+    const auto [first, last] = cols(i0, m);
+    const int64_t begin = std::clamp<int64_t>(first, 0, N) / kVec * kVec;
+    const int64_t end = std::max(begin, std::min(N, round_up(std::clamp<int64_t>(last, 0, N), kVec)));
+    for (int64_t i = i0; i < i0 + m; ++i) {
+      fill(c + i * ldc, begin, outside);
+      fill(c + i * ldc + end, N - end, outside);
+    }
+    if (end > begin) gemm(m, end - begin, K, a + i0 * a_rs, a_rs, a_cs, b + begin, ldb, c + i0 * ldc + begin, ldc, false);
+  }
+}
+
+// C (M x N) += A (M x K) B (K x N), rows in groups of kMR: group [i0, i0 + m) sums only over
+// depth(i0, m) = {begin, end} of K, where the rest of its A is zero, so C gets the same bits as
+// from gemm (the terms skipped are exact zeros, B finite).
+template <typename Depth>
+inline void gemm_banded_depth(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
+                              const float* b, int64_t ldb, float* c, int64_t ldc, Depth depth) {
+  for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+    const int64_t m = std::min<int64_t>(kMR, M - i0);
+    const auto [first, last] = depth(i0, m);
+    const int64_t begin = std::clamp<int64_t>(first, 0, K), end = std::clamp<int64_t>(last, begin, K);
+    if (end > begin)
+      gemm(m, N, end - begin, a + i0 * a_rs + begin * a_cs, a_rs, a_cs, b + begin * ldb, ldb, c + i0 * ldc, ldc, true);
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // Scores of a block of few queries (decoding): S^T (keys x ld) = K Q^T for cols <= kVec queries,
 // as dot products along D. gemm would spend a vector lane on every column of S^T up to ld, most of
