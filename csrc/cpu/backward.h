@@ -107,9 +107,20 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
       if (mask_hides_tile(p, b, h, q0, rows, k0, keys)) continue;  // p = dS = 0 there
       load_tile(kb, Dp, at_row<T>(s.k, b, hk, k0), s.k.row, s.k.col, keys, D);
       load_tile(vb, Dvp, at_row<T>(s.v, b, hk, k0), s.v.row, s.v.col, keys, Dv);
-      gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);     // K Q^T
-      gemm(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, false); // dP^T = V dO^T
-      finish_scores(p, {st, 1, BM, b, h, q0, rows, k0, keys}, keys * BM, p.scale, tanh);  // S^T
+      const ScoreTile st_tile{st, 1, BM, b, h, q0, rows, k0, keys};
+      // A tile that the window cuts is computed only where some query sees some key, as in the
+      // forward (tile.h, banded products); dP^T is left 0 where S^T = -inf.
+      const bool edge = window_cuts(p, st_tile);
+      auto keys_seen = [&](int64_t i0, int64_t m) { return local(visible_keys(p, q0 + i0, m), k0); };
+      auto queries_seeing = [&](int64_t j0, int64_t n) { return local(visible_queries(p, k0 + j0, n), q0); };
+      if (edge) {
+        gemm_banded_columns(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, kEdgeKeys, queries_seeing, -kInf);
+        gemm_banded_columns(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, kEdgeKeys, queries_seeing, 0.f);
+      } else {
+        gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);      // K Q^T
+        gemm(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, false);  // dP^T = V dO^T
+      }
+      finish_scores(p, st_tile, keys * BM, p.scale, tanh);  // S^T
       if (p.variants.dropout) apply_dropout(p, {dpt, 1, BM, b, h, q0, rows, k0, keys});
       // P^T = exp(S^T - lse), then dS^T, queries along columns
       for (int64_t j = 0; j < keys; ++j) {
@@ -121,7 +132,10 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
           qk_grad(grad, tanh ? tanh + j * BM + c : nullptr, scale).store(s + c);
         }
       }
-      gemm(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, true);  // dQ += dS K, dS read from dS^T
+      if (edge)
+        gemm_banded_depth(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, keys_seen);
+      else
+        gemm(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, true);  // dQ += dS K, dS read from dS^T
     }
     store_rows(at_row_mut<T>(s.dq, b, h, q0), s.dq.row, s.dq.col, dq, Dp, rows, D);
   }
