@@ -111,11 +111,10 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
       // A tile that the window cuts is computed only where some query sees some key, as in the
       // forward (tile.h, banded products); dP^T is left 0 where S^T = -inf.
       const bool edge = window_cuts(p, st_tile);
-      auto keys_seen = [&](int64_t i0, int64_t m) { return local(visible_keys(p, q0 + i0, m), k0); };
-      auto queries_seeing = [&](int64_t j0, int64_t n) { return local(visible_queries(p, k0 + j0, n), q0); };
+      const Band band{p, q0, k0};
       if (edge) {
-        gemm_banded_columns(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, kEdgeKeys, queries_seeing, -kInf);
-        gemm_banded_columns(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, kEdgeKeys, queries_seeing, 0.f);
+        gemm_banded_columns(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, kEdgeKeys, band.queries_seeing(), -kInf);
+        gemm_banded_columns(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, kEdgeKeys, band.queries_seeing(), 0.f);
       } else {
         gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);      // K Q^T
         gemm(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, false);  // dP^T = V dO^T
@@ -133,7 +132,7 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
         }
       }
       if (edge)
-        gemm_banded_depth(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, keys_seen);
+        gemm_banded_depth(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, band.keys_seen());
       else
         gemm(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, true);  // dQ += dS K, dS read from dS^T
     }
@@ -220,11 +219,10 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       // banded products): the keys each kEdgeKeys queries may see, the queries each kMR keys may
       // be seen by. Elsewhere S = -inf, so P = dS = 0 there, and dP is left 0.
       const bool edge = window_cuts(p, s_tile);
-      auto keys_seen = [&](int64_t i0, int64_t m) { return local(visible_keys(p, q0 + i0, m), k0); };
-      auto queries_seeing = [&](int64_t j0, int64_t n) { return local(visible_queries(p, k0 + j0, n), q0); };
+      const Band band{p, q0, k0};
       if (edge) {
-        gemm_banded_columns(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, kEdgeKeys, keys_seen, -kInf);
-        gemm_banded_columns(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, kEdgeKeys, keys_seen, 0.f);
+        gemm_banded_columns(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, kEdgeKeys, band.keys_seen(), -kInf);
+        gemm_banded_columns(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, kEdgeKeys, band.keys_seen(), 0.f);
       } else {
         gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // Q K^T
         gemm(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
@@ -250,9 +248,9 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       if (p.variants.dropout) apply_dropout(p, s_tile);  // P -> the dropped P, for dV
       float* dq_rows = dq == nullptr ? nullptr : dq + (g * p.seqlen_q + q0) * Dp;
       if (edge) {
-        gemm_banded_depth(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, queries_seeing);
-        gemm_banded_depth(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, queries_seeing);
-        if (dq != nullptr) gemm_banded_depth(rows, Dp, keys, t.dp, BN, 1, t.kb, Dp, dq_rows, Dp, keys_seen);
+        gemm_banded_depth(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, band.queries_seeing());
+        gemm_banded_depth(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, band.queries_seeing());
+        if (dq != nullptr) gemm_banded_depth(rows, Dp, keys, t.dp, BN, 1, t.kb, Dp, dq_rows, Dp, band.keys_seen());
       } else {
         gemm(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, true);  // dV += P^T dO
         gemm(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, true);     // dK += dS^T Q

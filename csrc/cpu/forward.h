@@ -96,25 +96,27 @@ void load_query_rows(float* qr, const Strided& q, int64_t b, const QueryBlock& b
   fill(qr + cols * D, (kVec - cols) * D, 0.f);
 }
 
-// Rows [k0, k0 + n) of K or V of (b, hk) into dst as load_tile does; in a paged cache (pages.table
-// not null) b's rows are gathered page by page.
-template <typename T>
-void load_key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
-                   int64_t n, int64_t cols) {
-  if (pages.table == nullptr) return load_tile(dst, ld, at_row<T>(s, b, hk, k0), s.row, s.col, n, cols);
-  for (int64_t j = k0; j < k0 + n;) {
-    const int64_t slot = j % pages.size, run = std::min(pages.size - slot, k0 + n - j);
-    const int64_t page = pages.table[b * pages.table_stride + j / pages.size];
-    load_tile(dst + (j - k0) * ld, ld, at_row<T>(s, page, hk, slot), s.row, s.col, run, cols);
-    j += run;
-  }
-}
-
 // Key j's row of K or V of (b, hk), through the page table of a paged cache.
 template <typename T>
 const T* key_row(const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t j) {
   if (pages.table == nullptr) return at_row<T>(s, b, hk, j);
   return at_row<T>(s, pages.table[b * pages.table_stride + j / pages.size], hk, j % pages.size);
+}
+
+// How many of keys [j, end) lie in one run of rows from key j's: all of them, or in a paged cache
+// those up to the end of j's page.
+inline int64_t rows_in_run(const Pages& pages, int64_t j, int64_t end) {
+  return pages.table == nullptr ? end - j : std::min(pages.size - j % pages.size, end - j);
+}
+
+// Rows [k0, k0 + n) of K or V of (b, hk) into dst as load_tile does, run by run.
+template <typename T>
+void load_key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
+                   int64_t n, int64_t cols) {
+  for (int64_t j = k0, run; j < k0 + n; j += run) {
+    run = rows_in_run(pages, j, k0 + n);
+    load_tile(dst + (j - k0) * ld, ld, key_row<T>(s, pages, b, hk, j), s.row, s.col, run, cols);
+  }
 }
 
 // Rows [k0, k0 + n) of K and V asked for ahead of their use (nothing when n <= 0). Decoding reads
@@ -147,7 +149,7 @@ template <typename T>
 Rows key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
               int64_t n, int64_t cols) {
   if constexpr (std::is_same_v<T, float>) {
-    if (s.col == 1 && cols == ld && (pages.table == nullptr || k0 % pages.size + n <= pages.size))
+    if (s.col == 1 && cols == ld && rows_in_run(pages, k0, k0 + n) == n)
       return {key_row<float>(s, pages, b, hk, k0), s.row};
   }
   load_key_rows<T>(dst, ld, s, pages, b, hk, k0, n, cols);
@@ -209,13 +211,12 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       // A tile that the window cuts is computed only where some query sees some key (tile.h,
       // banded products): a diagonal tile would cost twice its useful work.
       const bool edge = !few && block.heads == 1 && window_cuts(p, head_tile(0, k0, keys));
+      const Band band{p, block.q0, k0};
       // S^T = K (scale Q)^T
       if (few)
         scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);
       else if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
-        gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, [&](int64_t j0, int64_t n) {
-          return local(visible_queries(p, k0 + j0, n), block.q0);
-        }, -kInf);
+        gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, band.queries_seeing(), -kInf);
       else
         gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
       cap_scores(p, st, keys * ld, 1.f, nullptr);
@@ -230,9 +231,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
       }
       if (edge)  // for each kMR queries, the keys they may see
-        gemm_banded_depth(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, [&](int64_t i0, int64_t m) {
-          return local(visible_keys(p, block.q0 + i0, m), k0);
-        });
+        gemm_banded_depth(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, band.keys_seen());
       else
         gemm(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, true);
     }

@@ -20,13 +20,6 @@ inline Range visible_keys(const Problem& p, int64_t q0, int64_t rows) {
   return {std::clamp<int64_t>(begin, 0, p.seqlen_k), std::clamp<int64_t>(end, 0, p.seqlen_k)};
 }
 
-// A range of rows or keys counted from `origin` (a tile's first), as the banded products of
-// tile.h take it.
-inline std::pair<int64_t, int64_t> local(const Range& r, int64_t origin) { return {r.begin - origin, r.end - origin}; }
-
-// Granularity of the banded score products: keys (or queries) per group.
-constexpr int64_t kEdgeKeys = 16;
-
 // Queries that may see some key of [k0, k0 + keys): the same inequalities solved for i.
 inline Range visible_queries(const Problem& p, int64_t k0, int64_t keys) {
   const Variants& v = p.variants;
@@ -34,6 +27,31 @@ inline Range visible_queries(const Problem& p, int64_t k0, int64_t keys) {
   const int64_t end = v.window_left < 0 ? p.seqlen_q : k0 + keys - p.shift() + v.window_left;
   return {std::clamp<int64_t>(begin, 0, p.seqlen_q), std::clamp<int64_t>(end, 0, p.seqlen_q)};
 }
+
+// Granularity of the banded score products: keys (or queries) per group.
+constexpr int64_t kEdgeKeys = 16;
+
+// The window's band through the tile whose first query is q0 and first key k0, in the tile's own
+// coordinates, as the banded products of tile.h (for tiles the window cuts) take it.
+struct Band {
+  const Problem& p;
+  int64_t q0, k0;
+
+  // Keys (counted from k0) that some of the queries q0 + [i0, i0 + m) may see.
+  auto keys_seen() const {
+    return [this](int64_t i0, int64_t m) {
+      const Range r = visible_keys(p, q0 + i0, m);
+      return std::pair<int64_t, int64_t>{r.begin - k0, r.end - k0};
+    };
+  }
+  // Queries (counted from q0) that may see some of the keys k0 + [j0, j0 + n).
+  auto queries_seeing() const {
+    return [this](int64_t j0, int64_t n) {
+      const Range r = visible_queries(p, k0 + j0, n);
+      return std::pair<int64_t, int64_t>{r.begin - q0, r.end - q0};
+    };
+  }
+};
 
 // A tile of scores: head (b, h), queries q0 + i (i < rows) and keys k0 + j (j < keys), element
 // (i, j) at data[i * q_step + j * k_step]. The forward and the dq pass hold S^T (q_step 1), the
