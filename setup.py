@@ -27,7 +27,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Kernel sources compiled with extra flags of their own, after the common sources and linked
 # after them (see csrc/cpu/kernels_portable.cpp for why the order matters). The binding picks
 # them at run time only on a CPU that has the instruction set.
-ISA_SOURCES = {"csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]}
+ISA_SOURCES = {
+    "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "csrc/cpu/kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
 
 CUDA_SOURCES = ["csrc/cuda/forward.cu", "csrc/cuda/forward_f16.cu", "csrc/cuda/forward_bf16.cu",
                 "csrc/cuda/forward_f32.cu", "csrc/cuda/backward.cu", "csrc/cuda/backward_f16.cu",
@@ -85,7 +88,7 @@ def native_extensions():
     """Return the list of compiled extensions (``ext_modules``) to build.
 
     One CppExtension, ``fused_attn._native``: the torch binding (csrc/binding.cpp) and the CPU
-    kernels, built portable and, on x86-64, a second time for AVX2+FMA. OpenMP is on so
+    kernels, built portable and, on x86-64, again for AVX2+FMA and for AVX-512. OpenMP is on so
     at::parallel_for runs in parallel. torch is imported here, not at the top, so that
     metadata-only commands work without it. The C++ standard is left to torch.
     """

@@ -5,7 +5,7 @@
 //   cpu_backward(dout, dlse, q, k, v, out, lse, dq!, dk!, dv!, <the forward's arguments from scale on>, dbias!)
 //   cpu_kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, out!, lse!, scale, window_left,
 //                       window_right, softcap, alibi_slopes)                 decoding against a KV cache
-//   cpu_isa() -> str       which kernels the next call runs: "avx2" or "portable"
+//   cpu_isa() -> str       which kernels the next call runs: "avx512", "avx2" or "portable"
 //
 // Outputs are passed in (allocated by fused_attn/backends/cpu_backend.py), so their layout follows
 // fused_attn/layout.py in one place. The ops are called inside the opaque custom ops
@@ -13,7 +13,7 @@
 // and fake implementations.
 //
 // The kernels exist once per instruction set; the environment variable FUSED_ATTN_CPU_ISA
-// (auto | portable | avx2, read at every call) overrides the choice made from the CPU.
+// (auto | portable | avx2 | avx512, read at every call) overrides the choice made from the CPU.
 //
 // With FUSED_ATTN_WITH_CUDA (setup.py defines it when it builds csrc/cuda/), also
 //   cuda_forward(q, k, v, out!, lse!, <the variant arguments>, int stream)   dense inputs, CUDA tensors
@@ -61,19 +61,37 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  // libgcc also checks that the OS saves the AVX-512 registers.
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+// One instruction set's kernels, forced by FUSED_ATTN_CPU_ISA: an error if unusable here.
+const cpu::Kernels& forced(const char* name, const cpu::Kernels* kernels, bool cpu_ok, const char* needs) {
+  TORCH_CHECK(kernels != nullptr, "FUSED_ATTN_CPU_ISA=", name, ", but this build has no ", name, " kernels");
+  TORCH_CHECK(cpu_ok, "FUSED_ATTN_CPU_ISA=", name, ", but this CPU lacks ", needs);
+  return *kernels;
+}
+
 const cpu::Kernels& select_kernels() {
   const cpu::Kernels* avx2 = cpu::avx2_kernels();
-  const bool avx2_ok = avx2 != nullptr && cpu_has_avx2();
+  const cpu::Kernels* avx512 = cpu::avx512_kernels();
   const char* env = std::getenv("FUSED_ATTN_CPU_ISA");
   const std::string wanted = env == nullptr ? "" : env;
-  if (wanted.empty() || wanted == "auto") return avx2_ok ? *avx2 : cpu::portable_kernels();
-  if (wanted == "portable") return cpu::portable_kernels();
-  if (wanted == "avx2") {
-    TORCH_CHECK(avx2 != nullptr, "FUSED_ATTN_CPU_ISA=avx2, but this build has no AVX2 kernels");
-    TORCH_CHECK(avx2_ok, "FUSED_ATTN_CPU_ISA=avx2, but this CPU lacks AVX2, FMA or F16C");
-    return *avx2;
+  if (wanted.empty() || wanted == "auto") {
+    if (avx512 != nullptr && cpu_has_avx512()) return *avx512;
+    if (avx2 != nullptr && cpu_has_avx2()) return *avx2;
+    return cpu::portable_kernels();
   }
-  TORCH_CHECK(false, "FUSED_ATTN_CPU_ISA must be auto, portable or avx2, got '", wanted, "'");
+  if (wanted == "portable") return cpu::portable_kernels();
+  if (wanted == "avx2") return forced("avx2", avx2, cpu_has_avx2(), "AVX2, FMA or F16C");
+  if (wanted == "avx512") return forced("avx512", avx512, cpu_has_avx512(), "AVX-512 F/BW/VL/DQ, AVX2, FMA or F16C");
+  TORCH_CHECK(false, "FUSED_ATTN_CPU_ISA must be auto, portable, avx2 or avx512, got '", wanted, "'");
 }
 #endif  // FUSED_ATTN_EMULATOR
 

@@ -245,7 +245,8 @@ struct Kernels {
 };
 
 const Kernels& portable_kernels();
-// nullptr when this build has no AVX2 kernels (non-x86 or a compiler without target pragmas).
+// nullptr when this build has no such kernels (another architecture than x86-64).
 const Kernels* avx2_kernels();
+const Kernels* avx512_kernels();
 
 }  // namespace fused_attn::cpu

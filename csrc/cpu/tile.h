@@ -2,8 +2,9 @@
 // a register-blocked matrix product, and exp. Everything works on fp32 tiles.
 //
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA, once per instruction
-// set: at::vec::Vectorized<float> is 8 AVX2 lanes in the AVX2 build and a plain array the
-// compiler vectorizes as it can in the portable build. The code is the same for both.
+// set: at::vec::Vectorized<float> is 8 AVX2 lanes in the AVX2 build, 16 in the AVX-512 one, and a
+// plain array of 8 the compiler vectorizes as it can in the portable build. The code is the same
+// for all three.
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
@@ -189,14 +190,27 @@ inline void gemm_banded_depth(int64_t M, int64_t N, int64_t K, const float* a, i
 // spread across lanes.
 
 // The sums of the lanes of kVec vectors, as one vector: result[i] = sum of v[i]'s lanes.
-inline Vec lane_sums(const Vec (&v)[kVec]) {
-#if defined(CPU_CAPABILITY_AVX2)
-  // hadd pairs neighbouring lanes within each 128-bit half; two rounds leave [half sums of v0..v3
-  // | of v0..v3] and the same for v4..v7, and the halves are then added.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// Eight 8-lane vectors: hadd pairs neighbouring lanes within each 128-bit half; two rounds leave
+// [half sums of v0..v3 | of v0..v3] and the same for v4..v7, and the halves are then added.
+inline __m256 sums_of_eight(const __m256* v) {
   const __m256 v01 = _mm256_hadd_ps(v[0], v[1]), v23 = _mm256_hadd_ps(v[2], v[3]);
   const __m256 v45 = _mm256_hadd_ps(v[4], v[5]), v67 = _mm256_hadd_ps(v[6], v[7]);
   const __m256 low = _mm256_hadd_ps(v01, v23), high = _mm256_hadd_ps(v45, v67);
-  return Vec(_mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31)));
+  return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+}
+#endif
+
+inline Vec lane_sums(const Vec (&v)[kVec]) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 eight[8] = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
+  return Vec(sums_of_eight(eight));
+#elif defined(CPU_CAPABILITY_AVX512)
+  // Fold each 16-lane vector onto 8 lanes (adding its halves), then two rounds of the above.
+  __m256 folded[16];
+  for (int i = 0; i < 16; ++i)
+    folded[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]), _mm512_extractf32x8_ps(v[i], 1));
+  return Vec(_mm512_insertf32x8(_mm512_castps256_ps512(sums_of_eight(folded)), sums_of_eight(folded + 8), 1));
 #else
   float sums[kVec], lanes[kVec];
   for (int64_t i = 0; i < kVec; ++i) {
@@ -232,14 +246,15 @@ void few_query_scores(int64_t keys, int64_t D, const float* k, int64_t ldk, cons
   }
 }
 
-// The dispatch covers kVec = 8, the width of both builds' Vec.
-static_assert(kVec == 8, "few_query_scores is instantiated for kVec = 8");
+// Callers pass cols <= kVec (8 lanes in the AVX2 and portable builds, 16 in the AVX-512 one).
+static_assert(kVec == 8 || kVec == 16, "scores_of_few_queries is instantiated for kVec = 8 or 16");
 inline void scores_of_few_queries(int64_t keys, int64_t D, const float* k, int64_t ldk, const float* q, int64_t cols,
                                   float* st, int64_t ld) {
   if (cols == 1) return few_query_scores<1>(keys, D, k, ldk, q, cols, st, ld);
   if (cols == 2) return few_query_scores<2>(keys, D, k, ldk, q, cols, st, ld);
   if (cols <= 4) return few_query_scores<4>(keys, D, k, ldk, q, cols, st, ld);
-  few_query_scores<8>(keys, D, k, ldk, q, cols, st, ld);
+  if (cols <= 8 || kVec == 8) return few_query_scores<8>(keys, D, k, ldk, q, cols, st, ld);
+  few_query_scores<kVec>(keys, D, k, ldk, q, cols, st, ld);
 }
 
 // ------------------------------------------------------------------------------------------
