@@ -6,6 +6,7 @@
 //   cpu_kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, out!, lse!, scale, window_left,
 //                       window_right, softcap, alibi_slopes)                 decoding against a KV cache
 //   cpu_isa() -> str       which kernels the next call runs: "avx512", "avx2" or "portable"
+//   cpu_bf16_on_amx() -> bool   whether their bf16 forward products run on AMX tiles
 //
 // Outputs are passed in (allocated by fused_attn/backends/cpu_backend.py), so their layout follows
 // fused_attn/layout.py in one place. The ops are called inside the opaque custom ops
@@ -462,6 +463,7 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
 }
 
 std::string cpu_isa() { return select_kernels().isa; }
+bool cpu_bf16_on_amx() { return select_kernels().bf16_on_amx(); }
 #endif  // FUSED_ATTN_EMULATOR
 
 
@@ -687,6 +689,7 @@ TORCH_LIBRARY(fused_attn_native, m) {
         "Tensor(a!) out, Tensor(b!) lse, float scale, int window_left, int window_right, float softcap=0., "
         "Tensor? alibi_slopes=None) -> ()");
   m.def("cpu_isa() -> str", &fused_attn::cpu_isa);
+  m.def("cpu_bf16_on_amx() -> bool", &fused_attn::cpu_bf16_on_amx);
 }
 
 TORCH_LIBRARY_IMPL(fused_attn_native, CPU, m) {

@@ -1,5 +1,5 @@
-"""What is specific to the C++ backend: it is built and loaded, its two builds (portable and
-AVX2) agree, thread count never changes a bit (dense, packed and KV-cache calls), the backward
+"""What is specific to the C++ backend: it is built and loaded, its builds (portable, AVX2,
+AVX-512) agree, bf16 products on AMX tiles match, thread count never changes a bit (dense, packed and KV-cache calls), the backward
 schedules agree, the forward's tasks (one head's block, or several heads of a group packed into
 one) cover every row, tiles the mask hides are skipped exactly, longer sequences match the reference backend, and its op errors are clear."""
 
@@ -103,6 +103,26 @@ def test_portable_build_matches_vectorized(isa, dtype, vectorized):
         tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), vectorized_results, portable):
             torch.testing.assert_close(a, b, **tolerance, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 150, 130, 64, 64), (1, 2, 1, 70, 301, 128, 128), (1, 3, 3, 65, 64, 72, 48),
+                                   (2, 8, 2, 9, 67, 64, 32)],
+                         ids=["gqa", "head-dim-128", "head-dims-72-48", "heads-packed"])
+def test_bf16_amx_products_match_the_oracle(monkeypatch, shape):
+    """bf16 forwards on AMX tiles (csrc/cpu/amx.h): Q^T and V packed, P rounded to bf16, keys
+    padded to even (odd key counts here), head dims past one 64-column chunk, several heads' rows
+    in one block. Against float64 math with every variant, and against the fp32 products."""
+    if not cpu_backend.bf16_on_amx():
+        pytest.skip("this CPU (or the build picked for it) has no AMX-BF16 products")
+    keywords = dict(variant_keywords(shape[1], shape[3], shape[4]), causal=True, causal_alignment="bottom_right")
+    check_against_oracle("cpu", shape, torch.bfloat16, torch.device("cpu"), sequence_major=True, **keywords)
+    check_against_oracle("cpu", shape, torch.bfloat16, torch.device("cpu"), dropout_p=0.3)
+    q, k, v = random_qkv(*shape, torch.bfloat16, "cpu")
+    dout = torch.randn(*shape[:2], shape[3], shape[6], dtype=torch.bfloat16)
+    on_tiles = run(q, k, v, dout, **keywords)
+    monkeypatch.setenv("FUSED_ATTN_CPU_AMX", "0")
+    assert not cpu_backend.bf16_on_amx()
+    assert_close_each(on_tiles, run(q, k, v, dout, **keywords), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("variants", [False, True], ids=["causal", "variants"])

@@ -156,6 +156,42 @@ Rows key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int6
   return {dst, ld};
 }
 
+// bf16 rows of K or V for the AMX products (amx.h): rows [k0, k0 + n) where they lie when they
+// can be read in place (unit column stride, one page run, and n even where `even` asks for the
+// pairs of rows that packing reads), else copied into dst (n rows, plus a zero row when n is odd
+// and `even`, of cols).
+struct Bf16Rows {
+  const Bf16* data;
+  int64_t ld;
+};
+inline Bf16Rows bf16_key_rows(Bf16* dst, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
+                              int64_t n, int64_t cols, bool even) {
+  if (s.col == 1 && rows_in_run(pages, k0, k0 + n) == n && !(even && n % 2 == 1))
+    return {key_row<Bf16>(s, pages, b, hk, k0), s.row};
+  for (int64_t j = 0; j < n; ++j) {
+    const Bf16* row = key_row<Bf16>(s, pages, b, hk, k0 + j);
+    for (int64_t c = 0; c < cols; ++c) dst[j * cols + c] = row[c * s.col];
+  }
+  if (even && n % 2 == 1) std::fill(dst + n * cols, dst + (n + 1) * cols, Bf16(0.f));
+  return {dst, cols};
+}
+
+// Q^T of the block (D x ld, bf16, unscaled: the scale is applied to the fp32 scores), zero in
+// the columns past its queries, packed for amx_gemm.
+inline void pack_queries_t(Bf16* staging, Bf16* packed, int64_t ld, const Strided& q, int64_t b,
+                           const QueryBlock& block, int64_t D) {
+  const int64_t cols = block.heads * block.rows;
+  for (int64_t d = 0; d < D; ++d) {
+    Bf16* dst = staging + d * ld;
+    for (int64_t g = 0; g < block.heads; ++g) {
+      const Bf16* src = at_row<Bf16>(q, b, block.h0 + g, block.q0) + d * q.col;
+      for (int64_t i = 0; i < block.rows; ++i) dst[g * block.rows + i] = src[i * q.row];
+    }
+    std::fill(dst + cols, dst + ld, Bf16(0.f));
+  }
+  pack_columns(staging, ld, D, ld, packed);
+}
+
 template <typename T>
 void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const int64_t D = args.p.head_dim, Dv = args.p.head_dim_v;
@@ -171,6 +207,19 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   float* row_max = scratch.take(BM);
   float* row_sum = scratch.take(BM);
   float* alpha = scratch.take(BM);
+  // bf16 inputs on an AMX CPU: both products on AMX tiles (amx.h), from these bf16 buffers.
+  bool amx = false;
+  if constexpr (std::is_same_v<T, Bf16>) amx = amx_shapes(D, Dv) && amx_bf16_enabled();
+  const auto halves = [](int64_t n) { return (n + 1) / 2; };  // floats holding n bf16
+  Scratch amx_scratch(amx ? Scratch::size_of({halves(D * BM), halves(D * BM), halves(BN * D),
+                                              halves((BN + 1) * Dv), halves((BN + 1) * Dv), halves(BM * (BN + 1))})
+                          : 1);
+  Bf16* q_staging = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves(D * BM))) : nullptr;
+  Bf16* q_packed = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves(D * BM))) : nullptr;
+  Bf16* k16 = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves(BN * D))) : nullptr;
+  Bf16* v16 = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves((BN + 1) * Dv))) : nullptr;
+  Bf16* v_packed = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves((BN + 1) * Dv))) : nullptr;
+  Bf16* p16 = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves(BM * (BN + 1)))) : nullptr;
 
   for (int64_t task = begin; task < end; ++task) {
     const TaskAt at = locate(args.tasks, task);
@@ -187,9 +236,12 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
 
     // Decoding: few queries per block, whose scores are dot products (scores_of_few_queries).
     const bool few = cols <= kVec && D % kVec == 0;
+    const bool tiles = amx && !few;  // the AMX products
     if (few) {
       load_query_rows<T>(qt, s.q, b, block, D, p.scale);
       fill(st, BN * ld, 0.f);  // the padding columns of S^T, which it does not write
+    } else if (tiles) {
+      pack_queries_t(q_staging, q_packed, ld, s.q, b, block, D);
     } else {
       load_queries_t<T>(qt, ld, s.q, b, block, D, p.scale);
     }
@@ -205,21 +257,26 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
       if (masked_for_every_head(p, b, block, k0, keys)) continue;
-      const Rows kr = key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
-      const Rows vr = key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
       prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
       // A tile that the window cuts is computed only where some query sees some key (tile.h,
       // banded products): a diagonal tile would cost twice its useful work.
-      const bool edge = !few && block.heads == 1 && window_cuts(p, head_tile(0, k0, keys));
+      const bool edge = !few && !tiles && block.heads == 1 && window_cuts(p, head_tile(0, k0, keys));
       const Band band{p, block.q0, k0};
-      // S^T = K (scale Q)^T
-      if (few)
-        scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);
-      else if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
-        gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, band.queries_seeing(), -kInf);
-      else
-        gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
-      cap_scores(p, st, keys * ld, 1.f, nullptr);
+      Rows kr{}, vr{};
+      if (tiles) {  // S^T = K Q^T, scaled below
+        const Bf16Rows k_rows = bf16_key_rows(k16, s.k, s.pages, b, block.hk, k0, keys, D, false);
+        amx_gemm(keys, ld, D, k_rows.data, k_rows.ld, q_packed, st, ld, false);
+      } else {  // S^T = K (scale Q)^T
+        kr = key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
+        vr = key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
+        if (few)
+          scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);
+        else if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
+          gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, band.queries_seeing(), -kInf);
+        else
+          gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
+      }
+      cap_scores(p, st, keys * ld, tiles ? p.scale : 1.f, nullptr);
       for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
       softmax_update(st, keys, ld, row_max, row_sum, alpha);
       if (p.variants.dropout)
@@ -230,7 +287,13 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         const Vec a(alpha[i]);
         for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
       }
-      if (edge)  // for each kMR queries, the keys they may see
+      if (tiles) {  // P (bf16, keys padded to even) times V packed
+        const int64_t keys_even = round_up(keys, 2);
+        const Bf16Rows v_rows = bf16_key_rows(v16, s.v, s.pages, b, block.hk, k0, keys, Dv, true);
+        pack_columns(v_rows.data, v_rows.ld, keys_even, Dv, v_packed);
+        transpose_to_bf16(st, ld, keys, cols, p16, keys_even);
+        amx_gemm(cols, Dv, keys_even, p16, keys_even, v_packed, acc, Dvp, true);
+      } else if (edge)  // for each kMR queries, the keys they may see
         gemm_banded_depth(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, band.keys_seen());
       else
         gemm(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, true);
@@ -253,6 +316,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
                  alpha + g * rows);
     }
   }
+  if (amx) at::native::cpublas::brgemm_release(true);  // this thread's AMX tile configuration
 }
 
 // Split-KV: the output of (b, h), row i, from its splits' partials, merged by their maxima:

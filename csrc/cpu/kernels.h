@@ -10,10 +10,12 @@
 #include <initializer_list>
 #include <limits>
 #include <new>
+#include <string>
 #include <type_traits>
 #include <utility>
 
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -28,13 +30,14 @@ namespace fused_attn::cpu::FUSED_ATTN_ISA {
 namespace {
 
 #include "tile.h"
+#include "amx.h"
 #include "scores.h"
 #include "forward.h"
 #include "backward.h"
 
 }  // namespace
 
-const Kernels kKernels = {FUSED_ATTN_ISA_NAME, forward,       merge_splits,  backward_dq,
-                          backward_dkdv,       backward_delta, backward_fused};
+const Kernels kKernels = {FUSED_ATTN_ISA_NAME, amx_bf16_enabled, forward,        merge_splits, backward_dq,
+                          backward_dkdv,       backward_delta,   backward_fused};
 
 }  // namespace fused_attn::cpu::FUSED_ATTN_ISA

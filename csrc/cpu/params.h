@@ -231,6 +231,7 @@ inline int64_t dkdv_tasks(const Problem& p, const DkdvSplit& split, int64_t seql
 // bitwise independent of how tasks are spread over threads.
 struct Kernels {
   const char* isa;
+  bool (*bf16_on_amx)();  // whether bf16 forwards take the AMX products now (amx.h)
   void (*forward)(const ForwardArgs&, int64_t begin, int64_t end);  // tasks: args.tasks
   // With args.splits: out and lse of (b, h) pairs [begin, end) from their splits' partials.
   void (*merge_splits)(const ForwardArgs&, int64_t begin, int64_t end);
