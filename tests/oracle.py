@@ -49,7 +49,10 @@ def naive_attention(q, k, v, *, causal=False, bottom_right=False, scale=None, at
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         hidden = hidden | ~attn_mask
     elif attn_mask is not None:
-        scores = scores + attn_mask.to(dtype)
+        # -inf entries hide their pair like False does; adding them would also hide it, but a row
+        # that they hide entirely would then send NaN (0 * exp(-inf + inf)) into the gradients.
+        hidden = hidden | (attn_mask == float("-inf"))
+        scores = scores + attn_mask.to(dtype).masked_fill(attn_mask == float("-inf"), 0.0)
     scores = scores.masked_fill(hidden, float("-inf"))
     visible_rows = (scores > float("-inf")).any(-1, keepdim=True)
     probs = torch.softmax(scores, dim=-1).masked_fill(~visible_rows, 0.0)
