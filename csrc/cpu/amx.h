@@ -13,6 +13,11 @@
 
 using Bf16 = c10::BFloat16;
 constexpr int64_t kAmxMaxN = 64;
+// Keys per block of the forward's AMX products, twice kBlockN: a brgemm call costs about the same
+// for a depth of 64 or 128 (P V's depth is the keys), and every call that follows one of another
+// shape reloads the tile configuration, so fewer, deeper calls win (~0.5 us per 64 x 64 x 64 call
+// and as much again per switch, 2-core Sapphire Rapids).
+constexpr int64_t kAmxBlockN = 128;
 
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kAmxBuild = true;
@@ -51,11 +56,45 @@ inline void pack_columns(const Bf16* b, int64_t ld, int64_t K, int64_t N, Bf16* 
   }
 }
 
-// P (cols x keys_even, bf16) from P^T (keys x ld, fp32), with a zero column when keys is odd.
-inline void transpose_to_bf16(const float* pt, int64_t ld, int64_t keys, int64_t cols, Bf16* p, int64_t keys_even) {
-  for (int64_t i = 0; i < cols; ++i) {
-    Bf16* row = p + i * keys_even;
-    for (int64_t j = 0; j < keys; ++j) row[j] = static_cast<Bf16>(pt[j * ld + i]);
-    if (keys_even != keys) row[keys] = Bf16(0.f);
-  }
+// P (cols x keys_even, bf16) from P^T (keys x ld, fp32), with a zero column when keys is odd:
+// P^T is rounded to bf16 rows in `staging` (keys_even x ld), then transposed 32 x 32 at a time.
+inline void transpose_to_bf16(const float* pt, int64_t ld, int64_t keys, int64_t cols, Bf16* staging, Bf16* p,
+                              int64_t keys_even) {
+  at::vec::convert(pt, staging, keys * ld);
+  if (keys_even != keys) std::fill(staging + keys * ld, staging + keys_even * ld, Bf16(0.f));
+  for (int64_t j = 0; j < keys_even; j += 32)
+    for (int64_t i = 0; i < cols; i += 32)
+      at::vec::transpose_mxn<Bf16>(staging + j * ld + i, ld, p + i * keys_even + j, keys_even,
+                                   std::min<int64_t>(32, keys_even - j), std::min<int64_t>(32, cols - i));
 }
+
+// The forward's bf16 buffers for blocks of up to bm query columns and bn keys (one per thread).
+class AmxBuffers {
+ public:
+  AmxBuffers(int64_t D, int64_t Dv, int64_t bm, int64_t bn)
+      : scratch_(Scratch::size_of({halves(D * bm), halves(D * bm), halves(bn * D), halves((bn + 1) * Dv),
+                                   halves((bn + 1) * Dv), halves(bm * (bn + 1)), halves((bn + 1) * bm), bm * Dv})),
+        q_staging(take(D * bm)),
+        q_packed(take(D * bm)),
+        k_rows(take(bn * D)),
+        v_rows(take((bn + 1) * Dv)),
+        v_packed(take((bn + 1) * Dv)),
+        p(take(bm * (bn + 1))),
+        p_staging(take((bn + 1) * bm)),
+        pv(scratch_.take(bm * Dv)) {}
+
+ private:
+  static int64_t halves(int64_t n) { return (n + 1) / 2; }  // floats holding n bf16
+  Bf16* take(int64_t n) { return reinterpret_cast<Bf16*>(scratch_.take(halves(n))); }
+  Scratch scratch_;
+
+ public:
+  Bf16* const q_staging;  // Q^T (D x ld), then
+  Bf16* const q_packed;   // packed
+  Bf16* const k_rows;     // key rows, where they cannot be read in place
+  Bf16* const v_rows;     // value rows, likewise, with a zero row when the key count is odd
+  Bf16* const v_packed;   // packed
+  Bf16* const p;          // P (cols x keys, padded to even)
+  Bf16* const p_staging;  // P^T rounded to bf16, before its transpose
+  float* const pv;        // P V of the block (cols x Dv), before it joins the accumulator
+};

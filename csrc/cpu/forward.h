@@ -8,21 +8,27 @@
 // the page table of a paged KV cache).
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
-// Online softmax over one key block, for the `cols` query columns of S^T (keys x cols):
+// Online softmax over one key block, for the `cols` query columns of S^T (keys x cols), whose
+// scores are mul * S^T (mul > 0: hidden scores stay -inf):
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  l' = l exp(m - m') + sum_j p_j.
 // S^T is overwritten with P^T, and alpha = exp(m - m') is left for rescaling the accumulator.
 // A column with nothing visible yet keeps m = -inf; using 0 in its place keeps exp() at 0
-// instead of exp(-inf + inf) = NaN.
-inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float* row_sum, float* alpha) {
+// instead of exp(-inf + inf) = NaN. kBf16Probs: P is rounded to bf16 for the AMX products, so
+// ATen's exp_u20 (~20 ulp of fp32, far below bf16's rounding) serves, and is faster than exp().
+template <bool kBf16Probs = false>
+inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float* row_sum, float* alpha,
+                           float mul = 1.f) {
+  const Vec scale(mul);
   for (int64_t c = 0; c < cols; c += kVec) {
     Vec block_max(-kInf);
     for (int64_t j = 0; j < keys; ++j) block_max = at::vec::maximum(block_max, Vec::loadu(st + j * cols + c));
     const Vec old_max = Vec::loadu(row_max + c);
-    const Vec new_max = at::vec::maximum(old_max, block_max);
+    const Vec new_max = at::vec::maximum(old_max, block_max * scale);
     const Vec shift = Vec::blendv(new_max, Vec(0.f), new_max == Vec(-kInf));
     Vec sum(0.f);
     for (int64_t j = 0; j < keys; ++j) {
-      const Vec prob = exp(Vec::loadu(st + j * cols + c) - shift);
+      const Vec x = at::vec::fmsub(Vec::loadu(st + j * cols + c), scale, shift);
+      const Vec prob = kBf16Probs ? x.exp_u20() : exp(x);
       prob.store(st + j * cols + c);
       sum = sum + prob;
     }
@@ -196,7 +202,11 @@ template <typename T>
 void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const int64_t D = args.p.head_dim, Dv = args.p.head_dim_v;
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
-  const int64_t BM = kBlockM, BN = kBlockN;
+  // bf16 inputs on an AMX CPU: both products on AMX tiles (amx.h), from these bf16 buffers.
+  bool amx = false;
+  if constexpr (std::is_same_v<T, Bf16>) amx = amx_shapes(D, Dv) && amx_bf16_enabled();
+  const int64_t BM = kBlockM, BN = amx ? kAmxBlockN : kBlockN;
+  const std::unique_ptr<AmxBuffers> bf16 = amx ? std::make_unique<AmxBuffers>(D, Dv, BM, BN) : nullptr;
   Scratch scratch(Scratch::size_of({D * BM, BN * Dp, BN * Dvp, BN * BM, BM * Dvp, BM, BM, BM}));
   float* qt = scratch.take(D * BM);     // scale * Q^T (D x ld): the block's query rows as columns
                                         // (or, few queries, scale * Q: load_query_rows)
@@ -207,19 +217,6 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   float* row_max = scratch.take(BM);
   float* row_sum = scratch.take(BM);
   float* alpha = scratch.take(BM);
-  // bf16 inputs on an AMX CPU: both products on AMX tiles (amx.h), from these bf16 buffers.
-  bool amx = false;
-  if constexpr (std::is_same_v<T, Bf16>) amx = amx_shapes(D, Dv) && amx_bf16_enabled();
-  const auto halves = [](int64_t n) { return (n + 1) / 2; };  // floats holding n bf16
-  Scratch amx_scratch(amx ? Scratch::size_of({halves(D * BM), halves(D * BM), halves(BN * D),
-                                              halves((BN + 1) * Dv), halves((BN + 1) * Dv), halves(BM * (BN + 1))})
-                          : 1);
-  Bf16* q_staging = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves(D * BM))) : nullptr;
-  Bf16* q_packed = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves(D * BM))) : nullptr;
-  Bf16* k16 = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves(BN * D))) : nullptr;
-  Bf16* v16 = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves((BN + 1) * Dv))) : nullptr;
-  Bf16* v_packed = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves((BN + 1) * Dv))) : nullptr;
-  Bf16* p16 = amx ? reinterpret_cast<Bf16*>(amx_scratch.take(halves(BM * (BN + 1)))) : nullptr;
 
   for (int64_t task = begin; task < end; ++task) {
     const TaskAt at = locate(args.tasks, task);
@@ -241,7 +238,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       load_query_rows<T>(qt, s.q, b, block, D, p.scale);
       fill(st, BN * ld, 0.f);  // the padding columns of S^T, which it does not write
     } else if (tiles) {
-      pack_queries_t(q_staging, q_packed, ld, s.q, b, block, D);
+      pack_queries_t(bf16->q_staging, bf16->q_packed, ld, s.q, b, block, D);
     } else {
       load_queries_t<T>(qt, ld, s.q, b, block, D, p.scale);
     }
@@ -264,8 +261,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       const Band band{p, block.q0, k0};
       Rows kr{}, vr{};
       if (tiles) {  // S^T = K Q^T, scaled below
-        const Bf16Rows k_rows = bf16_key_rows(k16, s.k, s.pages, b, block.hk, k0, keys, D, false);
-        amx_gemm(keys, ld, D, k_rows.data, k_rows.ld, q_packed, st, ld, false);
+        const Bf16Rows k_rows = bf16_key_rows(bf16->k_rows, s.k, s.pages, b, block.hk, k0, keys, D, false);
+        amx_gemm(keys, ld, D, k_rows.data, k_rows.ld, bf16->q_packed, st, ld, false);
       } else {  // S^T = K (scale Q)^T
         kr = key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
         vr = key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
@@ -276,27 +273,41 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         else
           gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
       }
-      cap_scores(p, st, keys * ld, tiles ? p.scale : 1.f, nullptr);
+      // The AMX products leave the scale to apply: in the softmax where no variant adds to the
+      // scaled scores (masks and windows only set -inf), else first.
+      const Variants& v = p.variants;
+      const bool scale_in_softmax = tiles && v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
+      cap_scores(p, st, keys * ld, tiles && !scale_in_softmax ? p.scale : 1.f, nullptr);
       for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
-      softmax_update(st, keys, ld, row_max, row_sum, alpha);
+      if (tiles)
+        softmax_update<true>(st, keys, ld, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f);
+      else
+        softmax_update(st, keys, ld, row_max, row_sum, alpha);
       if (p.variants.dropout)
         for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g, k0, keys));
       // acc = alpha * acc + P V, with P read from P^T
-      for (int64_t i = 0; i < cols; ++i) {
-        if (alpha[i] == 1.f) continue;
-        const Vec a(alpha[i]);
-        for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
-      }
-      if (tiles) {  // P (bf16, keys padded to even) times V packed
+      if (tiles) {  // P (bf16, keys padded to even) times V packed, added to the rescaled acc
         const int64_t keys_even = round_up(keys, 2);
-        const Bf16Rows v_rows = bf16_key_rows(v16, s.v, s.pages, b, block.hk, k0, keys, Dv, true);
-        pack_columns(v_rows.data, v_rows.ld, keys_even, Dv, v_packed);
-        transpose_to_bf16(st, ld, keys, cols, p16, keys_even);
-        amx_gemm(cols, Dv, keys_even, p16, keys_even, v_packed, acc, Dvp, true);
-      } else if (edge)  // for each kMR queries, the keys they may see
-        gemm_banded_depth(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, band.keys_seen());
-      else
-        gemm(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, true);
+        const Bf16Rows v_rows = bf16_key_rows(bf16->v_rows, s.v, s.pages, b, block.hk, k0, keys, Dv, true);
+        pack_columns(v_rows.data, v_rows.ld, keys_even, Dv, bf16->v_packed);
+        transpose_to_bf16(st, ld, keys, cols, bf16->p_staging, bf16->p, keys_even);
+        amx_gemm(cols, Dv, keys_even, bf16->p, keys_even, bf16->v_packed, bf16->pv, Dv, false);
+        for (int64_t i = 0; i < cols; ++i) {
+          const Vec a(alpha[i]);
+          for (int64_t c = 0; c < Dv; c += kVec)
+            at::vec::fmadd(Vec::loadu(acc + i * Dvp + c), a, Vec::loadu(bf16->pv + i * Dv + c)).store(acc + i * Dvp + c);
+        }
+      } else {
+        for (int64_t i = 0; i < cols; ++i) {
+          if (alpha[i] == 1.f) continue;
+          const Vec a(alpha[i]);
+          for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
+        }
+        if (edge)  // for each kMR queries, the keys they may see
+          gemm_banded_depth(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, band.keys_seen());
+        else
+          gemm(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, true);
+      }
     }
 
     if (args.splits.keys != 0) {

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <new>
 #include <string>
 #include <type_traits>
