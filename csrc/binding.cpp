@@ -378,7 +378,9 @@ void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const
   // Both schedules give the same bits; the choice is only about speed, except that some bias
   // gradients need the two-pass one's task split (params.h, one_pass_owns_dbias). Every pass reads
   // the delta of rows other tasks write, hence separate parallel loops.
-  if (prefer_one_pass(call) && cpu::one_pass_owns_dbias(p, dbias_view)) {
+  // bf16 on AMX computes in the one-pass schedule only (amx.h bf16_backward_on_amx).
+  const bool amx = p.dtype == cpu::DType::BFloat16 && kernels.bf16_backward_on_amx(p.head_dim, p.head_dim_v);
+  if ((amx || prefer_one_pass(call)) && cpu::one_pass_owns_dbias(p, dbias_view)) {
     at::parallel_for(0, query_tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.backward_delta(args, begin, end); });
     at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) { kernels.backward_fused(args, begin, end); });
   } else {

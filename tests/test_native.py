@@ -109,9 +109,10 @@ def test_portable_build_matches_vectorized(isa, dtype, vectorized):
                                    (2, 8, 2, 9, 67, 64, 32)],
                          ids=["gqa", "head-dim-128", "head-dims-72-48", "heads-packed"])
 def test_bf16_amx_products_match_the_oracle(monkeypatch, shape):
-    """bf16 forwards on AMX tiles (csrc/cpu/amx.h): Q^T and V packed, P rounded to bf16, keys
-    padded to even (odd key counts here), head dims past one 64-column chunk, several heads' rows
-    in one block. Against float64 math with every variant, and against the fp32 products."""
+    """bf16 forwards and backwards on AMX tiles (csrc/cpu/amx.h): operands packed, P and dS rounded
+    to bf16, keys and query rows padded to even (odd counts here), head dims past one 64-column
+    chunk, several heads' rows in one forward block, head dims the backward leaves to fp32 (72).
+    Against float64 math with every variant, and against the fp32 products."""
     if not cpu_backend.bf16_on_amx():
         pytest.skip("this CPU (or the build picked for it) has no AMX-BF16 products")
     keywords = dict(variant_keywords(shape[1], shape[3], shape[4]), causal=True, causal_alignment="bottom_right")
@@ -120,6 +121,9 @@ def test_bf16_amx_products_match_the_oracle(monkeypatch, shape):
     q, k, v = random_qkv(*shape, torch.bfloat16, "cpu")
     dout = torch.randn(*shape[:2], shape[3], shape[6], dtype=torch.bfloat16)
     on_tiles = run(q, k, v, dout, **keywords)
+    # The backward on AMX takes the one-pass schedule whatever the thread count (the two-pass one
+    # would compute dq in fp32), so thread count changes no bit here either.
+    assert_bitwise_equal(results_per_thread_count(lambda: run(q, k, v, dout, **keywords)))
     monkeypatch.setenv("FUSED_ATTN_CPU_AMX", "0")
     assert not cpu_backend.bf16_on_amx()
     assert_close_each(on_tiles, run(q, k, v, dout, **keywords), rtol=2e-2, atol=2e-2)

@@ -34,9 +34,16 @@ inline bool amx_bf16_enabled() {
   return available && !(env != nullptr && std::string(env) == "0");
 }
 
-// Why the forward may take the AMX products for this call's shapes: D is the products' depth
-// (even), Dv their width (whole chunks of 16 columns).
+// Whether the forward may take the AMX products for these head dims: D is a product's depth
+// (even), Dv a product's width (whole chunks of 16 columns). The backward's products have both as
+// widths.
 inline bool amx_shapes(int64_t D, int64_t Dv) { return D % 2 == 0 && Dv % 16 == 0; }
+inline bool amx_backward_shapes(int64_t D, int64_t Dv) { return D % 16 == 0 && Dv % 16 == 0; }
+
+// Whether a bf16 backward with these head dims takes the AMX products (binding.cpp then always
+// takes the one-pass schedule: the two-pass one's dq pass computes in fp32, and schedules must
+// agree bit for bit).
+inline bool bf16_backward_on_amx(int64_t D, int64_t Dv) { return amx_backward_shapes(D, Dv) && amx_bf16_enabled(); }
 
 // C (M x N, ldc) [+]= A (M x K, lda) * packed B, N in chunks of at most kAmxMaxN columns: chunk
 // c0 of B lies at packed + c0 * K, as pack_columns writes it.
@@ -56,16 +63,25 @@ inline void pack_columns(const Bf16* b, int64_t ld, int64_t K, int64_t N, Bf16* 
   }
 }
 
-// P (cols x keys_even, bf16) from P^T (keys x ld, fp32), with a zero column when keys is odd:
-// P^T is rounded to bf16 rows in `staging` (keys_even x ld), then transposed 32 x 32 at a time.
+// dst (cols x rows, ld_dst) = src^T, src (rows x cols, ld_src) in bf16, 32 x 32 at a time.
+inline void transpose_bf16(const Bf16* src, int64_t ld_src, int64_t rows, int64_t cols, Bf16* dst, int64_t ld_dst) {
+  for (int64_t i = 0; i < rows; i += 32)
+    for (int64_t j = 0; j < cols; j += 32)
+      at::vec::transpose_mxn<Bf16>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
+                                   std::min<int64_t>(32, rows - i), std::min<int64_t>(32, cols - j));
+}
+
+// rows x cols of an fp32 tile (ld) rounded to bf16 into dst (ld), plus zero rows up to rows_even.
+inline void round_rows(const float* src, int64_t rows, int64_t rows_even, int64_t ld, Bf16* dst) {
+  at::vec::convert(src, dst, rows * ld);
+  std::fill(dst + rows * ld, dst + rows_even * ld, Bf16(0.f));
+}
+
+// P (cols x keys_even, bf16) from P^T (keys x ld, fp32), with a zero column when keys is odd.
 inline void transpose_to_bf16(const float* pt, int64_t ld, int64_t keys, int64_t cols, Bf16* staging, Bf16* p,
                               int64_t keys_even) {
-  at::vec::convert(pt, staging, keys * ld);
-  if (keys_even != keys) std::fill(staging + keys * ld, staging + keys_even * ld, Bf16(0.f));
-  for (int64_t j = 0; j < keys_even; j += 32)
-    for (int64_t i = 0; i < cols; i += 32)
-      at::vec::transpose_mxn<Bf16>(staging + j * ld + i, ld, p + i * keys_even + j, keys_even,
-                                   std::min<int64_t>(32, keys_even - j), std::min<int64_t>(32, cols - i));
+  round_rows(pt, keys, keys_even, ld, staging);
+  transpose_bf16(staging, ld, keys_even, cols, p, keys_even);
 }
 
 // The forward's bf16 buffers for blocks of up to bm query columns and bn keys (one per thread).
@@ -76,7 +92,7 @@ class AmxBuffers {
                                    halves((bn + 1) * Dv), halves(bm * (bn + 1)), halves((bn + 1) * bm), bm * Dv})),
         q_staging(take(D * bm)),
         q_packed(take(D * bm)),
-        k_rows(take(bn * D)),
+        k_rows(take(bn * std::max(D, Dv))),
         v_rows(take((bn + 1) * Dv)),
         v_packed(take((bn + 1) * Dv)),
         p(take(bm * (bn + 1))),
@@ -97,4 +113,46 @@ class AmxBuffers {
   Bf16* const p;          // P (cols x keys, padded to even)
   Bf16* const p_staging;  // P^T rounded to bf16, before its transpose
   float* const pv;        // P V of the block (cols x Dv), before it joins the accumulator
+};
+
+// The backward's bf16 buffers for one key block of up to bn keys against query blocks of up to
+// bm rows (one per thread): its fixed operands, packed once per key block, and per query block
+// the rows that cannot be read in place and the products' operands.
+class AmxBackwardBuffers {
+ public:
+  AmxBackwardBuffers(int64_t D, int64_t Dv, int64_t bm, int64_t bn)
+      : scratch_(Scratch::size_of({halves(bn * std::max(D, Dv)), halves(D * bn), halves(D * bn), halves(Dv * bn),
+                                   halves(Dv * bn), halves(bn * D), halves(bm * D), halves(bm * D), halves(bm * Dv), halves(bm * Dv),
+                                   halves(bm * bn), halves(bn * bm)})),
+        k_rows(take(bn * std::max(D, Dv))),
+        kt_staging(take(D * bn)),
+        kt_packed(take(D * bn)),
+        vt_staging(take(Dv * bn)),
+        vt_packed(take(Dv * bn)),
+        k_packed(take(bn * D)),
+        q_rows(take(bm * D)),
+        q_packed(take(bm * D)),
+        do_rows(take(bm * Dv)),
+        do_packed(take(bm * Dv)),
+        staging(take(bm * bn)),
+        transposed(take(bn * bm)) {}
+
+ private:
+  static int64_t halves(int64_t n) { return (n + 1) / 2; }  // floats holding n bf16
+  Bf16* take(int64_t n) { return reinterpret_cast<Bf16*>(scratch_.take(halves(n))); }
+  Scratch scratch_;
+
+ public:
+  Bf16* const k_rows;      // K or V rows of the key block, where they cannot be read in place
+  Bf16* const kt_staging;  // K^T (D x bn), zero past the block's keys, then
+  Bf16* const kt_packed;   // packed: S = Q K^T
+  Bf16* const vt_staging;  // V^T (Dv x bn), likewise: dP = dO V^T
+  Bf16* const vt_packed;
+  Bf16* const k_packed;    // K (keys padded to even x D) packed: dQ += dS K
+  Bf16* const q_rows;      // Q rows (with a zero row when their count is odd), then
+  Bf16* const q_packed;    // packed: dK += dS^T Q
+  Bf16* const do_rows;     // dO rows, likewise: dV += P^T dO
+  Bf16* const do_packed;
+  Bf16* const staging;     // P or dS rounded (rows padded to even x bn)
+  Bf16* const transposed;  // its transpose (bn x rows padded to even)
 };

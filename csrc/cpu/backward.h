@@ -185,9 +185,25 @@ inline void add_bias_grad(const Strided& dbias, const float* grad, int64_t b, in
 // Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query
 // heads and the query blocks that see the block. With dq != nullptr (the one-pass schedule) also
 // dQ += dS K for those rows, dq being the group's (G x Lq x Dp) fp32 accumulator.
+// The key block's fixed operands for the AMX products: K^T and V^T packed (zero past the
+// block's keys), and K packed (keys padded to even) when dQ is summed here too.
+inline void pack_key_block(const BackwardArgs& args, int64_t b, int64_t hk, int64_t k0, int64_t keys, bool with_k,
+                           const AmxBackwardBuffers& amx) {
+  const int64_t BN = kBlockN, D = args.p.head_dim, Dv = args.p.head_dim_v;
+  for (const auto& [rows, dim, staging, packed] :
+       {std::tuple{&args.k, D, amx.kt_staging, amx.kt_packed}, std::tuple{&args.v, Dv, amx.vt_staging, amx.vt_packed}}) {
+    const Bf16Rows r = bf16_rows(amx.k_rows, *rows, Pages{}, b, hk, k0, keys, dim, true);
+    transpose_bf16(r.data, r.ld, keys, dim, staging, BN);
+    for (int64_t d = 0; d < dim; ++d) std::fill(staging + d * BN + keys, staging + (d + 1) * BN, Bf16(0.f));
+    pack_columns(staging, BN, dim, BN, packed);
+    if (with_k && rows == &args.k) pack_columns(r.data, r.ld, round_up(keys, 2), D, amx.k_packed);
+  }
+}
+
+// amx: the bf16 products on AMX tiles (amx.h; bf16 inputs only), with P and dS rounded to bf16.
 template <typename T>
 void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t k0, const KeyBlockScratch& t,
-                        float* dq) {
+                        float* dq, const AmxBackwardBuffers* amx) {
   const Problem& p = args.p;
   const int64_t D = p.head_dim, Dv = p.head_dim_v;
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
@@ -196,9 +212,13 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
   const Vec scale(p.scale);
   const int64_t keys = std::min(BN, p.seqlen_k - k0);
 
-  load_tile(t.kt, BN, at_row<T>(args.k, b, hk, k0), args.k.col, args.k.row, D, keys);
-  load_tile(t.vt, BN, at_row<T>(args.v, b, hk, k0), args.v.col, args.v.row, Dv, keys);
-  if (dq != nullptr) load_tile(t.kb, Dp, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D);
+  if (amx != nullptr) {
+    pack_key_block(args, b, hk, k0, keys, dq != nullptr, *amx);
+  } else {
+    load_tile(t.kt, BN, at_row<T>(args.k, b, hk, k0), args.k.col, args.k.row, D, keys);
+    load_tile(t.vt, BN, at_row<T>(args.v, b, hk, k0), args.v.col, args.v.row, Dv, keys);
+    if (dq != nullptr) load_tile(t.kb, Dp, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D);
+  }
   fill(t.dk, keys * Dp, 0.f);
   fill(t.dv, keys * Dvp, 0.f);
   float* tanh = p.variants.softcap > 0.f ? t.tanh : nullptr;
@@ -212,20 +232,28 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       if (mask_hides_tile(p, b, h, q0, rows, k0, keys)) continue;  // p = dS = 0 there
       const float* lse = args.lse.at(b, h, q0);
       const float* delta = args.delta.at(b, h, q0);
-      load_tile(t.qb, Dp, at_row<T>(args.q, b, h, q0), args.q.row, args.q.col, rows, D);
-      load_tile(t.dob, Dvp, at_row<T>(args.dout, b, h, q0), args.dout.row, args.dout.col, rows, Dv);
       const ScoreTile s_tile{t.s, BN, 1, b, h, q0, rows, k0, keys};
       // A tile that the window cuts is computed only where some query sees some key (tile.h,
       // banded products): the keys each kEdgeKeys queries may see, the queries each kMR keys may
       // be seen by. Elsewhere S = -inf, so P = dS = 0 there, and dP is left 0.
-      const bool edge = window_cuts(p, s_tile);
+      const bool edge = amx == nullptr && window_cuts(p, s_tile);
       const Band band{p, q0, k0};
-      if (edge) {
-        gemm_banded_columns(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, kEdgeKeys, band.keys_seen(), -kInf);
-        gemm_banded_columns(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, kEdgeKeys, band.keys_seen(), 0.f);
+      Bf16Rows q_rows{}, do_rows{};
+      if (amx != nullptr) {
+        q_rows = bf16_rows(amx->q_rows, args.q, Pages{}, b, h, q0, rows, D, true);
+        do_rows = bf16_rows(amx->do_rows, args.dout, Pages{}, b, h, q0, rows, Dv, true);
+        amx_gemm(rows, BN, D, q_rows.data, q_rows.ld, amx->kt_packed, t.s, BN, false);      // Q K^T
+        amx_gemm(rows, BN, Dv, do_rows.data, do_rows.ld, amx->vt_packed, t.dp, BN, false);  // dP = dO V^T
       } else {
-        gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // Q K^T
-        gemm(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
+        load_tile(t.qb, Dp, at_row<T>(args.q, b, h, q0), args.q.row, args.q.col, rows, D);
+        load_tile(t.dob, Dvp, at_row<T>(args.dout, b, h, q0), args.dout.row, args.dout.col, rows, Dv);
+        if (edge) {
+          gemm_banded_columns(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, kEdgeKeys, band.keys_seen(), -kInf);
+          gemm_banded_columns(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, kEdgeKeys, band.keys_seen(), 0.f);
+        } else {
+          gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // Q K^T
+          gemm(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
+        }
       }
       finish_scores(p, s_tile, rows * BN, p.scale, tanh);  // S
       if (p.variants.dropout) apply_dropout(p, {t.dp, BN, 1, b, h, q0, rows, k0, keys});
@@ -247,7 +275,22 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       if (args.dbias.data != nullptr) add_bias_grad(args.dbias, t.dbias, b, h, q0, rows, k0, keys);
       if (p.variants.dropout) apply_dropout(p, s_tile);  // P -> the dropped P, for dV
       float* dq_rows = dq == nullptr ? nullptr : dq + (g * p.seqlen_q + q0) * Dp;
-      if (edge) {
+      if (amx != nullptr) {  // P and dS rounded to bf16, transposed for dV and dK (rows padded to even)
+        const int64_t rows_even = round_up(rows, 2);
+        pack_columns(do_rows.data, do_rows.ld, rows_even, Dv, amx->do_packed);
+        pack_columns(q_rows.data, q_rows.ld, rows_even, D, amx->q_packed);
+        round_rows(t.s, rows, rows_even, BN, amx->staging);
+        transpose_bf16(amx->staging, BN, rows_even, keys, amx->transposed, rows_even);
+        amx_gemm(keys, Dv, rows_even, amx->transposed, rows_even, amx->do_packed, t.dv, Dvp, true);  // dV += P^T dO
+        round_rows(t.dp, rows, rows_even, BN, amx->staging);
+        transpose_bf16(amx->staging, BN, rows_even, keys, amx->transposed, rows_even);
+        amx_gemm(keys, D, rows_even, amx->transposed, rows_even, amx->q_packed, t.dk, Dp, true);  // dK += dS^T Q
+        if (dq != nullptr) {  // dQ += dS K, over the keys padded to even
+          if (keys % 2 == 1)
+            for (int64_t i = 0; i < rows; ++i) amx->staging[i * BN + keys] = Bf16(0.f);
+          amx_gemm(rows, D, round_up(keys, 2), amx->staging, BN, amx->k_packed, dq_rows, Dp, true);
+        }
+      } else if (edge) {
         gemm_banded_depth(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, band.queries_seeing());
         gemm_banded_depth(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, band.queries_seeing());
         if (dq != nullptr) gemm_banded_depth(rows, Dp, keys, t.dp, BN, 1, t.kb, Dp, dq_rows, Dp, band.keys_seen());
@@ -262,11 +305,21 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
   store_rows(at_row_mut<T>(args.dv, b, hk, k0), args.dv.row, args.dv.col, t.dv, Dvp, keys, Dv);
 }
 
+// The AMX products' buffers when a bf16 backward takes them (amx.h bf16_backward_on_amx), else none.
+template <typename T>
+std::unique_ptr<AmxBackwardBuffers> amx_backward_buffers(const Problem& p) {
+  if constexpr (std::is_same_v<T, Bf16>)
+    if (bf16_backward_on_amx(p.head_dim, p.head_dim_v))
+      return std::make_unique<AmxBackwardBuffers>(p.head_dim, p.head_dim_v, kBlockM, kBlockN);
+  return nullptr;
+}
+
 template <typename T>
 void backward_dkdv_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   const Problem& all = args.p;
   Scratch scratch(KeyBlockScratch::floats(all.head_dim, all.head_dim_v));
   const KeyBlockScratch tiles(scratch, all.head_dim, all.head_dim_v);
+  const std::unique_ptr<AmxBackwardBuffers> amx = amx_backward_buffers<T>(all);
   // A task is one (sequence, head, block) triple, or all of them along the dims dkdv_split does
   // not split (those where the bias gradient is broadcast; then inputs are dense, every sequence
   // of the same length, and key_tasks has a single group, of all sequences).
@@ -283,9 +336,10 @@ void backward_dkdv_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
       const Range block_ids = split.blocks ? Range{at.index % blocks, at.index % blocks + 1} : Range{0, blocks};
       for (int64_t hk = heads.begin; hk < heads.end; ++hk)
         for (int64_t block = block_ids.begin; block < block_ids.end; ++block)
-          key_block_backward<T>(s, b, hk, balanced_block(block, blocks) * kBlockN, tiles, nullptr);
+          key_block_backward<T>(s, b, hk, balanced_block(block, blocks) * kBlockN, tiles, nullptr, amx.get());
     }
   }
+  if (amx) at::native::cpublas::brgemm_release(true);  // this thread's AMX tile configuration
 }
 
 // One-pass schedule, first step: delta for a block of query rows (tasks as in pass 1).
@@ -309,16 +363,18 @@ void backward_fused_typed(const BackwardArgs& args, int64_t begin, int64_t end) 
   Scratch scratch(KeyBlockScratch::floats(all.head_dim, all.head_dim_v) + Scratch::size_of({group * all.seqlen_q * Dp}));
   const KeyBlockScratch tiles(scratch, all.head_dim, all.head_dim_v);
   float* dq = scratch.take(group * all.seqlen_q * Dp);
+  const std::unique_ptr<AmxBackwardBuffers> amx = amx_backward_buffers<T>(all);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / all.heads_kv, hk = task % all.heads_kv;
     const BackwardArgs s = sequence(args, b);
     const Problem& p = s.p;
     fill(dq, group * p.seqlen_q * Dp, 0.f);
-    for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockN) key_block_backward<T>(s, b, hk, k0, tiles, dq);
+    for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockN) key_block_backward<T>(s, b, hk, k0, tiles, dq, amx.get());
     for (int64_t g = 0; g < group; ++g)
       store_rows(at_row_mut<T>(s.dq, b, hk * group + g, 0), s.dq.row, s.dq.col, dq + g * p.seqlen_q * Dp, Dp,
                  p.seqlen_q, p.head_dim);
   }
+  if (amx) at::native::cpublas::brgemm_release(true);
 }
 
 void backward_dq(const BackwardArgs& args, int64_t begin, int64_t end) {

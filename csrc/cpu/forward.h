@@ -162,15 +162,15 @@ Rows key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int6
   return {dst, ld};
 }
 
-// bf16 rows of K or V for the AMX products (amx.h): rows [k0, k0 + n) where they lie when they
-// can be read in place (unit column stride, one page run, and n even where `even` asks for the
-// pairs of rows that packing reads), else copied into dst (n rows, plus a zero row when n is odd
-// and `even`, of cols).
+// bf16 rows for the AMX products (amx.h): rows [k0, k0 + n) of K, V (through the page table of a
+// paged cache), Q or dO of (b, h) where they lie when they can be read in place (unit column
+// stride, one page run, and n even where `even` asks for the pairs of rows that packing reads),
+// else copied into dst (n rows, plus a zero row when n is odd and `even`, of cols).
 struct Bf16Rows {
   const Bf16* data;
   int64_t ld;
 };
-inline Bf16Rows bf16_key_rows(Bf16* dst, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
+inline Bf16Rows bf16_rows(Bf16* dst, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
                               int64_t n, int64_t cols, bool even) {
   if (s.col == 1 && rows_in_run(pages, k0, k0 + n) == n && !(even && n % 2 == 1))
     return {key_row<Bf16>(s, pages, b, hk, k0), s.row};
@@ -261,7 +261,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       const Band band{p, block.q0, k0};
       Rows kr{}, vr{};
       if (tiles) {  // S^T = K Q^T, scaled below
-        const Bf16Rows k_rows = bf16_key_rows(bf16->k_rows, s.k, s.pages, b, block.hk, k0, keys, D, false);
+        const Bf16Rows k_rows = bf16_rows(bf16->k_rows, s.k, s.pages, b, block.hk, k0, keys, D, false);
         amx_gemm(keys, ld, D, k_rows.data, k_rows.ld, bf16->q_packed, st, ld, false);
       } else {  // S^T = K (scale Q)^T
         kr = key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
@@ -288,7 +288,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       // acc = alpha * acc + P V, with P read from P^T
       if (tiles) {  // P (bf16, keys padded to even) times V packed, added to the rescaled acc
         const int64_t keys_even = round_up(keys, 2);
-        const Bf16Rows v_rows = bf16_key_rows(bf16->v_rows, s.v, s.pages, b, block.hk, k0, keys, Dv, true);
+        const Bf16Rows v_rows = bf16_rows(bf16->v_rows, s.v, s.pages, b, block.hk, k0, keys, Dv, true);
         pack_columns(v_rows.data, v_rows.ld, keys_even, Dv, bf16->v_packed);
         transpose_to_bf16(st, ld, keys, cols, bf16->p_staging, bf16->p, keys_even);
         amx_gemm(cols, Dv, keys_even, bf16->p, keys_even, bf16->v_packed, bf16->pv, Dv, false);

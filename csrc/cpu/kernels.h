@@ -12,6 +12,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -38,7 +39,8 @@ namespace {
 
 }  // namespace
 
-const Kernels kKernels = {FUSED_ATTN_ISA_NAME, amx_bf16_enabled, forward,        merge_splits, backward_dq,
-                          backward_dkdv,       backward_delta,   backward_fused};
+const Kernels kKernels = {FUSED_ATTN_ISA_NAME, amx_bf16_enabled, bf16_backward_on_amx, forward,
+                          merge_splits,        backward_dq,      backward_dkdv,        backward_delta,
+                          backward_fused};
 
 }  // namespace fused_attn::cpu::FUSED_ATTN_ISA

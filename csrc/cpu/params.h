@@ -232,6 +232,8 @@ inline int64_t dkdv_tasks(const Problem& p, const DkdvSplit& split, int64_t seql
 struct Kernels {
   const char* isa;
   bool (*bf16_on_amx)();  // whether bf16 forwards take the AMX products now (amx.h)
+  // Whether a bf16 backward with head dims (D, Dv) takes them: then only the one-pass schedule.
+  bool (*bf16_backward_on_amx)(int64_t D, int64_t Dv);
   void (*forward)(const ForwardArgs&, int64_t begin, int64_t end);  // tasks: args.tasks
   // With args.splits: out and lse of (b, h) pairs [begin, end) from their splits' partials.
   void (*merge_splits)(const ForwardArgs&, int64_t begin, int64_t end);
