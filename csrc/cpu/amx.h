@@ -45,13 +45,15 @@ inline bool amx_backward_shapes(int64_t D, int64_t Dv) { return D % 16 == 0 && D
 // agree bit for bit).
 inline bool bf16_backward_on_amx(int64_t D, int64_t Dv) { return amx_backward_shapes(D, Dv) && amx_bf16_enabled(); }
 
-// C (M x N, ldc) [+]= A (M x K, lda) * packed B, N in chunks of at most kAmxMaxN columns: chunk
-// c0 of B lies at packed + c0 * K, as pack_columns writes it.
+// C (M x N, ldc) [+]= A (M x K, lda) * packed B, N in chunks of at most kAmxMaxN columns as
+// pack_columns wrote them: chunk c0 of B lies at packed + c0 * packed_depth, and its first K rows
+// (K <= packed_depth, even) are used. N must be the width B was packed with.
 inline void amx_gemm(int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda, const Bf16* packed, float* c,
-                     int64_t ldc, bool accumulate) {
+                     int64_t ldc, bool accumulate, int64_t packed_depth = 0) {
+  if (packed_depth == 0) packed_depth = K;
   for (int64_t c0 = 0; c0 < N; c0 += kAmxMaxN) {
     const int64_t n = std::min(kAmxMaxN, N - c0);
-    at::native::cpublas::brgemm(M, n, K, lda, n, ldc, accumulate, a, packed + c0 * K, c + c0, true);
+    at::native::cpublas::brgemm(M, n, K, lda, n, ldc, accumulate, a, packed + c0 * packed_depth, c + c0, true);
   }
 }
 
@@ -77,26 +79,13 @@ inline void round_rows(const float* src, int64_t rows, int64_t rows_even, int64_
   std::fill(dst + rows * ld, dst + rows_even * ld, Bf16(0.f));
 }
 
-// P (cols x keys_even, bf16) from P^T (keys x ld, fp32), with a zero column when keys is odd.
-inline void transpose_to_bf16(const float* pt, int64_t ld, int64_t keys, int64_t cols, Bf16* staging, Bf16* p,
-                              int64_t keys_even) {
-  round_rows(pt, keys, keys_even, ld, staging);
-  transpose_bf16(staging, ld, keys_even, cols, p, keys_even);
-}
-
 // The forward's bf16 buffers for blocks of up to bm query columns and bn keys (one per thread).
 class AmxBuffers {
  public:
   AmxBuffers(int64_t D, int64_t Dv, int64_t bm, int64_t bn)
-      : scratch_(Scratch::size_of({halves(D * bm), halves(D * bm), halves(bn * D), halves((bn + 1) * Dv),
-                                   halves((bn + 1) * Dv), halves(bm * (bn + 1)), halves((bn + 1) * bm), bm * Dv})),
-        q_staging(take(D * bm)),
-        q_packed(take(D * bm)),
-        k_rows(take(bn * std::max(D, Dv))),
-        v_rows(take((bn + 1) * Dv)),
-        v_packed(take((bn + 1) * Dv)),
-        p(take(bm * (bn + 1))),
-        p_staging(take((bn + 1) * bm)),
+      : scratch_(Scratch::size_of({halves(bm * D), halves(bm * bn), bm * Dv})),
+        q_rows(take(bm * D)),
+        p(take(bm * bn)),
         pv(scratch_.take(bm * Dv)) {}
 
  private:
@@ -105,14 +94,9 @@ class AmxBuffers {
   Scratch scratch_;
 
  public:
-  Bf16* const q_staging;  // Q^T (D x ld), then
-  Bf16* const q_packed;   // packed
-  Bf16* const k_rows;     // key rows, where they cannot be read in place
-  Bf16* const v_rows;     // value rows, likewise, with a zero row when the key count is odd
-  Bf16* const v_packed;   // packed
-  Bf16* const p;          // P (cols x keys, padded to even)
-  Bf16* const p_staging;  // P^T rounded to bf16, before its transpose
-  float* const pv;        // P V of the block (cols x Dv), before it joins the accumulator
+  Bf16* const q_rows;  // the block's query rows (cols x D)
+  Bf16* const p;       // P rounded to bf16 (cols x bn)
+  float* const pv;     // P V of the block (cols x Dv), before it joins the accumulator
 };
 
 // The backward's bf16 buffers for one key block of up to bn keys against query blocks of up to

@@ -8,27 +8,21 @@
 // the page table of a paged KV cache).
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
-// Online softmax over one key block, for the `cols` query columns of S^T (keys x cols), whose
-// scores are mul * S^T (mul > 0: hidden scores stay -inf):
+// Online softmax over one key block, for the `cols` query columns of S^T (keys x cols):
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  l' = l exp(m - m') + sum_j p_j.
 // S^T is overwritten with P^T, and alpha = exp(m - m') is left for rescaling the accumulator.
 // A column with nothing visible yet keeps m = -inf; using 0 in its place keeps exp() at 0
-// instead of exp(-inf + inf) = NaN. kBf16Probs: P is rounded to bf16 for the AMX products, so
-// ATen's exp_u20 (~20 ulp of fp32, far below bf16's rounding) serves, and is faster than exp().
-template <bool kBf16Probs = false>
-inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float* row_sum, float* alpha,
-                           float mul = 1.f) {
-  const Vec scale(mul);
+// instead of exp(-inf + inf) = NaN.
+inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float* row_sum, float* alpha) {
   for (int64_t c = 0; c < cols; c += kVec) {
     Vec block_max(-kInf);
     for (int64_t j = 0; j < keys; ++j) block_max = at::vec::maximum(block_max, Vec::loadu(st + j * cols + c));
     const Vec old_max = Vec::loadu(row_max + c);
-    const Vec new_max = at::vec::maximum(old_max, block_max * scale);
+    const Vec new_max = at::vec::maximum(old_max, block_max);
     const Vec shift = Vec::blendv(new_max, Vec(0.f), new_max == Vec(-kInf));
     Vec sum(0.f);
     for (int64_t j = 0; j < keys; ++j) {
-      const Vec x = at::vec::fmsub(Vec::loadu(st + j * cols + c), scale, shift);
-      const Vec prob = kBf16Probs ? x.exp_u20() : exp(x);
+      const Vec prob = exp(Vec::loadu(st + j * cols + c) - shift);
       prob.store(st + j * cols + c);
       sum = sum + prob;
     }
@@ -182,20 +176,153 @@ inline Bf16Rows bf16_rows(Bf16* dst, const Strided& s, const Pages& pages, int64
   return {dst, cols};
 }
 
-// Q^T of the block (D x ld, bf16, unscaled: the scale is applied to the fp32 scores), zero in
-// the columns past its queries, packed for amx_gemm.
-inline void pack_queries_t(Bf16* staging, Bf16* packed, int64_t ld, const Strided& q, int64_t b,
-                           const QueryBlock& block, int64_t D) {
-  const int64_t cols = block.heads * block.rows;
-  for (int64_t d = 0; d < D; ++d) {
-    Bf16* dst = staging + d * ld;
-    for (int64_t g = 0; g < block.heads; ++g) {
-      const Bf16* src = at_row<Bf16>(q, b, block.h0 + g, block.q0) + d * q.col;
-      for (int64_t i = 0; i < block.rows; ++i) dst[g * block.rows + i] = src[i * q.row];
+// The block's query rows in bf16 (cols x D, unscaled: the scale is applied to the fp32 scores),
+// head g's rows at [g * rows, (g + 1) * rows), for the AMX products.
+inline void gather_query_rows(Bf16* dst, const Strided& q, int64_t b, const QueryBlock& block, int64_t D) {
+  for (int64_t g = 0; g < block.heads; ++g)
+    for (int64_t i = 0; i < block.rows; ++i) {
+      const Bf16* src = at_row<Bf16>(q, b, block.h0 + g, block.q0 + i);
+      Bf16* row = dst + (g * block.rows + i) * D;
+      for (int64_t d = 0; d < D; ++d) row[d] = src[d * q.col];
     }
-    std::fill(dst + cols, dst + ld, Bf16(0.f));
+}
+
+// K^T and V of the key blocks of one (sequence, key/value head), packed for the AMX products and
+// kept while a thread's consecutive tasks share them (tasks run through a head's query blocks in
+// turn), so each block is packed once per thread instead of once per query block. A sequence
+// whose packed blocks would pass kMaxBytes keeps only the last one.
+class PackedKeyBlocks {
+ public:
+  struct Block {
+    const Bf16* kt;  // K^T (D x keys padded to 16, zero past the keys), packed
+    const Bf16* v;   // V (keys padded to even x Dv, zero row past the keys), packed
+    int64_t keys;    // how many: up to bn, all the block has whatever part a task uses
+  };
+  static constexpr int64_t kMaxBytes = int64_t{16} << 20;
+
+  PackedKeyBlocks(int64_t D, int64_t Dv, int64_t bn, int64_t seqlen_k)
+      : D_(D), Dv_(Dv), bn_(bn),
+        slots_(2 * seqlen_k * (D + Dv) <= kMaxBytes ? std::max<int64_t>(1, ceil_div(seqlen_k, bn)) : 1),
+        scratch_(Scratch::size_of({halves(bn * std::max(D, Dv)), halves(D * bn), slots_ * halves(bn * (D + Dv))})),
+        rows_(take(bn * std::max(D, Dv))),
+        staging_(take(D * bn)),
+        blocks_(take(slots_ * 2 * halves(bn * (D + Dv)))),
+        owner_(static_cast<int64_t*>(std::malloc(sizeof(int64_t) * slots_))) {
+    if (owner_ == nullptr) throw std::bad_alloc();
+    std::fill(owner_, owner_ + slots_, int64_t{-1});
   }
-  pack_columns(staging, ld, D, ld, packed);
+  ~PackedKeyBlocks() { std::free(owner_); }
+  PackedKeyBlocks(const PackedKeyBlocks&) = delete;
+  PackedKeyBlocks& operator=(const PackedKeyBlocks&) = delete;
+
+  // The block of keys from k0 of (b, hk) of the sequence view s: all of them up to k0 + bn (or the
+  // sequence's end), whatever part a task uses, so every task can reuse it.
+  Block get(const ForwardArgs& s, int64_t b, int64_t hk, int64_t k0) {
+    const int64_t keys = std::min(bn_, s.p.seqlen_k - k0);
+    if (b != b_ || hk != hk_) {
+      std::fill(owner_, owner_ + slots_, int64_t{-1});
+      b_ = b;
+      hk_ = hk;
+    }
+    const int64_t slot = slots_ == 1 ? 0 : k0 / bn_;
+    Bf16* kt = blocks_ + slot * 2 * halves(bn_ * (D_ + Dv_));
+    Bf16* v = kt + bn_ * D_;
+    if (owner_[slot] != k0) {
+      const int64_t padded = round_up(keys, 16);
+      const Bf16Rows k_rows = bf16_rows(rows_, s.k, s.pages, b, hk, k0, keys, D_, false);
+      transpose_bf16(k_rows.data, k_rows.ld, keys, D_, staging_, padded);
+      for (int64_t d = 0; d < D_; ++d) std::fill(staging_ + d * padded + keys, staging_ + (d + 1) * padded, Bf16(0.f));
+      pack_columns(staging_, padded, D_, padded, kt);
+      const Bf16Rows v_rows = bf16_rows(rows_, s.v, s.pages, b, hk, k0, keys, Dv_, true);
+      pack_columns(v_rows.data, v_rows.ld, round_up(keys, 2), Dv_, v);
+      owner_[slot] = k0;
+    }
+    return {kt, v, keys};
+  }
+
+ private:
+  static int64_t halves(int64_t n) { return (n + 1) / 2; }  // floats holding n bf16
+  Bf16* take(int64_t n) { return reinterpret_cast<Bf16*>(scratch_.take(halves(n))); }
+
+  const int64_t D_, Dv_, bn_, slots_;
+  Scratch scratch_;
+  Bf16* const rows_;     // K or V rows that cannot be read in place
+  Bf16* const staging_;  // K^T before packing
+  Bf16* const blocks_;   // slots_ x (K^T packed, V packed)
+  int64_t* const owner_;  // the k0 of each slot's block, -1: none
+  int64_t b_ = -1, hk_ = -1;
+};
+
+// Online softmax over one key block for the rows of S (rows x ld, keys along rows; the AMX
+// path's orientation), scores mul * S: the same update as softmax_update, one query per row, with
+// P in place, keys past `keys` (up to a whole vector) hidden, and ATen's exp_u20 (P is rounded to
+// bf16 next). The per-row state is updated kVec rows at a time (rows <= kBlockM).
+inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys, float* row_max, float* row_sum,
+                                float* alpha, float mul) {
+  const int64_t padded = round_up(keys, kVec);
+  const Vec scale(mul);
+  float block_max[kBlockM] = {}, shift[kBlockM] = {}, block_sum[kBlockM] = {};  // rows past `rows`: unused
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * ld;
+    fill(row + keys, padded - keys, -kInf);
+    Vec m(-kInf);
+    for (int64_t j = 0; j < padded; j += kVec) m = at::vec::maximum(m, Vec::loadu(row + j));
+    block_max[i] = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, m) * mul;
+  }
+  for (int64_t i = 0; i < rows; i += kVec) {
+    const Vec old_max = Vec::loadu(row_max + i);
+    const Vec new_max = at::vec::maximum(old_max, Vec::loadu(block_max + i));
+    const Vec safe = Vec::blendv(new_max, Vec(0.f), new_max == Vec(-kInf));
+    safe.store(shift + i);
+    exp(old_max - safe).store(alpha + i);
+    new_max.store(row_max + i);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * ld;
+    const Vec row_shift(shift[i]);
+    Vec sum(0.f);
+    for (int64_t j = 0; j < padded; j += kVec) {
+      const Vec prob = at::vec::fmsub(Vec::loadu(row + j), scale, row_shift).exp_u20();
+      prob.store(row + j);
+      sum = sum + prob;
+    }
+    block_sum[i] = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, sum);
+  }
+  for (int64_t i = 0; i < rows; i += kVec)
+    at::vec::fmadd(Vec::loadu(row_sum + i), Vec::loadu(alpha + i), Vec::loadu(block_sum + i)).store(row_sum + i);
+}
+
+// One key block of a forward task on AMX tiles, in S's orientation (a query per row, which the
+// row-major bf16 P that brgemm takes as A needs): S = Q K^T from the packed block, scaled in the
+// softmax where no variant adds to the scaled scores (masks and windows only set -inf), else
+// first; then P rounded to bf16 and acc = alpha * acc + P V.
+inline void amx_key_block(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block, int64_t k0,
+                          int64_t keys, PackedKeyBlocks& key_blocks, const AmxBuffers& bf16, float* st, int64_t ld,
+                          float* acc, int64_t ld_acc, float* row_max, float* row_sum, float* alpha) {
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, cols = block.heads * block.rows;
+  const int64_t padded = round_up(keys, kVec);
+  const PackedKeyBlocks::Block kv = key_blocks.get(s, b, block.hk, k0);
+  // The products take the block as it was packed (all its keys): S's columns past `keys` are
+  // hidden by the softmax, and P V reads P's first keys only (padded to even with a zero column).
+  amx_gemm(cols, round_up(kv.keys, 16), D, bf16.q_rows, D, kv.kt, st, ld, false);
+  const Variants& v = p.variants;
+  const bool scale_in_softmax = v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
+  if (!scale_in_softmax)
+    for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * ld, padded, p.scale, nullptr);
+  auto head_tile = [&](int64_t g) {
+    return ScoreTile{st + g * block.rows * ld, ld, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
+  };
+  for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
+  softmax_update_rows(st, ld, cols, keys, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f);
+  if (v.dropout)
+    for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
+  for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, padded);
+  amx_gemm(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, round_up(kv.keys, 2));
+  for (int64_t i = 0; i < cols; ++i) {
+    const Vec a(alpha[i]);
+    for (int64_t c = 0; c < Dv; c += kVec)
+      at::vec::fmadd(Vec::loadu(acc + i * ld_acc + c), a, Vec::loadu(bf16.pv + i * Dv + c)).store(acc + i * ld_acc + c);
+  }
 }
 
 template <typename T>
@@ -207,6 +334,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   if constexpr (std::is_same_v<T, Bf16>) amx = amx_shapes(D, Dv) && amx_bf16_enabled();
   const int64_t BM = kBlockM, BN = amx ? kAmxBlockN : kBlockN;
   const std::unique_ptr<AmxBuffers> bf16 = amx ? std::make_unique<AmxBuffers>(D, Dv, BM, BN) : nullptr;
+  const std::unique_ptr<PackedKeyBlocks> key_blocks =
+      amx ? std::make_unique<PackedKeyBlocks>(D, Dv, BN, args.p.seqlen_k) : nullptr;
   Scratch scratch(Scratch::size_of({D * BM, BN * Dp, BN * Dvp, BN * BM, BM * Dvp, BM, BM, BM}));
   float* qt = scratch.take(D * BM);     // scale * Q^T (D x ld): the block's query rows as columns
                                         // (or, few queries, scale * Q: load_query_rows)
@@ -238,7 +367,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       load_query_rows<T>(qt, s.q, b, block, D, p.scale);
       fill(st, BN * ld, 0.f);  // the padding columns of S^T, which it does not write
     } else if (tiles) {
-      pack_queries_t(bf16->q_staging, bf16->q_packed, ld, s.q, b, block, D);
+      gather_query_rows(bf16->q_rows, s.q, b, block, D);
     } else {
       load_queries_t<T>(qt, ld, s.q, b, block, D, p.scale);
     }
@@ -250,64 +379,45 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     if (args.splits.keys != 0) {
       visible.begin = std::max(visible.begin, split * args.splits.keys);
       visible.end = std::min(visible.end, (split + 1) * args.splits.keys);
+    } else if (tiles) {  // whole blocks, so that tasks share their packed copies
+      visible.begin = visible.begin / BN * BN;
     }
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
       if (masked_for_every_head(p, b, block, k0, keys)) continue;
       prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
+      if (tiles) {
+        amx_key_block(p, s, b, block, k0, keys, *key_blocks, *bf16, st, BN, acc, Dvp, row_max, row_sum, alpha);
+        continue;
+      }
       // A tile that the window cuts is computed only where some query sees some key (tile.h,
       // banded products): a diagonal tile would cost twice its useful work.
-      const bool edge = !few && !tiles && block.heads == 1 && window_cuts(p, head_tile(0, k0, keys));
+      const bool edge = !few && block.heads == 1 && window_cuts(p, head_tile(0, k0, keys));
       const Band band{p, block.q0, k0};
-      Rows kr{}, vr{};
-      if (tiles) {  // S^T = K Q^T, scaled below
-        const Bf16Rows k_rows = bf16_rows(bf16->k_rows, s.k, s.pages, b, block.hk, k0, keys, D, false);
-        amx_gemm(keys, ld, D, k_rows.data, k_rows.ld, bf16->q_packed, st, ld, false);
-      } else {  // S^T = K (scale Q)^T
-        kr = key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
-        vr = key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
-        if (few)
-          scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);
-        else if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
-          gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, band.queries_seeing(), -kInf);
-        else
-          gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
-      }
-      // The AMX products leave the scale to apply: in the softmax where no variant adds to the
-      // scaled scores (masks and windows only set -inf), else first.
-      const Variants& v = p.variants;
-      const bool scale_in_softmax = tiles && v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
-      cap_scores(p, st, keys * ld, tiles && !scale_in_softmax ? p.scale : 1.f, nullptr);
-      for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
-      if (tiles)
-        softmax_update<true>(st, keys, ld, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f);
+      const Rows kr = key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
+      const Rows vr = key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
+      // S^T = K (scale Q)^T
+      if (few)
+        scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);
+      else if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
+        gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, band.queries_seeing(), -kInf);
       else
-        softmax_update(st, keys, ld, row_max, row_sum, alpha);
+        gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
+      cap_scores(p, st, keys * ld, 1.f, nullptr);
+      for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
+      softmax_update(st, keys, ld, row_max, row_sum, alpha);
       if (p.variants.dropout)
         for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g, k0, keys));
       // acc = alpha * acc + P V, with P read from P^T
-      if (tiles) {  // P (bf16, keys padded to even) times V packed, added to the rescaled acc
-        const int64_t keys_even = round_up(keys, 2);
-        const Bf16Rows v_rows = bf16_rows(bf16->v_rows, s.v, s.pages, b, block.hk, k0, keys, Dv, true);
-        pack_columns(v_rows.data, v_rows.ld, keys_even, Dv, bf16->v_packed);
-        transpose_to_bf16(st, ld, keys, cols, bf16->p_staging, bf16->p, keys_even);
-        amx_gemm(cols, Dv, keys_even, bf16->p, keys_even, bf16->v_packed, bf16->pv, Dv, false);
-        for (int64_t i = 0; i < cols; ++i) {
-          const Vec a(alpha[i]);
-          for (int64_t c = 0; c < Dv; c += kVec)
-            at::vec::fmadd(Vec::loadu(acc + i * Dvp + c), a, Vec::loadu(bf16->pv + i * Dv + c)).store(acc + i * Dvp + c);
-        }
-      } else {
-        for (int64_t i = 0; i < cols; ++i) {
-          if (alpha[i] == 1.f) continue;
-          const Vec a(alpha[i]);
-          for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
-        }
-        if (edge)  // for each kMR queries, the keys they may see
-          gemm_banded_depth(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, band.keys_seen());
-        else
-          gemm(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, true);
+      for (int64_t i = 0; i < cols; ++i) {
+        if (alpha[i] == 1.f) continue;
+        const Vec a(alpha[i]);
+        for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
       }
+      if (edge)  // for each kMR queries, the keys they may see
+        gemm_banded_depth(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, band.keys_seen());
+      else
+        gemm(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, true);
     }
 
     if (args.splits.keys != 0) {
