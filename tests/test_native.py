@@ -106,13 +106,14 @@ def test_portable_build_matches_vectorized(isa, dtype, vectorized):
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 2, 150, 130, 64, 64), (1, 2, 1, 70, 301, 128, 128), (1, 3, 3, 65, 64, 72, 48),
-                                   (2, 8, 2, 9, 67, 64, 32)],
-                         ids=["gqa", "head-dim-128", "head-dims-72-48", "heads-packed"])
+                                   (2, 8, 2, 9, 67, 64, 32), (2, 4, 2, 200, 1100, 64, 64), (1, 1, 1, 65, 33000, 128, 128)],
+                         ids=["gqa", "head-dim-128", "head-dims-72-48", "heads-packed", "key-blocks", "uncached"])
 def test_bf16_amx_products_match_the_oracle(monkeypatch, shape):
     """bf16 forwards and backwards on AMX tiles (csrc/cpu/amx.h): operands packed, P and dS rounded
     to bf16, keys and query rows padded to even (odd counts here), head dims past one 64-column
-    chunk, several heads' rows in one forward block, head dims the backward leaves to fp32 (72).
-    Against float64 math with every variant, and against the fp32 products."""
+    chunk, several heads' rows in one forward block, head dims the backward leaves to fp32 (72),
+    several 512-key blocks whose packed copies tasks share, and a sequence too long to keep them
+    (one block at a time). Against float64 math with every variant, and against the fp32 products."""
     if not cpu_backend.bf16_on_amx():
         pytest.skip("this CPU (or the build picked for it) has no AMX-BF16 products")
     keywords = dict(variant_keywords(shape[1], shape[3], shape[4]), causal=True, causal_alignment="bottom_right")

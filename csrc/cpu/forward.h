@@ -254,20 +254,26 @@ class PackedKeyBlocks {
 };
 
 // Online softmax over one key block for the rows of S (rows x ld, keys along rows; the AMX
-// path's orientation), scores mul * S: the same update as softmax_update, one query per row, with
-// P in place, keys past `keys` (up to a whole vector) hidden, and ATen's exp_u20 (P is rounded to
-// bf16 next). The per-row state is updated kVec rows at a time (rows <= kBlockM).
+// path's orientation), scores mul * S: the same update as softmax_update, one query per row, keys
+// past `keys` (up to a whole pair of vectors) hidden. P goes to `rounded` in bf16 (same ld) when
+// it is given, else stays in S as fp32 (for dropout, which is applied before rounding). ATen's
+// fexp_u20 (relative error ~1e-4) serves: P is rounded to bf16 (~4e-3) either way. The per-row
+// state is updated kVec rows at a time (rows <= kBlockM).
 inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys, float* row_max, float* row_sum,
-                                float* alpha, float mul) {
-  const int64_t padded = round_up(keys, kVec);
+                                float* alpha, float mul, Bf16* rounded) {
+  const int64_t padded = round_up(keys, 2 * kVec);
   const Vec scale(mul);
   float block_max[kBlockM] = {}, shift[kBlockM] = {}, block_sum[kBlockM] = {};  // rows past `rows`: unused
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
     fill(row + keys, padded - keys, -kInf);
-    Vec m(-kInf);
-    for (int64_t j = 0; j < padded; j += kVec) m = at::vec::maximum(m, Vec::loadu(row + j));
-    block_max[i] = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, m) * mul;
+    // Two maxima in flight: each step of at::vec::maximum waits on the last (NaN-propagating).
+    Vec m0(-kInf), m1(-kInf);
+    for (int64_t j = 0; j < padded; j += 2 * kVec) {
+      m0 = at::vec::maximum(m0, Vec::loadu(row + j));
+      m1 = at::vec::maximum(m1, Vec::loadu(row + j + kVec));
+    }
+    block_max[i] = lane_max(at::vec::maximum(m0, m1)) * mul;
   }
   for (int64_t i = 0; i < rows; i += kVec) {
     const Vec old_max = Vec::loadu(row_max + i);
@@ -281,12 +287,18 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
     float* row = s + i * ld;
     const Vec row_shift(shift[i]);
     Vec sum(0.f);
-    for (int64_t j = 0; j < padded; j += kVec) {
-      const Vec prob = at::vec::fmsub(Vec::loadu(row + j), scale, row_shift).exp_u20();
-      prob.store(row + j);
-      sum = sum + prob;
+    for (int64_t j = 0; j < padded; j += 2 * kVec) {
+      const Vec p0 = at::vec::fmsub(Vec::loadu(row + j), scale, row_shift).fexp_u20();
+      const Vec p1 = at::vec::fmsub(Vec::loadu(row + j + kVec), scale, row_shift).fexp_u20();
+      sum = sum + p0 + p1;
+      if (rounded != nullptr) {
+        at::vec::convert_from_float<Bf16>(p0, p1).store(rounded + i * ld + j);
+      } else {
+        p0.store(row + j);
+        p1.store(row + j + kVec);
+      }
     }
-    block_sum[i] = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, sum);
+    block_sum[i] = lane_sum(sum);
   }
   for (int64_t i = 0; i < rows; i += kVec)
     at::vec::fmadd(Vec::loadu(row_sum + i), Vec::loadu(alpha + i), Vec::loadu(block_sum + i)).store(row_sum + i);
@@ -300,11 +312,13 @@ inline void amx_key_block(const Problem& p, const ForwardArgs& s, int64_t b, con
                           int64_t keys, PackedKeyBlocks& key_blocks, const AmxBuffers& bf16, float* st, int64_t ld,
                           float* acc, int64_t ld_acc, float* row_max, float* row_sum, float* alpha) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, cols = block.heads * block.rows;
-  const int64_t padded = round_up(keys, kVec);
+  const int64_t padded = round_up(keys, kVec);  // what cap_scores reads and writes
   const PackedKeyBlocks::Block kv = key_blocks.get(s, b, block.hk, k0);
-  // The products take the block as it was packed (all its keys): S's columns past `keys` are
-  // hidden by the softmax, and P V reads P's first keys only (padded to even with a zero column).
-  amx_gemm(cols, round_up(kv.keys, 16), D, bf16.q_rows, D, kv.kt, st, ld, false);
+  // The products read the block as it was packed (all its keys): S = Q K^T over the 64-column
+  // chunks that hold `keys` (a chunk as packed, or the narrower last one), whose columns past
+  // `keys` the softmax hides; P V over P's first keys (padded to even with a zero column).
+  const int64_t width = std::min(round_up(keys, kAmxMaxN), round_up(kv.keys, 16));
+  amx_gemm(cols, width, D, bf16.q_rows, D, kv.kt, st, ld, false);
   const Variants& v = p.variants;
   const bool scale_in_softmax = v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
   if (!scale_in_softmax)
@@ -313,10 +327,12 @@ inline void amx_key_block(const Problem& p, const ForwardArgs& s, int64_t b, con
     return ScoreTile{st + g * block.rows * ld, ld, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
   };
   for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
-  softmax_update_rows(st, ld, cols, keys, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f);
-  if (v.dropout)
+  softmax_update_rows(st, ld, cols, keys, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f,
+                      v.dropout ? nullptr : bf16.p);
+  if (v.dropout) {
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
-  for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, padded);
+    for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, round_up(keys, 2 * kVec));
+  }
   amx_gemm(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, round_up(kv.keys, 2));
   for (int64_t i = 0; i < cols; ++i) {
     const Vec a(alpha[i]);

@@ -222,6 +222,34 @@ inline Vec lane_sums(const Vec (&v)[kVec]) {
 #endif
 }
 
+// The largest and the sum of one vector's lanes (a NaN lane gives NaN).
+inline float lane_max(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0) return std::numeric_limits<float>::quiet_NaN();
+  return _mm512_reduce_max_ps(v);
+#else
+  float lanes[kVec], m = -kInf;
+  v.store(lanes);
+  bool nan = false;
+  for (int64_t l = 0; l < kVec; ++l) {
+    nan = nan || std::isnan(lanes[l]);
+    m = std::max(m, lanes[l]);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+#endif
+}
+inline float lane_sum(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#else
+  float lanes[kVec];
+  v.store(lanes);
+  float sum = 0.f;
+  for (int64_t l = 0; l < kVec; ++l) sum += lanes[l];
+  return sum;
+#endif
+}
+
 // kCols queries (a power of two, >= cols) and kVec / kCols keys per step, one accumulator each.
 // k: key rows (ldk apart, D a multiple of kVec), q: the queries' rows (kCols x D, rows past cols
 // zero). A short last step rereads the last key instead of reading past the block.
