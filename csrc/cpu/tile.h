@@ -140,6 +140,8 @@ inline void gemm_panel(int64_t M, int64_t K, const float* a, int64_t a_rs, int64
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   int64_t j = 0;
+  if constexpr (kVec == 16)
+    for (; j + 4 * kVec <= N; j += 4 * kVec) gemm_panel<4>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc, accumulate);
   for (; j + 2 * kVec <= N; j += 2 * kVec) gemm_panel<2>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc, accumulate);
   if (j < N) gemm_panel<1>(M, K, a, a_rs, a_cs, b + j, ldb, c + j, ldc, accumulate);
 }
