@@ -2,7 +2,7 @@
 
 Run from the repository root (``make bench`` on a machine without a GPU runs this)::
 
-    python -m benchmarks.bench_cpu            # full sweep, about 10 minutes on 2 cores
+    python -m benchmarks.bench_cpu            # full sweep, 3 to 10 minutes on 2 cores
     python -m benchmarks.bench_cpu --quick    # a few rows, to check that everything runs
 
 Speed: fused_attn (backend="cpu") vs torch SDPA with its default CPU choice (the flash kernel)
