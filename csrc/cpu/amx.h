@@ -84,14 +84,12 @@ inline void round_rows(const float* src, int64_t rows, int64_t rows_even, int64_
 class AmxBuffers {
  public:
   AmxBuffers(int64_t D, int64_t Dv, int64_t bm, int64_t bn)
-      : scratch_(Scratch::size_of({halves(bm * D), halves(bm * bn), bm * Dv})),
-        q_rows(take(bm * D)),
-        p(take(bm * bn)),
+      : scratch_(Scratch::size_of({Scratch::halves(bm * D), Scratch::halves(bm * bn), bm * Dv})),
+        q_rows(scratch_.take_halves(bm * D)),
+        p(scratch_.take_halves(bm * bn)),
         pv(scratch_.take(bm * Dv)) {}
 
  private:
-  static int64_t halves(int64_t n) { return (n + 1) / 2; }  // floats holding n bf16
-  Bf16* take(int64_t n) { return reinterpret_cast<Bf16*>(scratch_.take(halves(n))); }
   Scratch scratch_;
 
  public:
@@ -106,25 +104,28 @@ class AmxBuffers {
 class AmxBackwardBuffers {
  public:
   AmxBackwardBuffers(int64_t D, int64_t Dv, int64_t bm, int64_t bn)
-      : scratch_(Scratch::size_of({halves(bn * std::max(D, Dv)), halves(D * bn), halves(D * bn), halves(Dv * bn),
-                                   halves(Dv * bn), halves(bn * D), halves(bm * D), halves(bm * D), halves(bm * Dv), halves(bm * Dv),
-                                   halves(bm * bn), halves(bn * bm)})),
-        k_rows(take(bn * std::max(D, Dv))),
-        kt_staging(take(D * bn)),
-        kt_packed(take(D * bn)),
-        vt_staging(take(Dv * bn)),
-        vt_packed(take(Dv * bn)),
-        k_packed(take(bn * D)),
-        q_rows(take(bm * D)),
-        q_packed(take(bm * D)),
-        do_rows(take(bm * Dv)),
-        do_packed(take(bm * Dv)),
-        staging(take(bm * bn)),
-        transposed(take(bn * bm)) {}
+      : scratch_(floats_for({bn * std::max(D, Dv), D * bn, D * bn, Dv * bn, Dv * bn, bn * D, bm * D, bm * D, bm * Dv,
+                            bm * Dv, bm * bn, bn * bm})),
+        k_rows(scratch_.take_halves(bn * std::max(D, Dv))),
+        kt_staging(scratch_.take_halves(D * bn)),
+        kt_packed(scratch_.take_halves(D * bn)),
+        vt_staging(scratch_.take_halves(Dv * bn)),
+        vt_packed(scratch_.take_halves(Dv * bn)),
+        k_packed(scratch_.take_halves(bn * D)),
+        q_rows(scratch_.take_halves(bm * D)),
+        q_packed(scratch_.take_halves(bm * D)),
+        do_rows(scratch_.take_halves(bm * Dv)),
+        do_packed(scratch_.take_halves(bm * Dv)),
+        staging(scratch_.take_halves(bm * bn)),
+        transposed(scratch_.take_halves(bn * bm)) {}
 
  private:
-  static int64_t halves(int64_t n) { return (n + 1) / 2; }  // floats holding n bf16
-  Bf16* take(int64_t n) { return reinterpret_cast<Bf16*>(scratch_.take(halves(n))); }
+  // Scratch floats for bf16 tiles of these sizes.
+  static int64_t floats_for(std::initializer_list<int64_t> tiles) {
+    int64_t total = 0;
+    for (int64_t n : tiles) total += Scratch::size_of({Scratch::halves(n)});
+    return total;
+  }
   Scratch scratch_;
 
  public:

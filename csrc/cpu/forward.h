@@ -203,10 +203,12 @@ class PackedKeyBlocks {
   PackedKeyBlocks(int64_t D, int64_t Dv, int64_t bn, int64_t seqlen_k)
       : D_(D), Dv_(Dv), bn_(bn),
         slots_(2 * seqlen_k * (D + Dv) <= kMaxBytes ? std::max<int64_t>(1, ceil_div(seqlen_k, bn)) : 1),
-        scratch_(Scratch::size_of({halves(bn * std::max(D, Dv)), halves(D * bn), slots_ * halves(bn * (D + Dv))})),
-        rows_(take(bn * std::max(D, Dv))),
-        staging_(take(D * bn)),
-        blocks_(take(slots_ * 2 * halves(bn * (D + Dv)))),
+        slot_size_(round_up(bn * (D + Dv), 2)),
+        scratch_(Scratch::size_of({Scratch::halves(bn * std::max(D, Dv)), Scratch::halves(D * bn),
+                                   Scratch::halves(slots_ * slot_size_)})),
+        rows_(scratch_.take_halves(bn * std::max(D, Dv))),
+        staging_(scratch_.take_halves(D * bn)),
+        blocks_(scratch_.take_halves(slots_ * slot_size_)),
         owner_(static_cast<int64_t*>(std::malloc(sizeof(int64_t) * slots_))) {
     if (owner_ == nullptr) throw std::bad_alloc();
     std::fill(owner_, owner_ + slots_, int64_t{-1});
@@ -225,7 +227,7 @@ class PackedKeyBlocks {
       hk_ = hk;
     }
     const int64_t slot = slots_ == 1 ? 0 : k0 / bn_;
-    Bf16* kt = blocks_ + slot * 2 * halves(bn_ * (D_ + Dv_));
+    Bf16* kt = blocks_ + slot * slot_size_;
     Bf16* v = kt + bn_ * D_;
     if (owner_[slot] != k0) {
       const int64_t padded = round_up(keys, 16);
@@ -241,10 +243,8 @@ class PackedKeyBlocks {
   }
 
  private:
-  static int64_t halves(int64_t n) { return (n + 1) / 2; }  // floats holding n bf16
-  Bf16* take(int64_t n) { return reinterpret_cast<Bf16*>(scratch_.take(halves(n))); }
-
   const int64_t D_, Dv_, bn_, slots_;
+  const int64_t slot_size_;  // bf16 of one block's K^T and V
   Scratch scratch_;
   Bf16* const rows_;     // K or V rows that cannot be read in place
   Bf16* const staging_;  // K^T before packing

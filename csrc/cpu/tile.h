@@ -30,6 +30,9 @@ class Scratch {
     used_ += round_up(floats, 16);
     return tile;
   }
+  // Tiles of 2-byte elements (bf16): n of them in halves(n) floats.
+  static int64_t halves(int64_t n) { return (n + 1) / 2; }
+  c10::BFloat16* take_halves(int64_t n) { return reinterpret_cast<c10::BFloat16*>(take(halves(n))); }
   static int64_t size_of(std::initializer_list<int64_t> tiles) {
     int64_t total = 0;
     for (int64_t t : tiles) total += round_up(t, 16);
