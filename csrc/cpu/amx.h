@@ -47,14 +47,17 @@ inline bool amx_backward_shapes(int64_t D, int64_t Dv) { return D % 16 == 0 && D
 inline bool bf16_backward_on_amx(int64_t D, int64_t Dv) { return amx_backward_shapes(D, Dv) && amx_bf16_enabled(); }
 
 // C (M x N, ldc) [+]= A (M x K, lda) * packed B, N in chunks of at most kAmxMaxN columns as
-// pack_columns wrote them: chunk c0 of B lies at packed + c0 * packed_depth, and its first K rows
-// (K <= packed_depth, even) are used. N must be the width B was packed with.
+// pack_columns wrote them: chunk c0 of B lies at packed + c0 * packed_depth, and rows
+// [first, first + K) of it are used (first and K even, first + K <= packed_depth; in the VNNI
+// layout row pair r / 2 of an n-column chunk starts n * r elements in). N must be the width B was
+// packed with, or a whole number of chunks of it.
 inline void amx_gemm(int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda, const Bf16* packed, float* c,
-                     int64_t ldc, bool accumulate, int64_t packed_depth = 0) {
+                     int64_t ldc, bool accumulate, int64_t packed_depth = 0, int64_t first = 0) {
   if (packed_depth == 0) packed_depth = K;
   for (int64_t c0 = 0; c0 < N; c0 += kAmxMaxN) {
     const int64_t n = std::min(kAmxMaxN, N - c0);
-    at::native::cpublas::brgemm(M, n, K, lda, n, ldc, accumulate, a, packed + c0 * packed_depth, c + c0, true);
+    at::native::cpublas::brgemm(M, n, K, lda, n, ldc, accumulate, a, packed + c0 * packed_depth + first * n, c + c0,
+                                true);
   }
 }
 

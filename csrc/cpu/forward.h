@@ -307,33 +307,39 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
 // One key block of a forward task on AMX tiles, in S's orientation (a query per row, which the
 // row-major bf16 P that brgemm takes as A needs): S = Q K^T from the packed block, scaled in the
 // softmax where no variant adds to the scaled scores (masks and windows only set -inf), else
-// first; then P rounded to bf16 and acc = alpha * acc + P V.
+// first; then P rounded to bf16 and acc = alpha * acc + P V. The block holds keys
+// [k0, k0 + keys); `from` is the first of them that a query of the block may see (a window's left
+// edge), and the work starts at the 64-key chunk that holds it.
 inline void amx_key_block(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block, int64_t k0,
-                          int64_t keys, PackedKeyBlocks& key_blocks, const AmxBuffers& bf16, float* st, int64_t ld,
-                          float* acc, int64_t ld_acc, float* row_max, float* row_sum, float* alpha) {
+                          int64_t keys, int64_t from, PackedKeyBlocks& key_blocks, const AmxBuffers& bf16, float* st,
+                          int64_t ld, float* acc, int64_t ld_acc, float* row_max, float* row_sum, float* alpha) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, cols = block.heads * block.rows;
-  const int64_t padded = round_up(keys, kVec);  // what cap_scores reads and writes
   const PackedKeyBlocks::Block kv = key_blocks.get(s, b, block.hk, k0);
-  // The products read the block as it was packed (all its keys): S = Q K^T over the 64-column
-  // chunks that hold `keys` (a chunk as packed, or the narrower last one), whose columns past
-  // `keys` the softmax hides; P V over P's first keys (padded to even with a zero column).
-  const int64_t width = std::min(round_up(keys, kAmxMaxN), round_up(kv.keys, 16));
-  amx_gemm(cols, width, D, bf16.q_rows, D, kv.kt, st, ld, false);
+  // The products read the block as it was packed (all its keys) from chunk `skip` on: S = Q K^T
+  // over the 64-column chunks that hold keys [skip, keys) (a chunk as packed, or the narrower
+  // last one), whose columns past `keys` the softmax hides; P V over those keys of P (padded to
+  // even with a zero column). Below, the tile is that of keys [k0 + skip, k0 + keys).
+  const int64_t skip = std::max<int64_t>(0, from - k0) / kAmxMaxN * kAmxMaxN;
+  const int64_t width = std::min(round_up(keys, kAmxMaxN), round_up(kv.keys, 16)) - skip;
+  const int64_t n = keys - skip, padded = round_up(n, kVec);
+  float* s_tile = st + skip;
+  amx_gemm(cols, width, D, bf16.q_rows, D, kv.kt + skip * D, s_tile, ld, false);
   const Variants& v = p.variants;
   const bool scale_in_softmax = v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
   if (!scale_in_softmax)
-    for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * ld, padded, p.scale, nullptr);
+    for (int64_t i = 0; i < cols; ++i) cap_scores(p, s_tile + i * ld, padded, p.scale, nullptr);
   auto head_tile = [&](int64_t g) {
-    return ScoreTile{st + g * block.rows * ld, ld, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
+    return ScoreTile{s_tile + g * block.rows * ld, ld, 1, b, block.h0 + g, block.q0, block.rows, k0 + skip, n};
   };
   for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
-  softmax_update_rows(st, ld, cols, keys, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f,
-                      v.dropout ? nullptr : bf16.p);
+  Bf16* p_tile = bf16.p + skip;
+  softmax_update_rows(s_tile, ld, cols, n, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f,
+                      v.dropout ? nullptr : p_tile);
   if (v.dropout) {
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
-    for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, round_up(keys, 2 * kVec));
+    for (int64_t i = 0; i < cols; ++i) at::vec::convert(s_tile + i * ld, p_tile + i * ld, round_up(n, 2 * kVec));
   }
-  amx_gemm(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, round_up(kv.keys, 2));
+  amx_gemm(cols, Dv, round_up(n, 2), p_tile, ld, kv.v, bf16.pv, Dv, false, round_up(kv.keys, 2), skip);
   for (int64_t i = 0; i < cols; ++i) {
     const Vec a(alpha[i]);
     for (int64_t c = 0; c < Dv; c += kVec)
@@ -395,15 +401,16 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     if (args.splits.keys != 0) {
       visible.begin = std::max(visible.begin, split * args.splits.keys);
       visible.end = std::min(visible.end, (split + 1) * args.splits.keys);
-    } else if (tiles) {  // whole blocks, so that tasks share their packed copies
-      visible.begin = visible.begin / BN * BN;
     }
+    const int64_t first_visible = visible.begin;
+    if (tiles && args.splits.keys == 0) visible.begin = visible.begin / BN * BN;  // whole blocks, shared by tasks
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
       if (masked_for_every_head(p, b, block, k0, keys)) continue;
       prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
       if (tiles) {
-        amx_key_block(p, s, b, block, k0, keys, *key_blocks, *bf16, st, BN, acc, Dvp, row_max, row_sum, alpha);
+        amx_key_block(p, s, b, block, k0, keys, first_visible, *key_blocks, *bf16, st, BN, acc, Dvp, row_max, row_sum,
+                      alpha);
         continue;
       }
       // A tile that the window cuts is computed only where some query sees some key (tile.h,
