@@ -12,16 +12,26 @@
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  l' = l exp(m - m') + sum_j p_j.
 // S^T is overwritten with P^T, and alpha = exp(m - m') is left for rescaling the accumulator.
 // A column with nothing visible yet keeps m = -inf; using 0 in its place keeps exp() at 0
-// instead of exp(-inf + inf) = NaN.
-inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float* row_sum, float* alpha) {
+// instead of exp(-inf + inf) = NaN. With a band (a tile the window cuts), each kVec columns
+// work only on the keys some of them may see, and set P = 0 on the rest (hidden: exp(-inf)).
+inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float* row_sum, float* alpha,
+                           const Band* band = nullptr) {
   for (int64_t c = 0; c < cols; c += kVec) {
+    int64_t lo = 0, hi = keys;
+    if (band != nullptr) {
+      const auto [first, last] = band->keys_seen()(c, kVec);
+      lo = std::clamp<int64_t>(first, 0, keys);
+      hi = std::clamp<int64_t>(last, lo, keys);
+      for (int64_t j = 0; j < lo; ++j) Vec(0.f).store(st + j * cols + c);
+      for (int64_t j = hi; j < keys; ++j) Vec(0.f).store(st + j * cols + c);
+    }
     Vec block_max(-kInf);
-    for (int64_t j = 0; j < keys; ++j) block_max = at::vec::maximum(block_max, Vec::loadu(st + j * cols + c));
+    for (int64_t j = lo; j < hi; ++j) block_max = at::vec::maximum(block_max, Vec::loadu(st + j * cols + c));
     const Vec old_max = Vec::loadu(row_max + c);
     const Vec new_max = at::vec::maximum(old_max, block_max);
     const Vec shift = Vec::blendv(new_max, Vec(0.f), new_max == Vec(-kInf));
     Vec sum(0.f);
-    for (int64_t j = 0; j < keys; ++j) {
+    for (int64_t j = lo; j < hi; ++j) {
       const Vec prob = exp(Vec::loadu(st + j * cols + c) - shift);
       prob.store(st + j * cols + c);
       sum = sum + prob;
@@ -71,19 +81,18 @@ inline void store_partials(const ForwardArgs& args, int64_t b, const QueryBlock&
     }
 }
 
-// scale * Q^T of the block (D x ld), zero in the columns past its queries.
+// scale * Q^T of the block (D x ld), zero in the columns past its queries: the rows converted and
+// scaled into `rows` (cols x D), then transposed (ATen's 16 x 16 AVX-512 transposes in that
+// build), which reads Q once along its rows instead of once per column.
 template <typename T>
-void load_queries_t(float* qt, int64_t ld, const Strided& q, int64_t b, const QueryBlock& block, int64_t D,
-                    float scale) {
+void load_queries_t(float* qt, int64_t ld, float* rows, const Strided& q, int64_t b, const QueryBlock& block,
+                    int64_t D, float scale) {
   const int64_t cols = block.heads * block.rows;
-  for (int64_t d = 0; d < D; ++d) {
-    float* dst = qt + d * ld;
-    for (int64_t g = 0; g < block.heads; ++g) {
-      const T* src = at_row<T>(q, b, block.h0 + g, block.q0) + d * q.col;
-      for (int64_t i = 0; i < block.rows; ++i) dst[g * block.rows + i] = static_cast<float>(src[i * q.row]) * scale;
-    }
-    fill(dst + cols, ld - cols, 0.f);
-  }
+  for (int64_t g = 0; g < block.heads; ++g)
+    load_tile(rows + g * block.rows * D, D, at_row<T>(q, b, block.h0 + g, block.q0), q.row, q.col, block.rows, D,
+              scale);
+  at::vec::transpose_mxn<float>(rows, D, qt, ld, static_cast<int>(cols), static_cast<int>(D));
+  for (int64_t d = 0; d < D; ++d) fill(qt + d * ld + cols, ld - cols, 0.f);
 }
 
 // scale * Q of the block as rows (kVec x D) for scores_of_few_queries: row c is column c of
@@ -391,7 +400,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     } else if (tiles) {
       gather_query_rows(bf16->q_rows, s.q, b, block, D);
     } else {
-      load_queries_t<T>(qt, ld, s.q, b, block, D, p.scale);
+      load_queries_t<T>(qt, ld, kb, s.q, b, block, D, p.scale);  // kb: free until the key loop
     }
     fill(row_max, ld, -kInf);
     fill(row_sum, ld, 0.f);
@@ -428,7 +437,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
       cap_scores(p, st, keys * ld, 1.f, nullptr);
       for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
-      softmax_update(st, keys, ld, row_max, row_sum, alpha);
+      softmax_update(st, keys, ld, row_max, row_sum, alpha, edge ? &band : nullptr);
       if (p.variants.dropout)
         for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g, k0, keys));
       // acc = alpha * acc + P V, with P read from P^T
