@@ -17,7 +17,8 @@
 // softcap * tanh(x / softcap)); hidden keys have S = -inf, so P = dS = 0 there. Pass 1 works on
 // S^T (queries as columns, like the forward); pass 2 on S (keys as columns), so each pass packs
 // its fixed operand transposed once per task. Every task works inside one sequence (params.h,
-// sequence): packed sequences are never padded.
+// sequence): packed sequences are never padded. bf16 on an AMX CPU takes the five products of
+// the key-block backward on AMX tiles (amx.h) and always the one-pass schedule.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
 // lse as the backward uses it: rows that saw no key have lse = -inf; +inf makes every
@@ -182,9 +183,6 @@ inline void add_bias_grad(const Strided& dbias, const float* grad, int64_t b, in
   }
 }
 
-// Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query
-// heads and the query blocks that see the block. With dq != nullptr (the one-pass schedule) also
-// dQ += dS K for those rows, dq being the group's (G x Lq x Dp) fp32 accumulator.
 // The key block's fixed operands for the AMX products: K^T and V^T packed (zero past the
 // block's keys), and K packed (keys padded to even) when dQ is summed here too.
 inline void pack_key_block(const BackwardArgs& args, int64_t b, int64_t hk, int64_t k0, int64_t keys, bool with_k,
@@ -200,6 +198,9 @@ inline void pack_key_block(const BackwardArgs& args, int64_t b, int64_t hk, int6
   }
 }
 
+// Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query
+// heads and the query blocks that see the block. With dq != nullptr (the one-pass schedule) also
+// dQ += dS K for those rows, dq being the group's (G x Lq x Dp) fp32 accumulator.
 // amx: the bf16 products on AMX tiles (amx.h; bf16 inputs only), with P and dS rounded to bf16.
 template <typename T>
 void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t k0, const KeyBlockScratch& t,

@@ -5,7 +5,9 @@
 // Scores are computed transposed, S^T = K (scale Q)^T, so that each query is a column: the
 // online softmax then runs along columns with one vector holding kVec queries' running max and
 // sum, and Q^T is packed once per task while K and V are read block by block as rows (through
-// the page table of a paged KV cache).
+// the page table of a paged KV cache). bf16 on an AMX CPU (amx.h) computes S itself, a query per
+// row, because brgemm takes the bf16 P it multiplies with V as row-major A: S = Q K^T from K^T
+// blocks of 512 keys packed once per thread, a row softmax, P rounded to bf16 rows.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
 // Online softmax over one key block, for the `cols` query columns of S^T (keys x cols):
