@@ -182,6 +182,10 @@ def _host_checks_skipped(device: torch.device) -> bool:
     return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+# Block tables up to this many entries are checked in Python on the host (_check_capacity).
+_SMALL_TABLE = 4096
+
+
 def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor]) -> None:
     """Every sequence must fit its cache; pages must exist. One device-to-host transfer (a sync on
     GPUs), skipped where _host_checks_skipped says so."""
@@ -193,6 +197,12 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
     if block_table is None:
         lengths = seqlens.tolist()  # B ints: cheaper than reducing them on the device first
         shortest, longest, page_range = min(lengths), max(lengths) + new_tokens, ()
+    elif block_table.device.type == "cpu" and block_table.numel() <= _SMALL_TABLE:
+        # A small table on the host: Python over its rows beats ten small tensor ops (~40 us).
+        lengths = seqlens.tolist()
+        shortest, longest = min(lengths), max(lengths) + new_tokens
+        needed = [page for row, n in zip(block_table.tolist(), lengths) for page in row[:-(-(n + new_tokens) // page_size)]]
+        page_range = (min(needed), max(needed)) if needed else ()
     else:
         lengths = seqlens.long() + new_tokens
         used = -(-lengths // page_size)  # pages each sequence needs
