@@ -130,6 +130,21 @@ def test_bf16_amx_products_match_the_oracle(monkeypatch, shape):
     assert_close_each(on_tiles, run(q, k, v, dout, **keywords), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_inputs_give_nan_rows(dtype):
+    """A NaN in a query row makes that row's output NaN, and a NaN in a key row every row that
+    sees it (with causal, the rows from its position on): never a finite answer from NaN input,
+    whichever products and exp (the AMX path's fast one included) the call takes."""
+    q, k, v = random_qkv(1, 2, 2, 150, 150, 64, 64, dtype, "cpu")
+    q[0, 1, 5, 3] = float("nan")
+    k[0, 0, 100, 7] = float("nan")
+    out = fused_attn.attention(q, k, v, causal=True, backend="cpu")
+    rows_with_nan = out.isnan().any(-1)[0]
+    assert rows_with_nan[1].nonzero().flatten().tolist() == [5]
+    assert rows_with_nan[0].nonzero().flatten().tolist() == list(range(100, 150))
+    assert out[0, 0, :100].isfinite().all() and out[0, 1, :5].isfinite().all()
+
+
 @pytest.mark.parametrize("variants", [False, True], ids=["causal", "variants"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 300, 333), (2, 6, 2, 200, 150), (1, 4, 4, 129, 500)],
                          ids=["one-kv-head", "gqa", "mha"])

@@ -30,7 +30,9 @@ constexpr bool kAmxBuild = false;
 // (read at every call, like FUSED_ATTN_CPU_ISA), for comparing the two and for tests.
 inline bool amx_bf16_enabled() {
   if (!kAmxBuild) return false;
-  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  // (forward.h softmax_update_rows also takes AVX512-BF16 for granted: every AMX-BF16 CPU has it)
+  static const bool available =
+      at::native::cpublas::could_pack(at::kBFloat16) && __builtin_cpu_supports("avx512bf16");
   const char* env = std::getenv("FUSED_ATTN_CPU_AMX");
   return available && !(env != nullptr && std::string(env) == "0");
 }
