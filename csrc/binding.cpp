@@ -6,7 +6,7 @@
 //   cpu_kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, out!, lse!, scale, window_left,
 //                       window_right, softcap, alibi_slopes)                 decoding against a KV cache
 //   cpu_isa() -> str       which kernels the next call runs: "avx512", "avx2" or "portable"
-//   cpu_bf16_on_amx() -> bool   whether their bf16 forward products run on AMX tiles
+//   cpu_bf16_on_amx() -> bool   whether their bf16 products run on AMX tiles
 //
 // Outputs are passed in (allocated by fused_attn/backends/cpu_backend.py), so their layout follows
 // fused_attn/layout.py in one place. The ops are called inside the opaque custom ops

@@ -79,6 +79,15 @@ inline void transpose_bf16(const Bf16* src, int64_t ld_src, int64_t rows, int64_
                                    std::min<int64_t>(32, rows - i), std::min<int64_t>(32, cols - j));
 }
 
+// B = R^T (dim x width, zero in its columns past n) packed for amx_gemm, R being n rows of dim
+// (ld apart), through `staging` (dim x width).
+inline void pack_transposed(const Bf16* rows, int64_t ld, int64_t n, int64_t dim, int64_t width, Bf16* staging,
+                            Bf16* packed) {
+  transpose_bf16(rows, ld, n, dim, staging, width);
+  for (int64_t d = 0; d < dim; ++d) std::fill(staging + d * width + n, staging + (d + 1) * width, Bf16(0.f));
+  pack_columns(staging, width, dim, width, packed);
+}
+
 // rows x cols of an fp32 tile (ld) rounded to bf16 into dst (ld), plus zero rows up to rows_even.
 inline void round_rows(const float* src, int64_t rows, int64_t rows_even, int64_t ld, Bf16* dst) {
   at::vec::convert(src, dst, rows * ld);
@@ -98,7 +107,7 @@ class AmxBuffers {
   Scratch scratch_;
 
  public:
-  Bf16* const q_rows;  // the block's query rows (cols x D)
+  Bf16* const q_rows;  // the block's query rows (cols x D), where they cannot be read in place
   Bf16* const p;       // P rounded to bf16 (cols x bn)
   float* const pv;     // P V of the block (cols x Dv), before it joins the accumulator
 };
@@ -109,12 +118,11 @@ class AmxBuffers {
 class AmxBackwardBuffers {
  public:
   AmxBackwardBuffers(int64_t D, int64_t Dv, int64_t bm, int64_t bn)
-      : scratch_(floats_for({bn * std::max(D, Dv), D * bn, D * bn, Dv * bn, Dv * bn, bn * D, bm * D, bm * D, bm * Dv,
-                            bm * Dv, bm * bn, bn * bm})),
+      : scratch_(floats_for({bn * std::max(D, Dv), std::max(D, Dv) * bn, D * bn, Dv * bn, bn * D, bm * D, bm * D,
+                            bm * Dv, bm * Dv, bm * bn, bn * bm})),
         k_rows(scratch_.take_halves(bn * std::max(D, Dv))),
-        kt_staging(scratch_.take_halves(D * bn)),
+        transpose_staging(scratch_.take_halves(std::max(D, Dv) * bn)),
         kt_packed(scratch_.take_halves(D * bn)),
-        vt_staging(scratch_.take_halves(Dv * bn)),
         vt_packed(scratch_.take_halves(Dv * bn)),
         k_packed(scratch_.take_halves(bn * D)),
         q_rows(scratch_.take_halves(bm * D)),
@@ -134,11 +142,10 @@ class AmxBackwardBuffers {
   Scratch scratch_;
 
  public:
-  Bf16* const k_rows;      // K or V rows of the key block, where they cannot be read in place
-  Bf16* const kt_staging;  // K^T (D x bn), zero past the block's keys, then
-  Bf16* const kt_packed;   // packed: S = Q K^T
-  Bf16* const vt_staging;  // V^T (Dv x bn), likewise: dP = dO V^T
-  Bf16* const vt_packed;
+  Bf16* const k_rows;             // K or V rows of the key block, where they cannot be read in place
+  Bf16* const transpose_staging;  // K^T or V^T before packing (pack_transposed)
+  Bf16* const kt_packed;          // K^T (D x bn, zero past the block's keys) packed: S = Q K^T
+  Bf16* const vt_packed;          // V^T likewise: dP = dO V^T
   Bf16* const k_packed;    // K (keys padded to even x D) packed: dQ += dS K
   Bf16* const q_rows;      // Q rows (with a zero row when their count is odd), then
   Bf16* const q_packed;    // packed: dK += dS^T Q

@@ -187,15 +187,12 @@ inline void add_bias_grad(const Strided& dbias, const float* grad, int64_t b, in
 // block's keys), and K packed (keys padded to even) when dQ is summed here too.
 inline void pack_key_block(const BackwardArgs& args, int64_t b, int64_t hk, int64_t k0, int64_t keys, bool with_k,
                            const AmxBackwardBuffers& amx) {
-  const int64_t BN = kBlockN, D = args.p.head_dim, Dv = args.p.head_dim_v;
-  for (const auto& [rows, dim, staging, packed] :
-       {std::tuple{&args.k, D, amx.kt_staging, amx.kt_packed}, std::tuple{&args.v, Dv, amx.vt_staging, amx.vt_packed}}) {
-    const Bf16Rows r = bf16_rows(amx.k_rows, *rows, Pages{}, b, hk, k0, keys, dim, true);
-    transpose_bf16(r.data, r.ld, keys, dim, staging, BN);
-    for (int64_t d = 0; d < dim; ++d) std::fill(staging + d * BN + keys, staging + (d + 1) * BN, Bf16(0.f));
-    pack_columns(staging, BN, dim, BN, packed);
-    if (with_k && rows == &args.k) pack_columns(r.data, r.ld, round_up(keys, 2), D, amx.k_packed);
-  }
+  const int64_t D = args.p.head_dim, Dv = args.p.head_dim_v;
+  const Bf16Rows k = bf16_rows(amx.k_rows, args.k, Pages{}, b, hk, k0, keys, D, true);
+  pack_transposed(k.data, k.ld, keys, D, kBlockN, amx.transpose_staging, amx.kt_packed);
+  if (with_k) pack_columns(k.data, k.ld, round_up(keys, 2), D, amx.k_packed);
+  const Bf16Rows v = bf16_rows(amx.k_rows, args.v, Pages{}, b, hk, k0, keys, Dv, false);
+  pack_transposed(v.data, v.ld, keys, Dv, kBlockN, amx.transpose_staging, amx.vt_packed);
 }
 
 // Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query

@@ -10,11 +10,22 @@
 // blocks of 512 keys packed once per thread, a row softmax, P rounded to bf16 rows.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
+// One step of the online softmax's running max, per lane: m' = max(m, block max); the shift that
+// exp() subtracts, 0 while nothing is visible (m' = -inf), which keeps exp() at 0 instead of
+// exp(-inf + inf) = NaN; and alpha = exp(m - m'), the rescale of what came before.
+struct MaxStep {
+  Vec max, shift, alpha;
+};
+inline MaxStep max_step(Vec old_max, Vec block_max) {
+  const Vec new_max = at::vec::maximum(old_max, block_max);
+  const Vec shift = Vec::blendv(new_max, Vec(0.f), new_max == Vec(-kInf));
+  return {new_max, shift, exp(old_max - shift)};
+}
+
 // Online softmax over one key block, for the `cols` query columns of S^T (keys x cols):
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  l' = l exp(m - m') + sum_j p_j.
 // S^T is overwritten with P^T, and alpha = exp(m - m') is left for rescaling the accumulator.
-// A column with nothing visible yet keeps m = -inf; using 0 in its place keeps exp() at 0
-// instead of exp(-inf + inf) = NaN. With a band (a tile the window cuts), each kVec columns
+// A column with nothing visible yet keeps m = -inf (max_step). With a band (a tile the window cuts), each kVec columns
 // work only on the keys some of them may see, and set P = 0 on the rest (hidden: exp(-inf)).
 inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float* row_sum, float* alpha,
                            const Band* band = nullptr) {
@@ -29,19 +40,16 @@ inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max
     }
     Vec block_max(-kInf);
     for (int64_t j = lo; j < hi; ++j) block_max = at::vec::maximum(block_max, Vec::loadu(st + j * cols + c));
-    const Vec old_max = Vec::loadu(row_max + c);
-    const Vec new_max = at::vec::maximum(old_max, block_max);
-    const Vec shift = Vec::blendv(new_max, Vec(0.f), new_max == Vec(-kInf));
+    const MaxStep step = max_step(Vec::loadu(row_max + c), block_max);
     Vec sum(0.f);
     for (int64_t j = lo; j < hi; ++j) {
-      const Vec prob = exp(Vec::loadu(st + j * cols + c) - shift);
+      const Vec prob = exp(Vec::loadu(st + j * cols + c) - step.shift);
       prob.store(st + j * cols + c);
       sum = sum + prob;
     }
-    const Vec rescale = exp(old_max - shift);
-    at::vec::fmadd(Vec::loadu(row_sum + c), rescale, sum).store(row_sum + c);
-    new_max.store(row_max + c);
-    rescale.store(alpha + c);
+    at::vec::fmadd(Vec::loadu(row_sum + c), step.alpha, sum).store(row_sum + c);
+    step.max.store(row_max + c);
+    step.alpha.store(alpha + c);
   }
 }
 
@@ -188,14 +196,17 @@ inline Bf16Rows bf16_rows(Bf16* dst, const Strided& s, const Pages& pages, int64
 }
 
 // The block's query rows in bf16 (cols x D, unscaled: the scale is applied to the fp32 scores),
-// head g's rows at [g * rows, (g + 1) * rows), for the AMX products.
-inline void gather_query_rows(Bf16* dst, const Strided& q, int64_t b, const QueryBlock& block, int64_t D) {
+// head g's rows at [g * rows, (g + 1) * rows), for the AMX products: one head's rows where they lie
+// when bf16_rows can read them in place, else gathered into dst.
+inline Bf16Rows query_rows(Bf16* dst, const Strided& q, int64_t b, const QueryBlock& block, int64_t D) {
+  if (block.heads == 1) return bf16_rows(dst, q, Pages{}, b, block.h0, block.q0, block.rows, D, false);
   for (int64_t g = 0; g < block.heads; ++g)
     for (int64_t i = 0; i < block.rows; ++i) {
       const Bf16* src = at_row<Bf16>(q, b, block.h0 + g, block.q0 + i);
       Bf16* row = dst + (g * block.rows + i) * D;
       for (int64_t d = 0; d < D; ++d) row[d] = src[d * q.col];
     }
+  return {dst, D};
 }
 
 // K^T and V of the key blocks of one (sequence, key/value head), packed for the AMX products and
@@ -243,9 +254,7 @@ class PackedKeyBlocks {
     if (owner_[slot] != k0) {
       const int64_t padded = round_up(keys, 16);
       const Bf16Rows k_rows = bf16_rows(rows_, s.k, s.pages, b, hk, k0, keys, D_, false);
-      transpose_bf16(k_rows.data, k_rows.ld, keys, D_, staging_, padded);
-      for (int64_t d = 0; d < D_; ++d) std::fill(staging_ + d * padded + keys, staging_ + (d + 1) * padded, Bf16(0.f));
-      pack_columns(staging_, padded, D_, padded, kt);
+      pack_transposed(k_rows.data, k_rows.ld, keys, D_, padded, staging_, kt);
       const Bf16Rows v_rows = bf16_rows(rows_, s.v, s.pages, b, hk, k0, keys, Dv_, true);
       pack_columns(v_rows.data, v_rows.ld, round_up(keys, 2), Dv_, v);
       owner_[slot] = k0;
@@ -292,12 +301,10 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
     block_max[i] = lane_max(at::vec::maximum(m0, m1)) * mul;
   }
   for (int64_t i = 0; i < rows; i += kVec) {
-    const Vec old_max = Vec::loadu(row_max + i);
-    const Vec new_max = at::vec::maximum(old_max, Vec::loadu(block_max + i));
-    const Vec safe = Vec::blendv(new_max, Vec(0.f), new_max == Vec(-kInf));
-    safe.store(shift + i);
-    exp(old_max - safe).store(alpha + i);
-    new_max.store(row_max + i);
+    const MaxStep step = max_step(Vec::loadu(row_max + i), Vec::loadu(block_max + i));
+    step.shift.store(shift + i);
+    step.alpha.store(alpha + i);
+    step.max.store(row_max + i);
   }
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
@@ -330,9 +337,10 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
 // first; then P rounded to bf16 and acc = alpha * acc + P V. The block holds keys
 // [k0, k0 + keys); `from` is the first of them that a query of the block may see (a window's left
 // edge), and the work starts at the 64-key chunk that holds it.
-inline void amx_key_block(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block, int64_t k0,
-                          int64_t keys, int64_t from, PackedKeyBlocks& key_blocks, const AmxBuffers& bf16, float* st,
-                          int64_t ld, float* acc, int64_t ld_acc, float* row_max, float* row_sum, float* alpha) {
+inline void amx_key_block(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
+                          const Bf16Rows& q_rows, int64_t k0, int64_t keys, int64_t from, PackedKeyBlocks& key_blocks,
+                          const AmxBuffers& bf16, float* st, int64_t ld, float* acc, int64_t ld_acc, float* row_max,
+                          float* row_sum, float* alpha) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, cols = block.heads * block.rows;
   const PackedKeyBlocks::Block kv = key_blocks.get(s, b, block.hk, k0);
   // The products read the block as it was packed (all its keys) from chunk `skip` on: S = Q K^T
@@ -343,7 +351,7 @@ inline void amx_key_block(const Problem& p, const ForwardArgs& s, int64_t b, con
   const int64_t width = std::min(round_up(keys, kAmxMaxN), round_up(kv.keys, 16)) - skip;
   const int64_t n = keys - skip, padded = round_up(n, kVec);
   float* s_tile = st + skip;
-  amx_gemm(cols, width, D, bf16.q_rows, D, kv.kt + skip * D, s_tile, ld, false);
+  amx_gemm(cols, width, D, q_rows.data, q_rows.ld, kv.kt + skip * D, s_tile, ld, false);
   const Variants& v = p.variants;
   const bool scale_in_softmax = v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
   if (!scale_in_softmax)
@@ -405,11 +413,12 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     // Decoding: few queries per block, whose scores are dot products (scores_of_few_queries).
     const bool few = cols <= kVec && D % kVec == 0;
     const bool tiles = amx && !few;  // the AMX products
+    Bf16Rows q_rows{};
     if (few) {
       load_query_rows<T>(qt, s.q, b, block, D, p.scale);
       fill(st, BN * ld, 0.f);  // the padding columns of S^T, which it does not write
     } else if (tiles) {
-      gather_query_rows(bf16->q_rows, s.q, b, block, D);
+      q_rows = query_rows(bf16->q_rows, s.q, b, block, D);
     } else {
       load_queries_t<T>(qt, ld, kb, s.q, b, block, D, p.scale);  // kb: free until the key loop
     }
@@ -429,8 +438,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       if (masked_for_every_head(p, b, block, k0, keys)) continue;
       prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
       if (tiles) {
-        amx_key_block(p, s, b, block, k0, keys, first_visible, *key_blocks, *bf16, st, BN, acc, Dvp, row_max, row_sum,
-                      alpha);
+        amx_key_block(p, s, b, block, q_rows, k0, keys, first_visible, *key_blocks, *bf16, st, BN, acc, Dvp, row_max,
+                      row_sum, alpha);
         continue;
       }
       // A tile that the window cuts is computed only where some query sees some key (tile.h,

@@ -12,7 +12,6 @@
 #include <memory>
 #include <new>
 #include <string>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 

@@ -79,8 +79,8 @@ def active_isa() -> str:
 
 
 def bf16_on_amx() -> bool:
-    """Whether the next bf16 forward takes its matrix products on AMX tiles: the avx512 kernels on
-    a CPU with AMX-BF16, unless FUSED_ATTN_CPU_AMX=0 (for head dims D even and Dv a multiple of 16,
-    blocks of more than 16 query rows)."""
+    """Whether the next bf16 call takes its matrix products on AMX tiles: the avx512 kernels on a
+    CPU with AMX-BF16, unless FUSED_ATTN_CPU_AMX=0 (forward: head dims D even and Dv a multiple of
+    16, blocks of more than 16 query rows; backward: D and Dv multiples of 16)."""
     active_isa()  # raises if the backend is unavailable
     return _ops().cpu_bf16_on_amx()
