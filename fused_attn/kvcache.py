@@ -201,7 +201,8 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
         # A small table on the host: Python over its rows beats ten small tensor ops (~40 us).
         lengths = seqlens.tolist()
         shortest, longest = min(lengths), max(lengths) + new_tokens
-        needed = [page for row, n in zip(block_table.tolist(), lengths) for page in row[:-(-(n + new_tokens) // page_size)]]
+        rows = block_table.tolist()
+        needed = [page for row, n in zip(rows, lengths) for page in row[:-(-(n + new_tokens) // page_size)]]
         page_range = (min(needed), max(needed)) if needed else ()
     else:
         lengths = seqlens.long() + new_tokens

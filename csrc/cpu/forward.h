@@ -227,17 +227,13 @@ class PackedKeyBlocks {
         slots_(2 * seqlen_k * (D + Dv) <= kMaxBytes ? std::max<int64_t>(1, ceil_div(seqlen_k, bn)) : 1),
         slot_size_(round_up(bn * (D + Dv), 2)),
         scratch_(Scratch::size_of({Scratch::halves(bn * std::max(D, Dv)), Scratch::halves(D * bn),
-                                   Scratch::halves(slots_ * slot_size_)})),
+                                   Scratch::halves(slots_ * slot_size_), 2 * slots_})),
         rows_(scratch_.take_halves(bn * std::max(D, Dv))),
         staging_(scratch_.take_halves(D * bn)),
         blocks_(scratch_.take_halves(slots_ * slot_size_)),
-        owner_(static_cast<int64_t*>(std::malloc(sizeof(int64_t) * slots_))) {
-    if (owner_ == nullptr) throw std::bad_alloc();
+        owner_(reinterpret_cast<int64_t*>(scratch_.take(2 * slots_))) {
     std::fill(owner_, owner_ + slots_, int64_t{-1});
   }
-  ~PackedKeyBlocks() { std::free(owner_); }
-  PackedKeyBlocks(const PackedKeyBlocks&) = delete;
-  PackedKeyBlocks& operator=(const PackedKeyBlocks&) = delete;
 
   // The block of keys from k0 of (b, hk) of the sequence view s: all of them up to k0 + bn (or the
   // sequence's end), whatever part a task uses, so every task can reuse it.
