@@ -19,7 +19,7 @@
 // With FUSED_ATTN_WITH_CUDA (setup.py defines it when it builds csrc/cuda/), also
 //   cuda_forward(q, k, v, out!, lse!, <the variant arguments>, int stream)   dense inputs, CUDA tensors
 //   cuda_backward(<cpu_backward's arguments>, int stream)
-//   cuda_kvcache_forward(<cpu_kvcache_forward's arguments>, int stream)      decoding against a KV cache
+//   cuda_kvcache_forward(<cpu_kvcache_forward's arguments>, int num_splits, int stream)   KV-cache decoding
 // whose kernels are launched on `stream` (torch.cuda.current_stream().cuda_stream, an int, so this
 // file needs no CUDA header of torch's). With FUSED_ATTN_EMULATOR as well (tests/cuda_emulator/),
 // only that section is compiled, its ops are registered as fused_attn_emulated::* on CPU tensors,
@@ -593,11 +593,13 @@ void cuda_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, cons
 // Decoding, as cpu_kvcache_forward: q (B, Lq, Hq, D) against the first seqlens_k[b] keys of a
 // contiguous cache (B, capacity, Hkv, D) or, with block_table (B, max_pages) int32, of a paged one
 // (pages, page_size, Hkv, D); bottom-right aligned. out (B, Lq, Hq, Dv), lse (B, Hq, Lq). The
-// lengths and page indices stay on the device: fused_attn/kvcache.py has checked them.
+// lengths and page indices stay on the device: fused_attn/kvcache.py has checked them. The query
+// heads of a group share blocks and long caches are split (launch.h, decoding_of); num_splits > 0
+// asks for that many splits.
 void cuda_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& seqlens_k,
                           const std::optional<Tensor>& block_table, const Tensor& out, const Tensor& lse, double scale,
                           int64_t window_left, int64_t window_right, double softcap,
-                          const std::optional<Tensor>& alibi_slopes, int64_t stream) {
+                          const std::optional<Tensor>& alibi_slopes, int64_t num_splits, int64_t stream) {
   TORCH_CHECK(q.device().type() == kCudaDeviceType, "fused_attn_native: q must be a ",
               at::DeviceTypeName(kCudaDeviceType), " tensor, got ", q.device());
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
@@ -644,6 +646,14 @@ void cuda_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& 
   auto heads_first = [](const Tensor& t) { return strided(t.transpose(1, 2)); };
   cuda::ForwardParams params{cuda_problem(call, std::nullopt), heads_first(q), heads_first(k_cache),
                              heads_first(v_cache), heads_first(out), row_values(lse), cache};
+  params.decoding = cuda::decoding_of(params.p, num_splits, cuda::multiprocessor_count());
+  Tensor partials;  // split-KV: (splits, B, Lq, Hq) rows of Dv outputs, then their lse
+  if (params.decoding.splits > 1) {
+    const int64_t rows = params.decoding.splits * B * Lq * Hq;
+    partials = at::empty({rows * (Dv + 1)}, q.options().dtype(at::kFloat));
+    params.decoding.out_partial = partials.data_ptr<float>();
+    params.decoding.lse_partial = params.decoding.out_partial + rows * Dv;
+  }
   const cudaError_t error = cuda::launch_forward(params, stream_of(stream));
   TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA KV-cache forward failed to launch: ",
               cudaGetErrorString(error));
@@ -670,7 +680,7 @@ TORCH_LIBRARY_FRAGMENT(FUSED_ATTN_CUDA_OPS, m) {
         ", Tensor(d!)? dbias=None, int max_seqlen_q=0, int max_seqlen_k=0, int stream=0) -> ()");
   m.def("cuda_kvcache_forward(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
         "Tensor(a!) out, Tensor(b!) lse, float scale, int window_left, int window_right, float softcap=0., "
-        "Tensor? alibi_slopes=None, int stream=0) -> ()");
+        "Tensor? alibi_slopes=None, int num_splits=0, int stream=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(FUSED_ATTN_CUDA_OPS, FUSED_ATTN_CUDA_DISPATCH_KEY, m) {

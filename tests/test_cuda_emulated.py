@@ -169,6 +169,41 @@ def test_kvcache(emulated, monkeypatch, dtype, seqlen_q, new_tokens, keywords, p
                                                                paged)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("seqlen_q, new_tokens, keywords", kvcache_tests.CASES)
+def test_kvcache_split_kv(emulated, monkeypatch, seqlen_q, new_tokens, keywords, paged):
+    """The same check with the keys cut into splits and merged by their lse (split-KV), which
+    these small caches would not get by shape: 100 keys in two splits of 64, the query heads of a
+    group sharing blocks; the emptiest cache's second split sees no key."""
+    monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
+    monkeypatch.setattr(BACKENDS[emulated.name], "decode_splits", 3)
+    kvcache_tests.test_kvcache_matches_attention_on_the_prefix(emulated.name, torch.bfloat16, seqlen_q, new_tokens,
+                                                               keywords, paged)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_cache_is_split_by_shape(emulated, dtype):
+    """A decode step against a cache long enough for the emulated GPU (4 multiprocessors) to want
+    more blocks: the keys are split, and out and lse still match float64 attention on the prefix
+    (GQA, ALiBi and a window; one sequence ends inside a split, one is empty past the first)."""
+    heads_q, heads_kv, capacity, d = 4, 2, 1000, 32
+    cached = torch.tensor([1000, 517, 3], dtype=torch.int32)
+    q = torch.randn(3, 1, heads_q, d, dtype=dtype)
+    k_cache = torch.randn(3, capacity, heads_kv, d, dtype=dtype)
+    v_cache = torch.randn(3, capacity, heads_kv, d, dtype=dtype)
+    slopes = torch.rand(heads_q)
+    out, lse = fused_attn.attention_with_kvcache(q, k_cache, v_cache, cached, alibi_slopes=slopes, window=(700, -1),
+                                                 return_lse=True, backend=emulated.name)
+    for b, length in enumerate(cached.tolist()):
+        args = (q[b:b + 1].transpose(1, 2), k_cache[b:b + 1, :length].transpose(1, 2),
+                v_cache[b:b + 1, :length].transpose(1, 2))
+        keywords = dict(alibi_slopes=slopes, window=(700, -1), bottom_right=True)
+        exact_out, exact_lse = naive_attention(*args, dtype=torch.float64, **keywords)
+        low_out, _ = naive_attention(*args, **keywords)
+        assert_accurate(f"out[{b}]", out[b], exact_out[0].transpose(0, 1), low_out[0].transpose(0, 1), dtype)
+        torch.testing.assert_close(lse[b].double(), exact_lse[0], rtol=1e-3, atol=1e-3)
+
+
 def test_refusals_and_op_errors(emulated, emulated_ops):
     """What the backend leaves to others, and the op's own checks (before any kernel runs)."""
     backend = BACKENDS[emulated.name]

@@ -1,5 +1,6 @@
 // The forward on tensor cores (fp16/bf16 inputs, fp32 accumulation), one block per 64 query rows
-// of one head: 4 warps of 16 rows each; key blocks stream through shared memory (cp.async) and
+// of one head (decoding: of the heads of a GQA group, within a split of the keys; block_rows.cuh):
+// 4 warps of 16 rows each; key blocks stream through shared memory (cp.async) and
 // an online softmax keeps only the output accumulator and two floats per row in registers.
 //
 // Per key block and warp: S = Q K^T with mma.sync m16n8k16 (Q and K fragments by ldmatrix), the
@@ -9,8 +10,7 @@
 // ldmatrix.trans. Head dims are padded with zeros to kDim columns.
 #pragma once
 
-#include "elements.cuh"
-#include "scores.cuh"
+#include "block_rows.cuh"
 #include "softmax.cuh"
 #include "tiles.cuh"
 
@@ -20,49 +20,57 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockM = 16 * kWarps;
 
-// Keys per block: fewer for the widest heads, whose accumulators already fill the registers.
-template <int kDim>
-__host__ __device__ constexpr int block_n() { return kDim >= 256 ? 32 : 64; }
+// Keys per block: fewer for the widest heads, whose accumulators already fill the registers (and
+// fewer still when decoding, whose rows of several heads need more).
+template <int kDim, bool kDecoding>
+__host__ __device__ constexpr int block_n() { return kDim < 256 ? 64 : kDecoding ? 16 : 32; }
 // Shared-memory row stride: 16 bytes of padding spreads ldmatrix rows over the banks.
 template <int kDim>
 __host__ __device__ constexpr int smem_stride() { return kDim + 8; }
-template <typename T, int kDim>
-__host__ __device__ constexpr size_t smem_bytes() { return sizeof(T) * smem_stride<kDim>() * (kBlockM + 2 * block_n<kDim>()); }
+template <typename T, int kDim, bool kDecoding>
+__host__ __device__ constexpr size_t smem_bytes() {
+  return sizeof(T) * smem_stride<kDim>() * (kBlockM + 2 * block_n<kDim, kDecoding>());
+}
 
-template <typename T, int kDim>
+// kDecoding: the instance for KV-cache calls (block_rows.cuh).
+template <typename T, int kDim, bool kDecoding>
 __global__ void forward_kernel(ForwardParams call) {
-  constexpr int kBlockN = block_n<kDim>(), kStride = smem_stride<kDim>();
+  constexpr int kBlockN = block_n<kDim, kDecoding>(), kStride = smem_stride<kDim>();
   using E = Element<T>;
-  const int q0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
+  const int b = blockIdx.z;
   const ForwardParams params = sequence_params<T>(call, b);
   const Problem& p = params.p;
-  if (q0 >= p.seqlen_q) return;  // past the end of a shorter packed sequence: no rows
-  const int h_kv = h / (p.heads_q / p.heads_kv);
+  const BlockRows block = BlockRows::of_this_block<kBlockM, kDecoding>(params);
+  const int rows = block.count(p, kBlockM);
+  if (rows <= 0) return;  // past the end of a shorter packed sequence: no rows
+  const int h_kv = block.head(0) / static_cast<int>(p.heads_q / p.heads_kv);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
-  const int Lq = static_cast<int>(p.seqlen_q);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, t = lane % 4;
   const int row0 = warp * 16;  // the warp's first row in the block
 
   T* q_smem = reinterpret_cast<T*>(dynamic_shared_memory());
   T* k_smem = q_smem + kBlockM * kStride;
   T* v_smem = k_smem + kBlockN * kStride;
-  const T* q = element_at<T>(params.q, b, h, q0, 0);
   auto load_keys = [&](T* smem, const Strided& s, int n0, int cols) {
     auto row_at = [&](int r) { return key_row<T>(s, params.cache, b, h_kv, n0 + r); };
     load_tile<T, kBlockN, kDim, kStride, kThreads>(smem, row_at, static_cast<int>(p.seqlen_k) - n0, cols,
                                                     static_cast<const T*>(s.data));
   };
 
-  const HeadScores scores(p, b, h);
-  const int rows = Lq - q0 < kBlockM ? Lq - q0 : kBlockM;
-  const KeyRange keys = visible_keys(p, q0, rows);
+  // This thread's rows of the block: group (r = 0) and group + 8 (r = 1) of the warp's 16.
+  const int my_rows[2] = {row0 + group, row0 + group + 8};
+  const int my_query[2] = {block.query(my_rows[0]), block.query(my_rows[1])};
+  // Their scores' rules: decoding, each row's own head's (GQA-packed rows); else both are the
+  // block's head's, and only the first is read (which keeps the dense instance's registers down).
+  const HeadScores scores[2] = {HeadScores(p, b, block.head(my_rows[0])), HeadScores(p, b, block.head(my_rows[1]))};
+  const KeyRange keys = block.keys(params, rows);
   const int first = keys.begin / kBlockN * kBlockN;
 
   float o[kDim / 8][4] = {};
-  RowSoftmax softmax[2];  // rows group and group + 8 of the warp's 16
+  RowSoftmax softmax[2];
 
-  auto query_row = [&](int r) { return q + r * params.q.row; };
-  load_tile<T, kBlockM, kDim, kStride, kThreads>(q_smem, query_row, Lq - q0, D, q);
+  auto query_row = [&](int r) { return element_at<T>(params.q, b, block.head(r), block.query(r), 0); };
+  load_tile<T, kBlockM, kDim, kStride, kThreads>(q_smem, query_row, rows, D, static_cast<const T*>(params.q.data));
   if (first < keys.end) load_keys(k_smem, params.k, first, D);
   ptx::cp_async_commit();
   for (int n0 = first; n0 < keys.end; n0 += kBlockN) {
@@ -94,8 +102,8 @@ __global__ void forward_kernel(ForwardParams call) {
     for (int n = 0; n < kBlockN / 8; ++n)
       #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = q0 + row0 + group + 8 * (e / 2), j = n0 + n * 8 + 2 * t + e % 2;
-        s[n][e] = scores.score(s[n][e], i, j);
+        const int j = n0 + n * 8 + 2 * t + e % 2;
+        s[n][e] = scores[kDecoding ? e / 2 : 0].score(s[n][e], my_query[e / 2], j);
         block_max[e / 2] = fmaxf(block_max[e / 2], s[n][e]);
       }
     float alpha[2];
@@ -113,10 +121,10 @@ __global__ void forward_kernel(ForwardParams call) {
     for (int n = 0; n < kBlockN / 8; ++n)
       #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = q0 + row0 + group + 8 * (e / 2), j = n0 + n * 8 + 2 * t + e % 2;
+        const int j = n0 + n * 8 + 2 * t + e % 2;
         const float prob = softmax[e / 2].probability(s[n][e]);
         softmax[e / 2].sum += prob;  // the lse and the normaliser see every probability, dropped or not
-        s[n][e] = prob * scores.dropout_factor(i, j);
+        s[n][e] = prob * scores[kDecoding ? e / 2 : 0].dropout_factor(my_query[e / 2], j);
       }
 
     ptx::cp_async_wait<1>();  // this block's V
@@ -142,26 +150,27 @@ __global__ void forward_kernel(ForwardParams call) {
     float total = softmax[r].sum;
     total += __shfl_xor_sync(0xffffffffu, total, 1);
     total += __shfl_xor_sync(0xffffffffu, total, 2);
-    const int i = q0 + row0 + group + 8 * r;
-    if (i >= Lq) continue;
+    if (my_rows[r] >= rows) continue;
+    const RowOutput<T> out(params, b, block.head(my_rows[r]), my_query[r], block);
     const float normaliser = RowSoftmax::normaliser(total);
-    T* out = static_cast<T*>(params.out.data) + b * params.out.batch + h * params.out.head + i * params.out.row;
     #pragma unroll
     for (int n = 0; n < kDim / 8; ++n)
       #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int col = n * 8 + 2 * t + e;
-        if (col < Dv) out[col] = E::from_float(o[n][2 * r + e] * normaliser);
+        if (col < Dv) out.store(col, o[n][2 * r + e] * normaliser);
       }
-    if (t == 0) params.lse.data[b * params.lse.batch + h * params.lse.head + i] = softmax[r].lse(total);
+    if (t == 0) out.store_lse(softmax[r].lse(total));
   }
 }
 
 template <typename T, int kDim>
 cudaError_t launch(const ForwardParams& params, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(params.p.seqlen_q, kBlockM)), static_cast<unsigned>(params.p.heads_q),
-                  static_cast<unsigned>(params.p.batch));
-  return launch_kernel(forward_kernel<T, kDim>, grid, dim3(kThreads), smem_bytes<T, kDim>(), stream, params);
+  if (params.cache.seqlens_k != nullptr)
+    return launch_kernel(forward_kernel<T, kDim, true>, forward_grid<kBlockM>(params), dim3(kThreads),
+                         smem_bytes<T, kDim, true>(), stream, params);
+  return launch_kernel(forward_kernel<T, kDim, false>, forward_grid<kBlockM>(params), dim3(kThreads),
+                       smem_bytes<T, kDim, false>(), stream, params);
 }
 
 }  // namespace fused_attn::cuda::mma_forward

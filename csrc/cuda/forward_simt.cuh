@@ -1,11 +1,11 @@
 // The forward in exact fp32 on the CUDA cores (FMA, no tf32), for float32 inputs: one block per
-// 32 query rows of one head, 4 threads per row. Each thread scores 8 of a block's 32 keys and
+// 32 query rows of one head (decoding: of the heads of a GQA group, within a split of the keys;
+// block_rows.cuh), 4 threads per row. Each thread scores 8 of a block's 32 keys and
 // accumulates a quarter of the row's output columns; the row's probabilities meet V through a
 // small shared tile. Same streaming structure as forward_mma.cuh.
 #pragma once
 
-#include "elements.cuh"
-#include "scores.cuh"
+#include "block_rows.cuh"
 #include "softmax.cuh"
 #include "tiles.cuh"
 
@@ -24,40 +24,40 @@ __host__ __device__ constexpr size_t smem_bytes() {
   return sizeof(float) * (smem_stride<kDim>() * (kBlockM + 2 * kBlockN) + kBlockM * kProbStride);
 }
 
-template <int kDim>
+// kDecoding: the instance for KV-cache calls (block_rows.cuh).
+template <int kDim, bool kDecoding>
 __global__ void forward_kernel(ForwardParams call) {
   constexpr int kStride = smem_stride<kDim>();
-  const int q0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
+  const int b = blockIdx.z;
   const ForwardParams params = sequence_params<float>(call, b);
   const Problem& p = params.p;
-  if (q0 >= p.seqlen_q) return;  // past the end of a shorter packed sequence: no rows
-  const int h_kv = h / (p.heads_q / p.heads_kv);
+  const BlockRows block = BlockRows::of_this_block<kBlockM, kDecoding>(params);
+  const int rows = block.count(p, kBlockM);
+  if (rows <= 0) return;  // past the end of a shorter packed sequence: no rows
+  const int h_kv = block.head(0) / static_cast<int>(p.heads_q / p.heads_kv);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
-  const int Lq = static_cast<int>(p.seqlen_q);
   const int row = threadIdx.x / kThreadsPerRow, part = threadIdx.x % kThreadsPerRow;  // keys / columns part + 4u
 
   float* q_smem = reinterpret_cast<float*>(dynamic_shared_memory());
   float* k_smem = q_smem + kBlockM * kStride;
   float* v_smem = k_smem + kBlockN * kStride;
   float* p_smem = v_smem + kBlockN * kStride;
-  const float* q = element_at<float>(params.q, b, h, q0, 0);
   auto load_keys = [&](float* smem, const Strided& s, int n0, int cols) {
     auto row_at = [&](int r) { return key_row<float>(s, params.cache, b, h_kv, n0 + r); };
     load_tile<float, kBlockN, kDim, kStride, kThreads>(smem, row_at, static_cast<int>(p.seqlen_k) - n0, cols,
                                                         static_cast<const float*>(s.data));
   };
 
-  const HeadScores scores(p, b, h);
-  const int rows = Lq - q0 < kBlockM ? Lq - q0 : kBlockM;
-  const KeyRange keys = visible_keys(p, q0, rows);
+  const int i = block.query(row);
+  const HeadScores scores(p, b, block.head(row));
+  const KeyRange keys = block.keys(params, rows);
   const int first = keys.begin / kBlockN * kBlockN;
-  const int i = q0 + row;
 
   float o[kDim / kThreadsPerRow] = {};
   RowSoftmax softmax;
 
-  auto query_row = [&](int r) { return q + r * params.q.row; };
-  load_tile<float, kBlockM, kDim, kStride, kThreads>(q_smem, query_row, Lq - q0, D, q);
+  auto query_row = [&](int r) { return element_at<float>(params.q, b, block.head(r), block.query(r), 0); };
+  load_tile<float, kBlockM, kDim, kStride, kThreads>(q_smem, query_row, rows, D, static_cast<const float*>(params.q.data));
   if (first < keys.end) load_keys(k_smem, params.k, first, D);
   ptx::cp_async_commit();
   for (int n0 = first; n0 < keys.end; n0 += kBlockN) {
@@ -108,22 +108,21 @@ __global__ void forward_kernel(ForwardParams call) {
   float total = softmax.sum;
   total += __shfl_xor_sync(0xffffffffu, total, 1);
   total += __shfl_xor_sync(0xffffffffu, total, 2);
-  if (i >= Lq) return;
+  if (row >= rows) return;
+  const RowOutput<float> out(params, b, block.head(row), i, block);
   const float normaliser = RowSoftmax::normaliser(total);
-  float* out = static_cast<float*>(params.out.data) + b * params.out.batch + h * params.out.head + i * params.out.row;
   #pragma unroll
   for (int u = 0; u < kDim / kThreadsPerRow; ++u) {
     const int col = part + kThreadsPerRow * u;
-    if (col < Dv) out[col] = o[u] * normaliser;
+    if (col < Dv) out.store(col, o[u] * normaliser);
   }
-  if (part == 0) params.lse.data[b * params.lse.batch + h * params.lse.head + i] = softmax.lse(total);
+  if (part == 0) out.store_lse(softmax.lse(total));
 }
 
 template <int kDim>
 cudaError_t launch(const ForwardParams& params, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(params.p.seqlen_q, kBlockM)), static_cast<unsigned>(params.p.heads_q),
-                  static_cast<unsigned>(params.p.batch));
-  return launch_kernel(forward_kernel<kDim>, grid, dim3(kThreads), smem_bytes<kDim>(), stream, params);
+  const auto kernel = params.cache.seqlens_k != nullptr ? forward_kernel<kDim, true> : forward_kernel<kDim, false>;
+  return launch_kernel(kernel, forward_grid<kBlockM>(params), dim3(kThreads), smem_bytes<kDim>(), stream, params);
 }
 
 }  // namespace fused_attn::cuda::simt_forward

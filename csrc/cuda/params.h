@@ -71,12 +71,27 @@ struct Packed {
   bool bottom_right = false;
 };
 
+// How the forward's blocks cut a call (launch.h, decoding_of, sets it for KV-cache calls; dense
+// and packed calls keep the defaults). A block's rows are (query, head) pairs of one key/value
+// head's GQA group, query-major: row m of the group's Lq * group rows is query m / group of head
+// h_kv * group + m % group, so decoding reads each cached key once per group, not once per head.
+// With splits > 1 (split-KV) the keys are cut too: split s reads keys [s * split_keys,
+// (s + 1) * split_keys) and writes its rows normalised, with their lse, in fp32 to out_partial
+// (splits, B, Lq, Hq, Dv) and lse_partial (splits, B, Lq, Hq), which merge_splits.cu combines.
+struct Decoding {
+  int64_t group = 1;  // query heads whose rows share a block: 1, or Hq / Hkv
+  int64_t splits = 1, split_keys = 0;
+  float* out_partial = nullptr;
+  float* lse_partial = nullptr;
+};
+
 struct ForwardParams {
   Problem p;
   Strided q, k, v, out;
   RowValues lse;  // natural log, -inf on rows that see no key
   KvCache cache;  // k and v are a KV cache when cache.seqlens_k is set
   Packed packed;  // a packed batch when packed.cu_seqlens_q is set (never with a cache)
+  Decoding decoding;
 };
 
 }  // namespace fused_attn::cuda

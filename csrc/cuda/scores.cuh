@@ -82,14 +82,16 @@ __device__ __forceinline__ KeyRange visible_keys(const Problem& p, int q0, int r
 // The score rules of head (b, h): final scores from dot products, and dropout factors.
 class HeadScores {
  public:
-  __device__ HeadScores(const Problem& p, int b, int h) : p_(p), v_(p.variants), b_(b), h_(h) {
-    slope_ = v_.alibi_slopes == nullptr ? 0.f : v_.alibi_slopes[b * v_.slopes_batch + h * v_.slopes_head];
-    seed_ = v_.dropout ? static_cast<uint64_t>(*v_.dropout_seed) : 0;
+  __device__ HeadScores(const Problem& p, int b, int h) : p_(p), b_(b), h_(h) {
+    const Variants& v = p.variants;
+    slope_ = v.alibi_slopes == nullptr ? 0.f : v.alibi_slopes[b * v.slopes_batch + h * v.slopes_head];
+    seed_ = v.dropout ? static_cast<uint64_t>(*v.dropout_seed) : 0;
   }
 
   // s = softcap * tanh(scale q.k / softcap) - slope |d| + bias, or -inf where query i may not see
   // key j: outside the sequence, the window, or the mask (rows past Lq count as hidden).
   __device__ __forceinline__ float score(float dot, int i, int j) const {
+    const Variants& v_ = p_.variants;
     if (i >= p_.seqlen_q || j >= p_.seqlen_k) return -INFINITY;
     const int64_t distance = j - (i + v_.shift);
     if ((v_.window_left >= 0 && distance < -v_.window_left) || (v_.window_right >= 0 && distance > v_.window_right))
@@ -104,6 +106,7 @@ class HeadScores {
 
   // What multiplies probability (i, j) before it meets V: 1 without dropout, else keep / (1 - p).
   __device__ __forceinline__ float dropout_factor(int i, int j) const {
+    const Variants& v_ = p_.variants;
     if (!v_.dropout) return 1.f;
     const uint32_t head = static_cast<uint32_t>(b_ * p_.heads_q + h_);
     const uint32_t bits = philox_bits(seed_, static_cast<uint32_t>(j), static_cast<uint32_t>(i), head);
@@ -117,7 +120,6 @@ class HeadScores {
   }
 
   const Problem& p_;
-  const Variants& v_;
   int b_, h_;
   float slope_;
   uint64_t seed_;

@@ -4,7 +4,8 @@ Used when Triton is missing or cannot serve a call, or when forced (`backend="cu
 newer: tensor cores (mma.sync, fp32 accumulation) for float16/bfloat16, exact fp32 FMA for float32;
 every score variant; forward and backward (deterministic, no atomics; a bias's gradient summed
 into its own shape in the kernels) of dense and packed (varlen) inputs, and KV-cache decoding
-(contiguous or paged caches). Packed calls run one grid over (query blocks of max_seqlen_q, heads,
+(contiguous or paged caches; the query heads of a GQA group share blocks, so each cached key is
+read once per group, and long caches are split across blocks and merged by lse: split-KV). Packed calls run one grid over (query blocks of max_seqlen_q, heads,
 sequences), the kernels reading cu_seqlens on the device (no host sync).
 
 The class is parameterised by the ops namespace and device type its kernels run on, so the test
@@ -121,13 +122,17 @@ class CudaBackend(Backend):
         return dq, dk, dv, dbias
 
     supports_kvcache = True
+    # Key splits of a KV-cache call: 0 lets the op choose by shape and GPU size (split-KV for long
+    # caches and few query rows); tests set a count to exercise the split path on small caches.
+    decode_splits = 0
 
     def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
         q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
         out, lse = kvcache_outputs(q, v_cache)
         table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows
         self._ops().cuda_kvcache_forward(q, k_cache, v_cache, seqlens_k.contiguous(), table, out, lse, opts.scale,
-                                         opts.left, opts.right, opts.softcap, alibi_slopes, self._stream(q.device))
+                                         opts.left, opts.right, opts.softcap, alibi_slopes, self.decode_splits,
+                                         self._stream(q.device))
         return out, lse
 
 

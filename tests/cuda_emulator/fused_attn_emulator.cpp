@@ -360,3 +360,14 @@ const char* cudaGetErrorString(cudaError_t error) {
   message += fused_attn_emulator::last_error + ")";
   return message.c_str();
 }
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  if (attribute != cudaDevAttrMultiProcessorCount || device != 0) return cudaErrorInvalidConfiguration;
+  *value = fused_attn_emulator::kMultiprocessors;
+  return cudaSuccess;
+}

@@ -46,6 +46,12 @@ using cudaStream_t = struct CUstream_st*;  // ignored by the emulator
 // The error's name; for launch failures also what the emulator caught.
 const char* cudaGetErrorString(cudaError_t error);
 
+// The emulated device: device 0, with kMultiprocessors streaming multiprocessors, few enough that
+// small test calls are cut the way long ones are on a GPU (split-KV).
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device);
+
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 struct uint2 { unsigned x, y; };
@@ -148,6 +154,7 @@ void cp_async_wait(int pending);
 
 // Shared memory per block on the smallest supported GPU (sm_80: 163 KiB).
 constexpr size_t kMaxSharedMemory = 163 * 1024;
+constexpr int kMultiprocessors = 4;
 
 }  // namespace fused_attn_emulator
 
