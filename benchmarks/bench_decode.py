@@ -12,6 +12,8 @@ Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
     fused_attn op only    the backend's kernel call on the contiguous cache, without the Python
                           checks and the backend choice (private API, Backend.kvcache_forward)
     fused_attn reference  (CPU only) the public call on the reference backend, sequence by sequence
+    fused_attn cuda       (CUDA, where the extension has the CUDA kernels) the contiguous call on
+                          the cuda backend, the fallback for GPUs without Triton
     sdpa gqa              torch SDPA, q (B, 32, 1, D) vs k/v (B, 8, L, D) views of the contiguous
                           cache, enable_gqa=True, torch's backend choice
     sdpa grouped          torch SDPA with the 4 query heads of a group as 4 query rows:
@@ -95,12 +97,17 @@ def providers(on_cuda: bool, Hkv: int, Hq: int):
         out = F.scaled_dot_product_attention(q, s["kc"].transpose(1, 2), s["vc"].transpose(1, 2))
         return out.reshape(B, 1, Hq, D)
 
+    def cuda_contig(s, seqlens):
+        return fused_attn.attention_with_kvcache(s["q"], s["kc"], s["vc"], seqlens, backend="cuda")
+
     def reference(s, seqlens):
         return fused_attn.attention_with_kvcache(s["q"], s["kc"], s["vc"], seqlens, backend="reference")
 
     provs = {"fused_attn contig": contig, "fused_attn paged": paged, "fused_attn op only": op_only}
     if not on_cuda:
         provs["fused_attn reference"] = reference
+    elif "cuda" in fused_attn.available_backends():
+        provs["fused_attn cuda"] = cuda_contig
     return {**provs, "sdpa gqa": sdpa_gqa, "sdpa grouped": sdpa_grouped}
 
 
@@ -222,7 +229,9 @@ def main(argv=None) -> int:
 
     long_L = 32768 if on_cuda else max(seqlens)
     body += ["", f"Goals (caches >= {common.fmt_len(long_L)}; the worst row counts):"]
-    for name in ("fused_attn contig", "fused_attn paged", "fused_attn op only"):
+    for name in ("fused_attn contig", "fused_attn paged", "fused_attn op only", "fused_attn cuda"):
+        if name not in provs:
+            continue
         mine = [r for r in rows if r["provider"] == name and r["L"] >= long_L]
         fr = [r["pct_copy"] / 100 for r in mine if r.get("pct_copy") is not None]
         vs = [r["vs_sdpa"] for r in mine if r.get("vs_sdpa") is not None]
