@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import test_kvcache as kvcache_tests
-from oracle import assert_accurate, naive_attention, random_qkv
+from oracle import assert_accurate, naive_attention, random_qkv, tile_sparse_mask
 
 import fused_attn
 from fused_attn.backends import BACKENDS, cuda_backend
@@ -134,6 +134,21 @@ def test_variants(cuda, dtype, variant):
 def test_dropout_matches_the_shared_philox_mask(cuda, dtype):
     """The kernels drop exactly fused_attn.dropout_keep_mask's elements (the bits every backend draws)."""
     check_forward(cuda, (2, 3, 1, 45, 77, 32, 32), dtype, dropout_p=0.3, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_key_blocks_the_mask_hides_are_skipped(emulated, dtype):
+    """A bool mask hiding whole tiles (oracle.tile_sparse_mask: key padding, a head that sees
+    nothing, per-head hidden key blocks) against float64 math. Batch 0 sees 37 keys, and its values
+    past key 64 (whole hidden key blocks) are made NaN: a kernel that computed those blocks would
+    multiply p = 0 by NaN; one that skips them gives the same output bit for bit."""
+    shape = (2, 6, 2, 70, 300, 32, 24)
+    mask = tile_sparse_mask(2, 6, 70, 300)
+    q, k, v = random_qkv(*shape, dtype=dtype, device=CPU)
+    out, _ = check_forward(emulated, shape, dtype, qkv=(q, k, v), attn_mask=mask)
+    poisoned = v.clone()
+    poisoned[0, :, 64:] = math.nan
+    assert torch.equal(fused_attn.attention(q, k, poisoned, attn_mask=mask, backend=emulated.name), out)
 
 
 def test_dropout_agrees_with_the_cpu_backend(emulated):

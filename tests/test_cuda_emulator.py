@@ -1,7 +1,7 @@
 """The CPU emulator of the CUDA subset (tests/cuda_emulator/) against the PTX ISA: each primitive
 runs in a small kernel (selftest.cpp) and its per-lane results are checked against the ISA's
 layouts, computed here independently: mma.m16n8k16 fragments, ldmatrix (plain and .trans, x2 and
-x4), shuffles, cp.async (zero-fill, completion at the wait), __syncthreads, error reports, and
+x4), shuffles, cp.async (zero-fill, completion at the wait), __syncthreads and __syncthreads_or, error reports, and
 float -> fp16/bf16 rounding (against torch's conversions)."""
 import os
 import struct
@@ -118,6 +118,14 @@ def test_syncthreads_publishes_shared_memory(selftest):
     their own dynamic shared memory contents."""
     out = [int(w) for w in selftest("syncthreads")]
     assert out == [1000 * block + (t + 1) % 96 for block in range(2) for t in range(96)]
+
+
+def test_syncthreads_or_gives_every_thread_the_blocks_vote(selftest):
+    """One true vote among 96 threads reaches all of them; a round with none gives 0 to all; votes
+    never leak into the next round or the other block."""
+    out = [int(w) for w in selftest("syncthreads_or")]
+    expected = {(0, 0): 1, (0, 1): 0, (0, 2): 0, (1, 0): 1, (1, 1): 0, (1, 2): 1}
+    assert out == [expected[block, round_] for block in range(2) for round_ in range(3) for _ in range(96)]
 
 
 def test_errors_are_reported(selftest):

@@ -24,11 +24,11 @@ class BlockRows {
   // (registers are tight there: a computed first row alone costs the widest kernels occupancy).
   template <int kBlockM, bool kDecoding>
   __device__ static BlockRows of_this_block(const ForwardParams& params) {
-    if (!kDecoding) return BlockRows(static_cast<int>(blockIdx.x) * kBlockM, 1, static_cast<int>(blockIdx.y), 0, false);
+    if (!kDecoding) return BlockRows(static_cast<int>(blockIdx.x) * kBlockM, 1, static_cast<int>(blockIdx.y), 0, false, true);
     const Decoding& d = params.decoding;
     const int group = static_cast<int>(d.group), splits = static_cast<int>(d.splits);
     return BlockRows(static_cast<int>(blockIdx.x) / splits * kBlockM, group, static_cast<int>(blockIdx.y) * group,
-                     static_cast<int>(blockIdx.x) % splits, splits > 1);
+                     static_cast<int>(blockIdx.x) % splits, splits > 1, false);
   }
 
   // Row r of the block is query query(r) of head head(r) (query >= Lq: a padding row).
@@ -55,11 +55,33 @@ class BlockRows {
     return keys;
   }
 
+  // The first key block from n0 on (blocks of kBlockN keys, up to `end`) in which the bool mask
+  // lets some row of the block see some key: the blocks before it add nothing (p = 0 throughout),
+  // so they are skipped, their keys never loaded. Every thread of the block calls it (one vote of
+  // the block per key block tried); without a mask it is n0. For rows of one head, `scores`'s:
+  // decoding takes no mask.
+  template <int kBlockN, int kThreads>
+  __device__ __forceinline__ int next_key_block(const HeadScores& scores, int rows, int n0, int end) const {
+    if (!dense_ || !scores.has_mask()) return n0;
+    const Strided& mask = scores.mask();
+    const bool* mask_rows = scores.mask_row(query(0));
+    if (mask.row == 0) rows = 1;  // a broadcast dim is read once
+    for (; n0 < end; n0 += kBlockN) {
+      const int keys = mask.col == 0 ? 1 : end - n0 < kBlockN ? end - n0 : kBlockN;
+      bool shown = false;  // this thread's share of the key block's pairs
+      for (int pair = threadIdx.x; pair < rows * keys && !shown; pair += kThreads)
+        shown = mask_rows[pair / keys * mask.row + (n0 + pair % keys) * mask.col];
+      if (__syncthreads_or(shown)) break;
+    }
+    return n0;
+  }
+
  private:
-  __device__ BlockRows(int m0, int group, int first_head, int split, bool is_split)
-      : m0_(m0), group_(group), first_head_(first_head), split_(split), is_split_(is_split) {}
+  __device__ BlockRows(int m0, int group, int first_head, int split, bool is_split, bool dense)
+      : m0_(m0), group_(group), first_head_(first_head), split_(split), is_split_(is_split), dense_(dense) {}
   int m0_, group_, first_head_, split_;
   bool is_split_;
+  bool dense_;  // a dense or packed call's block (known when the kernel is compiled): may have a mask
 };
 
 // Where row i of head (b, h) of a block goes: out (T) and lse, or with split-KV its split's fp32

@@ -71,9 +71,10 @@ __global__ void forward_kernel(ForwardParams call) {
 
   auto query_row = [&](int r) { return element_at<T>(params.q, b, block.head(r), block.query(r), 0); };
   load_tile<T, kBlockM, kDim, kStride, kThreads>(q_smem, query_row, rows, D, static_cast<const T*>(params.q.data));
-  if (first < keys.end) load_keys(k_smem, params.k, first, D);
+  int n0 = block.next_key_block<kBlockN, kThreads>(scores[0], rows, first, keys.end);
+  if (n0 < keys.end) load_keys(k_smem, params.k, n0, D);
   ptx::cp_async_commit();
-  for (int n0 = first; n0 < keys.end; n0 += kBlockN) {
+  while (n0 < keys.end) {
     load_keys(v_smem, params.v, n0, Dv);
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();  // Q and this block's K
@@ -93,7 +94,8 @@ __global__ void forward_kernel(ForwardParams call) {
       }
     }
     __syncthreads();  // every warp is done with K
-    if (n0 + kBlockN < keys.end) load_keys(k_smem, params.k, n0 + kBlockN, D);
+    const int next = block.next_key_block<kBlockN, kThreads>(scores[0], rows, n0 + kBlockN, keys.end);
+    if (next < keys.end) load_keys(k_smem, params.k, next, D);
     ptx::cp_async_commit();
 
     // Scores, then the softmax of rows group (r = 0) and group + 8 (r = 1) of the warp.
@@ -142,6 +144,7 @@ __global__ void forward_kernel(ForwardParams call) {
       }
     }
     __syncthreads();  // every warp is done with V
+    n0 = next;
   }
   ptx::cp_async_wait<0>();
 

@@ -58,9 +58,10 @@ __global__ void forward_kernel(ForwardParams call) {
 
   auto query_row = [&](int r) { return element_at<float>(params.q, b, block.head(r), block.query(r), 0); };
   load_tile<float, kBlockM, kDim, kStride, kThreads>(q_smem, query_row, rows, D, static_cast<const float*>(params.q.data));
-  if (first < keys.end) load_keys(k_smem, params.k, first, D);
+  int n0 = block.next_key_block<kBlockN, kThreads>(scores, rows, first, keys.end);
+  if (n0 < keys.end) load_keys(k_smem, params.k, n0, D);
   ptx::cp_async_commit();
-  for (int n0 = first; n0 < keys.end; n0 += kBlockN) {
+  while (n0 < keys.end) {
     load_keys(v_smem, params.v, n0, Dv);
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();  // Q and this block's K
@@ -77,7 +78,8 @@ __global__ void forward_kernel(ForwardParams call) {
       block_max = fmaxf(block_max, s[u]);
     }
     __syncthreads();  // every thread is done with K
-    if (n0 + kBlockN < keys.end) load_keys(k_smem, params.k, n0 + kBlockN, D);
+    const int next = block.next_key_block<kBlockN, kThreads>(scores, rows, n0 + kBlockN, keys.end);
+    if (next < keys.end) load_keys(k_smem, params.k, next, D);
     ptx::cp_async_commit();
 
     block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
@@ -102,6 +104,7 @@ __global__ void forward_kernel(ForwardParams call) {
         o[u] = fmaf(prob, v_smem[key * kStride + part + kThreadsPerRow * u], o[u]);
     }
     __syncthreads();  // every thread is done with V and the probabilities
+    n0 = next;
   }
   ptx::cp_async_wait<0>();
 

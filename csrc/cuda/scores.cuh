@@ -104,6 +104,12 @@ class HeadScores {
     return s;
   }
 
+  __device__ __forceinline__ bool has_mask() const { return p_.variants.mask.data != nullptr; }
+
+  // The bool mask (a broadcast view) and row i of this head's.
+  __device__ __forceinline__ const Strided& mask() const { return p_.variants.mask; }
+  __device__ __forceinline__ const bool* mask_row(int i) const { return at<bool>(p_.variants.mask, i, 0); }
+
   // What multiplies probability (i, j) before it meets V: 1 without dropout, else keep / (1 - p).
   __device__ __forceinline__ float dropout_factor(int i, int j) const {
     const Variants& v_ = p_.variants;

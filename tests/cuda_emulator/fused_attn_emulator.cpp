@@ -54,6 +54,7 @@ struct Launch {
   ucontext_t scheduler;
   Fiber* current = nullptr;
   int live = 0, barrier_arrived = 0;
+  bool barrier_any = false;  // __syncthreads_or: some thread at the barrier gave a true predicate
   std::unique_ptr<char, decltype(&std::free)> smem{nullptr, &std::free};
   size_t smem_bytes = 0;
   std::string error;
@@ -95,13 +96,16 @@ void wait_here() {
   std::abort();  // not reached
 }
 
+// Every waiting thread leaves the barrier with its OR (out[0], what __syncthreads_or returns).
 void release_barrier(Launch& l) {
   l.barrier_arrived = 0;
   for (Fiber& f : l.fibers)
     if (f.at_barrier) {
       f.at_barrier = false;
+      f.out[0] = l.barrier_any;
       f.state = State::Runnable;
     }
+  l.barrier_any = false;
 }
 
 void run_copies(const std::vector<Copy>& group) {
@@ -215,6 +219,7 @@ bool run_block(Launch& l, dim3 block_idx, dim3 grid, dim3 block) {
   std::memset(l.smem.get(), 0xff, l.smem_bytes);  // unwritten shared memory reads as NaN
   l.live = threads;
   l.barrier_arrived = 0;
+  l.barrier_any = false;
   for (Warp& w : l.warps) w.arrived = 0;
   for (int t = 0; t < threads; ++t) {
     Fiber& f = l.fibers[t];
@@ -257,15 +262,20 @@ const ThreadPosition& position() { return launch().current->position; }
 
 char* dynamic_shared_memory() { return launch().smem.get(); }
 
-void sync_threads() {
+int sync_threads_or(int predicate) {
   Launch& l = launch();
+  l.barrier_any = l.barrier_any || predicate != 0;
   if (++l.barrier_arrived == l.live) {
+    const bool any = l.barrier_any;
     release_barrier(l);
-    return;
+    return any;
   }
   l.current->at_barrier = true;
   wait_here();
+  return static_cast<int>(l.current->out[0]);
 }
+
+void sync_threads() { sync_threads_or(0); }
 
 void sync_warp(unsigned mask) { collective(Collective::SyncWarp, 0, mask); }
 

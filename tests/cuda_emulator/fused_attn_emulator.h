@@ -138,6 +138,7 @@ struct ThreadPosition {
 const ThreadPosition& position();
 
 void sync_threads();
+int sync_threads_or(int predicate);  // nonzero when some thread's predicate is
 void sync_warp(unsigned mask);
 uint32_t shuffle(unsigned mask, uint32_t value, int lane_or_mask, bool xor_lanes);
 
@@ -164,6 +165,7 @@ constexpr int kMultiprocessors = 4;
 #define gridDim (::fused_attn_emulator::position().grid_dim)
 
 inline void __syncthreads() { fused_attn_emulator::sync_threads(); }
+inline int __syncthreads_or(int predicate) { return fused_attn_emulator::sync_threads_or(predicate); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { fused_attn_emulator::sync_warp(mask); }
 
 template <typename T>

@@ -7,7 +7,8 @@
 // memory holds 0, 1, 2, ... as 16-bit words, row r of matrix m at words 64 m + 8 r; stdout: per
 // lane its registers), shfl (stdout: per lane xor-1, xor-6 and idx-(lane * 5 % 32) shuffles of
 // 100 + lane), cp_async (stdout: shared words before the wait, after it), syncthreads (stdout: per
-// thread the neighbour's value seen after a barrier), deadlock | divergence (stdout: the launch's
+// thread the neighbour's value seen after a barrier), syncthreads_or (stdout: per block, round and
+// thread what __syncthreads_or returned), deadlock | divergence (stdout: the launch's
 // error), convert (stdin: float bit patterns; stdout: per value its half and bfloat16 bits).
 #include <cstdio>
 #include <cstring>
@@ -96,6 +97,14 @@ __global__ void syncthreads_kernel(uint32_t* out) {
   out[blockIdx.x * n + t] = smem[(t + 1) % n];
 }
 
+// Three rounds of __syncthreads_or: only thread 70 votes true in round 0, none in round 1, only
+// thread 5 of block 1 in round 2; each thread writes what every round returned.
+__global__ void syncthreads_or_kernel(uint32_t* out) {
+  const unsigned t = threadIdx.x, n = blockDim.x;
+  const bool votes[3] = {t == 70, false, blockIdx.x == 1 && t == 5};
+  for (int round = 0; round < 3; ++round) out[(blockIdx.x * 3 + round) * n + t] = __syncthreads_or(votes[round]);
+}
+
 // Half the warp waits at __syncwarp for lanes that wait at __syncthreads for it.
 __global__ void deadlock_kernel() {
   if (threadIdx.x % 32 < 16)
@@ -142,6 +151,9 @@ int main(int argc, char** argv) {
   } else if (mode == "syncthreads") {
     out.resize(2 * 96);
     error = launch_kernel(syncthreads_kernel, dim3(2), dim3(96), 96 * sizeof(uint32_t), nullptr, out.data());
+  } else if (mode == "syncthreads_or") {
+    out.resize(2 * 3 * 96);
+    error = launch_kernel(syncthreads_or_kernel, dim3(2), dim3(96), 0, nullptr, out.data());
   } else if (mode == "deadlock" || mode == "divergence") {
     error = mode == "deadlock" ? launch_kernel(deadlock_kernel, dim3(1), dim3(32), 0, nullptr)
                                : launch_kernel(divergence_kernel, dim3(1), dim3(32), 0, nullptr);
