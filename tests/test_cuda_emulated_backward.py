@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import test_varlen as varlen_tests
-from oracle import check_against_oracle, random_qkv
+from oracle import check_against_oracle, random_qkv, tile_sparse_mask
 
 import fused_attn
 
@@ -192,3 +192,29 @@ def test_varlen_dropout(emulated, monkeypatch, dtype):
 def test_varlen_rows_after_the_last_sequence(emulated, monkeypatch):
     monkeypatch.setattr(varlen_tests, "DEVICE", CPU)
     varlen_tests.test_varlen_rows_after_the_last_sequence(emulated.name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_tiles_the_mask_hides_are_skipped(cuda, dtype):
+    """oracle.tile_sparse_mask (key padding, a head that sees nothing, per-head hidden key blocks)
+    against float64 math. Then NaN goes where only hidden tiles would read it: batch 0's keys and
+    values past key 64 (whole hidden key blocks; dq reads them) and head 1's queries and output
+    gradients (a head that sees nothing; dk and dv read them). A kernel that computed those tiles
+    would multiply p = 0 by NaN; one that skips them gives every gradient bit for bit."""
+    shape = (2, 6, 2, 70, 300, 32, 24)
+    mask = tile_sparse_mask(2, 6, 70, 300, device=cuda.device)
+    check(cuda, shape, dtype, attn_mask=mask)
+    q, k, v = random_qkv(*shape, dtype=dtype, device=cuda.device)
+    dout = torch.randn(2, 6, 70, 24, dtype=dtype, device=cuda.device)
+
+    def gradients(q, k, v, dout):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fused_attn.attention(*leaves, attn_mask=mask, backend=cuda.name)
+        return torch.autograd.grad(out, leaves, dout)
+
+    clean = gradients(q, k, v, dout)
+    q, k, v, dout = (t.clone() for t in (q, k, v, dout))
+    k[0, :, 64:] = v[0, :, 64:] = float("nan")
+    q[:, 1] = dout[:, 1] = float("nan")
+    for name, a, b in zip(("dq", "dk", "dv"), clean, gradients(q, k, v, dout)):
+        assert torch.equal(a, b), name

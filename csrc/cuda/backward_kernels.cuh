@@ -211,6 +211,8 @@ __global__ void dq_kernel(BackwardParams call) {
 
   float dq[kDim / 8][4] = {};
   for (int n0 = keys.begin / kStream * kStream; n0 < keys.end; n0 += kStream) {
+    if (!scores.mask_shows_tile<Shape::kThreads>(q0, kRows < Lq - q0 ? kRows : Lq - q0, n0, kStream < Lk - n0 ? kStream : Lk - n0))
+      continue;
     load_rows<T, kStream, kDim, kStride, Shape::kThreads>(k_smem, params.k, b, hk, n0, Lk - n0, D);
     load_rows<T, kStream, kDim, kStride, Shape::kThreads>(v_smem, params.v, b, hk, n0, Lk - n0, Dv);
     ptx::cp_async_commit();
@@ -242,6 +244,9 @@ __global__ void dkdv_kernel(BackwardParams params) {
   using Shape = Tiles<T, kDim>;
   constexpr bool kKeys = kWhich != KeyGradients::Values, kValues = kWhich != KeyGradients::Keys;
   constexpr int kRows = Shape::kRows, kStream = Shape::kQueryStream, kStride = Shape::kStride;
+  // Query blocks a bool mask hides are skipped, except by fp32's widest kernels, which have no
+  // registers to spare for the vote (they compute p = 0 there instead).
+  constexpr bool kSkipHidden = sizeof(T) == 2 || kDim < 128;
   const int n0 = blockIdx.x * kRows, hk = blockIdx.y, b = blockIdx.z;
   const SequenceStart start = sequence_start(params, b);  // rows below are local to the sequence
   const Problem& p = start.p;
@@ -267,6 +272,9 @@ __global__ void dkdv_kernel(BackwardParams params) {
     const int h = hk * group_size + g;
     const HeadScores scores(p, b, h);
     for (int m0 = queries.begin / kStream * kStream; m0 < queries.end; m0 += kStream) {
+      if (kSkipHidden &&
+          !scores.mask_shows_tile<Shape::kThreads>(m0, kStream < Lq - m0 ? kStream : Lq - m0, n0, kRows < Lk - n0 ? kRows : Lk - n0))
+        continue;
       load_rows<T, kStream, kDim, kStride, Shape::kThreads>(q_smem, params.q, b, h, start.q_row + m0, Lq - m0, D);
       load_rows<T, kStream, kDim, kStride, Shape::kThreads>(do_smem, params.dout, b, h, start.q_row + m0, Lq - m0, Dv);
       for (int r = threadIdx.x; r < kStream; r += Shape::kThreads) {

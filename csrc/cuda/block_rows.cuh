@@ -56,23 +56,14 @@ class BlockRows {
   }
 
   // The first key block from n0 on (blocks of kBlockN keys, up to `end`) in which the bool mask
-  // lets some row of the block see some key: the blocks before it add nothing (p = 0 throughout),
-  // so they are skipped, their keys never loaded. Every thread of the block calls it (one vote of
-  // the block per key block tried); without a mask it is n0. For rows of one head, `scores`'s:
-  // decoding takes no mask.
+  // lets some row of the block see some key (HeadScores::mask_shows_tile): the blocks before it
+  // are skipped, their keys never loaded. Every thread of the block calls it; without a mask it is
+  // n0. For rows of one head, `scores`'s: decoding takes no mask.
   template <int kBlockN, int kThreads>
   __device__ __forceinline__ int next_key_block(const HeadScores& scores, int rows, int n0, int end) const {
     if (!dense_ || !scores.has_mask()) return n0;
-    const Strided& mask = scores.mask();
-    const bool* mask_rows = scores.mask_row(query(0));
-    if (mask.row == 0) rows = 1;  // a broadcast dim is read once
-    for (; n0 < end; n0 += kBlockN) {
-      const int keys = mask.col == 0 ? 1 : end - n0 < kBlockN ? end - n0 : kBlockN;
-      bool shown = false;  // this thread's share of the key block's pairs
-      for (int pair = threadIdx.x; pair < rows * keys && !shown; pair += kThreads)
-        shown = mask_rows[pair / keys * mask.row + (n0 + pair % keys) * mask.col];
-      if (__syncthreads_or(shown)) break;
-    }
+    while (n0 < end && !scores.mask_shows_tile<kThreads>(query(0), rows, n0, end - n0 < kBlockN ? end - n0 : kBlockN))
+      n0 += kBlockN;
     return n0;
   }
 

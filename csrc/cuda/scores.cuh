@@ -106,9 +106,22 @@ class HeadScores {
 
   __device__ __forceinline__ bool has_mask() const { return p_.variants.mask.data != nullptr; }
 
-  // The bool mask (a broadcast view) and row i of this head's.
-  __device__ __forceinline__ const Strided& mask() const { return p_.variants.mask; }
-  __device__ __forceinline__ const bool* mask_row(int i) const { return at<bool>(p_.variants.mask, i, 0); }
+  // Whether the bool mask lets some query of [i0, i0 + rows) see some key of [j0, j0 + keys):
+  // tiles it hides whole add nothing (p = dS = 0 throughout) and are skipped. Every thread of the
+  // block calls it (one block-wide vote, each thread reading its share of the pairs, a broadcast
+  // dim once); true without a mask, without a vote.
+  template <int kThreads>
+  __device__ __forceinline__ bool mask_shows_tile(int i0, int rows, int j0, int keys) const {
+    const Strided& mask = p_.variants.mask;
+    if (mask.data == nullptr) return true;
+    const bool* rows_from = at<bool>(mask, i0, j0);
+    if (mask.row == 0) rows = 1;
+    if (mask.col == 0) keys = 1;
+    bool shown = false;
+    for (int pair = threadIdx.x; pair < rows * keys && !shown; pair += kThreads)
+      shown = rows_from[pair / keys * mask.row + pair % keys * mask.col];
+    return __syncthreads_or(shown) != 0;
+  }
 
   // What multiplies probability (i, j) before it meets V: 1 without dropout, else keep / (1 - p).
   __device__ __forceinline__ float dropout_factor(int i, int j) const {
