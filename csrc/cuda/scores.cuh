@@ -91,16 +91,16 @@ class HeadScores {
   // s = softcap * tanh(scale q.k / softcap) - slope |d| + bias, or -inf where query i may not see
   // key j: outside the sequence, the window, or the mask (rows past Lq count as hidden).
   __device__ __forceinline__ float score(float dot, int i, int j) const {
-    const Variants& v_ = p_.variants;
+    const Variants& v = p_.variants;
     if (i >= p_.seqlen_q || j >= p_.seqlen_k) return -INFINITY;
-    const int64_t distance = j - (i + v_.shift);
-    if ((v_.window_left >= 0 && distance < -v_.window_left) || (v_.window_right >= 0 && distance > v_.window_right))
+    const int64_t distance = j - (i + v.shift);
+    if ((v.window_left >= 0 && distance < -v.window_left) || (v.window_right >= 0 && distance > v.window_right))
       return -INFINITY;
-    if (v_.mask.data != nullptr && !*at<bool>(v_.mask, i, j)) return -INFINITY;
+    if (v.mask.data != nullptr && !*at<bool>(v.mask, i, j)) return -INFINITY;
     float s = dot * p_.scale;
-    if (v_.softcap > 0.f) s = v_.softcap * tanhf(s / v_.softcap);
-    if (v_.alibi_slopes != nullptr) s -= slope_ * static_cast<float>(distance < 0 ? -distance : distance);
-    if (v_.bias.data != nullptr) s += *at<float>(v_.bias, i, j);
+    if (v.softcap > 0.f) s = v.softcap * tanhf(s / v.softcap);
+    if (v.alibi_slopes != nullptr) s -= slope_ * static_cast<float>(distance < 0 ? -distance : distance);
+    if (v.bias.data != nullptr) s += *at<float>(v.bias, i, j);
     return s;
   }
 
@@ -125,11 +125,11 @@ class HeadScores {
 
   // What multiplies probability (i, j) before it meets V: 1 without dropout, else keep / (1 - p).
   __device__ __forceinline__ float dropout_factor(int i, int j) const {
-    const Variants& v_ = p_.variants;
-    if (!v_.dropout) return 1.f;
+    const Variants& v = p_.variants;
+    if (!v.dropout) return 1.f;
     const uint32_t head = static_cast<uint32_t>(b_ * p_.heads_q + h_);
     const uint32_t bits = philox_bits(seed_, static_cast<uint32_t>(j), static_cast<uint32_t>(i), head);
-    return bits >= v_.drop_threshold ? v_.keep_scale : 0.f;
+    return bits >= v.drop_threshold ? v.keep_scale : 0.f;
   }
 
  private:
