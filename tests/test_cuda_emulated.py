@@ -137,18 +137,18 @@ def test_dropout_matches_the_shared_philox_mask(cuda, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_key_blocks_the_mask_hides_are_skipped(emulated, dtype):
+def test_key_blocks_the_mask_hides_are_skipped(cuda, dtype):
     """A bool mask hiding whole tiles (oracle.tile_sparse_mask: key padding, a head that sees
     nothing, per-head hidden key blocks) against float64 math. Batch 0 sees 37 keys, and its values
     past key 64 (whole hidden key blocks) are made NaN: a kernel that computed those blocks would
     multiply p = 0 by NaN; one that skips them gives the same output bit for bit."""
     shape = (2, 6, 2, 70, 300, 32, 24)
-    mask = tile_sparse_mask(2, 6, 70, 300)
-    q, k, v = random_qkv(*shape, dtype=dtype, device=CPU)
-    out, _ = check_forward(emulated, shape, dtype, qkv=(q, k, v), attn_mask=mask)
+    mask = tile_sparse_mask(2, 6, 70, 300, device=cuda.device)
+    q, k, v = random_qkv(*shape, dtype=dtype, device=cuda.device)
+    out, _ = check_forward(cuda, shape, dtype, qkv=(q, k, v), attn_mask=mask)
     poisoned = v.clone()
     poisoned[0, :, 64:] = math.nan
-    assert torch.equal(fused_attn.attention(q, k, poisoned, attn_mask=mask, backend=emulated.name), out)
+    assert torch.equal(fused_attn.attention(q, k, poisoned, attn_mask=mask, backend=cuda.name), out)
 
 
 def test_dropout_agrees_with_the_cpu_backend(emulated):
@@ -186,29 +186,30 @@ def test_kvcache(emulated, monkeypatch, dtype, seqlen_q, new_tokens, keywords, p
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("seqlen_q, new_tokens, keywords", kvcache_tests.CASES)
-def test_kvcache_split_kv(emulated, monkeypatch, seqlen_q, new_tokens, keywords, paged):
+def test_kvcache_split_kv(cuda, monkeypatch, seqlen_q, new_tokens, keywords, paged):
     """The same check with the keys cut into splits and merged by their lse (split-KV), which
     these small caches would not get by shape: 100 keys in two splits of 64, the query heads of a
     group sharing blocks; the emptiest cache's second split sees no key."""
-    monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
-    monkeypatch.setattr(BACKENDS[emulated.name], "decode_splits", 3)
-    kvcache_tests.test_kvcache_matches_attention_on_the_prefix(emulated.name, torch.bfloat16, seqlen_q, new_tokens,
+    monkeypatch.setattr(kvcache_tests, "DEVICE", cuda.device)
+    monkeypatch.setattr(BACKENDS[cuda.name], "decode_splits", 3)
+    kvcache_tests.test_kvcache_matches_attention_on_the_prefix(cuda.name, torch.bfloat16, seqlen_q, new_tokens,
                                                                keywords, paged)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_long_cache_is_split_by_shape(emulated, dtype):
-    """A decode step against a cache long enough for the emulated GPU (4 multiprocessors) to want
-    more blocks: the keys are split, and out and lse still match float64 attention on the prefix
-    (GQA, ALiBi and a window; one sequence ends inside a split, one is empty past the first)."""
+def test_long_cache_is_split_by_shape(cuda, dtype):
+    """A decode step against a cache long enough for the GPU to want more blocks (the emulated one
+    has 4 multiprocessors; an H100 132, which gives 3 splits too): the keys are split, and out and
+    lse still match float64 attention on the prefix (GQA, ALiBi and a window; one sequence ends
+    inside a split, one is empty past the first)."""
     heads_q, heads_kv, capacity, d = 4, 2, 1000, 32
-    cached = torch.tensor([1000, 517, 3], dtype=torch.int32)
-    q = torch.randn(3, 1, heads_q, d, dtype=dtype)
-    k_cache = torch.randn(3, capacity, heads_kv, d, dtype=dtype)
-    v_cache = torch.randn(3, capacity, heads_kv, d, dtype=dtype)
-    slopes = torch.rand(heads_q)
+    cached = torch.tensor([1000, 517, 3], dtype=torch.int32, device=cuda.device)
+    q = torch.randn(3, 1, heads_q, d, dtype=dtype, device=cuda.device)
+    k_cache = torch.randn(3, capacity, heads_kv, d, dtype=dtype, device=cuda.device)
+    v_cache = torch.randn(3, capacity, heads_kv, d, dtype=dtype, device=cuda.device)
+    slopes = torch.rand(heads_q, device=cuda.device)
     out, lse = fused_attn.attention_with_kvcache(q, k_cache, v_cache, cached, alibi_slopes=slopes, window=(700, -1),
-                                                 return_lse=True, backend=emulated.name)
+                                                 return_lse=True, backend=cuda.name)
     for b, length in enumerate(cached.tolist()):
         args = (q[b:b + 1].transpose(1, 2), k_cache[b:b + 1, :length].transpose(1, 2),
                 v_cache[b:b + 1, :length].transpose(1, 2))
