@@ -18,6 +18,13 @@ Providers:
     sdpa_efficient        torch SDPA pinned to SDPBackend.EFFICIENT_ATTENTION (CUDA)
     sdpa_cudnn            torch SDPA pinned to SDPBackend.CUDNN_ATTENTION (CUDA)
     sdpa_math             torch SDPA pinned to SDPBackend.MATH (materialises L x L scores)
+    flash_attn            flash_attn.flash_attn_func (the flash-attn package), where it is installed
+    flex                  torch's FlexAttention under torch.compile (causal as a block mask); not
+                          a default, as it compiles once per shape (minutes over a whole sweep)
+
+Default providers on CUDA: fused_attn (dispatch: triton), fused_attn:cuda (where the extension
+has the CUDA kernels), sdpa_flash, sdpa_cudnn, sdpa_efficient, flash_attn where importable; the
+goal lines after the table are the issues' GPU goals, read from those rows.
 
 FLOPs follow the convention every peer benchmark uses (flash-attn, FlagAttention): forward
 4*B*H*L*L*D, halved for causal; backward 2.5x forward, so forward+backward is 3.5x forward.
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib.util
 import io
 import itertools
 import os
@@ -106,7 +114,7 @@ class Config:
 
 def cuda_configs(quick: bool) -> list[Config]:
     # batch * seqlen = 16k tokens, hidden 2048: head dim 64 -> 32 heads, 128 -> 16 heads.
-    seqlens = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192)
+    seqlens = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
     head_dims = (128,) if quick else (64, 128)
     out = []
     for D in head_dims:
@@ -160,7 +168,38 @@ def _fused(backend: Optional[str]) -> Provider:
     return Provider(name, fn)
 
 
+def _flash_attn() -> Provider:
+    from flash_attn import flash_attn_func  # (B, L, H, D) layout: the same memory, transposed views
+
+    def fn(q, k, v, causal):
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+
+    return Provider("flash_attn", fn)
+
+
+def _flex() -> Provider:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+    block_masks = {}  # one per (L, device): building it is part of setting up, not of each call
+
+    def causal_mask(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def fn(q, k, v, causal):
+        key = (q.shape[-2], q.device)
+        if causal and key not in block_masks:
+            block_masks[key] = create_block_mask(causal_mask, None, None, key[0], key[0], device=q.device)
+        return compiled(q, k, v, block_mask=block_masks[key] if causal else None)
+
+    return Provider("flex", fn)
+
+
 def make_provider(name: str) -> Provider:
+    if name == "flash_attn":
+        return _flash_attn()
+    if name == "flex":
+        return _flex()
     if name == "fused_attn":
         return _fused(None)
     if name.startswith("fused_attn:"):
@@ -179,9 +218,43 @@ def make_provider(name: str) -> Provider:
 
 
 def default_providers(on_cuda: bool) -> list[str]:
-    if on_cuda:
-        return ["fused_attn", "sdpa_flash", "sdpa"]
-    return ["fused_attn", "sdpa", "sdpa_math"]
+    if not on_cuda:
+        return ["fused_attn", "sdpa", "sdpa_math"]
+    names = ["fused_attn"]
+    if "cuda" in available_fused_backends():
+        names.append("fused_attn:cuda")
+    names += ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
+    if importlib.util.find_spec("flash_attn") is not None:
+        names.append("flash_attn")
+    return names
+
+
+# The GPU goals (issues #3 and #7), bf16: (name, provider, against, D, L, passes, target); each
+# is the worst ratio time(against) / time(provider) over causal and not and the passes named.
+GPU_GOALS = [
+    ("forward vs SDPA flash (D=128, L=4096)", "fused_attn", "sdpa_flash", 128, 4096, ("fwd",), 1.2),
+    ("forward+backward vs SDPA flash (D=128, L=4096)", "fused_attn", "sdpa_flash", 128, 4096, ("fwd+bwd",), 1.0),
+    ("forward vs SDPA flash (D=64, L=4096)", "fused_attn", "sdpa_flash", 64, 4096, ("fwd",), 1.1),
+    ("vs SDPA flash at L=512 (D=128)", "fused_attn", "sdpa_flash", 128, 512, PASSES, 0.8),
+    ("stretch: forward vs SDPA cuDNN (D=128, L=4096)", "fused_attn", "sdpa_cudnn", 128, 4096, ("fwd",), 0.9),
+    ("forward+backward vs SDPA efficient (B=4, H=16, L=4096, D=128)", "fused_attn:cuda",
+     "sdpa_efficient", 128, 4096, ("fwd+bwd",), 1.0),
+]
+
+
+def goal_lines(rows: list) -> list[str]:
+    from benchmarks.common import goal_line  # common imports this module
+
+    ms = {(r.provider, r.cfg.D, r.cfg.L, r.cfg.causal, r.pass_): r.ms for r in rows
+          if r.ms and r.cfg.dtype == torch.bfloat16}
+    lines = ["", "Goals (bf16; the worst of causal and not counts):"]
+    for name, provider, against, D, L, passes, target in GPU_GOALS:
+        ratios = [ms[(against, D, L, causal, p)] / ms[(provider, D, L, causal, p)]
+                  for causal in (False, True) for p in passes
+                  if (provider, D, L, causal, p) in ms and (against, D, L, causal, p) in ms]
+        lines.append(goal_line(f"{provider} {name}", min(ratios) if ratios else None, target,
+                                      higher_is_better=True))
+    return lines
 
 
 def available_fused_backends() -> list[str]:
@@ -364,8 +437,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sweep: check that every provider runs")
     p.add_argument(
         "--providers",
-        help="comma-separated providers (default: fused_attn,sdpa_flash,sdpa on CUDA; "
-        "fused_attn,sdpa,sdpa_math on CPU); see the module docstring",
+        help="comma-separated providers (default on CUDA: fused_attn, fused_attn:cuda, sdpa_flash, sdpa_cudnn, "
+        "sdpa_efficient, flash_attn where available; on CPU: fused_attn,sdpa,sdpa_math); see the module docstring",
     )
     p.add_argument("--out", type=Path, help="CSV path (default: benchmarks/results/<device>/bench.csv)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
@@ -506,6 +579,8 @@ def main(argv=None) -> int:
             if key not in seen:
                 seen.add(key)
                 table.append(f"- {r.provider}: {r.error}")
+    if on_cuda:
+        table += goal_lines(rows)
     print("\n".join(table), flush=True)
 
     out = args.out or (RESULTS_DIR / device_slug(on_cuda) / ("bench-quick.csv" if args.quick else "bench.csv"))
