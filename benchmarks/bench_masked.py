@@ -10,7 +10,8 @@ Cases (each run by fused_attn.attention and by torch SDPA, default backend choic
     padding    bool key-padding mask (B, 1, 1, L), key lengths uniform in [L/2, L], to both
     bias       float bias (1, H, L, L) in q's dtype with requires_grad, to both: the bias gradient
                (in the bias's own shape) is part of fwd+bwd
-fused_attn takes one attn_mask, so the padding mask and the bias are separate cases.
+fused_attn takes one attn_mask, so the padding mask and the bias are separate cases. On a GPU
+whose extension has the CUDA kernels, "fused_attn:cuda" runs every case on the cuda backend too.
 
 Useful FLOPs count only the visible (i, j) pairs: forward 4*B*H*D*pairs, fwd+bwd 3.5x that (the
 peers' convention). "cost/FLOP vs plain" = (time / useful FLOPs) of the row over that of the same
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
         "fused_attn": lambda q, k, v, c: fused_attn.attention(q, k, v, **c.fused_kw),
         "sdpa": lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, **c.sdpa_kw),
     }
+    if on_cuda and "cuda" in fused_attn.available_backends():  # the fallback's kernels, forced
+        providers["fused_attn:cuda"] = lambda q, k, v, c: fused_attn.attention(q, k, v, backend="cuda", **c.fused_kw)
     rows: list[dict] = []
     for case in cases:
         for pass_ in passes:
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
                         raise times[pname]
                     row["ms"] = times[pname]
                     row["tflops"] = row["useful_flops"] / (row["ms"] * 1e-3) / 1e12
-                    if pname == "fused_attn" and pass_ == passes[0]:
+                    if pname.startswith("fused_attn") and pass_ == passes[0]:
                         q, k, v, _ = sets[0]
                         with torch.no_grad():
                             a = fn(q, k, v, case).float()
