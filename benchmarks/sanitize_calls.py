@@ -1,10 +1,11 @@
 """A compact sweep of GPU kernel calls to run under compute-sanitizer (benchmarks/device_check.sh).
 
-Every GPU backend (cuda, triton) runs forward and backward over shapes chosen for the bug classes
-the CPU interpreter and emulator cannot see: out-of-bounds reads on ragged tails, races between
-warps on shared memory, uninitialised reads. Each call is also compared with the reference
-backend, so a wrong answer is reported even when the sanitizer is silent. Exit status 1 when any
-call fails or disagrees.
+Every GPU backend (cuda, triton) runs forward and backward (masks hiding whole tiles included),
+and KV-cache decoding (GQA rows sharing blocks, split-KV and its merge, paged caches), over shapes
+chosen for the bug classes the CPU interpreter and emulator cannot see: out-of-bounds reads on
+ragged tails, races between warps on shared memory, uninitialised reads. Each call is also
+compared with the reference backend, so a wrong answer is reported even when the sanitizer is
+silent. Exit status 1 when any call fails or disagrees.
 
     python -m benchmarks.sanitize_calls            # the full sweep (memcheck)
     python -m benchmarks.sanitize_calls --small    # a few calls (racecheck is ~100x slower)
@@ -28,6 +29,7 @@ VARIANTS = [
     dict(window=(16, 3), softcap=20.0),
     dict(alibi=True, causal=True),
     dict(mask="padding"),
+    dict(mask="tiles"),
     dict(bias="heads"),
     dict(dropout_p=0.2),
 ]
@@ -39,6 +41,11 @@ def extras(variant, B, Hq, Lq, Lk, device):
         keywords["alibi_slopes"] = torch.rand(Hq, device=device)
     if variant.get("mask") == "padding":
         keywords["attn_mask"] = torch.rand(B, 1, 1, Lk, device=device) > 0.3
+    if variant.get("mask") == "tiles":  # whole key blocks hidden, which the kernels skip
+        mask = torch.rand(B, Hq, Lq, Lk, device=device) > 0.3
+        mask[0, :, :, 20:] = False
+        mask[:, 0] = False
+        keywords["attn_mask"] = mask
     if variant.get("bias") == "heads":
         keywords["attn_mask"] = torch.randn(1, Hq, Lq, Lk, device=device, requires_grad=True)
     return keywords
@@ -70,6 +77,35 @@ def check(backend, dtype, shape, variant, device) -> bool:
     return ok
 
 
+# KV-cache decoding (B, Lq, Hq, Hkv, D, capacity, paged): GQA rows sharing blocks, and caches long
+# enough to be split across blocks (split-KV and its merge), contiguous and paged.
+DECODE_CASES = [(2, 1, 8, 2, 128, 3000, False), (3, 5, 4, 4, 64, 1500, True), (1, 1, 32, 8, 128, 20000, True)]
+PAGE = 64
+
+
+def check_decode(backend, dtype, case, device) -> bool:
+    B, Lq, Hq, Hkv, D, capacity, paged = case
+    q = torch.randn(B, Lq, Hq, D, device=device, dtype=dtype)
+    k_cache = torch.randn(B, capacity, Hkv, D, device=device, dtype=dtype)
+    v_cache = torch.randn(B, capacity, Hkv, D, device=device, dtype=dtype)
+    lengths = torch.randint(1, capacity + 1, (B,), device=device, dtype=torch.int32)
+    table = None
+    if paged:  # the same keys in shuffled pages
+        pages = -(-capacity // PAGE)
+        table = torch.randperm(B * pages, device=device, dtype=torch.int32).view(B, pages)
+        padded = pages * PAGE - capacity
+        k_pages, v_pages = (torch.nn.functional.pad(c, (0, 0, 0, 0, 0, padded)).reshape(B * pages, PAGE, Hkv, D)
+                            for c in (k_cache, v_cache))
+        k_cache, v_cache = torch.empty_like(k_pages), torch.empty_like(v_pages)
+        k_cache[table.flatten().long()], v_cache[table.flatten().long()] = k_pages, v_pages
+    outs = [fused_attn.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=table, causal=True,
+                                              backend=name) for name in (backend, "reference")]
+    worst = ((outs[0].float() - outs[1].float()).abs().max() / (outs[1].float().abs().max() + 1e-2)).item()
+    ok = worst < (3e-2 if dtype != torch.float32 else 1e-3)
+    print(f"{'ok ' if ok else 'BAD'} {backend:7} {str(dtype)[6:]:8} decode {case}: worst relative error {worst:.2e}")
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="a few calls only")
@@ -90,6 +126,14 @@ def main() -> int:
         except Exception as error:  # report and go on: one run shows every failing call
             failures += 1
             print(f"ERR {backend} {dtype} {shape} {variant}: {type(error).__name__}: {error}")
+    for backend, dtype, case in itertools.product(backends, dtypes, DECODE_CASES[:1] if args.small else DECODE_CASES):
+        if args.small and dtype == torch.float16:
+            continue
+        try:
+            failures += not check_decode(backend, dtype, case, device)
+        except Exception as error:
+            failures += 1
+            print(f"ERR {backend} {dtype} decode {case}: {type(error).__name__}: {error}")
     print(f"{failures} failing calls")
     return 1 if failures or not backends else 0
 
