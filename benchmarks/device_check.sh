@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The checks only a GPU can run, prepared as one script for a lent GPU machine (the `device` tool:
-# 15 minutes of device time per session, at most 10 minutes per call). Run from the repository root:
+# 15 minutes of device time per session, the machine's start included, at most 10 minutes per
+# call). Run from the repository root. No GPU figure exists yet, so the figures come first:
 #
-#   bash benchmarks/device_check.sh build test sanitize     # call 1 (~8 min): native tests
-#   bash benchmarks/device_check.sh build tune bench        # call 2 (~8 min): tuning and benchmarks
+#   BENCH_S=300 bash benchmarks/device_check.sh build bench   # call 1 (timeout_s 590): every suite
+#   TEST_S=300 bash benchmarks/device_check.sh test           # call 2, at once on the warm machine
+#                                                             # (timeout_s 360): the native tests
+#   bash benchmarks/device_check.sh tune sanitize             # a later session: tuning, sanitizers
 #
+# Each stage's time box (seconds) can be set: BUILD_S, TEST_S, SANITIZE_S, TUNE_S, BENCH_S.
 # Stages (each time-boxed so the call ends inside its limit, and each logged):
 #   build     make env with the CUDA kernels required (FUSED_ATTN_CUDA=1), for this GPU only
 #   test      the test suite natively (every backend the GPU serves), in parallel with xdist
@@ -36,15 +40,15 @@ ARCH=$(python3 -c "import torch; print('%d%d' % torch.cuda.get_device_capability
 
 for stage in "${stages[@]}"; do
     case $stage in
-        build) run_stage build 300 env FUSED_ATTN_CUDA=1 FUSED_ATTN_CUDA_ARCHS="$ARCH" MAX_JOBS=16 make env
+        build) run_stage build "${BUILD_S:-300}" env FUSED_ATTN_CUDA=1 FUSED_ATTN_CUDA_ARCHS="$ARCH" MAX_JOBS=16 make env
                say "cuda build note: '$(cat fused_attn/_native_cuda.txt 2>/dev/null)'" ;;
-        test) run_stage test 330 python3 -m pytest tests -q -x -n 14 --timeout 300 -p no:cacheprovider ;;
-        sanitize) run_stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
+        test) run_stage test "${TEST_S:-330}" python3 -m pytest tests -q -x -n 14 --timeout 300 -p no:cacheprovider ;;
+        sanitize) run_stage memcheck "${SANITIZE_S:-90}" compute-sanitizer --tool memcheck --error-exitcode 3 \
                       python3 -m benchmarks.sanitize_calls
-                  run_stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 3 \
+                  run_stage racecheck "${SANITIZE_S:-90}" compute-sanitizer --tool racecheck --error-exitcode 3 \
                       python3 -m benchmarks.sanitize_calls --small ;;
-        tune) run_stage tune 240 python3 -m benchmarks.tune ;;
-        bench) run_stage bench 330 make bench ;;
+        tune) run_stage tune "${TUNE_S:-240}" python3 -m benchmarks.tune ;;
+        bench) run_stage bench "${BENCH_S:-330}" make bench ;;
         *) say "unknown stage $stage" ;;
     esac
 done
