@@ -8,6 +8,17 @@
 
 namespace fused_attn::cuda {
 
+// The calls a forward kernel instance serves. Each instance compiles only its own path, which keeps
+// the registers of the others down (the dense one's set how many blocks share a multiprocessor):
+//   Dense     dense and packed calls without a bool mask: one head's rows, all their keys
+//   Masked    dense calls with a bool mask: the same, skipping the key blocks the mask hides
+//   Decoding  KV-cache calls: GQA-packed rows and split-KV (params.decoding)
+enum class Calls { Dense, Masked, Decoding };
+inline Calls calls_of(const ForwardParams& params) {
+  if (params.cache.seqlens_k != nullptr) return Calls::Decoding;
+  return params.p.variants.mask.data != nullptr ? Calls::Masked : Calls::Dense;
+}
+
 // Grid: x = (row block, split), y = the head (or, GQA-packed, the key/value head) whose rows the
 // block takes, z = batch.
 template <int kBlockM>
@@ -19,16 +30,16 @@ inline dim3 forward_grid(const ForwardParams& params) {
 
 class BlockRows {
  public:
-  // kDecoding: the kernel instance for KV-cache calls, which reads params.decoding; the other
-  // instance takes one head's rows and all its keys, its indices plain functions of the block's
-  // (registers are tight there: a computed first row alone costs the widest kernels occupancy).
-  template <int kBlockM, bool kDecoding>
+  // Decoding reads params.decoding; the other instances take one head's rows and all its keys,
+  // their indices plain functions of the block's (a computed first row alone costs registers).
+  template <int kBlockM, Calls kCalls>
   __device__ static BlockRows of_this_block(const ForwardParams& params) {
-    if (!kDecoding) return BlockRows(static_cast<int>(blockIdx.x) * kBlockM, 1, static_cast<int>(blockIdx.y), 0, false, true);
+    if (kCalls != Calls::Decoding)
+      return BlockRows(static_cast<int>(blockIdx.x) * kBlockM, 1, static_cast<int>(blockIdx.y), 0, false);
     const Decoding& d = params.decoding;
     const int group = static_cast<int>(d.group), splits = static_cast<int>(d.splits);
     return BlockRows(static_cast<int>(blockIdx.x) / splits * kBlockM, group, static_cast<int>(blockIdx.y) * group,
-                     static_cast<int>(blockIdx.x) % splits, splits > 1, false);
+                     static_cast<int>(blockIdx.x) % splits, splits > 1);
   }
 
   // Row r of the block is query query(r) of head head(r) (query >= Lq: a padding row).
@@ -57,22 +68,22 @@ class BlockRows {
 
   // The first key block from n0 on (blocks of kBlockN keys, up to `end`) in which the bool mask
   // lets some row of the block see some key (HeadScores::mask_shows_tile): the blocks before it
-  // are skipped, their keys never loaded. Every thread of the block calls it; without a mask it is
-  // n0. For rows of one head, `scores`'s: decoding takes no mask.
-  template <int kBlockN, int kThreads>
+  // are skipped, their keys never loaded. Every thread of the block calls it; n0 itself but in the
+  // Masked instance. For rows of one head, `scores`'s.
+  template <int kBlockN, int kThreads, Calls kCalls>
   __device__ __forceinline__ int next_key_block(const HeadScores& scores, int rows, int n0, int end) const {
-    if (!dense_ || !scores.has_mask()) return n0;
-    while (n0 < end && !scores.mask_shows_tile<kThreads>(query(0), rows, n0, end - n0 < kBlockN ? end - n0 : kBlockN))
-      n0 += kBlockN;
+    if constexpr (kCalls == Calls::Masked) {
+      while (n0 < end && !scores.mask_shows_tile<kThreads>(query(0), rows, n0, end - n0 < kBlockN ? end - n0 : kBlockN))
+        n0 += kBlockN;
+    }
     return n0;
   }
 
  private:
-  __device__ BlockRows(int m0, int group, int first_head, int split, bool is_split, bool dense)
-      : m0_(m0), group_(group), first_head_(first_head), split_(split), is_split_(is_split), dense_(dense) {}
+  __device__ BlockRows(int m0, int group, int first_head, int split, bool is_split)
+      : m0_(m0), group_(group), first_head_(first_head), split_(split), is_split_(is_split) {}
   int m0_, group_, first_head_, split_;
   bool is_split_;
-  bool dense_;  // a dense or packed call's block (known when the kernel is compiled): may have a mask
 };
 
 // Where row i of head (b, h) of a block goes: out (T) and lse, or with split-KV its split's fp32

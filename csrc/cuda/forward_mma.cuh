@@ -22,25 +22,26 @@ constexpr int kBlockM = 16 * kWarps;
 
 // Keys per block: fewer for the widest heads, whose accumulators already fill the registers (and
 // fewer still when decoding, whose rows of several heads need more).
-template <int kDim, bool kDecoding>
-__host__ __device__ constexpr int block_n() { return kDim < 256 ? 64 : kDecoding ? 16 : 32; }
+template <int kDim, Calls kCalls>
+__host__ __device__ constexpr int block_n() { return kDim < 256 ? 64 : kCalls == Calls::Decoding ? 16 : 32; }
 // Shared-memory row stride: 16 bytes of padding spreads ldmatrix rows over the banks.
 template <int kDim>
 __host__ __device__ constexpr int smem_stride() { return kDim + 8; }
-template <typename T, int kDim, bool kDecoding>
+template <typename T, int kDim, Calls kCalls>
 __host__ __device__ constexpr size_t smem_bytes() {
-  return sizeof(T) * smem_stride<kDim>() * (kBlockM + 2 * block_n<kDim, kDecoding>());
+  return sizeof(T) * smem_stride<kDim>() * (kBlockM + 2 * block_n<kDim, kCalls>());
 }
 
-// kDecoding: the instance for KV-cache calls (block_rows.cuh).
-template <typename T, int kDim, bool kDecoding>
+// kCalls: the calls this instance serves (block_rows.cuh).
+template <typename T, int kDim, Calls kCalls>
 __global__ void forward_kernel(ForwardParams call) {
-  constexpr int kBlockN = block_n<kDim, kDecoding>(), kStride = smem_stride<kDim>();
+  constexpr bool kDecoding = kCalls == Calls::Decoding;
+  constexpr int kBlockN = block_n<kDim, kCalls>(), kStride = smem_stride<kDim>();
   using E = Element<T>;
   const int b = blockIdx.z;
   const ForwardParams params = sequence_params<T>(call, b);
   const Problem& p = params.p;
-  const BlockRows block = BlockRows::of_this_block<kBlockM, kDecoding>(params);
+  const BlockRows block = BlockRows::of_this_block<kBlockM, kCalls>(params);
   const int rows = block.count(p, kBlockM);
   if (rows <= 0) return;  // past the end of a shorter packed sequence: no rows
   const int h_kv = block.head(0) / static_cast<int>(p.heads_q / p.heads_kv);
@@ -71,7 +72,7 @@ __global__ void forward_kernel(ForwardParams call) {
 
   auto query_row = [&](int r) { return element_at<T>(params.q, b, block.head(r), block.query(r), 0); };
   load_tile<T, kBlockM, kDim, kStride, kThreads>(q_smem, query_row, rows, D, static_cast<const T*>(params.q.data));
-  int n0 = block.next_key_block<kBlockN, kThreads>(scores[0], rows, first, keys.end);
+  int n0 = block.next_key_block<kBlockN, kThreads, kCalls>(scores[0], rows, first, keys.end);
   if (n0 < keys.end) load_keys(k_smem, params.k, n0, D);
   ptx::cp_async_commit();
   while (n0 < keys.end) {
@@ -94,7 +95,7 @@ __global__ void forward_kernel(ForwardParams call) {
       }
     }
     __syncthreads();  // every warp is done with K
-    const int next = block.next_key_block<kBlockN, kThreads>(scores[0], rows, n0 + kBlockN, keys.end);
+    const int next = block.next_key_block<kBlockN, kThreads, kCalls>(scores[0], rows, n0 + kBlockN, keys.end);
     if (next < keys.end) load_keys(k_smem, params.k, next, D);
     ptx::cp_async_commit();
 
@@ -167,13 +168,20 @@ __global__ void forward_kernel(ForwardParams call) {
   }
 }
 
+template <typename T, int kDim, Calls kCalls>
+cudaError_t launch_instance(const ForwardParams& params, cudaStream_t stream) {
+  return launch_kernel(forward_kernel<T, kDim, kCalls>, forward_grid<kBlockM>(params), dim3(kThreads),
+                       smem_bytes<T, kDim, kCalls>(), stream, params);
+}
+
 template <typename T, int kDim>
 cudaError_t launch(const ForwardParams& params, cudaStream_t stream) {
-  if (params.cache.seqlens_k != nullptr)
-    return launch_kernel(forward_kernel<T, kDim, true>, forward_grid<kBlockM>(params), dim3(kThreads),
-                         smem_bytes<T, kDim, true>(), stream, params);
-  return launch_kernel(forward_kernel<T, kDim, false>, forward_grid<kBlockM>(params), dim3(kThreads),
-                       smem_bytes<T, kDim, false>(), stream, params);
+  switch (calls_of(params)) {
+    case Calls::Dense: return launch_instance<T, kDim, Calls::Dense>(params, stream);
+    case Calls::Masked: return launch_instance<T, kDim, Calls::Masked>(params, stream);
+    case Calls::Decoding: return launch_instance<T, kDim, Calls::Decoding>(params, stream);
+  }
+  return cudaErrorInvalidConfiguration;
 }
 
 }  // namespace fused_attn::cuda::mma_forward

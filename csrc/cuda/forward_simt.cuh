@@ -24,14 +24,14 @@ __host__ __device__ constexpr size_t smem_bytes() {
   return sizeof(float) * (smem_stride<kDim>() * (kBlockM + 2 * kBlockN) + kBlockM * kProbStride);
 }
 
-// kDecoding: the instance for KV-cache calls (block_rows.cuh).
-template <int kDim, bool kDecoding>
+// kCalls: the calls this instance serves (block_rows.cuh).
+template <int kDim, Calls kCalls>
 __global__ void forward_kernel(ForwardParams call) {
   constexpr int kStride = smem_stride<kDim>();
   const int b = blockIdx.z;
   const ForwardParams params = sequence_params<float>(call, b);
   const Problem& p = params.p;
-  const BlockRows block = BlockRows::of_this_block<kBlockM, kDecoding>(params);
+  const BlockRows block = BlockRows::of_this_block<kBlockM, kCalls>(params);
   const int rows = block.count(p, kBlockM);
   if (rows <= 0) return;  // past the end of a shorter packed sequence: no rows
   const int h_kv = block.head(0) / static_cast<int>(p.heads_q / p.heads_kv);
@@ -58,7 +58,7 @@ __global__ void forward_kernel(ForwardParams call) {
 
   auto query_row = [&](int r) { return element_at<float>(params.q, b, block.head(r), block.query(r), 0); };
   load_tile<float, kBlockM, kDim, kStride, kThreads>(q_smem, query_row, rows, D, static_cast<const float*>(params.q.data));
-  int n0 = block.next_key_block<kBlockN, kThreads>(scores, rows, first, keys.end);
+  int n0 = block.next_key_block<kBlockN, kThreads, kCalls>(scores, rows, first, keys.end);
   if (n0 < keys.end) load_keys(k_smem, params.k, n0, D);
   ptx::cp_async_commit();
   while (n0 < keys.end) {
@@ -78,7 +78,7 @@ __global__ void forward_kernel(ForwardParams call) {
       block_max = fmaxf(block_max, s[u]);
     }
     __syncthreads();  // every thread is done with K
-    const int next = block.next_key_block<kBlockN, kThreads>(scores, rows, n0 + kBlockN, keys.end);
+    const int next = block.next_key_block<kBlockN, kThreads, kCalls>(scores, rows, n0 + kBlockN, keys.end);
     if (next < keys.end) load_keys(k_smem, params.k, next, D);
     ptx::cp_async_commit();
 
@@ -124,8 +124,15 @@ __global__ void forward_kernel(ForwardParams call) {
 
 template <int kDim>
 cudaError_t launch(const ForwardParams& params, cudaStream_t stream) {
-  const auto kernel = params.cache.seqlens_k != nullptr ? forward_kernel<kDim, true> : forward_kernel<kDim, false>;
-  return launch_kernel(kernel, forward_grid<kBlockM>(params), dim3(kThreads), smem_bytes<kDim>(), stream, params);
+  auto instance = [&](auto kernel) {
+    return launch_kernel(kernel, forward_grid<kBlockM>(params), dim3(kThreads), smem_bytes<kDim>(), stream, params);
+  };
+  switch (calls_of(params)) {
+    case Calls::Dense: return instance(forward_kernel<kDim, Calls::Dense>);
+    case Calls::Masked: return instance(forward_kernel<kDim, Calls::Masked>);
+    case Calls::Decoding: return instance(forward_kernel<kDim, Calls::Decoding>);
+  }
+  return cudaErrorInvalidConfiguration;
 }
 
 }  // namespace fused_attn::cuda::simt_forward

@@ -104,8 +104,6 @@ class HeadScores {
     return s;
   }
 
-  __device__ __forceinline__ bool has_mask() const { return p_.variants.mask.data != nullptr; }
-
   // Whether the bool mask lets some query of [i0, i0 + rows) see some key of [j0, j0 + keys):
   // tiles it hides whole add nothing (p = dS = 0 throughout) and are skipped. Every thread of the
   // block calls it (one block-wide vote, each thread reading its share of the pairs, a broadcast
