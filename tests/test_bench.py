@@ -1,0 +1,62 @@
+"""benchmarks/bench.py's GPU summary, checked without a GPU: the goal lines read from a sweep's rows
+(GPU runs are rare, so a summary that breaks on their rows would waste one), and the providers a
+CUDA sweep compares by default."""
+import pytest
+import torch
+
+from benchmarks import bench
+
+
+def sweep_rows(ms_of):
+    """Rows of the CUDA sweep's bf16 configurations; ms_of(provider, D, L, causal, pass) gives each
+    row's time (None: the row failed)."""
+    rows = []
+    for provider in ("fused_attn", "fused_attn:cuda", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"):
+        for D in (64, 128):
+            for L in (512, 4096):
+                for causal in (False, True):
+                    for pass_ in bench.PASSES:
+                        row = bench.Row(provider, bench.Config(torch.bfloat16, causal, 16384 // L, 2048 // D, L, D),
+                                        pass_)
+                        row.ms = ms_of(provider, D, L, causal, pass_)
+                        rows.append(row)
+    return rows
+
+
+def test_goal_lines_take_the_worst_of_causal_and_not():
+    def ms_of(provider, D, L, causal, pass_):
+        if provider == "fused_attn":
+            return 1.0 if not causal else 1.25  # causal is the worse of the two
+        return {"sdpa_flash": 1.3, "sdpa_cudnn": 0.8, "fused_attn:cuda": 2.0, "sdpa_efficient": 2.1}[provider]
+
+    lines = bench.goal_lines(sweep_rows(ms_of))
+    by_name = {line.split(":")[0]: line for line in lines if line.startswith("- ")}
+    forward = by_name["- fused_attn forward vs SDPA flash (D=128, L=4096)"]
+    assert "1.04 (target >= 1.20) **MISSED**" in forward  # 1.3 / 1.25, not 1.3 / 1.0
+    assert "1.04 (target >= 1.00) **met**" in by_name["- fused_attn forward+backward vs SDPA flash (D=128, L=4096)"]
+    assert "0.64 (target >= 0.90) **MISSED**" in by_name["- fused_attn stretch"]
+    assert "1.05 (target >= 1.00) **met**" in by_name["- fused_attn"]
+    assert len(by_name) == len(bench.GPU_GOALS)
+
+
+def test_goal_lines_say_n_a_where_rows_are_missing():
+    lines = bench.goal_lines(sweep_rows(lambda provider, *_: None if provider == "sdpa_cudnn" else 1.0))
+    cudnn = next(line for line in lines if "cuDNN" in line)
+    assert "n/a" in cudnn and "1.00 (target >= 1.10) **MISSED**" in next(line for line in lines if "D=64" in line)
+
+
+def test_cuda_sweep_compares_the_goals_providers(monkeypatch):
+    monkeypatch.setattr(bench, "available_fused_backends", lambda: ["triton", "cuda", "reference"])
+    providers = bench.default_providers(on_cuda=True)
+    needed = {provider for _, provider, against, *_ in bench.GPU_GOALS} | {
+        against for _, _, against, *_ in bench.GPU_GOALS}
+    assert needed <= set(providers)
+    monkeypatch.setattr(bench, "available_fused_backends", lambda: ["triton", "reference"])
+    assert "fused_attn:cuda" not in bench.default_providers(on_cuda=True)
+    for name in bench.default_providers(on_cuda=True):
+        assert bench.make_provider(name).name == name
+
+
+def test_unknown_provider_is_refused():
+    with pytest.raises(ValueError, match="unknown provider"):
+        bench.make_provider("sdpa_fast")
