@@ -8,8 +8,8 @@
 
 namespace fused_attn::cuda {
 
-// The calls a forward kernel instance serves. Each instance compiles only its own path, which keeps
-// the registers of the others down (the dense one's set how many blocks share a multiprocessor):
+// The calls a forward kernel instance serves. Each instance compiles only its own path, so one
+// path's registers never cost another's occupancy (the dense instance's matter most):
 //   Dense     dense and packed calls without a bool mask: one head's rows, all their keys
 //   Masked    dense calls with a bool mask: the same, skipping the key blocks the mask hides
 //   Decoding  KV-cache calls: GQA-packed rows and split-KV (params.decoding)
@@ -68,8 +68,9 @@ class BlockRows {
 
   // The first key block from n0 on (blocks of kBlockN keys, up to `end`) in which the bool mask
   // lets some row of the block see some key (HeadScores::mask_shows_tile): the blocks before it
-  // are skipped, their keys never loaded. Every thread of the block calls it; n0 itself but in the
-  // Masked instance. For rows of one head, `scores`'s.
+  // are skipped, their keys never loaded. Every thread of the block calls it (a block-wide vote per
+  // key block tried). Only the Masked instance votes; the others take n0 as it is. For rows of
+  // one head, `scores`'s.
   template <int kBlockN, int kThreads, Calls kCalls>
   __device__ __forceinline__ int next_key_block(const HeadScores& scores, int rows, int n0, int end) const {
     if constexpr (kCalls == Calls::Masked) {
