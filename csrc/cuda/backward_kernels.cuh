@@ -178,7 +178,9 @@ __global__ void delta_kernel(BackwardParams call) {
   }
 }
 
-template <typename T, int kDim>
+// kMasked: the instance for calls with a bool mask, which skips the key blocks it hides from
+// every row of the block (HeadScores::mask_shows_tile); the other one keeps its registers.
+template <typename T, int kDim, bool kMasked>
 __global__ void dq_kernel(BackwardParams call) {
   using Shape = Tiles<T, kDim>;
   constexpr int kRows = Shape::kRows, kStream = Shape::kStream, kStride = Shape::kStride;
@@ -211,7 +213,8 @@ __global__ void dq_kernel(BackwardParams call) {
 
   float dq[kDim / 8][4] = {};
   for (int n0 = keys.begin / kStream * kStream; n0 < keys.end; n0 += kStream) {
-    if (!scores.mask_shows_tile<Shape::kThreads>(q0, kRows < Lq - q0 ? kRows : Lq - q0, n0, kStream < Lk - n0 ? kStream : Lk - n0))
+    if (kMasked &&
+        !scores.mask_shows_tile<Shape::kThreads>(q0, kRows < Lq - q0 ? kRows : Lq - q0, n0, kStream < Lk - n0 ? kStream : Lk - n0))
       continue;
     load_rows<T, kStream, kDim, kStride, Shape::kThreads>(k_smem, params.k, b, hk, n0, Lk - n0, D);
     load_rows<T, kStream, kDim, kStride, Shape::kThreads>(v_smem, params.v, b, hk, n0, Lk - n0, Dv);
@@ -239,14 +242,14 @@ __global__ void dq_kernel(BackwardParams call) {
 // dV accumulators do not fit the registers together: two launches then, each recomputing S).
 enum class KeyGradients { Both, Keys, Values };
 
-template <typename T, int kDim, KeyGradients kWhich>
+// kMasked: as dq_kernel's, skipping the query blocks a bool mask hides, except in fp32's widest
+// kernels, which have no registers to spare for the vote (they compute p = 0 there instead).
+template <typename T, int kDim, KeyGradients kWhich, bool kMasked>
 __global__ void dkdv_kernel(BackwardParams params) {
   using Shape = Tiles<T, kDim>;
   constexpr bool kKeys = kWhich != KeyGradients::Values, kValues = kWhich != KeyGradients::Keys;
   constexpr int kRows = Shape::kRows, kStream = Shape::kQueryStream, kStride = Shape::kStride;
-  // Query blocks a bool mask hides are skipped, except by fp32's widest kernels, which have no
-  // registers to spare for the vote (they compute p = 0 there instead).
-  constexpr bool kSkipHidden = sizeof(T) == 2 || kDim < 128;
+  constexpr bool kSkipHidden = kMasked && (sizeof(T) == 2 || kDim < 128);
   const int n0 = blockIdx.x * kRows, hk = blockIdx.y, b = blockIdx.z;
   const SequenceStart start = sequence_start(params, b);  // rows below are local to the sequence
   const Problem& p = start.p;
@@ -407,30 +410,41 @@ __global__ void dbias_kernel(BackwardParams params) {
   }
 }
 
-template <typename T, int kDim>
-cudaError_t launch(const BackwardParams& params, cudaStream_t stream) {
+// The dq and dk/dv kernels of one instance (kMasked: dq_kernel's).
+template <typename T, int kDim, bool kMasked>
+cudaError_t launch_gradients(const BackwardParams& params, cudaStream_t stream) {
   using Shape = Tiles<T, kDim>;
   const Problem& p = params.p;
   const unsigned B = static_cast<unsigned>(p.batch), Hq = static_cast<unsigned>(p.heads_q);
   const unsigned Hkv = static_cast<unsigned>(p.heads_kv);
   auto blocks = [](int64_t n, int64_t size) { return static_cast<unsigned>(ceil_div(n, size)); };
-  cudaError_t error = launch_kernel(delta_kernel<T>, dim3(blocks(p.seqlen_q, kDeltaRows), Hq, B),
-                                    dim3(32 * kDeltaWarps), 0, stream, params);
-  if (error != cudaSuccess) return error;
-  error = launch_kernel(dq_kernel<T, kDim>, dim3(blocks(p.seqlen_q, Shape::kRows), Hq, B), dim3(Shape::kThreads),
-                        Shape::kSmemBytes, stream, params);
+  cudaError_t error = launch_kernel(dq_kernel<T, kDim, kMasked>, dim3(blocks(p.seqlen_q, Shape::kRows), Hq, B),
+                                    dim3(Shape::kThreads), Shape::kSmemBytes, stream, params);
   if (error != cudaSuccess) return error;
   const dim3 key_blocks(blocks(p.seqlen_k, Shape::kRows), Hkv, B);
   if constexpr (kDim >= 256) {
-    error = launch_kernel(dkdv_kernel<T, kDim, KeyGradients::Keys>, key_blocks, dim3(Shape::kThreads),
+    error = launch_kernel(dkdv_kernel<T, kDim, KeyGradients::Keys, kMasked>, key_blocks, dim3(Shape::kThreads),
                           Shape::kSmemBytes, stream, params);
     if (error != cudaSuccess) return error;
-    error = launch_kernel(dkdv_kernel<T, kDim, KeyGradients::Values>, key_blocks, dim3(Shape::kThreads),
-                          Shape::kSmemBytes, stream, params);
+    return launch_kernel(dkdv_kernel<T, kDim, KeyGradients::Values, kMasked>, key_blocks, dim3(Shape::kThreads),
+                         Shape::kSmemBytes, stream, params);
   } else {
-    error = launch_kernel(dkdv_kernel<T, kDim, KeyGradients::Both>, key_blocks, dim3(Shape::kThreads),
-                          Shape::kSmemBytes, stream, params);
+    return launch_kernel(dkdv_kernel<T, kDim, KeyGradients::Both, kMasked>, key_blocks, dim3(Shape::kThreads),
+                         Shape::kSmemBytes, stream, params);
   }
+}
+
+template <typename T, int kDim>
+cudaError_t launch(const BackwardParams& params, cudaStream_t stream) {
+  using Shape = Tiles<T, kDim>;
+  const Problem& p = params.p;
+  const unsigned B = static_cast<unsigned>(p.batch), Hq = static_cast<unsigned>(p.heads_q);
+  auto blocks = [](int64_t n, int64_t size) { return static_cast<unsigned>(ceil_div(n, size)); };
+  cudaError_t error = launch_kernel(delta_kernel<T>, dim3(blocks(p.seqlen_q, kDeltaRows), Hq, B),
+                                    dim3(32 * kDeltaWarps), 0, stream, params);
+  if (error != cudaSuccess) return error;
+  error = p.variants.mask.data != nullptr ? launch_gradients<T, kDim, true>(params, stream)
+                                          : launch_gradients<T, kDim, false>(params, stream);
   if (error != cudaSuccess || params.dbias.data == nullptr) return error;
   const BiasOwnership own = bias_ownership(params.dbias);
   const dim3 grid((own.rows ? blocks(p.seqlen_q, Shape::kRows) : 1) * (own.batch ? B : 1) * (own.head ? Hq : 1),
