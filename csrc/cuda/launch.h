@@ -32,7 +32,8 @@ int multiprocessor_count();
 // query heads of a group share blocks. The keys are split when the call has fewer than
 // kBlocksPerMultiprocessor blocks (of about kSplitRows rows) per multiprocessor, into splits of at
 // least kMinSplitKeys keys, a multiple of every kernel's key block, and at most kMaxSplits of
-// them. `forced` > 0 asks for that many splits instead (as far as whole key blocks allow).
+// them. `forced` > 0 asks for that many splits instead (as far as whole key blocks and
+// kMaxSplits allow).
 constexpr int64_t kSplitRows = 64, kBlocksPerMultiprocessor = 4, kMinSplitKeys = 256, kSplitKeysMultiple = 64,
                   kMaxSplits = 64;
 inline Decoding decoding_of(const Problem& p, int64_t forced, int multiprocessors) {
@@ -40,7 +41,7 @@ inline Decoding decoding_of(const Problem& p, int64_t forced, int multiprocessor
   d.group = p.heads_q / p.heads_kv;
   const int64_t blocks = ceil_div(p.seqlen_q * d.group, kSplitRows) * p.heads_kv * p.batch;
   int64_t wanted = ceil_div(kBlocksPerMultiprocessor * multiprocessors, blocks);
-  wanted = forced > 0 ? forced : std::min(std::min(wanted, p.seqlen_k / kMinSplitKeys), kMaxSplits);
+  wanted = std::min(forced > 0 ? forced : std::min(wanted, p.seqlen_k / kMinSplitKeys), kMaxSplits);
   if (wanted <= 1) return d;
   d.split_keys = ceil_div(ceil_div(p.seqlen_k, wanted), kSplitKeysMultiple) * kSplitKeysMultiple;
   d.splits = ceil_div(p.seqlen_k, d.split_keys);
