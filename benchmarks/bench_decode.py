@@ -62,13 +62,7 @@ def make_set(B, L, Hkv, Hq, D, dtype, device, g):
     kc = common.rand((B, L, Hkv, D), device, dtype)
     vc = common.rand((B, L, Hkv, D), device, dtype)
     q = common.rand((B, 1, Hq, D), device, dtype)
-    npg = L // PAGE
-    perm = torch.randperm(B * npg, generator=g).to(device)
-    kp = torch.empty((B * npg, PAGE, Hkv, D), device=device, dtype=dtype)
-    vp = torch.empty_like(kp)
-    kp[perm] = kc.reshape(B * npg, PAGE, Hkv, D)
-    vp[perm] = vc.reshape(B * npg, PAGE, Hkv, D)
-    table = perm.reshape(B, npg).to(torch.int32).contiguous()
+    kp, vp, table = common.paged_copy(kc, vc, PAGE, g)
     return {"q": q, "kc": kc, "vc": vc, "kp": kp, "vp": vp, "table": table}
 
 

@@ -310,3 +310,20 @@ def rand(shape, device, dtype, requires_grad: bool = False, scale: float = 1.0) 
     """Random normal tensor (never zeros or constants)."""
     t = torch.randn(shape, device=device, dtype=torch.float32) * scale
     return t.to(dtype).requires_grad_(requires_grad)
+
+
+def paged_copy(k_cache: torch.Tensor, v_cache: torch.Tensor, page_size: int,
+               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contiguous caches (B, capacity, Hkv, D) scattered over shuffled pages: (k_pages, v_pages,
+    block_table (B, pages per sequence) int32), the capacity padded to whole pages."""
+    B, capacity = k_cache.shape[:2]
+    pages = -(-capacity // page_size)
+    order = torch.randperm(B * pages, generator=generator).to(k_cache.device)
+
+    def scatter(cache):
+        padded = torch.nn.functional.pad(cache, (0, 0, 0, 0, 0, pages * page_size - capacity))
+        out = torch.empty((B * pages, page_size) + tuple(cache.shape[2:]), device=cache.device, dtype=cache.dtype)
+        out[order] = padded.reshape(out.shape)
+        return out
+
+    return scatter(k_cache), scatter(v_cache), order.view(B, pages).to(torch.int32)

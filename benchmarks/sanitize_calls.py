@@ -19,6 +19,7 @@ import sys
 import torch
 
 import fused_attn
+from benchmarks.common import paged_copy
 
 # (Lq, Lk, D, Dv, Hq, Hkv): ragged tails, Lq != Lk, GQA, head-dim buckets, Dv != D.
 SHAPES = [(1, 77, 64, 64, 8, 2), (97, 113, 40, 40, 4, 4), (130, 257, 128, 96, 6, 2), (64, 64, 256, 256, 2, 1)]
@@ -91,13 +92,7 @@ def check_decode(backend, dtype, case, device) -> bool:
     lengths = torch.randint(1, capacity + 1, (B,), device=device, dtype=torch.int32)
     table = None
     if paged:  # the same keys in shuffled pages
-        pages = -(-capacity // PAGE)
-        table = torch.randperm(B * pages, device=device, dtype=torch.int32).view(B, pages)
-        padded = pages * PAGE - capacity
-        k_pages, v_pages = (torch.nn.functional.pad(c, (0, 0, 0, 0, 0, padded)).reshape(B * pages, PAGE, Hkv, D)
-                            for c in (k_cache, v_cache))
-        k_cache, v_cache = torch.empty_like(k_pages), torch.empty_like(v_pages)
-        k_cache[table.flatten().long()], v_cache[table.flatten().long()] = k_pages, v_pages
+        k_cache, v_cache, table = paged_copy(k_cache, v_cache, PAGE)
     outs = [fused_attn.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=table, causal=True,
                                               backend=name) for name in (backend, "reference")]
     worst = ((outs[0].float() - outs[1].float()).abs().max() / (outs[1].float().abs().max() + 1e-2)).item()
