@@ -5,8 +5,9 @@ newer: tensor cores (mma.sync, fp32 accumulation) for float16/bfloat16, exact fp
 every score variant; forward and backward (deterministic, no atomics; a bias's gradient summed
 into its own shape in the kernels) of dense and packed (varlen) inputs, and KV-cache decoding
 (contiguous or paged caches; the query heads of a GQA group share blocks, so each cached key is
-read once per group, and long caches are split across blocks and merged by lse: split-KV). Packed calls run one grid over (query blocks of max_seqlen_q, heads,
-sequences), the kernels reading cu_seqlens on the device (no host sync).
+read once per group, and long caches are split across blocks and merged by lse: split-KV).
+Packed calls run one grid over (query blocks of max_seqlen_q, heads, sequences), the kernels
+reading cu_seqlens on the device (no host sync).
 
 The class is parameterised by the ops namespace and device type its kernels run on, so the test
 suite also instantiates it on the emulated build of the same kernels (tests/cuda_emulator/:
