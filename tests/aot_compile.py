@@ -34,7 +34,7 @@ KERNEL_FUNCTIONS = {"forward": _forward_kernel, "dkdv": _dkdv_kernel, "dq": _dq_
                     "bias_grad": _bias_grad_kernel, "decode": _decode_kernel}
 # Bytes of shared memory a block may use on the A100 and on the H100: the candidates tuning would try there.
 SHARED_MEMORY = {80: 166912, 90: 232448}
-PLAIN = {"VARLEN": False, "BOTTOM_RIGHT": False, "HAS_LEFT": False, "HAS_RIGHT": False, "SOFTCAP": False,
+PLAIN = {"TMA": False, "VARLEN": False, "BOTTOM_RIGHT": False, "HAS_LEFT": False, "HAS_RIGHT": False, "SOFTCAP": False,
          "HAS_ALIBI": False, "MASK_KIND": 0, "DROPOUT": False, "UPCAST": False, "DOT_PRECISION": "ieee", "PAGED": False}
 
 
@@ -68,12 +68,17 @@ def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf
     contiguous: specialise as Triton's JIT does for contiguous, 16-byte aligned tensors: unit strides
     become constants, and the other strides and the pointers are known multiples of 16. Only then do
     the loads vectorise and the inner loops pipeline (num_stages buffers), as on the GPU.
+    With TMA=True in constexprs, K and V are tensor descriptors copying (1, 1, BLOCK_N, BLOCK_D) boxes.
     """
     names = list(inspect.signature(kernel.fn).parameters)
     constexprs = {name: value for name, value in constexprs.items() if name in names}
     if contiguous:
         constexprs.update({name: 1 for name in names if name in UNIT_STRIDES})
     types = signature(kernel, constexprs, data_type, mask_type)
+    if constexprs.get("TMA"):
+        element = data_type.lstrip("*")
+        types["K"] = f"tensordesc<{element}[1, 1, {constexprs['BLOCK_N']}, {constexprs['BLOCK_D']}]>"
+        types["V"] = f"tensordesc<{element}[1, 1, {constexprs['BLOCK_N']}, {constexprs['BLOCK_DV']}]>"
     aligned = [name for name, kind in types.items()
                if contiguous and (kind.startswith("*") or (name.startswith("stride_") and kind != "constexpr"))]
     source = ASTSource(fn=kernel, signature=types,
@@ -93,6 +98,7 @@ def feature_jobs():
     return [
         ("forward", _forward_kernel, dict(shapes, **PLAIN), {}),
         ("forward+all", _forward_kernel, dict(shapes, **everything), {}),
+        ("forward+all+tma", _forward_kernel, dict(shapes, **dict(everything, PAGED=False, TMA=True)), {}),
         ("forward+varlen", _forward_kernel, dict(shapes, **varlen), {}),
         ("forward+bool-mask-fp32", _forward_kernel, dict(shapes, **dict(PLAIN, MASK_KIND=1), BLOCK_M=32),
          dict(data_type="*fp32", mask_type="*u8")),
@@ -131,7 +137,7 @@ def candidate_jobs(capability):
 def compile_candidate(shape, tiles, mask_bytes, target):
     head_dims = dict(HEAD_DIM=shape.head_dim, HEAD_DIM_V=shape.head_dim, BLOCK_D=shape.head_dim,
                      BLOCK_DV=shape.head_dim)
-    constexprs = dict(PLAIN, **head_dims, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+    constexprs = dict(PLAIN, **head_dims, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, TMA=tiles.tma,
                       MASK_KIND=2 if mask_bytes else 0, FULL_BATCH=False, FULL_HEADS=True, FULL_ROWS=True,
                       FULL_COLS=True)
     return compile_kernel(KERNEL_FUNCTIONS[shape.kernel], constexprs, target, num_warps=tiles.num_warps,

@@ -12,8 +12,9 @@ from oracle import check_against_oracle
 
 import fused_attn
 from fused_attn.options import AttentionOptions
+from fused_attn.triton import forward as triton_forward
 from fused_attn.triton import tuning
-from fused_attn.triton.common import INTERPRETING
+from fused_attn.triton.common import INTERPRETING, takes_tensor_descriptors
 from fused_attn.triton.tuning import DeviceInfo, ShapeClass, TileConfig
 
 H100 = DeviceInfo("sm90", 9, 132, 232448)
@@ -93,7 +94,7 @@ def test_unknown_autotune_mode_raises(monkeypatch):
 def test_tuning_keeps_the_fastest_candidate_for_the_process(monkeypatch):
     gpu = FakeGPU(monkeypatch, timings={DEFAULT: 1.0, FASTEST: 0.5})
     assert gpu.select() == FASTEST
-    assert set(gpu.launched) == set(tuning.candidates(FORWARD, 9))  # each fits an H100
+    assert set(gpu.launched) == set(tuning.candidates(FORWARD, 9, tma=False))  # each fits an H100
     gpu.launched.clear()
     assert gpu.select() == FASTEST
     assert gpu.launched == []
@@ -149,6 +150,19 @@ def test_force_retunes_over_the_shipped_choice(monkeypatch, tmp_path):
     assert gpu.select() == TileConfig(64, 64, 4, 3)
 
 
+def test_tma_tiles_are_tried_only_for_calls_that_take_tensor_descriptors(monkeypatch):
+    tma = TileConfig(128, 128, 8, 2, tma=True)
+    gpu = FakeGPU(monkeypatch, timings={DEFAULT: 1.0, tma: 0.5})
+    assert gpu.select(tma=False) == DEFAULT
+    assert not any(tiles.tma for tiles in gpu.launched)
+    monkeypatch.setattr(tuning, "_tuned", {})
+    gpu.launched.clear()
+    assert gpu.select(tma=True) == tma
+    assert tma in gpu.launched
+    # the class's choice, for a later call whose tensors TMA cannot read: the same tiles through pointers
+    assert gpu.select(tma=False) == TileConfig(128, 128, 8, 2)
+
+
 def test_small_calls_and_graph_captures_are_not_tuned(monkeypatch):
     gpu = FakeGPU(monkeypatch, timings={DEFAULT: 1.0, FASTEST: 0.5})
     assert gpu.select(programs=H100.multiprocessors - 1) == DEFAULT
@@ -175,7 +189,11 @@ def test_reproducible_calls_use_only_shipped_or_default_tiles(monkeypatch, tmp_p
 def test_candidate_sets_are_small_with_the_default_first(kernel, major, head_dim):
     shape = ShapeClass(kernel, head_dim, 2, False, 16 if kernel == "decode" else 0)
     found = tuning.candidates(shape, major)
-    assert found[0] == tuning.default_tiles(shape) and len(set(found)) == len(found) <= 8
+    assert found[0] == tuning.default_tiles(shape) and len(set(found)) == len(found)
+    flagship = {8: 166912, 9: H100.shared_memory}[major]  # A100, H100: the ones tuning would time
+    assert len([tiles for tiles in found if tuning.shared_memory_bytes(shape, tiles, major) <= flagship]) <= 10
+    assert tuning.candidates(shape, major, tma=False) == tuple(tiles for tiles in found if not tiles.tma)
+    assert any(tiles.tma for tiles in found) == (kernel == "forward" and major == 9)
     if kernel == "decode":
         assert {tiles.block_m for tiles in found} == {16}
     assert tuning.candidates(ShapeClass(kernel, head_dim, 4, False, shape.block_m), major) == (
@@ -192,6 +210,9 @@ def test_shared_memory_bound():
     assert bound <= H100.shared_memory
     assert tuning.shared_memory_bytes(ShapeClass("forward", 128, 4, False), FASTEST, 9) > 2 * 229376
     assert tuning.shared_memory_bytes(FORWARD, FASTEST, 9, mask_bytes=1) == bound + 128 * 128
+    # and 164864 with TMA copies at d128 128x128 w8 s2 (163840 without): their buffers are 1 KB aligned
+    tma = TileConfig(128, 128, 8, 2, tma=True)
+    assert 164864 <= tuning.shared_memory_bytes(FORWARD, tma, 9) <= 1.01 * 164864
 
 
 def test_mask_bytes():
@@ -261,3 +282,53 @@ def test_other_decode_tiles_match_one_pass(candidate_tiles):
     ref = fused_attn.attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
                                backend="reference").transpose(1, 2)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def hopper_or_interpreter() -> bool:
+    """Where the forward can copy k and v with TMA: Hopper's copy engine, or the interpreter's emulation."""
+    return INTERPRETING or torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.fixture
+def tma_tiles(monkeypatch):
+    """Every forward launch through TMA copies of k and v (tensor descriptors)."""
+    if not hopper_or_interpreter():
+        pytest.skip("TMA needs a Hopper GPU or newer")
+
+    def select(shape, device, launch, grid, *, tma=False, **keywords):
+        assert tma, "the test's k and v are TMA-aligned"
+        return TileConfig(32, 64, 1, 1, tma=True) if INTERPRETING else TileConfig(128, 64, 8, 2, tma=True)
+
+    monkeypatch.setattr(triton_forward, "select", select)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(), id="plain"),
+    pytest.param(dict(causal=True, causal_alignment="bottom_right"), id="causal-bottom-right"),
+    pytest.param(dict(window=(40, 7)), id="window"),
+    pytest.param(dict(attn_mask="bool"), id="bool-mask"),
+    pytest.param(dict(head_dim=96, sequence_major=True), id="d96-sequence-major"),
+])
+def test_tma_copies_match_the_reference(tma_tiles, dtype, case):
+    """Keys past Lk and head-dim columns past D come from the copy engine's zero fill, not masks."""
+    case = dict(case)
+    head_dim = case.pop("head_dim", 64)
+    sequence_major = case.pop("sequence_major", False)
+    if case.get("attn_mask") == "bool":
+        case["attn_mask"] = torch.rand(2, 1, 150, 130, device=DEVICE) < 0.7
+    check_against_oracle("triton", (2, 4, 2, 150, 130, head_dim, head_dim), dtype, DEVICE,
+                         sequence_major=sequence_major, **case)
+
+
+def test_tensor_descriptors_need_aligned_dense_tensors():
+    def tensor(*shape, dtype=torch.float16):
+        return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+    dense = tensor(2, 3, 40, 64)
+    assert takes_tensor_descriptors(dense, tensor(2, 40, 3, 64).transpose(1, 2)) == hopper_or_interpreter()
+    assert not takes_tensor_descriptors(dense, dense[..., 1:])  # base 2 bytes past a 16-byte boundary
+    assert not takes_tensor_descriptors(tensor(2, 3, 40, 36))  # rows 72 bytes apart
+    assert not takes_tensor_descriptors(tensor(2, 3, 40, 64).transpose(2, 3))  # D not contiguous
+    assert not takes_tensor_descriptors(tensor(1, 3, 40, 64).expand(2, 3, 40, 64))  # batch stride 0
+    assert not takes_tensor_descriptors(tensor(120, 3, 64))  # packed varlen rows

@@ -10,6 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: no host-side tensor descriptors, the kernels load through pointers
+    TensorDescriptor = None
+
 from ..dropout import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_MUL_A, PHILOX_MUL_B, PHILOX_ROUNDS, keep_threshold
 from ..options import AttentionOptions, AttentionTensors
 
@@ -50,6 +55,26 @@ def dot_precision(dtype: torch.dtype) -> str:
 def head_dim_block(head_dim: int) -> int:
     """Tiles are powers of two and tl.dot needs at least 16: pad the head dim, mask the padding."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def takes_tensor_descriptors(*tensors: torch.Tensor) -> bool:
+    """Whether Hopper's TMA engine can copy tiles of these dense (B, H, L, D) tensors: compute
+    capability 9.0 or newer (or the interpreter, which emulates it), a 16-byte aligned base, unit
+    stride along D and the other strides positive multiples of 16 bytes."""
+    def aligned(t: torch.Tensor) -> bool:
+        strides = t.stride()[:-1]
+        return (t.dim() == 4 and t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+                and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in strides))
+
+    if TensorDescriptor is None or not all(map(aligned, tensors)):
+        return False
+    return INTERPRETING or all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9 for t in tensors)
+
+
+def tensor_descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
+    """A descriptor over a (B, H, L, D) tensor that takes_tensor_descriptors accepts, copying
+    (1, 1, block_rows, block_cols) boxes: zeros past L and past D."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_cols])
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -130,6 +155,15 @@ def load_tile(ptrs, rows, row_limit, cols, col_limit, CHECK_ROWS: tl.constexpr, 
         tile = tl.load(ptrs, mask=cols[None, :] < col_limit, other=0.0)
     else:
         tile = tl.load(ptrs)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def load_box(desc, batch, head, start, UPCAST: tl.constexpr):
+    """Rows [start, start + block rows) of (batch, head) through a tensor_descriptor, as a 2-D tile."""
+    tile = desc.load([batch, head, start, 0]).reshape(desc.block_shape[2], desc.block_shape[3])
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile

@@ -4,6 +4,7 @@
 Each program owns BLOCK_M query rows of one (batch, head) and keeps, per row, the running max
 m and sum l of exp2 of the base-2 scores, and the unnormalised output acc (online softmax).
 Only out and the row log-sum-exp (for the backward pass) are written: memory is O(L).
+With TMA tiles (tuning.py) k and v are copied by Hopper's copy engine through tensor descriptors.
 """
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ from .common import (
     feature_arguments,
     head_dim_block,
     head_state,
+    load_box,
     load_tile,
     num_blocks,
     score_tile,
+    takes_tensor_descriptors,
+    tensor_descriptor,
     visible_pairs,
     visible_span,
 )
@@ -43,13 +47,18 @@ def _forward_key_blocks(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, CHECK_WINDOW: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, batch, head_kv,
 ):
-    """Fold key blocks [start, stop) into the online softmax; those a bool mask hides are skipped."""
+    """Fold key blocks [start, stop) into the online softmax; those a bool mask hides are skipped.
+    k_ptrs and v_ptrs point at the first block's tiles, or with TMA are K's and V's descriptors."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         if visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
-            k_t = load_tile(k_ptrs + start_n * stride_kn, offs_d, HEAD_DIM, cols, seqlen_k,
-                            not EVEN_D, CHECK_WINDOW, UPCAST)
+            if TMA:
+                k_t = load_box(k_ptrs, batch, head_kv, start_n, UPCAST).T
+            else:
+                k_t = load_tile(k_ptrs + start_n * stride_kn, offs_d, HEAD_DIM, cols, seqlen_k,
+                                not EVEN_D, CHECK_WINDOW, UPCAST)
             qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
             scores, _ = score_tile(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
                                    shift, left, right, scale, softcap,
@@ -62,8 +71,11 @@ def _forward_key_blocks(
             row_sum = row_sum * rescale + tl.sum(probs, 1)
             if DROPOUT:  # the normaliser keeps every probability; only the output sees the dropped ones
                 probs = tl.where(dropout_keep(seed_lo, seed_hi, rows, cols, batch_head, threshold), probs, 0.0)
-            v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V,
-                          CHECK_WINDOW, not EVEN_DV, UPCAST)
+            if TMA:
+                v = load_box(v_ptrs, batch, head_kv, start_n, UPCAST)
+            else:
+                v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V,
+                              CHECK_WINDOW, not EVEN_DV, UPCAST)
             acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
             row_max = new_max
     return acc, row_max, row_sum
@@ -83,6 +95,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -103,13 +116,18 @@ def _forward_kernel(
     Q += batch * stride_qb + head * stride_qh + start_q * stride_qm
     Out += batch * stride_ob + head * stride_oh + start_q * stride_om
     Lse += batch * stride_lb + head * stride_lh + start_q
-    K += batch * stride_kb + head_kv * stride_kh + start_k * stride_kn
-    V += batch * stride_vb + head_kv * stride_vh + start_k * stride_vn
     q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
     # k is read transposed, (BLOCK_D, BLOCK_N), so q @ k^T is a plain dot.
-    k_ptrs = K + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-    v_ptrs = V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    if TMA:  # descriptors over dense (B, Hkv, Lk, D) tensors: the copy engine fills keys past Lk with zeros
+        tl.static_assert(not VARLEN)
+        k_ptrs = K
+        v_ptrs = V
+    else:
+        k_ptrs = K + batch * stride_kb + head_kv * stride_kh + start_k * stride_kn
+        k_ptrs += offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+        v_ptrs = V + batch * stride_vb + head_kv * stride_vh + start_k * stride_vn
+        v_ptrs += offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed,
                                                    batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
 
@@ -128,6 +146,7 @@ def _forward_kernel(
             shift, left, right, scale, softcap,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, EVEN_D, EVEN_DV, stage != 1,
             HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, UPCAST, DOT_PRECISION,
+            TMA, batch.to(tl.int32), head_kv.to(tl.int32),
         )
 
     # Rows that saw no key at all (fully masked) get out = 0 and lse = -inf.
@@ -155,18 +174,23 @@ def attention_forward(
         return num_blocks(problem.seqlen_q, tiles.block_m), problem.batch * heads_q
 
     def launch(tiles):
+        keys, values = k, v
+        if tiles.tma:
+            keys = tensor_descriptor(k, tiles.block_n, head_dim_block(head_dim))
+            values = tensor_descriptor(v, tiles.block_n, head_dim_block(head_dim_v))
         _forward_kernel[grid(tiles)](
-            q, k, v, out, lse,
+            q, keys, values, out, lse,
             *bhld_strides(q), *bhld_strides(k), *bhld_strides(v), *bhld_strides(out), *row_stat_strides(lse)[:2],
             heads_q, problem.group_size, *problem.sequence_arguments(), *features,
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
             BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags,
+            TMA=tiles.tma, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags,
         )
 
     shape = ShapeClass.of("forward", q, v, opts)
-    launch(select(shape, q.device, launch, grid, mask_bytes=mask_bytes(extras), reproducible=opts.deterministic))
+    launch(select(shape, q.device, launch, grid, mask_bytes=mask_bytes(extras), reproducible=opts.deterministic,
+                  tma=takes_tensor_descriptors(k, v)))
     if problem.varlen:  # packed rows after the last sequence: an empty sequence's out and lse
         fill_unused_rows(out, 0, extras.cu_seqlens_q, 0.0)
         fill_unused_rows(lse, 1, extras.cu_seqlens_q, float("-inf"))

@@ -1,4 +1,5 @@
-"""Tile shapes of the Triton kernels: block_m, block_n, num_warps and num_stages of every launch.
+"""Tile shapes of the Triton kernels: block_m, block_n, num_warps and num_stages of every launch,
+and whether the forward reads k and v through tensor descriptors (Hopper's TMA copy engine).
 
 The best tiles depend on a *shape class*: the kernel, the padded head dim, the element width,
 whether key blocks are skipped (causal or a sliding window) and the GPU architecture. Sequence
@@ -28,7 +29,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,9 +53,12 @@ class TileConfig:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int  # software-pipelining depth of the loads in the kernel's inner loop
+    # forward only: k and v tiles copied by the TMA engine (tensor descriptors) instead of loaded by
+    # every thread through pointers, where the call's tensors allow it (common.tensor_descriptor)
+    tma: bool = False
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}" + (" tma" if self.tma else "")
 
 
 @dataclass(frozen=True)
@@ -98,14 +102,17 @@ def default_tiles(shape: ShapeClass) -> TileConfig:
     return TileConfig(64, 32, 4, 1)
 
 
-# Candidates per kernel, (block_m, block_n, num_warps, num_stages); decode's are (block_n, num_warps,
-# num_stages), its block_m being fixed by the call. dkdv owns block_n keys and steps over the queries
-# block_m at a time; forward, dq and bias_grad own block_m queries and step over the keys.
+# Candidates per kernel, (block_m, block_n, num_warps, num_stages[, tma]); decode's are (block_n,
+# num_warps, num_stages), its block_m being fixed by the call. dkdv owns block_n keys and steps over the
+# queries block_m at a time; forward, dq and bias_grad own block_m queries and step over the keys.
 # Hopper: wgmma runs on warpgroups of 4 warps that cover 64 rows each, so a 128-row block takes 8
-# warps; 227 KB of shared memory hold 2-3 stages of the streamed tiles even at head dim 128.
+# warps; 227 KB of shared memory hold 2-3 stages of the streamed tiles even at head dim 128. The
+# forward's 8-warp tiles are also tried with TMA copies of k and v, which free the registers that
+# hold the addresses of every thread's share of a tile (sm_90, head dim 128, 128 x 64: 190 -> 159).
 _HOPPER = {
     "forward": ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
-                (64, 64, 4, 3), (64, 128, 4, 3)),
+                (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2, True), (128, 128, 8, 2, True),
+                (128, 128, 8, 3, True)),
     "dkdv": ((64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2),
              (64, 128, 8, 3)),
     "dq": ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2),
@@ -125,8 +132,9 @@ _OTHER = {
 }
 
 
-def candidates(shape: ShapeClass, major: int) -> tuple[TileConfig, ...]:
-    """The tiles tuning tries for a class on a GPU of compute capability `major`.x, default first.
+def candidates(shape: ShapeClass, major: int, tma: bool = True) -> tuple[TileConfig, ...]:
+    """The tiles tuning tries for a class on a GPU of compute capability `major`.x, default first;
+    those with TMA copies only when `tma` (the call's tensors allow descriptors).
 
     fp32 classes keep their default: without tensor cores each fp32 candidate compiles for 15-60 s
     (the dot is unrolled into FMAs), which would stall a first call for minutes.
@@ -137,7 +145,8 @@ def candidates(shape: ShapeClass, major: int) -> tuple[TileConfig, ...]:
     table = (_HOPPER if major == 9 else _OTHER)[shape.kernel]
     if shape.kernel == "decode":
         table = tuple((shape.block_m, *entry) for entry in table)
-    return tuple(dict.fromkeys([default, *(TileConfig(*entry) for entry in table)]))
+    tiles = (TileConfig(*entry) for entry in table)
+    return tuple(dict.fromkeys([default, *(t for t in tiles if tma or not t.tma)]))
 
 
 def shared_memory_bytes(shape: ShapeClass, tiles: TileConfig, major: int, mask_bytes: int = 0) -> int:
@@ -149,7 +158,8 @@ def shared_memory_bytes(shape: ShapeClass, tiles: TileConfig, major: int, mask_b
     the next loads land: num_stages buffers. With mma.sync (other GPUs, or fewer rows) num_stages - 1
     are in flight, and the probabilities may pass through shared memory on their way to the second
     dot. The tiles a program loads once, the scratch of transposes and, when the call has a mask or
-    bias (mask_bytes: its element size), a (block_m x block_n) tile of it stay there too.
+    bias (mask_bytes: its element size), a (block_m x block_n) tile of it stay there too. TMA copies
+    land in buffers aligned to 1 KB (the 128-byte swizzle's period), with an mbarrier per stage.
     """
     m, n, d = tiles.block_m, tiles.block_n, shape.head_dim
     wgmma = major >= 9 and m >= 64
@@ -162,7 +172,10 @@ def shared_memory_bytes(shape: ShapeClass, tiles: TileConfig, major: int, mask_b
         "dq": (2 * n * d, 2 * m * d + m * n),  # k and v per step; q, do, ds
         "bias_grad": (2 * n * d, 2 * m * d + m * n),
     }[shape.kernel]
-    return shape.dtype_bytes * (buffers * streamed + resident) + m * n * mask_bytes
+    return shape.dtype_bytes * (buffers * streamed + resident) + m * n * mask_bytes + (_TMA_PADDING if tiles.tma else 0)
+
+
+_TMA_PADDING = 1024
 
 
 def mask_bytes(extras) -> int:
@@ -215,12 +228,13 @@ def tuned_choices(arch: str) -> dict[str, Tuned]:
 
 def select(shape: ShapeClass, device: torch.device, launch: Callable[[TileConfig], object],
            grid: Callable[[TileConfig], tuple[int, ...]], *, mask_bytes: int = 0,
-           reproducible: bool = False) -> TileConfig:
+           reproducible: bool = False, tma: bool = False) -> TileConfig:
     """The tiles for a launch of class `shape` on `device`, tuned first if it is time (module doc).
 
     launch(tiles) runs the call with those tiles and grid(tiles) is its launch grid; mask_bytes is
     the element size of the call's mask or bias (0: none); reproducible calls must give the same
-    bits in every process.
+    bits in every process; tma says whether the call's k and v can be read through tensor
+    descriptors (else a class's TMA choice runs with pointer loads, tiles otherwise the same).
     """
     if INTERPRETING:
         return interpreter_tiles(shape)
@@ -241,8 +255,10 @@ def select(shape: ShapeClass, device: torch.device, launch: Callable[[TileConfig
         chosen = shipped_choices(info.arch).get(shape.key)
     if (chosen is None and not reproducible and not torch.cuda.is_current_stream_capturing()
             and math.prod(grid(default)) >= info.multiprocessors):
-        _tuned[key] = _tune(shape, launch, default, fits, info.major)
+        _tuned[key] = _tune(shape, launch, default, fits, info.major, tma)
         chosen = _tuned[key].tiles
+    if chosen is not None and chosen.tma and not tma:
+        chosen = replace(chosen, tma=False)
     # The class's choice may not fit this call: a mask or bias tile takes shared memory too.
     return chosen if chosen is not None and fits(chosen) else default
 
@@ -253,9 +269,9 @@ def measure(run: Callable[[], object]) -> float:
 
 
 def _tune(shape: ShapeClass, launch: Callable[[TileConfig], object], default: TileConfig,
-          fits: Callable[[TileConfig], bool], major: int) -> Tuned:
+          fits: Callable[[TileConfig], bool], major: int, tma: bool) -> Tuned:
     timings = {}
-    for tiles in filter(fits, candidates(shape, major)):
+    for tiles in filter(fits, candidates(shape, major, tma)):
         try:
             timings[tiles] = measure(functools.partial(launch, tiles))
         except triton.runtime.OutOfResources:  # the bound is checked, but the compiler has the last word
