@@ -90,10 +90,20 @@ CALLS = {
 }
 
 
+def candidates_of_rank(rank: int):
+    """tuning.candidates cut to each class's rank-th candidate (its default where it has fewer)."""
+    every = tuning.candidates
+
+    def ranked(shape: tuning.ShapeClass, major: int, tma: bool = True) -> tuple[tuning.TileConfig, ...]:
+        found = every(shape, major, tma)
+        return found[rank:rank + 1] or found[:1]
+
+    return ranked
+
+
 def compile_worker(names: list[str], rank: int) -> None:
     """Compile the rank-th candidate of every class the calls touch (Triton caches it on disk)."""
-    every = tuning.candidates
-    tuning.candidates = lambda shape, major: every(shape, major)[rank:rank + 1] or every(shape, major)[:1]
+    tuning.candidates = candidates_of_rank(rank)
     for name in names:
         CALLS[name]()[0]()
     torch.cuda.synchronize()
@@ -143,8 +153,8 @@ def report(info, tuned, tuned_on, errors) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tune and report, but write no file")
-    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
-                        help="compile workers (default: 8, the most candidates a class has, or the CPU count)")
+    parser.add_argument("--jobs", type=int, default=min(10, os.cpu_count() or 1),
+                        help="compile workers (default: 10, the most candidates a class has, or the CPU count)")
     parser.add_argument("--calls", default=",".join(CALLS),
                         help=f"comma-separated subset of the calls (default: all of {', '.join(CALLS)})")
     parser.add_argument("--compile-rank", type=int, help=argparse.SUPPRESS)

@@ -163,6 +163,19 @@ def test_tma_tiles_are_tried_only_for_calls_that_take_tensor_descriptors(monkeyp
     assert gpu.select(tma=False) == TileConfig(128, 128, 8, 2)
 
 
+def test_tune_compile_workers_each_run_one_candidate_per_class(monkeypatch):
+    from benchmarks.tune import candidates_of_rank
+    gpu = FakeGPU(monkeypatch)
+    every = tuning.candidates(FORWARD, 9)
+    monkeypatch.setattr(tuning, "candidates", candidates_of_rank(len(every) - 1))
+    gpu.select(tma=True)
+    assert gpu.launched == [every[-1]] and every[-1].tma
+    monkeypatch.setattr(tuning, "_tuned", {})
+    gpu.launched.clear()
+    gpu.select(tma=False)  # fewer candidates without TMA: the default
+    assert gpu.launched == [DEFAULT]
+
+
 def test_small_calls_and_graph_captures_are_not_tuned(monkeypatch):
     gpu = FakeGPU(monkeypatch, timings={DEFAULT: 1.0, FASTEST: 0.5})
     assert gpu.select(programs=H100.multiprocessors - 1) == DEFAULT
