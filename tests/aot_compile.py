@@ -61,6 +61,17 @@ def signature(kernel, constexprs, data_type, mask_type):
     return types
 
 
+def descriptor_types(kernel, constexprs, element):
+    """The types of the tensors a kernel streams through tensor descriptors with TMA tiles:
+    (1, 1, rows, head dim) boxes of K and V (forward, dq) or of Q and dO (dkdv)."""
+    def box(rows, cols):
+        return f"tensordesc<{element}[1, 1, {constexprs[rows]}, {constexprs[cols]}]>"
+
+    if kernel is _dkdv_kernel:
+        return {"Q": box("BLOCK_M", "BLOCK_D"), "DOut": box("BLOCK_M", "BLOCK_DV")}
+    return {"K": box("BLOCK_N", "BLOCK_D"), "V": box("BLOCK_N", "BLOCK_DV")}
+
+
 def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf16", num_warps=4, num_stages=2,
                    contiguous=False):
     """Bytes of shared memory of the compiled kernel.
@@ -68,7 +79,7 @@ def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf
     contiguous: specialise as Triton's JIT does for contiguous, 16-byte aligned tensors: unit strides
     become constants, and the other strides and the pointers are known multiples of 16. Only then do
     the loads vectorise and the inner loops pipeline (num_stages buffers), as on the GPU.
-    With TMA=True in constexprs, K and V are tensor descriptors copying (1, 1, BLOCK_N, BLOCK_D) boxes.
+    With TMA=True in constexprs, the streamed operands are tensor descriptors (descriptor_types).
     """
     names = list(inspect.signature(kernel.fn).parameters)
     constexprs = {name: value for name, value in constexprs.items() if name in names}
@@ -76,9 +87,7 @@ def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf
         constexprs.update({name: 1 for name in names if name in UNIT_STRIDES})
     types = signature(kernel, constexprs, data_type, mask_type)
     if constexprs.get("TMA"):
-        element = data_type.lstrip("*")
-        types["K"] = f"tensordesc<{element}[1, 1, {constexprs['BLOCK_N']}, {constexprs['BLOCK_D']}]>"
-        types["V"] = f"tensordesc<{element}[1, 1, {constexprs['BLOCK_N']}, {constexprs['BLOCK_DV']}]>"
+        types.update(descriptor_types(kernel, constexprs, data_type.lstrip("*")))
     aligned = [name for name, kind in types.items()
                if contiguous and (kind.startswith("*") or (name.startswith("stride_") and kind != "constexpr"))]
     source = ASTSource(fn=kernel, signature=types,
@@ -98,7 +107,7 @@ def feature_jobs():
     return [
         ("forward", _forward_kernel, dict(shapes, **PLAIN), {}),
         ("forward+all", _forward_kernel, dict(shapes, **everything), {}),
-        ("forward+all+tma", _forward_kernel, dict(shapes, **dict(everything, PAGED=False, TMA=True)), {}),
+        ("forward+all+tma", _forward_kernel, dict(shapes, **dict(everything, TMA=True)), {}),
         ("forward+varlen", _forward_kernel, dict(shapes, **varlen), {}),
         ("forward+bool-mask-fp32", _forward_kernel, dict(shapes, **dict(PLAIN, MASK_KIND=1), BLOCK_M=32),
          dict(data_type="*fp32", mask_type="*u8")),
@@ -106,8 +115,10 @@ def feature_jobs():
         ("delta", _delta_kernel, dict(HEAD_DIM_V=128, BLOCK_M=64, BLOCK_DV=128, VARLEN=False), {}),
         ("dkdv", _dkdv_kernel, dict(shapes, **PLAIN), {}),
         ("dkdv+all", _dkdv_kernel, dict(shapes, **everything), {}),
+        ("dkdv+all+tma", _dkdv_kernel, dict(shapes, **dict(everything, TMA=True)), {}),
         ("dkdv+bool-mask", _dkdv_kernel, dict(shapes, **dict(everything, MASK_KIND=1)), dict(mask_type="*u8")),
         ("dq+all", _dq_kernel, dict(shapes, **everything), {}),
+        ("dq+all+tma", _dq_kernel, dict(shapes, **dict(everything, TMA=True)), {}),
         ("dq+bool-mask", _dq_kernel, dict(shapes, **dict(everything, MASK_KIND=1)), dict(mask_type="*u8")),
         ("dq+varlen", _dq_kernel, dict(shapes, **varlen), {}),
         ("bias-grad", _bias_grad_kernel, dict(shapes, **everything, **bias_dims), {}),

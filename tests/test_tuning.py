@@ -12,6 +12,7 @@ from oracle import check_against_oracle
 
 import fused_attn
 from fused_attn.options import AttentionOptions
+from fused_attn.triton import backward as triton_backward
 from fused_attn.triton import forward as triton_forward
 from fused_attn.triton import tuning
 from fused_attn.triton.common import INTERPRETING, takes_tensor_descriptors
@@ -206,7 +207,7 @@ def test_candidate_sets_are_small_with_the_default_first(kernel, major, head_dim
     flagship = {8: 166912, 9: H100.shared_memory}[major]  # A100, H100: the ones tuning would time
     assert len([tiles for tiles in found if tuning.shared_memory_bytes(shape, tiles, major) <= flagship]) <= 10
     assert tuning.candidates(shape, major, tma=False) == tuple(tiles for tiles in found if not tiles.tma)
-    assert any(tiles.tma for tiles in found) == (kernel == "forward" and major == 9)
+    assert any(tiles.tma for tiles in found) == (kernel in ("forward", "dkdv", "dq") and major == 9)
     if kernel == "decode":
         assert {tiles.block_m for tiles in found} == {16}
     assert tuning.candidates(ShapeClass(kernel, head_dim, 4, False, shape.block_m), major) == (
@@ -304,15 +305,18 @@ def hopper_or_interpreter() -> bool:
 
 @pytest.fixture
 def tma_tiles(monkeypatch):
-    """Every forward launch through TMA copies of k and v (tensor descriptors)."""
+    """Every forward, dk/dv and dq launch with TMA copies of the tiles it streams (tensor descriptors)."""
     if not hopper_or_interpreter():
         pytest.skip("TMA needs a Hopper GPU or newer")
+    on_gpu = {"forward": TileConfig(128, 64, 8, 2, True), "dkdv": TileConfig(64, 128, 8, 2, True),
+              "dq": TileConfig(128, 64, 8, 2, True)}
 
     def select(shape, device, launch, grid, *, tma=False, **keywords):
-        assert tma, "the test's k and v are TMA-aligned"
-        return TileConfig(32, 64, 1, 1, tma=True) if INTERPRETING else TileConfig(128, 64, 8, 2, tma=True)
+        assert tma, "the test's tensors are TMA-aligned"
+        return TileConfig(32, 64, 1, 1, tma=True) if INTERPRETING else on_gpu[shape.kernel]
 
-    monkeypatch.setattr(triton_forward, "select", select)
+    for module in (triton_forward, triton_backward):
+        monkeypatch.setattr(module, "select", select)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -324,7 +328,8 @@ def tma_tiles(monkeypatch):
     pytest.param(dict(head_dim=96, sequence_major=True), id="d96-sequence-major"),
 ])
 def test_tma_copies_match_the_reference(tma_tiles, dtype, case):
-    """Keys past Lk and head-dim columns past D come from the copy engine's zero fill, not masks."""
+    """Out, lse and every gradient: keys past Lk, queries past Lq and head-dim columns past D come
+    from the copy engine's zero fill, not from masked loads."""
     case = dict(case)
     head_dim = case.pop("head_dim", 64)
     sequence_major = case.pop("sequence_major", False)

@@ -7,7 +7,8 @@
 Three launches: delta per query row; dk/dv per key block (looping over the query rows, and over
 every query head of a GQA group, so a group's gradient is summed in registers); dq per query
 block. No atomics anywhere, so gradients are bitwise reproducible run to run. The bias gradient,
-when asked for, is a fourth launch (bias_grad.py).
+when asked for, is a fourth launch (bias_grad.py). With TMA tiles (tuning.py) the tiles each loop
+streams (q and do for dk/dv, k and v for dq) are copied by Hopper's copy engine.
 """
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ from .common import (
     feature_arguments,
     head_dim_block,
     head_state,
+    load_box,
     load_tile,
     num_blocks,
     score_tile,
+    takes_tensor_descriptors,
+    tensor_descriptor,
     visible_pairs,
     visible_span,
 )
@@ -114,18 +118,25 @@ def _dkdv_query_blocks(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, CHECK_WINDOW: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, batch, head,
 ):
     """Accumulate dk, dv of one key block over query blocks [start, stop) of one head, but those
-    a bool mask hides.
+    a bool mask hides. q_ptrs and do_ptrs point at the first block's tiles, or with TMA are Q's and
+    dO's descriptors.
 
     Out-of-range query rows load q = do = 0 and lse = +inf, so their p is 0.
     """
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
         if visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
-            q = load_tile(q_ptrs + start_m * stride_qm, rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
-            dout = load_tile(do_ptrs + start_m * stride_gm, rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV,
-                             UPCAST)
+            if TMA:
+                q = load_box(q_ptrs, batch, head, start_m, UPCAST)
+                dout = load_box(do_ptrs, batch, head, start_m, UPCAST)
+            else:
+                q = load_tile(q_ptrs + start_m * stride_qm, rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D,
+                              UPCAST)
+                dout = load_tile(do_ptrs + start_m * stride_gm, rows, seqlen_q, offs_dv, HEAD_DIM_V, True,
+                                 not EVEN_DV, UPCAST)
             lse, delta = load_row_stats(Lse, Delta, row_base, rows, seqlen_q)
             dropped, _, dscores = backward_tile(
                 q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
@@ -154,6 +165,7 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     block_n = tl.program_id(0)
     batch_head_kv = tl.program_id(1)
@@ -188,10 +200,15 @@ def _dkdv_kernel(
     for member in range(0, group_size):  # every query head that shares this k/v head
         head = head_kv * group_size + member
         batch_head = batch * num_heads_kv * group_size + head
-        q_ptrs = (Q + batch * stride_qb + head * stride_qh + start_q * stride_qm
-                  + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-        do_ptrs = (DOut + batch * stride_gb + head * stride_gh + start_q * stride_gm
-                   + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd)
+        if TMA:  # descriptors over dense (B, Hq, Lq, D) tensors: the copy engine fills rows past Lq with zeros
+            tl.static_assert(not VARLEN)
+            q_ptrs = Q
+            do_ptrs = DOut
+        else:
+            q_ptrs = (Q + batch * stride_qb + head * stride_qh + start_q * stride_qm
+                      + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+            do_ptrs = (DOut + batch * stride_gb + head * stride_gh + start_q * stride_gm
+                       + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd)
         row_base = batch * stride_lb + head * stride_lh + start_q
         mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh,
                                                        Seed, batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
@@ -204,6 +221,7 @@ def _dkdv_kernel(
                 shift, left, right, scale, softcap,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, EVEN_D, EVEN_DV, stage != 1,
                 HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, UPCAST, DOT_PRECISION,
+                TMA, batch.to(tl.int32), head.to(tl.int32),
             )
 
     inside_d = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -224,15 +242,21 @@ def _dq_key_blocks(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, CHECK_WINDOW: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, batch, head_kv,
 ):
-    """Accumulate dq of one query block over key blocks [start, stop), but those a bool mask hides."""
+    """Accumulate dq of one query block over key blocks [start, stop), but those a bool mask hides.
+    k_ptrs and v_ptrs point at the first block's tiles, or with TMA are K's and V's descriptors."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         if visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
-            k = load_tile(k_ptrs + start_n * stride_kn, cols, seqlen_k, offs_d, HEAD_DIM, CHECK_WINDOW, not EVEN_D,
-                          UPCAST)
-            v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_WINDOW,
-                          not EVEN_DV, UPCAST)
+            if TMA:
+                k = load_box(k_ptrs, batch, head_kv, start_n, UPCAST)
+                v = load_box(v_ptrs, batch, head_kv, start_n, UPCAST)
+            else:
+                k = load_tile(k_ptrs + start_n * stride_kn, cols, seqlen_k, offs_d, HEAD_DIM, CHECK_WINDOW,
+                              not EVEN_D, UPCAST)
+                v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_WINDOW,
+                              not EVEN_DV, UPCAST)
             _, _, dscores = backward_tile(
                 q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
                 mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
@@ -258,6 +282,7 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -283,10 +308,15 @@ def _dq_kernel(
     dout = load_tile(DOut + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                      rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
     lse, delta = load_row_stats(Lse, Delta, batch * stride_lb + head * stride_lh + start_q, rows, seqlen_q)
-    k_ptrs = (K + batch * stride_kb + head_kv * stride_kh + start_k * stride_kn
-              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-    v_ptrs = (V + batch * stride_vb + head_kv * stride_vh + start_k * stride_vn
-              + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+    if TMA:  # descriptors over dense (B, Hkv, Lk, D) tensors: the copy engine fills keys past Lk with zeros
+        tl.static_assert(not VARLEN)
+        k_ptrs = K
+        v_ptrs = V
+    else:
+        k_ptrs = (K + batch * stride_kb + head_kv * stride_kh + start_k * stride_kn
+                  + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+        v_ptrs = (V + batch * stride_vb + head_kv * stride_vh + start_k * stride_vn
+                  + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
     mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed,
                                                    batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
 
@@ -302,6 +332,7 @@ def _dq_kernel(
             shift, left, right, scale, softcap,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, EVEN_D, EVEN_DV, stage != 1,
             HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, UPCAST, DOT_PRECISION,
+            TMA, batch.to(tl.int32), head_kv.to(tl.int32),
         )
     tl.store(DQ + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty),
@@ -344,15 +375,24 @@ def attention_backward(
     def launch_options(tiles):
         return dict(
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-            BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **flags,
+            BLOCK_D=block_d, BLOCK_DV=block_dv, TMA=tiles.tma, num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages, **flags,
         )
+
+    def streamed(tiles, of_d, of_dv, rows):
+        """The two operands a loop streams rows at a time (one of head dim D, one of Dv): as they are,
+        or with TMA tiles their descriptors."""
+        if not tiles.tma:
+            return of_d, of_dv
+        return tensor_descriptor(of_d, rows, block_d), tensor_descriptor(of_dv, rows, block_dv)
 
     def dkdv_grid(tiles):
         return num_blocks(problem.seqlen_k, tiles.block_n), problem.batch * heads_kv
 
     def launch_dkdv(tiles):
+        q_tiles, do_tiles = streamed(tiles, q, dout, tiles.block_m)
         _dkdv_kernel[dkdv_grid(tiles)](
-            q, k, v, dout, lse, delta, dk, dv, *strides, *bhld_strides(dk), *bhld_strides(dv), *lse_strides,
+            q_tiles, k, v, do_tiles, lse, delta, dk, dv, *strides, *bhld_strides(dk), *bhld_strides(dv), *lse_strides,
             heads_kv, problem.group_size, *problem.sequence_arguments(), *features, **launch_options(tiles),
         )
 
@@ -360,14 +400,17 @@ def attention_backward(
         return num_blocks(problem.seqlen_q, tiles.block_m), problem.batch * heads_q
 
     def launch_dq(tiles):
+        k_tiles, v_tiles = streamed(tiles, k, v, tiles.block_n)
         _dq_kernel[dq_grid(tiles)](
-            q, k, v, dout, lse, delta, dq, *strides, *bhld_strides(dq), *lse_strides,
+            q, k_tiles, v_tiles, dout, lse, delta, dq, *strides, *bhld_strides(dq), *lse_strides,
             heads_q, problem.group_size, *problem.sequence_arguments(), *features, **launch_options(tiles),
         )
 
-    for kernel, launch, grid in (("dkdv", launch_dkdv, dkdv_grid), ("dq", launch_dq, dq_grid)):
+    for kernel, launch, grid, tma in (("dkdv", launch_dkdv, dkdv_grid, takes_tensor_descriptors(q, dout)),
+                                      ("dq", launch_dq, dq_grid, takes_tensor_descriptors(k, v))):
         shape = ShapeClass.of(kernel, q, v, opts)
-        launch(select(shape, q.device, launch, grid, mask_bytes=mask_bytes(extras), reproducible=opts.deterministic))
+        launch(select(shape, q.device, launch, grid, mask_bytes=mask_bytes(extras), reproducible=opts.deterministic,
+                      tma=tma))
     if problem.varlen:  # packed rows after the last sequence take no part: zero gradients
         fill_unused_rows(dq, 0, extras.cu_seqlens_q, 0.0)
         for grad in (dk, dv):

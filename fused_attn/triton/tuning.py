@@ -1,5 +1,5 @@
 """Tile shapes of the Triton kernels: block_m, block_n, num_warps and num_stages of every launch,
-and whether the forward reads k and v through tensor descriptors (Hopper's TMA copy engine).
+and whether the streamed tiles are read through tensor descriptors (Hopper's TMA copy engine).
 
 The best tiles depend on a *shape class*: the kernel, the padded head dim, the element width,
 whether key blocks are skipped (causal or a sliding window) and the GPU architecture. Sequence
@@ -53,8 +53,9 @@ class TileConfig:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int  # software-pipelining depth of the loads in the kernel's inner loop
-    # forward only: k and v tiles copied by the TMA engine (tensor descriptors) instead of loaded by
-    # every thread through pointers, where the call's tensors allow it (common.tensor_descriptor)
+    # the tiles the kernel's loop streams (forward and dq: k and v; dkdv: q and do) copied by the TMA
+    # engine through tensor descriptors instead of loaded by every thread through pointers, where
+    # the call's tensors allow it (common.takes_tensor_descriptors)
     tma: bool = False
 
     def __str__(self) -> str:
@@ -106,17 +107,17 @@ def default_tiles(shape: ShapeClass) -> TileConfig:
 # num_warps, num_stages), its block_m being fixed by the call. dkdv owns block_n keys and steps over the
 # queries block_m at a time; forward, dq and bias_grad own block_m queries and step over the keys.
 # Hopper: wgmma runs on warpgroups of 4 warps that cover 64 rows each, so a 128-row block takes 8
-# warps; 227 KB of shared memory hold 2-3 stages of the streamed tiles even at head dim 128. The
-# forward's 8-warp tiles are also tried with TMA copies of k and v, which free the registers that
-# hold the addresses of every thread's share of a tile (sm_90, head dim 128, 128 x 64: 190 -> 159).
+# warps; 227 KB of shared memory hold 2-3 stages of the streamed tiles even at head dim 128. Some
+# tiles are also tried with TMA copies of the streamed operands, which free the registers that hold
+# the addresses of every thread's share of a tile (forward, sm_90, head dim 128, 128 x 64: 190 -> 159).
 _HOPPER = {
     "forward": ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
                 (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2, True), (128, 128, 8, 2, True),
                 (128, 128, 8, 3, True)),
     "dkdv": ((64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2),
-             (64, 128, 8, 3)),
+             (64, 128, 8, 3), (64, 64, 4, 3, True), (64, 128, 8, 2, True), (64, 128, 8, 3, True)),
     "dq": ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2),
-           (128, 64, 8, 3)),
+           (128, 64, 8, 3), (64, 64, 4, 3, True), (128, 64, 8, 2, True), (128, 64, 8, 3, True)),
     "bias_grad": ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2)),
     "decode": ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3)),
 }
@@ -233,8 +234,8 @@ def select(shape: ShapeClass, device: torch.device, launch: Callable[[TileConfig
 
     launch(tiles) runs the call with those tiles and grid(tiles) is its launch grid; mask_bytes is
     the element size of the call's mask or bias (0: none); reproducible calls must give the same
-    bits in every process; tma says whether the call's k and v can be read through tensor
-    descriptors (else a class's TMA choice runs with pointer loads, tiles otherwise the same).
+    bits in every process; tma says whether the tensors the kernel streams can be read through
+    tensor descriptors (else a class's TMA choice runs with pointer loads, tiles otherwise the same).
     """
     if INTERPRETING:
         return interpreter_tiles(shape)
