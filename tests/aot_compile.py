@@ -4,17 +4,24 @@ Triton's interpreter executes the kernels on CPU but never compiles them, so typ
 unsupported operations and resource overruns only show on a GPU. This script runs the real
 compiler down to a cubin for the given target: each kernel with every feature off and on, then
 every candidate tile configuration that tuning may pick (fused_attn/triton/tuning.py), checking
-that the shared memory it compiles to stays within tuning's bound.
+that the shared memory it compiles to stays within tuning's bound, then every class's default
+tiles in 16-bit and fp32, checking that they keep the kernel's values in registers (the spills
+ptxas reports: at most MAX_DEFAULT_SPILL bytes per thread).
 
     python tests/aot_compile.py 90     # sm_90 (Hopper); prints the job count, then one line per job
 """
+import contextlib
 import inspect
+import io
 import os
+import re
 import sys
+from typing import NamedTuple
 
 os.environ.pop("TRITON_INTERPRET", None)  # must be off before the kernels are decorated
 
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -72,9 +79,19 @@ def descriptor_types(kernel, constexprs, element):
     return {"K": box("BLOCK_N", "BLOCK_D"), "V": box("BLOCK_N", "BLOCK_DV")}
 
 
+# Bytes a default's thread may spill: a few registers saved around the epilogue, not the loop's tiles
+# (the defaults they replaced spilled 40 bytes to 62 KB).
+MAX_DEFAULT_SPILL = 16
+
+
+class Compiled(NamedTuple):
+    shared: int  # bytes of shared memory
+    spilled: int  # bytes of registers spilled per thread (ptxas's spill stores)
+
+
 def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf16", num_warps=4, num_stages=2,
-                   contiguous=False):
-    """Bytes of shared memory of the compiled kernel.
+                   contiguous=False) -> Compiled:
+    """Compile down to a cubin: its shared memory and spills.
 
     contiguous: specialise as Triton's JIT does for contiguous, 16-byte aligned tensors: unit strides
     become constants, and the other strides and the pointers are known multiples of 16. Only then do
@@ -93,8 +110,11 @@ def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf
     source = ASTSource(fn=kernel, signature=types,
                        constexprs={(names.index(name),): value for name, value in constexprs.items()},
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
-    compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
-    return compiled.metadata.shared
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # where Triton prints ptxas's report
+        compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    spilled = sum(int(count) for count in re.findall(r"(\d+) bytes spill stores", log.getvalue()))
+    return Compiled(compiled.metadata.shared, spilled)
 
 
 def feature_jobs():
@@ -145,33 +165,56 @@ def candidate_jobs(capability):
     return jobs
 
 
+def default_jobs():
+    """(shape class, its default tiles, mask bytes): every kernel in 16-bit and fp32 at head dims 64,
+    128 and 256 (decode: 16 rows); bias_grad with its bias."""
+    jobs = []
+    for kernel in tuning.KERNELS:
+        for dtype_bytes in (2, 4):
+            for head_dim in (64, 128, 256):
+                shape = tuning.ShapeClass(kernel, head_dim, dtype_bytes, False, 16 if kernel == "decode" else 0)
+                jobs.append((shape, tuning.default_tiles(shape), dtype_bytes if kernel == "bias_grad" else 0))
+    return jobs
+
+
 def compile_candidate(shape, tiles, mask_bytes, target):
     head_dims = dict(HEAD_DIM=shape.head_dim, HEAD_DIM_V=shape.head_dim, BLOCK_D=shape.head_dim,
                      BLOCK_DV=shape.head_dim)
     constexprs = dict(PLAIN, **head_dims, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, TMA=tiles.tma,
                       MASK_KIND=2 if mask_bytes else 0, FULL_BATCH=False, FULL_HEADS=True, FULL_ROWS=True,
                       FULL_COLS=True)
-    return compile_kernel(KERNEL_FUNCTIONS[shape.kernel], constexprs, target, num_warps=tiles.num_warps,
-                          num_stages=tiles.num_stages, contiguous=True)
+    data_type = "*bf16" if shape.dtype_bytes == 2 else "*fp32"
+    return compile_kernel(KERNEL_FUNCTIONS[shape.kernel], constexprs, target, data_type=data_type,
+                          mask_type=data_type, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                          contiguous=True)
 
 
 def main(capability):
     target = GPUTarget("cuda", capability, 32)
-    features, tiles = feature_jobs(), candidate_jobs(capability)
-    print(f"{len(features) + len(tiles)} jobs", flush=True)
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # ptxas reports only when it runs
+    features, tiles, defaults = feature_jobs(), candidate_jobs(capability), default_jobs()
+    print(f"{len(features) + len(tiles) + len(defaults)} jobs", flush=True)
     for name, kernel, constexprs, types in features:
-        shared = compile_kernel(kernel, constexprs, target, **types)
-        print(f"sm_{capability} {name}: compiled, {shared} bytes of shared memory", flush=True)
-    over = []
+        compiled = compile_kernel(kernel, constexprs, target, **types)
+        print(f"sm_{capability} {name}: compiled, {compiled.shared} bytes of shared memory", flush=True)
+    failures = []
     for shape, candidate, mask_bytes in tiles:
-        shared = compile_candidate(shape, candidate, mask_bytes, target)
+        compiled = compile_candidate(shape, candidate, mask_bytes, target)
         bound = tuning.shared_memory_bytes(shape, candidate, capability // 10, mask_bytes)
-        line = f"sm_{capability} {shape.key} {candidate}: compiled, {shared} bytes of shared memory (bound {bound})"
+        line = (f"sm_{capability} {shape.key} {candidate}: compiled, {compiled.shared} bytes of shared memory "
+                f"(bound {bound}), {compiled.spilled} spilled")
         print(line, flush=True)
-        if shared > bound:
-            over.append(line)
-    if over:
-        sys.exit("tuning's shared-memory bound is too low for:\n" + "\n".join(over))
+        if compiled.shared > bound:
+            failures.append(f"tuning's shared-memory bound is too low: {line}")
+    for shape, default, mask_bytes in defaults:
+        compiled = compile_candidate(shape, default, mask_bytes, target)
+        line = f"sm_{capability} {shape.key} default {default}: compiled, {compiled.spilled} bytes spilled"
+        print(line, flush=True)
+        if compiled.spilled > MAX_DEFAULT_SPILL:
+            failures.append(f"a default spills: {line}")
+    if failures:
+        sys.exit("\n".join(failures))
 
 
 if __name__ == "__main__":

@@ -89,18 +89,33 @@ def interpreter_tiles(shape: ShapeClass) -> TileConfig:
     return TileConfig(shape.block_m or 32, 32, 1, 1)
 
 
+# The fixed tiles of each class, by kernel: (largest padded head dim, tiles), the first that holds.
+# Each keeps the kernel's values in registers on sm_80 and sm_90 (tests/aot_compile.py checks the
+# compiler's spills, Triton 3.9). Bigger tiles spill in the loop: the dk/dv kernel holds k, v, dk and
+# dv for the whole loop (64 x 64 with 4 warps spilled 820 bytes per thread at head dim 128, sm_90), and
+# fp32 dots are unrolled into FMAs whose operands all sit in registers (64 x 64: 62 KB at head dim 64).
+_DEFAULTS_16BIT = {
+    "forward": ((64, (128, 64, 4, 3)), (128, (128, 64, 8, 2)), (256, (32, 32, 4, 2))),
+    "dq": ((128, (64, 64, 4, 2)), (256, (32, 32, 4, 1))),
+    "dkdv": ((64, (32, 32, 4, 3)), (128, (32, 64, 8, 3)), (256, (16, 32, 8, 2))),
+    "bias_grad": ((64, (64, 64, 8, 2)), (128, (32, 64, 8, 2)), (256, (16, 32, 8, 2))),
+}
+_DEFAULTS_FP32 = {
+    "forward": ((64, (32, 32, 8, 2)), (256, (16, 32, 8, 2))),
+    "dq": ((128, (32, 32, 8, 2)), (256, (16, 32, 8, 2))),
+    "dkdv": ((64, (32, 32, 8, 2)), (128, (16, 16, 8, 2)), (256, (16, 16, 8, 1))),
+    "bias_grad": ((256, (16, 32, 8, 2)),),
+}
+
+
 def default_tiles(shape: ShapeClass) -> TileConfig:
-    """The fixed tiles of a class: what every launch used before tuning, and the fallback."""
-    row_bytes = shape.head_dim * shape.dtype_bytes
-    if shape.kernel == "decode":
+    """The fixed tiles of a class: the fallback, and all that fp32 classes ever run."""
+    if shape.kernel == "decode":  # its rows are the call's
+        if shape.dtype_bytes > 2:
+            return TileConfig(shape.block_m, 32, 8, 2)
         return TileConfig(shape.block_m, 64 if shape.head_dim <= 128 else 32, 4, 2)
-    if shape.kernel != "forward":
-        return TileConfig(64, 64, 4, 2) if row_bytes <= 256 else TileConfig(32, 32, 4, 1)
-    if row_bytes <= 128:
-        return TileConfig(128, 64, 4, 3)
-    if row_bytes <= 256:
-        return TileConfig(128, 64, 8, 2)
-    return TileConfig(64, 32, 4, 1)
+    table = (_DEFAULTS_16BIT if shape.dtype_bytes <= 2 else _DEFAULTS_FP32)[shape.kernel]
+    return next(TileConfig(*tiles) for largest, tiles in table if shape.head_dim <= largest)
 
 
 # Candidates per kernel, (block_m, block_n, num_warps, num_stages[, tma]); decode's are (block_n,
@@ -114,11 +129,11 @@ _HOPPER = {
     "forward": ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
                 (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2, True), (128, 128, 8, 2, True),
                 (128, 128, 8, 3, True)),
-    "dkdv": ((64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2),
+    "dkdv": ((32, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2),
              (64, 128, 8, 3), (64, 64, 4, 3, True), (64, 128, 8, 2, True), (64, 128, 8, 3, True)),
     "dq": ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2),
            (128, 64, 8, 3), (64, 64, 4, 3, True), (128, 64, 8, 2, True), (128, 64, 8, 3, True)),
-    "bias_grad": ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2)),
+    "bias_grad": ((64, 64, 8, 2), (32, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2)),
     "decode": ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3)),
 }
 # Ampere and every other architecture: mma.sync per warp and cp.async, which keeps num_stages - 1
@@ -126,9 +141,9 @@ _HOPPER = {
 _OTHER = {
     "forward": ((128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
                 (64, 64, 4, 4), (128, 128, 8, 2)),
-    "dkdv": ((64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2)),
+    "dkdv": ((32, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)),
     "dq": ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2)),
-    "bias_grad": ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)),
+    "bias_grad": ((64, 64, 8, 2), (32, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)),
     "decode": ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)),
 }
 
