@@ -191,8 +191,14 @@ def compile_candidate(shape, tiles, mask_bytes, target):
 
 def main(capability):
     target = GPUTarget("cuda", capability, 32)
-    knobs.nvidia.dump_ptxas_log = True
-    knobs.compilation.always_compile = True  # ptxas reports only when it runs
+    # ptxas reports its spills only when it runs, and only through a knob older Tritons lack
+    spills_reported = hasattr(knobs.nvidia, "dump_ptxas_log")
+    if spills_reported:
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+    else:
+        print(f"triton {triton.__version__} does not report ptxas's spills: the defaults' are not checked",
+              file=sys.stderr)
     features, tiles, defaults = feature_jobs(), candidate_jobs(capability), default_jobs()
     print(f"{len(features) + len(tiles) + len(defaults)} jobs", flush=True)
     for name, kernel, constexprs, types in features:
@@ -211,7 +217,7 @@ def main(capability):
         compiled = compile_candidate(shape, default, mask_bytes, target)
         line = f"sm_{capability} {shape.key} default {default}: compiled, {compiled.spilled} bytes spilled"
         print(line, flush=True)
-        if compiled.spilled > MAX_DEFAULT_SPILL:
+        if spills_reported and compiled.spilled > MAX_DEFAULT_SPILL:
             failures.append(f"a default spills: {line}")
     if failures:
         sys.exit("\n".join(failures))

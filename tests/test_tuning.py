@@ -15,7 +15,7 @@ from fused_attn.options import AttentionOptions
 from fused_attn.triton import backward as triton_backward
 from fused_attn.triton import forward as triton_forward
 from fused_attn.triton import tuning
-from fused_attn.triton.common import INTERPRETING, takes_tensor_descriptors
+from fused_attn.triton.common import INTERPRETING, TensorDescriptor, takes_tensor_descriptors
 from fused_attn.triton.tuning import DeviceInfo, ShapeClass, TileConfig
 
 H100 = DeviceInfo("sm90", 9, 132, 232448)
@@ -298,16 +298,17 @@ def test_other_decode_tiles_match_one_pass(candidate_tiles):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def hopper_or_interpreter() -> bool:
-    """Where the forward can copy k and v with TMA: Hopper's copy engine, or the interpreter's emulation."""
-    return INTERPRETING or torch.cuda.get_device_capability()[0] >= 9
+def tma_available() -> bool:
+    """Where the kernels can copy tiles with TMA: a Triton with host-side tensor descriptors, and
+    Hopper's copy engine or the interpreter's emulation of it."""
+    return TensorDescriptor is not None and (INTERPRETING or torch.cuda.get_device_capability()[0] >= 9)
 
 
 @pytest.fixture
 def tma_tiles(monkeypatch):
     """Every forward, dk/dv and dq launch with TMA copies of the tiles it streams (tensor descriptors)."""
-    if not hopper_or_interpreter():
-        pytest.skip("TMA needs a Hopper GPU or newer")
+    if not tma_available():
+        pytest.skip("TMA needs a Hopper GPU or newer and Triton >= 3.4")
     on_gpu = {"forward": TileConfig(128, 64, 8, 2, True), "dkdv": TileConfig(64, 128, 8, 2, True),
               "dq": TileConfig(128, 64, 8, 2, True)}
 
@@ -344,7 +345,7 @@ def test_tensor_descriptors_need_aligned_dense_tensors():
         return torch.randn(*shape, dtype=dtype, device=DEVICE)
 
     dense = tensor(2, 3, 40, 64)
-    assert takes_tensor_descriptors(dense, tensor(2, 40, 3, 64).transpose(1, 2)) == hopper_or_interpreter()
+    assert takes_tensor_descriptors(dense, tensor(2, 40, 3, 64).transpose(1, 2)) == tma_available()
     assert not takes_tensor_descriptors(dense, dense[..., 1:])  # base 2 bytes past a 16-byte boundary
     assert not takes_tensor_descriptors(tensor(2, 3, 40, 36))  # rows 72 bytes apart
     assert not takes_tensor_descriptors(tensor(2, 3, 40, 64).transpose(2, 3))  # D not contiguous
