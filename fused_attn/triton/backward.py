@@ -33,6 +33,7 @@ from .common import (
     load_tile,
     num_blocks,
     score_tile,
+    streamed_tiles,
     takes_tensor_descriptors,
     tensor_descriptor,
     visible_pairs,
@@ -200,15 +201,10 @@ def _dkdv_kernel(
     for member in range(0, group_size):  # every query head that shares this k/v head
         head = head_kv * group_size + member
         batch_head = batch * num_heads_kv * group_size + head
-        if TMA:  # descriptors over dense (B, Hq, Lq, D) tensors: the copy engine fills rows past Lq with zeros
-            tl.static_assert(not VARLEN)
-            q_ptrs = Q
-            do_ptrs = DOut
-        else:
-            q_ptrs = (Q + batch * stride_qb + head * stride_qh + start_q * stride_qm
-                      + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-            do_ptrs = (DOut + batch * stride_gb + head * stride_gh + start_q * stride_gm
-                       + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd)
+        q_ptrs = streamed_tiles(Q, batch * stride_qb + head * stride_qh + start_q * stride_qm,
+                                offs_m, stride_qm, offs_d, stride_qd, TMA, VARLEN)
+        do_ptrs = streamed_tiles(DOut, batch * stride_gb + head * stride_gh + start_q * stride_gm,
+                                 offs_m, stride_gm, offs_dv, stride_gd, TMA, VARLEN)
         row_base = batch * stride_lb + head * stride_lh + start_q
         mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh,
                                                        Seed, batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
@@ -308,15 +304,10 @@ def _dq_kernel(
     dout = load_tile(DOut + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                      rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
     lse, delta = load_row_stats(Lse, Delta, batch * stride_lb + head * stride_lh + start_q, rows, seqlen_q)
-    if TMA:  # descriptors over dense (B, Hkv, Lk, D) tensors: the copy engine fills keys past Lk with zeros
-        tl.static_assert(not VARLEN)
-        k_ptrs = K
-        v_ptrs = V
-    else:
-        k_ptrs = (K + batch * stride_kb + head_kv * stride_kh + start_k * stride_kn
-                  + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-        v_ptrs = (V + batch * stride_vb + head_kv * stride_vh + start_k * stride_vn
-                  + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+    k_ptrs = streamed_tiles(K, batch * stride_kb + head_kv * stride_kh + start_k * stride_kn,
+                            offs_n, stride_kn, offs_d, stride_kd, TMA, VARLEN)
+    v_ptrs = streamed_tiles(V, batch * stride_vb + head_kv * stride_vh + start_k * stride_vn,
+                            offs_n, stride_vn, offs_dv, stride_vd, TMA, VARLEN)
     mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed,
                                                    batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
 

@@ -161,6 +161,18 @@ def load_tile(ptrs, rows, row_limit, cols, col_limit, CHECK_ROWS: tl.constexpr, 
 
 
 @triton.jit
+def streamed_tiles(T, base, rows, stride_rows, cols, stride_cols, TMA: tl.constexpr, VARLEN: tl.constexpr):
+    """What a kernel's loop reads its streamed tiles through: with TMA the descriptor T itself (over
+    a dense tensor: the copy engine fills rows past the sequence with zeros), else pointers to the
+    first (rows x cols) tile, base elements into T."""
+    if TMA:
+        tl.static_assert(not VARLEN)
+        return T
+    else:
+        return T + base + rows[:, None] * stride_rows + cols[None, :] * stride_cols
+
+
+@triton.jit
 def load_box(desc, batch, head, start, UPCAST: tl.constexpr):
     """Rows [start, start + block rows) of (batch, head) through a tensor_descriptor, as a 2-D tile."""
     tile = desc.load([batch, head, start, 0]).reshape(desc.block_shape[2], desc.block_shape[3])

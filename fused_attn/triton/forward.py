@@ -29,6 +29,7 @@ from .common import (
     load_tile,
     num_blocks,
     score_tile,
+    streamed_tiles,
     takes_tensor_descriptors,
     tensor_descriptor,
     visible_pairs,
@@ -119,15 +120,10 @@ def _forward_kernel(
     q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
     # k is read transposed, (BLOCK_D, BLOCK_N), so q @ k^T is a plain dot.
-    if TMA:  # descriptors over dense (B, Hkv, Lk, D) tensors: the copy engine fills keys past Lk with zeros
-        tl.static_assert(not VARLEN)
-        k_ptrs = K
-        v_ptrs = V
-    else:
-        k_ptrs = K + batch * stride_kb + head_kv * stride_kh + start_k * stride_kn
-        k_ptrs += offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-        v_ptrs = V + batch * stride_vb + head_kv * stride_vh + start_k * stride_vn
-        v_ptrs += offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    k_ptrs = streamed_tiles(K, batch * stride_kb + head_kv * stride_kh + start_k * stride_kn,
+                            offs_d, stride_kd, offs_n, stride_kn, TMA, VARLEN)
+    v_ptrs = streamed_tiles(V, batch * stride_vb + head_kv * stride_vh + start_k * stride_vn,
+                            offs_n, stride_vn, offs_dv, stride_vd, TMA, VARLEN)
     mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed,
                                                    batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
 
