@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_masked            # CUDA: B=4, H=16, L=4096, D=128, bf16, fwd and fwd+bwd
     python -m benchmarks.bench --suite masked    # the same through the main entry point
+    python -m benchmarks.bench_masked --full --dtype bf16 --seqlen 2048   # CPU: bf16 (AMX tiles), longer
 
 Cases (each run by fused_attn.attention and by torch SDPA, default backend choice, same inputs):
     plain      no mask
@@ -25,6 +26,7 @@ import argparse
 import itertools
 import sys
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +48,20 @@ class Case:
     note: str = ""
 
 
-def shapes(flav: str, on_cuda: bool):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def shapes(flav: str, on_cuda: bool, dtype_name: Optional[str] = None, seqlen: Optional[int] = None):
+    """(B, H, L, D, dtype, passes, window left) of the flavour; dtype_name and seqlen override."""
     if on_cuda:
         B, H, L, D = (1, 16, 1024, 128) if flav == "quick" else (4, 16, 4096, 128)
-        return B, H, L, D, torch.bfloat16, ("fwd", "fwd+bwd"), 256
-    if flav == "quick":
-        return 1, 2, 256, 64, torch.float32, ("fwd", "fwd+bwd"), 64
-    passes = ("fwd", "fwd+bwd") if flav == "full" else ("fwd+bwd",)
-    return 1, 4, 1024, 64, torch.float32, passes, 256
+        dtype, passes, left = torch.bfloat16, ("fwd", "fwd+bwd"), 256
+    elif flav == "quick":
+        B, H, L, D, dtype, passes, left = 1, 2, 256, 64, torch.float32, ("fwd", "fwd+bwd"), 64
+    else:
+        passes = ("fwd", "fwd+bwd") if flav == "full" else ("fwd+bwd",)
+        B, H, L, D, dtype, left = 1, 4, 1024, 64, torch.float32, 256
+    return B, H, seqlen or L, D, DTYPES[dtype_name] if dtype_name else dtype, passes, left
 
 
 def make_step(fn, case: Case, pass_: str, sets):
@@ -97,10 +105,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
     p.add_argument("--cases", help="comma-separated subset of: plain,causal,window,padding,bias")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="instead of the flavour's (the results file then says which: masked-bf16.md)")
+    p.add_argument("--seqlen", type=int, help="instead of the flavour's L (results file masked-L<seqlen>.md)")
     args = p.parse_args(argv)
     device, on_cuda = common.resolve_device(args)
     flav = common.flavour(args, on_cuda)
-    B, H, L, D, dtype, passes, left = shapes(flav, on_cuda)
+    B, H, L, D, dtype, passes, left = shapes(flav, on_cuda, args.dtype, args.seqlen)
+    suite = SUITE + (f"-{args.dtype}" if args.dtype else "") + (f"-L{args.seqlen}" if args.seqlen else "")
     header = common.header_lines("fused_attn benchmark: masks, bias, causal, window", on_cuda, flav)
     print("\n".join(header), flush=True)
     print(f"B={B}, H={H}, L={L}, D={D}, {common.dtype_name(dtype)}; passes {', '.join(passes)}", flush=True)
@@ -174,7 +186,7 @@ def main(argv=None) -> int:
         body += ["", "Notes:"] + notes
     keys = ["case", "provider", "pass", "B", "H", "L", "D", "dtype", "pairs", "useful_flops", "ms", "tflops",
             "ps_per_flop", "cost_vs_plain", "vs_sdpa", "max_abs_diff", "error"]
-    common.finish(args, on_cuda, SUITE, flav, header, body, rows, keys)
+    common.finish(args, on_cuda, suite, flav, header, body, rows, keys)
     return 0
 
 

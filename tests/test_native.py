@@ -130,6 +130,19 @@ def test_bf16_amx_products_match_the_oracle(monkeypatch, shape):
     assert_close_each(on_tiles, run(q, k, v, dout, **keywords), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 1, 130, 1100, 64, 64), (1, 1, 1, 65, 33000, 128, 128)],
+                         ids=["blocks-kept", "one-block-at-a-time"])
+@pytest.mark.parametrize("window", [(300, 0), (40, 500)], ids=["left", "right"])
+def test_bf16_amx_windows_across_packed_blocks(shape, window):
+    """A forward step on AMX tiles starts at the window's first chunk of 64 keys, not at a
+    512-key block: its keys cross a block boundary (one operand when every block stays packed; two
+    steps when the sequence is too long to keep them). Against float64 math, forward and backward."""
+    if not cpu_backend.bf16_on_amx():
+        pytest.skip("this CPU (or the build picked for it) has no AMX-BF16 products")
+    check_against_oracle("cpu", shape, torch.bfloat16, torch.device("cpu"), window=window,
+                         causal_alignment="bottom_right")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_nan_inputs_give_nan_rows(dtype):
     """A NaN in a query row makes that row's output NaN, and a NaN in a key row every row that

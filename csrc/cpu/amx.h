@@ -13,7 +13,7 @@
 
 using Bf16 = c10::BFloat16;
 constexpr int64_t kAmxMaxN = 64;
-// Keys per block of the forward's AMX products, 8 x kBlockN: a brgemm call costs about the same
+// Keys per step of the forward's AMX products (and per block of its packed keys), 8 x kBlockN: a brgemm call costs about the same
 // for a depth of 64 or 128 (P V's depth is the keys), every call that follows one of another
 // shape reloads the tile configuration, and the softmax's per-row work is amortized over more
 // keys (2-core Sapphire Rapids, L = 2048 and 4096, D = 64: 256 keys 1.15x faster than 128, 512
@@ -63,11 +63,14 @@ inline void amx_gemm(int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda
   }
 }
 
-// B (K x N, row-major, ld) into the VNNI layout, chunk by chunk as amx_gemm reads it.
-inline void pack_columns(const Bf16* b, int64_t ld, int64_t K, int64_t N, Bf16* packed) {
+// B (K x N, row-major, ld, K even) into the VNNI layout, chunk by chunk as amx_gemm reads it: as
+// rows [first, first + K) of chunks packed_depth rows deep (by default B alone, K deep).
+inline void pack_columns(const Bf16* b, int64_t ld, int64_t K, int64_t N, Bf16* packed, int64_t packed_depth = 0,
+                         int64_t first = 0) {
+  if (packed_depth == 0) packed_depth = K;
   for (int64_t c0 = 0; c0 < N; c0 += kAmxMaxN) {
     const int64_t n = std::min(kAmxMaxN, N - c0);
-    at::native::cpublas::pack(K, n, ld, n, at::kBFloat16, at::kBFloat16, b + c0, packed + c0 * K);
+    at::native::cpublas::pack(K, n, ld, n, at::kBFloat16, at::kBFloat16, b + c0, packed + c0 * packed_depth + first * n);
   }
 }
 

@@ -7,7 +7,7 @@
 // sum, and Q^T is packed once per task while K and V are read block by block as rows (through
 // the page table of a paged KV cache). bf16 on an AMX CPU (amx.h) computes S itself, a query per
 // row, because brgemm takes the bf16 P it multiplies with V as row-major A: S = Q K^T from K^T
-// blocks of 512 keys packed once per thread, a row softmax, P rounded to bf16 rows.
+// packed once per thread (PackedKeys), steps of up to 512 keys, a row softmax, P rounded to bf16.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
 // One step of the online softmax's running max, per lane: m' = max(m, block max); the shift that
@@ -209,63 +209,75 @@ inline Bf16Rows query_rows(Bf16* dst, const Strided& q, int64_t b, const QueryBl
   return {dst, D};
 }
 
-// K^T and V of the key blocks of one (sequence, key/value head), packed for the AMX products and
-// kept while a thread's consecutive tasks share them (tasks run through a head's query blocks in
-// turn), so each block is packed once per thread instead of once per query block. A sequence
-// whose packed blocks would pass kMaxBytes keeps only the last one.
-class PackedKeyBlocks {
+// K^T and V of one (sequence, key/value head), packed for the AMX products block by block (bn keys)
+// and kept while a thread's consecutive tasks share them (tasks run through a head's query blocks in
+// turn), so each key is packed once per thread instead of once per query block. The blocks lie back
+// to back in one layout, so a run of keys across a block boundary is one operand of each product: a
+// window's keys are one step of the forward wherever they start. A sequence whose packed keys would
+// pass kMaxBytes keeps one block at a time, and a run must then stay inside a block (whole()).
+class PackedKeys {
  public:
-  struct Block {
-    const Bf16* kt;  // K^T (D x keys padded to 16, zero past the keys), packed
-    const Bf16* v;   // V (keys padded to even x Dv, zero row past the keys), packed
-    int64_t keys;    // how many: up to bn, all the block has whatever part a task uses
+  // Keys [k0, k0 + n) as the products read them (k0 a multiple of kAmxMaxN): K^T in chunks of
+  // kAmxMaxN keys from kt on, each D deep (the sequence's last chunk narrower, its keys padded to 16
+  // with zero columns); V as amx_gemm's packed B with packed_depth = depth, first = first.
+  struct Run {
+    const Bf16* kt;
+    const Bf16* v;
+    int64_t depth, first;
   };
   static constexpr int64_t kMaxBytes = int64_t{16} << 20;
 
-  PackedKeyBlocks(int64_t D, int64_t Dv, int64_t bn, int64_t seqlen_k)
-      : D_(D), Dv_(Dv), bn_(bn),
-        slots_(2 * seqlen_k * (D + Dv) <= kMaxBytes ? std::max<int64_t>(1, ceil_div(seqlen_k, bn)) : 1),
-        slot_size_(round_up(bn * (D + Dv), 2)),
+  PackedKeys(int64_t D, int64_t Dv, int64_t bn, int64_t seqlen_k)
+      : D_(D), Dv_(Dv), bn_(bn), seqlen_k_(seqlen_k),
+        whole_(2 * seqlen_k * (D + Dv) <= kMaxBytes),
+        slots_(whole_ ? std::max<int64_t>(1, ceil_div(seqlen_k, bn)) : 1),
+        depth_(slots_ * bn),
         scratch_(Scratch::size_of({Scratch::halves(bn * std::max(D, Dv)), Scratch::halves(D * bn),
-                                   Scratch::halves(slots_ * slot_size_), 2 * slots_})),
+                                   Scratch::halves(depth_ * D), Scratch::halves(depth_ * Dv), 2 * slots_})),
         rows_(scratch_.take_halves(bn * std::max(D, Dv))),
         staging_(scratch_.take_halves(D * bn)),
-        blocks_(scratch_.take_halves(slots_ * slot_size_)),
+        kt_(scratch_.take_halves(depth_ * D)),
+        v_(scratch_.take_halves(depth_ * Dv)),
         owner_(reinterpret_cast<int64_t*>(scratch_.take(2 * slots_))) {
     std::fill(owner_, owner_ + slots_, int64_t{-1});
   }
 
-  // The block of keys from k0 of (b, hk) of the sequence view s: all of them up to k0 + bn (or the
-  // sequence's end), whatever part a task uses, so every task can reuse it.
-  Block get(const ForwardArgs& s, int64_t b, int64_t hk, int64_t k0) {
-    const int64_t keys = std::min(bn_, s.p.seqlen_k - k0);
+  // Whether every block stays packed, so that runs may cross block boundaries.
+  bool whole() const { return whole_; }
+
+  // Keys [k0, k0 + n) of (b, hk) of the sequence view s, packing the blocks that hold them.
+  Run get(const ForwardArgs& s, int64_t b, int64_t hk, int64_t k0, int64_t n) {
     if (b != b_ || hk != hk_) {
       std::fill(owner_, owner_ + slots_, int64_t{-1});
       b_ = b;
       hk_ = hk;
     }
-    const int64_t slot = slots_ == 1 ? 0 : k0 / bn_;
-    Bf16* kt = blocks_ + slot * slot_size_;
-    Bf16* v = kt + bn_ * D_;
-    if (owner_[slot] != k0) {
-      const int64_t padded = round_up(keys, 16);
-      const Bf16Rows k_rows = bf16_rows(rows_, s.k, s.pages, b, hk, k0, keys, D_, false);
-      pack_transposed(k_rows.data, k_rows.ld, keys, D_, padded, staging_, kt);
-      const Bf16Rows v_rows = bf16_rows(rows_, s.v, s.pages, b, hk, k0, keys, Dv_, true);
-      pack_columns(v_rows.data, v_rows.ld, round_up(keys, 2), Dv_, v);
-      owner_[slot] = k0;
-    }
-    return {kt, v, keys};
+    for (int64_t block = k0 / bn_; block * bn_ < k0 + n; ++block) pack(s, b, hk, block);
+    const int64_t first = whole_ ? k0 : k0 % bn_;  // k0's place in the layout
+    return {kt_ + first * D_, v_, depth_, first};
   }
 
  private:
-  const int64_t D_, Dv_, bn_, slots_;
-  const int64_t slot_size_;  // bf16 of one block's K^T and V
+  void pack(const ForwardArgs& s, int64_t b, int64_t hk, int64_t block) {
+    const int64_t slot = whole_ ? block : 0, k0 = block * bn_, at = slot * bn_;
+    if (owner_[slot] == k0) return;
+    const int64_t keys = std::min(bn_, seqlen_k_ - k0);
+    const Bf16Rows k_rows = bf16_rows(rows_, s.k, s.pages, b, hk, k0, keys, D_, false);
+    pack_transposed(k_rows.data, k_rows.ld, keys, D_, round_up(keys, 16), staging_, kt_ + at * D_);
+    const Bf16Rows v_rows = bf16_rows(rows_, s.v, s.pages, b, hk, k0, keys, Dv_, true);
+    pack_columns(v_rows.data, v_rows.ld, round_up(keys, 2), Dv_, v_, depth_, at);
+    owner_[slot] = k0;
+  }
+
+  const int64_t D_, Dv_, bn_, seqlen_k_;
+  const bool whole_;
+  const int64_t slots_, depth_;  // blocks kept, and the keys they hold
   Scratch scratch_;
   Bf16* const rows_;     // K or V rows that cannot be read in place
   Bf16* const staging_;  // K^T before packing
-  Bf16* const blocks_;   // slots_ x (K^T packed, V packed)
-  int64_t* const owner_;  // the k0 of each slot's block, -1: none
+  Bf16* const kt_;       // K^T of the kept blocks, packed: chunk of key k at kt_ + k * D_
+  Bf16* const v_;        // V of the kept blocks, packed: column chunk c0 at v_ + c0 * depth_
+  int64_t* const owner_;  // the first key of each slot's block, -1: none
   int64_t b_ = -1, hk_ = -1;
 };
 
@@ -327,43 +339,36 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
     at::vec::fmadd(Vec::loadu(row_sum + i), Vec::loadu(alpha + i), Vec::loadu(block_sum + i)).store(row_sum + i);
 }
 
-// One key block of a forward task on AMX tiles, in S's orientation (a query per row, which the
-// row-major bf16 P that brgemm takes as A needs): S = Q K^T from the packed block, scaled in the
-// softmax where no variant adds to the scaled scores (masks and windows only set -inf), else
-// first; then P rounded to bf16 and acc = alpha * acc + P V. The block holds keys
-// [k0, k0 + keys); `from` is the first of them that a query of the block may see (a window's left
-// edge), and the work starts at the 64-key chunk that holds it.
-inline void amx_key_block(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
-                          const Bf16Rows& q_rows, int64_t k0, int64_t keys, int64_t from, PackedKeyBlocks& key_blocks,
-                          const AmxBuffers& bf16, float* st, int64_t ld, float* acc, int64_t ld_acc, float* row_max,
-                          float* row_sum, float* alpha) {
+// One step of a forward task on AMX tiles, keys [k0, k0 + keys) (k0 a multiple of kAmxMaxN), in
+// S's orientation (a query per row, which the row-major bf16 P that brgemm takes as A needs):
+// S = Q K^T from the packed keys, scaled in the softmax where no variant adds to the scaled scores
+// (masks and windows only set -inf), else first; then P rounded to bf16 and acc = alpha * acc + P V.
+inline void amx_key_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
+                         const Bf16Rows& q_rows, int64_t k0, int64_t keys, PackedKeys& packed, const AmxBuffers& bf16,
+                         float* st, int64_t ld, float* acc, int64_t ld_acc, float* row_max, float* row_sum,
+                         float* alpha) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, cols = block.heads * block.rows;
-  const PackedKeyBlocks::Block kv = key_blocks.get(s, b, block.hk, k0);
-  // The products read the block as it was packed (all its keys) from chunk `skip` on: S = Q K^T
-  // over the 64-column chunks that hold keys [skip, keys) (a chunk as packed, or the narrower
-  // last one), whose columns past `keys` the softmax hides; P V over those keys of P (padded to
-  // even with a zero column). Below, the tile is that of keys [k0 + skip, k0 + keys).
-  const int64_t skip = std::max<int64_t>(0, from - k0) / kAmxMaxN * kAmxMaxN;
-  const int64_t width = std::min(round_up(keys, kAmxMaxN), round_up(kv.keys, 16)) - skip;
-  const int64_t n = keys - skip, padded = round_up(n, kVec);
-  float* s_tile = st + skip;
-  amx_gemm(cols, width, D, q_rows.data, q_rows.ld, kv.kt + skip * D, s_tile, ld, false);
+  const PackedKeys::Run kv = packed.get(s, b, block.hk, k0, keys);
+  // S over the chunks that hold the keys, as they were packed (the sequence's last one narrower);
+  // the softmax hides the columns past `keys`. P V over the keys padded to even (a zero column of P).
+  const int64_t width = std::min(round_up(keys, kAmxMaxN), round_up(p.seqlen_k - k0, 16));
+  const int64_t padded = round_up(keys, kVec);
+  amx_gemm(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, false);
   const Variants& v = p.variants;
   const bool scale_in_softmax = v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
   if (!scale_in_softmax)
-    for (int64_t i = 0; i < cols; ++i) cap_scores(p, s_tile + i * ld, padded, p.scale, nullptr);
+    for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * ld, padded, p.scale, nullptr);
   auto head_tile = [&](int64_t g) {
-    return ScoreTile{s_tile + g * block.rows * ld, ld, 1, b, block.h0 + g, block.q0, block.rows, k0 + skip, n};
+    return ScoreTile{st + g * block.rows * ld, ld, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
   };
   for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
-  Bf16* p_tile = bf16.p + skip;
-  softmax_update_rows(s_tile, ld, cols, n, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f,
-                      v.dropout ? nullptr : p_tile);
+  softmax_update_rows(st, ld, cols, keys, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f,
+                      v.dropout ? nullptr : bf16.p);
   if (v.dropout) {
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
-    for (int64_t i = 0; i < cols; ++i) at::vec::convert(s_tile + i * ld, p_tile + i * ld, round_up(n, 2 * kVec));
+    for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, round_up(keys, 2 * kVec));
   }
-  amx_gemm(cols, Dv, round_up(n, 2), p_tile, ld, kv.v, bf16.pv, Dv, false, round_up(kv.keys, 2), skip);
+  amx_gemm(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, kv.depth, kv.first);
   for (int64_t i = 0; i < cols; ++i) {
     const Vec a(alpha[i]);
     for (int64_t c = 0; c < Dv; c += kVec)
@@ -380,8 +385,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   if constexpr (std::is_same_v<T, Bf16>) amx = amx_shapes(D, Dv) && amx_bf16_enabled();
   const int64_t BM = kBlockM, BN = amx ? kAmxBlockN : kBlockN;
   const std::unique_ptr<AmxBuffers> bf16 = amx ? std::make_unique<AmxBuffers>(D, Dv, BM, BN) : nullptr;
-  const std::unique_ptr<PackedKeyBlocks> key_blocks =
-      amx ? std::make_unique<PackedKeyBlocks>(D, Dv, BN, args.p.seqlen_k) : nullptr;
+  const std::unique_ptr<PackedKeys> packed_keys =
+      amx ? std::make_unique<PackedKeys>(D, Dv, BN, args.p.seqlen_k) : nullptr;
   Scratch scratch(Scratch::size_of({D * BM, BN * Dp, BN * Dvp, BN * BM, BM * Dvp, BM, BM, BM}));
   float* qt = scratch.take(D * BM);     // scale * Q^T (D x ld): the block's query rows as columns
                                         // (or, few queries, scale * Q: load_query_rows)
@@ -427,15 +432,19 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       visible.begin = std::max(visible.begin, split * args.splits.keys);
       visible.end = std::min(visible.end, (split + 1) * args.splits.keys);
     }
-    const int64_t first_visible = visible.begin;
-    if (tiles && args.splits.keys == 0) visible.begin = visible.begin / BN * BN;  // whole blocks, shared by tasks
-    for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
-      const int64_t keys = std::min(BN, visible.end - k0);
+    // The AMX products start at a chunk of packed keys (the keys before the first visible one are
+    // hidden by the window), and their steps stay inside a packed block unless all are kept.
+    if (tiles) visible.begin = visible.begin / kAmxMaxN * kAmxMaxN;
+    auto step_end = [&](int64_t k0) {
+      const int64_t end = tiles && !packed_keys->whole() ? (k0 / BN + 1) * BN : k0 + BN;
+      return std::min(end, visible.end);
+    };
+    for (int64_t k0 = visible.begin; k0 < visible.end; k0 = step_end(k0)) {
+      const int64_t keys = step_end(k0) - k0;
       if (masked_for_every_head(p, b, block, k0, keys)) continue;
       prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
       if (tiles) {
-        amx_key_block(p, s, b, block, q_rows, k0, keys, first_visible, *key_blocks, *bf16, st, BN, acc, Dvp, row_max,
-                      row_sum, alpha);
+        amx_key_step(p, s, b, block, q_rows, k0, keys, *packed_keys, *bf16, st, BN, acc, Dvp, row_max, row_sum, alpha);
         continue;
       }
       // A tile that the window cuts is computed only where some query sees some key (tile.h,

@@ -58,6 +58,33 @@ inline T* at_row_mut(const Strided& s, int64_t b, int64_t h, int64_t row) {
   return static_cast<T*>(s.data) + b * s.batch + h * s.head + row * s.row;
 }
 
+// dst[c] = mul * src[c] for c < n, converted to fp32 two vectors at a time (16-bit types; the
+// compiler does not vectorize a loop of scalar conversions).
+template <typename T>
+inline void load_scaled(float* dst, const T* src, int64_t n, float mul) {
+  int64_t c = 0;
+  if constexpr (!std::is_same_v<T, float>) {
+    for (; c + 2 * kVec <= n; c += 2 * kVec) {
+      const auto [low, high] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(src + c));
+      (low * Vec(mul)).store(dst + c);
+      (high * Vec(mul)).store(dst + c + kVec);
+    }
+  }
+  for (; c < n; ++c) dst[c] = static_cast<float>(src[c]) * mul;
+}
+
+// dst[c] = T(mul * src[c]) for c < n, rounding to nearest even, likewise.
+template <typename T>
+inline void store_scaled(T* dst, const float* src, int64_t n, float mul) {
+  int64_t c = 0;
+  if constexpr (!std::is_same_v<T, float>) {
+    for (; c + 2 * kVec <= n; c += 2 * kVec)
+      at::vec::convert_from_float<T>(Vec::loadu(src + c) * Vec(mul), Vec::loadu(src + c + kVec) * Vec(mul))
+          .store(dst + c);
+  }
+  for (; c < n; ++c) dst[c] = static_cast<T>(src[c] * mul);
+}
+
 // dst (rows x padded_cols, row-major) = mul * src(r, c), zero in columns [cols, padded_cols).
 // Swapping the strides loads the transpose: load_tile(dst, ld, q, q.col, q.row, D, m) is Q^T.
 template <typename T>
@@ -67,7 +94,7 @@ inline void load_tile(float* dst, int64_t padded_cols, const T* src, int64_t row
     float* d = dst + r * padded_cols;
     const T* s = src + r * row_stride;
     if (col_stride == 1) {
-      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]) * mul;
+      load_scaled(d, s, cols, mul);
     } else {
       for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c * col_stride]) * mul;
     }
@@ -83,7 +110,11 @@ inline void store_rows(T* dst, int64_t row_stride, int64_t col_stride, const flo
     const float m = mul ? mul[r] : 1.f;
     T* d = dst + r * row_stride;
     const float* s = src + r * ld;
-    for (int64_t c = 0; c < cols; ++c) d[c * col_stride] = static_cast<T>(s[c] * m);
+    if (col_stride == 1) {
+      store_scaled(d, s, cols, m);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c * col_stride] = static_cast<T>(s[c] * m);
+    }
   }
 }
 
