@@ -39,23 +39,22 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
         )
     batch, heads_q, _, head_dim = q.shape
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(
-            f"q, k and v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}"
-        )
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
-    heads_kv = k.shape[1]
+    k_batch, heads_kv, seqlen_k, k_head_dim = k.shape
+    v_batch, v_heads, v_seqlen, v_head_dim = v.shape
+    if k_batch != batch or v_batch != batch:
+        raise ValueError(f"q, k and v must share the batch size, got {batch}, {k_batch}, {v_batch}")
+    if heads_kv != v_heads:
+        raise ValueError(f"k and v must have the same number of heads, got {heads_kv} and {v_heads}")
+    if seqlen_k != v_seqlen:
+        raise ValueError(f"k and v must have the same sequence length, got {seqlen_k} and {v_seqlen}")
     if heads_kv == 0 or heads_q % heads_kv != 0:
         raise ValueError(
             f"the number of query heads ({heads_q}) must be a multiple of the number of key/value heads "
             f"({heads_kv}) for grouped-query attention"
         )
-    if k.shape[3] != head_dim:
-        raise ValueError(f"q and k must have the same head dim, got {head_dim} and {k.shape[3]}")
-    for name, dim in (("q/k", head_dim), ("v", v.shape[3])):
+    if k_head_dim != head_dim:
+        raise ValueError(f"q and k must have the same head dim, got {head_dim} and {k_head_dim}")
+    for name, dim in (("q/k", head_dim), ("v", v_head_dim)):
         if not 1 <= dim <= MAX_HEAD_DIM:
             raise ValueError(f"{name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
 

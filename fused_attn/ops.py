@@ -133,19 +133,42 @@ class _EagerAttention(torch.autograd.Function):
         return _gradients(ctx, dout, dlse, _backward_impl)
 
 
-def needs_the_op(inputs) -> bool:
-    """Whether a call must go through the registered op rather than its implementation: while
-    torch.compile or torch.export traces, under torch.func transforms, or for tensor subclasses
-    (fake, functional, DTensor...), which only the op's registrations handle."""
-    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or any(isinstance(t, Tensor) and type(t) is not Tensor for t in inputs))
+# Tensors that the eager path takes as they are: plain ones and parameters (a learnable bias).
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+# attention_forward's leading tensor arguments (q, k, v, attn_mask, alibi_slopes, dropout_seed,
+# cu_seqlens_q, cu_seqlens_k, None where absent); the scalars follow.
+_TENSOR_ARGUMENTS = 8
+
+
+def needs_the_op(tensors) -> bool:
+    """Whether a call with these tensor arguments (None where absent) must go through the registered
+    op rather than its implementation: while torch.compile or torch.export traces, under torch.func
+    transforms, or for tensor subclasses (fake, functional, DTensor...), which only the op's
+    registrations handle. Runs on every call: kept to a plain loop over the tensors."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return True
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return True
+    return False
+
+
+def _wants_gradient(tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def attention_op(*inputs) -> tuple[Tensor, Tensor]:
     """attention_forward(*inputs): the op where needs_the_op says so; else the same
     implementation, through _EagerAttention when a gradient is wanted."""
-    if needs_the_op(inputs):
+    tensors = inputs[:_TENSOR_ARGUMENTS]
+    if needs_the_op(tensors):
         return attention_forward(*inputs)
-    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+    if _wants_gradient(tensors):
         return _EagerAttention.apply(*inputs)
     return _forward_impl(*inputs)

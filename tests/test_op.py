@@ -86,6 +86,25 @@ def test_eager_calls_equal_the_op_bit_for_bit(variant_backend):
     assert torch.equal(out, results[1][0]) and out.grad_fn is None
 
 
+def test_parameters_take_the_eager_path_and_subclasses_the_op(monkeypatch):
+    """A learnable bias held as nn.Parameter is a plain tensor to the eager path (no ~250 us op
+    dispatch) and gets its gradient; a true tensor subclass goes through the registered op."""
+    calls = []
+    op = fused_attn.ops.attention_forward
+    monkeypatch.setattr(fused_attn.ops, "attention_forward", lambda *a: calls.append(1) or op(*a))
+    q, k, v = random_qkv(1, 2, 2, 8, 8, 16, 16, torch.float32, DEVICE, requires_grad=True)
+    bias = torch.nn.Parameter(torch.randn(1, 2, 8, 8, device=DEVICE))
+    out = fused_attn.attention(q, k, v, attn_mask=bias)
+    (grad,) = torch.autograd.grad(out.sum(), bias)
+    assert calls == [] and grad.shape == bias.shape and grad.abs().sum() > 0
+
+    class Marked(torch.Tensor):
+        pass
+
+    assert fused_attn.ops.needs_the_op((q.detach().as_subclass(Marked), k, v, None))
+    assert not fused_attn.ops.needs_the_op((q, k, v, bias, None))
+
+
 def test_calls_go_through_the_op_when_traced(monkeypatch):
     """torch.compile sees the registered op; eager calls do without it."""
     torch._dynamo.reset()
