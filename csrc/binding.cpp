@@ -269,8 +269,12 @@ Call call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIA
     variants.mask = strided(*mask);
   }
   if (bias) {
-    check_tensor(*bias, "bias", at::kFloat, {B, Hq, Lq, Lk}, device);
+    // The CPU kernels read a bias in q's dtype too (converting an L x L bias to float32 would cost
+    // a pass over it and its copy); the CUDA kernels read float32.
+    const bool own_dtype = device.is_cpu() && bias->scalar_type() == q.scalar_type();
+    check_tensor(*bias, "bias", own_dtype ? q.scalar_type() : at::kFloat, {B, Hq, Lq, Lk}, device);
     variants.bias = strided(*bias);
+    variants.bias_dtype = kernel_dtype(*bias);
   }
   if (dropout_p > 0) {
     TORCH_CHECK(dropout_p < 1, "fused_attn_native: dropout_p must be < 1");

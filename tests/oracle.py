@@ -154,23 +154,28 @@ def check_against_oracle(backend, shape, dtype, device, sequence_major=False, **
     assert_accurate("out", out, exact_out, low_out, dtype)
     assert_accurate("lse", lse, exact_lse, low_lse.to(torch.float32), torch.float32)
     summed = {3: math.sqrt(out.shape[0] * out.shape[1] * out.shape[2] * k.shape[2] / mask.numel())} if len(leaves) > 3 else {}
+    # The gradients of the scores (dq, dk, dbias) get a second unit of roundoff in 16-bit dtypes: the
+    # backward's delta = rowsum(dO * O) reads the output as stored, rounded to the input dtype (as
+    # every flash kernel's does), while the low-precision reference's softmax backward never reads O.
+    through_delta = 2.0 if dtype in (torch.float16, torch.bfloat16) else 1.0
     for index, (name, grad, exact, low, leaf) in enumerate(zip(("dq", "dk", "dv", "dbias"), grads, exact_grads,
                                                                low_grads, leaves)):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, f"{name}: {grad.dtype} {tuple(grad.shape)}"
-        assert_accurate(name, grad, exact, low, dtype, floor_scale=summed.get(index, 1.0))
+        floor_scale = summed.get(index, 1.0) * (1.0 if name == "dv" else through_delta)
+        assert_accurate(name, grad, exact, low, dtype, floor_scale=floor_scale)
 
 
 def tile_sparse_mask(batch, heads, seqlen_q, seqlen_k, device="cpu"):
     """A bool mask that hides whole 64 x 64 tiles, which the kernels skip, and cuts others:
     per-batch key padding (batch 0 sees 37 keys: every later key block is hidden), head 1 seeing
-    nothing at all, heads h >= 2 each missing their own key block [64 (h - 1), 64 h) and a
-    pattern of 40 x 50 blocks, and a few random holes."""
+    nothing at all, heads h >= 2 each missing their own key block [64 (h - 2), 64 (h - 1)) (the
+    first one for head 2) and a pattern of 40 x 50 blocks, and a few random holes."""
     mask = torch.rand(batch, heads, seqlen_q, seqlen_k, device=device) > 0.05
     mask[0, :, :, 37:] = False
     mask[:, 1] = False
     rows = torch.arange(seqlen_q, device=device)[:, None] // 40
     cols = torch.arange(seqlen_k, device=device)[None] // 50
     for h in range(2, heads):
-        mask[:, h, :, 64 * (h - 1):64 * h] = False
+        mask[:, h, :, 64 * (h - 2):64 * (h - 1)] = False
         mask[:, h] &= (rows + cols + h) % 5 != 0
     return mask

@@ -143,6 +143,25 @@ def test_bf16_amx_windows_across_packed_blocks(shape, window):
                          causal_alignment="bottom_right")
 
 
+@pytest.mark.parametrize("bias_shape", [(1, 4, 150, 530), (2, 1, 1, 530), (150, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_biases_are_read_in_their_dtype(dtype, bias_shape):
+    """A bias in q's 16-bit dtype is read as it is (no float32 copy of an L x L bias): against
+    float64 math, and bit for bit what the same bias converted to float32 gives (the conversion is
+    exact), forward and every gradient, the bias's own included."""
+    shape = (2, 4, 2, 150, 530, 64, 64)
+    bias = torch.randn(bias_shape, dtype=dtype, requires_grad=True)
+    check_against_oracle("cpu", shape, dtype, torch.device("cpu"), attn_mask=bias, window=(300, 20))
+    q, k, v = random_qkv(*shape, dtype, "cpu", requires_grad=True)
+    dout = torch.randn(*shape[:2], shape[3], shape[6], dtype=dtype)
+    results = []
+    for b in (bias, bias.detach().float().requires_grad_()):
+        out = fused_attn.attention(q, k, v, attn_mask=b, window=(300, 20), backend="cpu")
+        results.append((out, *torch.autograd.grad(out, (q, k, v, b), dout)))
+    assert_bitwise_equal([results[0][:4], results[1][:4]])
+    assert torch.equal(results[0][4].float(), results[1][4].to(dtype).float())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_nan_inputs_give_nan_rows(dtype):
     """A NaN in a query row makes that row's output NaN, and a NaN in a key row every row that
@@ -321,16 +340,18 @@ def test_bias_gradient_is_bitwise_independent_of_thread_count(bias_shape):
     assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("seqlen_q", [21, 150], ids=["heads-packed", "one-head-blocks"])
-def test_tiles_hidden_by_the_mask_are_skipped_exactly(seqlen_q):
+def test_tiles_hidden_by_the_mask_are_skipped_exactly(seqlen_q, dtype):
     """Against float64 math, with GQA; with 21 queries the forward packs the rows of three heads
-    into a task, and a key block is skipped only where the mask hides it from all three. Fully
-    masked rows (head 1) keep out 0, lse -inf and zero gradients; no thread count changes a bit."""
-    shape = (2, 6, 2, seqlen_q, 300, 32, 24)
+    into a task, and a key block is skipped only where the mask hides it from all three (bf16 on
+    AMX tiles: hidden 64-key chunks cut from either end of a step). Fully masked rows (head 1) keep
+    out 0, lse -inf and zero gradients; no thread count changes a bit."""
+    shape = (2, 6, 2, seqlen_q, 300, 32, 32)
     keywords = dict(attn_mask=tile_sparse_mask(2, 6, seqlen_q, 300))
-    check_against_oracle("cpu", shape, torch.float32, torch.device("cpu"), **keywords)
-    q, k, v = random_qkv(*shape, torch.float32, "cpu")
-    dout = torch.randn(2, 6, seqlen_q, 24)
+    check_against_oracle("cpu", shape, dtype, torch.device("cpu"), **keywords)
+    q, k, v = random_qkv(*shape, dtype, "cpu")
+    dout = torch.randn(2, 6, seqlen_q, 32, dtype=dtype)
     results = results_per_thread_count(lambda: run(q, k, v, dout, **keywords))
     assert_bitwise_equal(results)
     out, lse, dq = results[0][:3]

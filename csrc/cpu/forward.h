@@ -76,6 +76,23 @@ inline bool masked_for_every_head(const Problem& p, int64_t b, const QueryBlock&
   return true;
 }
 
+// The keys of [k0, k0 + keys) that an AMX step computes (k0 a multiple of kAmxMaxN): whole chunks of
+// kAmxMaxN keys that the mask hides from every query of the block are cut from both ends, as a
+// padding mask's hidden suffix is. Empty when every chunk is hidden.
+inline Range unmasked_chunks(const Problem& p, int64_t b, const QueryBlock& block, int64_t k0, int64_t keys) {
+  Range used{k0, k0 + keys};
+  if (p.variants.mask.data == nullptr) return used;
+  while (used.begin < used.end &&
+         masked_for_every_head(p, b, block, used.begin, std::min(kAmxMaxN, used.end - used.begin)))
+    used.begin += kAmxMaxN;
+  while (used.begin < used.end) {
+    const int64_t last = used.begin + (used.end - 1 - used.begin) / kAmxMaxN * kAmxMaxN;  // the last chunk's first key
+    if (!masked_for_every_head(p, b, block, last, used.end - last)) break;
+    used.end = last;
+  }
+  return used;
+}
+
 // A split task's rows: the unnormalised output (acc, rows of ld floats), running max and sum.
 inline void store_partials(const ForwardArgs& args, int64_t b, const QueryBlock& block, int64_t split,
                            const float* acc, int64_t ld, const float* row_max, const float* row_sum) {
@@ -444,7 +461,9 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       if (masked_for_every_head(p, b, block, k0, keys)) continue;
       prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
       if (tiles) {
-        amx_key_step(p, s, b, block, q_rows, k0, keys, *packed_keys, *bf16, st, BN, acc, Dvp, row_max, row_sum, alpha);
+        const Range used = unmasked_chunks(p, b, block, k0, keys);  // not empty: some key is visible
+        amx_key_step(p, s, b, block, q_rows, used.begin, used.end - used.begin, *packed_keys, *bf16, st, BN, acc, Dvp,
+                     row_max, row_sum, alpha);
         continue;
       }
       // A tile that the window cuts is computed only where some query sees some key (tile.h,

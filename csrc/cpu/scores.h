@@ -128,24 +128,50 @@ inline void for_each_line(const ScoreTile& t, F f) {
   }
 }
 
-// s[e] += x[e * stride], e < n: vectors where x is contiguous or one value.
-inline void add_strided(float* s, const float* x, int64_t stride, int64_t n) {
-  int64_t e = 0;
-  if (stride == 0 || stride == 1) {
-    const Vec broadcast(x[0]);
-    for (; e + kVec <= n; e += kVec)
-      (Vec::loadu(s + e) + (stride == 0 ? broadcast : Vec::loadu(x + e))).store(s + e);
+// kVec values of x (float32, bf16 or fp16) as floats.
+template <typename B>
+inline Vec load_as_floats(const B* x) {
+  if constexpr (std::is_same_v<B, float>) {
+    return Vec::loadu(x);
+  } else {
+    return std::get<0>(at::vec::convert_to_float<B>(at::vec::Vectorized<B>::loadu(x, kVec)));
   }
-  for (; e < n; ++e) s[e] += x[e * stride];
 }
 
-// s[e] = -inf where keep[e * stride] is false, e < n.
+// s[e] += x[e * stride], e < n: vectors where x is contiguous or one value.
+template <typename B>
+inline void add_strided(float* s, const B* x, int64_t stride, int64_t n) {
+  int64_t e = 0;
+  if (stride == 0 || stride == 1) {
+    const Vec broadcast(static_cast<float>(x[0]));
+    for (; e + kVec <= n; e += kVec)
+      (Vec::loadu(s + e) + (stride == 0 ? broadcast : load_as_floats(x + e))).store(s + e);
+  }
+  for (; e < n; ++e) s[e] += static_cast<float>(x[e * stride]);
+}
+
+// s[e] = -inf where keep[e * stride] is false, e < n. Masks come in runs (padding, blocks, bands):
+// along contiguous flags, eight at a time are read as one word and settled at once when all agree.
 inline void hide_where_false(float* s, const bool* keep, int64_t stride, int64_t n) {
   if (stride == 0) {
     if (!keep[0]) fill(s, n, -kInf);
     return;
   }
-  for (int64_t e = 0; e < n; ++e) s[e] = keep[e * stride] ? s[e] : -kInf;
+  int64_t e = 0;
+  if (stride == 1) {
+    constexpr uint64_t kAllTrue = 0x0101010101010101ull;  // eight bools, each stored as byte 1
+    for (; e + 8 <= n; e += 8) {
+      uint64_t flags;
+      std::memcpy(&flags, keep + e, sizeof flags);
+      if (flags == kAllTrue) continue;
+      if (flags == 0) {
+        fill(s + e, 8, -kInf);
+        continue;
+      }
+      for (int64_t x = e; x < e + 8; ++x) s[x] = keep[x] ? s[x] : -kInf;
+    }
+  }
+  for (; e < n; ++e) s[e] = keep[e * stride] ? s[e] : -kInf;
 }
 
 // Whether a (B, H, Lq, Lk) view stored along keys should be read key by key while the tile is
@@ -154,6 +180,20 @@ inline void hide_where_false(float* s, const bool* keep, int64_t stride, int64_t
 // lines instead, which stays in L1.
 inline bool reads_across_lines(const ScoreTile& t, const Strided& view) {
   return t.q_step == 1 && view.col == 1 && view.row != 0;
+}
+
+// t(i, j) += bias(b, h, q0 + i, k0 + j), the bias stored as B (float32, or q's 16-bit dtype).
+template <typename B>
+inline void add_bias(const Strided& bias, const ScoreTile& t) {
+  const B* base = at_row<B>(bias, t.b, t.h, t.q0) + t.k0 * bias.col;
+  if (reads_across_lines(t, bias)) {
+    for (int64_t i = 0; i < t.rows; ++i)
+      for (int64_t j = 0; j < t.keys; ++j) t.at(i, j) += static_cast<float>(base[i * bias.row + j]);
+  } else {
+    for_each_line(t, [&](float* s, int64_t n, int64_t i, int64_t j, int64_t di, int64_t dj) {
+      add_strided(s, base + i * bias.row + j * bias.col, di * bias.row + dj * bias.col, n);
+    });
+  }
 }
 
 // The terms that depend on where a score is: s - slope |d| + bias with d = j - (i + shift), or
@@ -173,15 +213,10 @@ inline void place_scores(const Problem& p, const ScoreTile& t) {
     });
   }
   if (v.bias.data != nullptr) {
-    const Strided& bias = v.bias;
-    const float* base = at_row<float>(bias, t.b, t.h, t.q0) + t.k0 * bias.col;
-    if (reads_across_lines(t, bias)) {
-      for (int64_t i = 0; i < t.rows; ++i)
-        for (int64_t j = 0; j < t.keys; ++j) t.at(i, j) += base[i * bias.row + j];
-    } else {
-      for_each_line(t, [&](float* s, int64_t n, int64_t i, int64_t j, int64_t di, int64_t dj) {
-        add_strided(s, base + i * bias.row + j * bias.col, di * bias.row + dj * bias.col, n);
-      });
+    switch (v.bias_dtype) {
+      case DType::Float32: add_bias<float>(v.bias, t); break;
+      case DType::BFloat16: add_bias<c10::BFloat16>(v.bias, t); break;
+      case DType::Float16: add_bias<c10::Half>(v.bias, t); break;
     }
   }
   if (window_cuts(p, t)) {
