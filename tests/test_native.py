@@ -143,6 +143,31 @@ def test_bf16_amx_windows_across_packed_blocks(shape, window):
                          causal_alignment="bottom_right")
 
 
+@pytest.mark.parametrize("keywords", [dict(), dict(window=(200, 0), causal_alignment="bottom_right")],
+                         ids=["full", "window"])
+def test_bf16_amx_varlen_sequences_pack_their_own_keys(keywords):
+    """Packed sequences of different lengths on AMX tiles (bf16, head dims the AMX products take):
+    each packs its own keys (odd lengths, one past a 512-key block; packing to the longest length
+    would read the next sequence's rows and misshape a shorter one's last chunk). Forward and
+    gradients against each sequence alone in float64."""
+    if not cpu_backend.bf16_on_amx():
+        pytest.skip("this CPU (or the build picked for it) has no AMX-BF16 products")
+    lengths, H, D = [300, 77, 513, 131], 4, 64
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), H, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = fused_attn.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), backend="cpu", **keywords)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for b in range(len(lengths)):
+        rows = slice(cu[b], cu[b + 1])
+        dense = [t[rows].detach().double().transpose(0, 1)[None].requires_grad_() for t in (q, k, v)]
+        exact = fused_attn.attention(*dense, backend="reference", **keywords)
+        exact_grads = torch.autograd.grad(exact, dense, dout[rows].double().transpose(0, 1)[None])
+        for name, ours, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (exact, *exact_grads)):
+            torch.testing.assert_close(ours[rows].double(), ref[0].transpose(0, 1), rtol=2e-2, atol=3e-2,
+                                       msg=lambda m: f"sequence {b} {name}: {m}")
+
+
 @pytest.mark.parametrize("bias_shape", [(1, 4, 150, 530), (2, 1, 1, 530), (150, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16bit_biases_are_read_in_their_dtype(dtype, bias_shape):

@@ -245,7 +245,7 @@ class PackedKeys {
   static constexpr int64_t kMaxBytes = int64_t{16} << 20;
 
   PackedKeys(int64_t D, int64_t Dv, int64_t bn, int64_t seqlen_k)
-      : D_(D), Dv_(Dv), bn_(bn), seqlen_k_(seqlen_k),
+      : D_(D), Dv_(Dv), bn_(bn),
         whole_(2 * seqlen_k * (D + Dv) <= kMaxBytes),
         slots_(whole_ ? std::max<int64_t>(1, ceil_div(seqlen_k, bn)) : 1),
         depth_(slots_ * bn),
@@ -262,7 +262,8 @@ class PackedKeys {
   // Whether every block stays packed, so that runs may cross block boundaries.
   bool whole() const { return whole_; }
 
-  // Keys [k0, k0 + n) of (b, hk) of the sequence view s, packing the blocks that hold them.
+  // Keys [k0, k0 + n) of (b, hk) of the sequence view s, packing the blocks that hold them (a
+  // block's keys up to the sequence's own end: the layout's rows past it are never read).
   Run get(const ForwardArgs& s, int64_t b, int64_t hk, int64_t k0, int64_t n) {
     if (b != b_ || hk != hk_) {
       std::fill(owner_, owner_ + slots_, int64_t{-1});
@@ -278,7 +279,7 @@ class PackedKeys {
   void pack(const ForwardArgs& s, int64_t b, int64_t hk, int64_t block) {
     const int64_t slot = whole_ ? block : 0, k0 = block * bn_, at = slot * bn_;
     if (owner_[slot] == k0) return;
-    const int64_t keys = std::min(bn_, seqlen_k_ - k0);
+    const int64_t keys = std::min(bn_, s.p.seqlen_k - k0);
     const Bf16Rows k_rows = bf16_rows(rows_, s.k, s.pages, b, hk, k0, keys, D_, false);
     pack_transposed(k_rows.data, k_rows.ld, keys, D_, round_up(keys, 16), staging_, kt_ + at * D_);
     const Bf16Rows v_rows = bf16_rows(rows_, s.v, s.pages, b, hk, k0, keys, Dv_, true);
@@ -286,7 +287,7 @@ class PackedKeys {
     owner_[slot] = k0;
   }
 
-  const int64_t D_, Dv_, bn_, seqlen_k_;
+  const int64_t D_, Dv_, bn_;
   const bool whole_;
   const int64_t slots_, depth_;  // blocks kept, and the keys they hold
   Scratch scratch_;
