@@ -168,6 +168,30 @@ def test_bf16_amx_varlen_sequences_pack_their_own_keys(keywords):
                                        msg=lambda m: f"sequence {b} {name}: {m}")
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_bf16_amx_kvcache_sequences_pack_their_own_keys(paged):
+    """KV-cache calls with enough query rows for the AMX tiles (a prefill into the cache): each
+    sequence packs its own cached keys (odd lengths, one past a 512-key block), contiguous or through
+    pages. Against the reference backend in float64."""
+    if not cpu_backend.bf16_on_amx():
+        pytest.skip("this CPU (or the build picked for it) has no AMX-BF16 products")
+    B, Lq, Hq, Hkv, D, capacity, page = 3, 40, 8, 2, 64, 1024, 128
+    q = torch.randn(B, Lq, Hq, D, dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(B, capacity, Hkv, D, dtype=torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([101, 701, 513], dtype=torch.int32)
+    exact = fused_attn.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), seqlens, causal=True,
+                                              backend="reference")
+    table = None
+    if paged:  # the pages of every sequence, shuffled
+        pages = torch.randperm(B * capacity // page)
+        table = pages.reshape(B, capacity // page).to(torch.int32)
+        k_cache, v_cache = (torch.empty_like(c).view(-1, page, Hkv, D).index_copy_(0, pages, c.view(-1, page, Hkv, D))
+                            for c in (k_cache, v_cache))
+    out = fused_attn.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table=table, causal=True,
+                                            backend="cpu")
+    torch.testing.assert_close(out.double(), exact, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("bias_shape", [(1, 4, 150, 530), (2, 1, 1, 530), (150, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16bit_biases_are_read_in_their_dtype(dtype, bias_shape):
