@@ -269,9 +269,9 @@ Call call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_VARIA
     variants.mask = strided(*mask);
   }
   if (bias) {
-    // The CPU kernels read a bias in q's dtype too (converting an L x L bias to float32 would cost
-    // a pass over it and its copy); the CUDA kernels read float32.
-    const bool own_dtype = device.is_cpu() && bias->scalar_type() == q.scalar_type();
+    // A bias in q's dtype is read as it is (converting an L x L bias to float32 would cost a pass
+    // over it and its copy).
+    const bool own_dtype = bias->scalar_type() == q.scalar_type();
     check_tensor(*bias, "bias", own_dtype ? q.scalar_type() : at::kFloat, {B, Hq, Lq, Lk}, device);
     variants.bias = strided(*bias);
     variants.bias_dtype = kernel_dtype(*bias);
@@ -499,6 +499,7 @@ cuda::Problem cuda_problem(const Call& call, const std::optional<Tensor>& dropou
   c.variants.slopes_head = v.slopes_head;
   c.variants.mask = v.mask;
   c.variants.bias = v.bias;
+  c.variants.bias_dtype = v.bias_dtype;
   if (v.dropout) {
     c.variants.dropout = true;
     c.variants.dropout_seed = dropout_seed->data_ptr<int64_t>();

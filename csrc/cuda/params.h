@@ -27,7 +27,8 @@ struct Variants {
   const float* alibi_slopes = nullptr;  // slope(b, h) = alibi_slopes[b * slopes_batch + h * slopes_head]
   int64_t slopes_batch = 0, slopes_head = 0;
   Strided mask{nullptr, 0, 0, 0, 0};  // bool; data null: none
-  Strided bias{nullptr, 0, 0, 0, 0};  // float32; data null: none
+  Strided bias{nullptr, 0, 0, 0, 0};  // data null: none
+  DType bias_dtype = DType::Float32;   // the bias's: float32, or q's dtype
   // Dropout (fused_attn/dropout.py): probability (b, h, i, j) is kept iff the first word of
   // Philox4x32-7 on counter (j, i, b * Hq + h, 0) under key *dropout_seed is >= drop_threshold,
   // and kept ones are scaled by keep_scale = 1 / (1 - p). The lse is that of the undropped scores.

@@ -100,8 +100,19 @@ class HeadScores {
     float s = dot * p_.scale;
     if (v.softcap > 0.f) s = v.softcap * tanhf(s / v.softcap);
     if (v.alibi_slopes != nullptr) s -= slope_ * static_cast<float>(distance < 0 ? -distance : distance);
-    if (v.bias.data != nullptr) s += *at<float>(v.bias, i, j);
+    if (v.bias.data != nullptr) s += bias(i, j);
     return s;
+  }
+
+  // bias(b, h, i, j), read in its own dtype (float32, or q's 16-bit one: no float32 copy of an
+  // L x L bias).
+  __device__ __forceinline__ float bias(int i, int j) const {
+    const Strided& bias = p_.variants.bias;
+    switch (p_.variants.bias_dtype) {
+      case DType::BFloat16: return __bfloat162float(*at<__nv_bfloat16>(bias, i, j));
+      case DType::Float16: return __half2float(*at<__half>(bias, i, j));
+      default: return *at<float>(bias, i, j);
+    }
   }
 
   // Whether the bool mask lets some query of [i0, i0 + rows) see some key of [j0, j0 + keys):

@@ -45,7 +45,7 @@ class CpuBackend(Backend):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors,
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         out, lse = attention_outputs(q, v)
-        _ops().cpu_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts, bias_in_q_dtype=True))
+        _ops().cpu_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts))
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
@@ -54,7 +54,7 @@ class CpuBackend(Backend):
         if bias_requires_grad:
             # Summed over the bias's broadcast dims inside the kernels: never (B, Hq, Lq, Lk) memory.
             dbias = torch.zeros(as_4d(extras.bias).shape, dtype=torch.float32, device=q.device)
-        _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *native.variant_args(q, k, extras, opts, bias_in_q_dtype=True),
+        _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *native.variant_args(q, k, extras, opts),
                             None if dbias is None else dbias.expand(native.scores_shape(q, k)))
         if dbias is not None:
             dbias = dbias.reshape(extras.bias.shape).to(extras.bias.dtype)

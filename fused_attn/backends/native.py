@@ -47,20 +47,15 @@ def scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
     return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
-def variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions,
-                 bias_in_q_dtype: bool = False) -> tuple:
+def variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
     """The native ops' arguments after their tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA),
-    shared by the cpu and cuda backends. The kernels read float32 biases, and with bias_in_q_dtype
-    (the CPU kernels) biases in q's dtype too; any other is converted in its own (broadcast) shape."""
+    shared by the cpu and cuda backends."""
     mask = bias = None
     if q.dim() == 4:  # packed inputs take no mask or bias
         full = scores_shape(q, k)
         mask = None if extras.mask is None else as_4d(extras.mask).expand(full)
-        if extras.bias is not None:
-            bias = as_4d(extras.bias)
-            if not (bias_in_q_dtype and bias.dtype == q.dtype):
-                bias = bias.to(torch.float32)
-            bias = bias.expand(full)
+        # The kernels read a bias in float32 or q's dtype (checks.py allows no other), as it is.
+        bias = None if extras.bias is None else as_4d(extras.bias).expand(full)
     # The kernels read cu_seqlens as contiguous int32 rows.
     cu_seqlens = [None if t is None else t.contiguous() for t in (extras.cu_seqlens_q, extras.cu_seqlens_k)]
     return (opts.scale, opts.left, opts.right, opts.bottom_right, opts.softcap, extras.alibi_slopes, mask, bias,
