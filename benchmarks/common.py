@@ -176,7 +176,9 @@ def time_ms_each(steps: dict[str, Callable[[], object]], on_cuda: bool, *, grads
 def _cpu_medians(steps, grads, target_s: float, min_reps: int, max_reps: int,
                  single_call_s: float = math.inf) -> dict[str, object]:
     """{name: median ms or exception}: two warm-up calls each (the second one's time sizes the run),
-    then rounds of one call of each step; a step that raises is left out of later rounds."""
+    then rounds of one call of each step, each round starting one step later than the last (the
+    call after a slow or allocating one, or the first after a pause, runs slower: no step should
+    always be that one); a step that raises is left out of later rounds."""
     def call(step):
         for t in grads:
             t.grad = None
@@ -193,8 +195,9 @@ def _cpu_medians(steps, grads, target_s: float, min_reps: int, max_reps: int,
             results[name] = exc
     reps = max(min_reps, min(max_reps, int(target_s / max(sum(estimate.values()), 1e-6))))
     samples = {name: [] for name in estimate}
+    names = list(samples)
     for rep in range(reps):
-        for name in samples:
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
             if name in results or (rep > 0 and estimate[name] > single_call_s):
                 continue
             try:
