@@ -365,10 +365,17 @@ void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const
   const Tensor lse_c = lse.contiguous(), dlse_c = dlse.contiguous();
   const Tensor delta = at::empty(lse.sizes(), lse.options());
   cpu::Strided dbias_view{nullptr, 0, 0, 0, 0};
+  DType dbias_dtype = DType::Float32;
   if (dbias) {
-    check_tensor(*dbias, "dbias", at::kFloat, {p.batch, p.heads_q, p.seqlen_q, p.seqlen_k});
     TORCH_CHECK(bias, "fused_attn_native: dbias without bias");
+    // A 16-bit dbias takes each element's one term, rounded once; summed terms need float32.
+    bool one_term = true;
+    for (int64_t d = 0; d < 4; ++d) one_term = one_term && (dbias->stride(d) != 0 || dbias->size(d) == 1);
+    const bool own_dtype = one_term && dbias->scalar_type() == bias->scalar_type();
+    check_tensor(*dbias, "dbias", own_dtype ? bias->scalar_type() : at::kFloat,
+                 {p.batch, p.heads_q, p.seqlen_q, p.seqlen_k});
     dbias_view = strided(*dbias);
+    dbias_dtype = kernel_dtype(*dbias);
   }
   const cpu::DkdvSplit split = cpu::dkdv_split(dbias_view);
   const std::vector<int64_t> query_tasks =
@@ -377,7 +384,8 @@ void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const
       split.batches ? p.batch : 1, [&](int64_t b) { return cpu::dkdv_tasks(p, split, call.seqlens_k[b]); });
   const cpu::BackwardArgs args{p, strided(q), strided(k), strided(v), strided(out), strided(dout),
                                strided(dq), strided(dk), strided(dv), row_values(lse_c), row_values(dlse_c),
-                               row_values(delta), dbias_view, table_view(query_tasks), table_view(key_tasks)};
+                               row_values(delta), dbias_view, dbias_dtype, table_view(query_tasks),
+                               table_view(key_tasks)};
   const cpu::Kernels& kernels = select_kernels();
   // Both schedules give the same bits; the choice is only about speed, except that some bias
   // gradients need the two-pass one's task split (params.h, one_pass_owns_dbias). Every pass reads

@@ -192,12 +192,13 @@ def test_bf16_amx_kvcache_sequences_pack_their_own_keys(paged):
     torch.testing.assert_close(out.double(), exact, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("bias_shape", [(1, 4, 150, 530), (2, 1, 1, 530), (150, 1)], ids=str)
+@pytest.mark.parametrize("bias_shape", [(2, 4, 150, 530), (1, 4, 150, 530), (2, 1, 1, 530), (150, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16bit_biases_are_read_in_their_dtype(dtype, bias_shape):
-    """A bias in q's 16-bit dtype is read as it is (no float32 copy of an L x L bias): against
-    float64 math, and bit for bit what the same bias converted to float32 gives (the conversion is
-    exact), forward and every gradient, the bias's own included."""
+    """A bias in q's 16-bit dtype is read as it is (no float32 copy of an L x L bias), and a full-shape
+    one's gradient written in its dtype (one term per element, rounded once; a broadcast one's terms
+    are summed in float32): against float64 math, and bit for bit what the same bias converted to
+    float32 gives (the conversion is exact), forward and every gradient, the bias's own included."""
     shape = (2, 4, 2, 150, 530, 64, 64)
     bias = torch.randn(bias_shape, dtype=dtype, requires_grad=True)
     check_against_oracle("cpu", shape, dtype, torch.device("cpu"), attn_mask=bias, window=(300, 20))

@@ -173,19 +173,31 @@ struct KeyBlockScratch {
   }
 };
 
-// dbias(b, h, q0 + i, k0 + j) += grad(i, j) for one (rows x keys) tile in S's layout. Along
-// broadcast dims dbias has stride 0, so the terms of one element are summed in the order the
-// task visits them; the task split (params.h, dkdv_split) gives every element one writer.
+// dbias(b, h, q0 + i, k0 + j) += grad(i, j) for one (rows x keys) tile in S's layout, dbias stored
+// as G: float32, or the bias's 16-bit dtype where this is each element's one term (0 + grad,
+// rounded once). Along broadcast dims dbias has stride 0, so the terms of one element are summed
+// in the order the task visits them; the task split (params.h, dkdv_split) gives every element
+// one writer.
+template <typename G>
 inline void add_bias_grad(const Strided& dbias, const float* grad, int64_t b, int64_t h, int64_t q0, int64_t rows,
                           int64_t k0, int64_t keys) {
-  float* base = at_row_mut<float>(dbias, b, h, q0) + k0 * dbias.col;
+  G* base = at_row_mut<G>(dbias, b, h, q0) + k0 * dbias.col;
   for (int64_t i = 0; i < rows; ++i) {
-    float* row = base + i * dbias.row;
+    G* row = base + i * dbias.row;
     const float* g = grad + i * kBlockN;
     int64_t j = 0;
-    if (dbias.col == 1)
-      for (; j + kVec <= keys; j += kVec) (Vec::loadu(row + j) + Vec::loadu(g + j)).store(row + j);
-    for (; j < keys; ++j) row[j * dbias.col] += g[j];
+    if (dbias.col == 1) {
+      if constexpr (std::is_same_v<G, float>) {
+        for (; j + kVec <= keys; j += kVec) (Vec::loadu(row + j) + Vec::loadu(g + j)).store(row + j);
+      } else {
+        float sum[kBlockN];
+        load_scaled(sum, row, keys, 1.f);
+        for (int64_t c = 0; c < keys; ++c) sum[c] += g[c];
+        store_scaled(row, sum, keys, 1.f);
+        continue;
+      }
+    }
+    for (; j < keys; ++j) row[j * dbias.col] = static_cast<G>(static_cast<float>(row[j * dbias.col]) + g[j]);
   }
 }
 
@@ -276,7 +288,13 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
           qk_grad(grad, tanh ? tanh + i * BN + c : nullptr, scale).store(dpi + c);
         }
       }
-      if (args.dbias.data != nullptr) add_bias_grad(args.dbias, t.dbias, b, h, q0, rows, k0, keys);
+      if (args.dbias.data != nullptr) {
+        switch (args.dbias_dtype) {
+          case DType::Float32: add_bias_grad<float>(args.dbias, t.dbias, b, h, q0, rows, k0, keys); break;
+          case DType::BFloat16: add_bias_grad<c10::BFloat16>(args.dbias, t.dbias, b, h, q0, rows, k0, keys); break;
+          case DType::Float16: add_bias_grad<c10::Half>(args.dbias, t.dbias, b, h, q0, rows, k0, keys); break;
+        }
+      }
       if (p.variants.dropout) apply_dropout(p, s_tile);  // P -> the dropped P, for dV
       float* dq_rows = dq == nullptr ? nullptr : dq + (g * p.seqlen_q + q0) * Dp;
       if (amx != nullptr) {  // P and dS rounded to bf16, transposed for dV and dK (rows padded to even)

@@ -120,9 +120,11 @@ struct BackwardArgs {
   Strided q, k, v, out, dout, dq, dk, dv;
   RowValues lse, dlse;  // as returned by the forward, and the gradient of lse
   RowValues delta;      // scratch: rowsum(dO * O) - dlse, written by the dq (or delta) pass
-  // float32 gradient of the bias, the broadcast (B, Hq, Lq, Lk) view of a zeroed buffer of the
-  // bias's own shape (stride 0 along broadcast dims, where terms are summed); data null: none.
+  // Gradient of the bias, the broadcast (B, Hq, Lq, Lk) view of a zeroed buffer of the bias's own
+  // shape (stride 0 along broadcast dims, where terms are summed); data null: none. float32, or
+  // the bias's 16-bit dtype where every element gets one term (no broadcast dim over size 1).
   Strided dbias;
+  DType dbias_dtype;
   TaskTable query_tasks;  // per sequence: (query head, query block) pairs
   TaskTable key_tasks;    // per group of sequences (dkdv_split): (key/value head, key block) tasks
 };

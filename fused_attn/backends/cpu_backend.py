@@ -53,7 +53,11 @@ class CpuBackend(Backend):
         dbias = None
         if bias_requires_grad:
             # Summed over the bias's broadcast dims inside the kernels: never (B, Hq, Lq, Lk) memory.
-            dbias = torch.zeros(as_4d(extras.bias).shape, dtype=torch.float32, device=q.device)
+            # Summed terms need float32; a bias that broadcasts over no dim above size 1 gets one
+            # term per element, written in its own dtype (no float32 copy of an L x L gradient).
+            shape = as_4d(extras.bias).shape
+            one_term = shape == native.scores_shape(q, k)
+            dbias = torch.zeros(shape, dtype=extras.bias.dtype if one_term else torch.float32, device=q.device)
         _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *native.variant_args(q, k, extras, opts),
                             None if dbias is None else dbias.expand(native.scores_shape(q, k)))
         if dbias is not None:
