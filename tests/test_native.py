@@ -438,6 +438,22 @@ def test_native_op_checks_its_arguments():
         ops.cpu_forward(q.double(), k.double(), v.double(), out.double(), lse, 0.25, -1, -1, False)
 
 
+def test_native_backward_takes_value_head_dims_past_one_chunk():
+    """The op itself (the public API stops at 256) computes delta = rowsum(dO * O) in chunks, so a
+    value head dim of 300 is two chunks, not an overrun: gradients against float64 autograd."""
+    ops = torch.ops.fused_attn_native
+    q, k, v = torch.randn(1, 1, 5, 8), torch.randn(1, 1, 7, 8), torch.randn(1, 1, 7, 300)
+    out, lse = torch.full((1, 1, 5, 300), float("nan")), torch.full((1, 1, 5), float("nan"))
+    ops.cpu_forward(q, k, v, out, lse, 0.3, -1, -1, False)
+    dout = torch.randn_like(out)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    ops.cpu_backward(dout, torch.zeros_like(lse), q, k, v, out, lse, dq, dk, dv, 0.3, -1, -1, False)
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    o = torch.softmax(exact[0] @ exact[1].transpose(-1, -2) * 0.3, -1) @ exact[2]
+    for name, ours, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(o, exact, dout.double())):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_native_op_checks_packed_arguments():
     ops = torch.ops.fused_attn_native
     q, k, v = (torch.randn(8, 2, 16) for _ in range(3))

@@ -39,23 +39,26 @@ inline Vec qk_grad(Vec score_grad, const float* tanh, Vec scale) {
 }
 
 // delta_i = sum_c dO_ic O_ic - dlse_i for rows [q0, q0 + rows) of (b, h), into args.delta.
-// Each row is converted to fp32 (zero-padded to whole vectors) and dotted kVec lanes at a time:
-// O(L Dv) per call, it is a visible share of a call with little work per row (a narrow window).
-constexpr int64_t kMaxHeadDimV = 256;  // checks.py MAX_HEAD_DIM
+// Rows are converted to fp32 (zero-padded to whole vectors) a chunk at a time and dotted kVec
+// lanes at a time: O(L Dv) per call, a visible share of calls with little work per row (a
+// narrow window).
 template <typename T>
 void compute_delta(const BackwardArgs& args, int64_t b, int64_t h, int64_t q0, int64_t rows) {
   const T* dout = at_row<T>(args.dout, b, h, q0);
   const T* out = at_row<T>(args.out, b, h, q0);
   const float* dlse = args.dlse.at(b, h, q0);
   float* delta = args.delta.at(b, h, q0);
-  const int64_t Dv = args.p.head_dim_v, Dvp = round_up(Dv, kVec);
-  alignas(64) float dout_row[kMaxHeadDimV], out_row[kMaxHeadDimV];
+  constexpr int64_t kChunk = 256;  // the largest head dim fused_attn takes, in one chunk
+  alignas(64) float dout_chunk[kChunk], out_chunk[kChunk];
   for (int64_t i = 0; i < rows; ++i) {
-    load_tile(dout_row, Dvp, dout + i * args.dout.row, 0, args.dout.col, 1, Dv);
-    load_tile(out_row, Dvp, out + i * args.out.row, 0, args.out.col, 1, Dv);
     Vec dot_product(0.f);
-    for (int64_t c = 0; c < Dvp; c += kVec)
-      dot_product = at::vec::fmadd(Vec::loadu(dout_row + c), Vec::loadu(out_row + c), dot_product);
+    for (int64_t c0 = 0; c0 < args.p.head_dim_v; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, args.p.head_dim_v - c0), padded = round_up(n, kVec);
+      load_tile(dout_chunk, padded, dout + i * args.dout.row + c0 * args.dout.col, 0, args.dout.col, 1, n);
+      load_tile(out_chunk, padded, out + i * args.out.row + c0 * args.out.col, 0, args.out.col, 1, n);
+      for (int64_t c = 0; c < padded; c += kVec)
+        dot_product = at::vec::fmadd(Vec::loadu(dout_chunk + c), Vec::loadu(out_chunk + c), dot_product);
+    }
     delta[i] = lane_sum(dot_product) - dlse[i];
   }
 }
