@@ -33,9 +33,9 @@ from .common import (
     load_tile,
     num_blocks,
     score_tile,
+    streamed_operands,
     streamed_tiles,
     takes_tensor_descriptors,
-    tensor_descriptor,
     visible_pairs,
     visible_span,
 )
@@ -370,18 +370,11 @@ def attention_backward(
             num_stages=tiles.num_stages, **flags,
         )
 
-    def streamed(tiles, of_d, of_dv, rows):
-        """The two operands a loop streams rows at a time (one of head dim D, one of Dv): as they are,
-        or with TMA tiles their descriptors."""
-        if not tiles.tma:
-            return of_d, of_dv
-        return tensor_descriptor(of_d, rows, block_d), tensor_descriptor(of_dv, rows, block_dv)
-
     def dkdv_grid(tiles):
         return num_blocks(problem.seqlen_k, tiles.block_n), problem.batch * heads_kv
 
     def launch_dkdv(tiles):
-        q_tiles, do_tiles = streamed(tiles, q, dout, tiles.block_m)
+        q_tiles, do_tiles = streamed_operands(tiles.tma, tiles.block_m, q, dout)
         _dkdv_kernel[dkdv_grid(tiles)](
             q_tiles, k, v, do_tiles, lse, delta, dk, dv, *strides, *bhld_strides(dk), *bhld_strides(dv), *lse_strides,
             heads_kv, problem.group_size, *problem.sequence_arguments(), *features, **launch_options(tiles),
@@ -391,7 +384,7 @@ def attention_backward(
         return num_blocks(problem.seqlen_q, tiles.block_m), problem.batch * heads_q
 
     def launch_dq(tiles):
-        k_tiles, v_tiles = streamed(tiles, k, v, tiles.block_n)
+        k_tiles, v_tiles = streamed_operands(tiles.tma, tiles.block_n, k, v)
         _dq_kernel[dq_grid(tiles)](
             q, k_tiles, v_tiles, dout, lse, delta, dq, *strides, *bhld_strides(dq), *lse_strides,
             heads_q, problem.group_size, *problem.sequence_arguments(), *features, **launch_options(tiles),

@@ -71,10 +71,14 @@ def takes_tensor_descriptors(*tensors: torch.Tensor) -> bool:
     return INTERPRETING or all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9 for t in tensors)
 
 
-def tensor_descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
-    """A descriptor over a (B, H, L, D) tensor that takes_tensor_descriptors accepts, copying
-    (1, 1, block_rows, block_cols) boxes: zeros past L and past D."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_cols])
+def streamed_operands(tma: bool, rows: int, *tensors: torch.Tensor) -> tuple:
+    """What a kernel's loop streams `rows` at a time: the (B, H, L, D) tensors as they are, or with
+    TMA tiles (tensors takes_tensor_descriptors accepts) a descriptor of each, copying
+    (1, 1, rows, padded D) boxes: zeros past L and past D."""
+    if not tma:
+        return tensors
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim_block(t.shape[-1])])
+                 for t in tensors)
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -174,7 +178,8 @@ def streamed_tiles(T, base, rows, stride_rows, cols, stride_cols, TMA: tl.conste
 
 @triton.jit
 def load_box(desc, batch, head, start, UPCAST: tl.constexpr):
-    """Rows [start, start + block rows) of (batch, head) through a tensor_descriptor, as a 2-D tile."""
+    """Rows [start, start + block rows) of (batch, head) through a descriptor (streamed_operands), as a
+    2-D tile."""
     tile = desc.load([batch, head, start, 0]).reshape(desc.block_shape[2], desc.block_shape[3])
     if UPCAST:
         tile = tile.to(tl.float32)

@@ -29,9 +29,9 @@ from .common import (
     load_tile,
     num_blocks,
     score_tile,
+    streamed_operands,
     streamed_tiles,
     takes_tensor_descriptors,
-    tensor_descriptor,
     visible_pairs,
     visible_span,
 )
@@ -170,10 +170,7 @@ def attention_forward(
         return num_blocks(problem.seqlen_q, tiles.block_m), problem.batch * heads_q
 
     def launch(tiles):
-        keys, values = k, v
-        if tiles.tma:
-            keys = tensor_descriptor(k, tiles.block_n, head_dim_block(head_dim))
-            values = tensor_descriptor(v, tiles.block_n, head_dim_block(head_dim_v))
+        keys, values = streamed_operands(tiles.tma, tiles.block_n, k, v)
         _forward_kernel[grid(tiles)](
             q, keys, values, out, lse,
             *bhld_strides(q), *bhld_strides(k), *bhld_strides(v), *bhld_strides(out), *row_stat_strides(lse)[:2],
