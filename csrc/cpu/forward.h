@@ -76,16 +76,18 @@ inline bool masked_for_every_head(const Problem& p, int64_t b, const QueryBlock&
   return true;
 }
 
-// The keys of [k0, k0 + keys) that an AMX step computes (k0 a multiple of kAmxMaxN): whole chunks of
+// The keys of a step [k0, k0 + keys) that it computes (k0 a multiple of kAmxMaxN): whole chunks of
 // kAmxMaxN keys that the mask hides from every query of the block are cut from both ends, as a
-// padding mask's hidden suffix is. Empty when every chunk is hidden.
+// padding mask's hidden suffix is. Empty when every chunk is hidden (a step of the fp32 products,
+// kBlockN keys, is one chunk).
+static_assert(kBlockN == kAmxMaxN, "an fp32 step is one chunk of unmasked_chunks");
 inline Range unmasked_chunks(const Problem& p, int64_t b, const QueryBlock& block, int64_t k0, int64_t keys) {
   Range used{k0, k0 + keys};
   if (p.variants.mask.data == nullptr) return used;
   while (used.begin < used.end &&
          masked_for_every_head(p, b, block, used.begin, std::min(kAmxMaxN, used.end - used.begin)))
-    used.begin += kAmxMaxN;
-  while (used.begin < used.end) {
+    used.begin = std::min(used.begin + kAmxMaxN, used.end);
+  while (used.end - used.begin > kAmxMaxN) {  // the first chunk left is visible: cut from the end
     const int64_t last = used.begin + (used.end - 1 - used.begin) / kAmxMaxN * kAmxMaxN;  // the last chunk's first key
     if (!masked_for_every_head(p, b, block, last, used.end - last)) break;
     used.end = last;
@@ -459,10 +461,11 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     };
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 = step_end(k0)) {
       const int64_t keys = step_end(k0) - k0;
-      if (masked_for_every_head(p, b, block, k0, keys)) continue;
+      // A step of the fp32 products is one chunk: it is computed whole or skipped.
+      const Range used = unmasked_chunks(p, b, block, k0, keys);
+      if (used.begin == used.end) continue;
       prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
       if (tiles) {
-        const Range used = unmasked_chunks(p, b, block, k0, keys);  // not empty: some key is visible
         amx_key_step(p, s, b, block, q_rows, used.begin, used.end - used.begin, *packed_keys, *bf16, st, BN, acc, Dvp,
                      row_max, row_sum, alpha);
         continue;
