@@ -128,16 +128,6 @@ inline void for_each_line(const ScoreTile& t, F f) {
   }
 }
 
-// kVec values of x (float32, bf16 or fp16) as floats.
-template <typename B>
-inline Vec load_as_floats(const B* x) {
-  if constexpr (std::is_same_v<B, float>) {
-    return Vec::loadu(x);
-  } else {
-    return std::get<0>(at::vec::convert_to_float<B>(at::vec::Vectorized<B>::loadu(x, kVec)));
-  }
-}
-
 // s[e] += x[e * stride], e < n: vectors where x is contiguous or one value.
 template <typename B>
 inline void add_strided(float* s, const B* x, int64_t stride, int64_t n) {

@@ -58,18 +58,22 @@ inline T* at_row_mut(const Strided& s, int64_t b, int64_t h, int64_t row) {
   return static_cast<T*>(s.data) + b * s.batch + h * s.head + row * s.row;
 }
 
-// dst[c] = mul * src[c] for c < n, converted to fp32 two vectors at a time (16-bit types; the
-// compiler does not vectorize a loop of scalar conversions).
+// kVec values of x (float32, bf16 or fp16) as floats (the compiler does not vectorize a loop of
+// scalar 16-bit conversions).
+template <typename T>
+inline Vec load_as_floats(const T* x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(x);
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(x, kVec)));
+  }
+}
+
+// dst[c] = mul * src[c] for c < n, converted to fp32 a vector at a time.
 template <typename T>
 inline void load_scaled(float* dst, const T* src, int64_t n, float mul) {
   int64_t c = 0;
-  if constexpr (!std::is_same_v<T, float>) {
-    for (; c + 2 * kVec <= n; c += 2 * kVec) {
-      const auto [low, high] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(src + c));
-      (low * Vec(mul)).store(dst + c);
-      (high * Vec(mul)).store(dst + c + kVec);
-    }
-  }
+  for (; c + kVec <= n; c += kVec) (load_as_floats(src + c) * Vec(mul)).store(dst + c);
   for (; c < n; ++c) dst[c] = static_cast<float>(src[c]) * mul;
 }
 
