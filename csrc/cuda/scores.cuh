@@ -107,11 +107,11 @@ class HeadScores {
   // bias(b, h, i, j), read in its own dtype (float32, or q's 16-bit one: no float32 copy of an
   // L x L bias).
   __device__ __forceinline__ float bias(int i, int j) const {
-    const Strided& bias = p_.variants.bias;
+    const Strided& view = p_.variants.bias;
     switch (p_.variants.bias_dtype) {
-      case DType::BFloat16: return __bfloat162float(*at<__nv_bfloat16>(bias, i, j));
-      case DType::Float16: return __half2float(*at<__half>(bias, i, j));
-      default: return *at<float>(bias, i, j);
+      case DType::BFloat16: return __bfloat162float(*at<__nv_bfloat16>(view, i, j));
+      case DType::Float16: return __half2float(*at<__half>(view, i, j));
+      default: return *at<float>(view, i, j);
     }
   }
 
