@@ -144,6 +144,13 @@ def report(info, tuned, tuned_on, errors) -> None:
         gain = f"{default_ms / ms:.2f}x" if ms and default_ms else "n/a"
         print(f"| {key} | {tuned_on[key]} | {choice.tiles} | {ms or float('nan'):.3f} | {choice.default} | "
               f"{default_ms or float('nan'):.3f} | {gain} |")
+    refused = [(key, tiles, why) for key, choice in sorted(tuned.items()) for tiles, why in choice.failed.items()]
+    if refused:
+        print("\nCandidates the compiler refused (skipped):\n")
+        print("| shape class | tiles | error |")
+        print("|---|---|---|")
+        for key, tiles, why in refused:
+            print(f"| {key} | {tiles} | {why} |")
     print("\n| call | max relative error vs torch SDPA (out and every gradient) |")
     print("|---|---:|")
     for name, error in errors.items():

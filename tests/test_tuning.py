@@ -40,8 +40,8 @@ class FakeGPU:
         run()
         tiles = self.launched[-1]
         time = self.timings.get(tiles, 1.0)
-        if time is None:
-            raise triton.runtime.OutOfResources(300000, 232448, "shared memory")
+        if isinstance(time, Exception):  # the compiler refuses the candidate
+            raise time
         return time
 
     def launch(self, tiles):
@@ -110,8 +110,23 @@ def test_a_gain_within_timing_noise_keeps_the_default(monkeypatch):
 
 
 def test_candidates_the_compiler_refuses_are_skipped(monkeypatch):
-    gpu = FakeGPU(monkeypatch, timings={FASTEST: None, TileConfig(64, 64, 4, 3): 0.5})
-    assert gpu.select() == TileConfig(64, 64, 4, 3)
+    ptxas_crash = triton.runtime.errors.PTXASError("`ptxas` failed with error code -11\nstderr: ...")
+    gpu = FakeGPU(monkeypatch, timings={FASTEST: triton.runtime.OutOfResources(300000, 232448, "shared memory"),
+                                        TileConfig(128, 64, 8, 2, True): ptxas_crash,
+                                        TileConfig(64, 64, 4, 3): 0.5})
+    assert gpu.select(tma=True) == TileConfig(64, 64, 4, 3)
+    tuned = tuning.tuned_choices("sm90")[FORWARD.key]
+    assert set(tuned.failed) == {FASTEST, TileConfig(128, 64, 8, 2, True)}
+    assert tuned.failed[TileConfig(128, 64, 8, 2, True)] == "PTXAS error: `ptxas` failed with error code -11"
+    assert FASTEST not in tuned.timings and DEFAULT in tuned.timings
+    entry = tuning.choice_entry(tuned, "test")
+    assert entry["failed"][str(FASTEST)].startswith("out of resource: shared memory")
+
+
+def test_a_default_the_compiler_refuses_is_the_calls_error(monkeypatch):
+    gpu = FakeGPU(monkeypatch, timings={DEFAULT: triton.runtime.errors.PTXASError("PTXAS error")})
+    with pytest.raises(triton.runtime.errors.PTXASError):
+        gpu.select()
 
 
 def test_candidates_over_the_shared_memory_limit_never_run(monkeypatch):

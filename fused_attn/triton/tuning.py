@@ -29,7 +29,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -231,6 +231,7 @@ class Tuned:
     tiles: TileConfig
     default: TileConfig
     timings: dict[TileConfig, float]  # median milliseconds of every candidate that ran
+    failed: dict[TileConfig, str] = field(default_factory=dict)  # candidates the compiler refused, and why
 
 
 # (arch, shape key) -> choice tuned in this process.
@@ -286,16 +287,21 @@ def measure(run: Callable[[], object]) -> float:
 
 def _tune(shape: ShapeClass, launch: Callable[[TileConfig], object], default: TileConfig,
           fits: Callable[[TileConfig], bool], major: int, tma: bool) -> Tuned:
-    timings = {}
+    timings, failed = {}, {}
     for tiles in filter(fits, candidates(shape, major, tma)):
         try:
             timings[tiles] = measure(functools.partial(launch, tiles))
-        except triton.runtime.OutOfResources:  # the bound is checked, but the compiler has the last word
-            continue
+        except triton.errors.TritonError as error:
+            # The shared-memory bound is checked, but the compiler has the last word, and some
+            # releases fail on some tiles (Triton 3.6's ptxas crashes on sm_90 TMA forward tiles
+            # that 3.9 compiles). A candidate is skipped; the default failing is the call's error.
+            if tiles == default:
+                raise
+            failed[tiles] = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
     best = min(timings, key=timings.get, default=default)
     if default in timings and timings[best] > (1 - MIN_GAIN) * timings[default]:
         best = default
-    return Tuned(best, default, timings)
+    return Tuned(best, default, timings, failed)
 
 
 # Shipped choices: fused_attn/triton/tuned/<arch>.json, written by `python -m benchmarks.tune`.
@@ -319,6 +325,7 @@ def choice_entry(tuned: Tuned, tuned_on: str) -> dict:
         "default_ms": _rounded(tuned.timings.get(tuned.default)),
         "tuned_on": tuned_on,
         "candidates_ms": {str(tiles): _rounded(ms) for tiles, ms in tuned.timings.items()},
+        "failed": {str(tiles): why for tiles, why in tuned.failed.items()},
     }
 
 
