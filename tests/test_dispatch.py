@@ -24,6 +24,32 @@ def test_triton_available_here():
     assert "triton" in fused_attn.available_backends()
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the probe runs under Triton's interpreter")
+def test_triton_is_unavailable_where_its_interpreter_cannot_run_the_kernels(monkeypatch):
+    """Triton 3.6's interpreter fails on every kernel's key loop with NumPy >= 2.4: a probe kernel
+    finds that out, and dispatch then says why instead of failing inside a kernel."""
+    import triton
+
+    from fused_attn.triton import common
+
+    assert common.interpreter_problem() is None  # the probe runs here, as the kernels do
+
+    class FailingLaunch:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise triton.runtime.errors.InterpreterError("TypeError('only 0-dimensional arrays can be converted')")
+            return launch
+
+    monkeypatch.setattr(common, "_count_to", FailingLaunch())
+    problem = common.interpreter_problem()
+    assert "interpreter cannot run a loop over a runtime bound" in problem and "Triton >= 3.8" in problem
+    from fused_attn.backends import triton_backend
+
+    monkeypatch.setattr(triton_backend, "INTERPRETER_PROBLEM", problem)
+    assert "triton" not in fused_attn.available_backends()
+    assert problem in fused_attn.explain(*qkv())
+
+
 def test_automatic_choice_prefers_the_device_native_backend():
     """Triton kernels first for CUDA tensors; the C++ kernels first for CPU tensors."""
     expected = "triton" if DEVICE.type == "cuda" else "cpu"

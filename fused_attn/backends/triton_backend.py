@@ -23,14 +23,24 @@ def _import_error() -> Optional[str]:
     return None
 
 
-# Checked once at import: dispatch runs on every call, also while torch.compile traces it.
-IMPORT_ERROR = _import_error()
-
-
 def _interpreting() -> bool:
     from ..triton.common import INTERPRETING
 
     return INTERPRETING
+
+
+def _interpreter_problem() -> Optional[str]:
+    """Why the interpreter cannot run the kernels (probed with a tiny kernel when it is on)."""
+    if IMPORT_ERROR is not None or not _interpreting():
+        return None
+    from ..triton.common import interpreter_problem
+
+    return interpreter_problem()
+
+
+# Checked once at import: dispatch runs on every call, also while torch.compile traces it.
+IMPORT_ERROR = _import_error()
+INTERPRETER_PROBLEM = _interpreter_problem()
 
 
 class TritonBackend(Backend):
@@ -41,7 +51,7 @@ class TritonBackend(Backend):
             return IMPORT_ERROR
         if not torch.cuda.is_available() and not _interpreting():
             return "no CUDA GPU, and Triton's interpreter is off (set TRITON_INTERPRET=1 before import)"
-        return None
+        return INTERPRETER_PROBLEM
 
     def unsupported_reasons(
         self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions

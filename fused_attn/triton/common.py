@@ -29,6 +29,29 @@ def _interpreting() -> bool:
 # Decided once, like Triton itself decides it when the kernels are decorated.
 INTERPRETING = _interpreting()
 
+
+@triton.jit
+def _count_to(Out, n):
+    count = 0
+    for _ in range(0, n):
+        count += 1
+    tl.store(Out, count)
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels here (None: it can), from a loop over a
+    runtime bound, which every kernel's key loop is. Triton 3.6's interpreter turns such a bound
+    into a Python int through a one-element array, which NumPy >= 2.4 refuses; Triton 3.8 runs it."""
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _count_to[(1,)](out, 3)
+    except Exception as error:  # noqa: BLE001 - any failure means the kernels cannot run
+        import numpy
+
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound with "
+                f"NumPy {numpy.__version__} ({error}): use Triton >= 3.8, or NumPy < 2.4")
+    return None if out.item() == 3 else f"Triton {triton.__version__}'s interpreter miscounts a loop"
+
 LOG2_E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN_2: tl.constexpr = tl.constexpr(0.6931471805599453)  # natural lse = base-2 lse * ln(2)
 _ROUNDS: tl.constexpr = tl.constexpr(PHILOX_ROUNDS)
