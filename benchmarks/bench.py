@@ -390,7 +390,24 @@ def environment_lines(on_cuda: bool) -> list[str]:
         lines.append(f"- FUSED_ATTN_BACKEND={os.environ['FUSED_ATTN_BACKEND']}")
     if os.environ.get("TRITON_INTERPRET"):
         lines.append(f"- TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} (Triton kernels interpreted: not a speed)")
+    elif on_cuda and "triton" in available_fused_backends():
+        lines.append(f"- Triton tiles: {triton_tile_source()}")
     return lines
+
+
+def triton_tile_source() -> str:
+    """Where the Triton kernels' tiles come from in this run (fused_attn/triton/tuning.py)."""
+    from fused_attn.triton import tuning
+
+    mode = tuning.autotune_mode()
+    if mode == "0":
+        return "the fixed defaults (FUSED_ATTN_AUTOTUNE=0)"
+    if mode == "force":
+        return "every class tuned in this run (FUSED_ATTN_AUTOTUNE=force)"
+    arch = tuning.device_info(torch.device("cuda")).arch
+    shipped = len(tuning.shipped_choices(arch))
+    return (f"{shipped} shipped choices for {arch}" if shipped else f"no shipped choices for {arch}") + \
+        ", other classes tuned on their first call that fills the GPU"
 
 
 def explain_once(cfg: Config, device: str) -> Optional[str]:

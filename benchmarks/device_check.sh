@@ -14,7 +14,7 @@
 #   test      the test suite natively (every backend the GPU serves), in parallel with xdist
 #   sanitize  compute-sanitizer memcheck and racecheck over the cuda and triton kernels
 #   tune      python -m benchmarks.tune: the tile choices for this architecture
-#   bench     make bench, every suite
+#   bench     make bench, every suite (the fixed default tiles while none are shipped for this GPU)
 # Logs go to $OUT/log.txt; results (benchmarks/results/, tuned tiles, logs) to $OUT/results.tgz,
 # which the device tool brings back (it returns at most 8 files, 2 folders deep).
 set -uo pipefail
@@ -48,7 +48,11 @@ for stage in "${stages[@]}"; do
                   run_stage racecheck "${SANITIZE_S:-90}" compute-sanitizer --tool racecheck --error-exitcode 3 \
                       python3 -m benchmarks.sanitize_calls --small ;;
         tune) run_stage tune "${TUNE_S:-240}" python3 -m benchmarks.tune ;;
-        bench) run_stage bench "${BENCH_S:-330}" make bench ;;
+        # Without shipped tiles for this GPU, every class would tune on its first call, compiling
+        # each candidate in turn (~10 per class): longer than the stage's box. The defaults then.
+        bench) autotune=1
+               [ -f "fused_attn/triton/tuned/sm$ARCH.json" ] || autotune=0
+               run_stage bench "${BENCH_S:-330}" env FUSED_ATTN_AUTOTUNE="${FUSED_ATTN_AUTOTUNE:-$autotune}" make bench ;;
         *) say "unknown stage $stage" ;;
     esac
 done

@@ -1,6 +1,8 @@
 """benchmarks/bench.py's GPU summary, checked without a GPU: the goal lines read from a sweep's rows
 (GPU runs are rare, so a summary that breaks on their rows would waste one), and the providers a
 CUDA sweep compares by default."""
+import json
+
 import pytest
 import torch
 
@@ -60,3 +62,24 @@ def test_cuda_sweep_compares_the_goals_providers(monkeypatch):
 def test_unknown_provider_is_refused():
     with pytest.raises(ValueError, match="unknown provider"):
         bench.make_provider("sdpa_fast")
+
+
+def test_gpu_results_say_where_the_triton_tiles_came_from(monkeypatch, tmp_path):
+    """A GPU run's header records whether its Triton figures ran tuned tiles or the fixed defaults
+    (benchmarks/device_check.sh runs the defaults while no choices are shipped for the GPU)."""
+    from fused_attn.triton import tuning
+
+    monkeypatch.setattr(tuning, "device_info", lambda device: tuning.DeviceInfo("sm90", 9, 132, 232448))
+    monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
+    tuning.shipped_choices.cache_clear()
+    monkeypatch.setenv(tuning.ENV_VARIABLE, "0")
+    assert bench.triton_tile_source() == "the fixed defaults (FUSED_ATTN_AUTOTUNE=0)"
+    monkeypatch.setenv(tuning.ENV_VARIABLE, "1")
+    assert bench.triton_tile_source().startswith("no shipped choices for sm90, other classes tuned")
+    choice = tuning.Tuned(tuning.TileConfig(128, 64, 8, 2), tuning.TileConfig(128, 64, 8, 2), {})
+    (tmp_path / "sm90.json").write_text(json.dumps({"choices": {"forward/d128/16bit/full": tuning.choice_entry(choice, "t")}}))
+    tuning.shipped_choices.cache_clear()
+    assert bench.triton_tile_source().startswith("1 shipped choices for sm90")
+    monkeypatch.setenv(tuning.ENV_VARIABLE, "force")
+    assert bench.triton_tile_source() == "every class tuned in this run (FUSED_ATTN_AUTOTUNE=force)"
+    tuning.shipped_choices.cache_clear()
