@@ -12,9 +12,10 @@
 # Stages (each time-boxed so the call ends inside its limit, and each logged):
 #   build     make env with the CUDA kernels required (FUSED_ATTN_CUDA=1), for this GPU only
 #   test      the test suite natively (every backend the GPU serves), in parallel with xdist
+#   (test and bench run the fixed default tiles while none are shipped for this GPU: autotune_mode)
 #   sanitize  compute-sanitizer memcheck and racecheck over the cuda and triton kernels
 #   tune      python -m benchmarks.tune: the tile choices for this architecture
-#   bench     make bench, every suite (the fixed default tiles while none are shipped for this GPU)
+#   bench     make bench, every suite
 # Logs go to $OUT/log.txt; results (benchmarks/results/, tuned tiles, logs) to $OUT/results.tgz,
 # which the device tool brings back (it returns at most 8 files, 2 folders deep).
 set -uo pipefail
@@ -33,6 +34,15 @@ run_stage() {  # run_stage NAME SECONDS COMMAND...: the command's output logged,
     say "$name exit ${PIPESTATUS[0]}"
 }
 
+# Without tiles shipped for this GPU, every class would tune on its first call that fills the GPU,
+# compiling ~10 candidates in turn (and in each test worker): longer than a stage's box. The tests
+# and the benchmarks then run the fixed defaults; FUSED_ATTN_AUTOTUNE set by the caller wins.
+autotune_mode() {
+    if [ -n "${FUSED_ATTN_AUTOTUNE:-}" ]; then echo "$FUSED_ATTN_AUTOTUNE"
+    elif [ -f "fused_attn/triton/tuned/sm$ARCH.json" ]; then echo 1
+    else echo 0; fi
+}
+
 say "start: ${stages[*]}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$LOG"
@@ -42,17 +52,13 @@ for stage in "${stages[@]}"; do
     case $stage in
         build) run_stage build "${BUILD_S:-300}" env FUSED_ATTN_CUDA=1 FUSED_ATTN_CUDA_ARCHS="$ARCH" MAX_JOBS=16 make env
                say "cuda build note: '$(cat fused_attn/_native_cuda.txt 2>/dev/null)'" ;;
-        test) run_stage test "${TEST_S:-330}" python3 -m pytest tests -q -x -n 14 --timeout 300 -p no:cacheprovider ;;
+        test) run_stage test "${TEST_S:-330}" env FUSED_ATTN_AUTOTUNE="$(autotune_mode)" python3 -m pytest tests -q -x -n 14 --timeout 300 -p no:cacheprovider ;;
         sanitize) run_stage memcheck "${SANITIZE_S:-90}" compute-sanitizer --tool memcheck --error-exitcode 3 \
                       python3 -m benchmarks.sanitize_calls
                   run_stage racecheck "${SANITIZE_S:-90}" compute-sanitizer --tool racecheck --error-exitcode 3 \
                       python3 -m benchmarks.sanitize_calls --small ;;
         tune) run_stage tune "${TUNE_S:-240}" python3 -m benchmarks.tune ;;
-        # Without shipped tiles for this GPU, every class would tune on its first call, compiling
-        # each candidate in turn (~10 per class): longer than the stage's box. The defaults then.
-        bench) autotune=1
-               [ -f "fused_attn/triton/tuned/sm$ARCH.json" ] || autotune=0
-               run_stage bench "${BENCH_S:-330}" env FUSED_ATTN_AUTOTUNE="${FUSED_ATTN_AUTOTUNE:-$autotune}" make bench ;;
+        bench) run_stage bench "${BENCH_S:-330}" env FUSED_ATTN_AUTOTUNE="$(autotune_mode)" make bench ;;
         *) say "unknown stage $stage" ;;
     esac
 done
