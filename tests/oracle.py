@@ -153,7 +153,16 @@ def check_against_oracle(backend, shape, dtype, device, sequence_major=False, **
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_accurate("out", out, exact_out, low_out, dtype)
     assert_accurate("lse", lse, exact_lse, low_lse.to(torch.float32), torch.float32)
-    summed = {3: math.sqrt(out.shape[0] * out.shape[1] * out.shape[2] * k.shape[2] / mask.numel())} if len(leaves) > 3 else {}
+    # Gradients that sum many terms get the floor times sqrt(terms): dbias over its broadcast dims;
+    # in fp32, whose floor stands for accumulation-order noise, also dq over the keys and dk over the
+    # query rows of a group. (It shows where a row sees one key: dS = dP - delta is then rounding
+    # noise, summed over the rows into dk, while the fp32 reference's softmax backward gives 0.)
+    batch, heads_q, seqlen_q, seqlen_k = out.shape[0], out.shape[1], out.shape[2], k.shape[2]
+    summed = {}
+    if dtype == torch.float32:
+        summed = {0: math.sqrt(max(seqlen_k, 1)), 1: math.sqrt(max(seqlen_q * heads_q // k.shape[1], 1))}
+    if len(leaves) > 3:
+        summed[3] = math.sqrt(batch * heads_q * seqlen_q * seqlen_k / mask.numel())
     # The gradients of the scores (dq, dk, dbias) get a second unit of roundoff in 16-bit dtypes: the
     # backward's delta = rowsum(dO * O) reads the output as stored, rounded to the input dtype (as
     # every flash kernel's does), while the low-precision reference's softmax backward never reads O.
