@@ -52,6 +52,7 @@ def interpreter_problem() -> str | None:
                 f"NumPy {numpy.__version__} ({error}): use Triton >= 3.8, or NumPy < 2.4")
     return None if out.item() == 3 else f"Triton {triton.__version__}'s interpreter miscounts a loop"
 
+
 LOG2_E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN_2: tl.constexpr = tl.constexpr(0.6931471805599453)  # natural lse = base-2 lse * ln(2)
 _ROUNDS: tl.constexpr = tl.constexpr(PHILOX_ROUNDS)
