@@ -212,11 +212,11 @@ def test_16bit_biases_are_read_in_their_dtype(dtype, bias_shape):
     assert torch.equal(results[0][4].float(), results[1][4].to(dtype).float())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_nan_inputs_give_nan_rows(dtype):
     """A NaN in a query row makes that row's output NaN, and a NaN in a key row every row that
     sees it (with causal, the rows from its position on): never a finite answer from NaN input,
-    whichever products and exp (the AMX path's fast one included) the call takes."""
+    whichever products and exp (16-bit inputs' fast one included) the call takes."""
     q, k, v = random_qkv(1, 2, 2, 150, 150, 64, 64, dtype, "cpu")
     q[0, 1, 5, 3] = float("nan")
     k[0, 0, 100, 7] = float("nan")

@@ -136,7 +136,7 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
         float* s = st + j * BM;
         const float* dp = dpt + j * BM;
         for (int64_t c = 0; c < BM; c += kVec) {
-          const Vec prob = exp(Vec::loadu(s + c) - Vec::loadu(lse + c));
+          const Vec prob = probability_exp<T>(Vec::loadu(s + c) - Vec::loadu(lse + c));
           const Vec grad = score_grad(prob, Vec::loadu(dp + c), Vec::loadu(delta + c));
           qk_grad(grad, tanh ? tanh + j * BM + c : nullptr, scale).store(s + c);
         }
@@ -278,16 +278,13 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       if (p.variants.dropout) apply_dropout(p, {t.dp, BN, 1, b, h, q0, rows, k0, keys});
       // P = exp(S - lse), then dS, keys along columns. Columns past the block's end (zero
       // padding of K^T) hold junk that the products below never read (they stop at `keys`).
-      // On AMX tiles P and dS are rounded to bf16 (~4e-3) for the products: ATen's fexp_u20
-      // (~1e-4, and 0 at -inf) serves there, as in the forward, at 2/3 of exp's instructions.
       for (int64_t i = 0; i < rows; ++i) {
         const Vec lse_i(backward_lse(lse[i]));
         const Vec delta_i(delta[i]);
         float* si = t.s + i * BN;
         float* dpi = t.dp + i * BN;
         for (int64_t c = 0; c < BN; c += kVec) {
-          const Vec shifted = Vec::loadu(si + c) - lse_i;
-          const Vec prob = amx != nullptr ? shifted.fexp_u20() : exp(shifted);
+          const Vec prob = probability_exp<T>(Vec::loadu(si + c) - lse_i);
           prob.store(si + c);
           const Vec grad = score_grad(prob, Vec::loadu(dpi + c), delta_i);
           if (args.dbias.data != nullptr) grad.store(t.dbias + i * BN + c);

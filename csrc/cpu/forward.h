@@ -22,13 +22,15 @@ inline MaxStep max_step(Vec old_max, Vec block_max) {
   return {new_max, shift, exp(old_max - shift)};
 }
 
-// Online softmax over one key block, for the `cols` query columns of S^T (keys x cols):
+// Online softmax over one key block, for the `cols` query columns of S^T (keys x cols), of
+// inputs of type T (probability_exp):
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  l' = l exp(m - m') + sum_j p_j.
 // S^T is overwritten with P^T, and alpha = exp(m - m') is left for rescaling the accumulator.
 // A column with nothing visible yet keeps m = -inf (max_step). With a band (a tile the window cuts), each kVec columns
 // work only on the keys some of them may see, and set P = 0 on the rest (hidden: exp(-inf)).
-inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float* row_sum, float* alpha,
-                           const Band* band = nullptr) {
+template <typename T>
+void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float* row_sum, float* alpha,
+                    const Band* band = nullptr) {
   for (int64_t c = 0; c < cols; c += kVec) {
     int64_t lo = 0, hi = keys;
     if (band != nullptr) {
@@ -43,7 +45,7 @@ inline void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max
     const MaxStep step = max_step(Vec::loadu(row_max + c), block_max);
     Vec sum(0.f);
     for (int64_t j = lo; j < hi; ++j) {
-      const Vec prob = exp(Vec::loadu(st + j * cols + c) - step.shift);
+      const Vec prob = probability_exp<T>(Vec::loadu(st + j * cols + c) - step.shift);
       prob.store(st + j * cols + c);
       sum = sum + prob;
     }
@@ -304,9 +306,8 @@ class PackedKeys {
 // Online softmax over one key block for the rows of S (rows x ld, keys along rows; the AMX
 // path's orientation), scores mul * S: the same update as softmax_update, one query per row, keys
 // past `keys` (up to a whole pair of vectors) hidden. P goes to `rounded` in bf16 (same ld) when
-// it is given, else stays in S as fp32 (for dropout, which is applied before rounding). ATen's
-// fexp_u20 (relative error ~1e-4) serves: P is rounded to bf16 (~4e-3) either way. The per-row
-// state is updated kVec rows at a time (rows <= kBlockM).
+// it is given, else stays in S as fp32 (for dropout, which is applied before rounding). The
+// per-row state is updated kVec rows at a time (rows <= kBlockM).
 #if defined(CPU_CAPABILITY_AVX512)
 // The AMX path runs only on CPUs with AMX-BF16, all of which have AVX512-BF16: P is rounded with
 // vcvtne2ps2bf16, one instruction for 32 values.
@@ -339,8 +340,8 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
     const Vec row_shift(shift[i]);
     Vec sum(0.f);
     for (int64_t j = 0; j < padded; j += 2 * kVec) {
-      const Vec p0 = at::vec::fmsub(Vec::loadu(row + j), scale, row_shift).fexp_u20();
-      const Vec p1 = at::vec::fmsub(Vec::loadu(row + j + kVec), scale, row_shift).fexp_u20();
+      const Vec p0 = probability_exp<Bf16>(at::vec::fmsub(Vec::loadu(row + j), scale, row_shift));
+      const Vec p1 = probability_exp<Bf16>(at::vec::fmsub(Vec::loadu(row + j + kVec), scale, row_shift));
       sum = sum + p0 + p1;
       if (rounded != nullptr) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -485,7 +486,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
       cap_scores(p, st, keys * ld, 1.f, nullptr);
       for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
-      softmax_update(st, keys, ld, row_max, row_sum, alpha, edge ? &band : nullptr);
+      softmax_update<T>(st, keys, ld, row_max, row_sum, alpha, edge ? &band : nullptr);
       if (p.variants.dropout)
         for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g, k0, keys));
       // acc = alpha * acc + P V, with P read from P^T
