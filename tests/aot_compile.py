@@ -189,10 +189,6 @@ def compile_candidate(shape, tiles, mask_bytes, target):
                           contiguous=True)
 
 
-def _first_line(error: Exception) -> str:
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-
-
 def main(capability):
     target = GPUTarget("cuda", capability, 32)
     # ptxas reports its spills only when it runs, and only through a knob older Tritons lack
@@ -213,7 +209,7 @@ def main(capability):
         try:
             compiled = compile_candidate(shape, candidate, mask_bytes, target)
         except triton.errors.TritonError as error:  # go on: one run lists every candidate that fails
-            failures.append(f"sm_{capability} {shape.key} {candidate} does not compile: {_first_line(error)}")
+            failures.append(f"sm_{capability} {shape.key} {candidate} does not compile: {tuning.compile_error_summary(error)}")
             print(failures[-1], flush=True)
             continue
         bound = tuning.shared_memory_bytes(shape, candidate, capability // 10, mask_bytes)

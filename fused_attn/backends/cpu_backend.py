@@ -55,11 +55,10 @@ class CpuBackend(Backend):
             # Summed over the bias's broadcast dims inside the kernels: never (B, Hq, Lq, Lk) memory.
             # Summed terms need float32; a bias that broadcasts over no dim above size 1 gets one
             # term per element, written in its own dtype (no float32 copy of an L x L gradient).
-            shape = as_4d(extras.bias).shape
-            one_term = shape == native.scores_shape(q, k)
-            dbias = torch.zeros(shape, dtype=extras.bias.dtype if one_term else torch.float32, device=q.device)
+            shape, full = as_4d(extras.bias).shape, native.scores_shape(q, k)
+            dbias = torch.zeros(shape, dtype=extras.bias.dtype if shape == full else torch.float32, device=q.device)
         _ops().cpu_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *native.variant_args(q, k, extras, opts),
-                            None if dbias is None else dbias.expand(native.scores_shape(q, k)))
+                            None if dbias is None else dbias.expand(full))
         if dbias is not None:
             dbias = dbias.reshape(extras.bias.shape).to(extras.bias.dtype)
         return dq, dk, dv, dbias

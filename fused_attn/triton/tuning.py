@@ -285,6 +285,11 @@ def measure(run: Callable[[], object]) -> float:
     return triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
 
 
+def compile_error_summary(error: Exception) -> str:
+    """The first line of a compiler error (ptxas's message, say), or its type when it has none."""
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 def _tune(shape: ShapeClass, launch: Callable[[TileConfig], object], default: TileConfig,
           fits: Callable[[TileConfig], bool], major: int, tma: bool) -> Tuned:
     timings, failed = {}, {}
@@ -297,7 +302,7 @@ def _tune(shape: ShapeClass, launch: Callable[[TileConfig], object], default: Ti
             # that 3.9 compiles). A candidate is skipped; the default failing is the call's error.
             if tiles == default:
                 raise
-            failed[tiles] = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            failed[tiles] = compile_error_summary(error)
     best = min(timings, key=timings.get, default=default)
     if default in timings and timings[best] > (1 - MIN_GAIN) * timings[default]:
         best = default
