@@ -16,6 +16,9 @@ also gets the CUDA kernels of csrc/cuda/ (the `cuda` backend), compiled by nvcc 
 sm_90. fused_attn/_native_cuda.txt records why they were not built (empty when they were), and
 the backend reports it. FUSED_ATTN_CUDA=0 skips them; FUSED_ATTN_CUDA=1 makes their absence an error;
 FUSED_ATTN_CUDA_ARCHS (default "80 90") chooses the architectures.
+
+FUSED_ATTN_SANITIZE=address compiles the C++ with AddressSanitizer, for `make test-asan` (which
+builds such a copy in build/asan/ and runs the CPU kernels' tests with the sanitizer preloaded).
 """
 import os
 import platform
@@ -106,6 +109,11 @@ def native_extensions():
     else:  # compiled without the flags it provides no kernels, and the portable ones serve
         sources += list(ISA_SOURCES)
     cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi", "-Wno-unknown-pragmas"]
+    link_flags = ["-fopenmp"]
+    sanitizer = os.environ.get("FUSED_ATTN_SANITIZE")
+    if sanitizer:
+        cxx_flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g1"]
+        link_flags += [f"-fsanitize={sanitizer}"]
     reason = cuda_build_reason()
     _write_cuda_note(reason)
     if reason is None:
@@ -116,7 +124,7 @@ def native_extensions():
             depends=_headers(),
             define_macros=[("FUSED_ATTN_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags()},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     else:
         extension = CppExtension(
@@ -125,7 +133,7 @@ def native_extensions():
             include_dirs=[os.path.join(HERE, "csrc")],
             depends=_headers(),
             extra_compile_args=cxx_flags,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     extension.isa_sources = isa_sources
     return [extension]

@@ -2,9 +2,9 @@
 
 Without a GPU the Triton kernels run through Triton's interpreter, which must be switched on
 before the kernels are imported (FACTS.md). Every kernel output starts as NaN, so an element a
-kernel forgets to write fails the accuracy checks. Interpreted kernels are bounds-checked
-(interpreter_bounds.py): an access outside the tensors a kernel was given fails its test, as it
-could fault on the GPU.
+kernel forgets to write fails the accuracy checks. Interpreted kernels are bounds- and race-checked
+(interpreter_checks.py): an access outside the tensors a kernel was given, or one program of a
+launch touching what another writes, fails its test, as either could go wrong on the GPU.
 """
 import os
 from typing import NamedTuple
@@ -25,9 +25,9 @@ from fused_attn.options import AttentionOptions, AttentionTensors  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRETED:
-    import interpreter_bounds  # noqa: E402
+    import interpreter_checks  # noqa: E402
 
-    interpreter_bounds.install()
+    interpreter_checks.install()
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

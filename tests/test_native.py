@@ -227,6 +227,23 @@ def test_nan_inputs_give_nan_rows(dtype):
     assert out[0, 0, :100].isfinite().all() and out[0, 1, :5].isfinite().all()
 
 
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-any", "no-amx"])
+@pytest.mark.parametrize("seqlen_k", [1, 700], ids=["one-key", "many-keys"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_lse_is_float32_accurate(dtype, seqlen_k, amx, monkeypatch):
+    """The lse of 16-bit inputs is as accurate as float32 math on them: the probabilities' fast
+    exp (tile.h, exp_for_16bit) errs by < 4e-6 and is exact at a row's maximum, so a one-key row's
+    lse is its score. (ATen's fexp_u20 gave every such lse a bias of -5e-5, which the accuracy rule,
+    against the score rounded to 16 bits, caught only when that rounding happened to be small.)"""
+    monkeypatch.setenv("FUSED_ATTN_CPU_AMX", amx)
+    q, k, v = random_qkv(2, 4, 2, 130, seqlen_k, 64, 64, dtype, "cpu")
+    q = q * 2  # scores of a few units, as a trained model's
+    _, lse = fused_attn.attention(q, k, v, return_lse=True, backend="cpu")
+    scores = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) / 8
+    exact = scores.logsumexp(-1)
+    assert ((lse.double() - exact).abs() / exact.abs().clamp_min(1)).max() <= 1e-5
+
+
 @pytest.mark.parametrize("variants", [False, True], ids=["causal", "variants"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 300, 333), (2, 6, 2, 200, 150), (1, 4, 4, 129, 500)],
                          ids=["one-kv-head", "gqa", "mha"])

@@ -79,9 +79,14 @@ def load_emulated_ops():
     import torch
     from torch.utils.cpp_extension import load
 
+    global BUILD_DIR
+    flags, ldflags = FLAGS, []
+    if os.environ.get("FUSED_ATTN_EMULATOR_ASAN") == "1":
+        BUILD_DIR += "_asan"
+        flags, ldflags = FLAGS + ["-fsanitize=address", "-fno-omit-frame-pointer", "-g1"], ["-fsanitize=address"]
     os.makedirs(BUILD_DIR, exist_ok=True)
     _remove_stale_lock()
-    load(name=NAME, sources=_sources(), extra_cflags=FLAGS,
+    load(name=NAME, sources=_sources(), extra_cflags=flags, extra_ldflags=ldflags,
          extra_include_paths=[CSRC, os.path.join(CSRC, "cuda"), HERE], build_directory=BUILD_DIR,
          is_python_module=False, verbose=False)
     return torch.ops.fused_attn_emulated
