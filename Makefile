@@ -1,9 +1,10 @@
 # fused_attn — build, test and benchmark entry points.
 #
 #   make test                  set up the environment, then python -m pytest tests $(PYTEST_ARGS),
-#                              then make test-asan
-#   make test-asan             the C++ kernels' tests again under AddressSanitizer (tests/run_asan.sh:
-#                              the cpu backend's, and the cuda backend's on its CPU emulator)
+#                              then make test-sanitized
+#   make test-sanitized        the C++ kernels' tests again under AddressSanitizer and UBSan
+#                              (tests/run_sanitized.sh: the cpu backend's, and the cuda backend's on
+#                              its CPU emulator)
 #   make bench                 set up the environment, then python -m benchmarks.bench $(ARGS)
 #                              (every suite: speed, memory, masked, decode, varlen; ARGS="--suite memory")
 #   make bench-regression      pytest-benchmark timings: python -m pytest benchmarks/test_regression.py
@@ -81,15 +82,15 @@ ifneq ($(ENV_KIND),venv)
   export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 endif
 
-.PHONY: test test-asan bench env info clean distclean
+.PHONY: test test-sanitized bench env info clean distclean
 
 test: env
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory test-asan
+	$(MAKE) --no-print-directory test-sanitized
 
 # Its own pytest arguments: PYTEST_ARGS may select tests, and this run chooses its own.
-test-asan: env
-	bash tests/run_asan.sh $(PYTHON) -q
+test-sanitized: env
+	bash tests/run_sanitized.sh $(PYTHON) -q
 
 bench: env
 	$(PYTHON) -m benchmarks.bench $(ARGS)

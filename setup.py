@@ -17,8 +17,9 @@ sm_90. fused_attn/_native_cuda.txt records why they were not built (empty when t
 the backend reports it. FUSED_ATTN_CUDA=0 skips them; FUSED_ATTN_CUDA=1 makes their absence an error;
 FUSED_ATTN_CUDA_ARCHS (default "80 90") chooses the architectures.
 
-FUSED_ATTN_SANITIZE=address compiles the C++ with AddressSanitizer, for `make test-asan` (which
-builds such a copy in build/asan/ and runs the CPU kernels' tests with the sanitizer preloaded).
+FUSED_ATTN_SANITIZE=address,undefined compiles the C++ with those sanitizers (any error fatal), for
+`make test-sanitized`, which builds such a copy in build/sanitized/ and runs the C++ kernels'
+tests there (tests/run_sanitized.sh).
 """
 import os
 import platform
@@ -112,7 +113,7 @@ def native_extensions():
     link_flags = ["-fopenmp"]
     sanitizer = os.environ.get("FUSED_ATTN_SANITIZE")
     if sanitizer:
-        cxx_flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g1"]
+        cxx_flags += [f"-fsanitize={sanitizer}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]
         link_flags += [f"-fsanitize={sanitizer}"]
     reason = cuda_build_reason()
     _write_cuda_note(reason)

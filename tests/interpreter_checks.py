@@ -13,8 +13,8 @@ the programs. conftest.py installs it for every test when the kernels are interp
 A tensor argument's bounds are its own elements (storage offset to its last element by its
 strides), not its whole storage: a view's neighbours in the storage belong to someone else.
 Atomic updates by several programs are no race, but a plain access to what another program
-updates atomically is. Tensor-descriptor (TMA) loads clip to their descriptor's shape themselves
-and are not checked.
+updates atomically is. Tensor-descriptor (TMA) loads are checked where the interpreter turns them
+into masked loads (Triton 3.9 does).
 """
 import numpy as np
 import torch
@@ -126,6 +126,8 @@ def _extent(t):
 def _tensors(value, name):
     if isinstance(value, torch.Tensor):
         yield name, value
+    elif isinstance(getattr(value, "base", None), torch.Tensor):  # a tensor descriptor (TMA)
+        yield name, value.base
     elif isinstance(value, (tuple, list)):
         for i, item in enumerate(value):
             yield from _tensors(item, f"{name}[{i}]")
@@ -166,10 +168,10 @@ def _checked_grid_idx(original):
 
 
 def _checked(original, kind, ptr_at, mask_at):
-    def method(self, *args):
+    def method(self, *args, **kwargs):
         if _launches:
             _launches[-1].access(kind, args[ptr_at], None if mask_at is None else args[mask_at])
-        return original(self, *args)
+        return original(self, *args, **kwargs)
     return method
 
 

@@ -229,12 +229,13 @@ def test_nan_inputs_give_nan_rows(dtype):
 
 @pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-any", "no-amx"])
 @pytest.mark.parametrize("seqlen_k", [1, 700], ids=["one-key", "many-keys"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_16bit_lse_is_float32_accurate(dtype, seqlen_k, amx, monkeypatch):
-    """The lse of 16-bit inputs is as accurate as float32 math on them: the probabilities' fast
-    exp (tile.h, exp_for_16bit) errs by < 4e-6 and is exact at a row's maximum, so a one-key row's
-    lse is its score. (ATen's fexp_u20 gave every such lse a bias of -5e-5, which the accuracy rule,
-    against the score rounded to 16 bits, caught only when that rounding happened to be small.)"""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lse_is_float32_accurate(dtype, seqlen_k, amx, monkeypatch):
+    """The lse is as accurate as float32 math on the inputs: the probabilities' fast exp (tile.h,
+    exp_by_powers_of_two) errs by < 4e-6 for 16-bit inputs and is exact at a row's maximum, so a
+    one-key row's lse is its score. (ATen's fexp_u20 gave every 16-bit lse a bias of -5e-5, which the
+    accuracy rule, against the score rounded to 16 bits, caught only when that rounding happened to
+    be small.)"""
     monkeypatch.setenv("FUSED_ATTN_CPU_AMX", amx)
     q, k, v = random_qkv(2, 4, 2, 130, seqlen_k, 64, 64, dtype, "cpu")
     q = q * 2  # scores of a few units, as a trained model's

@@ -349,32 +349,38 @@ inline Vec exp(Vec x) {
   return Vec::blendv(result, Vec(0.f), underflow);
 }
 
-// exp(x) for the probabilities of 16-bit inputs, x <= 0 (shifted scores; above 88 the result is
-// garbage): 2^t with t = x log2(e), n = round(t), 2^(t - n) by a degree-4 polynomial on [-1/2, 1/2]
-// fitted for relative error (3.8e-6 at most, through the rounding of t), exact at 0, and 2^n built
-// in the exponent bits. t is clamped at -127, where 2^n's bits are 0: exp(-inf) = 0, NaN stays NaN.
-// 11 instructions to exp's 19. Exact at 0 matters: a row's maximum gives P = 1, so the lse of a
-// row that one key dominates is its score (ATen's fexp_u20, with ~1e-4 error and fexp(0) =
-// 1 - 5e-5, put that bias into every fp16/bf16 lse).
-inline Vec exp_for_16bit(Vec x) {
+// exp(x) for x <= 88 by 2^t, t = x log2(e) clamped at -127: n = round(t), 2^(t - n) by a
+// polynomial of degree kDegree on [-1/2, 1/2] fitted for relative error, 1 + f (c1 + ...) so
+// exact at 0, and 2^n built in the exponent bits, which are 0 at n = -127: exp(-inf) = 0, NaN stays
+// NaN, and above 88 the result is garbage. Relative error, through the rounding of t: degree 4
+// < 3.8e-6, degree 6 ~1 ulp where the probabilities that matter lie (x within a few units of 0).
+// Degree 4 takes 11 instructions and degree 6 13, to exp's 19 (whose range reduction keeps 1 ulp
+// at any x).
+template <int kDegree>
+inline Vec exp_by_powers_of_two(Vec x) {
+  static_assert(kDegree == 4 || kDegree == 6, "coefficients are fitted for degrees 4 and 6");
+  constexpr float c4[] = {6.931241750717163e-1f, 2.4024099111557007e-1f, 5.590633675456047e-2f,
+                          9.5828203484416e-3f};
+  constexpr float c6[] = {6.931471824645996e-1f, 2.4022647738456726e-1f, 5.5503323674201965e-2f,
+                          9.61843691766262e-3f, 1.339887036010623e-3f, 1.535334886284545e-4f};
+  const float* c = kDegree == 4 ? c4 : c6;
   const Vec t = at::vec::clamp_min(x * Vec(1.44269504088896341f), Vec(-127.f));  // NaN passes
   const Vec n = t.round();
   const Vec f = t - n;
-  Vec p(9.5828203484416e-3f);
-  p = at::vec::fmadd(p, f, Vec(5.590633675456047e-2f));
-  p = at::vec::fmadd(p, f, Vec(2.4024099111557007e-1f));
-  p = at::vec::fmadd(p, f, Vec(6.931241750717163e-1f));
+  Vec p(c[kDegree - 1]);
+  for (int i = kDegree - 2; i >= 0; --i) p = at::vec::fmadd(p, f, Vec(c[i]));
   p = at::vec::fmadd(p, f, Vec(1.f));
   const auto bits = (at::vec::convert_to_int_of_same_size(n) + at::vec::Vectorized<int32_t>(127))
                     << at::vec::Vectorized<int32_t>(23);
   return p * at::vec::cast<float>(bits);
 }
 
-// exp of the shifted scores, for the probabilities of inputs of type T: for 16-bit inputs
-// exp_for_16bit, whose error is far below the inputs' rounding (and P is rounded to bf16 for the
-// AMX products anyway); fp32 keeps exp.
+// exp of the shifted scores (<= 0), for the probabilities of inputs of type T. Exact at 0 matters:
+// a row's maximum gives P = 1, so the lse of a row that one key dominates is its score. fp32 takes
+// ~1 ulp; 16-bit inputs < 4e-6, far below their rounding (and the AMX products round P to bf16).
+// (ATen's fexp_u20, used for 16-bit inputs before, was as fast but ~1e-4 off, and 1 - 5e-5 at 0:
+// a bias every fp16/bf16 lse carried.)
 template <typename T>
 inline Vec probability_exp(Vec x) {
-  if constexpr (std::is_same_v<T, float>) return exp(x);
-  return exp_for_16bit(x);
+  return exp_by_powers_of_two<std::is_same_v<T, float> ? 6 : 4>(x);
 }

@@ -81,9 +81,11 @@ def load_emulated_ops():
 
     global BUILD_DIR
     flags, ldflags = FLAGS, []
-    if os.environ.get("FUSED_ATTN_EMULATOR_ASAN") == "1":
-        BUILD_DIR += "_asan"
-        flags, ldflags = FLAGS + ["-fsanitize=address", "-fno-omit-frame-pointer", "-g1"], ["-fsanitize=address"]
+    if os.environ.get("FUSED_ATTN_EMULATOR_SANITIZE") == "1":  # tests/run_sanitized.sh
+        BUILD_DIR += "_sanitized"
+        sanitize = "-fsanitize=address,undefined"
+        flags = FLAGS + [sanitize, "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]
+        ldflags = [sanitize]
     os.makedirs(BUILD_DIR, exist_ok=True)
     _remove_stale_lock()
     load(name=NAME, sources=_sources(), extra_cflags=flags, extra_ldflags=ldflags,

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The C++ kernels' tests again, under AddressSanitizer: `make test` runs this after the suite.
+# The C++ kernels' tests again, under AddressSanitizer and UndefinedBehaviorSanitizer: `make test`
+# runs this after the suite (`make test-sanitized`).
 #
 # Natively run C++ that reads past a tensor's end (one row too many, a vector load past the last
 # element) rarely crashes and often passes the accuracy checks; with ASan it fails at once and the
-# report names the line. This builds a sanitized copy of the package in build/asan/tree (the CPU
-# extension with FUSED_ATTN_SANITIZE=address, the CUDA kernels' emulator with
-# FUSED_ATTN_EMULATOR_ASAN=1), then runs there, with the sanitizer preloaded into Python:
+# report names the line. UBSan adds misaligned accesses, bad shifts and fixed-size array bounds.
+# This builds a sanitized copy of the package in build/sanitized/tree (the CPU extension with
+# FUSED_ATTN_SANITIZE=address,undefined, the CUDA kernels' emulator with
+# FUSED_ATTN_EMULATOR_SANITIZE=1), then runs there, with the sanitizer preloaded into Python:
 #   - the `cpu` backend's tests, once per CPU kernel set this CPU runs (AVX-512 with and without
 #     the AMX products, AVX2, portable);
 #   - the `cuda` backend's tests on the emulator (tests/cuda_emulator/).
-# Usage: tests/run_asan.sh PYTHON [pytest args]
+# Usage: tests/run_sanitized.sh PYTHON [pytest args]
 set -euo pipefail
 PYTHON=$1
 shift
@@ -18,8 +20,8 @@ if [[ $PYTHON == */* ]]; then  # the runs below change directory
 fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
-TREE=$ROOT/build/asan/tree
-LOGS=$ROOT/build/asan/logs
+TREE=$ROOT/build/sanitized/tree
+LOGS=$ROOT/build/sanitized/logs
 
 # Python is not linked against the sanitizer, so its runtime must be loaded first, and libstdc++
 # with it (ASan's __cxa_throw interceptor fails on a C++ exception otherwise).
@@ -35,7 +37,7 @@ mkdir -p "$TREE" "$LOGS"
 tar cf - --exclude='*.so' --exclude=__pycache__ setup.py pyproject.toml README.md fused_attn csrc tests |
     tar xf - -C "$TREE"
 echo "building the sanitized extension in $TREE"
-(cd "$TREE" && FUSED_ATTN_SANITIZE=address FUSED_ATTN_CUDA=0 "$PYTHON" setup.py -q build_ext --inplace \
+(cd "$TREE" && FUSED_ATTN_SANITIZE=address,undefined FUSED_ATTN_CUDA=0 "$PYTHON" setup.py -q build_ext --inplace \
     > "$LOGS/build.log" 2>&1) || { tail -30 "$LOGS/build.log"; exit 1; }
 
 status=0
@@ -43,10 +45,11 @@ run() {  # a label, then environment assignments and pytest arguments
     local label=$1
     shift
     rm -f "$LOGS/$label".*
-    echo "AddressSanitizer: $label"
+    echo "sanitized: $label"
     # log_path: pytest captures file descriptor 2, and a report written there would be lost.
     # No GPU in sight: the tests then run the C++ on CPU tensors, as in CI.
-    if ! (cd "$TREE" && env ASAN_OPTIONS="detect_leaks=0:log_path=$LOGS/$label" CUDA_VISIBLE_DEVICES= \
+    if ! (cd "$TREE" && env ASAN_OPTIONS="detect_leaks=0:log_path=$LOGS/$label" \
+            UBSAN_OPTIONS="print_stacktrace=1:log_path=$LOGS/$label" CUDA_VISIBLE_DEVICES= \
             LD_PRELOAD="$ASAN_RUNTIME $STDCXX" "$@"); then
         grep -hv "ASan doesn't fully support makecontext" "$LOGS/$label".* 2>/dev/null || true
         status=1
@@ -68,7 +71,7 @@ for set in "${kernel_sets[@]}"; do
     run "cpu-$set" FUSED_ATTN_CPU_ISA="$isa" FUSED_ATTN_CPU_AMX="$amx" "${PYTEST[@]}" "${CPU_TESTS[@]}"
 done
 # (less the check of how this build says it has no CUDA kernels: FUSED_ATTN_CUDA=0 above)
-run cuda-emulated FUSED_ATTN_EMULATOR_ASAN=1 "${PYTEST[@]}" tests/test_cuda_emulated.py \
+run cuda-emulated FUSED_ATTN_EMULATOR_SANITIZE=1 "${PYTEST[@]}" tests/test_cuda_emulated.py \
     tests/test_cuda_emulated_backward.py tests/test_cuda_emulator.py \
     --deselect tests/test_cuda_emulated.py::test_real_backend_says_why_it_is_unavailable
 exit $status
