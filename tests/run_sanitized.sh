@@ -47,8 +47,9 @@ run() {  # a label, then environment assignments and pytest arguments
     rm -f "$LOGS/$label".*
     echo "sanitized: $label"
     # log_path: pytest captures file descriptor 2, and a report written there would be lost.
-    # No GPU in sight: the tests then run the C++ on CPU tensors, as in CI.
-    if ! (cd "$TREE" && env ASAN_OPTIONS="detect_leaks=0:log_path=$LOGS/$label" \
+    # No GPU in sight: the tests then run the C++ on CPU tensors, as in CI. (protect_shadow_gap=0:
+    # a CUDA build of torch may map memory where ASan would otherwise reserve it.)
+    if ! (cd "$TREE" && env ASAN_OPTIONS="detect_leaks=0:protect_shadow_gap=0:log_path=$LOGS/$label" \
             UBSAN_OPTIONS="print_stacktrace=1:log_path=$LOGS/$label" CUDA_VISIBLE_DEVICES= \
             LD_PRELOAD="$ASAN_RUNTIME $STDCXX" "$@"); then
         grep -hv "ASan doesn't fully support makecontext" "$LOGS/$label".* 2>/dev/null || true
@@ -58,7 +59,7 @@ run() {  # a label, then environment assignments and pytest arguments
 PYTEST=("$PYTHON" -m pytest -p no:cacheprovider "$@")
 CPU_TESTS=(tests/test_native.py tests/test_accuracy.py tests/test_variants.py tests/test_varlen.py
            tests/test_kvcache.py tests/test_random_configs.py tests/test_semantics.py -k "cpu or native")
-ISA=$(cd "$TREE" && LD_PRELOAD="$ASAN_RUNTIME $STDCXX" ASAN_OPTIONS=detect_leaks=0 "$PYTHON" -c \
+ISA=$(cd "$TREE" && LD_PRELOAD="$ASAN_RUNTIME $STDCXX" ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0 CUDA_VISIBLE_DEVICES= "$PYTHON" -c \
       "from fused_attn.backends import cpu_backend; print(cpu_backend.active_isa())")
 case $ISA in
     avx512) kernel_sets=(avx512 avx512-no-amx avx2 portable) ;;
