@@ -29,7 +29,8 @@ class Race(AssertionError):
     pass
 
 
-READ, WRITE, ATOMIC = 0, 1, 2
+LOAD, STORE, ATOMIC = 0, 1, 2  # ordered: an address's largest kind >= STORE means it is written
+KINDS = ("load", "store", "atomic update")
 
 
 class _Launch:
@@ -71,7 +72,7 @@ class _Launch:
         if not inside.all():
             bad = addresses[~inside]
             raise OutOfBounds(
-                f"{self.kernel}: {('load', 'store', 'atomic update')[kind]} of {bad.size} element(s) outside "
+                f"{self.kernel}: {KINDS[kind]} of {bad.size} element(s) outside "
                 f"every tensor argument, first at {int(bad[0]):#x}, by program {self._program_name(self.program)}; "
                 f"{self._nearest(int(bad[0]))}")
         self.touched.append((addresses, self.program, kind))
@@ -88,18 +89,16 @@ class _Launch:
         addresses, programs, kinds = addresses[order], programs[order], kinds[order]
         starts = np.flatnonzero(np.r_[True, addresses[1:] != addresses[:-1]])
         shared = np.minimum.reduceat(programs, starts) != np.maximum.reduceat(programs, starts)
-        written = np.maximum.reduceat(kinds, starts) >= WRITE
+        written = np.maximum.reduceat(kinds, starts) >= STORE
         only_atomic = np.minimum.reduceat(kinds, starts) == ATOMIC
-        racy = shared & written & ~only_atomic
-        if racy.any():
-            first = starts[np.flatnonzero(racy)[0]]
-            end = starts[np.flatnonzero(racy)[0] + 1] if np.flatnonzero(racy)[0] + 1 < starts.size else addresses.size
+        racy = np.flatnonzero(shared & written & ~only_atomic)
+        if racy.size:
+            first, end = np.r_[starts, addresses.size][[racy[0], racy[0] + 1]]
             address = int(addresses[first])
-            who = sorted({(self._program_name(int(p)), ("read", "write", "atomic update")[int(k)])
-                          for p, k in zip(programs[first:end], kinds[first:end])})
-            raise Race(f"{self.kernel}: {int(racy.sum())} address(es) that one program writes and another "
+            who = sorted({(self._program_name(int(p)), KINDS[k]) for p, k in zip(programs[first:end], kinds[first:end])})
+            raise Race(f"{self.kernel}: {racy.size} address(es) that one program writes and another "
                        f"accesses in the same launch, first {address:#x} in {self._owner(address)}: "
-                       + ", ".join(f"program {p} {k}s" for p, k in who[:4]))
+                       + ", ".join(f"program {p} {k}" for p, k in who[:4]))
 
     def _program_name(self, program):
         gx, gy, _ = self.grid
@@ -183,8 +182,8 @@ def install():
     executor._init_args_hst = _checked_init_args(executor._init_args_hst)
     executor.__call__ = _checked_call(executor.__call__)
     builder.set_grid_idx = _checked_grid_idx(builder.set_grid_idx)
-    builder.create_masked_load = _checked(builder.create_masked_load, READ, 0, 1)
-    builder.create_masked_store = _checked(builder.create_masked_store, WRITE, 0, 2)
+    builder.create_masked_load = _checked(builder.create_masked_load, LOAD, 0, 1)
+    builder.create_masked_store = _checked(builder.create_masked_store, STORE, 0, 2)
     builder.create_atomic_rmw = _checked(builder.create_atomic_rmw, ATOMIC, 1, 3)
     builder.create_atomic_cas = _checked(builder.create_atomic_cas, ATOMIC, 0, None)
     executor._checked = True

@@ -5,9 +5,9 @@
 # Natively run C++ that reads past a tensor's end (one row too many, a vector load past the last
 # element) rarely crashes and often passes the accuracy checks; with ASan it fails at once and the
 # report names the line. UBSan adds misaligned accesses, bad shifts and fixed-size array bounds.
-# This builds a sanitized copy of the package in build/sanitized/tree (the CPU extension with
-# FUSED_ATTN_SANITIZE=address,undefined, the CUDA kernels' emulator with
-# FUSED_ATTN_EMULATOR_SANITIZE=1), then runs there, with the sanitizer preloaded into Python:
+# This builds a sanitized copy of the package in build/sanitized/tree (FUSED_ATTN_SANITIZE=
+# address,undefined: setup.py's CPU extension, and the CUDA kernels' emulator when its tests
+# build it), then runs there, with the sanitizer preloaded into Python:
 #   - the `cpu` backend's tests, once per CPU kernel set this CPU runs (AVX-512 with and without
 #     the AMX products, AVX2, portable);
 #   - the `cuda` backend's tests on the emulator (tests/cuda_emulator/).
@@ -37,7 +37,8 @@ mkdir -p "$TREE" "$LOGS"
 tar cf - --exclude='*.so' --exclude=__pycache__ setup.py pyproject.toml README.md fused_attn csrc tests |
     tar xf - -C "$TREE"
 echo "building the sanitized extension in $TREE"
-(cd "$TREE" && FUSED_ATTN_SANITIZE=address,undefined FUSED_ATTN_CUDA=0 "$PYTHON" setup.py -q build_ext --inplace \
+export FUSED_ATTN_SANITIZE=address,undefined
+(cd "$TREE" && FUSED_ATTN_CUDA=0 "$PYTHON" setup.py -q build_ext --inplace \
     > "$LOGS/build.log" 2>&1) || { tail -30 "$LOGS/build.log"; exit 1; }
 
 status=0
@@ -72,7 +73,7 @@ for set in "${kernel_sets[@]}"; do
     run "cpu-$set" FUSED_ATTN_CPU_ISA="$isa" FUSED_ATTN_CPU_AMX="$amx" "${PYTEST[@]}" "${CPU_TESTS[@]}"
 done
 # (less the check of how this build says it has no CUDA kernels: FUSED_ATTN_CUDA=0 above)
-run cuda-emulated FUSED_ATTN_EMULATOR_SANITIZE=1 "${PYTEST[@]}" tests/test_cuda_emulated.py \
+run cuda-emulated "${PYTEST[@]}" tests/test_cuda_emulated.py \
     tests/test_cuda_emulated_backward.py tests/test_cuda_emulator.py \
     --deselect tests/test_cuda_emulated.py::test_real_backend_says_why_it_is_unavailable
 exit $status

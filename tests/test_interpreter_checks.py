@@ -78,14 +78,14 @@ def test_programs_on_their_own_elements_pass():
 def test_overlapping_writes_race():
     # programs p and p + 1 overlap on 6 elements: dst[2:14] is written twice (src is only read)
     with pytest.raises(Exception, match=r"_scale_rows: 12 address\(es\) that one program writes and another "
-                                        r"accesses.*in dst: program \(0, 0, 0\) writes, program \(1, 0, 0\) writes"):
+                                        r"accesses.*in dst: program \(0, 0, 0\) store, program \(1, 0, 0\) store"):
         _scale_rows[(5,)](torch.randn(40), torch.empty(40), 40, STEP=2, READ_BACK=False, BLOCK=8)
 
 
 def test_reading_another_programs_output_races():
     # each program but the last reads the first element of the next one's
-    with pytest.raises(Exception, match=r"_scale_rows: 4 address\(es\).*in dst: program \(0, 0, 0\) reads, "
-                                        r".*program \(1, 0, 0\) writes"):
+    with pytest.raises(Exception, match=r"_scale_rows: 4 address\(es\).*in dst: program \(0, 0, 0\) load, "
+                                        r".*program \(1, 0, 0\) store"):
         _scale_rows[(5,)](torch.randn(40), torch.empty(40), 40, STEP=8, READ_BACK=True, BLOCK=8)
 
 

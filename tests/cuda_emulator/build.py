@@ -17,7 +17,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(REPO, "csrc")
-BUILD_DIR = os.path.join(REPO, "build", "cuda_emulator")
+# FUSED_ATTN_SANITIZE=address,undefined (as setup.py reads it; tests/run_sanitized.sh sets it)
+# builds with those sanitizers, any error fatal, in a directory of its own.
+SANITIZE = os.environ.get("FUSED_ATTN_SANITIZE")
+BUILD_DIR = os.path.join(REPO, "build", "cuda_emulator" + ("_sanitized" if SANITIZE else ""))
 NAME = "fused_attn_emulated"
 FLAGS = ["-O2", "-DFUSED_ATTN_WITH_CUDA", "-DFUSED_ATTN_EMULATOR", "-Wall", "-Wno-unused-function",
          "-Wno-missing-field-initializers", "-Wno-unknown-pragmas"]
@@ -79,13 +82,10 @@ def load_emulated_ops():
     import torch
     from torch.utils.cpp_extension import load
 
-    global BUILD_DIR
     flags, ldflags = FLAGS, []
-    if os.environ.get("FUSED_ATTN_EMULATOR_SANITIZE") == "1":  # tests/run_sanitized.sh
-        BUILD_DIR += "_sanitized"
-        sanitize = "-fsanitize=address,undefined"
-        flags = FLAGS + [sanitize, "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]
-        ldflags = [sanitize]
+    if SANITIZE:
+        flags = FLAGS + [f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]
+        ldflags = [f"-fsanitize={SANITIZE}"]
     os.makedirs(BUILD_DIR, exist_ok=True)
     _remove_stale_lock()
     load(name=NAME, sources=_sources(), extra_cflags=flags, extra_ldflags=ldflags,
