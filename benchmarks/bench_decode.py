@@ -11,6 +11,8 @@ Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
     fused_attn paged      the same data in a paged cache (pages of 256, shuffled across the pool)
     fused_attn op only    the backend's kernel call on the contiguous cache, without the Python
                           checks and the backend choice (private API, Backend.kvcache_forward)
+    fused_attn step       a whole decoding step: the cache holds L - 1 tokens, and the call writes
+                          the new token's k and v (k=, v=) at position L - 1 and attends to all L
     fused_attn reference  (CPU only) the public call on the reference backend, sequence by sequence
     fused_attn cuda       (CUDA, where the extension has the CUDA kernels) the contiguous call on
                           the cuda backend, the fallback for GPUs without Triton
@@ -18,6 +20,8 @@ Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
                           cache, enable_gqa=True, torch's backend choice
     sdpa grouped          torch SDPA with the 4 query heads of a group as 4 query rows:
                           q (B, 8, 4, D) vs k/v (B, 8, L, D), exact for Lq=1, no copies
+    sdpa grouped step     the step with torch alone: the new k and v assigned to the caches'
+                          position L - 1 (two indexed writes), then sdpa grouped
 Bandwidth = bytes of K and V read (2*B*L*Hkv*D*elem) / median time; "% copy" relates it to the
 device-to-device copy bandwidth measured at the start ((bytes read + written) / time of a 1 GiB copy).
 Caches rotate among random sets, one rotation shared by all providers: 3 on GPUs (do_bench also
@@ -63,7 +67,11 @@ def make_set(B, L, Hkv, Hq, D, dtype, device, g):
     vc = common.rand((B, L, Hkv, D), device, dtype)
     q = common.rand((B, 1, Hq, D), device, dtype)
     kp, vp, table = common.paged_copy(kc, vc, PAGE, g)
-    return {"q": q, "kc": kc, "vc": vc, "kp": kp, "vp": vp, "table": table}
+    # A decoding step's new token, written at position L - 1 by the "step" rows: the values already
+    # there, so that the caches every provider reads stay as they are.
+    new = {"k_new": kc[:, -1:].clone(), "v_new": vc[:, -1:].clone(),
+           "cached": torch.full((B,), L - 1, dtype=torch.int32, device=device)}
+    return {"q": q, "kc": kc, "vc": vc, "kp": kp, "vp": vp, "table": table, **new}
 
 
 def providers(on_cuda: bool, Hkv: int, Hq: int):
@@ -91,18 +99,27 @@ def providers(on_cuda: bool, Hkv: int, Hq: int):
         out = F.scaled_dot_product_attention(q, s["kc"].transpose(1, 2), s["vc"].transpose(1, 2))
         return out.reshape(B, 1, Hq, D)
 
+    def step(s, seqlens):
+        return fused_attn.attention_with_kvcache(s["q"], s["kc"], s["vc"], s["cached"], k=s["k_new"], v=s["v_new"])
+
+    def sdpa_grouped_step(s, seqlens):
+        s["kc"][:, -1:] = s["k_new"]
+        s["vc"][:, -1:] = s["v_new"]
+        return sdpa_grouped(s, seqlens)
+
     def cuda_contig(s, seqlens):
         return fused_attn.attention_with_kvcache(s["q"], s["kc"], s["vc"], seqlens, backend="cuda")
 
     def reference(s, seqlens):
         return fused_attn.attention_with_kvcache(s["q"], s["kc"], s["vc"], seqlens, backend="reference")
 
-    provs = {"fused_attn contig": contig, "fused_attn paged": paged, "fused_attn op only": op_only}
+    provs = {"fused_attn contig": contig, "fused_attn paged": paged, "fused_attn op only": op_only,
+             "fused_attn step": step}
     if not on_cuda:
         provs["fused_attn reference"] = reference
     elif "cuda" in fused_attn.available_backends():
         provs["fused_attn cuda"] = cuda_contig
-    return {**provs, "sdpa gqa": sdpa_gqa, "sdpa grouped": sdpa_grouped}
+    return {**provs, "sdpa gqa": sdpa_gqa, "sdpa grouped": sdpa_grouped, "sdpa grouped step": sdpa_grouped_step}
 
 
 def make_steps(provs, sets, seqlens):
@@ -203,10 +220,13 @@ def main(argv=None) -> int:
 
     key = {(r["B"], r["L"], r["provider"]): r for r in rows}
     for r in rows:
+        # A step (write + attend) is compared with the SDPA step only.
+        step = r["provider"].endswith(" step")
         s = key.get((r["B"], r["L"], "sdpa gqa"))
-        if r.get("ms") and s and s.get("ms"):
+        if r.get("ms") and s and s.get("ms") and not step:
             r["vs_sdpa"] = s["ms"] / r["ms"]
-        best = [x["ms"] for n in ("sdpa gqa", "sdpa grouped") if (x := key.get((r["B"], r["L"], n))) and x.get("ms")]
+        peers = ("sdpa grouped step",) if step else ("sdpa gqa", "sdpa grouped")
+        best = [x["ms"] for n in peers if (x := key.get((r["B"], r["L"], n))) and x.get("ms")]
         if r.get("ms") and best:
             r["vs_best_sdpa"] = min(best) / r["ms"]
 
@@ -218,6 +238,7 @@ def main(argv=None) -> int:
     body = [f"Hq={Hq}, Hkv={Hkv}, D={D}, {common.dtype_name(dtype)}, Lq=1, full caches, page {PAGE}. "
             f"Device copy bandwidth (read + write): {common.fmt(copy_gbs, '.0f')} GB/s. "
             "K/V GB/s = 2*B*L*Hkv*D*elem / time. vs sdpa: SDPA time / row time (>1: faster). "
+            "vs best sdpa: the faster SDPA row's time / row time; for the step rows, sdpa grouped step's. "
             "max|diff|: output vs sdpa gqa.", ""]
     body += common.markdown_table(rows, cols)
 

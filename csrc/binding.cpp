@@ -406,13 +406,41 @@ void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const
   }
 }
 
-// Decoding: q (B, Lq, Hq, D) against the first seqlens_k[b] keys of a contiguous cache
+// A decoding step's new keys or values, rows (B, Lnew, Hkv, D), written into the cache in place at
+// positions seqlens_k[b] .. seqlens_k[b] + Lnew - 1 of each sequence (through the page table of a
+// paged cache, whose pages were checked). Elements are copied as bits: the dtypes match.
+template <typename Bits>
+void copy_new_rows(const Tensor& cache, const Tensor& rows, const int32_t* seqlens, const cpu::Pages& pages) {
+  const int64_t B = rows.size(0), Lnew = rows.size(1), H = rows.size(2), D = rows.size(3), page_size = cache.size(1);
+  const Bits* src = static_cast<const Bits*>(rows.data_ptr());
+  Bits* dst = static_cast<Bits*>(cache.data_ptr());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < Lnew; ++i) {
+      const int64_t position = seqlens[b] + i;
+      const int64_t page = pages.table != nullptr ? pages.table[b * pages.table_stride + position / page_size] : b;
+      Bits* to = dst + page * cache.stride(0) + position % page_size * cache.stride(1);
+      const Bits* from = src + b * rows.stride(0) + i * rows.stride(1);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; ++d) to[h * cache.stride(2) + d * cache.stride(3)] = from[h * rows.stride(2) + d * rows.stride(3)];
+    }
+}
+
+void append_rows(const Tensor& cache, const Tensor& rows, const Tensor& seqlens, const cpu::Pages& pages) {
+  const int32_t* lengths = seqlens.data_ptr<int32_t>();
+  if (cache.element_size() == 2) return copy_new_rows<uint16_t>(cache, rows, lengths, pages);
+  copy_new_rows<uint32_t>(cache, rows, lengths, pages);
+}
+
+// Decoding: q (B, Lq, Hq, D) against the first seqlens_k[b] + Lnew keys of a contiguous cache
 // (B, capacity, Hkv, D) or, with block_table (B, max_pages) int32, of a paged one
-// (pages, page_size, Hkv, D); bottom-right aligned. out (B, Lq, Hq, Dv), lse (B, Hq, Lq).
+// (pages, page_size, Hkv, D); bottom-right aligned. out (B, Lq, Hq, Dv), lse (B, Hq, Lq). With
+// k_new, v_new (B, Lnew, Hkv, D / Dv) their rows are first written into the caches after each
+// sequence's seqlens_k[b] keys (in place; Lnew = 0 without them).
 void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& seqlens_k,
                          const std::optional<Tensor>& block_table, const Tensor& out, const Tensor& lse, double scale,
                          int64_t window_left, int64_t window_right, double softcap,
-                         const std::optional<Tensor>& alibi_slopes) {
+                         const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& k_new,
+                         const std::optional<Tensor>& v_new) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
               "fused_attn_native: q (B, Lq, Hq, D), k_cache and v_cache must be 4-dimensional");
   const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3);
@@ -436,8 +464,15 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
   } else {
     TORCH_CHECK(k_cache.size(0) == B, "fused_attn_native: a contiguous cache must have B = ", B, " rows, got ", k_cache.size(0));
   }
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "fused_attn_native: k_new and v_new must be given together");
+  const int64_t Lnew = k_new ? k_new->size(1) : 0;
+  if (k_new) {
+    check_tensor(*k_new, "k_new", q.scalar_type(), {B, Lnew, Hkv, D});
+    check_tensor(*v_new, "v_new", q.scalar_type(), {B, Lnew, Hkv, Dv});
+  }
   Call call;
-  call.seqlens_k = lengths_of(seqlens_k, "seqlens_k", B, false, capacity);
+  call.seqlens_k = lengths_of(seqlens_k, "seqlens_k", B, false, capacity - Lnew);
+  for (int64_t& length : call.seqlens_k) length += Lnew;  // the new tokens' rows are attended to
   call.seqlens_q.assign(B, Lq);
   if (block_table) {  // every page a sequence reads must exist
     for (int64_t b = 0; b < B; ++b)
@@ -449,7 +484,12 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
   }
   call.p = {kernel_dtype(q), B, Hq, Hkv, Lq, capacity, D, Dv, static_cast<float>(scale),
             variants_of(B, Hq, window_left, window_right, true, softcap, alibi_slopes)};
-  call.p.seqlens_k = seqlens_k.data_ptr<int32_t>();
+  if (k_new) {
+    append_rows(k_cache, *k_new, seqlens_k, pages);
+    append_rows(v_cache, *v_new, seqlens_k, pages);
+  }
+  const std::vector<int32_t> lengths(call.seqlens_k.begin(), call.seqlens_k.end());
+  call.p.seqlens_k = lengths.data();
   // Split-KV when the call has too few tasks for a many-core CPU (params.h, split_keys): partial
   // results in one float32 buffer, (acc, max, sum) per (b, h, query row, split), then merged.
   const int64_t longest = *std::max_element(call.seqlens_k.begin(), call.seqlens_k.end());
@@ -710,9 +750,9 @@ TORCH_LIBRARY(fused_attn_native, m) {
         ") -> ()");
   m.def("cpu_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSED_ATTN_VARIANT_SCHEMA ", Tensor(d!)? dbias=None) -> ()");
-  m.def("cpu_kvcache_forward(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
+  m.def("cpu_kvcache_forward(Tensor q, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor seqlens_k, Tensor? block_table, "
         "Tensor(a!) out, Tensor(b!) lse, float scale, int window_left, int window_right, float softcap=0., "
-        "Tensor? alibi_slopes=None) -> ()");
+        "Tensor? alibi_slopes=None, Tensor? k_new=None, Tensor? v_new=None) -> ()");
   m.def("cpu_isa() -> str", &fused_attn::cpu_isa);
   m.def("cpu_bf16_on_amx() -> bool", &fused_attn::cpu_bf16_on_amx);
 }

@@ -6,6 +6,7 @@ from typing import Optional, Union
 import torch
 
 from .backends import get_backend
+from .backends.base import append_to_cache
 from .checks import check_alibi_slopes, check_qkv, make_options
 from .dispatch import select_backend
 from .ops import needs_the_op
@@ -24,15 +25,20 @@ def _kvcache_forward_impl(
     return get_backend(backend).kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)
 
 
-def _eager_kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts: AttentionOptions,
-                           backend: str) -> tuple[Tensor, Tensor]:
-    """_kvcache_forward with the options already built: the op where needs_the_op says so, else
-    the backend directly (the op's dispatch costs more than a small decoding step)."""
-    inputs = (q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes)
-    if needs_the_op(inputs):
-        return _kvcache_forward(*inputs, opts.scale, opts.causal, opts.window_left, opts.window_right, opts.softcap,
-                                backend)
-    return get_backend(backend).kvcache_forward(*inputs, opts)
+def _eager_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, k, v,
+                           opts: AttentionOptions, backend: str) -> tuple[Tensor, Tensor]:
+    """New tokens appended, then _kvcache_forward, with the options already built: the op where
+    needs_the_op says so (the append then is indexed writes that torch.compile can trace), else
+    the backend directly, which may fuse the append (the op's dispatch costs more than a small
+    decoding step)."""
+    inputs = (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes)
+    if not needs_the_op(inputs + (k, v)):
+        return get_backend(backend).kvcache_forward(*inputs, opts, k, v)
+    if k is not None:
+        append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
+        inputs = (q, k_cache, v_cache, cache_seqlens + k.shape[1], block_table, alibi_slopes)
+    return _kvcache_forward(*inputs, opts.scale, opts.causal, opts.window_left, opts.window_right, opts.softcap,
+                            backend)
 
 
 _kvcache_forward = torch.library.custom_op("fused_attn::kvcache_forward", _kvcache_forward_impl, mutates_args=())
@@ -105,27 +111,9 @@ def attention_with_kvcache(
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
 
     # No input requires grad (checked above), so nothing below is recorded for autograd.
-    seqlens_k = seqlens
-    if k is not None:
-        _append(k_cache, v_cache, block_table, seqlens, k, v)
-        seqlens_k = seqlens + new_tokens
     name = select_backend(*heads_first, AttentionTensors(alibi_slopes=alibi_slopes), opts, backend, kvcache=True)
-    out, lse = _eager_kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts, name)
+    out, lse = _eager_kvcache_forward(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, k, v, opts, name)
     return (out, lse) if return_lse else out
-
-
-def _append(k_cache, v_cache, block_table, seqlens, k, v) -> None:
-    """Write the new tokens into the cache at each sequence's current length."""
-    positions = seqlens[:, None].long() + torch.arange(k.shape[1], device=k.device)
-    if block_table is None:
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        k_cache[rows, positions] = k
-        v_cache[rows, positions] = v
-    else:
-        page_size = k_cache.shape[1]
-        pages = block_table.long().gather(1, positions // page_size)
-        k_cache[pages, positions % page_size] = k
-        v_cache[pages, positions % page_size] = v
 
 
 def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> tuple[Tensor, Tensor, Tensor]:

@@ -83,19 +83,41 @@ def test_kvcache_matches_attention_on_the_prefix(kvcache_backend, dtype, seqlen_
         torch.testing.assert_close(lse[b].double(), exact_lse[0], rtol=1e-3, atol=1e-3)
 
 
+def write_and_attend(q, k_cache, v_cache, cached, k_new, v_new, table, backend):
+    return fused_attn.attention_with_kvcache(q, k_cache, v_cache, cached, k=k_new, v=v_new, block_table=table,
+                                             causal=True, backend=backend)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_new_tokens_are_written_in_place_and_nothing_else(kvcache_backend, paged):
-    k_cache, v_cache = make_cache(torch.float32)
+@pytest.mark.parametrize("dtype, strided", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32", "bfloat16-strided-new-tokens"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_new_tokens_are_written_in_place_and_nothing_else(kvcache_backend, paged, dtype, strided, compiled):
+    """Eager calls may write the new tokens inside the backend's op (the cpu one does); traced ones
+    write them with indexed assignments that torch.compile functionalizes. Both change the
+    caches in place, at the new tokens' positions only."""
+    k_cache, v_cache = make_cache(dtype)
     caches, table = [k_cache.clone(), v_cache.clone()], None
     if paged:
         *caches, table = paged_copy(k_cache, v_cache)
     before = [c.clone() for c in caches]
     cached = torch.tensor([3, 0, 90], dtype=torch.int32, device=DEVICE)
-    k_new = torch.randn(B, 4, HKV, D, device=DEVICE)
-    v_new = torch.randn(B, 4, HKV, DV, device=DEVICE)
-    q = torch.randn(B, 4, HQ, D, device=DEVICE)
-    fused_attn.attention_with_kvcache(q, *caches, cached, k=k_new, v=v_new, block_table=table, causal=True,
-                                      backend=kvcache_backend)
+    if strided:  # (B, 4, Hkv, D) views whose heads are further apart than their positions
+        k_new = torch.randn(B, HKV, 4, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+        v_new = torch.randn(B, HKV, 4, 2 * DV, dtype=dtype, device=DEVICE).transpose(1, 2)[..., ::2]
+    else:
+        k_new = torch.randn(B, 4, HKV, D, dtype=dtype, device=DEVICE)
+        v_new = torch.randn(B, 4, HKV, DV, dtype=dtype, device=DEVICE)
+    q = torch.randn(B, 4, HQ, D, dtype=dtype, device=DEVICE)
+    call = write_and_attend
+    if compiled:
+        torch._dynamo.reset()  # each parametrization traces anew instead of piling up recompilations
+        call = torch.compile(write_and_attend, fullgraph=True, backend="aot_eager")
+    out = call(q, *caches, cached, k_new, v_new, table, kvcache_backend)
+    expected_out = fused_attn.attention(q.transpose(1, 2), k_new.transpose(1, 2), v_new.transpose(1, 2),
+                                        causal=True, causal_alignment="bottom_right", backend="reference")
+    # Sequence 1 had an empty cache: it attends to exactly the new tokens.
+    torch.testing.assert_close(out[1], expected_out[1].transpose(0, 1), rtol=2e-2, atol=2e-2)
     for cache, old, new in zip(caches, before, (k_new, v_new)):
         expected = old.clone()
         for b in range(B):

@@ -48,12 +48,25 @@ class Backend:
     supports_kvcache: bool = False
 
     def kvcache_forward(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, block_table: Optional[Tensor],
+        alibi_slopes: Optional[Tensor], opts: AttentionOptions, k: Optional[Tensor] = None,
+        v: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Decoding (inference only): q (B, Lq, Hq, D) against a contiguous (B, capacity, Hkv, D)
+        or paged (pages, page_size, Hkv, D) cache, bottom-right aligned. New keys and values k, v
+        (B, Lnew, Hkv, D / Dv), if given, are first written into the caches in place after each
+        sequence's cache_seqlens[b] tokens; sequence b then sees its first cache_seqlens[b] + Lnew
+        keys. Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) float32."""
+        if k is not None:
+            append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
+            cache_seqlens = cache_seqlens + k.shape[1]
+        return self.decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts)
+
+    def decode(
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, block_table: Optional[Tensor],
         alibi_slopes: Optional[Tensor], opts: AttentionOptions,
     ) -> tuple[Tensor, Tensor]:
-        """Decoding (inference only): q (B, Lq, Hq, D) against the first seqlens_k[b] keys of a
-        contiguous (B, capacity, Hkv, D) or paged (pages, page_size, Hkv, D) cache, bottom-right
-        aligned. Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) float32."""
+        """kvcache_forward without new tokens: q against the first seqlens_k[b] keys of the cache."""
         raise NotImplementedError
 
     def backward(
@@ -75,3 +88,19 @@ class Backend:
 def as_4d(t: Tensor) -> Tensor:
     """A mask or bias broadcastable to (B, Hq, Lq, Lk) with its missing leading dims as size 1."""
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
+def append_to_cache(k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor], cache_seqlens: Tensor,
+                    k: Tensor, v: Tensor) -> None:
+    """Write new tokens k, v (B, Lnew, Hkv, D) into the caches in place, after each sequence's
+    cache_seqlens[b] tokens (through block_table's pages for a paged cache)."""
+    positions = cache_seqlens[:, None].long() + torch.arange(k.shape[1], device=k.device)
+    if block_table is None:
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        k_cache[rows, positions] = k
+        v_cache[rows, positions] = v
+    else:
+        page_size = k_cache.shape[1]
+        pages = block_table.long().gather(1, positions // page_size)
+        k_cache[pages, positions % page_size] = k
+        v_cache[pages, positions % page_size] = v

@@ -65,11 +65,13 @@ class CpuBackend(Backend):
 
     supports_kvcache = True
 
-    def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+    def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
+        # New tokens are written by the op itself: in Python (Backend.kvcache_forward) the indexed
+        # writes cost more than a short cache's attention.
         out, lse = kvcache_outputs(q, v_cache)
         table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows
-        _ops().cpu_kvcache_forward(q, k_cache, v_cache, seqlens_k, table, out, lse, opts.scale, opts.left,
-                                   opts.right, opts.softcap, alibi_slopes)
+        _ops().cpu_kvcache_forward(q, k_cache, v_cache, cache_seqlens, table, out, lse, opts.scale, opts.left,
+                                   opts.right, opts.softcap, alibi_slopes, k, v)
         return out, lse
 
 

@@ -127,7 +127,7 @@ class CudaBackend(Backend):
     # caches and few query rows); tests set a count to exercise the split path on small caches.
     decode_splits = 0
 
-    def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+    def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
         q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
         out, lse = kvcache_outputs(q, v_cache)
         table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows

@@ -214,7 +214,7 @@ class ReferenceBackend(Backend):
 
     supports_kvcache = True
 
-    def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+    def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
         batch, seqlen_q, heads_q, _ = q.shape
         out = q.new_zeros((batch, seqlen_q, heads_q, v_cache.shape[-1]))
         lse = q.new_full((batch, heads_q, seqlen_q), float("-inf"), dtype=_accumulation_dtype(q.dtype))

@@ -80,7 +80,7 @@ class TritonBackend(Backend):
 
     supports_kvcache = True
 
-    def kvcache_forward(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+    def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
         from ..triton.decode import decode_forward
 
         return decode_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)
