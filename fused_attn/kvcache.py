@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 
 from .backends import get_backend
-from .backends.base import append_to_cache
+from .backends.base import append_by_indexing
 from .checks import check_alibi_slopes, check_qkv, make_options
 from .dispatch import select_backend
 from .ops import needs_the_op
@@ -35,7 +35,7 @@ def _eager_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, alib
     if not needs_the_op(inputs + (k, v)):
         return get_backend(backend).kvcache_forward(*inputs, opts, k, v)
     if k is not None:
-        append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
+        append_by_indexing(k_cache, v_cache, block_table, cache_seqlens, k, v)
         inputs = (q, k_cache, v_cache, cache_seqlens + k.shape[1], block_table, alibi_slopes)
     return _kvcache_forward(*inputs, opts.scale, opts.causal, opts.window_left, opts.window_right, opts.softcap,
                             backend)

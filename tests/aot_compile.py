@@ -28,7 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fused_attn.triton import tuning  # noqa: E402
 from fused_attn.triton.backward import _delta_kernel, _dkdv_kernel, _dq_kernel  # noqa: E402
 from fused_attn.triton.bias_grad import _bias_grad_kernel  # noqa: E402
-from fused_attn.triton.decode import _decode_kernel  # noqa: E402
+from fused_attn.triton.decode import _append_kernel, _decode_kernel, _merge_splits_kernel  # noqa: E402
 from fused_attn.triton.forward import _forward_kernel  # noqa: E402
 
 FP32_POINTERS = {"Lse", "Delta", "DLse", "Slopes", "DBias", "OutPartial", "LsePartial"}
@@ -143,6 +143,9 @@ def feature_jobs():
         ("dq+varlen", _dq_kernel, dict(shapes, **varlen), {}),
         ("bias-grad", _bias_grad_kernel, dict(shapes, **everything, **bias_dims), {}),
         ("decode+all", _decode_kernel, dict(shapes, **everything), {}),
+        ("merge-splits", _merge_splits_kernel, dict(HEAD_DIM_V=128, BLOCK_R=16, BLOCK_DV=128), {}),
+        ("append-paged", _append_kernel, dict(HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_H=8, BLOCK_D=128, BLOCK_DV=128,
+                                              PAGED=True), {}),
     ]
 
 

@@ -58,9 +58,14 @@ class Backend:
         sequence's cache_seqlens[b] tokens; sequence b then sees its first cache_seqlens[b] + Lnew
         keys. Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) float32."""
         if k is not None:
-            append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
+            self.append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
             cache_seqlens = cache_seqlens + k.shape[1]
         return self.decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts)
+
+    def append_to_cache(self, k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor], cache_seqlens: Tensor,
+                        k: Tensor, v: Tensor) -> None:
+        """kvcache_forward's writes of the new tokens; by default indexed assignments (append_by_indexing)."""
+        append_by_indexing(k_cache, v_cache, block_table, cache_seqlens, k, v)
 
     def decode(
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, block_table: Optional[Tensor],
@@ -90,10 +95,11 @@ def as_4d(t: Tensor) -> Tensor:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
-def append_to_cache(k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor], cache_seqlens: Tensor,
-                    k: Tensor, v: Tensor) -> None:
+def append_by_indexing(k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor], cache_seqlens: Tensor,
+                       k: Tensor, v: Tensor) -> None:
     """Write new tokens k, v (B, Lnew, Hkv, D) into the caches in place, after each sequence's
-    cache_seqlens[b] tokens (through block_table's pages for a paged cache)."""
+    cache_seqlens[b] tokens (through block_table's pages for a paged cache), by indexed
+    assignments: any device, and torch.compile traces them."""
     positions = cache_seqlens[:, None].long() + torch.arange(k.shape[1], device=k.device)
     if block_table is None:
         rows = torch.arange(k.shape[0], device=k.device)[:, None]

@@ -84,3 +84,8 @@ class TritonBackend(Backend):
         from ..triton.decode import decode_forward
 
         return decode_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)
+
+    def append_to_cache(self, k_cache, v_cache, block_table, cache_seqlens, k, v):
+        from ..triton.decode import append_to_cache
+
+        append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)

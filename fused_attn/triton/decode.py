@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import kvcache_outputs
 from ..options import AttentionOptions
 from .common import (
     INTERPRETING,
@@ -123,6 +124,85 @@ def _num_splits(programs: int, capacity: int, block_n: int) -> int:
     return max(1, min(num_blocks(target, programs), num_blocks(capacity, 4 * block_n), 64))
 
 
+@triton.jit
+def _merge_splits_kernel(
+    OutPartial, LsePartial, Out, Lse, splits, rows, seqlen_q, heads_q,
+    stride_os, stride_or, stride_ls, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_lm,
+    HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Rows r = (b * Lq + m) * Hq + h of the splits' partial results (each normalised, with its
+    lse), merged: with M = max_s lse_s, w_s = exp(lse_s - M):  out = sum_s w_s out_s / sum_s w_s,
+    lse = M + log(sum_s w_s). Rows no split saw (M = -inf) get out = 0 and lse = -inf."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < rows
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols_live = live[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    top = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for split in range(0, splits):
+        top = tl.maximum(top, tl.load(LsePartial + split * stride_ls + r, mask=live, other=float("-inf")))
+    centre = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    for split in range(0, splits):
+        weight = tl.exp(tl.load(LsePartial + split * stride_ls + r, mask=live, other=float("-inf")) - centre)
+        out = tl.load(OutPartial + split * stride_os + r[:, None] * stride_or + offs_dv[None, :], mask=cols_live,
+                      other=0.0)
+        total += weight
+        acc += weight[:, None] * out
+    empty = total == 0.0
+    total = tl.where(empty, 1.0, total)
+    b, m, h = r // (seqlen_q * heads_q), r // heads_q % seqlen_q, r % heads_q
+    tl.store(Out + b[:, None] * stride_ob + m[:, None] * stride_om + h[:, None] * stride_oh + offs_dv[None, :],
+             acc / total[:, None], mask=cols_live)
+    tl.store(Lse + b * stride_lb + h * stride_lh + m * stride_lm, tl.where(empty, float("-inf"), top + tl.log(total)),
+             mask=live)
+
+
+@triton.jit
+def _append_kernel(
+    KNew, VNew, KCache, VCache, CacheSeqlens, BlockTable, new_tokens, page_size, heads_kv,
+    stride_knb, stride_knl, stride_knh, stride_knd, stride_vnb, stride_vnl, stride_vnh, stride_vnd,
+    stride_kp, stride_kn, stride_kh, stride_kd, stride_vp, stride_vn, stride_vh, stride_vd, stride_tb,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PAGED: tl.constexpr,
+):
+    """New token i of sequence b (one program) written into the caches at position
+    CacheSeqlens[b] + i, through the block table of a paged cache; every head at once."""
+    batch = (tl.program_id(0) // new_tokens).to(tl.int64)
+    token = tl.program_id(0) % new_tokens
+    position = tl.load(CacheSeqlens + batch) + token
+    if PAGED:
+        page = tl.load(BlockTable + batch * stride_tb + position // page_size).to(tl.int64)
+        slot = position % page_size
+    else:
+        page = batch
+        slot = position
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    offs_dv = tl.arange(0, BLOCK_DV)[None, :]
+    k_live = (heads < heads_kv) & (offs_d < HEAD_DIM)
+    v_live = (heads < heads_kv) & (offs_dv < HEAD_DIM_V)
+    k = tl.load(KNew + batch * stride_knb + token * stride_knl + heads * stride_knh + offs_d * stride_knd, mask=k_live)
+    v = tl.load(VNew + batch * stride_vnb + token * stride_vnl + heads * stride_vnh + offs_dv * stride_vnd, mask=v_live)
+    tl.store(KCache + page * stride_kp + slot * stride_kn + heads * stride_kh + offs_d * stride_kd, k, mask=k_live)
+    tl.store(VCache + page * stride_vp + slot * stride_vn + heads * stride_vh + offs_dv * stride_vd, v, mask=v_live)
+
+
+def append_to_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
+                    cache_seqlens: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """backends.base.append_by_indexing in one launch (its indexed writes take several small ones)."""
+    batch, new_tokens, heads_kv, head_dim = k.shape
+    head_dim_v = v.shape[3]
+    paged = block_table is not None
+    table = block_table if paged else cache_seqlens[:, None]
+    _append_kernel[(batch * new_tokens,)](
+        k, v, k_cache, v_cache, cache_seqlens, table, new_tokens, k_cache.shape[1], heads_kv,
+        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0),
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=triton.next_power_of_2(heads_kv),
+        BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v), PAGED=paged,
+    )
+
+
 def decode_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
     block_table: torch.Tensor | None, alibi_slopes: torch.Tensor | None, opts: AttentionOptions,
@@ -152,13 +232,18 @@ def decode_forward(
         launch_grid = grid(tiles)
         splits = launch_grid[1]
         split_size = num_blocks(num_blocks(capacity, splits), tiles.block_n) * tiles.block_n
-        out_partial = torch.empty((splits, batch, seqlen_q, heads_q, head_dim_v), dtype=torch.float32,
-                                  device=q.device)
-        lse_partial = torch.empty((splits, batch, seqlen_q, heads_q), dtype=torch.float32, device=q.device)
+        if splits == 1:  # the one split's results are final: written where they belong
+            out_strides, lse_strides = (0, *out.stride()), (0, lse.stride(0), lse.stride(2), lse.stride(1))
+            out_partial, lse_partial = out, lse
+        else:
+            out_partial = torch.empty((splits, batch, seqlen_q, heads_q, head_dim_v), dtype=torch.float32,
+                                      device=q.device)
+            lse_partial = torch.empty((splits, batch, seqlen_q, heads_q), dtype=torch.float32, device=q.device)
+            out_strides, lse_strides = out_partial.stride(), lse_partial.stride()
         _decode_kernel[launch_grid](
             q, k_cache, v_cache, seqlens_k, table, out_partial, lse_partial, slopes,
             *q.stride(), *k_strides, *v_strides, table.stride(0), *slopes.stride(),
-            *out_partial.stride(), *lse_partial.stride(),
+            *out_strides, *lse_strides,
             heads_kv, group_size, seqlen_q, page_size, split_size,
             opts.left, opts.right, opts.scale, opts.softcap or 1.0,
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
@@ -167,16 +252,23 @@ def decode_forward(
             HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
-        return merge_splits(out_partial, lse_partial, q.dtype)
+        if splits > 1:
+            merge_splits(out_partial, lse_partial, out, lse)
 
-    return launch(select(ShapeClass.of("decode", q, v_cache, opts, block_m), q.device, launch, grid))
+    out, lse = kvcache_outputs(q, v_cache)
+    launch(select(ShapeClass.of("decode", q, v_cache, opts, block_m), q.device, launch, grid))
+    return out, lse
 
 
-def merge_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, dtype: torch.dtype):
-    """Combine per-split softmax results: out = sum_s exp(lse_s - lse) out_s, lse = logsumexp_s lse_s."""
-    if out_partial.shape[0] == 1:  # one split: its result is final
-        return out_partial[0].to(dtype), lse_partial[0].transpose(1, 2).contiguous()
-    lse = torch.logsumexp(lse_partial, dim=0)
-    weights = torch.exp(lse_partial - torch.where(lse == float("-inf"), 0.0, lse))  # empty splits weigh 0
-    out = (weights[..., None] * out_partial).sum(0)
-    return out.to(dtype), lse.transpose(1, 2).contiguous()
+def merge_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) from the splits' out_partial (S, B, Lq, Hq, Dv) and
+    lse_partial (S, B, Lq, Hq), float32 and contiguous, in one launch."""
+    splits, batch, seqlen_q, heads_q, head_dim_v = out_partial.shape
+    rows = batch * seqlen_q * heads_q
+    block_r = 16
+    _merge_splits_kernel[(num_blocks(rows, block_r),)](
+        out_partial, lse_partial, out, lse, splits, rows, seqlen_q, heads_q,
+        out_partial.stride(0), out_partial.stride(3), lse_partial.stride(0),
+        out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
+        HEAD_DIM_V=head_dim_v, BLOCK_R=block_r, BLOCK_DV=head_dim_block(head_dim_v),
+    )
