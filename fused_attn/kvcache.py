@@ -91,13 +91,14 @@ def attention_with_kvcache(
         out (B, Lq, Hq, Dv) in q's dtype; with return_lse also lse (B, Hq, Lq) float32.
 
     The lengths and pages are checked on the host, one device-to-host transfer per call (a sync on
-    GPUs); not while torch.compile traces or a CUDA graph is captured, where they must be valid.
+    GPUs; none when cache_seqlens is an int and the cache contiguous); not while torch.compile
+    traces or a CUDA graph is captured, where they must be valid.
     Long caches are split across programs (split-KV) automatically where a call has too few
     (sequence, key/value head) pairs to fill the GPU or the CPU's cores. The query rows of a GQA
     group share one program (or CPU task), so each cached key is read once per key/value head.
     """
     heads_first = _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v)
-    seqlens = _check_cache_seqlens(cache_seqlens, q)
+    seqlens, host_lengths = _check_cache_seqlens(cache_seqlens, q)
     if causal_alignment != "bottom_right":
         raise ValueError(f"causal_alignment must be 'bottom_right' for KV-cache attention, got {causal_alignment!r}")
     if dropout_p != 0.0:
@@ -106,7 +107,7 @@ def attention_with_kvcache(
                         softcap=softcap, dropout_p=0.0, deterministic=False)
     check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2], q.device)
     new_tokens = 0 if k is None else k.shape[1]
-    _check_capacity(seqlens, new_tokens, k_cache, block_table)
+    _check_capacity(seqlens, new_tokens, k_cache, block_table, host_lengths)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
 
@@ -152,16 +153,18 @@ def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> tuple[Tenso
     return heads_first
 
 
-def _check_cache_seqlens(cache_seqlens, q) -> Tensor:
+def _check_cache_seqlens(cache_seqlens, q) -> tuple[Tensor, Optional[list[int]]]:
+    """cache_seqlens as an int32 tensor on q's device, and the lengths on the host when they are
+    known there without a transfer (an int was given), else None."""
     batch = q.shape[0]
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device), [cache_seqlens] * batch
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
     if tuple(cache_seqlens.shape) != (batch,) or cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must have shape ({batch},) on {q.device}, got "
                          f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
-    return cache_seqlens
+    return cache_seqlens, None
 
 
 def _host_checks_skipped(device: torch.device) -> bool:
@@ -174,20 +177,23 @@ def _host_checks_skipped(device: torch.device) -> bool:
 _SMALL_TABLE = 4096
 
 
-def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor]) -> None:
+def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor],
+                    host_lengths: Optional[list[int]] = None) -> None:
     """Every sequence must fit its cache; pages must exist. One device-to-host transfer (a sync on
-    GPUs), skipped where _host_checks_skipped says so."""
+    GPUs), skipped where _host_checks_skipped says so; none when the lengths are known on the host
+    (host_lengths) and so is what else is checked (a contiguous cache, or a block table on the CPU)."""
     if _host_checks_skipped(seqlens.device):
         return
     page_size = k_cache.shape[1]
     capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
     # One device-to-host transfer for every check: this runs once per decoding step.
     if block_table is None:
-        lengths = seqlens.tolist()  # B ints: cheaper than reducing them on the device first
+        # B ints: cheaper than reducing them on the device first
+        lengths = seqlens.tolist() if host_lengths is None else host_lengths
         shortest, longest, page_range = min(lengths), max(lengths) + new_tokens, ()
     elif block_table.device.type == "cpu" and block_table.numel() <= _SMALL_TABLE:
         # A small table on the host: Python over its rows beats ten small tensor ops (~40 us).
-        lengths = seqlens.tolist()
+        lengths = seqlens.tolist() if host_lengths is None else host_lengths
         shortest, longest = min(lengths), max(lengths) + new_tokens
         rows = block_table.tolist()
         needed = [page for row, n in zip(rows, lengths) for page in row[:-(-(n + new_tokens) // page_size)]]

@@ -205,3 +205,17 @@ def test_host_checks_are_skipped_only_where_a_sync_is_impossible(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert kvcache._host_checks_skipped(torch.device("cuda"))
     assert not kvcache._host_checks_skipped(torch.device("cpu"))
+
+
+def test_lengths_known_on_the_host_are_not_read_back():
+    """An int cache_seqlens is checked as it is: the device copy of the lengths is not read back
+    (a sync on GPUs). A meta tensor stands for it here: reading it would raise."""
+    from fused_attn import kvcache
+
+    k_cache, _ = make_cache(torch.float32)
+    on_device = torch.empty(B, dtype=torch.int32, device="meta")
+    kvcache._check_capacity(on_device, 1, k_cache, None, [CAPACITY - 1] * B)
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):
+        kvcache._check_capacity(on_device, 2, k_cache, None, [CAPACITY - 1] * B)
+    with pytest.raises(NotImplementedError):  # without the host lengths, the tensor is read
+        kvcache._check_capacity(on_device, 1, k_cache, None)
