@@ -13,6 +13,9 @@ Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
                           checks and the backend choice (private API, Backend.kvcache_forward)
     fused_attn step       a whole decoding step: the cache holds L - 1 tokens, and the call writes
                           the new token's k and v (k=, v=) at position L - 1 and attends to all L
+    fused_attn dense      fused_attn.attention on (B, H, L, D) views of the contiguous cache, as a
+                          model without a cache API calls it (transformers, patched SDPA): on GPUs
+                          the triton backend takes such few-query calls to the decoding kernel
     fused_attn reference  (CPU only) the public call on the reference backend, sequence by sequence
     fused_attn cuda       (CUDA, where the extension has the CUDA kernels) the contiguous call on
                           the cuda backend, the fallback for GPUs without Triton
@@ -99,6 +102,10 @@ def providers(on_cuda: bool, Hkv: int, Hq: int):
         out = F.scaled_dot_product_attention(q, s["kc"].transpose(1, 2), s["vc"].transpose(1, 2))
         return out.reshape(B, 1, Hq, D)
 
+    def dense(s, seqlens):
+        q, k, v = s["q"].transpose(1, 2), s["kc"].transpose(1, 2), s["vc"].transpose(1, 2)
+        return fused_attn.attention(q, k, v).transpose(1, 2)
+
     def step(s, seqlens):
         return fused_attn.attention_with_kvcache(s["q"], s["kc"], s["vc"], s["cached"], k=s["k_new"], v=s["v_new"])
 
@@ -114,7 +121,7 @@ def providers(on_cuda: bool, Hkv: int, Hq: int):
         return fused_attn.attention_with_kvcache(s["q"], s["kc"], s["vc"], seqlens, backend="reference")
 
     provs = {"fused_attn contig": contig, "fused_attn paged": paged, "fused_attn op only": op_only,
-             "fused_attn step": step}
+             "fused_attn step": step, "fused_attn dense": dense}
     if not on_cuda:
         provs["fused_attn reference"] = reference
     elif "cuda" in fused_attn.available_backends():

@@ -69,8 +69,11 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, q, k, v, extras, opts):
+        from ..triton.decode import decoding_forward, takes_decoding_kernel
         from ..triton.forward import attention_forward
 
+        if takes_decoding_kernel(q, k, extras, opts):  # few query rows: split-KV, GQA rows packed
+            return decoding_forward(q, k, v, extras.alibi_slopes, opts)
         return attention_forward(q, k, v, extras, opts)
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import kvcache_outputs
-from ..options import AttentionOptions
+from ..layout import attention_outputs, kvcache_outputs
+from ..options import AttentionOptions, AttentionTensors
 from .common import (
     INTERPRETING,
     LN_2,
@@ -206,9 +206,11 @@ def append_to_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: t
 def decode_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
     block_table: torch.Tensor | None, alibi_slopes: torch.Tensor | None, opts: AttentionOptions,
+    out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Lq, Hq, Dv), lse (B, Hq, Lq)) of q (B, Lq, Hq, D) against the first seqlens_k[b]
-    keys of the cache, bottom-right aligned. Shapes as in fused_attn.attention_with_kvcache."""
+    keys of the cache, bottom-right aligned. Shapes as in fused_attn.attention_with_kvcache.
+    Written into out (any strides but a unit last one) and lse when they are given."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv, head_dim_v = k_cache.shape[2], v_cache.shape[3]
     group_size = heads_q // heads_kv
@@ -255,7 +257,8 @@ def decode_forward(
         if splits > 1:
             merge_splits(out_partial, lse_partial, out, lse)
 
-    out, lse = kvcache_outputs(q, v_cache)
+    if out is None:
+        out, lse = kvcache_outputs(q, v_cache)
     launch(select(ShapeClass.of("decode", q, v_cache, opts, block_m), q.device, launch, grid))
     return out, lse
 
@@ -272,3 +275,31 @@ def merge_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torc
         out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
         HEAD_DIM_V=head_dim_v, BLOCK_R=block_r, BLOCK_DV=head_dim_block(head_dim_v),
     )
+
+
+# Dense calls with at most this many query rows per key/value head (Lq x the GQA group) take the
+# decoding kernel: the plain forward would give each query head one mostly empty block of rows
+# and read every key once per query head, with B x Hq programs in all.
+DECODING_ROWS = 64
+
+
+def takes_decoding_kernel(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors, opts: AttentionOptions) -> bool:
+    """Whether a dense call (q (B, Hq, Lq, D)) is decoding-shaped and in what the decoding kernel
+    computes: no mask, bias or dropout, and the diagonal bottom-right aligned, or not used."""
+    if q.dim() != 4 or q.shape[2] * (q.shape[1] // k.shape[1]) > DECODING_ROWS:
+        return False
+    if extras.mask is not None or extras.bias is not None or opts.dropout_p > 0:
+        return False
+    uses_diagonal = opts.causal or opts.left >= 0 or opts.right >= 0 or extras.alibi_slopes is not None
+    return opts.bottom_right or not uses_diagonal or q.shape[2] == k.shape[2]
+
+
+def decoding_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: torch.Tensor | None,
+                     opts: AttentionOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense call (shapes as in fused_attn.attention) by the decoding kernel: the keys are a full
+    contiguous cache, read through (B, Lk, Hkv, D) views; out laid out like q (layout.py)."""
+    out, lse = attention_outputs(q, v)
+    seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+    decode_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seqlens, None, alibi_slopes, opts,
+                   out.transpose(1, 2), lse)
+    return out, lse
