@@ -131,6 +131,25 @@ def test_variants(cuda, dtype, variant):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seqlen_q, keywords, decoding", [
+    (1, dict(causal=True, causal_alignment="bottom_right", window=(40, 0)), True),
+    (3, dict(alibi_slopes="heads", softcap=5.0, causal_alignment="bottom_right"), True),
+    (3, dict(causal=True), False),  # top-left with Lq < Lk: the diagonal is not the cache's
+], ids=["one-query-window", "three-queries-alibi-softcap", "top-left-causal-plain-kernel"])
+def test_few_query_rows_take_the_decoding_kernel(cuda, monkeypatch, dtype, seqlen_q, keywords, decoding):
+    """Dense calls with few query rows per key/value head run the KV-cache kernel (split-KV, a GQA
+    group's heads sharing each key read) exactly where its semantics allow, as accurately."""
+    backend = BACKENDS[cuda.name]
+    calls = []
+    real = backend._decode
+    monkeypatch.setattr(backend, "_decode", lambda *args: calls.append(1) or real(*args))
+    if keywords.get("alibi_slopes") == "heads":
+        keywords = dict(keywords, alibi_slopes=torch.rand(8))
+    check_forward(cuda, (2, 8, 2, seqlen_q, 300, 64, 64), dtype, sequence_major=True, **keywords)
+    assert len(calls) == (1 if decoding else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_matches_the_shared_philox_mask(cuda, dtype):
     """The kernels drop exactly fused_attn.dropout_keep_mask's elements (the bits every backend draws)."""
     check_forward(cuda, (2, 3, 1, 45, 77, 32, 32), dtype, dropout_p=0.3, causal=True)

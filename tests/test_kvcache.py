@@ -3,8 +3,8 @@ against float64 attention over each sequence's cached prefix."""
 import pytest
 import torch
 
-from conftest import DEVICE
-from oracle import assert_accurate, naive_attention
+from conftest import BACKENDS, DEVICE
+from oracle import assert_accurate, naive_attention, random_qkv
 
 import fused_attn
 
@@ -219,3 +219,45 @@ def test_lengths_known_on_the_host_are_not_read_back():
         kvcache._check_capacity(on_device, 2, k_cache, None, [CAPACITY - 1] * B)
     with pytest.raises(NotImplementedError):  # without the host lengths, the tensor is read
         kvcache._check_capacity(on_device, 1, k_cache, None)
+
+
+# Dense calls (fused_attn.attention) that the triton backend serves with its decoding kernel
+# (backends/base.py, takes_decoding_kernel), with whether they qualify.
+DENSE_DECODING_CASES = [
+    pytest.param(1, dict(causal=True, causal_alignment="bottom_right", window=(40, 0)), True, id="one-query-window"),
+    pytest.param(3, dict(alibi_slopes="per-head", softcap=5.0, causal_alignment="bottom_right"), True,
+                 id="three-queries-alibi-softcap"),
+    pytest.param(5, dict(), True, id="five-queries-plain"),
+    pytest.param(3, dict(causal=True), False, id="top-left-causal-plain-kernel"),
+]
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name == "triton"])
+@pytest.mark.parametrize("seqlen_q, keywords, decoding", DENSE_DECODING_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_few_query_rows_take_the_decoding_kernel(monkeypatch, backend, dtype, seqlen_q, keywords, decoding):
+    """A dense call with few query rows per key/value head runs the decoding kernel (split-KV, a
+    GQA group's heads sharing each key) exactly where its semantics allow, with the same answers
+    and gradients (against float64) as the plain kernels."""
+    from fused_attn.triton import decode
+
+    calls = []
+    real = decode.decode_forward
+    monkeypatch.setattr(decode, "decode_forward", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    q, k, v = random_qkv(2, 8, 2, seqlen_q, 150, 32, 24, dtype, DEVICE, sequence_major=True, requires_grad=True)
+    if keywords.get("alibi_slopes") == "per-head":
+        keywords = dict(keywords, alibi_slopes=torch.rand(8, device=DEVICE))
+    out = fused_attn.attention(q, k, v, backend=backend, **keywords)
+    assert len(calls) == (1 if decoding else 0)
+    naive = dict(causal=keywords.get("causal", False), window=keywords.get("window", (-1, -1)),
+                 bottom_right=keywords.get("causal_alignment") == "bottom_right",
+                 alibi_slopes=keywords.get("alibi_slopes"), softcap=keywords.get("softcap", 0.0))
+    exact = naive_attention(q, k, v, dtype=torch.float64, **naive)[0]
+    low = naive_attention(q, k, v, **naive)[0]
+    assert_accurate("out", out, exact, low, dtype)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    exact_grads = torch.autograd.grad(exact, (q, k, v), grad_out.double())
+    low_grads = torch.autograd.grad(low, (q, k, v), grad_out)
+    for name, grad, exact_grad, low_grad in zip("qkv", grads, exact_grads, low_grads):
+        assert_accurate(f"d{name}", grad, exact_grad, low_grad, dtype)

@@ -24,7 +24,7 @@ import torch
 from ..layout import attention_outputs, fill_unused_rows, gradient_like, kvcache_outputs, new_output
 from ..options import AttentionOptions, AttentionTensors
 from . import native
-from .base import Backend, Tensor, as_4d
+from .base import Backend, Tensor, as_4d, takes_decoding_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # csrc/cuda/launch.h, kMaxHeadDim
@@ -97,6 +97,11 @@ class CudaBackend(Backend):
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         out, lse = attention_outputs(q, v)
+        if takes_decoding_kernel(q, k, extras, opts):  # few query rows: split-KV, GQA rows packed
+            seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+            heads_last = (t.transpose(1, 2) for t in (q, k, v, out))  # (B, L, H, D) views: a full cache
+            self._decode(*heads_last, seqlens, None, lse, extras.alibi_slopes, opts)
+            return out, lse
         self._ops().cuda_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts), *_longest(opts),
                                  self._stream(q.device))
         if q.dim() == 3:  # packed rows after the last sequence: an empty sequence's out and lse
@@ -130,11 +135,14 @@ class CudaBackend(Backend):
     def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
         q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
         out, lse = kvcache_outputs(q, v_cache)
+        self._decode(q, k_cache, v_cache, out, seqlens_k, block_table, lse, alibi_slopes, opts)
+        return out, lse
+
+    def _decode(self, q, k_cache, v_cache, out, seqlens_k, block_table, lse, alibi_slopes, opts):
         table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows
         self._ops().cuda_kvcache_forward(q, k_cache, v_cache, seqlens_k.contiguous(), table, out, lse, opts.scale,
                                          opts.left, opts.right, opts.softcap, alibi_slopes, self.decode_splits,
                                          self._stream(q.device))
-        return out, lse
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:

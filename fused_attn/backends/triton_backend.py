@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..options import AttentionOptions, AttentionTensors
-from .base import Backend, Tensor
+from .base import Backend, Tensor, takes_decoding_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -69,7 +69,7 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, q, k, v, extras, opts):
-        from ..triton.decode import decoding_forward, takes_decoding_kernel
+        from ..triton.decode import decoding_forward
         from ..triton.forward import attention_forward
 
         if takes_decoding_kernel(q, k, extras, opts):  # few query rows: split-KV, GQA rows packed

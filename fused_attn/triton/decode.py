@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..layout import attention_outputs, kvcache_outputs
-from ..options import AttentionOptions, AttentionTensors
+from ..options import AttentionOptions
 from .common import (
     INTERPRETING,
     LN_2,
@@ -275,23 +275,6 @@ def merge_splits(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torc
         out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
         HEAD_DIM_V=head_dim_v, BLOCK_R=block_r, BLOCK_DV=head_dim_block(head_dim_v),
     )
-
-
-# Dense calls with at most this many query rows per key/value head (Lq x the GQA group) take the
-# decoding kernel: the plain forward would give each query head one mostly empty block of rows
-# and read every key once per query head, with B x Hq programs in all.
-DECODING_ROWS = 64
-
-
-def takes_decoding_kernel(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors, opts: AttentionOptions) -> bool:
-    """Whether a dense call (q (B, Hq, Lq, D)) is decoding-shaped and in what the decoding kernel
-    computes: no mask, bias or dropout, and the diagonal bottom-right aligned, or not used."""
-    if q.dim() != 4 or q.shape[2] * (q.shape[1] // k.shape[1]) > DECODING_ROWS:
-        return False
-    if extras.mask is not None or extras.bias is not None or opts.dropout_p > 0:
-        return False
-    uses_diagonal = opts.causal or opts.left >= 0 or opts.right >= 0 or extras.alibi_slopes is not None
-    return opts.bottom_right or not uses_diagonal or q.shape[2] == k.shape[2]
 
 
 def decoding_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: torch.Tensor | None,
