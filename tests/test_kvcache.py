@@ -232,18 +232,30 @@ DENSE_DECODING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", [name for name in BACKENDS if name == "triton"])
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name in ("triton", "cpu")])
 @pytest.mark.parametrize("seqlen_q, keywords, decoding", DENSE_DECODING_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_few_query_rows_take_the_decoding_kernel(monkeypatch, backend, dtype, seqlen_q, keywords, decoding):
     """A dense call with few query rows per key/value head runs the decoding kernel (split-KV, a
-    GQA group's heads sharing each key) exactly where its semantics allow, with the same answers
-    and gradients (against float64) as the plain kernels."""
-    from fused_attn.triton import decode
-
+    GQA group's heads sharing each key; the cpu backend's KV-cache op) exactly where its semantics
+    allow, with the same answers and gradients (against float64) as the plain kernels."""
     calls = []
-    real = decode.decode_forward
-    monkeypatch.setattr(decode, "decode_forward", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    if backend == "triton":
+        from fused_attn.triton import decode
+
+        real = decode.decode_forward
+        monkeypatch.setattr(decode, "decode_forward", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    else:  # the cpu backend's KV-cache op, called through its ops namespace
+        from fused_attn.backends import cpu_backend
+
+        ops = cpu_backend._ops()
+
+        class Spy:
+            def __getattr__(self, name):
+                op = getattr(ops, name)
+                return (lambda *args: calls.append(1) or op(*args)) if name == "cpu_kvcache_forward" else op
+
+        monkeypatch.setattr(cpu_backend, "_ops", Spy)
     q, k, v = random_qkv(2, 8, 2, seqlen_q, 150, 32, 24, dtype, DEVICE, sequence_major=True, requires_grad=True)
     if keywords.get("alibi_slopes") == "per-head":
         keywords = dict(keywords, alibi_slopes=torch.rand(8, device=DEVICE))
