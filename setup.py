@@ -37,8 +37,8 @@ ISA_SOURCES = {
 }
 
 CUDA_SOURCES = ["csrc/cuda/forward.cu", "csrc/cuda/forward_f16.cu", "csrc/cuda/forward_bf16.cu",
-                "csrc/cuda/forward_f32.cu", "csrc/cuda/merge_splits.cu", "csrc/cuda/backward.cu", "csrc/cuda/backward_f16.cu",
-                "csrc/cuda/backward_bf16.cu", "csrc/cuda/backward_f32.cu"]
+                "csrc/cuda/forward_f32.cu", "csrc/cuda/merge_splits.cu", "csrc/cuda/append.cu", "csrc/cuda/backward.cu",
+                "csrc/cuda/backward_f16.cu", "csrc/cuda/backward_bf16.cu", "csrc/cuda/backward_f32.cu"]
 # Ampere (A100) and Hopper (H100/H200) code by default; newer GPUs run the newest PTX.
 # FUSED_ATTN_CUDA_ARCHS (e.g. "90", or "80 90") builds for those architectures only. No
 # --use_fast_math: the kernels' expf/logf/tanhf must stay accurate.

@@ -3,8 +3,9 @@
 //   cpu_forward(q, k, v, out!, lse!, scale, window_left, window_right, bottom_right, softcap, alibi_slopes, mask,
 //               bias, dropout_seed, dropout_p, cu_seqlens_q, cu_seqlens_k)    dense or packed (varlen) inputs
 //   cpu_backward(dout, dlse, q, k, v, out, lse, dq!, dk!, dv!, <the forward's arguments from scale on>, dbias!)
-//   cpu_kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, out!, lse!, scale, window_left,
-//                       window_right, softcap, alibi_slopes)                 decoding against a KV cache
+//   cpu_kvcache_forward(q, k_cache!, v_cache!, seqlens_k, block_table, out!, lse!, scale, window_left,
+//                       window_right, softcap, alibi_slopes, k_new, v_new)   decoding against a KV cache,
+//                       after writing a step's new tokens (if given) into it
 //   cpu_isa() -> str       which kernels the next call runs: "avx512", "avx2" or "portable"
 //   cpu_bf16_on_amx() -> bool   whether their bf16 products run on AMX tiles
 //
@@ -652,7 +653,8 @@ void cuda_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, cons
 void cuda_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& seqlens_k,
                           const std::optional<Tensor>& block_table, const Tensor& out, const Tensor& lse, double scale,
                           int64_t window_left, int64_t window_right, double softcap,
-                          const std::optional<Tensor>& alibi_slopes, int64_t num_splits, int64_t stream) {
+                          const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& k_new,
+                          const std::optional<Tensor>& v_new, int64_t num_splits, int64_t stream) {
   TORCH_CHECK(q.device().type() == kCudaDeviceType, "fused_attn_native: q must be a ",
               at::DeviceTypeName(kCudaDeviceType), " tensor, got ", q.device());
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
@@ -691,12 +693,20 @@ void cuda_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& 
     TORCH_CHECK(k_cache.size(0) == B, "fused_attn_native: a contiguous cache must have B = ", B, " rows, got ", k_cache.size(0));
   }
   TORCH_CHECK(capacity < (int64_t{1} << 31), "fused_attn_native: the CUDA kernels take caches shorter than 2^31");
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "fused_attn_native: k_new and v_new must be given together");
+  // (B, L, H, D) tensors as (B, H, L, D) views; a paged cache's pages play the batch.
+  auto heads_first = [](const Tensor& t) { return strided(t.transpose(1, 2)); };
+  if (k_new) {  // written into the cache by the launch, before the keys are read (append.cu)
+    cache.new_tokens = k_new->size(1);
+    check_tensor(*k_new, "k_new", q.scalar_type(), {B, cache.new_tokens, Hkv, D}, device);
+    check_tensor(*v_new, "v_new", q.scalar_type(), {B, cache.new_tokens, Hkv, Dv}, device);
+    cache.k_new = heads_first(*k_new);
+    cache.v_new = heads_first(*v_new);
+  }
   Call call;
   call.p = {kernel_dtype(q), B, Hq, Hkv, Lq, capacity, D, Dv, static_cast<float>(scale),
             variants_of(B, Hq, window_left, window_right, true, softcap, alibi_slopes, device)};
   const c10::DeviceGuard guard(device);
-  // (B, L, H, D) tensors as (B, H, L, D) views; a paged cache's pages play the batch.
-  auto heads_first = [](const Tensor& t) { return strided(t.transpose(1, 2)); };
   cuda::ForwardParams params{cuda_problem(call, std::nullopt), heads_first(q), heads_first(k_cache),
                              heads_first(v_cache), heads_first(out), row_values(lse), cache};
   params.decoding = cuda::decoding_of(params.p, num_splits, cuda::multiprocessor_count());
@@ -731,9 +741,9 @@ TORCH_LIBRARY_FRAGMENT(FUSED_ATTN_CUDA_OPS, m) {
   m.def("cuda_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSED_ATTN_VARIANT_SCHEMA
         ", Tensor(d!)? dbias=None, int max_seqlen_q=0, int max_seqlen_k=0, int stream=0) -> ()");
-  m.def("cuda_kvcache_forward(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
+  m.def("cuda_kvcache_forward(Tensor q, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor seqlens_k, Tensor? block_table, "
         "Tensor(a!) out, Tensor(b!) lse, float scale, int window_left, int window_right, float softcap=0., "
-        "Tensor? alibi_slopes=None, int num_splits=0, int stream=0) -> ()");
+        "Tensor? alibi_slopes=None, Tensor? k_new=None, Tensor? v_new=None, int num_splits=0, int stream=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(FUSED_ATTN_CUDA_OPS, FUSED_ATTN_CUDA_DISPATCH_KEY, m) {

@@ -141,8 +141,8 @@ def test_few_query_rows_take_the_decoding_kernel(cuda, monkeypatch, dtype, seqle
     group's heads sharing each key read) exactly where its semantics allow, as accurately."""
     backend = BACKENDS[cuda.name]
     calls = []
-    real = backend._decode
-    monkeypatch.setattr(backend, "_decode", lambda *args: calls.append(1) or real(*args))
+    real = backend._launch_kvcache
+    monkeypatch.setattr(backend, "_launch_kvcache", lambda *args: calls.append(1) or real(*args))
     if keywords.get("alibi_slopes") == "heads":
         keywords = dict(keywords, alibi_slopes=torch.rand(8))
     check_forward(cuda, (2, 8, 2, seqlen_q, 300, 64, 64), dtype, sequence_major=True, **keywords)
@@ -201,6 +201,15 @@ def test_kvcache(emulated, monkeypatch, dtype, seqlen_q, new_tokens, keywords, p
     monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
     kvcache_tests.test_kvcache_matches_attention_on_the_prefix(emulated.name, dtype, seqlen_q, new_tokens, keywords,
                                                                paged)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("dtype, strided", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32", "bfloat16-strided-new-tokens"])
+def test_new_tokens_are_written_in_place(emulated, monkeypatch, paged, dtype, strided):
+    """The op's first kernel (append.cu) writes a step's new tokens at exactly their positions."""
+    monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
+    kvcache_tests.test_new_tokens_are_written_in_place_and_nothing_else(emulated.name, paged, dtype, strided, False)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])

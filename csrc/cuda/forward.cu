@@ -1,4 +1,5 @@
-// launch_forward (launch.h): the kernels of the call's dtype, then split-KV's merge; and the device's
+// launch_forward (launch.h): a decoding step's new tokens written into the cache, the kernels of the
+// call's dtype, then split-KV's merge; and the device's
 // multiprocessor count, which decoding_of sizes the splits by.
 #include "forward_kernels.h"
 
@@ -18,6 +19,10 @@ cudaError_t launch_blocks(const ForwardParams& params, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_forward(const ForwardParams& params, cudaStream_t stream) {
+  if (params.cache.new_tokens > 0) {
+    const cudaError_t error = launch_append(params, stream);
+    if (error != cudaSuccess) return error;
+  }
   const cudaError_t error = launch_blocks(params, stream);
   if (error != cudaSuccess || params.decoding.splits == 1) return error;
   return launch_merge_splits(params, stream);

@@ -49,14 +49,19 @@ struct Problem {
 };
 
 // Decoding against a KV cache (seqlens_k null: a dense call). Batch b sees the first
-// seqlens_k[b] keys of its cache (int32, device), aligned bottom-right (shift seqlens_k[b] - Lq);
+// seqlens_k[b] (+ new_tokens) keys of its cache (int32, device), aligned bottom-right;
 // Problem::seqlen_k is then the capacity. Paged caches (page_table not null) are addressed as the
 // Strided (pages, Hkv, page_size, D): key j of batch b is row j % page_size of page
 // page_table[b * table_stride + j / page_size].
+// A decoding step's new tokens (new_tokens > 0): k_new and v_new, Strided (B, Hkv, new_tokens, D)
+// and (.., Dv), are first written into the cache (append.cu) at positions seqlens_k[b] ..
+// seqlens_k[b] + new_tokens - 1, and batch b then sees seqlens_k[b] + new_tokens keys.
 struct KvCache {
   const int32_t* seqlens_k = nullptr;
   const int32_t* page_table = nullptr;
   int64_t table_stride = 0, page_size = 0;
+  int64_t new_tokens = 0;
+  Strided k_new{nullptr, 0, 0, 0, 0}, v_new{nullptr, 0, 0, 0, 0};
 };
 
 // Packed (varlen) batches (cu_seqlens_q null: a dense call). Sequence b is rows

@@ -40,7 +40,7 @@ __device__ __forceinline__ void restrict_to(Problem& p, const SequenceRows& rows
 template <typename T>
 __device__ __forceinline__ ForwardParams sequence_params(ForwardParams params, int b) {
   if (params.cache.seqlens_k != nullptr) {
-    params.p.seqlen_k = params.cache.seqlens_k[b];
+    params.p.seqlen_k = params.cache.seqlens_k[b] + params.cache.new_tokens;
     params.p.variants.shift = params.p.seqlen_k - params.p.seqlen_q;
   }
   if (params.packed.cu_seqlens_q != nullptr) {

@@ -100,7 +100,7 @@ class CudaBackend(Backend):
         if takes_decoding_kernel(q, k, extras, opts):  # few query rows: split-KV, GQA rows packed
             seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
             heads_last = (t.transpose(1, 2) for t in (q, k, v, out))  # (B, L, H, D) views: a full cache
-            self._decode(*heads_last, seqlens, None, lse, extras.alibi_slopes, opts)
+            self._launch_kvcache(*heads_last, lse, seqlens, None, extras.alibi_slopes, opts)
             return out, lse
         self._ops().cuda_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts), *_longest(opts),
                                  self._stream(q.device))
@@ -132,16 +132,27 @@ class CudaBackend(Backend):
     # caches and few query rows); tests set a count to exercise the split path on small caches.
     decode_splits = 0
 
+    def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
+        if k is None or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            # The kernels would read such caches through copies: the new tokens are written first.
+            return super().kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k, v)
+        return self._kvcache(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k, v)
+
     def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+        return self._kvcache(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)
+
+    def _kvcache(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts, k=None, v=None):
+        """The op on new outputs; new tokens k, v (in-place caches only) written by its first kernel (append.cu)."""
         q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
         out, lse = kvcache_outputs(q, v_cache)
-        self._decode(q, k_cache, v_cache, out, seqlens_k, block_table, lse, alibi_slopes, opts)
+        self._launch_kvcache(q, k_cache, v_cache, out, lse, seqlens_k, block_table, alibi_slopes, opts, k, v)
         return out, lse
 
-    def _decode(self, q, k_cache, v_cache, out, seqlens_k, block_table, lse, alibi_slopes, opts):
+    def _launch_kvcache(self, q, k_cache, v_cache, out, lse, seqlens_k, block_table, alibi_slopes, opts, k=None,
+                        v=None):
         table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows
         self._ops().cuda_kvcache_forward(q, k_cache, v_cache, seqlens_k.contiguous(), table, out, lse, opts.scale,
-                                         opts.left, opts.right, opts.softcap, alibi_slopes, self.decode_splits,
+                                         opts.left, opts.right, opts.softcap, alibi_slopes, k, v, self.decode_splits,
                                          self._stream(q.device))
 
 
