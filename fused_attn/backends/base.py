@@ -112,18 +112,20 @@ def append_by_indexing(k_cache: Tensor, v_cache: Tensor, block_table: Optional[T
         v_cache[pages, positions % page_size] = v
 
 
-# Dense calls with at most this many query rows per key/value head (Lq x the GQA group) take the
-# decoding kernel: the plain forward would give each query head one mostly empty block of rows
-# and read every key once per query head, with B x Hq programs in all.
+# Dense calls of fewer queries than keys, with at most this many query rows per key/value head
+# (Lq x the GQA group), take the decoding kernel: the plain forward would give each query head one
+# mostly empty block of rows and read every key once per query head, with B x Hq programs in all.
 DECODING_ROWS = 64
 
 
 def takes_decoding_kernel(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors, opts: AttentionOptions) -> bool:
-    """Whether a dense call (q (B, Hq, Lq, D)) is decoding-shaped and in what the decoding kernel
-    computes: no mask, bias or dropout, and the diagonal bottom-right aligned, or not used."""
-    if q.dim() != 4 or q.shape[2] * (q.shape[1] // k.shape[1]) > DECODING_ROWS:
+    """Whether a dense call (q (B, Hq, Lq, D)) is decoding-shaped (few query rows against more
+    keys) and in what the decoding kernel computes: no mask, bias or dropout, and the diagonal
+    bottom-right aligned, or not used."""
+    seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
+    if q.dim() != 4 or seqlen_q >= seqlen_k or seqlen_q * (q.shape[1] // k.shape[1]) > DECODING_ROWS:
         return False
     if extras.mask is not None or extras.bias is not None or opts.dropout_p > 0:
         return False
     uses_diagonal = opts.causal or opts.left >= 0 or opts.right >= 0 or extras.alibi_slopes is not None
-    return opts.bottom_right or not uses_diagonal or q.shape[2] == k.shape[2]
+    return opts.bottom_right or not uses_diagonal
