@@ -90,19 +90,21 @@ class Compiled(NamedTuple):
 
 
 def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf16", num_warps=4, num_stages=2,
-                   contiguous=False) -> Compiled:
+                   contiguous=False, pointer_types=None) -> Compiled:
     """Compile down to a cubin: its shared memory and spills.
 
     contiguous: specialise as Triton's JIT does for contiguous, 16-byte aligned tensors: unit strides
     become constants, and the other strides and the pointers are known multiples of 16. Only then do
     the loads vectorise and the inner loops pipeline (num_stages buffers), as on the GPU.
     With TMA=True in constexprs, the streamed operands are tensor descriptors (descriptor_types).
+    pointer_types overrides the types signature() gives pointers by name.
     """
     names = list(inspect.signature(kernel.fn).parameters)
     constexprs = {name: value for name, value in constexprs.items() if name in names}
     if contiguous:
         constexprs.update({name: 1 for name in names if name in UNIT_STRIDES})
     types = signature(kernel, constexprs, data_type, mask_type)
+    types.update(pointer_types or {})
     if constexprs.get("TMA"):
         types.update(descriptor_types(kernel, constexprs, data_type.lstrip("*")))
     aligned = [name for name, kind in types.items()
@@ -143,6 +145,8 @@ def feature_jobs():
         ("dq+varlen", _dq_kernel, dict(shapes, **varlen), {}),
         ("bias-grad", _bias_grad_kernel, dict(shapes, **everything, **bias_dims), {}),
         ("decode+all", _decode_kernel, dict(shapes, **everything), {}),
+        # one split stores its rows in the output's dtype, straight into out
+        ("decode-one-split", _decode_kernel, dict(shapes, **PLAIN), dict(pointer_types={"OutPartial": "*bf16"})),
         ("merge-splits", _merge_splits_kernel, dict(HEAD_DIM_V=128, BLOCK_R=16, BLOCK_DV=128), {}),
         ("append-paged", _append_kernel, dict(HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_H=8, BLOCK_D=128, BLOCK_DV=128,
                                               PAGED=True), {}),
