@@ -173,10 +173,10 @@ def _append_kernel(
     position = tl.load(CacheSeqlens + batch) + token
     if PAGED:
         page = tl.load(BlockTable + batch * stride_tb + position // page_size).to(tl.int64)
-        slot = position % page_size
+        slot = (position % page_size).to(tl.int64)
     else:
         page = batch
-        slot = position
+        slot = position.to(tl.int64)  # its offset, times the row stride, may pass 2^31 in a long cache
     heads = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     offs_dv = tl.arange(0, BLOCK_DV)[None, :]
