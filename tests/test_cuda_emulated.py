@@ -212,6 +212,22 @@ def test_new_tokens_are_written_in_place(emulated, monkeypatch, paged, dtype, st
     kvcache_tests.test_new_tokens_are_written_in_place_and_nothing_else(emulated.name, paged, dtype, strided, False)
 
 
+def test_new_tokens_reach_a_cache_read_through_copies(emulated):
+    """The kernels read a cache whose last dim is not contiguous through a copy; a step's new
+    tokens must still land in the caller's cache, and be attended to."""
+    k_cache, v_cache = (torch.randn(2, 16, 2, 64)[..., ::2] for _ in range(2))
+    k_new, v_new = torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32)
+    q = torch.randn(2, 1, 4, 32)
+    expected = [k_cache.clone(), v_cache.clone()]
+    for cache, new in zip(expected, (k_new, v_new)):
+        cache[0, 3], cache[1, 7] = new[0, 0], new[1, 0]
+    cached = torch.tensor([3, 7], dtype=torch.int32)
+    out = fused_attn.attention_with_kvcache(q, k_cache, v_cache, cached, k=k_new, v=v_new, backend=emulated.name)
+    assert torch.equal(k_cache, expected[0]) and torch.equal(v_cache, expected[1])
+    reference = fused_attn.attention_with_kvcache(q, *expected, cached + 1, backend="reference")
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("seqlen_q, new_tokens, keywords", kvcache_tests.CASES)
 def test_kvcache_split_kv(cuda, monkeypatch, seqlen_q, new_tokens, keywords, paged):

@@ -56,7 +56,9 @@ class Backend:
         or paged (pages, page_size, Hkv, D) cache, bottom-right aligned. New keys and values k, v
         (B, Lnew, Hkv, D / Dv), if given, are first written into the caches in place after each
         sequence's cache_seqlens[b] tokens; sequence b then sees its first cache_seqlens[b] + Lnew
-        keys. Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) float32."""
+        keys. Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) float32.
+
+        Backends implement decode, and override this where their op writes the new tokens itself."""
         if k is not None:
             self.append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
             cache_seqlens = cache_seqlens + k.shape[1]

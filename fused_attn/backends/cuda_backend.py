@@ -133,20 +133,17 @@ class CudaBackend(Backend):
     decode_splits = 0
 
     def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
-        if k is None or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-            # The kernels would read such caches through copies: the new tokens are written first.
+        # New tokens are written by the op's first kernel (append.cu), except into caches that the
+        # kernels read through copies (a last dim that is not contiguous): those are written first.
+        if k is not None and (k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
             return super().kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k, v)
-        return self._kvcache(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k, v)
-
-    def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
-        return self._kvcache(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)
-
-    def _kvcache(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts, k=None, v=None):
-        """The op on new outputs; new tokens k, v (in-place caches only) written by its first kernel (append.cu)."""
         q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
         out, lse = kvcache_outputs(q, v_cache)
-        self._launch_kvcache(q, k_cache, v_cache, out, lse, seqlens_k, block_table, alibi_slopes, opts, k, v)
+        self._launch_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, alibi_slopes, opts, k, v)
         return out, lse
+
+    def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
+        return self.kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)
 
     def _launch_kvcache(self, q, k_cache, v_cache, out, lse, seqlens_k, block_table, alibi_slopes, opts, k=None,
                         v=None):
