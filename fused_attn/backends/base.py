@@ -58,16 +58,11 @@ class Backend:
         sequence's cache_seqlens[b] tokens; sequence b then sees its first cache_seqlens[b] + Lnew
         keys. Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) float32.
 
-        Backends implement decode, and override this where their op writes the new tokens itself."""
+        Backends implement decode, and override this where their kernels write the new tokens."""
         if k is not None:
-            self.append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
+            append_by_indexing(k_cache, v_cache, block_table, cache_seqlens, k, v)
             cache_seqlens = cache_seqlens + k.shape[1]
         return self.decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts)
-
-    def append_to_cache(self, k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor], cache_seqlens: Tensor,
-                        k: Tensor, v: Tensor) -> None:
-        """kvcache_forward's writes of the new tokens; by default indexed assignments (append_by_indexing)."""
-        append_by_indexing(k_cache, v_cache, block_table, cache_seqlens, k, v)
 
     def decode(
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, block_table: Optional[Tensor],

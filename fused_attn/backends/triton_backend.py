@@ -83,12 +83,14 @@ class TritonBackend(Backend):
 
     supports_kvcache = True
 
+    def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
+        # Two launches: one writes the new tokens, the next counts them (no seqlens + Lnew tensor).
+        from ..triton.decode import append_to_cache, decode_forward
+
+        if k is not None:
+            append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
+        return decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts,
+                              new_tokens=0 if k is None else k.shape[1])
+
     def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
-        from ..triton.decode import decode_forward
-
-        return decode_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)
-
-    def append_to_cache(self, k_cache, v_cache, block_table, cache_seqlens, k, v):
-        from ..triton.decode import append_to_cache
-
-        append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
+        return self.kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)

@@ -37,7 +37,7 @@ def _decode_kernel(
     stride_tb, stride_sb, stride_sh,
     stride_os, stride_ob, stride_om, stride_oh, stride_od,
     stride_ls, stride_lb, stride_lm, stride_lh,
-    num_heads_kv, group_size, seqlen_q, page_size, split_size,
+    num_heads_kv, group_size, seqlen_q, page_size, split_size, new_tokens,
     left, right, scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -51,7 +51,7 @@ def _decode_kernel(
     head_kv = (batch_head_kv % num_heads_kv).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
-    seqlen_k = tl.load(CacheSeqlens + batch)
+    seqlen_k = tl.load(CacheSeqlens + batch) + new_tokens  # the tokens append_to_cache just wrote count too
     shift = seqlen_k - seqlen_q  # the cache convention: the last query sees the whole cache
 
     # Packed rows: row r is query position r // G of query head head_kv * G + r % G.
@@ -206,11 +206,12 @@ def append_to_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: t
 def decode_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
     block_table: torch.Tensor | None, alibi_slopes: torch.Tensor | None, opts: AttentionOptions,
-    out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, lse: torch.Tensor | None = None, new_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Lq, Hq, Dv), lse (B, Hq, Lq)) of q (B, Lq, Hq, D) against the first seqlens_k[b]
-    keys of the cache, bottom-right aligned. Shapes as in fused_attn.attention_with_kvcache.
-    Written into out (any strides but a unit last one) and lse when they are given."""
+    """(out (B, Lq, Hq, Dv), lse (B, Hq, Lq)) of q (B, Lq, Hq, D) against the first
+    seqlens_k[b] + new_tokens keys of the cache, bottom-right aligned. Shapes as in
+    fused_attn.attention_with_kvcache. Written into out (any strides but a unit last one) and lse
+    when they are given."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv, head_dim_v = k_cache.shape[2], v_cache.shape[3]
     group_size = heads_q // heads_kv
@@ -246,7 +247,7 @@ def decode_forward(
             q, k_cache, v_cache, seqlens_k, table, out_partial, lse_partial, slopes,
             *q.stride(), *k_strides, *v_strides, table.stride(0), *slopes.stride(),
             *out_strides, *lse_strides,
-            heads_kv, group_size, seqlen_q, page_size, split_size,
+            heads_kv, group_size, seqlen_q, page_size, split_size, new_tokens,
             opts.left, opts.right, opts.scale, opts.softcap or 1.0,
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
             BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
