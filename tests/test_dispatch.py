@@ -87,6 +87,15 @@ def test_explain_lists_every_backend_and_why():
     assert "triton: dtype torch.float64" in report
 
 
+def test_explain_says_when_the_decoding_kernel_runs():
+    """A few-query call against more keys runs the chosen backend's decoding kernel, and explain
+    says so; a call of as many queries as keys does not."""
+    q, k = torch.randn(1, 8, 2, 16, device=DEVICE), torch.randn(1, 2, 40, 16, device=DEVICE)
+    assert "with its decoding kernel: 8 query rows per key/value head against 40 keys" in fused_attn.explain(q, k, k)
+    assert "decoding kernel" not in fused_attn.explain(*qkv())
+    assert "decoding kernel" not in fused_attn.explain(q, k, k, backend="reference")
+
+
 def test_explain_with_forced_backend():
     report = fused_attn.explain(*qkv(), backend="reference")
     assert report.splitlines()[0] == "would run: reference"

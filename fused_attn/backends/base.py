@@ -46,6 +46,8 @@ class Backend:
         raise NotImplementedError
 
     supports_kvcache: bool = False
+    # Whether forward sends decoding-shaped dense calls (takes_decoding_kernel) to decode's kernels.
+    decodes_few_query_rows: bool = False
 
     def kvcache_forward(
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, block_table: Optional[Tensor],

@@ -70,6 +70,7 @@ class CpuBackend(Backend):
         return dq, dk, dv, dbias
 
     supports_kvcache = True
+    decodes_few_query_rows = True
 
     def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
         # New tokens are written by the op itself: in Python (Backend.kvcache_forward) the indexed

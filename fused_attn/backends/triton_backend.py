@@ -82,6 +82,7 @@ class TritonBackend(Backend):
         return attention_backward(dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad)
 
     supports_kvcache = True
+    decodes_few_query_rows = True
 
     def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
         # Two launches: one writes the new tokens, the next counts them (no seqlens + Lnew tensor).
