@@ -111,6 +111,8 @@ def explain(
     """Which backend `attention(q, k, v, **same keywords)` would run, and why each other would not.
 
     Returns a multi-line report; nothing is computed. Invalid input raises as `attention` would.
+    A call with fewer queries than keys and few query rows per key/value head (decoding) is
+    reported as running the backend's decoding kernel, where it does.
     """
     opts, extras = _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window,
                              alibi_slopes, softcap, deterministic)
