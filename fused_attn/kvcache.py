@@ -1,6 +1,7 @@
 """fused_attn.attention_with_kvcache: decoding against a contiguous or paged KV cache."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -92,7 +93,8 @@ def attention_with_kvcache(
 
     The lengths and pages are checked on the host, one device-to-host transfer per call (a sync on
     GPUs; none when cache_seqlens is an int and the cache contiguous); not while torch.compile
-    traces or a CUDA graph is captured, where they must be valid.
+    traces or a CUDA graph is captured, nor for GPU tensors with FUSED_ATTN_KVCACHE_CHECKS=0 (no
+    sync per step): there they must be valid, or the kernels read past the cache.
     Long caches are split across programs (split-KV) automatically where a call has too few
     (sequence, key/value head) pairs to fill the GPU or the CPU's cores. The query rows of a GQA
     group share one program (or CPU task), so each cached key is read once per key/value head.
@@ -167,10 +169,19 @@ def _check_cache_seqlens(cache_seqlens, q) -> tuple[Tensor, Optional[list[int]]]
     return cache_seqlens, None
 
 
+# Set to 0, the length and page checks of GPU calls are skipped: no sync per decoding step, which
+# lets the host run ahead of the GPU, and the kernels then trust the lengths and pages as given.
+CHECKS_VARIABLE = "FUSED_ATTN_KVCACHE_CHECKS"
+
+
 def _host_checks_skipped(device: torch.device) -> bool:
     """The length and page checks read device values on the host: not while torch.compile traces
-    (a graph break) nor while a CUDA graph is captured (a sync is an error there)."""
-    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    (a graph break), nor on GPUs while a CUDA graph is captured (a sync is an error there) or
+    where CHECKS_VARIABLE turns them off."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and (torch.cuda.is_current_stream_capturing()
+                                      or os.environ.get(CHECKS_VARIABLE) == "0")
 
 
 # Block tables up to this many entries are checked in Python on the host (_check_capacity).

@@ -196,13 +196,18 @@ def test_kvcache_rejects_inputs_that_require_grad():
 
 def test_host_checks_are_skipped_only_where_a_sync_is_impossible(monkeypatch):
     """Capturing a CUDA graph forbids the checks' device-to-host transfer, so they are skipped
-    there (and while torch.compile traces); everywhere else they run."""
+    there (and while torch.compile traces), and for GPU calls where FUSED_ATTN_KVCACHE_CHECKS=0
+    asks; everywhere else they run."""
     from fused_attn import kvcache
 
     assert not kvcache._host_checks_skipped(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert not kvcache._host_checks_skipped(torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert kvcache._host_checks_skipped(torch.device("cuda"))
+    assert not kvcache._host_checks_skipped(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv(kvcache.CHECKS_VARIABLE, "0")  # turned off by the user: GPU calls only
     assert kvcache._host_checks_skipped(torch.device("cuda"))
     assert not kvcache._host_checks_skipped(torch.device("cpu"))
 
