@@ -9,6 +9,8 @@ from oracle import assert_accurate, naive_attention, random_qkv
 import fused_attn
 
 B, HQ, HKV, D, DV, CAPACITY, PAGE = 3, 8, 2, 32, 24, 100, 16
+# Backends whose KV-cache kernels run on GPUs, where the host checks can be turned off.
+KVCACHE_GPU_BACKENDS = ("triton", "cuda")
 
 
 def make_cache(dtype):
@@ -278,3 +280,31 @@ def test_few_query_rows_take_the_decoding_kernel(monkeypatch, backend, dtype, se
     low_grads = torch.autograd.grad(low, (q, k, v), grad_out)
     for name, grad, exact_grad, low_grad in zip("qkv", grads, exact_grads, low_grads):
         assert_accurate(f"d{name}", grad, exact_grad, low_grad, dtype)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("backend", [name for name in KVCACHE_GPU_BACKENDS if name in BACKENDS])
+def test_unchecked_lengths_and_pages_stay_inside_the_cache(monkeypatch, backend, paged):
+    """With the host checks off (FUSED_ATTN_KVCACHE_CHECKS=0, CUDA graphs) the kernels clamp what
+    they are given: a length past the cache (of the last sequence, whose cache ends the tensor) or
+    below 0, and pages outside it, are never read or written past the cache (the interpreter's
+    bounds checks and the sanitized emulator would say); a valid sequence of the same call is
+    unaffected."""
+    from fused_attn import kvcache
+
+    monkeypatch.setattr(kvcache, "_host_checks_skipped", lambda device: True)
+    k_cache, v_cache = make_cache(torch.float32)
+    caches, table = (k_cache.clone(), v_cache.clone()), None
+    if paged:
+        *caches, table = paged_copy(k_cache, v_cache)
+        table[1, 0], table[2, 1] = -5, caches[0].shape[0] + 1000  # pages that do not exist
+    cached = torch.tensor([60, -7, CAPACITY + 50], dtype=torch.int32, device=DEVICE)
+    k_new, v_new = torch.randn(B, 2, HKV, D, device=DEVICE), torch.randn(B, 2, HKV, DV, device=DEVICE)
+    q = torch.randn(B, 1, HQ, D, device=DEVICE)
+    out = fused_attn.attention_with_kvcache(q, *caches, cached, k=k_new, v=v_new, block_table=table,
+                                            backend=backend)
+    valid_keys = torch.cat([k_cache[0, :60], k_new[0]]), torch.cat([v_cache[0, :60], v_new[0]])
+    expected = fused_attn.attention(q[:1].transpose(1, 2), *(t.transpose(0, 1)[None] for t in valid_keys),
+                                    backend="reference")
+    torch.testing.assert_close(out[:1], expected.transpose(1, 2), rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(out).all()

@@ -1,7 +1,8 @@
 // A decoding step's new tokens (params.h, KvCache): token i of batch b goes to cache position
 // seqlens_k[b] + i (row position % page_size of page page_table[b][position / page_size] in a
 // paged cache, row position of batch b's cache otherwise), every head's keys and values.
-// Elements are copied as bits: the new tokens have the cache's dtype.
+// Elements are copied as bits: the new tokens have the cache's dtype. A position or page outside
+// the cache (unchecked input) is not written.
 #include "elements.cuh"
 #include "forward_kernels.h"
 
@@ -29,10 +30,12 @@ __global__ void append_kernel(ForwardParams params) {
   const KvCache& cache = params.cache;
   const int64_t b = blockIdx.x / cache.new_tokens, i = blockIdx.x % cache.new_tokens;
   const int64_t position = cache.seqlens_k[b] + i;
+  if (position < 0 || position >= params.p.seqlen_k) return;  // outside the cache: unchecked input
   int64_t page = b, row = position;
   if (cache.page_table != nullptr) {
     page = cache.page_table[b * cache.table_stride + position / cache.page_size];
     row = position % cache.page_size;
+    if (page < 0 || page >= cache.pages) return;
   }
   copy_token<Bits>(cache.k_new, b, i, params.k, page, row, params.p.heads_kv, params.p.head_dim);
   copy_token<Bits>(cache.v_new, b, i, params.v, page, row, params.p.heads_kv, params.p.head_dim_v);

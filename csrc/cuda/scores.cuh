@@ -40,7 +40,8 @@ __device__ __forceinline__ void restrict_to(Problem& p, const SequenceRows& rows
 template <typename T>
 __device__ __forceinline__ ForwardParams sequence_params(ForwardParams params, int b) {
   if (params.cache.seqlens_k != nullptr) {
-    params.p.seqlen_k = params.cache.seqlens_k[b] + params.cache.new_tokens;
+    const int64_t capacity = params.p.seqlen_k, keys = params.cache.seqlens_k[b] + params.cache.new_tokens;
+    params.p.seqlen_k = keys < 0 ? 0 : (keys > capacity ? capacity : keys);
     params.p.variants.shift = params.p.seqlen_k - params.p.seqlen_q;
   }
   if (params.packed.cu_seqlens_q != nullptr) {
@@ -61,7 +62,8 @@ __device__ __forceinline__ const T* key_row(const Strided& s, const KvCache& cac
   const T* base = static_cast<const T*>(s.data) + h_kv * s.head;
   if (cache.page_table == nullptr) return base + b * s.batch + j * s.row;
   const int64_t page = cache.page_table[b * cache.table_stride + j / cache.page_size];
-  return base + page * s.batch + (j % cache.page_size) * s.row;
+  const int64_t inside = page < 0 ? 0 : (page >= cache.pages ? cache.pages - 1 : page);
+  return base + inside * s.batch + (j % cache.page_size) * s.row;
 }
 
 struct KeyRange {

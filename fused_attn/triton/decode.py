@@ -37,7 +37,7 @@ def _decode_kernel(
     stride_tb, stride_sb, stride_sh,
     stride_os, stride_ob, stride_om, stride_oh, stride_od,
     stride_ls, stride_lb, stride_lm, stride_lh,
-    num_heads_kv, group_size, seqlen_q, page_size, split_size, new_tokens,
+    num_heads_kv, group_size, seqlen_q, page_size, split_size, new_tokens, capacity, num_pages,
     left, right, scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -51,7 +51,9 @@ def _decode_kernel(
     head_kv = (batch_head_kv % num_heads_kv).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
-    seqlen_k = tl.load(CacheSeqlens + batch) + new_tokens  # the tokens append_to_cache just wrote count too
+    # The tokens append_to_cache just wrote count too. Lengths and pages are clamped to the cache:
+    # unchecked ones (FUSED_ATTN_KVCACHE_CHECKS=0, CUDA graphs) must never be read past it.
+    seqlen_k = tl.minimum(tl.maximum(tl.load(CacheSeqlens + batch) + new_tokens, 0), capacity)
     shift = seqlen_k - seqlen_q  # the cache convention: the last query sees the whole cache
 
     # Packed rows: row r is query position r // G of query head head_kv * G + r % G.
@@ -86,6 +88,7 @@ def _decode_kernel(
         cols = start_n + offs_n
         if PAGED:
             pages = tl.load(BlockTable + batch * stride_tb + cols // page_size, mask=cols < seqlen_k, other=0)
+            pages = tl.minimum(tl.maximum(pages, 0), num_pages - 1)
             slots = cols % page_size
         else:
             pages = cols * 0 + batch
@@ -160,28 +163,35 @@ def _merge_splits_kernel(
 
 @triton.jit
 def _append_kernel(
-    KNew, VNew, KCache, VCache, CacheSeqlens, BlockTable, new_tokens, page_size, heads_kv,
+    KNew, VNew, KCache, VCache, CacheSeqlens, BlockTable, new_tokens, page_size, heads_kv, capacity, num_pages,
     stride_knb, stride_knl, stride_knh, stride_knd, stride_vnb, stride_vnl, stride_vnh, stride_vnd,
     stride_kp, stride_kn, stride_kh, stride_kd, stride_vp, stride_vn, stride_vh, stride_vd, stride_tb,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PAGED: tl.constexpr,
 ):
     """New token i of sequence b (one program) written into the caches at position
-    CacheSeqlens[b] + i, through the block table of a paged cache; every head at once."""
+    CacheSeqlens[b] + i, through the block table of a paged cache; every head at once. A position
+    outside the cache, or a page outside it (unchecked input), is not written."""
     batch = (tl.program_id(0) // new_tokens).to(tl.int64)
     token = tl.program_id(0) % new_tokens
     position = tl.load(CacheSeqlens + batch) + token
+    in_cache = (position >= 0) & (position < capacity)
+    position = tl.where(in_cache, position, 0)  # a table entry and a row that exist, written to or not
     if PAGED:
         page = tl.load(BlockTable + batch * stride_tb + position // page_size).to(tl.int64)
+        in_cache = in_cache & (page >= 0) & (page < num_pages)
         slot = (position % page_size).to(tl.int64)
     else:
         page = batch
         slot = position.to(tl.int64)  # its offset, times the row stride, may pass 2^31 in a long cache
+    page = tl.where(in_cache, page, 0)
     heads = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     offs_dv = tl.arange(0, BLOCK_DV)[None, :]
-    k_live = (heads < heads_kv) & (offs_d < HEAD_DIM)
-    v_live = (heads < heads_kv) & (offs_dv < HEAD_DIM_V)
+    # in_cache broadcast over the heads (Triton's interpreter takes no scalar in a mask)
+    writes = (heads < heads_kv) & (heads * 0 + in_cache.to(tl.int32) != 0)
+    k_live = writes & (offs_d < HEAD_DIM)
+    v_live = writes & (offs_dv < HEAD_DIM_V)
     k = tl.load(KNew + batch * stride_knb + token * stride_knl + heads * stride_knh + offs_d * stride_knd, mask=k_live)
     v = tl.load(VNew + batch * stride_vnb + token * stride_vnl + heads * stride_vnh + offs_dv * stride_vnd, mask=v_live)
     tl.store(KCache + page * stride_kp + slot * stride_kn + heads * stride_kh + offs_d * stride_kd, k, mask=k_live)
@@ -195,8 +205,10 @@ def append_to_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: t
     head_dim_v = v.shape[3]
     paged = block_table is not None
     table = block_table if paged else cache_seqlens[:, None]
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if paged else page_size
     _append_kernel[(batch * new_tokens,)](
-        k, v, k_cache, v_cache, cache_seqlens, table, new_tokens, k_cache.shape[1], heads_kv,
+        k, v, k_cache, v_cache, cache_seqlens, table, new_tokens, page_size, heads_kv, capacity, k_cache.shape[0],
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=triton.next_power_of_2(heads_kv),
         BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v), PAGED=paged,
@@ -247,7 +259,7 @@ def decode_forward(
             q, k_cache, v_cache, seqlens_k, table, out_partial, lse_partial, slopes,
             *q.stride(), *k_strides, *v_strides, table.stride(0), *slopes.stride(),
             *out_strides, *lse_strides,
-            heads_kv, group_size, seqlen_q, page_size, split_size, new_tokens,
+            heads_kv, group_size, seqlen_q, page_size, split_size, new_tokens, capacity, k_cache.shape[0],
             opts.left, opts.right, opts.scale, opts.softcap or 1.0,
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
             BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
