@@ -689,7 +689,6 @@ void cuda_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& 
     cache.page_table = table.data_ptr<int32_t>();
     cache.table_stride = table.stride(0);
     cache.page_size = page_size;
-    cache.pages = k_cache.size(0);
   } else {
     TORCH_CHECK(k_cache.size(0) == B, "fused_attn_native: a contiguous cache must have B = ", B, " rows, got ", k_cache.size(0));
   }

@@ -94,7 +94,8 @@ def attention_with_kvcache(
     The lengths and pages are checked on the host, one device-to-host transfer per call (a sync on
     GPUs; none when cache_seqlens is an int and the cache contiguous); not while torch.compile
     traces or a CUDA graph is captured, nor for GPU tensors with FUSED_ATTN_KVCACHE_CHECKS=0 (no
-    sync per step): there they must be valid, or the kernels read past the cache.
+    sync per step): there they must be valid (the triton kernels clamp lengths and pages into
+    the cache; the cuda ones lengths only).
     Long caches are split across programs (split-KV) automatically where a call has too few
     (sequence, key/value head) pairs to fill the GPU or the CPU's cores. The query rows of a GQA
     group share one program (or CPU task), so each cached key is read once per key/value head.

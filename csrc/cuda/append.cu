@@ -1,8 +1,8 @@
 // A decoding step's new tokens (params.h, KvCache): token i of batch b goes to cache position
 // seqlens_k[b] + i (row position % page_size of page page_table[b][position / page_size] in a
 // paged cache, row position of batch b's cache otherwise), every head's keys and values.
-// Elements are copied as bits: the new tokens have the cache's dtype. A position or page outside
-// the cache (unchecked input) is not written.
+// Elements are copied as bits: the new tokens have the cache's dtype. A position outside the
+// cache (an unchecked length) is not written.
 #include "elements.cuh"
 #include "forward_kernels.h"
 
@@ -35,7 +35,6 @@ __global__ void append_kernel(ForwardParams params) {
   if (cache.page_table != nullptr) {
     page = cache.page_table[b * cache.table_stride + position / cache.page_size];
     row = position % cache.page_size;
-    if (page < 0 || page >= cache.pages) return;
   }
   copy_token<Bits>(cache.k_new, b, i, params.k, page, row, params.p.heads_kv, params.p.head_dim);
   copy_token<Bits>(cache.v_new, b, i, params.v, page, row, params.p.heads_kv, params.p.head_dim_v);

@@ -62,8 +62,7 @@ __device__ __forceinline__ const T* key_row(const Strided& s, const KvCache& cac
   const T* base = static_cast<const T*>(s.data) + h_kv * s.head;
   if (cache.page_table == nullptr) return base + b * s.batch + j * s.row;
   const int64_t page = cache.page_table[b * cache.table_stride + j / cache.page_size];
-  const int64_t inside = page < 0 ? 0 : (page >= cache.pages ? cache.pages - 1 : page);
-  return base + inside * s.batch + (j % cache.page_size) * s.row;
+  return base + page * s.batch + (j % cache.page_size) * s.row;
 }
 
 struct KeyRange {
