@@ -17,7 +17,7 @@ import torch
 from ..layout import attention_outputs, gradient_like, kvcache_outputs
 from ..options import AttentionOptions, AttentionTensors
 from . import native
-from .base import Backend, Tensor, as_4d, takes_decoding_kernel
+from .base import Backend, Tensor, as_4d, as_full_cache, takes_decoding_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -46,8 +46,7 @@ class CpuBackend(Backend):
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         out, lse = attention_outputs(q, v)
         if takes_decoding_kernel(q, k, extras, opts):  # few query rows: the KV-cache op splits long keys
-            seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32)
-            q_, k_, v_, out_ = (t.transpose(1, 2) for t in (q, k, v, out))  # (B, L, H, D) views: a full cache
+            q_, k_, v_, out_, seqlens = as_full_cache(q, k, v, out)
             _ops().cpu_kvcache_forward(q_, k_, v_, seqlens, None, out_, lse, opts.scale, opts.left, opts.right,
                                        opts.softcap, extras.alibi_slopes)
             return out, lse

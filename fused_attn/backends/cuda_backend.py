@@ -24,7 +24,7 @@ import torch
 from ..layout import attention_outputs, fill_unused_rows, gradient_like, kvcache_outputs, new_output
 from ..options import AttentionOptions, AttentionTensors
 from . import native
-from .base import Backend, Tensor, as_4d, takes_decoding_kernel
+from .base import Backend, Tensor, as_4d, as_full_cache, takes_decoding_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # csrc/cuda/launch.h, kMaxHeadDim
@@ -98,9 +98,8 @@ class CudaBackend(Backend):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         out, lse = attention_outputs(q, v)
         if takes_decoding_kernel(q, k, extras, opts):  # few query rows: split-KV, GQA rows packed
-            seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
-            heads_last = (t.transpose(1, 2) for t in (q, k, v, out))  # (B, L, H, D) views: a full cache
-            self._launch_kvcache(*heads_last, lse, seqlens, None, extras.alibi_slopes, opts)
+            q_, k_, v_, out_, seqlens = as_full_cache(q, k, v, out)
+            self._launch_kvcache(q_, k_, v_, out_, lse, seqlens, None, extras.alibi_slopes, opts)
             return out, lse
         self._ops().cuda_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts), *_longest(opts),
                                  self._stream(q.device))

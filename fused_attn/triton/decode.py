@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.base import as_full_cache
 from ..layout import attention_outputs, kvcache_outputs
 from ..options import AttentionOptions
 from .common import (
@@ -295,7 +296,6 @@ def decoding_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_sl
     """A dense call (shapes as in fused_attn.attention) by the decoding kernel: the keys are a full
     contiguous cache, read through (B, Lk, Hkv, D) views; out laid out like q (layout.py)."""
     out, lse = attention_outputs(q, v)
-    seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
-    decode_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seqlens, None, alibi_slopes, opts,
-                   out.transpose(1, 2), lse)
+    q_, k_, v_, out_, seqlens = as_full_cache(q, k, v, out)
+    decode_forward(q_, k_, v_, seqlens, None, alibi_slopes, opts, out_, lse)
     return out, lse
