@@ -407,29 +407,30 @@ void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const
   }
 }
 
-// A decoding step's new keys or values, rows (B, Lnew, Hkv, D), written into the cache in place at
-// positions seqlens_k[b] .. seqlens_k[b] + Lnew - 1 of each sequence (through the page table of a
-// paged cache, whose pages were checked). Elements are copied as bits: the dtypes match.
+// A decoding step's new keys or values, `rows` (B, Hkv, Lnew, D) as strided() sees them, written
+// into `cache` (pages, Hkv, page_size, D) in place at positions seqlens[b] .. seqlens[b] + Lnew - 1
+// of each sequence (through the page table of a paged cache, whose pages were checked; a contiguous
+// cache's batch b is its page b). Elements are copied as bits: the dtypes match.
 template <typename Bits>
-void copy_new_rows(const Tensor& cache, const Tensor& rows, const int32_t* seqlens, const cpu::Pages& pages) {
-  const int64_t B = rows.size(0), Lnew = rows.size(1), H = rows.size(2), D = rows.size(3), page_size = cache.size(1);
-  const Bits* src = static_cast<const Bits*>(rows.data_ptr());
-  Bits* dst = static_cast<Bits*>(cache.data_ptr());
+void copy_new_rows(const Strided& cache, const Strided& rows, int64_t B, int64_t Lnew, int64_t H, int64_t D,
+                   int64_t page_size, const int32_t* seqlens, const cpu::Pages& pages) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < Lnew; ++i) {
       const int64_t position = seqlens[b] + i;
       const int64_t page = pages.table != nullptr ? pages.table[b * pages.table_stride + position / page_size] : b;
-      Bits* to = dst + page * cache.stride(0) + position % page_size * cache.stride(1);
-      const Bits* from = src + b * rows.stride(0) + i * rows.stride(1);
+      Bits* to = static_cast<Bits*>(cache.data) + page * cache.batch + position % page_size * cache.row;
+      const Bits* from = static_cast<const Bits*>(rows.data) + b * rows.batch + i * rows.row;
       for (int64_t h = 0; h < H; ++h)
-        for (int64_t d = 0; d < D; ++d) to[h * cache.stride(2) + d * cache.stride(3)] = from[h * rows.stride(2) + d * rows.stride(3)];
+        for (int64_t d = 0; d < D; ++d) to[h * cache.head + d * cache.col] = from[h * rows.head + d * rows.col];
     }
 }
 
 void append_rows(const Tensor& cache, const Tensor& rows, const Tensor& seqlens, const cpu::Pages& pages) {
+  const Strided to = strided(cache.transpose(1, 2)), from = strided(rows.transpose(1, 2));
+  const int64_t B = rows.size(0), Lnew = rows.size(1), H = rows.size(2), D = rows.size(3), page_size = cache.size(1);
   const int32_t* lengths = seqlens.data_ptr<int32_t>();
-  if (cache.element_size() == 2) return copy_new_rows<uint16_t>(cache, rows, lengths, pages);
-  copy_new_rows<uint32_t>(cache, rows, lengths, pages);
+  if (cache.element_size() == 2) return copy_new_rows<uint16_t>(to, from, B, Lnew, H, D, page_size, lengths, pages);
+  copy_new_rows<uint32_t>(to, from, B, Lnew, H, D, page_size, lengths, pages);
 }
 
 // Decoding: q (B, Lq, Hq, D) against the first seqlens_k[b] + Lnew keys of a contiguous cache
