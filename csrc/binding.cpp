@@ -7,7 +7,7 @@
 //                       window_right, softcap, alibi_slopes, k_new, v_new)   decoding against a KV cache,
 //                       after writing a step's new tokens (if given) into it
 //   cpu_isa() -> str       which kernels the next call runs: "avx512", "avx2" or "portable"
-//   cpu_bf16_on_amx() -> bool   whether their bf16 products run on AMX tiles
+//   cpu_bf16_products() -> str  what their bf16 products run on: "amx", "avx512-bf16" or "fp32"
 //
 // Outputs are passed in (allocated by fused_attn/backends/cpu_backend.py), so their layout follows
 // fused_attn/layout.py in one place. The ops are called inside the opaque custom ops
@@ -391,9 +391,10 @@ void cpu_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const
   // Both schedules give the same bits; the choice is only about speed, except that some bias
   // gradients need the two-pass one's task split (params.h, one_pass_owns_dbias). Every pass reads
   // the delta of rows other tasks write, hence separate parallel loops.
-  // bf16 on AMX computes in the one-pass schedule only (amx.h bf16_backward_on_amx).
-  const bool amx = p.dtype == cpu::DType::BFloat16 && kernels.bf16_backward_on_amx(p.head_dim, p.head_dim_v);
-  if ((amx || prefer_one_pass(call)) && cpu::one_pass_owns_dbias(p, dbias_view)) {
+  // bf16 with bf16 products computes in the one-pass schedule only (bf16.h bf16_backward_kind).
+  const bool bf16_products =
+      p.dtype == cpu::DType::BFloat16 && kernels.bf16_backward_takes_products(p.head_dim, p.head_dim_v);
+  if ((bf16_products || prefer_one_pass(call)) && cpu::one_pass_owns_dbias(p, dbias_view)) {
     at::parallel_for(0, query_tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.backward_delta(args, begin, end); });
     at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) { kernels.backward_fused(args, begin, end); });
   } else {
@@ -519,7 +520,7 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
 }
 
 std::string cpu_isa() { return select_kernels().isa; }
-bool cpu_bf16_on_amx() { return select_kernels().bf16_on_amx(); }
+std::string cpu_bf16_products() { return select_kernels().bf16_products(); }
 #endif  // FUSED_ATTN_EMULATOR
 
 
@@ -765,7 +766,7 @@ TORCH_LIBRARY(fused_attn_native, m) {
         "Tensor(a!) out, Tensor(b!) lse, float scale, int window_left, int window_right, float softcap=0., "
         "Tensor? alibi_slopes=None, Tensor? k_new=None, Tensor? v_new=None) -> ()");
   m.def("cpu_isa() -> str", &fused_attn::cpu_isa);
-  m.def("cpu_bf16_on_amx() -> bool", &fused_attn::cpu_bf16_on_amx);
+  m.def("cpu_bf16_products() -> str", &fused_attn::cpu_bf16_products);
 }
 
 TORCH_LIBRARY_IMPL(fused_attn_native, CPU, m) {

@@ -8,8 +8,8 @@
 # This builds a sanitized copy of the package in build/sanitized/tree (FUSED_ATTN_SANITIZE=
 # address,undefined: setup.py's CPU extension, and the CUDA kernels' emulator when its tests
 # build it), then runs there, with the sanitizer preloaded into Python:
-#   - the `cpu` backend's tests, once per CPU kernel set this CPU runs (AVX-512 with and without
-#     the AMX products, AVX2, portable);
+#   - the `cpu` backend's tests, once per CPU kernel set this CPU runs (AVX-512 with its best bf16
+#     products and with fp32 ones, AVX2, portable; test_native.py runs each bf16 kind the CPU has);
 #   - the `cuda` backend's tests on the emulator (tests/cuda_emulator/).
 # Usage: tests/run_sanitized.sh PYTHON [pytest args]
 set -euo pipefail
@@ -63,14 +63,14 @@ CPU_TESTS=(tests/test_native.py tests/test_accuracy.py tests/test_variants.py te
 ISA=$(cd "$TREE" && LD_PRELOAD="$ASAN_RUNTIME $STDCXX" ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0 CUDA_VISIBLE_DEVICES= "$PYTHON" -c \
       "from fused_attn.backends import cpu_backend; print(cpu_backend.active_isa())")
 case $ISA in
-    avx512) kernel_sets=(avx512 avx512-no-amx avx2 portable) ;;
+    avx512) kernel_sets=(avx512 avx512-fp32 avx2 portable) ;;
     avx2) kernel_sets=(avx2 portable) ;;
     *) kernel_sets=(portable) ;;
 esac
 for set in "${kernel_sets[@]}"; do
-    isa=${set%-no-amx}
-    amx=$([[ $set == *-no-amx ]] && echo 0 || echo 1)
-    run "cpu-$set" FUSED_ATTN_CPU_ISA="$isa" FUSED_ATTN_CPU_AMX="$amx" "${PYTEST[@]}" "${CPU_TESTS[@]}"
+    isa=${set%-fp32}
+    bf16=$([[ $set == *-fp32 ]] && echo fp32 || echo amx)
+    run "cpu-$set" FUSED_ATTN_CPU_ISA="$isa" FUSED_ATTN_CPU_BF16="$bf16" "${PYTEST[@]}" "${CPU_TESTS[@]}"
 done
 # (less the check of how this build says it has no CUDA kernels: FUSED_ATTN_CUDA=0 above)
 run cuda-emulated "${PYTEST[@]}" tests/test_cuda_emulated.py \

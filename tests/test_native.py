@@ -1,5 +1,5 @@
 """What is specific to the C++ backend: it is built and loaded, its builds (portable, AVX2,
-AVX-512) agree, bf16 products on AMX tiles match, thread count never changes a bit (dense, packed and KV-cache calls), the backward
+AVX-512) agree, bf16 products (AMX tiles, AVX512-BF16 dot products) match, thread count never changes a bit (dense, packed and KV-cache calls), the backward
 schedules agree, the forward's tasks (one head's block, or several heads of a group packed into
 one) cover every row, tiles the mask hides are skipped exactly, longer sequences match the reference backend, and its op errors are clear."""
 
@@ -14,6 +14,19 @@ import fused_attn
 from fused_attn.backends import cpu_backend
 
 # These tests use CPU tensors on every machine: the extension is built on GPU machines too.
+
+
+# FUSED_ATTN_CPU_BF16 values, and what cpu_backend.bf16_products() then says where the CPU has them.
+BF16_PRODUCTS = {"amx": "amx", "dot": "avx512-bf16"}
+
+
+@pytest.fixture(params=sorted(BF16_PRODUCTS))
+def bf16_products(request, monkeypatch):
+    """Runs the test with bf16 products of one kind (csrc/cpu/bf16.h); skipped on CPUs without them."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16", request.param)
+    if cpu_backend.bf16_products() != BF16_PRODUCTS[request.param]:
+        pytest.skip(f"this CPU (or the build picked for it) has no {BF16_PRODUCTS[request.param]} products")
+    return request.param
 
 
 def test_extension_is_built_and_loaded():
@@ -108,50 +121,44 @@ def test_portable_build_matches_vectorized(isa, dtype, vectorized):
 @pytest.mark.parametrize("shape", [(2, 4, 2, 150, 130, 64, 64), (1, 2, 1, 70, 301, 128, 128), (1, 3, 3, 65, 64, 72, 48),
                                    (2, 8, 2, 9, 67, 64, 32), (2, 4, 2, 200, 1100, 64, 64), (1, 1, 1, 65, 33000, 128, 128)],
                          ids=["gqa", "head-dim-128", "head-dims-72-48", "heads-packed", "key-blocks", "uncached"])
-def test_bf16_amx_products_match_the_oracle(monkeypatch, shape):
-    """bf16 forwards and backwards on AMX tiles (csrc/cpu/amx.h): operands packed, P and dS rounded
+def test_bf16_products_match_the_oracle(bf16_products, monkeypatch, shape):
+    """bf16 forwards and backwards on bf16 products (csrc/cpu/bf16.h): operands packed, P and dS rounded
     to bf16, keys and query rows padded to even (odd counts here), head dims past one 64-column
     chunk, several heads' rows in one forward block, head dims the backward leaves to fp32 (72),
     several 512-key blocks whose packed copies tasks share, and a sequence too long to keep them
     (one block at a time). Against float64 math with every variant, and against the fp32 products."""
-    if not cpu_backend.bf16_on_amx():
-        pytest.skip("this CPU (or the build picked for it) has no AMX-BF16 products")
     keywords = dict(variant_keywords(shape[1], shape[3], shape[4]), causal=True, causal_alignment="bottom_right")
     check_against_oracle("cpu", shape, torch.bfloat16, torch.device("cpu"), sequence_major=True, **keywords)
     check_against_oracle("cpu", shape, torch.bfloat16, torch.device("cpu"), dropout_p=0.3)
     q, k, v = random_qkv(*shape, torch.bfloat16, "cpu")
     dout = torch.randn(*shape[:2], shape[3], shape[6], dtype=torch.bfloat16)
-    on_tiles = run(q, k, v, dout, **keywords)
-    # The backward on AMX takes the one-pass schedule whatever the thread count (the two-pass one
-    # would compute dq in fp32), so thread count changes no bit here either.
+    on_bf16_products = run(q, k, v, dout, **keywords)
+    # The backward on bf16 products takes the one-pass schedule whatever the thread count (the
+    # two-pass one would compute dq in fp32), so thread count changes no bit here either.
     assert_bitwise_equal(results_per_thread_count(lambda: run(q, k, v, dout, **keywords)))
-    monkeypatch.setenv("FUSED_ATTN_CPU_AMX", "0")
-    assert not cpu_backend.bf16_on_amx()
-    assert_close_each(on_tiles, run(q, k, v, dout, **keywords), rtol=2e-2, atol=2e-2)
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16", "fp32")
+    assert cpu_backend.bf16_products() == "fp32"
+    assert_close_each(on_bf16_products, run(q, k, v, dout, **keywords), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 1, 130, 1100, 64, 64), (1, 1, 1, 65, 33000, 128, 128)],
                          ids=["blocks-kept", "one-block-at-a-time"])
 @pytest.mark.parametrize("window", [(300, 0), (40, 500)], ids=["left", "right"])
-def test_bf16_amx_windows_across_packed_blocks(shape, window):
-    """A forward step on AMX tiles starts at the window's first chunk of 64 keys, not at a
+def test_bf16_product_windows_across_packed_blocks(bf16_products, shape, window):
+    """A forward step on bf16 products starts at the window's first chunk of 64 keys, not at a
     512-key block: its keys cross a block boundary (one operand when every block stays packed; two
     steps when the sequence is too long to keep them). Against float64 math, forward and backward."""
-    if not cpu_backend.bf16_on_amx():
-        pytest.skip("this CPU (or the build picked for it) has no AMX-BF16 products")
     check_against_oracle("cpu", shape, torch.bfloat16, torch.device("cpu"), window=window,
                          causal_alignment="bottom_right")
 
 
 @pytest.mark.parametrize("keywords", [dict(), dict(window=(200, 0), causal_alignment="bottom_right")],
                          ids=["full", "window"])
-def test_bf16_amx_varlen_sequences_pack_their_own_keys(keywords):
-    """Packed sequences of different lengths on AMX tiles (bf16, head dims the AMX products take):
+def test_bf16_product_varlen_sequences_pack_their_own_keys(bf16_products, keywords):
+    """Packed sequences of different lengths on bf16 products (head dims they take):
     each packs its own keys (odd lengths, one past a 512-key block; packing to the longest length
     would read the next sequence's rows and misshape a shorter one's last chunk). Forward and
     gradients against each sequence alone in float64."""
-    if not cpu_backend.bf16_on_amx():
-        pytest.skip("this CPU (or the build picked for it) has no AMX-BF16 products")
     lengths, H, D = [300, 77, 513, 131], 4, 64
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     q, k, v = (torch.randn(sum(lengths), H, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -169,12 +176,10 @@ def test_bf16_amx_varlen_sequences_pack_their_own_keys(keywords):
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_bf16_amx_kvcache_sequences_pack_their_own_keys(paged):
-    """KV-cache calls with enough query rows for the AMX tiles (a prefill into the cache): each
+def test_bf16_product_kvcache_sequences_pack_their_own_keys(bf16_products, paged):
+    """KV-cache calls with enough query rows for the bf16 products (a prefill into the cache): each
     sequence packs its own cached keys (odd lengths, one past a 512-key block), contiguous or through
     pages. Against the reference backend in float64."""
-    if not cpu_backend.bf16_on_amx():
-        pytest.skip("this CPU (or the build picked for it) has no AMX-BF16 products")
     B, Lq, Hq, Hkv, D, capacity, page = 3, 40, 8, 2, 64, 1024, 128
     q = torch.randn(B, Lq, Hq, D, dtype=torch.bfloat16)
     k_cache, v_cache = (torch.randn(B, capacity, Hkv, D, dtype=torch.bfloat16) for _ in range(2))
@@ -227,16 +232,16 @@ def test_nan_inputs_give_nan_rows(dtype):
     assert out[0, 0, :100].isfinite().all() and out[0, 1, :5].isfinite().all()
 
 
-@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-any", "no-amx"])
+@pytest.mark.parametrize("products", ["amx", "dot", "fp32"], ids=["best-bf16-products", "dot-if-any", "fp32-products"])
 @pytest.mark.parametrize("seqlen_k", [1, 700], ids=["one-key", "many-keys"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_lse_is_float32_accurate(dtype, seqlen_k, amx, monkeypatch):
+def test_lse_is_float32_accurate(dtype, seqlen_k, products, monkeypatch):
     """The lse is as accurate as float32 math on the inputs: the probabilities' fast exp (tile.h,
     exp_by_powers_of_two) errs by < 4e-6 for 16-bit inputs and is exact at a row's maximum, so a
     one-key row's lse is its score. (ATen's fexp_u20 gave every 16-bit lse a bias of -5e-5, which the
     accuracy rule, against the score rounded to 16 bits, caught only when that rounding happened to
     be small.)"""
-    monkeypatch.setenv("FUSED_ATTN_CPU_AMX", amx)
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16", products)
     q, k, v = random_qkv(2, 4, 2, 130, seqlen_k, 64, 64, dtype, "cpu")
     q = q * 2  # scores of a few units, as a trained model's
     _, lse = fused_attn.attention(q, k, v, return_lse=True, backend="cpu")

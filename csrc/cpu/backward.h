@@ -17,8 +17,8 @@
 // softcap * tanh(x / softcap)); hidden keys have S = -inf, so P = dS = 0 there. Pass 1 works on
 // S^T (queries as columns, like the forward); pass 2 on S (keys as columns), so each pass packs
 // its fixed operand transposed once per task. Every task works inside one sequence (params.h,
-// sequence): packed sequences are never padded. bf16 on an AMX CPU takes the five products of
-// the key-block backward on AMX tiles (amx.h) and always the one-pass schedule.
+// sequence): packed sequences are never padded. bf16 with the bf16 products (bf16.h) takes the five
+// products of the key-block backward on them and always the one-pass schedule.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
 // lse as the backward uses it: rows that saw no key have lse = -inf; +inf makes every
@@ -204,25 +204,26 @@ inline void add_bias_grad(const Strided& dbias, const float* grad, int64_t b, in
   }
 }
 
-// The key block's fixed operands for the AMX products: K^T and V^T packed (zero past the
+// The key block's fixed operands for the bf16 products: K^T and V^T packed (zero past the
 // block's keys), and K packed (keys padded to even) when dQ is summed here too.
 inline void pack_key_block(const BackwardArgs& args, int64_t b, int64_t hk, int64_t k0, int64_t keys, bool with_k,
-                           const AmxBackwardBuffers& amx) {
+                           const Bf16BackwardBuffers& bf16) {
   const int64_t D = args.p.head_dim, Dv = args.p.head_dim_v;
-  const Bf16Rows k = bf16_rows(amx.k_rows, args.k, Pages{}, b, hk, k0, keys, D, true);
-  pack_transposed(k.data, k.ld, keys, D, kBlockN, amx.transpose_staging, amx.kt_packed);
-  if (with_k) pack_columns(k.data, k.ld, round_up(keys, 2), D, amx.k_packed);
-  const Bf16Rows v = bf16_rows(amx.k_rows, args.v, Pages{}, b, hk, k0, keys, Dv, false);
-  pack_transposed(v.data, v.ld, keys, Dv, kBlockN, amx.transpose_staging, amx.vt_packed);
+  const Bf16Products& products = bf16.products;
+  const Bf16Rows k = bf16_rows(bf16.k_rows, args.k, Pages{}, b, hk, k0, keys, D, true);
+  products.pack_transposed(k.data, k.ld, keys, D, kBlockN, bf16.transpose_staging, bf16.kt_packed);
+  if (with_k) products.pack_columns(k.data, k.ld, round_up(keys, 2), D, bf16.k_packed);
+  const Bf16Rows v = bf16_rows(bf16.k_rows, args.v, Pages{}, b, hk, k0, keys, Dv, false);
+  products.pack_transposed(v.data, v.ld, keys, Dv, kBlockN, bf16.transpose_staging, bf16.vt_packed);
 }
 
 // Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query
 // heads and the query blocks that see the block. With dq != nullptr (the one-pass schedule) also
 // dQ += dS K for those rows, dq being the group's (G x Lq x Dp) fp32 accumulator.
-// amx: the bf16 products on AMX tiles (amx.h; bf16 inputs only), with P and dS rounded to bf16.
+// bf16: the bf16 products (bf16.h; bf16 inputs only), with P and dS rounded to bf16.
 template <typename T>
 void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t k0, const KeyBlockScratch& t,
-                        float* dq, const AmxBackwardBuffers* amx) {
+                        float* dq, const Bf16BackwardBuffers* bf16) {
   const Problem& p = args.p;
   const int64_t D = p.head_dim, Dv = p.head_dim_v;
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
@@ -231,8 +232,8 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
   const Vec scale(p.scale);
   const int64_t keys = std::min(BN, p.seqlen_k - k0);
 
-  if (amx != nullptr) {
-    pack_key_block(args, b, hk, k0, keys, dq != nullptr, *amx);
+  if (bf16 != nullptr) {
+    pack_key_block(args, b, hk, k0, keys, dq != nullptr, *bf16);
   } else {
     load_tile(t.kt, BN, at_row<T>(args.k, b, hk, k0), args.k.col, args.k.row, D, keys);
     load_tile(t.vt, BN, at_row<T>(args.v, b, hk, k0), args.v.col, args.v.row, Dv, keys);
@@ -255,14 +256,15 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       // A tile that the window cuts is computed only where some query sees some key (tile.h,
       // banded products): the keys each kEdgeKeys queries may see, the queries each kMR keys may
       // be seen by. Elsewhere S = -inf, so P = dS = 0 there, and dP is left 0.
-      const bool edge = amx == nullptr && window_cuts(p, s_tile);
+      const bool edge = bf16 == nullptr && window_cuts(p, s_tile);
       const Band band{p, q0, k0};
       Bf16Rows q_rows{}, do_rows{};
-      if (amx != nullptr) {
-        q_rows = bf16_rows(amx->q_rows, args.q, Pages{}, b, h, q0, rows, D, true);
-        do_rows = bf16_rows(amx->do_rows, args.dout, Pages{}, b, h, q0, rows, Dv, true);
-        amx_gemm(rows, BN, D, q_rows.data, q_rows.ld, amx->kt_packed, t.s, BN, false);      // Q K^T
-        amx_gemm(rows, BN, Dv, do_rows.data, do_rows.ld, amx->vt_packed, t.dp, BN, false);  // dP = dO V^T
+      if (bf16 != nullptr) {
+        const Bf16Products& products = bf16->products;
+        q_rows = bf16_rows(bf16->q_rows, args.q, Pages{}, b, h, q0, rows, D, true);
+        do_rows = bf16_rows(bf16->do_rows, args.dout, Pages{}, b, h, q0, rows, Dv, true);
+        products.gemm(rows, BN, D, q_rows.data, q_rows.ld, bf16->kt_packed, t.s, BN, false);      // Q K^T
+        products.gemm(rows, BN, Dv, do_rows.data, do_rows.ld, bf16->vt_packed, t.dp, BN, false);  // dP = dO V^T
       } else {
         load_tile(t.qb, Dp, at_row<T>(args.q, b, h, q0), args.q.row, args.q.col, rows, D);
         load_tile(t.dob, Dvp, at_row<T>(args.dout, b, h, q0), args.dout.row, args.dout.col, rows, Dv);
@@ -300,20 +302,21 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       }
       if (p.variants.dropout) apply_dropout(p, s_tile);  // P -> the dropped P, for dV
       float* dq_rows = dq == nullptr ? nullptr : dq + (g * p.seqlen_q + q0) * Dp;
-      if (amx != nullptr) {  // P and dS rounded to bf16, transposed for dV and dK (rows padded to even)
+      if (bf16 != nullptr) {  // P and dS rounded to bf16, transposed for dV and dK (rows padded to even)
+        const Bf16Products& products = bf16->products;
         const int64_t rows_even = round_up(rows, 2);
-        pack_columns(do_rows.data, do_rows.ld, rows_even, Dv, amx->do_packed);
-        pack_columns(q_rows.data, q_rows.ld, rows_even, D, amx->q_packed);
-        round_rows(t.s, rows, rows_even, BN, amx->staging);
-        transpose_bf16(amx->staging, BN, rows_even, keys, amx->transposed, rows_even);
-        amx_gemm(keys, Dv, rows_even, amx->transposed, rows_even, amx->do_packed, t.dv, Dvp, true);  // dV += P^T dO
-        round_rows(t.dp, rows, rows_even, BN, amx->staging);
-        transpose_bf16(amx->staging, BN, rows_even, keys, amx->transposed, rows_even);
-        amx_gemm(keys, D, rows_even, amx->transposed, rows_even, amx->q_packed, t.dk, Dp, true);  // dK += dS^T Q
+        products.pack_columns(do_rows.data, do_rows.ld, rows_even, Dv, bf16->do_packed);
+        products.pack_columns(q_rows.data, q_rows.ld, rows_even, D, bf16->q_packed);
+        round_rows(t.s, rows, rows_even, BN, bf16->staging);
+        transpose_bf16(bf16->staging, BN, rows_even, keys, bf16->transposed, rows_even);
+        products.gemm(keys, Dv, rows_even, bf16->transposed, rows_even, bf16->do_packed, t.dv, Dvp, true);  // dV += P^T dO
+        round_rows(t.dp, rows, rows_even, BN, bf16->staging);
+        transpose_bf16(bf16->staging, BN, rows_even, keys, bf16->transposed, rows_even);
+        products.gemm(keys, D, rows_even, bf16->transposed, rows_even, bf16->q_packed, t.dk, Dp, true);  // dK += dS^T Q
         if (dq != nullptr) {  // dQ += dS K, over the keys padded to even
           if (keys % 2 == 1)
-            for (int64_t i = 0; i < rows; ++i) amx->staging[i * BN + keys] = Bf16(0.f);
-          amx_gemm(rows, D, round_up(keys, 2), amx->staging, BN, amx->k_packed, dq_rows, Dp, true);
+            for (int64_t i = 0; i < rows; ++i) bf16->staging[i * BN + keys] = Bf16(0.f);
+          products.gemm(rows, D, round_up(keys, 2), bf16->staging, BN, bf16->k_packed, dq_rows, Dp, true);
         }
       } else if (edge) {
         gemm_banded_depth(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, band.queries_seeing());
@@ -330,12 +333,14 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
   store_rows(at_row_mut<T>(args.dv, b, hk, k0), args.dv.row, args.dv.col, t.dv, Dvp, keys, Dv);
 }
 
-// The AMX products' buffers when a bf16 backward takes them (amx.h bf16_backward_on_amx), else none.
+// The bf16 products' buffers when a bf16 backward takes them (bf16.h bf16_backward_kind), else none.
 template <typename T>
-std::unique_ptr<AmxBackwardBuffers> amx_backward_buffers(const Problem& p) {
-  if constexpr (std::is_same_v<T, Bf16>)
-    if (bf16_backward_on_amx(p.head_dim, p.head_dim_v))
-      return std::make_unique<AmxBackwardBuffers>(p.head_dim, p.head_dim_v, kBlockM, kBlockN);
+std::unique_ptr<Bf16BackwardBuffers> bf16_backward_buffers(const Problem& p) {
+  if constexpr (std::is_same_v<T, Bf16>) {
+    const Bf16Kind kind = bf16_backward_kind(p.head_dim, p.head_dim_v);
+    if (kind != Bf16Kind::none)
+      return std::make_unique<Bf16BackwardBuffers>(kind, p.head_dim, p.head_dim_v, kBlockM, kBlockN);
+  }
   return nullptr;
 }
 
@@ -344,7 +349,7 @@ void backward_dkdv_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   const Problem& all = args.p;
   Scratch scratch(KeyBlockScratch::floats(all.head_dim, all.head_dim_v));
   const KeyBlockScratch tiles(scratch, all.head_dim, all.head_dim_v);
-  const std::unique_ptr<AmxBackwardBuffers> amx = amx_backward_buffers<T>(all);
+  const std::unique_ptr<Bf16BackwardBuffers> bf16 = bf16_backward_buffers<T>(all);
   // A task is one (sequence, head, block) triple, or all of them along the dims dkdv_split does
   // not split (those where the bias gradient is broadcast; then inputs are dense, every sequence
   // of the same length, and key_tasks has a single group, of all sequences).
@@ -361,10 +366,10 @@ void backward_dkdv_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
       const Range block_ids = split.blocks ? Range{at.index % blocks, at.index % blocks + 1} : Range{0, blocks};
       for (int64_t hk = heads.begin; hk < heads.end; ++hk)
         for (int64_t block = block_ids.begin; block < block_ids.end; ++block)
-          key_block_backward<T>(s, b, hk, balanced_block(block, blocks) * kBlockN, tiles, nullptr, amx.get());
+          key_block_backward<T>(s, b, hk, balanced_block(block, blocks) * kBlockN, tiles, nullptr, bf16.get());
     }
   }
-  if (amx) at::native::cpublas::brgemm_release(true);  // this thread's AMX tile configuration
+  if (bf16) bf16->products.release();
 }
 
 // One-pass schedule, first step: delta for a block of query rows (tasks as in pass 1).
@@ -388,18 +393,18 @@ void backward_fused_typed(const BackwardArgs& args, int64_t begin, int64_t end) 
   Scratch scratch(KeyBlockScratch::floats(all.head_dim, all.head_dim_v) + Scratch::size_of({group * all.seqlen_q * Dp}));
   const KeyBlockScratch tiles(scratch, all.head_dim, all.head_dim_v);
   float* dq = scratch.take(group * all.seqlen_q * Dp);
-  const std::unique_ptr<AmxBackwardBuffers> amx = amx_backward_buffers<T>(all);
+  const std::unique_ptr<Bf16BackwardBuffers> bf16 = bf16_backward_buffers<T>(all);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / all.heads_kv, hk = task % all.heads_kv;
     const BackwardArgs s = sequence(args, b);
     const Problem& p = s.p;
     fill(dq, group * p.seqlen_q * Dp, 0.f);
-    for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockN) key_block_backward<T>(s, b, hk, k0, tiles, dq, amx.get());
+    for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockN) key_block_backward<T>(s, b, hk, k0, tiles, dq, bf16.get());
     for (int64_t g = 0; g < group; ++g)
       store_rows(at_row_mut<T>(s.dq, b, hk * group + g, 0), s.dq.row, s.dq.col, dq + g * p.seqlen_q * Dp, Dp,
                  p.seqlen_q, p.head_dim);
   }
-  if (amx) at::native::cpublas::brgemm_release(true);
+  if (bf16) bf16->products.release();
 }
 
 void backward_dq(const BackwardArgs& args, int64_t begin, int64_t end) {

@@ -5,9 +5,10 @@
 // Scores are computed transposed, S^T = K (scale Q)^T, so that each query is a column: the
 // online softmax then runs along columns with one vector holding kVec queries' running max and
 // sum, and Q^T is packed once per task while K and V are read block by block as rows (through
-// the page table of a paged KV cache). bf16 on an AMX CPU (amx.h) computes S itself, a query per
-// row, because brgemm takes the bf16 P it multiplies with V as row-major A: S = Q K^T from K^T
-// packed once per thread (PackedKeys), steps of up to 512 keys, a row softmax, P rounded to bf16.
+// the page table of a paged KV cache). bf16 with the bf16 products (bf16.h: AMX tiles or AVX512-BF16
+// dot products) computes S itself, a query per row, because the products take the bf16 P they
+// multiply with V as row-major A: S = Q K^T from K^T packed once per thread (PackedKeys), steps of
+// up to 512 keys, a row softmax, P rounded to bf16.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
 // One step of the online softmax's running max, per lane: m' = max(m, block max); the shift that
@@ -78,19 +79,19 @@ inline bool masked_for_every_head(const Problem& p, int64_t b, const QueryBlock&
   return true;
 }
 
-// The keys of a step [k0, k0 + keys) that it computes (k0 a multiple of kAmxMaxN): whole chunks of
-// kAmxMaxN keys that the mask hides from every query of the block are cut from both ends, as a
+// The keys of a step [k0, k0 + keys) that it computes (k0 a multiple of kBf16ChunkN): whole chunks of
+// kBf16ChunkN keys that the mask hides from every query of the block are cut from both ends, as a
 // padding mask's hidden suffix is. Empty when every chunk is hidden (a step of the fp32 products,
 // kBlockN keys, is one chunk).
-static_assert(kBlockN == kAmxMaxN, "an fp32 step is one chunk of unmasked_chunks");
+static_assert(kBlockN == kBf16ChunkN, "an fp32 step is one chunk of unmasked_chunks");
 inline Range unmasked_chunks(const Problem& p, int64_t b, const QueryBlock& block, int64_t k0, int64_t keys) {
   Range used{k0, k0 + keys};
   if (p.variants.mask.data == nullptr) return used;
   while (used.begin < used.end &&
-         masked_for_every_head(p, b, block, used.begin, std::min(kAmxMaxN, used.end - used.begin)))
-    used.begin = std::min(used.begin + kAmxMaxN, used.end);
-  while (used.end - used.begin > kAmxMaxN) {  // the first chunk left is visible: cut from the end
-    const int64_t last = used.begin + (used.end - 1 - used.begin) / kAmxMaxN * kAmxMaxN;  // the last chunk's first key
+         masked_for_every_head(p, b, block, used.begin, std::min(kBf16ChunkN, used.end - used.begin)))
+    used.begin = std::min(used.begin + kBf16ChunkN, used.end);
+  while (used.end - used.begin > kBf16ChunkN) {  // the first chunk left is visible: cut from the end
+    const int64_t last = used.begin + (used.end - 1 - used.begin) / kBf16ChunkN * kBf16ChunkN;  // the last chunk's first key
     if (!masked_for_every_head(p, b, block, last, used.end - last)) break;
     used.end = last;
   }
@@ -196,7 +197,7 @@ Rows key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int6
   return {dst, ld};
 }
 
-// bf16 rows for the AMX products (amx.h): rows [k0, k0 + n) of K, V (through the page table of a
+// bf16 rows for the bf16 products (bf16.h): rows [k0, k0 + n) of K, V (through the page table of a
 // paged cache), Q or dO of (b, h) where they lie when they can be read in place (unit column
 // stride, one page run, and n even where `even` asks for the pairs of rows that packing reads),
 // else copied into dst (n rows, plus a zero row when n is odd and `even`, of cols).
@@ -217,7 +218,7 @@ inline Bf16Rows bf16_rows(Bf16* dst, const Strided& s, const Pages& pages, int64
 }
 
 // The block's query rows in bf16 (cols x D, unscaled: the scale is applied to the fp32 scores),
-// head g's rows at [g * rows, (g + 1) * rows), for the AMX products: one head's rows where they lie
+// head g's rows at [g * rows, (g + 1) * rows), for the bf16 products: one head's rows where they lie
 // when bf16_rows can read them in place, else gathered into dst.
 inline Bf16Rows query_rows(Bf16* dst, const Strided& q, int64_t b, const QueryBlock& block, int64_t D) {
   if (block.heads == 1) return bf16_rows(dst, q, Pages{}, b, block.h0, block.q0, block.rows, D, false);
@@ -230,7 +231,7 @@ inline Bf16Rows query_rows(Bf16* dst, const Strided& q, int64_t b, const QueryBl
   return {dst, D};
 }
 
-// K^T and V of one (sequence, key/value head), packed for the AMX products block by block (bn keys)
+// K^T and V of one (sequence, key/value head), packed for the bf16 products block by block (bn keys)
 // and kept while a thread's consecutive tasks share them (tasks run through a head's query blocks in
 // turn), so each key is packed once per thread instead of once per query block. The blocks lie back
 // to back in one layout, so a run of keys across a block boundary is one operand of each product: a
@@ -238,9 +239,9 @@ inline Bf16Rows query_rows(Bf16* dst, const Strided& q, int64_t b, const QueryBl
 // pass kMaxBytes keeps one block at a time, and a run must then stay inside a block (whole()).
 class PackedKeys {
  public:
-  // Keys [k0, k0 + n) as the products read them (k0 a multiple of kAmxMaxN): K^T in chunks of
-  // kAmxMaxN keys from kt on, each D deep (the sequence's last chunk narrower, its keys padded to 16
-  // with zero columns); V as amx_gemm's packed B with packed_depth = depth, first = first.
+  // Keys [k0, k0 + n) as the products read them (k0 a multiple of kBf16ChunkN): K^T in chunks of
+  // kBf16ChunkN keys from kt on, each D deep (the sequence's last chunk narrower, its keys padded to 16
+  // with zero columns); V as Bf16Products::gemm's packed B with packed_depth = depth, first = first.
   struct Run {
     const Bf16* kt;
     const Bf16* v;
@@ -248,8 +249,9 @@ class PackedKeys {
   };
   static constexpr int64_t kMaxBytes = int64_t{16} << 20;
 
-  PackedKeys(int64_t D, int64_t Dv, int64_t bn, int64_t seqlen_k)
-      : D_(D), Dv_(Dv), bn_(bn),
+  PackedKeys(const Bf16Products& products, int64_t D, int64_t Dv, int64_t bn, int64_t seqlen_k)
+      : products_(products),
+        D_(D), Dv_(Dv), bn_(bn),
         whole_(2 * seqlen_k * (D + Dv) <= kMaxBytes),
         slots_(whole_ ? std::max<int64_t>(1, ceil_div(seqlen_k, bn)) : 1),
         depth_(slots_ * bn),
@@ -285,12 +287,13 @@ class PackedKeys {
     if (owner_[slot] == k0) return;
     const int64_t keys = std::min(bn_, s.p.seqlen_k - k0);
     const Bf16Rows k_rows = bf16_rows(rows_, s.k, s.pages, b, hk, k0, keys, D_, false);
-    pack_transposed(k_rows.data, k_rows.ld, keys, D_, round_up(keys, 16), staging_, kt_ + at * D_);
+    products_.pack_transposed(k_rows.data, k_rows.ld, keys, D_, round_up(keys, 16), staging_, kt_ + at * D_);
     const Bf16Rows v_rows = bf16_rows(rows_, s.v, s.pages, b, hk, k0, keys, Dv_, true);
-    pack_columns(v_rows.data, v_rows.ld, round_up(keys, 2), Dv_, v_, depth_, at);
+    products_.pack_columns(v_rows.data, v_rows.ld, round_up(keys, 2), Dv_, v_, depth_, at);
     owner_[slot] = k0;
   }
 
+  const Bf16Products& products_;
   const int64_t D_, Dv_, bn_;
   const bool whole_;
   const int64_t slots_, depth_;  // blocks kept, and the keys they hold
@@ -303,13 +306,13 @@ class PackedKeys {
   int64_t b_ = -1, hk_ = -1;
 };
 
-// Online softmax over one key block for the rows of S (rows x ld, keys along rows; the AMX
-// path's orientation), scores mul * S: the same update as softmax_update, one query per row, keys
+// Online softmax over one key block for the rows of S (rows x ld, keys along rows; the bf16
+// products' orientation), scores mul * S: the same update as softmax_update, one query per row, keys
 // past `keys` (up to a whole pair of vectors) hidden. P goes to `rounded` in bf16 (same ld) when
 // it is given, else stays in S as fp32 (for dropout, which is applied before rounding). The
 // per-row state is updated kVec rows at a time (rows <= kBlockM).
 #if defined(CPU_CAPABILITY_AVX512)
-// The AMX path runs only on CPUs with AMX-BF16, all of which have AVX512-BF16: P is rounded with
+// The bf16 products run only on CPUs with AVX512-BF16 (bf16_kind): P is rounded with
 // vcvtne2ps2bf16, one instruction for 32 values.
 __attribute__((target("avx512bf16")))
 #endif
@@ -360,21 +363,21 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
     at::vec::fmadd(Vec::loadu(row_sum + i), Vec::loadu(alpha + i), Vec::loadu(block_sum + i)).store(row_sum + i);
 }
 
-// One step of a forward task on AMX tiles, keys [k0, k0 + keys) (k0 a multiple of kAmxMaxN), in
-// S's orientation (a query per row, which the row-major bf16 P that brgemm takes as A needs):
+// One step of a forward task on the bf16 products, keys [k0, k0 + keys) (k0 a multiple of kBf16ChunkN), in
+// S's orientation (a query per row, which the row-major bf16 P that the products take as A needs):
 // S = Q K^T from the packed keys, scaled in the softmax where no variant adds to the scaled scores
 // (masks and windows only set -inf), else first; then P rounded to bf16 and acc = alpha * acc + P V.
-inline void amx_key_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
-                         const Bf16Rows& q_rows, int64_t k0, int64_t keys, PackedKeys& packed, const AmxBuffers& bf16,
-                         float* st, int64_t ld, float* acc, int64_t ld_acc, float* row_max, float* row_sum,
-                         float* alpha) {
+inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
+                          const Bf16Rows& q_rows, int64_t k0, int64_t keys, PackedKeys& packed, const Bf16Buffers& bf16,
+                          float* st, int64_t ld, float* acc, int64_t ld_acc, float* row_max, float* row_sum,
+                          float* alpha) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, cols = block.heads * block.rows;
   const PackedKeys::Run kv = packed.get(s, b, block.hk, k0, keys);
   // S over the chunks that hold the keys, as they were packed (the sequence's last one narrower);
   // the softmax hides the columns past `keys`. P V over the keys padded to even (a zero column of P).
-  const int64_t width = std::min(round_up(keys, kAmxMaxN), round_up(p.seqlen_k - k0, 16));
+  const int64_t width = std::min(round_up(keys, kBf16ChunkN), round_up(p.seqlen_k - k0, 16));
   const int64_t padded = round_up(keys, kVec);
-  amx_gemm(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, false);
+  bf16.products.gemm(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, false);
   const Variants& v = p.variants;
   const bool scale_in_softmax = v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
   if (!scale_in_softmax)
@@ -389,7 +392,7 @@ inline void amx_key_step(const Problem& p, const ForwardArgs& s, int64_t b, cons
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
     for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, round_up(keys, 2 * kVec));
   }
-  amx_gemm(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, kv.depth, kv.first);
+  bf16.products.gemm(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, kv.depth, kv.first);
   for (int64_t i = 0; i < cols; ++i) {
     const Vec a(alpha[i]);
     for (int64_t c = 0; c < Dv; c += kVec)
@@ -401,13 +404,14 @@ template <typename T>
 void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const int64_t D = args.p.head_dim, Dv = args.p.head_dim_v;
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
-  // bf16 inputs on an AMX CPU: both products on AMX tiles (amx.h), from these bf16 buffers.
-  bool amx = false;
-  if constexpr (std::is_same_v<T, Bf16>) amx = amx_shapes(D, Dv) && amx_bf16_enabled();
-  const int64_t BM = kBlockM, BN = amx ? kAmxBlockN : kBlockN;
-  const std::unique_ptr<AmxBuffers> bf16 = amx ? std::make_unique<AmxBuffers>(D, Dv, BM, BN) : nullptr;
+  // bf16 inputs on a CPU with bf16 products (bf16.h): both products from these bf16 buffers.
+  Bf16Kind kind = Bf16Kind::none;
+  if constexpr (std::is_same_v<T, Bf16>) kind = bf16_forward_shapes(D, Dv) ? bf16_kind() : Bf16Kind::none;
+  const bool products = kind != Bf16Kind::none;
+  const int64_t BM = kBlockM, BN = products ? kBf16BlockN : kBlockN;
+  const std::unique_ptr<Bf16Buffers> bf16 = products ? std::make_unique<Bf16Buffers>(kind, D, Dv, BM, BN) : nullptr;
   const std::unique_ptr<PackedKeys> packed_keys =
-      amx ? std::make_unique<PackedKeys>(D, Dv, BN, args.p.seqlen_k) : nullptr;
+      products ? std::make_unique<PackedKeys>(bf16->products, D, Dv, BN, args.p.seqlen_k) : nullptr;
   Scratch scratch(Scratch::size_of({D * BM, BN * Dp, BN * Dvp, BN * BM, BM * Dvp, BM, BM, BM}));
   float* qt = scratch.take(D * BM);     // scale * Q^T (D x ld): the block's query rows as columns
                                         // (or, few queries, scale * Q: load_query_rows)
@@ -434,7 +438,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
 
     // Decoding: few queries per block, whose scores are dot products (scores_of_few_queries).
     const bool few = cols <= kVec && D % kVec == 0;
-    const bool tiles = amx && !few;  // the AMX products
+    const bool tiles = products && !few;  // the bf16 products
     Bf16Rows q_rows{};
     if (few) {
       load_query_rows<T>(qt, s.q, b, block, D, p.scale);
@@ -453,9 +457,9 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       visible.begin = std::max(visible.begin, split * args.splits.keys);
       visible.end = std::min(visible.end, (split + 1) * args.splits.keys);
     }
-    // The AMX products start at a chunk of packed keys (the keys before the first visible one are
+    // The bf16 products start at a chunk of packed keys (the keys before the first visible one are
     // hidden by the window), and their steps stay inside a packed block unless all are kept.
-    if (tiles) visible.begin = visible.begin / kAmxMaxN * kAmxMaxN;
+    if (tiles) visible.begin = visible.begin / kBf16ChunkN * kBf16ChunkN;
     auto step_end = [&](int64_t k0) {
       const int64_t end = tiles && !packed_keys->whole() ? (k0 / BN + 1) * BN : k0 + BN;
       return std::min(end, visible.end);
@@ -467,8 +471,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       if (used.begin == used.end) continue;
       prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
       if (tiles) {
-        amx_key_step(p, s, b, block, q_rows, used.begin, used.end - used.begin, *packed_keys, *bf16, st, BN, acc, Dvp,
-                     row_max, row_sum, alpha);
+        bf16_key_step(p, s, b, block, q_rows, used.begin, used.end - used.begin, *packed_keys, *bf16, st, BN, acc, Dvp,
+                      row_max, row_sum, alpha);
         continue;
       }
       // A tile that the window cuts is computed only where some query sees some key (tile.h,
@@ -518,7 +522,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
                  alpha + g * rows);
     }
   }
-  if (amx) at::native::cpublas::brgemm_release(true);  // this thread's AMX tile configuration
+  if (bf16) bf16->products.release();
 }
 
 // Split-KV: the output of (b, h), row i, from its splits' partials, merged by their maxima:

@@ -33,14 +33,14 @@ namespace fused_attn::cpu::FUSED_ATTN_ISA {
 namespace {
 
 #include "tile.h"
-#include "amx.h"
+#include "bf16.h"
 #include "scores.h"
 #include "forward.h"
 #include "backward.h"
 
 }  // namespace
 
-const Kernels kKernels = {FUSED_ATTN_ISA_NAME, amx_bf16_enabled, bf16_backward_on_amx, forward,
+const Kernels kKernels = {FUSED_ATTN_ISA_NAME, bf16_kind_name, bf16_backward_takes_products, forward,
                           merge_splits,        backward_dq,      backward_dkdv,        backward_delta,
                           backward_fused};
 

@@ -234,9 +234,10 @@ inline int64_t dkdv_tasks(const Problem& p, const DkdvSplit& split, int64_t seql
 // bitwise independent of how tasks are spread over threads.
 struct Kernels {
   const char* isa;
-  bool (*bf16_on_amx)();  // whether bf16 forwards take the AMX products now (amx.h)
-  // Whether a bf16 backward with head dims (D, Dv) takes them: then only the one-pass schedule.
-  bool (*bf16_backward_on_amx)(int64_t D, int64_t Dv);
+  // The products bf16 forwards take now (bf16.h): "amx", "avx512-bf16" or "fp32".
+  const char* (*bf16_products)();
+  // Whether a bf16 backward with head dims (D, Dv) takes bf16 products: then only the one-pass schedule.
+  bool (*bf16_backward_takes_products)(int64_t D, int64_t Dv);
   void (*forward)(const ForwardArgs&, int64_t begin, int64_t end);  // tasks: args.tasks
   // With args.splits: out and lse of (b, h) pairs [begin, end) from their splits' partials.
   void (*merge_splits)(const ForwardArgs&, int64_t begin, int64_t end);

@@ -377,7 +377,7 @@ inline Vec exp_by_powers_of_two(Vec x) {
 
 // exp of the shifted scores (<= 0), for the probabilities of inputs of type T. Exact at 0 matters:
 // a row's maximum gives P = 1, so the lse of a row that one key dominates is its score. fp32 takes
-// ~1 ulp; 16-bit inputs < 4e-6, far below their rounding (and the AMX products round P to bf16).
+// ~1 ulp; 16-bit inputs < 4e-6, far below their rounding (and the bf16 products round P to bf16).
 // (ATen's fexp_u20, used for 16-bit inputs before, was as fast but ~1e-4 off, and 1 - 5e-5 at 0:
 // a bias every fp16/bf16 lse carried.)
 template <typename T>

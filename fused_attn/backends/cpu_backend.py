@@ -89,9 +89,12 @@ def active_isa() -> str:
     return _ops().cpu_isa()
 
 
-def bf16_on_amx() -> bool:
-    """Whether the next bf16 call takes its matrix products on AMX tiles: the avx512 kernels on a
-    CPU with AMX-BF16, unless FUSED_ATTN_CPU_AMX=0 (forward: head dims D even and Dv a multiple of
-    16, blocks of more than 16 query rows; backward: D and Dv multiples of 16)."""
+def bf16_products() -> str:
+    """What the next bf16 call's matrix products run on, with bf16 operands and fp32 results:
+    "amx" (AMX tiles: the avx512 kernels on a CPU with AMX-BF16), "avx512-bf16" (the avx512 kernels'
+    dot products on a CPU with AVX512-BF16 and no AMX, such as AMD Zen 4) or "fp32" (the fp32
+    products, bf16 converted on load). FUSED_ATTN_CPU_BF16=amx|dot|fp32 caps the choice (read at
+    every call). The bf16 products take forwards with head dims D even and Dv a multiple of 16 and
+    blocks of more than 16 query rows, and backwards with D and Dv multiples of 16."""
     active_isa()  # raises if the backend is unavailable
-    return _ops().cpu_bf16_on_amx()
+    return _ops().cpu_bf16_products()
