@@ -368,14 +368,31 @@ def device_name(on_cuda: bool) -> str:
     return torch.cuda.get_device_name() if on_cuda else cpu_name()
 
 
+def cpu_kernels_tag() -> str:
+    """What sets the cpu backend's speed on this CPU: "amx" or "avx512-bf16" (its bf16 products),
+    else the instruction set of its kernels ("avx512", "avx2", "portable")."""
+    try:
+        from fused_attn.backends import cpu_backend
+
+        products = cpu_backend.bf16_products()
+        return cpu_backend.active_isa() if products == "fp32" else products
+    except RuntimeError:  # no native extension
+        return "no-native"
+
+
 def device_slug(on_cuda: bool) -> str:
+    """The results folder's name. A CPU's carries cpu_kernels_tag: virtual machines report generic
+    names ("AMD EPYC") for CPUs several generations apart."""
     slug = slugify(device_name(on_cuda))
-    return slug if on_cuda or slug.startswith("cpu") else f"cpu-{slug}"
+    if on_cuda:
+        return slug
+    return f"{slug if slug.startswith('cpu') else f'cpu-{slug}'}-{cpu_kernels_tag()}"
 
 
 def environment_lines(on_cuda: bool) -> list[str]:
     lines = [
-        f"- device: {device_name(on_cuda)}" + ("" if on_cuda else f" ({torch.get_num_threads()} torch threads)"),
+        f"- device: {device_name(on_cuda)}"
+        + ("" if on_cuda else f" ({torch.get_num_threads()} torch threads; cpu kernels: {cpu_kernels_tag()})"),
         f"- python {platform.python_version()}, torch {torch.__version__}, "
         f"triton {getattr(triton, '__version__', 'n/a')}, CUDA {torch.version.cuda or 'n/a'}"
         + (f", cuDNN {torch.backends.cudnn.version()}" if on_cuda else ""),
