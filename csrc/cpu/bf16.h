@@ -110,29 +110,24 @@ inline void dot_chunk(int64_t M, int64_t K, const Bf16* a, int64_t lda, const Bf
   if (m < M) dot_tail<NV>(M - m, K, a + m * lda, lda, b, n, c + m * ldc, ldc, accumulate);
 }
 
-// C (M x n) [+]= A (M x K) B, B one packed chunk of n columns (a multiple of 16, at most 64).
+// C (M x n) [+]= A (M x K) B, B one packed chunk of n columns (16, 32, 48 or 64).
 inline void dot_gemm(int64_t M, int64_t n, int64_t K, const Bf16* a, int64_t lda, const Bf16* b, float* c,
                      int64_t ldc, bool accumulate) {
-  for (int64_t c0 = 0; c0 < n; c0 += 64) {
-    const int64_t width = std::min<int64_t>(64, n - c0);
-    const Bf16* bc = b + 2 * c0;
-    switch (width / 16) {
-      case 4: dot_chunk<4>(M, K, a, lda, bc, n, c + c0, ldc, accumulate); break;
-      case 3: dot_chunk<3>(M, K, a, lda, bc, n, c + c0, ldc, accumulate); break;
-      case 2: dot_chunk<2>(M, K, a, lda, bc, n, c + c0, ldc, accumulate); break;
-      default: dot_chunk<1>(M, K, a, lda, bc, n, c + c0, ldc, accumulate); break;
-    }
+  switch (n / 16) {
+    case 4: return dot_chunk<4>(M, K, a, lda, b, n, c, ldc, accumulate);
+    case 3: return dot_chunk<3>(M, K, a, lda, b, n, c, ldc, accumulate);
+    case 2: return dot_chunk<2>(M, K, a, lda, b, n, c, ldc, accumulate);
+    default: return dot_chunk<1>(M, K, a, lda, b, n, c, ldc, accumulate);
   }
 }
 
-// Rows r and r + 1 of B (n columns, ld apart) into the VNNI layout's pair row: column j's two
-// values side by side, 16 columns a vector (the last ones masked).
+// Rows r and r + 1 of B (n columns, a multiple of 16) into the VNNI layout's pair row: column j's
+// two values side by side, 16 columns a vector.
 inline void pack_pair_row(const Bf16* row0, const Bf16* row1, int64_t n, Bf16* dst) {
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 mask = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
-    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, row0 + j));
-    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, row1 + j));
-    _mm512_mask_storeu_epi32(dst + 2 * j, mask, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row0 + j)));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row1 + j)));
+    _mm512_storeu_si512(dst + 2 * j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
   }
 }
 #endif

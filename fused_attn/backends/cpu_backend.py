@@ -82,7 +82,7 @@ class CpuBackend(Backend):
 
 
 def active_isa() -> str:
-    """The kernels the next call runs: "avx2" or "portable" (FUSED_ATTN_CPU_ISA can force one)."""
+    """The kernels the next call runs: "avx512", "avx2" or "portable" (FUSED_ATTN_CPU_ISA can force one)."""
     error = native.load_error()
     if error is not None:
         raise RuntimeError(f"the cpu backend is unavailable: {error}")
