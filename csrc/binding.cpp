@@ -15,7 +15,8 @@
 // and fake implementations.
 //
 // The kernels exist once per instruction set; the environment variable FUSED_ATTN_CPU_ISA
-// (auto | portable | avx2 | avx512, read at every call) overrides the choice made from the CPU.
+// (auto | portable | avx2 | avx512, read at every call) overrides the choice made from the CPU,
+// and FUSED_ATTN_CPU_BF16 (amx | dot | fp32) caps the bf16 products they may use (cpu/bf16.h).
 //
 // With FUSED_ATTN_WITH_CUDA (setup.py defines it when it builds csrc/cuda/), also
 //   cuda_forward(q, k, v, out!, lse!, <the variant arguments>, int stream)   dense inputs, CUDA tensors
@@ -81,6 +82,9 @@ const cpu::Kernels& forced(const char* name, const cpu::Kernels* kernels, bool c
 }
 
 const cpu::Kernels& select_kernels() {
+  TORCH_CHECK(cpu::bf16_cap() != cpu::Bf16Cap::invalid,
+              "FUSED_ATTN_CPU_BF16 must be amx, dot or fp32 (the fastest bf16 products the cpu kernels may use), got '",
+              std::getenv("FUSED_ATTN_CPU_BF16"), "'");
   const cpu::Kernels* avx2 = cpu::avx2_kernels();
   const cpu::Kernels* avx512 = cpu::avx512_kernels();
   const char* env = std::getenv("FUSED_ATTN_CPU_ISA");
@@ -487,6 +491,7 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
   }
   call.p = {kernel_dtype(q), B, Hq, Hkv, Lq, capacity, D, Dv, static_cast<float>(scale),
             variants_of(B, Hq, window_left, window_right, true, softcap, alibi_slopes)};
+  const cpu::Kernels& kernels = select_kernels();  // (its checks come before the cache is written)
   if (k_new) {
     append_rows(k_cache, *k_new, seqlens_k, pages);
     append_rows(v_cache, *v_new, seqlens_k, pages);
@@ -513,7 +518,6 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
   auto heads_first = [](const Tensor& t) { return strided(t.transpose(1, 2)); };
   const cpu::ForwardArgs args{call.p, heads_first(q), heads_first(k_cache), heads_first(v_cache), heads_first(out),
                               row_values(lse), table_view(tasks), pages, splits};
-  const cpu::Kernels& kernels = select_kernels();
   at::parallel_for(0, tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
   if (splits.keys != 0)
     at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) { kernels.merge_splits(args, begin, end); });

@@ -88,6 +88,29 @@ def test_isa_choice(isa):
         isa("sse9")
 
 
+def test_bf16_products_cap(monkeypatch):
+    """FUSED_ATTN_CPU_BF16 caps the bf16 products: fp32 always gives the fp32 ones, dot never AMX,
+    and an unknown value is an error before any kernel runs, the cache of a KV-cache call unwritten."""
+    best = cpu_backend.bf16_products()
+    assert best in ("amx", "avx512-bf16", "fp32")
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16", "fp32")
+    assert cpu_backend.bf16_products() == "fp32"
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16", "dot")
+    assert cpu_backend.bf16_products() == ("fp32" if best == "fp32" else "avx512-bf16")
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16", "amx")
+    assert cpu_backend.bf16_products() == best
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16", "AMX")
+    with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_BF16 must be amx, dot or fp32"):
+        cpu_backend.bf16_products()
+    q = torch.randn(1, 1, 4, 64, dtype=torch.bfloat16)
+    k_cache, v_cache = torch.randn(2, 1, 8, 2, 64, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 1, 1, 2, 64, dtype=torch.bfloat16)
+    before = k_cache.clone()
+    with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_BF16 must be amx, dot or fp32"):
+        fused_attn.attention_with_kvcache(q, k_cache, v_cache, 3, k=k, v=v, backend="cpu")
+    assert torch.equal(k_cache, before)
+
+
 def vectorized_isas():
     """The vectorized builds this CPU can run: auto picks the widest, and avx512 CPUs run avx2 too."""
     return {"avx512": ["avx512", "avx2"], "avx2": ["avx2"], "portable": []}[cpu_backend.active_isa()]

@@ -29,16 +29,15 @@ constexpr int64_t kBf16BlockN = 512;
 enum class Bf16Kind { none, dot, amx };
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The fastest kind this CPU has, capped by FUSED_ATTN_CPU_BF16=amx|dot|fp32 (read at every call,
-// like FUSED_ATTN_CPU_ISA; for comparing them, and for tests).
+// The fastest kind this CPU has, capped by FUSED_ATTN_CPU_BF16=amx|dot|fp32 (params.h bf16_cap;
+// for comparing them, and for tests).
 inline Bf16Kind bf16_kind() {
   static const bool has_dot = __builtin_cpu_supports("avx512bf16");
   // (every AMX-BF16 CPU has AVX512-BF16, which the softmax uses to round P: softmax_update_rows)
   static const bool has_amx = has_dot && at::native::cpublas::could_pack(at::kBFloat16);
-  const char* env = std::getenv("FUSED_ATTN_CPU_BF16");
-  const std::string cap = env == nullptr ? "amx" : env;
-  if (has_amx && cap == "amx") return Bf16Kind::amx;
-  if (has_dot && (cap == "amx" || cap == "dot")) return Bf16Kind::dot;
+  const Bf16Cap cap = bf16_cap();
+  if (has_amx && cap == Bf16Cap::amx) return Bf16Kind::amx;
+  if (has_dot && (cap == Bf16Cap::amx || cap == Bf16Cap::dot)) return Bf16Kind::dot;
   return Bf16Kind::none;
 }
 #else

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 
 #include "../common/views.h"
@@ -227,6 +229,18 @@ inline bool one_pass_owns_dbias(const Problem& p, const Strided& dbias) {
 }
 inline int64_t dkdv_tasks(const Problem& p, const DkdvSplit& split, int64_t seqlen_k) {
   return (split.heads ? p.heads_kv : 1) * (split.blocks ? ceil_div(seqlen_k, kBlockN) : 1);
+}
+
+// FUSED_ATTN_CPU_BF16 (read at every call): the fastest bf16 products the kernels may use
+// (bf16.h). Unset means amx, the fastest there is; the binding rejects other values before any
+// kernel runs.
+enum class Bf16Cap { amx, dot, fp32, invalid };
+inline Bf16Cap bf16_cap() {
+  const char* env = std::getenv("FUSED_ATTN_CPU_BF16");
+  if (env == nullptr || std::strcmp(env, "amx") == 0) return Bf16Cap::amx;
+  if (std::strcmp(env, "dot") == 0) return Bf16Cap::dot;
+  if (std::strcmp(env, "fp32") == 0) return Bf16Cap::fp32;
+  return Bf16Cap::invalid;
 }
 
 // One instruction set's kernels. Every task writes only its own rows of the outputs (dk/dv of
