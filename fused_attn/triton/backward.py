@@ -5,8 +5,9 @@
     dq = scale * ds' @ k     dk = scale * ds'^T @ q                     ds' = ds * softcap'(scores)
 
 Three launches: delta per query row; dk/dv per key block (looping over the query rows, and over
-every query head of a GQA group, so a group's gradient is summed in registers); dq per query
-block. No atomics anywhere, so gradients are bitwise reproducible run to run. The bias gradient,
+every query head of a GQA group, so a group's gradient is summed in registers; its tiles are
+transposed, keys x queries, so that every product has the block's keys as rows, which Hopper's
+wgmma needs 64 of); dq per query block. No atomics anywhere, so gradients are bitwise reproducible run to run. The bias gradient,
 when asked for, is a fourth launch (bias_grad.py). With TMA tiles (tuning.py) the tiles each loop
 streams (q and do for dk/dv, k and v for dq) are copied by Hopper's copy engine.
 """
@@ -88,21 +89,37 @@ def backward_tile(
     shift, left, right, scale, softcap,
     CHECK_WINDOW: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KEYS_AS_ROWS: tl.constexpr = False,
 ):
-    """For a (rows x cols) tile: the dropped probabilities p', the score gradient ds (= bias
-    gradient) and ds' (through the softcap), from q (M, D), k (N, D), v (N, Dv), dout (M, Dv)."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    scores, capped = score_tile(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
+    """For a tile of queries `rows` and keys `cols`: the dropped probabilities p', the score
+    gradient ds (= bias gradient) and ds' (through the softcap), from q (M, D), k (N, D), v (N, Dv),
+    dout (M, Dv). Tiles are (M x N), or with KEYS_AS_ROWS their transposes (N x M): then the
+    products dk and dv take next, ds'^T q and p'^T dout, have the keys as rows, as do the two
+    here, and every product of the dk/dv kernel is one Hopper's wgmma can take at 32 queries
+    (a warpgroup covers 64 rows)."""
+    if KEYS_AS_ROWS:
+        q_index, k_index = rows[None, :], cols[:, None]
+        qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    else:
+        q_index, k_index = rows[:, None], cols[None, :]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    scores, capped = score_tile(qk, q_index, k_index, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
                                 shift, left, right, scale, softcap,
                                 CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND)
-    probs = tl.math.exp2(scores - lse[:, None])
-    dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
+    if KEYS_AS_ROWS:
+        probs = tl.math.exp2(scores - lse[None, :])
+        dprobs = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
+        row_delta = delta[None, :]
+    else:
+        probs = tl.math.exp2(scores - lse[:, None])
+        dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
+        row_delta = delta[:, None]
     dropped = probs
     if DROPOUT:
-        keep = dropout_keep(seed_lo, seed_hi, rows, cols, batch_head, threshold)
+        keep = dropout_keep(seed_lo, seed_hi, q_index, k_index, batch_head, threshold)
         dropped = tl.where(keep, probs * inv_keep, 0.0)
         dprobs = tl.where(keep, dprobs * inv_keep, 0.0)
-    dscores = probs * (dprobs - delta[:, None])
+    dscores = probs * (dprobs - row_delta)
     dscores_raw = dscores
     if SOFTCAP:
         dscores_raw = dscores * (1.0 - capped * capped)
@@ -129,7 +146,8 @@ def _dkdv_query_blocks(
     """
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
-        if visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
+        if visible_pairs(mask_ptr, rows[:, None], cols[None, :], seqlen_q, seqlen_k, stride_mm, stride_mn,
+                         MASK_KIND) > 0:
             if TMA:
                 q = load_box(q_ptrs, batch, head, start_m, UPCAST)
                 dout = load_box(do_ptrs, batch, head, start_m, UPCAST)
@@ -139,14 +157,16 @@ def _dkdv_query_blocks(
                 dout = load_tile(do_ptrs + start_m * stride_gm, rows, seqlen_q, offs_dv, HEAD_DIM_V, True,
                                  not EVEN_DV, UPCAST)
             lse, delta = load_row_stats(Lse, Delta, row_base, rows, seqlen_q)
+            # (keys x queries) tiles: p'^T and ds'^T
             dropped, _, dscores = backward_tile(
                 q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
                 mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
                 shift, left, right, scale, softcap,
                 CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION,
+                KEYS_AS_ROWS=True,
             )
-            dv += tl.dot(tl.trans(dropped.to(dout.dtype)), dout, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(dscores.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            dv += tl.dot(dropped.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+            dk += tl.dot(dscores.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -244,7 +264,8 @@ def _dq_key_blocks(
     k_ptrs and v_ptrs point at the first block's tiles, or with TMA are K's and V's descriptors."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        if visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
+        if visible_pairs(mask_ptr, rows[:, None], cols[None, :], seqlen_q, seqlen_k, stride_mm, stride_mn,
+                         MASK_KIND) > 0:
             if TMA:
                 k = load_box(k_ptrs, batch, head_kv, start_n, UPCAST)
                 v = load_box(v_ptrs, batch, head_kv, start_n, UPCAST)

@@ -308,11 +308,14 @@ def head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed, b
 
 
 @triton.jit
-def score_tile(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
+def score_tile(qk, q_index, k_index, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
                shift, left, right, scale, softcap,
                CHECK_WINDOW: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
-    """Base-2 scores of a (rows x cols) tile from qk = q @ k^T: scale, softcap, ALiBi, bias, masks.
+    """Base-2 scores of a tile from qk, the q.k products: scale, softcap, ALiBi, bias, masks.
+    q_index and k_index are each element's query and key positions, broadcast to qk's shape:
+    rows[:, None] and cols[None, :] for qk = q @ k^T, or rows[None, :] and cols[:, None] for its
+    transpose k @ q^T.
 
     Masked entries are -inf. Also returns tanh(scale * qk / softcap) (the softcap's derivative is
     1 - tanh^2), or qk itself when there is no softcap. CHECK_WINDOW applies the key bound and the
@@ -325,43 +328,44 @@ def score_tile(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_m
         capped = qk
         scores = qk * (scale * LOG2_E)
     if HAS_ALIBI:
-        distance = (cols[None, :] - rows[:, None] - shift).to(tl.float32)
+        distance = (k_index - q_index - shift).to(tl.float32)
         scores -= (slope * LOG2_E) * tl.abs(distance)
     if MASK_KIND != 0:
-        in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
-        values = tl.load(mask_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn, mask=in_bounds, other=0)
+        in_bounds = (q_index < seqlen_q) & (k_index < seqlen_k)
+        values = tl.load(mask_ptr + q_index * stride_mm + k_index * stride_mn, mask=in_bounds, other=0)
         if MASK_KIND == 1:
             scores = tl.where(values != 0, scores, float("-inf"))
         else:
             scores += values.to(tl.float32) * LOG2_E
     if CHECK_WINDOW:
-        visible = cols[None, :] < seqlen_k
+        visible = k_index < seqlen_k
         if HAS_LEFT:
-            visible = visible & (cols[None, :] >= rows[:, None] + shift - left)
+            visible = visible & (k_index >= q_index + shift - left)
         if HAS_RIGHT:
-            visible = visible & (cols[None, :] <= rows[:, None] + shift + right)
+            visible = visible & (k_index <= q_index + shift + right)
         scores = tl.where(visible, scores, float("-inf"))
     return scores, capped
 
 
 @triton.jit
-def visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND: tl.constexpr):
-    """How many (row, col) pairs of the tile a bool mask leaves visible (1 without a bool mask):
+def visible_pairs(mask_ptr, q_index, k_index, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND: tl.constexpr):
+    """How many (query, key) pairs of the tile a bool mask leaves visible (1 without a bool mask):
     the kernels skip tiles where it is 0, which add nothing (p = dS = 0 there)."""
     count = 1
     if MASK_KIND == 1:
-        in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
-        values = tl.load(mask_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn, mask=in_bounds, other=0)
+        in_bounds = (q_index < seqlen_q) & (k_index < seqlen_k)
+        values = tl.load(mask_ptr + q_index * stride_mm + k_index * stride_mn, mask=in_bounds, other=0)
         count = tl.sum((values != 0).to(tl.int32))
     return count
 
 
 @triton.jit
-def dropout_keep(seed_lo, seed_hi, rows, cols, batch_head, threshold):
-    """Keep-mask of a (rows x cols) tile: Philox4x32 on counter (col, row, batch_head, 0), as dropout.py."""
-    zero = (rows[:, None] * 0 + cols[None, :] * 0).to(tl.uint32)
-    c0 = zero + cols[None, :].to(tl.uint32)
-    c1 = zero + rows[:, None].to(tl.uint32)
+def dropout_keep(seed_lo, seed_hi, q_index, k_index, batch_head, threshold):
+    """Keep-mask of a tile (positions as score_tile's): Philox4x32 on counter (key, query,
+    batch_head, 0), as dropout.py, so either orientation draws the same bits."""
+    zero = (q_index * 0 + k_index * 0).to(tl.uint32)
+    c0 = zero + k_index.to(tl.uint32)
+    c1 = zero + q_index.to(tl.uint32)
     c2 = zero + batch_head.to(tl.uint32)
     c3 = zero
     k0 = seed_lo

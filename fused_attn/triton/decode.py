@@ -98,8 +98,8 @@ def _decode_kernel(
         k_t = load_tile(KCache + pages[None, :] * stride_kp + slots[None, :] * stride_kn + head_kv * stride_kh
                         + offs_d[:, None] * stride_kd, offs_d, HEAD_DIM, cols, seqlen_k, not EVEN_D, True, UPCAST)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-        scores, _ = score_tile(qk, rows, cols, seqlen_q, seqlen_k, Q, 0, 0, slope, shift, left, right, scale, softcap,
-                               True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, 0)
+        scores, _ = score_tile(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, Q, 0, 0, slope, shift, left,
+                               right, scale, softcap, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, 0)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         centre = tl.where(new_max == float("-inf"), 0.0, new_max)
         probs = tl.math.exp2(scores - centre[:, None])

@@ -54,14 +54,15 @@ def _forward_key_blocks(
     k_ptrs and v_ptrs point at the first block's tiles, or with TMA are K's and V's descriptors."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        if visible_pairs(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
+        q_index, k_index = rows[:, None], cols[None, :]
+        if visible_pairs(mask_ptr, q_index, k_index, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
             if TMA:
                 k_t = load_box(k_ptrs, batch, head_kv, start_n, UPCAST).T
             else:
                 k_t = load_tile(k_ptrs + start_n * stride_kn, offs_d, HEAD_DIM, cols, seqlen_k,
                                 not EVEN_D, CHECK_WINDOW, UPCAST)
             qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-            scores, _ = score_tile(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
+            scores, _ = score_tile(qk, q_index, k_index, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
                                    shift, left, right, scale, softcap,
                                    CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND)
             new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -71,7 +72,7 @@ def _forward_key_blocks(
             rescale = tl.math.exp2(row_max - centre)
             row_sum = row_sum * rescale + tl.sum(probs, 1)
             if DROPOUT:  # the normaliser keeps every probability; only the output sees the dropped ones
-                probs = tl.where(dropout_keep(seed_lo, seed_hi, rows, cols, batch_head, threshold), probs, 0.0)
+                probs = tl.where(dropout_keep(seed_lo, seed_hi, q_index, k_index, batch_head, threshold), probs, 0.0)
             if TMA:
                 v = load_box(v_ptrs, batch, head_kv, start_n, UPCAST)
             else:

@@ -94,10 +94,12 @@ def interpreter_tiles(shape: ShapeClass) -> TileConfig:
 # compiler's spills, Triton 3.9). Bigger tiles spill in the loop: the dk/dv kernel holds k, v, dk and
 # dv for the whole loop (64 x 64 with 4 warps spilled 820 bytes per thread at head dim 128, sm_90), and
 # fp32 dots are unrolled into FMAs whose operands all sit in registers (64 x 64: 62 KB at head dim 64).
+# The 16-bit dk/dv tiles own 64 or 128 keys, so that on Hopper its four products are all wgmma (the
+# keys are their rows); 32 x 32 ran them all on mma.sync.
 _DEFAULTS_16BIT = {
     "forward": ((64, (128, 64, 4, 3)), (128, (128, 64, 8, 2)), (256, (32, 32, 4, 2))),
     "dq": ((128, (64, 64, 4, 2)), (256, (32, 32, 4, 1))),
-    "dkdv": ((64, (32, 32, 4, 3)), (128, (32, 64, 8, 3)), (256, (16, 32, 8, 2))),
+    "dkdv": ((64, (32, 128, 8, 3)), (128, (16, 64, 8, 3)), (256, (16, 32, 8, 2))),
     "bias_grad": ((64, (64, 64, 8, 2)), (128, (32, 64, 8, 2)), (256, (16, 32, 8, 2))),
 }
 _DEFAULTS_FP32 = {
@@ -129,7 +131,7 @@ _HOPPER = {
     "forward": ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
                 (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2, True), (128, 128, 8, 2, True),
                 (128, 128, 8, 3, True)),
-    "dkdv": ((32, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2),
+    "dkdv": ((16, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2),
              (64, 128, 8, 3), (64, 64, 4, 3, True), (64, 128, 8, 2, True), (64, 128, 8, 3, True)),
     "dq": ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2),
            (128, 64, 8, 3), (64, 64, 4, 3, True), (128, 64, 8, 2, True), (128, 64, 8, 3, True)),
@@ -170,15 +172,17 @@ def shared_memory_bytes(shape: ShapeClass, tiles: TileConfig, major: int, mask_b
     against Triton's compiler for every candidate in tests/aot_compile.py.
 
     The loads of a kernel's inner loop are multi-buffered. Where its dots run on Hopper's wgmma
-    (block_m >= 64: a warpgroup covers 64 rows), the dot reads its operands from shared memory while
-    the next loads land: num_stages buffers. With mma.sync (other GPUs, or fewer rows) num_stages - 1
+    (64 rows or more, a warpgroup covering 64: block_m, or dkdv's block_n), the dot reads its
+    operands from shared memory while the next loads land: num_stages buffers. With mma.sync (other GPUs, or fewer rows) num_stages - 1
     are in flight, and the probabilities may pass through shared memory on their way to the second
     dot. The tiles a program loads once, the scratch of transposes and, when the call has a mask or
     bias (mask_bytes: its element size), a (block_m x block_n) tile of it stay there too. TMA copies
     land in buffers aligned to 1 KB (the 128-byte swizzle's period), with an mbarrier per stage.
     """
     m, n, d = tiles.block_m, tiles.block_n, shape.head_dim
-    wgmma = major >= 9 and m >= 64
+    # the rows of a program's products: its queries, but dk/dv's keys (backward.py, KEYS_AS_ROWS)
+    rows = n if shape.kernel == "dkdv" else m
+    wgmma = major >= 9 and rows >= 64
     buffers = max(tiles.num_stages if wgmma else tiles.num_stages - 1, 1)
     probabilities = 0 if wgmma else m * n
     streamed, resident = {
