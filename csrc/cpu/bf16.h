@@ -145,8 +145,6 @@ class Bf16Products {
  public:
   explicit Bf16Products(Bf16Kind kind) : kind_(kind) {}
 
-  bool on() const { return kind_ != Bf16Kind::none; }
-
   // C (M x N, ldc) [+]= A (M x K, lda) * packed B, N in chunks of at most kBf16ChunkN columns as
   // pack_columns wrote them: chunk c0 of B lies at packed + c0 * packed_depth, and rows
   // [first, first + K) of it are used (first and K even, first + K <= packed_depth; in the VNNI
