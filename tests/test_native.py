@@ -91,6 +91,7 @@ def test_isa_choice(isa):
 def test_bf16_products_cap(monkeypatch):
     """FUSED_ATTN_CPU_BF16 caps the bf16 products: fp32 always gives the fp32 ones, dot never AMX,
     and an unknown value is an error before any kernel runs, the cache of a KV-cache call unwritten."""
+    monkeypatch.delenv("FUSED_ATTN_CPU_BF16", raising=False)  # (the sanitized runs set it)
     best = cpu_backend.bf16_products()
     assert best in ("amx", "avx512-bf16", "fp32")
     monkeypatch.setenv("FUSED_ATTN_CPU_BF16", "fp32")
