@@ -6,7 +6,8 @@ compiler down to a cubin for the given target: each kernel with every feature of
 every candidate tile configuration that tuning may pick (fused_attn/triton/tuning.py), checking
 that the shared memory it compiles to stays within tuning's bound, then every class's default
 tiles in 16-bit and fp32, checking that they keep the kernel's values in registers (the spills
-ptxas reports: at most MAX_DEFAULT_SPILL bytes per thread).
+ptxas reports: at most MAX_DEFAULT_SPILL bytes per thread), and on sm_90 that the 16-bit forward,
+dq and dk/dv defaults run every product on wgmma (runs_on_wgmma).
 
     python tests/aot_compile.py 90     # sm_90 (Hopper); prints the job count, then one line per job
 """
@@ -87,6 +88,7 @@ MAX_DEFAULT_SPILL = 16
 class Compiled(NamedTuple):
     shared: int  # bytes of shared memory
     spilled: int  # bytes of registers spilled per thread (ptxas's spill stores)
+    warp_mmas: int  # mma.sync instructions in the PTX: products run by single warps, not Hopper's wgmma
 
 
 def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf16", num_warps=4, num_stages=2,
@@ -116,7 +118,7 @@ def compile_kernel(kernel, constexprs, target, data_type="*bf16", mask_type="*bf
     with contextlib.redirect_stdout(log):  # where Triton prints ptxas's report
         compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     spilled = sum(int(count) for count in re.findall(r"(\d+) bytes spill stores", log.getvalue()))
-    return Compiled(compiled.metadata.shared, spilled)
+    return Compiled(compiled.metadata.shared, spilled, compiled.asm["ptx"].count("mma.sync"))
 
 
 def feature_jobs():
@@ -184,6 +186,14 @@ def default_jobs():
     return jobs
 
 
+def runs_on_wgmma(shape, capability) -> bool:
+    """Whether a default must run every product on Hopper's wgmma: the 16-bit forward, dq and dk/dv
+    at the benchmarks' head dims (64, 128) on sm_90. (Decoding has 16 query rows, fewer than a
+    warpgroup's 64; fp32 dots are FMAs.)"""
+    return (capability == 90 and shape.kernel in ("forward", "dq", "dkdv") and shape.dtype_bytes == 2
+            and shape.head_dim in (64, 128))
+
+
 def compile_candidate(shape, tiles, mask_bytes, target):
     head_dims = dict(HEAD_DIM=shape.head_dim, HEAD_DIM_V=shape.head_dim, BLOCK_D=shape.head_dim,
                      BLOCK_DV=shape.head_dim)
@@ -231,6 +241,8 @@ def main(capability):
         print(line, flush=True)
         if spills_reported and compiled.spilled > MAX_DEFAULT_SPILL:
             failures.append(f"a default spills: {line}")
+        if runs_on_wgmma(shape, capability) and compiled.warp_mmas:
+            failures.append(f"a default runs {compiled.warp_mmas} products on mma.sync, not wgmma: {line}")
     if failures:
         sys.exit("\n".join(failures))
 
