@@ -386,7 +386,9 @@ def device_slug(on_cuda: bool) -> str:
     slug = slugify(device_name(on_cuda))
     if on_cuda:
         return slug
-    return f"{slug if slug.startswith('cpu') else f'cpu-{slug}'}-{cpu_kernels_tag()}"
+    if not slug.startswith("cpu"):
+        slug = f"cpu-{slug}"
+    return f"{slug}-{cpu_kernels_tag()}"
 
 
 def environment_lines(on_cuda: bool) -> list[str]:

@@ -63,6 +63,14 @@ def kvcache_outputs(q: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tenso
             new_output(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32))
 
 
+def as_full_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor):
+    """A dense decoding-shaped call (backends/base.py, takes_decoding_kernel) as a KV-cache one:
+    (B, L, H, D) views of q, k, v and out (no copies), and each sequence's length, Lk (int32 on q's
+    device)."""
+    seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+    return (*(t.transpose(1, 2) for t in (q, k, v, out)), seqlens)
+
+
 def fill_unused_rows(t: torch.Tensor, dim: int, cu_seqlens: torch.Tensor, value: float) -> torch.Tensor:
     """Set the packed rows of `t` along `dim` from cu_seqlens[-1] on (they belong to no sequence,
     so no kernel program covers them) to `value`, in place. Runs on the device, without reading

@@ -58,9 +58,12 @@ inline const char* bf16_kind_name() {
 inline bool bf16_forward_shapes(int64_t D, int64_t Dv) { return D % 2 == 0 && Dv % 16 == 0; }
 inline bool bf16_backward_shapes(int64_t D, int64_t Dv) { return D % 16 == 0 && Dv % 16 == 0; }
 
-// The kind a bf16 backward with these head dims takes (binding.cpp then always takes the one-pass
-// schedule when it is not none: the two-pass one's dq pass computes in fp32, and schedules must
-// agree bit for bit).
+// The kinds a bf16 forward and backward with these head dims take (binding.cpp takes the backward's
+// one-pass schedule when it is not none: the two-pass one's dq pass computes in fp32, and schedules
+// must agree bit for bit).
+inline Bf16Kind bf16_forward_kind(int64_t D, int64_t Dv) {
+  return bf16_forward_shapes(D, Dv) ? bf16_kind() : Bf16Kind::none;
+}
 inline Bf16Kind bf16_backward_kind(int64_t D, int64_t Dv) {
   return bf16_backward_shapes(D, Dv) ? bf16_kind() : Bf16Kind::none;
 }
@@ -91,12 +94,12 @@ __attribute__((target("avx512bf16"))) inline void dot_tile(int64_t K, const Bf16
 }
 
 // Rows of a chunk of NV vectors' width: MR at a time (24 accumulators for four vectors), then the
-// last rows with a tile of their own height.
-template <int NV, int R = 1>
+// last rows (fewer than MR) with a tile of their own height.
+template <int NV, int MR, int R = 1>
 inline void dot_tail(int64_t rows, int64_t K, const Bf16* a, int64_t lda, const Bf16* b, int64_t n, float* c,
                      int64_t ldc, bool accumulate) {
-  if constexpr (R < 8) {
-    if (rows != R) return dot_tail<NV, R + 1>(rows, K, a, lda, b, n, c, ldc, accumulate);
+  if constexpr (R + 1 < MR) {
+    if (rows != R) return dot_tail<NV, MR, R + 1>(rows, K, a, lda, b, n, c, ldc, accumulate);
   }
   dot_tile<R, NV>(K, a, lda, b, n, c, ldc, accumulate);
 }
@@ -106,7 +109,7 @@ inline void dot_chunk(int64_t M, int64_t K, const Bf16* a, int64_t lda, const Bf
   constexpr int MR = NV == 4 ? 6 : 8;
   int64_t m = 0;
   for (; m + MR <= M; m += MR) dot_tile<MR, NV>(K, a + m * lda, lda, b, n, c + m * ldc, ldc, accumulate);
-  if (m < M) dot_tail<NV>(M - m, K, a + m * lda, lda, b, n, c + m * ldc, ldc, accumulate);
+  if (m < M) dot_tail<NV, MR>(M - m, K, a + m * lda, lda, b, n, c + m * ldc, ldc, accumulate);
 }
 
 // C (M x n) [+]= A (M x K) B, B one packed chunk of n columns (16, 32, 48 or 64).
@@ -139,8 +142,8 @@ inline void transpose_bf16(const Bf16* src, int64_t ld_src, int64_t rows, int64_
                                    std::min<int64_t>(32, rows - i), std::min<int64_t>(32, cols - j));
 }
 
-// One call's bf16 products: the kind, chosen once per call, and the products and packing of that
-// kind (each kind reads only what its own packing wrote).
+// A thread's bf16 products during one call: the kind (bf16_kind, read as its tasks start) and the
+// products and packing of that kind (each kind reads only what its own packing wrote).
 class Bf16Products {
  public:
   explicit Bf16Products(Bf16Kind kind) : kind_(kind) {}

@@ -406,7 +406,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
   // bf16 inputs on a CPU with bf16 products (bf16.h): both products from these bf16 buffers.
   Bf16Kind kind = Bf16Kind::none;
-  if constexpr (std::is_same_v<T, Bf16>) kind = bf16_forward_shapes(D, Dv) ? bf16_kind() : Bf16Kind::none;
+  if constexpr (std::is_same_v<T, Bf16>) kind = bf16_forward_kind(D, Dv);
   const bool products = kind != Bf16Kind::none;
   const int64_t BM = kBlockM, BN = products ? kBf16BlockN : kBlockN;
   const std::unique_ptr<Bf16Buffers> bf16 = products ? std::make_unique<Bf16Buffers>(kind, D, Dv, BM, BN) : nullptr;

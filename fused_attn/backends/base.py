@@ -128,10 +128,3 @@ def takes_decoding_kernel(q: torch.Tensor, k: torch.Tensor, extras: AttentionTen
         return False
     uses_diagonal = opts.causal or opts.left >= 0 or opts.right >= 0 or extras.alibi_slopes is not None
     return opts.bottom_right or not uses_diagonal
-
-
-def as_full_cache(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """A dense decoding-shaped call (takes_decoding_kernel) as a KV-cache one: (B, L, H, D) views
-    of q, k, v and out (no copies), and each sequence's length, Lk (int32 on q's device)."""
-    seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
-    return (*(t.transpose(1, 2) for t in (q, k, v, out)), seqlens)

@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 
-from ..layout import attention_outputs, gradient_like, kvcache_outputs
+from ..layout import as_full_cache, attention_outputs, gradient_like, kvcache_outputs
 from ..options import AttentionOptions, AttentionTensors
 from . import native
-from .base import Backend, Tensor, as_4d, as_full_cache, takes_decoding_kernel
+from .base import Backend, Tensor, as_4d, takes_decoding_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -21,10 +21,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..layout import attention_outputs, fill_unused_rows, gradient_like, kvcache_outputs, new_output
+from ..layout import as_full_cache, attention_outputs, fill_unused_rows, gradient_like, kvcache_outputs, new_output
 from ..options import AttentionOptions, AttentionTensors
 from . import native
-from .base import Backend, Tensor, as_4d, as_full_cache, takes_decoding_kernel
+from .base import Backend, Tensor, as_4d, takes_decoding_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # csrc/cuda/launch.h, kMaxHeadDim

@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.base import as_full_cache
-from ..layout import attention_outputs, kvcache_outputs
+from ..layout import as_full_cache, attention_outputs, kvcache_outputs
 from ..options import AttentionOptions
 from .common import (
     INTERPRETING,

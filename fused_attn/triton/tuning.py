@@ -173,9 +173,9 @@ def shared_memory_bytes(shape: ShapeClass, tiles: TileConfig, major: int, mask_b
 
     The loads of a kernel's inner loop are multi-buffered. Where its dots run on Hopper's wgmma
     (64 rows or more, a warpgroup covering 64: block_m, or dkdv's block_n), the dot reads its
-    operands from shared memory while the next loads land: num_stages buffers. With mma.sync (other GPUs, or fewer rows) num_stages - 1
-    are in flight, and the probabilities may pass through shared memory on their way to the second
-    dot. The tiles a program loads once, the scratch of transposes and, when the call has a mask or
+    operands from shared memory while the next loads land: num_stages buffers. With mma.sync (other
+    GPUs, or fewer rows) num_stages - 1 are in flight, and the probabilities may pass through shared
+    memory on their way to the second dot. The tiles a program loads once, the scratch of transposes and, when the call has a mask or
     bias (mask_bytes: its element size), a (block_m x block_n) tile of it stay there too. TMA copies
     land in buffers aligned to 1 KB (the 128-byte swizzle's period), with an mbarrier per stage.
     """
