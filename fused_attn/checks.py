@@ -19,8 +19,11 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Check that q (B, Hq, Lq, D), k (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv) fit together."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes=None) -> None:
+    """Check that q (B, Hq, Lq, D), k (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv) fit together.
+
+    shapes: their (B, H, L, D) shapes when the tensors are stored otherwise (a KV cache's
+    (B, L, H, D)): the same rules, without building transposed views on every decoding step."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -38,9 +41,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(
             f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
         )
-    batch, heads_q, _, head_dim = q.shape
-    k_batch, heads_kv, seqlen_k, k_head_dim = k.shape
-    v_batch, v_heads, v_seqlen, v_head_dim = v.shape
+    q_shape, k_shape, v_shape = shapes or (q.shape, k.shape, v.shape)
+    batch, heads_q, _, head_dim = q_shape
+    k_batch, heads_kv, seqlen_k, k_head_dim = k_shape
+    v_batch, v_heads, v_seqlen, v_head_dim = v_shape
     if k_batch != batch or v_batch != batch:
         raise ValueError(f"q, k and v must share the batch size, got {batch}, {k_batch}, {v_batch}")
     if heads_kv != v_heads:

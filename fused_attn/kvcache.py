@@ -100,7 +100,7 @@ def attention_with_kvcache(
     (sequence, key/value head) pairs to fill the GPU or the CPU's cores. The query rows of a GQA
     group share one program (or CPU task), so each cached key is read once per key/value head.
     """
-    heads_first = _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v)
+    _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v)
     seqlens, host_lengths = _check_cache_seqlens(cache_seqlens, q)
     if causal_alignment != "bottom_right":
         raise ValueError(f"causal_alignment must be 'bottom_right' for KV-cache attention, got {causal_alignment!r}")
@@ -115,28 +115,33 @@ def attention_with_kvcache(
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
 
     # No input requires grad (checked above), so nothing below is recorded for autograd.
-    name = select_backend(*heads_first, AttentionTensors(alibi_slopes=alibi_slopes), opts, backend, kvcache=True)
+    # (Backends judge a KV-cache call by its device, dtype and head dims, the same in either layout.)
+    name = select_backend(q, k_cache, v_cache, AttentionTensors(alibi_slopes=alibi_slopes), opts, backend,
+                          kvcache=True)
     out, lse = _eager_kvcache_forward(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, k, v, opts, name)
     return (out, lse) if return_lse else out
 
 
-def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> tuple[Tensor, Tensor, Tensor]:
-    """Checks the tensors; returns (B, H, L, D) views of q and the caches (for the backend choice)."""
+def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> None:
+    """Checks the tensors: the attention rules (dtypes, devices, heads, head dims) on their
+    (B, H, L, D) shapes, a paged cache's pages standing for each sequence's keys."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-dimensional tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    heads_first = tuple(t.transpose(1, 2) for t in (q, k_cache, v_cache))
-    # The attention rules (dtypes, devices, heads, head dims) on (B, H, L, D) views of the cache.
-    if block_table is None:
-        check_qkv(*heads_first)
-    else:
-        check_qkv(heads_first[0], k_cache[:1].transpose(1, 2).expand(q.shape[0], -1, -1, -1),
-                  v_cache[:1].transpose(1, 2).expand(q.shape[0], -1, -1, -1))
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    cache_rows, page_size, heads_kv, k_head_dim = k_cache.shape
+    v_rows, v_page_size, v_heads, v_head_dim = v_cache.shape
+    if block_table is not None:  # every sequence reads pages of the pool
+        cache_rows = v_rows = batch
+    check_qkv(q, k_cache, v_cache, shapes=((batch, heads_q, seqlen_q, head_dim),
+                                           (cache_rows, heads_kv, page_size, k_head_dim),
+                                           (v_rows, v_heads, v_page_size, v_head_dim)))
+    if block_table is not None:
         if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
             raise TypeError("block_table must be an int32 tensor of shape (batch, max_pages_per_sequence)")
-        if block_table.shape[0] != q.shape[0] or block_table.device != q.device:
-            raise ValueError(f"block_table must have {q.shape[0]} rows (the batch) on {q.device}, "
+        if block_table.shape[0] != batch or block_table.device != q.device:
+            raise ValueError(f"block_table must have {batch} rows (the batch) on {q.device}, "
                              f"got {tuple(block_table.shape)} on {block_table.device}")
     if k_cache.shape[:3] != v_cache.shape[:3]:
         raise ValueError(f"k_cache and v_cache must agree but in the last dim, got {tuple(k_cache.shape)} and "
@@ -144,16 +149,18 @@ def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> tuple[Tenso
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
     if k is not None:
-        expected_k = (q.shape[0], k.shape[1] if k.dim() == 4 else -1, k_cache.shape[2], k_cache.shape[3])
-        expected_v = (q.shape[0], expected_k[1], v_cache.shape[2], v_cache.shape[3])
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"k and v must be tensors, got {type(k).__name__} and {type(v).__name__}")
+        expected_k = (batch, k.shape[1] if k.dim() == 4 else -1, heads_kv, k_head_dim)
+        expected_v = (batch, expected_k[1], heads_kv, v_head_dim)
         if tuple(k.shape) != expected_k or tuple(v.shape) != expected_v:
             raise ValueError(f"k and v must be (B, Lnew, Hkv, D) = {expected_k} and {expected_v}, got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
         if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype or k.device != q.device or v.device != q.device:
             raise TypeError("k and v must have the caches' dtype and q's device")
-    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
+    if q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or (
+            k is not None and (k.requires_grad or v.requires_grad)):
         raise ValueError("attention_with_kvcache is inference only: its inputs must not require grad")
-    return heads_first
 
 
 def _check_cache_seqlens(cache_seqlens, q) -> tuple[Tensor, Optional[list[int]]]:

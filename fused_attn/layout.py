@@ -49,7 +49,9 @@ def attention_outputs(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, t
     if q.dim() == 3:
         return (new_output(q, (*q.shape[:2], v.shape[2]), q.dtype),
                 new_output(q, (q.shape[1], q.shape[0]), lse_dtype(q.dtype)))
-    return empty_like_layout(q, (*q.shape[:3], v.shape[3])), new_output(q, q.shape[:3], lse_dtype(q.dtype))
+    batch, heads, length, _ = q.shape  # plain ints: torch.Size slices cost more to allocate from
+    return (empty_like_layout(q, (batch, heads, length, v.shape[3])),
+            new_output(q, (batch, heads, length), lse_dtype(q.dtype)))
 
 
 def gradient_like(t: torch.Tensor) -> torch.Tensor:
@@ -59,8 +61,9 @@ def gradient_like(t: torch.Tensor) -> torch.Tensor:
 
 def kvcache_outputs(q: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised (out (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32) of a KV-cache call, q (B, Lq, Hq, D)."""
-    return (new_output(q, (*q.shape[:3], v_cache.shape[3]), q.dtype),
-            new_output(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32))
+    batch, length, heads, _ = q.shape
+    return (new_output(q, (batch, length, heads, v_cache.shape[3]), q.dtype),
+            new_output(q, (batch, heads, length), torch.float32))
 
 
 def as_full_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor):

@@ -164,6 +164,10 @@ def qkv_cache():
     (dict(dropout_p=0.1), ValueError, r"dropout_p must be 0 for KV-cache attention"),
     (dict(causal_alignment="top_left"), ValueError, r"causal_alignment must be 'bottom_right'"),
     (dict(block_table=torch.zeros(B, 7, dtype=torch.int64)), TypeError, r"block_table must be an int32 tensor"),
+    (dict(block_table=torch.zeros(B, 1, dtype=torch.int32), v_cache=torch.randn(B, CAPACITY, 1, DV)), ValueError,
+     r"k and v must have the same number of heads"),
+    (dict(k_cache=torch.randn(B, CAPACITY, HKV, D, dtype=torch.float64)), TypeError, r"q, k and v must share one dtype"),
+    (dict(k=1.0, v=torch.randn(B, 1, HKV, DV)), TypeError, r"k and v must be tensors"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_kvcache_bad_input(change, error, message):
     q, k_cache, v_cache = qkv_cache()
