@@ -39,21 +39,35 @@ inline Vec qk_grad(Vec score_grad, const float* tanh, Vec scale) {
 }
 
 // delta_i = sum_c dO_ic O_ic - dlse_i for rows [q0, q0 + rows) of (b, h), into args.delta.
-// Rows are converted to fp32 (zero-padded to whole vectors) a chunk at a time and dotted kVec
-// lanes at a time: O(L Dv) per call, a visible share of calls with little work per row (a
-// narrow window).
+// Rows are converted to fp32 (zero-padded to whole vectors) a chunk at a time, or read in place
+// when they are fp32 already, and dotted kVec lanes at a time: O(L Dv) per call, a visible share
+// of calls with little work per row (a narrow window).
 template <typename T>
 void compute_delta(const BackwardArgs& args, int64_t b, int64_t h, int64_t q0, int64_t rows) {
   const T* dout = at_row<T>(args.dout, b, h, q0);
   const T* out = at_row<T>(args.out, b, h, q0);
   const float* dlse = args.dlse.at(b, h, q0);
   float* delta = args.delta.at(b, h, q0);
+  const int64_t Dv = args.p.head_dim_v;
+  if constexpr (std::is_same_v<T, float>) {
+    if (args.dout.col == 1 && args.out.col == 1 && Dv % kVec == 0) {  // the same sums, read in place
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* dout_row = dout + i * args.dout.row;
+        const float* out_row = out + i * args.out.row;
+        Vec dot_product(0.f);
+        for (int64_t c = 0; c < Dv; c += kVec)
+          dot_product = at::vec::fmadd(Vec::loadu(dout_row + c), Vec::loadu(out_row + c), dot_product);
+        delta[i] = lane_sum(dot_product) - dlse[i];
+      }
+      return;
+    }
+  }
   constexpr int64_t kChunk = 256;  // the largest head dim fused_attn takes, in one chunk
   alignas(64) float dout_chunk[kChunk], out_chunk[kChunk];
   for (int64_t i = 0; i < rows; ++i) {
     Vec dot_product(0.f);
-    for (int64_t c0 = 0; c0 < args.p.head_dim_v; c0 += kChunk) {
-      const int64_t n = std::min(kChunk, args.p.head_dim_v - c0), padded = round_up(n, kVec);
+    for (int64_t c0 = 0; c0 < Dv; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, Dv - c0), padded = round_up(n, kVec);
       load_tile(dout_chunk, padded, dout + i * args.dout.row + c0 * args.dout.col, 0, args.dout.col, 1, n);
       load_tile(out_chunk, padded, out + i * args.out.row + c0 * args.out.col, 0, args.out.col, 1, n);
       for (int64_t c = 0; c < padded; c += kVec)
@@ -115,19 +129,19 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
       if (mask_hides_tile(p, b, h, q0, rows, k0, keys)) continue;  // p = dS = 0 there
-      load_tile(kb, Dp, at_row<T>(s.k, b, hk, k0), s.k.row, s.k.col, keys, D);
-      load_tile(vb, Dvp, at_row<T>(s.v, b, hk, k0), s.v.row, s.v.col, keys, Dv);
+      const Rows kr = key_rows<T>(kb, Dp, s.k, Pages{}, b, hk, k0, keys, D);
+      const Rows vr = key_rows<T>(vb, Dvp, s.v, Pages{}, b, hk, k0, keys, Dv);
       const ScoreTile st_tile{st, 1, BM, b, h, q0, rows, k0, keys};
       // A tile that the window cuts is computed only where some query sees some key, as in the
       // forward (tile.h, banded products); dP^T is left 0 where S^T = -inf.
       const bool edge = window_cuts(p, st_tile);
       const Band band{p, q0, k0};
       if (edge) {
-        gemm_banded_columns(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, kEdgeKeys, band.queries_seeing(), -kInf);
-        gemm_banded_columns(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, kEdgeKeys, band.queries_seeing(), 0.f);
+        gemm_banded_columns(keys, BM, D, kr.data, kr.ld, 1, qt, BM, st, BM, kEdgeKeys, band.queries_seeing(), -kInf);
+        gemm_banded_columns(keys, BM, Dv, vr.data, vr.ld, 1, dot, BM, dpt, BM, kEdgeKeys, band.queries_seeing(), 0.f);
       } else {
-        gemm(keys, BM, D, kb, Dp, 1, qt, BM, st, BM, false);      // K Q^T
-        gemm(keys, BM, Dv, vb, Dvp, 1, dot, BM, dpt, BM, false);  // dP^T = V dO^T
+        gemm(keys, BM, D, kr.data, kr.ld, 1, qt, BM, st, BM, false);      // K Q^T
+        gemm(keys, BM, Dv, vr.data, vr.ld, 1, dot, BM, dpt, BM, false);  // dP^T = V dO^T
       }
       finish_scores(p, st_tile, keys * BM, p.scale, tanh);  // S^T
       if (p.variants.dropout) apply_dropout(p, {dpt, 1, BM, b, h, q0, rows, k0, keys});
@@ -142,9 +156,9 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
         }
       }
       if (edge)
-        gemm_banded_depth(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, band.keys_seen());
+        gemm_banded_depth(rows, Dp, keys, st, 1, BM, kr.data, kr.ld, dq, Dp, band.keys_seen());
       else
-        gemm(rows, Dp, keys, st, 1, BM, kb, Dp, dq, Dp, true);  // dQ += dS K, dS read from dS^T
+        gemm(rows, Dp, keys, st, 1, BM, kr.data, kr.ld, dq, Dp, true);  // dQ += dS K, dS read from dS^T
     }
     store_rows(at_row_mut<T>(s.dq, b, h, q0), s.dq.row, s.dq.col, dq, Dp, rows, D);
   }
@@ -237,8 +251,10 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
   } else {
     load_tile(t.kt, BN, at_row<T>(args.k, b, hk, k0), args.k.col, args.k.row, D, keys);
     load_tile(t.vt, BN, at_row<T>(args.v, b, hk, k0), args.v.col, args.v.row, Dv, keys);
-    if (dq != nullptr) load_tile(t.kb, Dp, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D);
   }
+  // K rows for dQ += dS K (fp32 products), in place where they can be read so.
+  const Rows kr = dq != nullptr && bf16 == nullptr ? key_rows<T>(t.kb, Dp, args.k, Pages{}, b, hk, k0, keys, D)
+                                                   : Rows{t.kb, Dp};
   fill(t.dk, keys * Dp, 0.f);
   fill(t.dv, keys * Dvp, 0.f);
   float* tanh = p.variants.softcap > 0.f ? t.tanh : nullptr;
@@ -259,6 +275,7 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       const bool edge = bf16 == nullptr && window_cuts(p, s_tile);
       const Band band{p, q0, k0};
       Bf16Rows q_rows{}, do_rows{};
+      Rows qr{t.qb, Dp}, dor{t.dob, Dvp};  // the fp32 products' Q and dO rows
       if (bf16 != nullptr) {
         const Bf16Products& products = bf16->products;
         q_rows = bf16_rows(bf16->q_rows, args.q, Pages{}, b, h, q0, rows, D, true);
@@ -266,14 +283,14 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
         products.gemm(rows, BN, D, q_rows.data, q_rows.ld, bf16->kt_packed, t.s, BN, false);      // Q K^T
         products.gemm(rows, BN, Dv, do_rows.data, do_rows.ld, bf16->vt_packed, t.dp, BN, false);  // dP = dO V^T
       } else {
-        load_tile(t.qb, Dp, at_row<T>(args.q, b, h, q0), args.q.row, args.q.col, rows, D);
-        load_tile(t.dob, Dvp, at_row<T>(args.dout, b, h, q0), args.dout.row, args.dout.col, rows, Dv);
+        qr = key_rows<T>(t.qb, Dp, args.q, Pages{}, b, h, q0, rows, D);
+        dor = key_rows<T>(t.dob, Dvp, args.dout, Pages{}, b, h, q0, rows, Dv);
         if (edge) {
-          gemm_banded_columns(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, kEdgeKeys, band.keys_seen(), -kInf);
-          gemm_banded_columns(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, kEdgeKeys, band.keys_seen(), 0.f);
+          gemm_banded_columns(rows, BN, D, qr.data, qr.ld, 1, t.kt, BN, t.s, BN, kEdgeKeys, band.keys_seen(), -kInf);
+          gemm_banded_columns(rows, BN, Dv, dor.data, dor.ld, 1, t.vt, BN, t.dp, BN, kEdgeKeys, band.keys_seen(), 0.f);
         } else {
-          gemm(rows, BN, D, t.qb, Dp, 1, t.kt, BN, t.s, BN, false);      // Q K^T
-          gemm(rows, BN, Dv, t.dob, Dvp, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
+          gemm(rows, BN, D, qr.data, qr.ld, 1, t.kt, BN, t.s, BN, false);      // Q K^T
+          gemm(rows, BN, Dv, dor.data, dor.ld, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
         }
       }
       finish_scores(p, s_tile, rows * BN, p.scale, tanh);  // S
@@ -319,13 +336,13 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
           products.gemm(rows, D, round_up(keys, 2), bf16->staging, BN, bf16->k_packed, dq_rows, Dp, true);
         }
       } else if (edge) {
-        gemm_banded_depth(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, band.queries_seeing());
-        gemm_banded_depth(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, band.queries_seeing());
-        if (dq != nullptr) gemm_banded_depth(rows, Dp, keys, t.dp, BN, 1, t.kb, Dp, dq_rows, Dp, band.keys_seen());
+        gemm_banded_depth(keys, Dvp, rows, t.s, 1, BN, dor.data, dor.ld, t.dv, Dvp, band.queries_seeing());
+        gemm_banded_depth(keys, Dp, rows, t.dp, 1, BN, qr.data, qr.ld, t.dk, Dp, band.queries_seeing());
+        if (dq != nullptr) gemm_banded_depth(rows, Dp, keys, t.dp, BN, 1, kr.data, kr.ld, dq_rows, Dp, band.keys_seen());
       } else {
-        gemm(keys, Dvp, rows, t.s, 1, BN, t.dob, Dvp, t.dv, Dvp, true);  // dV += P^T dO
-        gemm(keys, Dp, rows, t.dp, 1, BN, t.qb, Dp, t.dk, Dp, true);     // dK += dS^T Q
-        if (dq != nullptr) gemm(rows, Dp, keys, t.dp, BN, 1, t.kb, Dp, dq_rows, Dp, true);  // dQ += dS K
+        gemm(keys, Dvp, rows, t.s, 1, BN, dor.data, dor.ld, t.dv, Dvp, true);  // dV += P^T dO
+        gemm(keys, Dp, rows, t.dp, 1, BN, qr.data, qr.ld, t.dk, Dp, true);     // dK += dS^T Q
+        if (dq != nullptr) gemm(rows, Dp, keys, t.dp, BN, 1, kr.data, kr.ld, dq_rows, Dp, true);  // dQ += dS K
       }
     }
   }

@@ -185,7 +185,8 @@ struct Rows {
 
 // The same rows as fp32 tiles: read where they lie when they already are (fp32, unit column
 // stride, no padding, within one page), else converted into dst (n x ld). Decoding reads each
-// key once, so the copy would cost as much as the products.
+// key once, so the copy would cost as much as the products. (The backward reads Q and dO rows
+// this way too, with no pages.)
 template <typename T>
 Rows key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
               int64_t n, int64_t cols) {
