@@ -39,39 +39,27 @@ inline Vec qk_grad(Vec score_grad, const float* tanh, Vec scale) {
 }
 
 // delta_i = sum_c dO_ic O_ic - dlse_i for rows [q0, q0 + rows) of (b, h), into args.delta.
-// Rows are converted to fp32 (zero-padded to whole vectors) a chunk at a time, or read in place
-// when they are fp32 already, and dotted kVec lanes at a time: O(L Dv) per call, a visible share
-// of calls with little work per row (a narrow window).
+// Rows are read as fp32 a chunk at a time (fp32_tile: in place, or converted and zero-padded to
+// whole vectors) and dotted kVec lanes at a time: O(L Dv) per call, a visible share of calls with
+// little work per row (a narrow window).
 template <typename T>
 void compute_delta(const BackwardArgs& args, int64_t b, int64_t h, int64_t q0, int64_t rows) {
   const T* dout = at_row<T>(args.dout, b, h, q0);
   const T* out = at_row<T>(args.out, b, h, q0);
   const float* dlse = args.dlse.at(b, h, q0);
   float* delta = args.delta.at(b, h, q0);
-  const int64_t Dv = args.p.head_dim_v;
-  if constexpr (std::is_same_v<T, float>) {
-    if (args.dout.col == 1 && args.out.col == 1 && Dv % kVec == 0) {  // the same sums, read in place
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* dout_row = dout + i * args.dout.row;
-        const float* out_row = out + i * args.out.row;
-        Vec dot_product(0.f);
-        for (int64_t c = 0; c < Dv; c += kVec)
-          dot_product = at::vec::fmadd(Vec::loadu(dout_row + c), Vec::loadu(out_row + c), dot_product);
-        delta[i] = lane_sum(dot_product) - dlse[i];
-      }
-      return;
-    }
-  }
   constexpr int64_t kChunk = 256;  // the largest head dim fused_attn takes, in one chunk
   alignas(64) float dout_chunk[kChunk], out_chunk[kChunk];
   for (int64_t i = 0; i < rows; ++i) {
     Vec dot_product(0.f);
-    for (int64_t c0 = 0; c0 < Dv; c0 += kChunk) {
-      const int64_t n = std::min(kChunk, Dv - c0), padded = round_up(n, kVec);
-      load_tile(dout_chunk, padded, dout + i * args.dout.row + c0 * args.dout.col, 0, args.dout.col, 1, n);
-      load_tile(out_chunk, padded, out + i * args.out.row + c0 * args.out.col, 0, args.out.col, 1, n);
+    for (int64_t c0 = 0; c0 < args.p.head_dim_v; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, args.p.head_dim_v - c0), padded = round_up(n, kVec);
+      const T* dout_at = dout + i * args.dout.row + c0 * args.dout.col;
+      const T* out_at = out + i * args.out.row + c0 * args.out.col;
+      const Rows d = fp32_tile(dout_chunk, padded, dout_at, 0, args.dout.col, 1, n);
+      const Rows o = fp32_tile(out_chunk, padded, out_at, 0, args.out.col, 1, n);
       for (int64_t c = 0; c < padded; c += kVec)
-        dot_product = at::vec::fmadd(Vec::loadu(dout_chunk + c), Vec::loadu(out_chunk + c), dot_product);
+        dot_product = at::vec::fmadd(Vec::loadu(d.data + c), Vec::loadu(o.data + c), dot_product);
     }
     delta[i] = lane_sum(dot_product) - dlse[i];
   }
@@ -129,8 +117,8 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 += BN) {
       const int64_t keys = std::min(BN, visible.end - k0);
       if (mask_hides_tile(p, b, h, q0, rows, k0, keys)) continue;  // p = dS = 0 there
-      const Rows kr = key_rows<T>(kb, Dp, s.k, Pages{}, b, hk, k0, keys, D);
-      const Rows vr = key_rows<T>(vb, Dvp, s.v, Pages{}, b, hk, k0, keys, Dv);
+      const Rows kr = fp32_rows<T>(kb, Dp, s.k, Pages{}, b, hk, k0, keys, D);
+      const Rows vr = fp32_rows<T>(vb, Dvp, s.v, Pages{}, b, hk, k0, keys, Dv);
       const ScoreTile st_tile{st, 1, BM, b, h, q0, rows, k0, keys};
       // A tile that the window cuts is computed only where some query sees some key, as in the
       // forward (tile.h, banded products); dP^T is left 0 where S^T = -inf.
@@ -253,7 +241,7 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
     load_tile(t.vt, BN, at_row<T>(args.v, b, hk, k0), args.v.col, args.v.row, Dv, keys);
   }
   // K rows for dQ += dS K (fp32 products), in place where they can be read so.
-  const Rows kr = dq != nullptr && bf16 == nullptr ? key_rows<T>(t.kb, Dp, args.k, Pages{}, b, hk, k0, keys, D)
+  const Rows kr = dq != nullptr && bf16 == nullptr ? fp32_rows<T>(t.kb, Dp, args.k, Pages{}, b, hk, k0, keys, D)
                                                    : Rows{t.kb, Dp};
   fill(t.dk, keys * Dp, 0.f);
   fill(t.dv, keys * Dvp, 0.f);
@@ -283,8 +271,8 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
         products.gemm(rows, BN, D, q_rows.data, q_rows.ld, bf16->kt_packed, t.s, BN, false);      // Q K^T
         products.gemm(rows, BN, Dv, do_rows.data, do_rows.ld, bf16->vt_packed, t.dp, BN, false);  // dP = dO V^T
       } else {
-        qr = key_rows<T>(t.qb, Dp, args.q, Pages{}, b, h, q0, rows, D);
-        dor = key_rows<T>(t.dob, Dvp, args.dout, Pages{}, b, h, q0, rows, Dv);
+        qr = fp32_rows<T>(t.qb, Dp, args.q, Pages{}, b, h, q0, rows, D);
+        dor = fp32_rows<T>(t.dob, Dvp, args.dout, Pages{}, b, h, q0, rows, Dv);
         if (edge) {
           gemm_banded_columns(rows, BN, D, qr.data, qr.ld, 1, t.kt, BN, t.s, BN, kEdgeKeys, band.keys_seen(), -kInf);
           gemm_banded_columns(rows, BN, Dv, dor.data, dor.ld, 1, t.vt, BN, t.dp, BN, kEdgeKeys, band.keys_seen(), 0.f);

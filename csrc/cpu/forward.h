@@ -161,7 +161,7 @@ void load_key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages,
 }
 
 // Rows [k0, k0 + n) of K and V asked for ahead of their use (nothing when n <= 0). Decoding reads
-// every key once: without this, the products that read fp32 rows in place (key_rows) would wait
+// every key once: without this, the products that read fp32 rows in place (fp32_rows) would wait
 // on each cache miss, where a copy loop keeps many misses in flight. Measured on a 2-core EPYC
 // with caches out of L3: as fast as copying the rows, and faster than it when they are in L3.
 constexpr int64_t kPrefetchBlocks = 2;
@@ -177,23 +177,15 @@ void prefetch_key_rows(const ForwardArgs& s, int64_t b, int64_t hk, int64_t k0, 
   }
 }
 
-// fp32 rows laid out as the kernels' tiles: row r at data + r * ld, each a whole number of vectors.
-struct Rows {
-  const float* data;
-  int64_t ld;
-};
-
-// The same rows as fp32 tiles: read where they lie when they already are (fp32, unit column
-// stride, no padding, within one page), else converted into dst (n x ld). Decoding reads each
-// key once, so the copy would cost as much as the products. (The backward reads Q and dO rows
-// this way too, with no pages.)
+// Rows [k0, k0 + n) of (b, hk) of s (K or V through a paged cache's table; Q, dO with no pages)
+// as fp32 tiles (tile.h, fp32_tile), read where they lie when they lie within one page. Decoding
+// reads each key once, and the backward each Q and dO block once per key block, so a copy would
+// cost as much as the products.
 template <typename T>
-Rows key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
-              int64_t n, int64_t cols) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (s.col == 1 && cols == ld && rows_in_run(pages, k0, k0 + n) == n)
-      return {key_row<float>(s, pages, b, hk, k0), s.row};
-  }
+Rows fp32_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
+               int64_t n, int64_t cols) {
+  if (rows_in_run(pages, k0, k0 + n) == n)
+    return fp32_tile(dst, ld, key_row<T>(s, pages, b, hk, k0), s.row, s.col, n, cols);
   load_key_rows<T>(dst, ld, s, pages, b, hk, k0, n, cols);
   return {dst, ld};
 }
@@ -480,8 +472,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       // banded products): a diagonal tile would cost twice its useful work.
       const bool edge = !few && block.heads == 1 && window_cuts(p, head_tile(0, k0, keys));
       const Band band{p, block.q0, k0};
-      const Rows kr = key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
-      const Rows vr = key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
+      const Rows kr = fp32_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
+      const Rows vr = fp32_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
       // S^T = K (scale Q)^T
       if (few)
         scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);

@@ -122,6 +122,24 @@ inline void store_rows(T* dst, int64_t row_stride, int64_t col_stride, const flo
   }
 }
 
+// fp32 rows laid out as the kernels' tiles: row r at data + r * ld, each a whole number of vectors.
+struct Rows {
+  const float* data;
+  int64_t ld;
+};
+
+// src(r, c) as such a tile (rows x ld): read where it lies when it already is one (fp32, unit
+// column stride, cols == ld so no padding is needed), else loaded into dst as load_tile does.
+template <typename T>
+inline Rows fp32_tile(float* dst, int64_t ld, const T* src, int64_t row_stride, int64_t col_stride, int64_t rows,
+                      int64_t cols) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (col_stride == 1 && cols == ld) return {src, row_stride};
+  }
+  load_tile(dst, ld, src, row_stride, col_stride, rows, cols);
+  return {dst, ld};
+}
+
 inline void fill(float* dst, int64_t n, float value) {
   for (int64_t i = 0; i < n; ++i) dst[i] = value;
 }
