@@ -103,8 +103,10 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     const auto [h, q0, rows] = dq_block(p, at.index);
     const int64_t hk = h / group;
 
-    load_tile(qt, BM, at_row<T>(s.q, b, h, q0), s.q.col, s.q.row, D, rows);
-    load_tile(dot, BM, at_row<T>(s.dout, b, h, q0), s.dout.col, s.dout.row, Dv, rows);
+    // kb and vb (kBlockN >= kBlockM rows) stage the rows until the key loop uses them.
+    static_assert(kBlockN >= kBlockM);
+    load_transposed(qt, BM, at_row<T>(s.q, b, h, q0), s.q.row, s.q.col, rows, D, kb);
+    load_transposed(dot, BM, at_row<T>(s.dout, b, h, q0), s.dout.row, s.dout.col, rows, Dv, vb);
     compute_delta<T>(s, b, h, q0, rows);
     // Padding columns get lse = +inf, so p = 0 there.
     for (int64_t i = 0; i < BM; ++i) {
@@ -237,8 +239,9 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
   if (bf16 != nullptr) {
     pack_key_block(args, b, hk, k0, keys, dq != nullptr, *bf16);
   } else {
-    load_tile(t.kt, BN, at_row<T>(args.k, b, hk, k0), args.k.col, args.k.row, D, keys);
-    load_tile(t.vt, BN, at_row<T>(args.v, b, hk, k0), args.v.col, args.v.row, Dv, keys);
+    // dk and dv stage the rows until they are zeroed below.
+    load_transposed(t.kt, BN, at_row<T>(args.k, b, hk, k0), args.k.row, args.k.col, keys, D, t.dk);
+    load_transposed(t.vt, BN, at_row<T>(args.v, b, hk, k0), args.v.row, args.v.col, keys, Dv, t.dv);
   }
   // K rows for dQ += dS K (fp32 products), in place where they can be read so.
   const Rows kr = dq != nullptr && bf16 == nullptr ? fp32_rows<T>(t.kb, Dp, args.k, Pages{}, b, hk, k0, keys, D)

@@ -144,6 +144,19 @@ inline void fill(float* dst, int64_t n, float value) {
   for (int64_t i = 0; i < n; ++i) dst[i] = value;
 }
 
+// dst (cols x ld) = the transpose of src(r, c) = src[r * row_stride + c * col_stride], r < rows <= ld, c < cols,
+// zero in columns [rows, ld): K^T from K's rows, say. The rows are read along their length (as
+// fp32 rows in place, or converted into `staging`, rows x cols) and transposed in 16 x 16 blocks
+// (ATen's AVX-512 transposes in that build), where a strided load_tile reads one scalar at a time:
+// a narrow window's backward transposes its key blocks for only a few query blocks each.
+template <typename T>
+inline void load_transposed(float* dst, int64_t ld, const T* src, int64_t row_stride, int64_t col_stride, int64_t rows,
+                            int64_t cols, float* staging) {
+  const Rows r = fp32_tile(staging, cols, src, row_stride, col_stride, rows, cols);
+  at::vec::transpose_mxn<float>(r.data, r.ld, dst, ld, static_cast<int>(rows), static_cast<int>(cols));
+  for (int64_t c = 0; c < cols; ++c) fill(dst + c * ld + rows, ld - rows, 0.f);
+}
+
 // ------------------------------------------------------------------------------------------
 // C (M x N) = [C +] A (M x K) * B (K x N)
 //
