@@ -82,12 +82,9 @@ def attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     name = select_backend(q, k, v, extras, opts, backend)
-    dropout_seed = draw_seed(q.device) if opts.dropout_p > 0 else None
-    out, lse = attention_op(
-        q, k, v, attn_mask, alibi_slopes, dropout_seed, None, None,
-        opts.scale, opts.causal, opts.bottom_right, opts.window_left, opts.window_right,
-        opts.softcap, opts.dropout_p, opts.deterministic, 0, 0, name,
-    )
+    if opts.dropout_p > 0:
+        extras = extras._replace(dropout_seed=draw_seed(q.device))
+    out, lse = attention_op(q, k, v, attn_mask, extras, opts, name)
     return (out, lse) if return_lse else out
 
 

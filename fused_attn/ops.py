@@ -52,9 +52,14 @@ def _forward_impl(
     packed ones (cu_seqlens given) as in fused_attn.varlen_attention."""
     opts = AttentionOptions(scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic,
                             max_seqlen_q, max_seqlen_k)
+    extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k)
+    return _forward(q, k, v, extras, opts, backend)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions,
+             backend: str) -> tuple[Tensor, Tensor]:
     if _is_empty(q, k, opts):  # no keys: every row is fully masked
         return _empty_outputs(q, v)
-    extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k)
     return get_backend(backend).forward(q, k, v, extras, opts)
 
 
@@ -163,12 +168,15 @@ def _wants_gradient(tensors) -> bool:
     return False
 
 
-def attention_op(*inputs) -> tuple[Tensor, Tensor]:
-    """attention_forward(*inputs): the op where needs_the_op says so; else the same
-    implementation, through _EagerAttention when a gradient is wanted."""
-    tensors = inputs[:_TENSOR_ARGUMENTS]
+def attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], extras: AttentionTensors,
+                 opts: AttentionOptions, backend: str) -> tuple[Tensor, Tensor]:
+    """(out, lse) of a validated call by the named backend: attention_forward where needs_the_op
+    says so; else the same implementation, through _EagerAttention when a gradient is wanted, or
+    straight to the backend with extras and opts as they are (a small call's time is mostly such
+    glue). extras holds attn_mask already split into mask or bias; the op takes attn_mask itself."""
+    tensors = (q, k, v, attn_mask, extras.alibi_slopes, extras.dropout_seed, extras.cu_seqlens_q, extras.cu_seqlens_k)
     if needs_the_op(tensors):
-        return attention_forward(*inputs)
+        return attention_forward(*tensors, *opts, backend)
     if _wants_gradient(tensors):
-        return _EagerAttention.apply(*inputs)
-    return _forward_impl(*inputs)
+        return _EagerAttention.apply(*tensors, *opts, backend)
+    return _forward(q, k, v, extras, opts, backend)

@@ -14,7 +14,8 @@ CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 class AttentionOptions(NamedTuple):
     """Scalars of one call (a NamedTuple: immutable, hashable, and built in a fraction of a frozen
-    dataclass's time, which every call pays twice).
+    dataclass's time). Its fields, in this order, are the scalar arguments of the custom op
+    (ops.py passes *opts).
 
     Query i sees key j when  i + shift - left <= j <= i + shift + right,  where shift is 0
     (top-left alignment, torch SDPA) or Lk - Lq (bottom-right, flash-attn and KV caches), and a

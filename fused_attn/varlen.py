@@ -59,12 +59,10 @@ def varlen_attention(
     check_alibi_slopes(alibi_slopes, batch, q.shape[1], q.device)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    opts = opts._replace(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     extras = AttentionTensors(alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     name = select_backend(q, k, v, extras, opts, backend)
-    dropout_seed = draw_seed(q.device) if opts.dropout_p > 0 else None
-    out, lse = attention_op(
-        q, k, v, None, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k,
-        opts.scale, opts.causal, opts.bottom_right, opts.window_left, opts.window_right,
-        opts.softcap, opts.dropout_p, opts.deterministic, max_seqlen_q, max_seqlen_k, name,
-    )
+    if opts.dropout_p > 0:
+        extras = extras._replace(dropout_seed=draw_seed(q.device))
+    out, lse = attention_op(q, k, v, None, extras, opts, name)
     return (out, lse) if return_lse else out

@@ -6,6 +6,7 @@ from conftest import DEVICE
 from oracle import random_qkv
 
 import fused_attn
+from fused_attn.options import AttentionOptions, AttentionTensors
 
 
 @pytest.mark.parametrize("sequence_major", [False, True], ids=["head-major", "sequence-major"])
@@ -75,15 +76,24 @@ def test_eager_calls_equal_the_op_bit_for_bit(variant_backend):
     dout = torch.randn(2, 4, 37, 16, dtype=q.dtype, device=DEVICE)
     dlse = torch.randn(2, 4, 37, device=DEVICE)
     results = []
-    for call in (fused_attn.ops.attention_op, torch.ops.fused_attn.forward.default):
+    for call in (_eager_call, torch.ops.fused_attn.forward.default):
         out, lse = call(*args)
         loss = (out.float() * dout.float()).sum() + (lse * dlse).sum()
         results.append((out, lse, *torch.autograd.grad(loss, (q, k, v, bias))))
     for name, eager, op in zip(("out", "lse", "dq", "dk", "dv", "dbias"), *results):
         assert torch.equal(eager, op), name
     with torch.no_grad():
-        out, lse = fused_attn.ops.attention_op(*args)
+        out, lse = _eager_call(*args)
     assert torch.equal(out, results[1][0]) and out.grad_fn is None
+
+
+def _eager_call(q, k, v, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k, *scalars_and_backend):
+    """attention_op called as the public functions call it, from the op's arguments."""
+    *scalars, backend = scalars_and_backend
+    is_bool = attn_mask is not None and attn_mask.dtype == torch.bool
+    extras = AttentionTensors(attn_mask if is_bool else None, None if is_bool else attn_mask, alibi_slopes,
+                              dropout_seed, cu_seqlens_q, cu_seqlens_k)
+    return fused_attn.ops.attention_op(q, k, v, attn_mask, extras, AttentionOptions(*scalars), backend)
 
 
 def test_parameters_take_the_eager_path_and_subclasses_the_op(monkeypatch):
