@@ -5,6 +5,7 @@ is imported), which is how CI runs these kernels without a GPU.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -24,6 +25,8 @@ def _import_error() -> Optional[str]:
 
 
 def _interpreting() -> bool:
+    if IMPORT_ERROR is not None:
+        return False
     from ..triton.common import INTERPRETING
 
     return INTERPRETING
@@ -31,7 +34,7 @@ def _interpreting() -> bool:
 
 def _interpreter_problem() -> Optional[str]:
     """Why the interpreter cannot run the kernels (probed with a tiny kernel when it is on)."""
-    if IMPORT_ERROR is not None or not _interpreting():
+    if not INTERPRETING:
         return None
     from ..triton.common import interpreter_problem
 
@@ -40,7 +43,17 @@ def _interpreter_problem() -> Optional[str]:
 
 # Checked once at import: dispatch runs on every call, also while torch.compile traces it.
 IMPORT_ERROR = _import_error()
+INTERPRETING = _interpreting()
 INTERPRETER_PROBLEM = _interpreter_problem()
+
+
+@functools.cache
+def _kernels():
+    """fused_attn.triton's launchers, imported on the first call (importing them compiles nothing,
+    but a per-call import statement costs microseconds that a decoding step notices)."""
+    from ..triton import backward, decode, forward
+
+    return forward, backward, decode
 
 
 class TritonBackend(Backend):
@@ -49,7 +62,7 @@ class TritonBackend(Backend):
     def unavailable_reason(self) -> Optional[str]:
         if IMPORT_ERROR is not None:
             return IMPORT_ERROR
-        if not torch.cuda.is_available() and not _interpreting():
+        if not torch.cuda.is_available() and not INTERPRETING:
             return "no CUDA GPU, and Triton's interpreter is off (set TRITON_INTERPRET=1 before import)"
         return INTERPRETER_PROBLEM
 
@@ -58,40 +71,35 @@ class TritonBackend(Backend):
     ) -> list[str]:
         reasons = []
         if q.device.type == "cpu":
-            if not _interpreting():
+            if not INTERPRETING:
                 reasons.append("CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before import)")
         elif q.device.type != "cuda":
             reasons.append(f"tensors on {q.device.type} (needs CUDA)")
-        elif _interpreting():
+        elif INTERPRETING:
             reasons.append("Triton's interpreter is on, and it runs CPU tensors only")
         if q.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
         return reasons
 
     def forward(self, q, k, v, extras, opts):
-        from ..triton.decode import decoding_forward
-        from ..triton.forward import attention_forward
-
+        forward, _, decode = _kernels()
         if takes_decoding_kernel(q, k, extras, opts):  # few query rows: split-KV, GQA rows packed
-            return decoding_forward(q, k, v, extras.alibi_slopes, opts)
-        return attention_forward(q, k, v, extras, opts)
+            return decode.decoding_forward(q, k, v, extras.alibi_slopes, opts)
+        return forward.attention_forward(q, k, v, extras, opts)
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):
-        from ..triton.backward import attention_backward
-
-        return attention_backward(dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad)
+        return _kernels()[1].attention_backward(dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad)
 
     supports_kvcache = True
     decodes_few_query_rows = True
 
     def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
         # Two launches: one writes the new tokens, the next counts them (no seqlens + Lnew tensor).
-        from ..triton.decode import append_to_cache, decode_forward
-
+        decode = _kernels()[2]
         if k is not None:
-            append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
-        return decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts,
-                              new_tokens=0 if k is None else k.shape[1])
+            decode.append_to_cache(k_cache, v_cache, block_table, cache_seqlens, k, v)
+        return decode.decode_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts,
+                                     new_tokens=0 if k is None else k.shape[1])
 
     def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
         return self.kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts)

@@ -76,9 +76,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1. In host code this, not triton.next_power_of_2:
+    that is a constexpr function, whose every call from Python unwraps its arguments (~3 us, and a
+    decoding step sizes several blocks)."""
+    return 1 << (n - 1).bit_length()
+
+
 def head_dim_block(head_dim: int) -> int:
     """Tiles are powers of two and tl.dot needs at least 16: pad the head dim, mask the padding."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def takes_tensor_descriptors(*tensors: torch.Tensor) -> bool:

@@ -22,6 +22,7 @@ from .common import (
     head_dim_block,
     load_tile,
     num_blocks,
+    next_power_of_2,
     score_tile,
     upcast_tiles,
 )
@@ -210,7 +211,7 @@ def append_to_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: t
     _append_kernel[(batch * new_tokens,)](
         k, v, k_cache, v_cache, cache_seqlens, table, new_tokens, page_size, heads_kv, capacity, k_cache.shape[0],
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0),
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=triton.next_power_of_2(heads_kv),
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=next_power_of_2(heads_kv),
         BLOCK_D=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v), PAGED=paged,
     )
 
@@ -232,9 +233,11 @@ def decode_forward(
     capacity = block_table.shape[1] * page_size if paged else page_size
 
     rows = seqlen_q * group_size
-    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    block_m = max(16, min(64, next_power_of_2(rows)))
     m_blocks = num_blocks(rows, block_m)
-    slopes = alibi_slopes.expand(batch, heads_q) if alibi_slopes is not None else q.new_empty((1, 1))
+    # Without ALiBi the kernel never reads the slopes: q stands in for them, as in common.feature_arguments.
+    slopes = alibi_slopes.expand(batch, heads_q) if alibi_slopes is not None else q
+    slope_strides = slopes.stride() if alibi_slopes is not None else (0, 0)
     table = block_table if paged else seqlens_k[:, None]
     k_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3))
     v_strides = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3))
@@ -257,7 +260,7 @@ def decode_forward(
             out_strides, lse_strides = out_partial.stride(), lse_partial.stride()
         _decode_kernel[launch_grid](
             q, k_cache, v_cache, seqlens_k, table, out_partial, lse_partial, slopes,
-            *q.stride(), *k_strides, *v_strides, table.stride(0), *slopes.stride(),
+            *q.stride(), *k_strides, *v_strides, table.stride(0), *slope_strides,
             *out_strides, *lse_strides,
             heads_kv, group_size, seqlen_q, page_size, split_size, new_tokens, capacity, k_cache.shape[0],
             opts.left, opts.right, opts.scale, opts.softcap or 1.0,

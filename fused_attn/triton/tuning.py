@@ -62,9 +62,9 @@ class TileConfig:
         return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}" + (" tma" if self.tma else "")
 
 
-@dataclass(frozen=True)
-class ShapeClass:
-    """What the best tiles of a launch depend on, besides the GPU architecture."""
+class ShapeClass(NamedTuple):
+    """What the best tiles of a launch depend on, besides the GPU architecture. (A NamedTuple: every
+    launch builds one, in a fraction of a frozen dataclass's time.)"""
 
     kernel: str  # one of KERNELS
     head_dim: int  # max(D, Dv) padded to the tile width
@@ -110,6 +110,7 @@ _DEFAULTS_FP32 = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def default_tiles(shape: ShapeClass) -> TileConfig:
     """The fixed tiles of a class: the fallback, and all that fp32 classes ever run."""
     if shape.kernel == "decode":  # its rows are the call's
@@ -167,6 +168,7 @@ def candidates(shape: ShapeClass, major: int, tma: bool = True) -> tuple[TileCon
     return tuple(dict.fromkeys([default, *(t for t in tiles if tma or not t.tma)]))
 
 
+@functools.lru_cache(maxsize=4096)  # every launch asks whether its class's choice fits
 def shared_memory_bytes(shape: ShapeClass, tiles: TileConfig, major: int, mask_bytes: int = 0) -> int:
     """An upper bound on the shared memory of a launch on compute capability `major`.x, checked
     against Triton's compiler for every candidate in tests/aot_compile.py.
