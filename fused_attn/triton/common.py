@@ -2,6 +2,7 @@
 every pass recomputes (scores with softcap, ALiBi, bias and masks; the dropout keep-mask)."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -92,14 +93,21 @@ def takes_tensor_descriptors(*tensors: torch.Tensor) -> bool:
     """Whether Hopper's TMA engine can copy tiles of these dense (B, H, L, D) tensors: compute
     capability 9.0 or newer (or the interpreter, which emulates it), a 16-byte aligned base, unit
     stride along D and the other strides positive multiples of 16 bytes."""
-    def aligned(t: torch.Tensor) -> bool:
-        strides = t.stride()[:-1]
-        return (t.dim() == 4 and t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-                and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in strides))
-
-    if TensorDescriptor is None or not all(map(aligned, tensors)):
+    if TensorDescriptor is None:
         return False
-    return INTERPRETING or all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9 for t in tensors)
+    for t in tensors:
+        if t.dim() != 4 or t.numel() == 0 or t.data_ptr() % 16 != 0:
+            return False
+        size = t.element_size()
+        *outer, inner = t.stride()
+        if inner != 1 or any(stride <= 0 or stride * size % 16 for stride in outer):
+            return False
+    return INTERPRETING or all(t.is_cuda and _compute_capability(t.device.index)[0] >= 9 for t in tensors)
+
+
+@functools.cache  # asked at every launch; torch looks the device's properties up each time
+def _compute_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def streamed_operands(tma: bool, rows: int, *tensors: torch.Tensor) -> tuple:
