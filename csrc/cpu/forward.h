@@ -23,6 +23,18 @@ inline MaxStep max_step(Vec old_max, Vec block_max) {
   return {new_max, shift, exp(old_max - shift)};
 }
 
+// max over keys [lo, hi) of the kVec columns of S^T (keys x cols) at st: four maxima in flight, as
+// each step of at::vec::maximum waits on the last (NaN-propagating: ~5 cycles), and one chain made
+// this loop ~6% of a forward. The maximum is exact, so the order does not change it.
+inline Vec column_max(const float* st, int64_t cols, int64_t lo, int64_t hi) {
+  Vec m[4] = {Vec(-kInf), Vec(-kInf), Vec(-kInf), Vec(-kInf)};
+  int64_t j = lo;
+  for (; j + 4 <= hi; j += 4)
+    for (int r = 0; r < 4; ++r) m[r] = at::vec::maximum(m[r], Vec::loadu(st + (j + r) * cols));
+  for (; j < hi; ++j) m[0] = at::vec::maximum(m[0], Vec::loadu(st + j * cols));
+  return at::vec::maximum(at::vec::maximum(m[0], m[1]), at::vec::maximum(m[2], m[3]));
+}
+
 // Online softmax over one key block, for the `cols` query columns of S^T (keys x cols), of
 // inputs of type T (probability_exp):
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  l' = l exp(m - m') + sum_j p_j.
@@ -41,9 +53,7 @@ void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float
       for (int64_t j = 0; j < lo; ++j) Vec(0.f).store(st + j * cols + c);
       for (int64_t j = hi; j < keys; ++j) Vec(0.f).store(st + j * cols + c);
     }
-    Vec block_max(-kInf);
-    for (int64_t j = lo; j < hi; ++j) block_max = at::vec::maximum(block_max, Vec::loadu(st + j * cols + c));
-    const MaxStep step = max_step(Vec::loadu(row_max + c), block_max);
+    const MaxStep step = max_step(Vec::loadu(row_max + c), column_max(st + c, cols, lo, hi));
     Vec sum(0.f);
     for (int64_t j = lo; j < hi; ++j) {
       const Vec prob = probability_exp<T>(Vec::loadu(st + j * cols + c) - step.shift);

@@ -396,14 +396,16 @@ inline Vec exp_by_powers_of_two(Vec x) {
                           9.61843691766262e-3f, 1.339887036010623e-3f, 1.535334886284545e-4f};
   const float* c = kDegree == 4 ? c4 : c6;
   const Vec t = at::vec::clamp_min(x * Vec(1.44269504088896341f), Vec(-127.f));  // NaN passes
-  const Vec n = t.round();
-  const Vec f = t - n;
+  // z = t + 1.5 * 2^23 + 127 lies in [2^23, 2^24), where floats are the integers: adding rounds t
+  // to nearest even, leaves n + 127 in z's low mantissa bits, and z's bits shifted up by 23 are 2^n
+  // (3 instructions where round, convert, add and shift take 5).
+  constexpr float kRoundBiased = 12582912.f + 127.f;
+  const Vec z = t + Vec(kRoundBiased);
+  const Vec f = t - (z - Vec(kRoundBiased));
   Vec p(c[kDegree - 1]);
   for (int i = kDegree - 2; i >= 0; --i) p = at::vec::fmadd(p, f, Vec(c[i]));
   p = at::vec::fmadd(p, f, Vec(1.f));
-  const auto bits = (at::vec::convert_to_int_of_same_size(n) + at::vec::Vectorized<int32_t>(127))
-                    << at::vec::Vectorized<int32_t>(23);
-  return p * at::vec::cast<float>(bits);
+  return p * at::vec::cast<float>(at::vec::cast<int32_t>(z) << at::vec::Vectorized<int32_t>(23));
 }
 
 // exp of the shifted scores (<= 0), for the probabilities of inputs of type T. Exact at 0 matters:
