@@ -77,20 +77,21 @@ template <int MR, int NV>
 __attribute__((target("avx512bf16"))) inline void dot_tile(int64_t K, const Bf16* a, int64_t lda, const Bf16* b,
                                                            int64_t n, float* c, int64_t ldc, bool accumulate) {
   __m512 acc[MR][NV];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NV; ++j) acc[m][j] = accumulate ? _mm512_loadu_ps(c + m * ldc + 16 * j) : _mm512_setzero_ps();
+  FUSED_ATTN_UNROLL for (int m = 0; m < MR; ++m)
+    FUSED_ATTN_UNROLL for (int j = 0; j < NV; ++j)
+      acc[m][j] = accumulate ? _mm512_loadu_ps(c + m * ldc + 16 * j) : _mm512_setzero_ps();
   for (int64_t r = 0; r < K; r += 2) {
     __m512bh bv[NV];
-    for (int j = 0; j < NV; ++j) bv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + r * n + 32 * j));
-    for (int m = 0; m < MR; ++m) {
+    FUSED_ATTN_UNROLL for (int j = 0; j < NV; ++j) bv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + r * n + 32 * j));
+    FUSED_ATTN_UNROLL for (int m = 0; m < MR; ++m) {
       int32_t pair;
       std::memcpy(&pair, a + m * lda + r, sizeof(pair));
       const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-      for (int j = 0; j < NV; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], av, bv[j]);
+      FUSED_ATTN_UNROLL for (int j = 0; j < NV; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], av, bv[j]);
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + m * ldc + 16 * j, acc[m][j]);
+  FUSED_ATTN_UNROLL for (int m = 0; m < MR; ++m)
+    FUSED_ATTN_UNROLL for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + m * ldc + 16 * j, acc[m][j]);
 }
 
 // Rows of a chunk of NV vectors' width: MR at a time (24 accumulators for four vectors), then the

@@ -168,23 +168,28 @@ inline void load_transposed(float* dst, int64_t ld, const T* src, int64_t row_st
 
 constexpr int kMR = 6;
 
+// Before each loop over a register tile's rows or vectors: unrolled whole, the accumulators stay in
+// registers for the whole call. Without it GCC 12 kept them in a stack array between the loads of C,
+// the K loop and the stores (~100 extra vector moves a call: 7% of an fp32 forward at K = 64).
+#define FUSED_ATTN_UNROLL _Pragma("GCC unroll 16")
+
 template <int MR, int NR>
 inline void micro_kernel(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
                          float* c, int64_t ldc, bool accumulate) {
   Vec acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = accumulate ? Vec::loadu(c + i * ldc + j * kVec) : Vec(0.f);
+  FUSED_ATTN_UNROLL for (int i = 0; i < MR; ++i)
+    FUSED_ATTN_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = accumulate ? Vec::loadu(c + i * ldc + j * kVec) : Vec(0.f);
   for (int64_t k = 0; k < K; ++k) {
     Vec bk[NR];
-    for (int j = 0; j < NR; ++j) bk[j] = Vec::loadu(b + k * ldb + j * kVec);
+    FUSED_ATTN_UNROLL for (int j = 0; j < NR; ++j) bk[j] = Vec::loadu(b + k * ldb + j * kVec);
     const float* ak = a + k * a_cs;
-    for (int i = 0; i < MR; ++i) {
+    FUSED_ATTN_UNROLL for (int i = 0; i < MR; ++i) {
       const Vec ai(ak[i * a_rs]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = at::vec::fmadd(ai, bk[j], acc[i][j]);
+      FUSED_ATTN_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = at::vec::fmadd(ai, bk[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j].store(c + i * ldc + j * kVec);
+  FUSED_ATTN_UNROLL for (int i = 0; i < MR; ++i)
+    FUSED_ATTN_UNROLL for (int j = 0; j < NR; ++j) acc[i][j].store(c + i * ldc + j * kVec);
 }
 
 // One column panel of C (NR vectors wide), all M rows: full MR-row tiles, then the ragged rest.
