@@ -8,7 +8,7 @@ import torch
 from .checks import check_alibi_slopes, check_attn_mask, check_qkv, make_options
 from .dispatch import explain_choice, select_backend
 from .dropout import draw_seed
-from .ops import attention_op
+from .ops import attention_op, split_mask
 from .options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
@@ -123,11 +123,6 @@ def _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, wi
                         softcap=softcap, dropout_p=dropout_p, deterministic=deterministic)
     check_attn_mask(attn_mask, q, k)
     check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[1], q.device)
-    is_bool = attn_mask is not None and attn_mask.dtype == torch.bool
     # The seed is drawn only when the call runs; dispatch just needs to know dropout is on.
-    extras = AttentionTensors(
-        mask=attn_mask if is_bool else None,
-        bias=attn_mask if attn_mask is not None and not is_bool else None,
-        alibi_slopes=alibi_slopes,
-    )
-    return opts, extras
+    mask, bias = split_mask(attn_mask)
+    return opts, AttentionTensors(mask=mask, bias=bias, alibi_slopes=alibi_slopes)

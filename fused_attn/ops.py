@@ -35,7 +35,8 @@ def _empty_outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return out.zero_(), lse.fill_(float("-inf"))
 
 
-def _split_mask(attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def split_mask(attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """attn_mask as AttentionTensors holds it: (mask, None) for a bool one, (None, bias) for a float one."""
     if attn_mask is None:
         return None, None
     return (attn_mask, None) if attn_mask.dtype == torch.bool else (None, attn_mask)
@@ -52,7 +53,7 @@ def _forward_impl(
     packed ones (cu_seqlens given) as in fused_attn.varlen_attention."""
     opts = AttentionOptions(scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic,
                             max_seqlen_q, max_seqlen_k)
-    extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k)
+    extras = AttentionTensors(*split_mask(attn_mask), alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k)
     return _forward(q, k, v, extras, opts, backend)
 
 
@@ -84,7 +85,7 @@ def _backward_impl(
     if _is_empty(q, k, opts):
         grads = tuple(gradient_like(t).zero_() for t in (q, k, v))
         return (*grads, attn_mask.new_zeros(attn_mask.shape) if bias_requires_grad else q.new_empty(0))
-    extras = AttentionTensors(*_split_mask(attn_mask), alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k)
+    extras = AttentionTensors(*split_mask(attn_mask), alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k)
     dq, dk, dv, dbias = get_backend(backend).backward(dout, dlse, q, k, v, out, lse, extras, opts,
                                                       bias_requires_grad)
     return dq, dk, dv, (dbias if dbias is not None else q.new_empty(0))
@@ -140,11 +141,6 @@ class _EagerAttention(torch.autograd.Function):
 
 # Tensors that the eager path takes as they are: plain ones and parameters (a learnable bias).
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-
-# attention_forward's leading tensor arguments (q, k, v, attn_mask, alibi_slopes, dropout_seed,
-# cu_seqlens_q, cu_seqlens_k, None where absent); the scalars follow.
-_TENSOR_ARGUMENTS = 8
-
 
 def needs_the_op(tensors) -> bool:
     """Whether a call with these tensor arguments (None where absent) must go through the registered

@@ -90,9 +90,8 @@ def test_eager_calls_equal_the_op_bit_for_bit(variant_backend):
 def _eager_call(q, k, v, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k, *scalars_and_backend):
     """attention_op called as the public functions call it, from the op's arguments."""
     *scalars, backend = scalars_and_backend
-    is_bool = attn_mask is not None and attn_mask.dtype == torch.bool
-    extras = AttentionTensors(attn_mask if is_bool else None, None if is_bool else attn_mask, alibi_slopes,
-                              dropout_seed, cu_seqlens_q, cu_seqlens_k)
+    extras = AttentionTensors(*fused_attn.ops.split_mask(attn_mask), alibi_slopes, dropout_seed, cu_seqlens_q,
+                              cu_seqlens_k)
     return fused_attn.ops.attention_op(q, k, v, attn_mask, extras, AttentionOptions(*scalars), backend)
 
 

@@ -124,8 +124,8 @@ inline void store_partials(const ForwardArgs& args, int64_t b, const QueryBlock&
 }
 
 // scale * Q^T of the block (D x ld), zero in the columns past its queries: the rows converted and
-// scaled into `rows` (cols x D), then transposed (ATen's 16 x 16 AVX-512 transposes in that
-// build), which reads Q once along its rows instead of once per column.
+// scaled into `rows` (cols x D), then transposed by load_transposed (which reads them in place),
+// so Q is read once along its rows instead of once per column.
 template <typename T>
 void load_queries_t(float* qt, int64_t ld, float* rows, const Strided& q, int64_t b, const QueryBlock& block,
                     int64_t D, float scale) {
@@ -133,8 +133,7 @@ void load_queries_t(float* qt, int64_t ld, float* rows, const Strided& q, int64_
   for (int64_t g = 0; g < block.heads; ++g)
     load_tile(rows + g * block.rows * D, D, at_row<T>(q, b, block.h0 + g, block.q0), q.row, q.col, block.rows, D,
               scale);
-  at::vec::transpose_mxn<float>(rows, D, qt, ld, static_cast<int>(cols), static_cast<int>(D));
-  for (int64_t d = 0; d < D; ++d) fill(qt + d * ld + cols, ld - cols, 0.f);
+  load_transposed<float>(qt, ld, rows, D, 1, cols, D, nullptr);
 }
 
 // scale * Q of the block as rows (kVec x D) for scores_of_few_queries: row c is column c of

@@ -8,8 +8,9 @@ Three launches: delta per query row; dk/dv per key block (looping over the query
 every query head of a GQA group, so a group's gradient is summed in registers; its tiles are
 transposed, keys x queries, so that every product has the block's keys as rows, which Hopper's
 wgmma needs 64 of); dq per query block. No atomics anywhere, so gradients are bitwise
-reproducible run to run. The bias gradient, when asked for, is a fourth launch (bias_grad.py). With TMA tiles (tuning.py) the tiles each loop
-streams (q and do for dk/dv, k and v for dq) are copied by Hopper's copy engine.
+reproducible run to run. The bias gradient, when asked for, is a fourth launch (bias_grad.py).
+With TMA tiles (tuning.py) the tiles each loop streams (q and do for dk/dv, k and v for dq) are
+copied by Hopper's copy engine.
 """
 from __future__ import annotations
 

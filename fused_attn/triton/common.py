@@ -102,11 +102,12 @@ def takes_tensor_descriptors(*tensors: torch.Tensor) -> bool:
         *outer, inner = t.stride()
         if inner != 1 or any(stride <= 0 or stride * size % 16 for stride in outer):
             return False
-    return INTERPRETING or all(t.is_cuda and _compute_capability(t.device.index)[0] >= 9 for t in tensors)
+    return INTERPRETING or all(t.is_cuda and compute_capability(t.device.index)[0] >= 9 for t in tensors)
 
 
 @functools.cache  # asked at every launch; torch looks the device's properties up each time
-def _compute_capability(index: int) -> tuple[int, int]:
+def compute_capability(index: int) -> tuple[int, int]:
+    """(major, minor) of GPU `index`."""
     return torch.cuda.get_device_capability(index)
 
 

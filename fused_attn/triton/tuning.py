@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .common import INTERPRETING, head_dim_block
+from .common import INTERPRETING, compute_capability, head_dim_block
 
 ENV_VARIABLE = "FUSED_ATTN_AUTOTUNE"
 MODES = ("1", "0", "force")
@@ -215,7 +215,7 @@ class DeviceInfo(NamedTuple):
 
 @functools.cache
 def _device_info(index: int) -> DeviceInfo:
-    major, minor = torch.cuda.get_device_capability(index)
+    major, minor = compute_capability(index)
     shared_memory = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     return DeviceInfo(f"sm{major}{minor}", major, torch.cuda.get_device_properties(index).multi_processor_count,
                       shared_memory)
