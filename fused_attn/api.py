@@ -78,9 +78,7 @@ def attention(
         TypeError/ValueError naming the argument for bad input, before any kernel runs.
     """
     opts, extras = _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window,
-                             alibi_slopes, softcap, deterministic)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+                             alibi_slopes, softcap, return_lse, deterministic)
     name = select_backend(q, k, v, extras, opts, backend)
     if opts.dropout_p > 0:
         extras = extras._replace(dropout_seed=draw_seed(q.device))
@@ -112,13 +110,15 @@ def explain(
     reported as running the backend's decoding kernel, where it does.
     """
     opts, extras = _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window,
-                             alibi_slopes, softcap, deterministic)
+                             alibi_slopes, softcap, return_lse, deterministic)
     return explain_choice(q, k, v, extras, opts, backend)
 
 
 def _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window, alibi_slopes, softcap,
-              deterministic) -> tuple[AttentionOptions, AttentionTensors]:
+              return_lse, deterministic) -> tuple[AttentionOptions, AttentionTensors]:
     check_qkv(q, k, v)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     opts = make_options(q, causal=causal, causal_alignment=causal_alignment, scale=scale, window=window,
                         softcap=softcap, dropout_p=dropout_p, deterministic=deterministic)
     check_attn_mask(attn_mask, q, k)

@@ -89,7 +89,8 @@ def attention_with_kvcache(
         backend: as in `fused_attn.attention` ("triton", "cuda", "cpu" or "reference").
 
     Returns:
-        out (B, Lq, Hq, Dv) in q's dtype; with return_lse also lse (B, Hq, Lq) float32.
+        out (B, Lq, Hq, Dv) in q's dtype; with return_lse also lse (B, Hq, Lq) float32 (float64
+        for float64 input).
 
     The lengths and pages are checked on the host, one device-to-host transfer per call (a sync on
     GPUs; none when cache_seqlens is an int and the cache contiguous); not while torch.compile

@@ -1,4 +1,9 @@
 """The op is something torch understands: opcheck, torch.compile, float64 gradcheck."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -47,6 +52,32 @@ def test_compile_fullgraph_forward_and_backward(backend):
     compiled = torch.autograd.grad(compiled_loss(q, k, v), (q, k, v))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
+
+
+# Each compiles one public entry point, fullgraph, as the first fused_attn call of a new process.
+FIRST_CALLS = {
+    "attention": "fused_attn.attention(q, k, v, causal=True)",
+    "varlen_attention": "fused_attn.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), "
+                        "v[0].transpose(0, 1), cu, cu, 16, 16)",
+    "attention_with_kvcache": "fused_attn.attention_with_kvcache(q.transpose(1, 2)[:, :1], k.transpose(1, 2), "
+                              "v.transpose(1, 2), torch.tensor([9], dtype=torch.int32))",
+    "nn.Attention": "fused_attn.nn.Attention(causal=True)(q, k, v)",
+}
+
+
+@pytest.mark.parametrize("entry", FIRST_CALLS)
+def test_compile_fullgraph_as_the_first_call_of_a_process(entry):
+    """Nothing that dispatch does on a call's first run (finding out which backends can run here)
+    may break a fullgraph trace: a new process compiles the call before running any other."""
+    script = textwrap.dedent(f"""
+        import torch, fused_attn
+        q, k, v = (torch.randn(1, 2, 16, 8, device="{DEVICE}") for _ in range(3))
+        cu = torch.tensor([0, 7, 16], dtype=torch.int32, device="{DEVICE}")
+        out = torch.compile(lambda q, k, v: {FIRST_CALLS[entry]}, fullgraph=True, backend="aot_eager")(q, k, v)
+        assert torch.isfinite(out).all()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])

@@ -67,9 +67,11 @@ def test_mixed_devices():
     (dict(return_lse="yes"), TypeError, r"return_lse must be a bool"),
     (dict(backend="flash"), ValueError, r"backend must be one of \['cpu', 'cuda', 'reference', 'triton'\]"),
 ])
-def test_bad_keywords(keywords, error, message):
+@pytest.mark.parametrize("function", [fused_attn.attention, fused_attn.explain], ids=["attention", "explain"])
+def test_bad_keywords(function, keywords, error, message):
+    """explain checks its input as the call it explains would."""
     with pytest.raises(error, match=message):
-        fused_attn.attention(*qkv(), **keywords)
+        function(*qkv(), **keywords)
 
 
 def test_unknown_keyword_is_rejected():

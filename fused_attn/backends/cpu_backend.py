@@ -1,8 +1,10 @@
 """The `cpu` backend: the C++ kernels in csrc/cpu/, primary for CPU tensors.
 
-Fused forward and two-pass backward with fp32 accumulation, parallel over sequences, heads and
-query (or key) blocks, vectorized with AVX2+FMA where the CPU has it (chosen at run time;
-FUSED_ATTN_CPU_ISA=portable forces the portable build). Dense, packed (varlen: tasks cover each
+Fused forward and backward (one pass or two, csrc/cpu/backward.h) with fp32 accumulation,
+parallel over sequences, heads and query (or key) blocks, vectorized for the CPU it runs on,
+chosen at run time: AVX-512 (bf16 products on AMX tiles or AVX512-BF16 dot products where the
+CPU has them), else AVX2+FMA, else portable C++ (FUSED_ATTN_CPU_ISA=portable|avx2|avx512 forces
+one). Dense, packed (varlen: tasks cover each
 sequence's real length, never padding) and KV-cache decoding calls (contiguous or paged caches;
 the query rows of a GQA group share one task, so each cached key is read once per key/value
 head; long caches of calls with few tasks are split, split-KV). float64 is left to the reference

@@ -1,9 +1,9 @@
 """Loading fused_attn's compiled extension (fused_attn._native, built from csrc/ by setup.py).
 
-Importing it registers the torch.ops.fused_attn_native ops. It is loaded on first use, not at
-`import fused_attn`; when it is missing or fails to load, the reason is kept (backends report it
-as their `unavailable_reason`) and a warning says it once, so a broken build never goes unnoticed
-yet the package keeps working on its other backends.
+Importing it registers the torch.ops.fused_attn_native ops. It is loaded when the backends are
+registered (at `import fused_attn`, ~1 ms); when it is missing or fails to load, the reason is kept
+(backends report it as their `unavailable_reason`) and a warning says it once, so a broken build
+never goes unnoticed yet the package keeps working on its other backends.
 """
 from __future__ import annotations
 
