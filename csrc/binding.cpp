@@ -1,7 +1,8 @@
 // The torch binding of fused_attn's native kernels: ops in the `fused_attn_native` namespace.
 //
 //   cpu_forward(q, k, v, out!, lse!, scale, window_left, window_right, bottom_right, softcap, alibi_slopes, mask,
-//               bias, dropout_seed, dropout_p, cu_seqlens_q, cu_seqlens_k)    dense or packed (varlen) inputs
+//               bias, dropout_seed, dropout_p, cu_seqlens_q, cu_seqlens_k, for_backward)    dense or packed
+//               (varlen) inputs; for_backward: a backward will follow (params.h, ForwardArgs)
 //   cpu_backward(dout, dlse, q, k, v, out, lse, dq!, dk!, dv!, <the forward's arguments from scale on>, dbias!)
 //   cpu_kvcache_forward(q, k_cache!, v_cache!, seqlens_k, block_table, out!, lse!, scale, window_left,
 //                       window_right, softcap, alibi_slopes, k_new, v_new)   decoding against a KV cache,
@@ -319,14 +320,14 @@ Tensor unused_rows(const Tensor& t, int64_t dim, const int32_t* cu_seqlens, int6
 }
 
 void cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                 FUSED_ATTN_VARIANT_PARAMS) {
+                 FUSED_ATTN_VARIANT_PARAMS, bool for_backward) {
   const Call call = call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
   check_tensor(out, "out", q.scalar_type(), out_shape(q, v));
   check_tensor(lse, "lse", at::kFloat, lse_shape(q));
   const std::vector<int64_t> tasks =
       task_table(call.p.batch, [&](int64_t b) { return cpu::forward_tasks(call.p, call.seqlens_q[b]); });
   const cpu::ForwardArgs args{call.p, strided(q), strided(k), strided(v), strided(out), row_values(lse),
-                              table_view(tasks), {}};
+                              table_view(tasks), {}, {}, for_backward};
   const cpu::Kernels& kernels = select_kernels();
   at::parallel_for(0, tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
   if (call.p.cu_seqlens_q != nullptr) {
@@ -763,7 +764,7 @@ TORCH_LIBRARY_IMPL(FUSED_ATTN_CUDA_OPS, FUSED_ATTN_CUDA_DISPATCH_KEY, m) {
 
 TORCH_LIBRARY(fused_attn_native, m) {
   m.def("cpu_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, " FUSED_ATTN_VARIANT_SCHEMA
-        ") -> ()");
+        ", bool for_backward=False) -> ()");
   m.def("cpu_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSED_ATTN_VARIANT_SCHEMA ", Tensor(d!)? dbias=None) -> ()");
   m.def("cpu_kvcache_forward(Tensor q, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor seqlens_k, Tensor? block_table, "

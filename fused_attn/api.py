@@ -55,7 +55,8 @@ def attention(
             generator for q's device: torch.manual_seed reproduces a call, the backward pass
             regenerates the same mask, and `fused_attn.dropout_keep_mask` materializes it.
         window: (left, right): query i sees keys i + shift - left .. i + shift + right; -1 means
-            unbounded on that side. Combines with causal (which sets right to 0).
+            unbounded on that side (as does any bound >= Lq + Lk). Combines with causal (which
+            sets right to 0).
         alibi_slopes: float32 (Hq,) or (B, Hq): adds -slope * |i + shift - j| to the scores.
             Not differentiated.
         softcap: if > 0, scores become softcap * tanh(scores / softcap) before bias and masks.
@@ -72,7 +73,9 @@ def attention(
             view in gives one out). With return_lse, also lse: (B, Hq, Lq) float32 (float64 for
             float64 input), natural log; differentiable.
         Rows that see no key, whatever masked them, give out = 0, lse = -inf and zero
-        gradients, never NaN. Accumulation is fp32 for every input dtype.
+        gradients, never NaN. Accumulation is fp32 for every input dtype. Second derivatives
+        (differentiating the gradients, create_graph=True) come from the reference backend;
+        differentiating another backend's gradients raises RuntimeError.
 
     Raises:
         TypeError/ValueError naming the argument for bad input, before any kernel runs.
@@ -120,7 +123,8 @@ def _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, wi
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     opts = make_options(q, causal=causal, causal_alignment=causal_alignment, scale=scale, window=window,
-                        softcap=softcap, dropout_p=dropout_p, deterministic=deterministic)
+                        softcap=softcap, dropout_p=dropout_p, deterministic=deterministic,
+                        reach=q.shape[2] + k.shape[2])
     check_attn_mask(attn_mask, q, k)
     check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[1], q.device)
     # The seed is drawn only when the call runs; dispatch just needs to know dropout is on.

@@ -51,7 +51,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes=None) ->
         raise ValueError(f"k and v must have the same number of heads, got {heads_kv} and {v_heads}")
     if seqlen_k != v_seqlen:
         raise ValueError(f"k and v must have the same sequence length, got {seqlen_k} and {v_seqlen}")
-    if heads_kv == 0 or heads_q % heads_kv != 0:
+    if (heads_q % heads_kv != 0) if heads_kv else heads_q != 0:  # (no heads at all: an empty call, as in torch)
         raise ValueError(
             f"the number of query heads ({heads_q}) must be a multiple of the number of key/value heads "
             f"({heads_kv}) for grouped-query attention"
@@ -72,7 +72,8 @@ def _check_bounds(name: str, value, low: float, high: float, high_open: bool = T
     return float(value)
 
 
-def _check_window(window) -> tuple[int, int]:
+def check_window(window) -> tuple[int, int]:
+    """window as a (left, right) tuple of ints >= -1 (-1: unbounded), or TypeError/ValueError."""
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
         raise TypeError(f"window must be a pair of ints (left, right), got {window!r}")
@@ -92,8 +93,14 @@ def make_options(
     softcap: float = 0.0,
     dropout_p: float = 0.0,
     deterministic: bool,
+    reach: int,
 ) -> AttentionOptions:
-    """Check the keyword arguments and resolve their defaults into AttentionOptions."""
+    """Check the keyword arguments and resolve their defaults into AttentionOptions.
+
+    reach: Lq + Lk of the longest (query, key) sequence pair the call can hold, or more. A window
+    bound that large lets every query see every key on its side, so it is stored as -1 (unbounded):
+    the same attention, and the kernels never add a huge bound to an index (sys.maxsize overflowed).
+    """
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if causal_alignment not in CAUSAL_ALIGNMENTS:
@@ -104,7 +111,7 @@ def make_options(
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
-    left, right = _check_window(window)
+    left, right = (-1 if bound >= reach else bound for bound in check_window(window))
     softcap = _check_bounds("softcap", softcap, 0.0, math.inf)
     dropout_p = _check_bounds("dropout_p", dropout_p, 0.0, 1.0)
     return AttentionOptions(

@@ -10,6 +10,7 @@ from .backends import get_backend
 from .backends.base import append_by_indexing
 from .checks import check_alibi_slopes, check_qkv, make_options
 from .dispatch import select_backend
+from .layout import kvcache_outputs
 from .ops import needs_the_op
 from .options import AttentionOptions, AttentionTensors
 
@@ -33,6 +34,10 @@ def _eager_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, alib
     the backend directly, which may fuse the append (the op's dispatch costs more than a small
     decoding step)."""
     inputs = (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes)
+    if q.numel() == 0:  # no query rows (B, Lq or Hq is 0): the new tokens are still written
+        if k is not None:
+            append_by_indexing(k_cache, v_cache, block_table, cache_seqlens, k, v)
+        return kvcache_outputs(q, v_cache)
     if not needs_the_op(inputs + (k, v)):
         return get_backend(backend).kvcache_forward(*inputs, opts, k, v)
     if k is not None:
@@ -108,7 +113,8 @@ def attention_with_kvcache(
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0 for KV-cache attention (inference only), got {dropout_p!r}")
     opts = make_options(q, causal=causal, causal_alignment="bottom_right", scale=scale, window=window,
-                        softcap=softcap, dropout_p=0.0, deterministic=False)
+                        softcap=softcap, dropout_p=0.0, deterministic=False,
+                        reach=q.shape[1] + k_cache.shape[1] * (1 if block_table is None else block_table.shape[1]))
     check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2], q.device)
     new_tokens = 0 if k is None else k.shape[1]
     _check_capacity(seqlens, new_tokens, k_cache, block_table, host_lengths)
@@ -175,7 +181,7 @@ def _check_cache_seqlens(cache_seqlens, q) -> tuple[Tensor, Optional[list[int]]]
     if tuple(cache_seqlens.shape) != (batch,) or cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must have shape ({batch},) on {q.device}, got "
                          f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
-    return cache_seqlens, None
+    return cache_seqlens.contiguous(), None  # the kernels read it as a plain array
 
 
 # Set to 0, the length and page checks of GPU calls are skipped: no sync per decoding step, which
@@ -202,7 +208,7 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
     """Every sequence must fit its cache; pages must exist. One device-to-host transfer (a sync on
     GPUs), skipped where _host_checks_skipped says so; none when the lengths are known on the host
     (host_lengths) and so is what else is checked (a contiguous cache, or a block table on the CPU)."""
-    if _host_checks_skipped(seqlens.device):
+    if _host_checks_skipped(seqlens.device) or seqlens.numel() == 0:  # (a batch of 0: nothing to check)
         return
     page_size = k_cache.shape[1]
     capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
@@ -230,5 +236,8 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
         raise ValueError("cache_seqlens must be >= 0")
     if longest > capacity:
         raise ValueError(f"cache_seqlens + new tokens ({longest}) exceeds the cache capacity ({capacity})")
-    if page_range and (page_range[0] < 0 or page_range[1] >= k_cache.shape[0]):
+    if page_range and page_range[0] < 0:
+        raise ValueError(f"block_table has a negative page index ({page_range[0]}) among the pages that "
+                         "cache_seqlens + new tokens use")
+    if page_range and page_range[1] >= k_cache.shape[0]:
         raise ValueError(f"block_table points past the {k_cache.shape[0]} pages of k_cache")

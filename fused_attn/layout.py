@@ -60,10 +60,10 @@ def gradient_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def kvcache_outputs(q: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialised (out (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32) of a KV-cache call, q (B, Lq, Hq, D)."""
+    """Uninitialised (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)) of a KV-cache call, q (B, Lq, Hq, D)."""
     batch, length, heads, _ = q.shape
     return (new_output(q, (batch, length, heads, v_cache.shape[3]), q.dtype),
-            new_output(q, (batch, heads, length), torch.float32))
+            new_output(q, (batch, heads, length), lse_dtype(q.dtype)))
 
 
 def as_full_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor):

@@ -136,7 +136,32 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _gradients(ctx, dout, dlse, _backward_impl)
+        gradients = _gradients(ctx, dout, dlse, _backward_impl)
+        backend = ctx.scalars[-1]
+        if not torch.is_grad_enabled() or get_backend(backend).twice_differentiable:
+            return gradients
+        # create_graph=True, and autograd cannot record this backward: tie the gradients to what
+        # they depend on, so that differentiating them raises instead of giving no second-order terms.
+        q, k, v, out, lse, attn_mask, *_ = ctx.saved_tensors
+        tensors = [g for g in gradients if g is not None]
+        depends_on = [t for t in (q, k, v, attn_mask, dout, dlse) if t is not None and t.requires_grad]
+        marked = iter(_NotDifferentiable.apply(backend, len(tensors), *tensors, *depends_on))
+        return tuple(None if g is None else next(marked) for g in gradients)
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """The first `count` tensors, passed through; differentiating them raises (see backward)."""
+
+    @staticmethod
+    def forward(ctx, backend, count, *tensors):
+        ctx.backend = backend
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fused_attn: the {ctx.backend!r} backend's gradients cannot be differentiated "
+                           "(a second derivative through attention, create_graph=True); backend='reference' "
+                           "computes them, slowly")
 
 
 # Tensors that the eager path takes as they are: plain ones and parameters (a learnable bias).

@@ -52,7 +52,8 @@ def varlen_attention(
     """
     check_packed_qkv(q, k, v)
     opts = make_options(q.transpose(0, 1), causal=causal, causal_alignment=causal_alignment, scale=scale,
-                        window=window, softcap=softcap, dropout_p=dropout_p, deterministic=deterministic)
+                        window=window, softcap=softcap, dropout_p=dropout_p, deterministic=deterministic,
+                        reach=q.shape[0] + k.shape[0])
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
     batch = cu_seqlens_q.shape[0] - 1
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device, batch)

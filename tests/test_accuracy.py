@@ -46,6 +46,22 @@ def test_non_default_scale(backend, mask):
     check_against_oracle(backend, (1, 2, 1, 50, 70, 64, 64), torch.float16, mask, scale=0.37)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 2, 9, 12, 16, 16), (1, 4, 2, 9, 40, 64, 64), (2, 2, 1, 70, 70, 32, 32)],
+                         ids=["few-queries", "few-queries-gqa", "ragged-last-block"])
+@pytest.mark.parametrize("scale", [0.37, 10.0, 30.0])
+def test_float32_gradients_at_large_scales(backend, shape, scale):
+    """The backward recomputes P = exp(S - lse) against the forward's lse: with scores of ~100, any
+    difference between the two passes' S is a large error in P. The cpu backend rounds S alike in
+    both (a scale applied to q in one pass and to q.k in the other, or few queries' dot products
+    summed in another order, once made dV's error ~10x that of fp32 math here). Triton's passes
+    multiply blocks of other shapes, whose sums run in other orders (under the interpreter numpy's
+    too), as flash-attn's do: it is held to the rule at ordinary scales only (README, Accuracy)."""
+    if backend == "triton" and scale > 1:
+        scale = 1.0  # still the rule at ordinary scales
+    check_against_oracle(backend, shape, torch.float32, dict(causal=True, causal_alignment="bottom_right"),
+                         scale=scale)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sequence_major_inputs(backend, dtype):
     """Transposed views of (B, L, H, D) tensors: the common layout of real models."""

@@ -193,6 +193,38 @@ def test_block_table_past_the_pages(width):
     table[1, 1] = 10
     with pytest.raises(ValueError, match="block_table points past the 10 pages of k_cache"):
         fused_attn.attention_with_kvcache(q, k_pages, v_pages, 20, block_table=table)
+    table[1, 1] = -1
+    with pytest.raises(ValueError, match=r"block_table has a negative page index \(-1\) among the pages"):
+        fused_attn.attention_with_kvcache(q, k_pages, v_pages, 20, block_table=table)
+
+
+@pytest.mark.parametrize("batch, seqlen_q", [(0, 1), (B, 0)], ids=["no-sequences", "no-queries"])
+@pytest.mark.parametrize("appended", [False, True], ids=["cache-only", "append"])
+def test_kvcache_without_query_rows_still_appends(kvcache_backend, batch, seqlen_q, appended):
+    """A call without query rows returns empty outputs and still writes its new tokens."""
+    k_cache, v_cache = (c[:batch] for c in make_cache(torch.float32))
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    q = torch.randn(batch, seqlen_q, HQ, D, device=DEVICE)
+    k_new, v_new = (torch.randn(batch, 2, HKV, dim, device=DEVICE) if appended else None for dim in (D, DV))
+    lengths = torch.arange(3, 3 + batch, dtype=torch.int32, device=DEVICE)
+    out, lse = fused_attn.attention_with_kvcache(q, k_cache, v_cache, lengths, k=k_new, v=v_new, return_lse=True,
+                                                 backend=kvcache_backend)
+    assert out.shape == (batch, seqlen_q, HQ, DV) and lse.shape == (batch, HQ, seqlen_q)
+    for b in range(batch):
+        n = int(lengths[b])
+        if appended:
+            k_before[b, n:n + 2], v_before[b, n:n + 2] = k_new[b], v_new[b]
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+
+
+def test_kvcache_takes_strided_lengths(kvcache_backend):
+    """cache_seqlens may be any int32 view, e.g. every other entry of a longer tensor."""
+    q, k_cache, v_cache = qkv_cache()
+    every_other = torch.tensor([5, -7, 17, -7, 40, -7], dtype=torch.int32, device=DEVICE)[::2]
+    out = fused_attn.attention_with_kvcache(q, k_cache, v_cache, every_other, backend=kvcache_backend)
+    expected = fused_attn.attention_with_kvcache(q, k_cache, v_cache, every_other.contiguous(),
+                                                 backend=kvcache_backend)
+    assert torch.equal(out, expected)
 
 
 def test_kvcache_rejects_inputs_that_require_grad():
@@ -250,7 +282,8 @@ DENSE_DECODING_CASES = [
 def test_few_query_rows_take_the_decoding_kernel(monkeypatch, backend, dtype, seqlen_q, keywords, decoding):
     """A dense call with few query rows per key/value head runs the decoding kernel (split-KV, a
     GQA group's heads sharing each key; the cpu backend's KV-cache op) exactly where its semantics
-    allow, with the same answers and gradients (against float64) as the plain kernels."""
+    allow and no backward follows (which recomputes the scores as the plain kernels do), with the
+    same answers (against float64) as the plain kernels; with gradients, the plain kernels run."""
     calls = []
     if backend == "triton":
         from fused_attn.triton import decode
@@ -268,16 +301,23 @@ def test_few_query_rows_take_the_decoding_kernel(monkeypatch, backend, dtype, se
                 return (lambda *args: calls.append(1) or op(*args)) if name == "cpu_kvcache_forward" else op
 
         monkeypatch.setattr(cpu_backend, "_ops", Spy)
-    q, k, v = random_qkv(2, 8, 2, seqlen_q, 150, 32, 24, dtype, DEVICE, sequence_major=True, requires_grad=True)
+    q, k, v = random_qkv(2, 8, 2, seqlen_q, 150, 32, 24, dtype, DEVICE, sequence_major=True)
     if keywords.get("alibi_slopes") == "per-head":
         keywords = dict(keywords, alibi_slopes=torch.rand(8, device=DEVICE))
-    out = fused_attn.attention(q, k, v, backend=backend, **keywords)
-    assert len(calls) == (1 if decoding else 0)
     naive = dict(causal=keywords.get("causal", False), window=keywords.get("window", (-1, -1)),
                  bottom_right=keywords.get("causal_alignment") == "bottom_right",
                  alibi_slopes=keywords.get("alibi_slopes"), softcap=keywords.get("softcap", 0.0))
-    exact = naive_attention(q, k, v, dtype=torch.float64, **naive)[0]
-    low = naive_attention(q, k, v, **naive)[0]
+    out = fused_attn.attention(q, k, v, backend=backend, **keywords)
+    assert len(calls) == (1 if decoding else 0)
+    exact, low = (naive_attention(q, k, v, **naive, **dtype_)[0] for dtype_ in (dict(dtype=torch.float64), {}))
+    assert_accurate("out", out, exact, low, dtype)
+
+    calls.clear()
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = fused_attn.attention(q, k, v, backend=backend, **keywords)
+    assert calls == []
+    exact, low = (naive_attention(q, k, v, **naive, **dtype_)[0] for dtype_ in (dict(dtype=torch.float64), {}))
     assert_accurate("out", out, exact, low, dtype)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)

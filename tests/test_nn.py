@@ -207,6 +207,8 @@ def test_attention_module_matches_the_function_and_drops_out_only_in_training():
     torch.testing.assert_close(dropped, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="dropout"):
         Attention(dropout=1.0)
+    with pytest.raises(TypeError, match=r"window must be a pair of ints \(left, right\), got 5"):
+        Attention(window=5)
 
 
 # --- torch.compile and torch.export -----------------------------------------------------------

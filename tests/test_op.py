@@ -80,6 +80,28 @@ def test_compile_fullgraph_as_the_first_call_of_a_process(entry):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_second_derivatives_raise_where_a_backend_cannot_give_them(backend):
+    """create_graph=True: the reference backend's gradients are differentiable; differentiating
+    another backend's raises, never silently dropping the second-order terms."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    q, k, v = random_qkv(1, 2, 1, 6, 9, 8, 8, dtype, DEVICE, requires_grad=True)
+
+    def penalty(q, k, v):  # a gradient penalty, as in WGAN-GP
+        out = fused_attn.attention(q, k, v, causal=True, backend=backend)
+        dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        return dq.square().sum()
+
+    if backend == "reference":
+        assert torch.autograd.gradgradcheck(lambda q, k, v: fused_attn.attention(q, k, v, causal=True, backend=backend),
+                                            (q, k, v))
+        assert all(g.abs().sum() > 0 for g in torch.autograd.grad(penalty(q, k, v), (q, k, v)))
+    else:
+        with pytest.raises(RuntimeError, match=f"the '{backend}' backend's gradients cannot be differentiated"):
+            torch.autograd.grad(penalty(q, k, v), (q, k, v))
+        first, = torch.autograd.grad(fused_attn.attention(q, k, v, backend=backend).sum(), q, create_graph=True)
+        assert not first.isnan().any()  # create_graph alone is fine: only differentiating raises
+
+
 @pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
 def test_float64_gradcheck(alignment):
     q, k, v = random_qkv(1, 4, 2, 6, 9, 8, 5, torch.float64, DEVICE, requires_grad=True)

@@ -81,8 +81,8 @@ def test_gqa_equals_repeated_heads(backend):
         torch.testing.assert_close(grad, grad_rep.unflatten(1, (2, 3)).sum(2), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(0, 2, 2, 5, 5), (1, 2, 2, 0, 5), (1, 2, 2, 5, 0)],
-                         ids=["no-batch", "no-queries", "no-keys"])
+@pytest.mark.parametrize("shape", [(0, 2, 2, 5, 5), (1, 2, 2, 0, 5), (1, 2, 2, 5, 0), (1, 0, 0, 5, 5), (1, 0, 2, 5, 5)],
+                         ids=["no-batch", "no-queries", "no-keys", "no-heads", "no-query-heads"])
 def test_empty_inputs(backend, shape):
     batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
     q, k, v = random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, 16, 16, torch.float32, DEVICE,

@@ -1,5 +1,7 @@
 """Masks, learnable biases, windows, ALiBi, softcap and dropout: every keyword against float64 math,
 alone and combined, with GQA, both alignments and ragged shapes."""
+import sys
+
 import pytest
 import torch
 
@@ -64,6 +66,30 @@ def test_window_with_more_queries_than_keys(variant_backend):
                          causal_alignment="bottom_right")
 
 
+@pytest.mark.parametrize("huge, bounded", [((sys.maxsize, 2 ** 70), (-1, -1)), ((2 ** 64, 0), (-1, 0)),
+                                           ((3, LQ + LK), (3, -1))], ids=["both", "left", "right"])
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_window_bounds_past_every_key_are_unbounded(variant_backend, huge, bounded, alignment):
+    """A bound of Lq + Lk or more reaches every key: the same call as -1 (sys.maxsize once overflowed
+    the kernels' index arithmetic and hid every key)."""
+    q, k, v = random_qkv(*SHAPE, torch.float32, DEVICE)
+    for call in (fused_attn.attention, packed(fused_attn.varlen_attention)):
+        out = call(q, k, v, window=huge, causal_alignment=alignment, backend=variant_backend)
+        assert torch.equal(out, call(q, k, v, window=bounded, causal_alignment=alignment, backend=variant_backend))
+
+
+def packed(varlen_attention):
+    """varlen_attention called like attention on (B, H, L, D) tensors: each batch row one sequence."""
+    def call(q, k, v, **keywords):
+        def pack(t):
+            return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+        cu_q, cu_k = (torch.arange(0, (q.shape[0] + 1) * n, n, dtype=torch.int32, device=q.device)
+                      for n in (q.shape[2], k.shape[2]))
+        out = varlen_attention(pack(q), pack(k), pack(v), cu_q, cu_k, q.shape[2], k.shape[2], **keywords)
+        return out.view(q.shape[0], q.shape[2], q.shape[1], -1).transpose(1, 2)
+    return call
+
+
 @pytest.mark.parametrize("slopes_shape", [(HQ,), (B, HQ)], ids=str)
 @pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
 def test_alibi(variant_backend, slopes_shape, alignment):
@@ -76,6 +102,13 @@ def test_alibi(variant_backend, slopes_shape, alignment):
 @pytest.mark.parametrize("softcap", [0.5, 30.0])
 def test_softcap(variant_backend, softcap):
     check_against_oracle(variant_backend, SHAPE, torch.float16, DEVICE, softcap=softcap, causal=True, scale=0.8)
+
+
+@pytest.mark.parametrize("softcap", [1e3, 1e6])
+def test_large_softcap_is_as_exact_as_the_math(variant_backend, softcap):
+    """softcap * tanh(s / softcap) ~ s for a large softcap: tanh must be exact relative to its small
+    arguments, not only to ~1e-7 absolute (which, times 1e6, was an error of 0.1 in every score)."""
+    check_against_oracle(variant_backend, SHAPE, torch.float32, DEVICE, softcap=softcap, scale=0.8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

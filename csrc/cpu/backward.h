@@ -133,7 +133,7 @@ void backward_dq_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
         gemm(keys, BM, D, kr.data, kr.ld, 1, qt, BM, st, BM, false);      // K Q^T
         gemm(keys, BM, Dv, vr.data, vr.ld, 1, dot, BM, dpt, BM, false);  // dP^T = V dO^T
       }
-      finish_scores(p, st_tile, keys * BM, p.scale, tanh);  // S^T
+      finish_scores(p, st_tile, keys * BM, tanh);  // S^T
       if (p.variants.dropout) apply_dropout(p, {dpt, 1, BM, b, h, q0, rows, k0, keys});
       // P^T = exp(S^T - lse), then dS^T, queries along columns
       for (int64_t j = 0; j < keys; ++j) {
@@ -284,7 +284,7 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
           gemm(rows, BN, Dv, dor.data, dor.ld, 1, t.vt, BN, t.dp, BN, false);  // dP = dO V^T
         }
       }
-      finish_scores(p, s_tile, rows * BN, p.scale, tanh);  // S
+      finish_scores(p, s_tile, rows * BN, tanh);  // S
       if (p.variants.dropout) apply_dropout(p, {t.dp, BN, 1, b, h, q0, rows, k0, keys});
       // P = exp(S - lse), then dS, keys along columns. Columns past the block's end (zero
       // padding of K^T) hold junk that the products below never read (they stop at `keys`).

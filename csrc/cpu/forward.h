@@ -2,7 +2,7 @@
 // block of up to kBlockM query rows of one sequence and key/value head (params.h, query_tiling):
 // one query head's rows, or all rows of several heads of the group when the sequence is short.
 //
-// Scores are computed transposed, S^T = K (scale Q)^T, so that each query is a column: the
+// Scores are computed transposed, S^T = K Q^T (then scaled), so that each query is a column: the
 // online softmax then runs along columns with one vector holding kVec queries' running max and
 // sum, and Q^T is packed once per task while K and V are read block by block as rows (through
 // the page table of a paged KV cache). bf16 with the bf16 products (bf16.h: AMX tiles or AVX512-BF16
@@ -123,25 +123,24 @@ inline void store_partials(const ForwardArgs& args, int64_t b, const QueryBlock&
     }
 }
 
-// scale * Q^T of the block (D x ld), zero in the columns past its queries: the rows converted and
-// scaled into `rows` (cols x D), then transposed by load_transposed (which reads them in place),
-// so Q is read once along its rows instead of once per column.
+// Q^T of the block (D x ld), zero in the columns past its queries: the rows converted into `rows`
+// (cols x D), then transposed by load_transposed (which reads them in place), so Q is read once
+// along its rows instead of once per column.
 template <typename T>
 void load_queries_t(float* qt, int64_t ld, float* rows, const Strided& q, int64_t b, const QueryBlock& block,
-                    int64_t D, float scale) {
+                    int64_t D) {
   const int64_t cols = block.heads * block.rows;
   for (int64_t g = 0; g < block.heads; ++g)
-    load_tile(rows + g * block.rows * D, D, at_row<T>(q, b, block.h0 + g, block.q0), q.row, q.col, block.rows, D,
-              scale);
+    load_tile(rows + g * block.rows * D, D, at_row<T>(q, b, block.h0 + g, block.q0), q.row, q.col, block.rows, D);
   load_transposed<float>(qt, ld, rows, D, 1, cols, D, nullptr);
 }
 
-// scale * Q of the block as rows (kVec x D) for scores_of_few_queries: row c is column c of
-// S^T, and rows past the block's queries are zero.
+// Q of the block as rows (kVec x D) for scores_of_few_queries: row c is column c of S^T, and
+// rows past the block's queries are zero.
 template <typename T>
-void load_query_rows(float* qr, const Strided& q, int64_t b, const QueryBlock& block, int64_t D, float scale) {
+void load_query_rows(float* qr, const Strided& q, int64_t b, const QueryBlock& block, int64_t D) {
   for (int64_t g = 0; g < block.heads; ++g)
-    load_tile(qr + g * block.rows * D, D, at_row<T>(q, b, block.h0 + g, block.q0), q.row, q.col, block.rows, D, scale);
+    load_tile(qr + g * block.rows * D, D, at_row<T>(q, b, block.h0 + g, block.q0), q.row, q.col, block.rows, D);
   const int64_t cols = block.heads * block.rows;
   fill(qr + cols * D, (kVec - cols) * D, 0.f);
 }
@@ -383,7 +382,7 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
   const Variants& v = p.variants;
   const bool scale_in_softmax = v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
   if (!scale_in_softmax)
-    for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * ld, padded, p.scale, nullptr);
+    for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * ld, padded, nullptr);
   auto head_tile = [&](int64_t g) {
     return ScoreTile{st + g * block.rows * ld, ld, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
   };
@@ -415,8 +414,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const std::unique_ptr<PackedKeys> packed_keys =
       products ? std::make_unique<PackedKeys>(bf16->products, D, Dv, BN, args.p.seqlen_k) : nullptr;
   Scratch scratch(Scratch::size_of({D * BM, BN * Dp, BN * Dvp, BN * BM, BM * Dvp, BM, BM, BM}));
-  float* qt = scratch.take(D * BM);     // scale * Q^T (D x ld): the block's query rows as columns
-                                        // (or, few queries, scale * Q: load_query_rows)
+  float* qt = scratch.take(D * BM);     // Q^T (D x ld): the block's query rows as columns
+                                        // (or, few queries, Q: load_query_rows)
   float* kb = scratch.take(BN * Dp);    // key block, rows
   float* vb = scratch.take(BN * Dvp);   // value block, rows
   float* st = scratch.take(BN * BM);    // S^T, then P^T (keys x ld)
@@ -438,17 +437,18 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       return ScoreTile{st + g * rows, 1, ld, b, block.h0 + g, block.q0, rows, k0, keys};
     };
 
-    // Decoding: few queries per block, whose scores are dot products (scores_of_few_queries).
-    const bool few = cols <= kVec && D % kVec == 0;
+    // Decoding: few queries per block, whose scores are dot products (scores_of_few_queries),
+    // unless a backward follows (ForwardArgs::for_backward).
+    const bool few = !args.for_backward && cols <= kVec && D % kVec == 0;
     const bool tiles = products && !few;  // the bf16 products
     Bf16Rows q_rows{};
     if (few) {
-      load_query_rows<T>(qt, s.q, b, block, D, p.scale);
+      load_query_rows<T>(qt, s.q, b, block, D);
       fill(st, BN * ld, 0.f);  // the padding columns of S^T, which it does not write
     } else if (tiles) {
       q_rows = query_rows(bf16->q_rows, s.q, b, block, D);
     } else {
-      load_queries_t<T>(qt, ld, kb, s.q, b, block, D, p.scale);  // kb: free until the key loop
+      load_queries_t<T>(qt, ld, kb, s.q, b, block, D);  // kb: free until the key loop
     }
     fill(row_max, ld, -kInf);
     fill(row_sum, ld, 0.f);
@@ -483,14 +483,14 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       const Band band{p, block.q0, k0};
       const Rows kr = fp32_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
       const Rows vr = fp32_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
-      // S^T = K (scale Q)^T
+      // S^T = K Q^T, scaled by cap_scores
       if (few)
         scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);
       else if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
         gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, band.queries_seeing(), -kInf);
       else
         gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
-      cap_scores(p, st, keys * ld, 1.f, nullptr);
+      cap_scores(p, st, keys * ld, nullptr);
       for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
       softmax_update<T>(st, keys, ld, row_max, row_sum, alpha, edge ? &band : nullptr);
       if (p.variants.dropout)

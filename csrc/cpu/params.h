@@ -115,6 +115,10 @@ struct ForwardArgs {
   TaskTable tasks;  // query_tiling's tasks of every sequence, times its splits
   Pages pages;  // k and v of a paged KV cache
   Splits splits;
+  // The backward will recompute these scores with its block products and P = exp(S - lse) against
+  // this lse: the forward computes them the same way (never as the dot products of few queries,
+  // whose sums run in another order), so both round every score alike.
+  bool for_backward = false;
 };
 
 struct BackwardArgs {

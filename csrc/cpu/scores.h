@@ -3,9 +3,18 @@
 // backward passes compute their scores with these functions, so they agree bit for bit.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA, after tile.h.
 
-// tanh(x) = 1 - 2 / (exp(2x) + 1). Saturates to exactly +-1 (exp clamps or underflows to 0) and is
-// within ~1e-7 absolute near 0, which is what softcap * tanh(x / softcap) needs.
-inline Vec tanh(Vec x) { return Vec(1.f) - Vec(2.f) / (exp(x + x) + Vec(1.f)); }
+// tanh within ~2 ulps relative everywhere, as softcap * tanh(x / softcap) needs however large the
+// softcap (x then small): 1 - 2 / (exp(2x) + 1) above |x| = 0.625, which saturates to exactly +-1
+// (exp clamps or underflows to 0); below, where that difference would cancel to ~1e-7 absolute,
+// x P(x^2), a polynomial fitted to tanh(x) / x for the least relative error on [0, 0.625].
+inline Vec tanh(Vec x) {
+  const Vec y = x * x;
+  Vec poly(-0.00565998862f);
+  for (const float c : {0.0205909871f, -0.0537210666f, 0.133311272f, -0.333332598f, 1.f})
+    poly = at::vec::fmadd(poly, y, Vec(c));
+  const Vec saturating = Vec(1.f) - Vec(2.f) / (exp(x + x) + Vec(1.f));
+  return Vec::blendv(saturating, x * poly, x.abs() < Vec(0.625f));
+}
 
 struct Range {
   int64_t begin, end;  // [begin, end); empty when begin >= end
@@ -97,14 +106,16 @@ inline bool window_cuts(const Problem& p, const ScoreTile& t) {
   return (v.window_left >= 0 && nearest < -v.window_left) || (v.window_right >= 0 && farthest > v.window_right);
 }
 
-// Scores from q.k, for n consecutive floats of a tile (times `mul`: 1 where q was loaded
-// pre-scaled): s = softcap * tanh(scale q.k / softcap), or scale q.k without a softcap. With `tanh`
-// (same layout) not null, tanh(scale q.k / softcap) is kept there for the backward's chain rule,
-// d(softcap tanh(x / softcap)) / dx = 1 - tanh^2.
-inline void cap_scores(const Problem& p, float* data, int64_t n, float mul, float* tanh) {
+// Scores from q.k, for n consecutive floats of a tile: s = softcap * tanh(scale q.k / softcap), or
+// scale q.k without a softcap. With `tanh` (same layout) not null, tanh(scale q.k / softcap) is kept
+// there for the backward's chain rule, d(softcap tanh(x / softcap)) / dx = 1 - tanh^2.
+// The scale multiplies the product, never q: the backward recomputes P = exp(s - lse) against the
+// forward's lse, so both must round s the same way (q pre-scaled by 1 / sqrt(128) rounds
+// differently, and at large scales P's error grew ~40x).
+inline void cap_scores(const Problem& p, float* data, int64_t n, float* tanh) {
   const Variants& v = p.variants;
-  if (mul == 1.f && v.softcap == 0.f) return;
-  const Vec scale(mul), softcap(v.softcap);
+  if (p.scale == 1.f && v.softcap == 0.f) return;
+  const Vec scale(p.scale), softcap(v.softcap);
   for (int64_t c = 0; c < n; c += kVec) {
     Vec s = Vec::loadu(data + c) * scale;
     if (v.softcap > 0.f) {
@@ -254,7 +265,7 @@ inline bool mask_hides_tile(const Problem& p, int64_t b, int64_t h, int64_t q0, 
 }
 
 // Final scores of a whole tile whose n floats from t.data are its own (the backward's tiles).
-inline void finish_scores(const Problem& p, const ScoreTile& t, int64_t n, float mul, float* tanh) {
-  cap_scores(p, t.data, n, mul, tanh);
+inline void finish_scores(const Problem& p, const ScoreTile& t, int64_t n, float* tanh) {
+  cap_scores(p, t.data, n, tanh);
   place_scores(p, t);
 }

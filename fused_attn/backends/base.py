@@ -29,6 +29,10 @@ class Backend:
     """
 
     name: str = ""
+    # Whether backward's gradients are themselves differentiable (a backward written in torch
+    # operations, which autograd records under create_graph=True). Where not, differentiating them
+    # raises instead of silently giving no second-order terms.
+    twice_differentiable: bool = False
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run on this machine at all, or None if it can."""
@@ -117,12 +121,22 @@ def append_by_indexing(k_cache: Tensor, v_cache: Tensor, block_table: Optional[T
 DECODING_ROWS = 64
 
 
-def takes_decoding_kernel(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors, opts: AttentionOptions) -> bool:
+def needs_backward(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a forward on these inputs will be followed by a backward (one of them requires grad)."""
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def takes_decoding_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: AttentionTensors,
+                          opts: AttentionOptions) -> bool:
     """Whether a dense call (q (B, Hq, Lq, D)) is decoding-shaped (few query rows against more
     keys) and in what the decoding kernel computes: no mask, bias or dropout, and the diagonal
-    bottom-right aligned, or not used."""
+    bottom-right aligned, or not used; and no backward follows, which recomputes the scores as the
+    block kernels do: P = exp(S - lse) needs the forward's S rounded alike, and the decoding
+    kernels sum their dot products in another order."""
     seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
     if q.dim() != 4 or seqlen_q >= seqlen_k or seqlen_q * (q.shape[1] // k.shape[1]) > DECODING_ROWS:
+        return False
+    if needs_backward(q, k, v):
         return False
     if extras.mask is not None or extras.bias is not None or opts.dropout_p > 0:
         return False

@@ -19,7 +19,7 @@ import torch
 from ..layout import as_full_cache, attention_outputs, gradient_like, kvcache_outputs
 from ..options import AttentionOptions, AttentionTensors
 from . import native
-from .base import Backend, Tensor, as_4d, takes_decoding_kernel
+from .base import Backend, Tensor, as_4d, needs_backward, takes_decoding_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -47,12 +47,15 @@ class CpuBackend(Backend):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors,
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         out, lse = attention_outputs(q, v)
-        if takes_decoding_kernel(q, k, extras, opts):  # few query rows: the KV-cache op splits long keys
+        if takes_decoding_kernel(q, k, v, extras, opts):  # few query rows: the KV-cache op splits long keys
             q_, k_, v_, out_, seqlens = as_full_cache(q, k, v, out)
             _ops().cpu_kvcache_forward(q_, k_, v_, seqlens, None, out_, lse, opts.scale, opts.left, opts.right,
                                        opts.softcap, extras.alibi_slopes)
             return out, lse
-        _ops().cpu_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts))
+        # A backward recomputes the scores with its block products, so the forward rounds them alike
+        # (csrc/cpu/params.h, ForwardArgs::for_backward).
+        for_backward = needs_backward(q, k, v, extras.bias)
+        _ops().cpu_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts), for_backward)
         return out, lse
 
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad):

@@ -97,7 +97,7 @@ class CudaBackend(Backend):
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         out, lse = attention_outputs(q, v)
-        if takes_decoding_kernel(q, k, extras, opts):  # few query rows: split-KV, GQA rows packed
+        if takes_decoding_kernel(q, k, v, extras, opts):  # few query rows: split-KV, GQA rows packed
             q_, k_, v_, out_, seqlens = as_full_cache(q, k, v, out)
             self._launch_kvcache(q_, k_, v_, out_, lse, seqlens, None, extras.alibi_slopes, opts)
             return out, lse
@@ -148,7 +148,7 @@ class CudaBackend(Backend):
     def _launch_kvcache(self, q, k_cache, v_cache, out, lse, seqlens_k, block_table, alibi_slopes, opts, k=None,
                         v=None):
         table = None if block_table is None else block_table.contiguous()  # the kernels read it as rows
-        self._ops().cuda_kvcache_forward(q, k_cache, v_cache, seqlens_k.contiguous(), table, out, lse, opts.scale,
+        self._ops().cuda_kvcache_forward(q, k_cache, v_cache, seqlens_k, table, out, lse, opts.scale,
                                          opts.left, opts.right, opts.softcap, alibi_slopes, k, v, self.decode_splits,
                                          self._stream(q.device))
 

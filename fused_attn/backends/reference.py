@@ -116,6 +116,7 @@ def _as_batch(packed: Tensor) -> Tensor:
 
 class ReferenceBackend(Backend):
     name = "reference"
+    twice_differentiable = True  # its backward is torch operations
 
     def forward(self, q, k, v, extras, opts, first_batch: int = 0):
         if q.dim() == 3:

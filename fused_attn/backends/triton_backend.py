@@ -83,7 +83,7 @@ class TritonBackend(Backend):
 
     def forward(self, q, k, v, extras, opts):
         forward, _, decode = _kernels()
-        if takes_decoding_kernel(q, k, extras, opts):  # few query rows: split-KV, GQA rows packed
+        if takes_decoding_kernel(q, k, v, extras, opts):  # few query rows: split-KV, GQA rows packed
             return decode.decoding_forward(q, k, v, extras.alibi_slopes, opts)
         return forward.attention_forward(q, k, v, extras, opts)
 

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from ..api import attention
+from ..checks import check_window
 
 Tensor = torch.Tensor
 
@@ -49,7 +50,7 @@ class Attention(torch.nn.Module):
         self.causal_alignment = causal_alignment
         self.scale = scale
         self.dropout = float(dropout)
-        self.window = tuple(window)
+        self.window = check_window(window)
         self.softcap = softcap
         self.deterministic = deterministic
         self.backend = backend

@@ -300,8 +300,14 @@ def stage_bounds(STAGE: tl.constexpr, lo, full_lo, full_hi, hi):
 
 @triton.jit
 def tanh(x):
-    """tanh from exp2 (libdevice is unavailable in the interpreter); saturates cleanly at +-1."""
-    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2_E)) + 1.0)
+    """tanh within ~2 ulps relative, as softcap * tanh(x / softcap) needs however large the softcap
+    (libdevice is unavailable in the interpreter): 1 - 2 / (exp(2x) + 1) above |x| = 0.625, which
+    saturates cleanly at +-1; below, where it would cancel to ~1e-7 absolute, x P(x^2), fitted to
+    tanh(x) / x for the least relative error (csrc/cpu/scores.h has the same)."""
+    y = x * x
+    poly = 1.0 + y * (-0.333332598 + y * (0.133311272 + y * (-0.0537210666 + y * (0.0205909871 + y * -0.00565998862))))
+    saturating = 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2_E)) + 1.0)
+    return tl.where(tl.abs(x) < 0.625, x * poly, saturating)
 
 
 @triton.jit
