@@ -107,7 +107,8 @@ def explain_choice(q, k, v, extras: AttentionTensors, opts: AttentionOptions, ba
     else:
         header = f"would run: {chosen}"
     lines = [header]
-    if chosen is not None and BACKENDS[chosen].decodes_few_query_rows and takes_decoding_kernel(q, k, v, extras, opts):
+    if (chosen is not None and BACKENDS[chosen].decodes_few_query_rows
+            and takes_decoding_kernel(q, k, v, extras, opts)):
         rows = q.shape[2] * (q.shape[1] // k.shape[1])
         lines.append(f"  with its decoding kernel: {rows} query rows per key/value head against {k.shape[2]} keys")
     forced = _requested(backend)

@@ -3,7 +3,7 @@
 // backward passes compute their scores with these functions, so they agree bit for bit.
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA, after tile.h.
 
-// tanh within ~2 ulps relative everywhere, as softcap * tanh(x / softcap) needs however large the
+// tanh within ~3 ulps relative everywhere, as softcap * tanh(x / softcap) needs however large the
 // softcap (x then small): 1 - 2 / (exp(2x) + 1) above |x| = 0.625, which saturates to exactly +-1
 // (exp clamps or underflows to 0); below, where that difference would cancel to ~1e-7 absolute,
 // x P(x^2), a polynomial fitted to tanh(x) / x for the least relative error on [0, 0.625].

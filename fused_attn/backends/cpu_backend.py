@@ -4,11 +4,10 @@ Fused forward and backward (one pass or two, csrc/cpu/backward.h) with fp32 accu
 parallel over sequences, heads and query (or key) blocks, vectorized for the CPU it runs on,
 chosen at run time: AVX-512 (bf16 products on AMX tiles or AVX512-BF16 dot products where the
 CPU has them), else AVX2+FMA, else portable C++ (FUSED_ATTN_CPU_ISA=portable|avx2|avx512 forces
-one). Dense, packed (varlen: tasks cover each
-sequence's real length, never padding) and KV-cache decoding calls (contiguous or paged caches;
-the query rows of a GQA group share one task, so each cached key is read once per key/value
-head; long caches of calls with few tasks are split, split-KV). float64 is left to the reference
-backend.
+one). Dense, packed (varlen: tasks cover each sequence's real length, never padding) and KV-cache
+decoding calls (contiguous or paged caches; the query rows of a GQA group share one task, so each
+cached key is read once per key/value head; long caches of calls with few tasks are split,
+split-KV). float64 is left to the reference backend.
 """
 from __future__ import annotations
 

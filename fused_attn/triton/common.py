@@ -300,7 +300,7 @@ def stage_bounds(STAGE: tl.constexpr, lo, full_lo, full_hi, hi):
 
 @triton.jit
 def tanh(x):
-    """tanh within ~2 ulps relative, as softcap * tanh(x / softcap) needs however large the softcap
+    """tanh within ~3 ulps relative, as softcap * tanh(x / softcap) needs however large the softcap
     (libdevice is unavailable in the interpreter): 1 - 2 / (exp(2x) + 1) above |x| = 0.625, which
     saturates cleanly at +-1; below, where it would cancel to ~1e-7 absolute, x P(x^2), fitted to
     tanh(x) / x for the least relative error (csrc/cpu/scores.h has the same)."""
