@@ -45,7 +45,7 @@ def refusal_reasons(name: str, q, k, v, extras: AttentionTensors, opts: Attentio
     unavailable = backend.unavailable_reason()
     if unavailable is not None:
         return [f"not available: {unavailable}"]
-    reasons = backend.unsupported_reasons(q, k, v, extras, opts)
+    reasons = backend.unsupported_reasons(q, k, v, extras, opts, kvcache)
     if kvcache and not backend.supports_kvcache:
         reasons.append("no KV-cache decoding")
     return reasons

@@ -11,7 +11,7 @@ from conftest import DEVICE
 from oracle import check_against_oracle
 
 import fused_attn
-from fused_attn.options import AttentionOptions
+from fused_attn.options import AttentionOptions, AttentionTensors
 from fused_attn.triton import backward as triton_backward
 from fused_attn.triton import forward as triton_forward
 from fused_attn.triton import tuning
@@ -366,3 +366,47 @@ def test_tensor_descriptors_need_aligned_dense_tensors():
     assert not takes_tensor_descriptors(tensor(2, 3, 40, 64).transpose(2, 3))  # D not contiguous
     assert not takes_tensor_descriptors(tensor(1, 3, 40, 64).expand(2, 3, 40, 64))  # batch stride 0
     assert not takes_tensor_descriptors(tensor(120, 3, 64))  # packed varlen rows
+
+
+
+class GridSpy:
+    """Stands in for a Triton kernel: records each launch's grid and runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+def test_launch_grids_fit_cuda_limits(monkeypatch):
+    """CUDA allows 65535 programs on a grid's second and third dimensions, which hold the (sequence,
+    head) pairs: at the most the triton backend serves (4369 x 15 = 65535), every kernel's grid fits,
+    and one more pair makes dispatch refuse the call (and take another backend) rather than the launch fail."""
+    from fused_attn.triton import bias_grad, decode
+
+    spy = GridSpy()
+    for module, kernel in ((triton_forward, "_forward_kernel"), (triton_backward, "_delta_kernel"),
+                           (triton_backward, "_dkdv_kernel"), (triton_backward, "_dq_kernel"),
+                           (decode, "_decode_kernel"), (decode, "_merge_splits_kernel"),
+                           (bias_grad, "_bias_grad_kernel")):
+        monkeypatch.setattr(module, kernel, spy)
+    batch, heads = 4369, 15
+    q, k, v = (torch.randn(batch, heads, 2, 16, device=DEVICE) for _ in range(3))
+    extras = AttentionTensors(bias=torch.randn(batch, heads, 1, 1, device=DEVICE))
+    opts = AttentionOptions(scale=0.25)
+    assert fused_attn.dispatch.refusal_reasons("triton", q, k, v, extras, opts) == []
+    out, lse = triton_forward.attention_forward(q, k, v, extras, opts)
+    triton_backward.attention_backward(torch.randn_like(out), torch.zeros_like(lse), q, k, v, out, lse, extras, opts,
+                                       True)
+    cache = torch.randn(batch, 64, heads, 16, dtype=torch.float16, device=DEVICE)  # split in two (interpreter)
+    decode.decode_forward(q[:, :, :1].transpose(1, 2).half(), cache, cache,
+                          torch.full((batch,), 64, dtype=torch.int32, device=DEVICE), None, None, opts)
+    assert len(spy.grids) == 7
+    assert max(size for grid in spy.grids for size in grid[1:]) == batch * heads == 65535
+
+    wider = torch.randn(batch, heads + 1, 2, 16, device=DEVICE)
+    with pytest.raises(fused_attn.BackendError, match=r"69904 \(sequence, head\) pairs: its grids hold at most 65535"):
+        fused_attn.dispatch.select_backend(wider, wider, wider, AttentionTensors(), opts, "triton")
+    assert fused_attn.dispatch.select_backend(wider, wider, wider, AttentionTensors(), opts) != "triton"

@@ -39,9 +39,10 @@ class Backend:
         return None
 
     def unsupported_reasons(
-        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions
+        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions, kvcache: bool = False
     ) -> list[str]:
-        """Every reason this backend cannot serve this call; empty when it can."""
+        """Every reason this backend cannot serve this call; empty when it can. kvcache: the call is
+        attention_with_kvcache's, q (B, Lq, Hq, D) against caches (B or pages, L, Hkv, D)."""
         return []
 
     def forward(

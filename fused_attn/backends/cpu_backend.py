@@ -34,7 +34,7 @@ class CpuBackend(Backend):
         return native.load_error()
 
     def unsupported_reasons(
-        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions
+        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions, kvcache: bool = False
     ) -> list[str]:
         reasons = []
         if q.device.type != "cpu":

@@ -82,7 +82,7 @@ class CudaBackend(Backend):
         return self._availability()
 
     def unsupported_reasons(
-        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions
+        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions, kvcache: bool = False
     ) -> list[str]:
         reasons = []
         if q.device.type != self._device_type:

@@ -14,6 +14,7 @@ from ..options import AttentionOptions, AttentionTensors
 from .base import Backend, Tensor, takes_decoding_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GRID_ROWS = 65535
 
 
 def _import_error() -> Optional[str]:
@@ -67,7 +68,7 @@ class TritonBackend(Backend):
         return INTERPRETER_PROBLEM
 
     def unsupported_reasons(
-        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions
+        self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions, kvcache: bool = False
     ) -> list[str]:
         reasons = []
         if q.device.type == "cpu":
@@ -79,6 +80,13 @@ class TritonBackend(Backend):
             reasons.append("Triton's interpreter is on, and it runs CPU tensors only")
         if q.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {q.dtype} (supports float16, bfloat16, float32)")
+        # The kernels launch a grid row per (sequence, head): query heads, or key/value heads when
+        # decoding from a cache (the grid's widest dimension, bias_grad's included, never has more).
+        sequences = q.shape[0] if extras.cu_seqlens_q is None else extras.cu_seqlens_q.shape[0] - 1
+        rows = sequences * (k.shape[2] if kvcache else q.shape[1])
+        if rows > MAX_GRID_ROWS:
+            reasons.append(f"{rows} (sequence, head) pairs: its grids hold at most {MAX_GRID_ROWS} (CUDA's limit on "
+                           "a grid's second dimension)")
         return reasons
 
     def forward(self, q, k, v, extras, opts):
