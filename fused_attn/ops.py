@@ -140,28 +140,67 @@ class _EagerAttention(torch.autograd.Function):
         backend = ctx.scalars[-1]
         if not torch.is_grad_enabled() or get_backend(backend).twice_differentiable:
             return gradients
-        # create_graph=True, and autograd cannot record this backward: tie the gradients to what
-        # they depend on, so that differentiating them raises instead of giving no second-order terms.
-        q, k, v, out, lse, attn_mask, *_ = ctx.saved_tensors
-        tensors = [g for g in gradients if g is not None]
-        depends_on = [t for t in (q, k, v, attn_mask, dout, dlse) if t is not None and t.requires_grad]
-        marked = iter(_NotDifferentiable.apply(backend, len(tensors), *tensors, *depends_on))
-        return tuple(None if g is None else next(marked) for g in gradients)
+        # create_graph=True, and autograd cannot record this backward.
+        return _not_differentiable(gradients, ctx, dout, dlse, f"the {backend!r} backend's gradients cannot be "
+                                   "differentiated (a second derivative through attention, create_graph=True); "
+                                   "backend='reference' computes them, slowly")
+
+
+def _not_differentiable(gradients, ctx, dout, dlse, message: str):
+    """The gradients, tied to what they depend on so that differentiating them raises `message`
+    instead of silently giving no second-order terms."""
+    q, k, v, out, lse, attn_mask, *_ = ctx.saved_tensors
+    tensors = [g for g in gradients if g is not None]
+    depends_on = [t for t in (q, k, v, attn_mask, dout, dlse) if t is not None and t.requires_grad]
+    marked = iter(_NotDifferentiable.apply(message, len(tensors), *tensors, *depends_on))
+    return tuple(None if g is None else next(marked) for g in gradients)
 
 
 class _NotDifferentiable(torch.autograd.Function):
-    """The first `count` tensors, passed through; differentiating them raises (see backward)."""
+    """The first `count` tensors, copied through; differentiating them raises `message`. (A
+    setup_context and a vmap rule, so that torch.func transforms take it too.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, backend, count, *tensors):
-        ctx.backend = backend
-        return tuple(t.view_as(t) for t in tensors[:count])
+    def forward(message, count, *tensors):
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(f"fused_attn: the {ctx.backend!r} backend's gradients cannot be differentiated "
-                           "(a second derivative through attention, create_graph=True); backend='reference' "
-                           "computes them, slowly")
+        raise RuntimeError(f"fused_attn: {ctx.message}")
+
+
+class _TransformableAttention(torch.autograd.Function):
+    """attention_forward's autograd as torch.func transforms need it: torch.library's own wrapper
+    defines no setup_context, without which they refuse an autograd Function. grad, vjp, jacrev
+    and vmap work (vmap loops over the batch through the ops' fallback); a second derivative
+    (nested grad; hessian takes forward mode, which it lacks) raises."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return attention_forward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        # The backward op, to which the transforms' layers hand plain tensors (and vmap its fallback),
+        # without grad mode: the op has no autograd formula.
+        with torch.no_grad():
+            gradients = _gradients(ctx, dout, dlse, attention_backward)
+        if not torch.is_grad_enabled():
+            return gradients
+        return _not_differentiable(gradients, ctx, dout, dlse, "gradients cannot be differentiated under "
+                                   "torch.func transforms (a second derivative through attention)")
 
 
 # Tensors that the eager path takes as they are: plain ones and parameters (a learnable bias).
@@ -196,6 +235,8 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], e
     straight to the backend with extras and opts as they are (a small call's time is mostly such
     glue). extras holds attn_mask already split into mask or bias; the op takes attn_mask itself."""
     tensors = (q, k, v, attn_mask, extras.alibi_slopes, extras.dropout_seed, extras.cu_seqlens_q, extras.cu_seqlens_k)
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        return _TransformableAttention.apply(*tensors, *opts, backend)
     if needs_the_op(tensors):
         return attention_forward(*tensors, *opts, backend)
     if _wants_gradient(tensors):

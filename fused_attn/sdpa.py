@@ -249,9 +249,15 @@ def _unsupported_reason(plan: _Plan) -> Optional[str]:
     return "no fused_attn backend can serve it"
 
 
+def _under_func_transform() -> bool:
+    """Inside torch.func transforms: fused_attn serves grad, vjp, jacrev and vmap but no second
+    derivative (nested grad, hessian), which torch's function gives: patched code keeps it there."""
+    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+
+
 def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
     plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if isinstance(plan, _Refusal) or _unsupported_reason(plan) is not None:
+    if isinstance(plan, _Refusal) or _unsupported_reason(plan) is not None or _under_func_transform():
         # What was there before enable() (torch's function) serves it, or raises its own error.
         fallback = _replaced if _replaced is not None else _TORCH_SDPA
         return fallback(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)

@@ -80,6 +80,39 @@ def test_compile_fullgraph_as_the_first_call_of_a_process(entry):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_torch_func_grad_vjp_and_jacrev(backend):
+    """torch.func.grad, vjp and jacrev (a vmap of the backward) through the op: the same
+    gradients as autograd; a second derivative (nested grad) raises instead of giving zero."""
+    q, k, v = random_qkv(1, 4, 2, 7, 9, 16, 16, torch.float32, DEVICE)
+    bias = torch.randn(1, 4, 7, 9, device=DEVICE)
+
+    def loss(q, k, v, bias):
+        return fused_attn.attention(q, k, v, attn_mask=bias, causal=True, backend=backend).square().sum()
+
+    transformed = torch.func.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    for a, b in zip(transformed, expected):
+        torch.testing.assert_close(a, b)
+    out, vjp = torch.func.vjp(lambda q: fused_attn.attention(q, k, v, backend=backend), q)
+    torch.testing.assert_close(vjp(torch.ones_like(out))[0],
+                               torch.autograd.grad(fused_attn.attention(leaves[0], k, v, backend=backend).sum(),
+                                                   leaves[0])[0])
+    small = q[:, :, :2]
+    jacobian = torch.func.jacrev(lambda q: fused_attn.attention(q, k, v, backend=backend).sum(-1))(small)
+    exact = torch.func.jacrev(lambda q: oracle_attention(q.double(), k.double(), v.double()).sum(-1))(small.double())
+    torch.testing.assert_close(jacobian.double(), exact, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="gradients cannot be differentiated under torch.func transforms"):
+        torch.func.grad(lambda q: torch.func.grad(lambda q: loss(q, k, v, bias))(q).square().sum())(q)
+
+
+def oracle_attention(q, k, v):
+    """softmax(q k^T / sqrt(D)) v with k and v's heads repeated for q's (GQA)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+
+
 def test_second_derivatives_raise_where_a_backend_cannot_give_them(backend):
     """create_graph=True: the reference backend's gradients are differentiable; differentiating
     another backend's raises, never silently dropping the second-order terms."""

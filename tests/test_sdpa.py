@@ -288,6 +288,23 @@ def test_patched_invalid_calls_raise_torchs_own_error(spy):
     assert str(patched_error.value) == str(torch_error.value)
 
 
+def test_torch_func_transforms_through_the_patch(spy):
+    """Inside torch.func transforms patched code keeps torch's function (which also gives second
+    derivatives, unlike fused_attn's): the same Jacobian as unpatched."""
+    q, k, v = (t.detach() for t in (randn(1, 2, 3, D), randn(1, 2, 4, D), randn(1, 2, 4, D)))
+
+    def f(q):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).sum(-1)
+
+    expected = torch.func.jacrev(f)(q)
+    with fused_attn.patch_sdpa():
+        patched = torch.func.jacrev(f)(q)
+        assert len(spy) == 0
+        F.scaled_dot_product_attention(q, k, v)  # outside the transform: fused_attn's
+        assert len(spy) == 1
+    torch.testing.assert_close(patched, expected)
+
+
 def test_compile_fullgraph_through_the_patch(spy):
     torch._dynamo.reset()
     q, k, v = randn(1, 4, LQ, D), randn(1, 2, LK, D), randn(1, 2, LK, D)
