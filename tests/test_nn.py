@@ -254,3 +254,18 @@ def test_export_for_inference():
     x2 = seq(L, True)
     padding2 = bool_key_padding(N, L)
     torch.testing.assert_close(program.module()(x2, padding2), module(x2, padding2), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("masks", [
+    dict(key_padding_mask=(7, 3)), dict(attn_mask=(7, 5)), dict(attn_mask=(12, 7, 5)), dict(attn_mask=(1, 7, 5)),
+], ids=str)
+def test_multihead_masks_of_the_wrong_shape_raise_as_in_torch(masks):
+    """A mask of the right size but the wrong shape (transposed) is an error, as in torch, never
+    silently reinterpreted as (N, H, L, S)."""
+    reference = torch.nn.MultiheadAttention(16, 4)
+    fused = fused_attn.nn.MultiheadAttention.from_torch(reference)
+    query, key = torch.randn(5, 3, 16), torch.randn(7, 3, 16)
+    masks = {name: torch.rand(shape) > 0.5 for name, shape in masks.items()}
+    for module in (reference, fused):
+        with pytest.raises((RuntimeError, AssertionError), match="shape"):
+            module(query, key, key, need_weights=False, **masks)

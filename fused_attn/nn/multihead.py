@@ -140,6 +140,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         embed_dim = query.shape[-1]
         if embed_dim != self.embed_dim:
             raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {embed_dim}")
+        _check_mask_shapes(attn_mask, key_padding_mask, query, key, batch_first, self.num_heads)
         if key.shape[:-1] != value.shape[:-1]:
             raise AssertionError(f"key's sequence and batch dims {tuple(key.shape[:-1])} do not match value's "
                                  f"{tuple(value.shape[:-1])}")
@@ -210,3 +211,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if bias.dtype not in (dtype, torch.float32):
             bias = bias.to(dtype)
         return bias
+
+
+def _check_mask_shapes(attn_mask, key_padding_mask, query, key, batch_first, num_heads) -> None:
+    """torch's shape rules for the masks (with its messages), before they are viewed as
+    (N, H, L, S): a mask of the wrong shape but the right size must not be silently reinterpreted."""
+    batch, seqlen_q, seqlen_k = query.shape[0 if batch_first else 1], query.shape[1 if batch_first else 0], \
+        key.shape[1 if batch_first else 0]
+    if attn_mask is not None:
+        if attn_mask.dim() == 2 and tuple(attn_mask.shape) != (seqlen_q, seqlen_k):
+            raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
+                               f"{(seqlen_q, seqlen_k)}.")
+        if attn_mask.dim() == 3 and tuple(attn_mask.shape) not in ((batch * num_heads, seqlen_q, seqlen_k),
+                                                                     (1, seqlen_q, seqlen_k)):
+            raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
+                               f"{(batch * num_heads, seqlen_q, seqlen_k)}.")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, seqlen_k):
+        raise AssertionError(f"expecting key_padding_mask shape of {(batch, seqlen_k)}, but got "
+                             f"{key_padding_mask.shape}")
