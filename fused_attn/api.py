@@ -5,6 +5,7 @@ from typing import Optional, Union
 
 import torch
 
+from .autocast import autocast_inputs
 from .checks import check_alibi_slopes, check_attn_mask, check_qkv, make_options
 from .dispatch import explain_choice, select_backend
 from .dropout import draw_seed
@@ -72,14 +73,16 @@ def attention(
         out: (B, Hq, Lq, Dv) in the input dtype, laid out like q (so a transposed (B, L, H, D)
             view in gives one out). With return_lse, also lse: (B, Hq, Lq) float32 (float64 for
             float64 input), natural log; differentiable.
-        Rows that see no key, whatever masked them, give out = 0, lse = -inf and zero
-        gradients, never NaN. Accumulation is fp32 for every input dtype. Second derivatives
-        (differentiating the gradients, create_graph=True) come from the reference backend;
-        differentiating another backend's gradients raises RuntimeError.
+        Inside torch.autocast, float32 q, k, v and float mask are cast to its dtype first, as
+        torch does for its SDPA. Rows that see no key, whatever masked them, give out = 0,
+        lse = -inf and zero gradients, never NaN. Accumulation is fp32 for every input dtype.
+        Second derivatives (differentiating the gradients, create_graph=True) come from the
+        reference backend; differentiating another backend's gradients raises RuntimeError.
 
     Raises:
         TypeError/ValueError naming the argument for bad input, before any kernel runs.
     """
+    q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
     opts, extras = _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window,
                              alibi_slopes, softcap, return_lse, deterministic)
     name = select_backend(q, k, v, extras, opts, backend)

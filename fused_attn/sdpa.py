@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .api import attention
+from .autocast import autocast_inputs
 from .checks import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .options import AttentionOptions, AttentionTensors
 
@@ -224,6 +225,7 @@ def scaled_dot_product_attention(
         dtypes); BackendError when no backend can serve the call. Under `patch_sdpa()` such calls
         go to torch's own function instead.
     """
+    query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if isinstance(plan, _Refusal):
         raise (plan.error or ValueError)(plan.message)
@@ -256,6 +258,7 @@ def _under_func_transform() -> bool:
 
 
 def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if isinstance(plan, _Refusal) or _unsupported_reason(plan) is not None or _under_func_transform():
         # What was there before enable() (torch's function) serves it, or raises its own error.

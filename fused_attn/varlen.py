@@ -5,6 +5,7 @@ from typing import Optional, Union
 
 import torch
 
+from .autocast import autocast_inputs
 from .checks import check_alibi_slopes, check_cu_seqlens, check_packed_qkv, make_options
 from .dispatch import select_backend
 from .dropout import draw_seed
@@ -50,6 +51,7 @@ def varlen_attention(
     Returns:
         out (total_q, Hq, Dv) in the input dtype; with return_lse also lse (Hq, total_q) float32.
     """
+    q, k, v = autocast_inputs(q, k, v)
     check_packed_qkv(q, k, v)
     opts = make_options(q.transpose(0, 1), causal=causal, causal_alignment=causal_alignment, scale=scale,
                         window=window, softcap=softcap, dropout_p=dropout_p, deterministic=deterministic,

@@ -319,3 +319,23 @@ def test_compile_fullgraph_through_the_patch(spy):
     assert len(spy) >= 1
     for a, b in zip(expected, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_casts_as_torch_does(spy):
+    """Inside torch.autocast, float32 inputs (and a float mask) are cast to its dtype as torch casts
+    them for its SDPA, through every entry point; the answer matches torch's there."""
+    q, k, v = (t.detach() for t in (randn(2, 2, LQ, D), randn(2, 2, LK, D), randn(2, 2, LK, D)))
+    bias = torch.randn(2, 1, LQ, LK)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        results = [fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+                   fused_attn.scaled_dot_product_attention(q.bfloat16(), k, v, attn_mask=bias),  # mixed, as torch
+                   fused_attn.attention(q, k, v, attn_mask=bias)]
+        with fused_attn.patch_sdpa():
+            results.append(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    assert len(spy) == 3  # the SDPA entry points all reached fused_attn
+    assert expected.dtype == torch.bfloat16
+    for result in results:
+        assert result.dtype == torch.bfloat16
+        torch.testing.assert_close(result, expected, rtol=2e-2, atol=2e-2)
+    assert fused_attn.attention(q, k, v).dtype == torch.float32  # outside: as given
