@@ -6,6 +6,7 @@ Python instead of crashing, hanging or returning a silently wrong result inside 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -63,6 +64,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes=None) ->
             raise ValueError(f"{name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
 
 
+def as_number(value):
+    """A real scalar given as a NumPy number or a 0-d tensor (as torch takes them) as a Python
+    float; anything else as it is, for the checks to judge."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
+
+
 def _check_bounds(name: str, value, low: float, high: float, high_open: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise TypeError(f"{name} must be a number, got {value!r}")
@@ -105,6 +116,7 @@ def make_options(
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if causal_alignment not in CAUSAL_ALIGNMENTS:
         raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}")
+    scale, softcap, dropout_p = as_number(scale), as_number(softcap), as_number(dropout_p)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):

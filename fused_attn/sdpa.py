@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import dispatch
 from .api import attention
 from .autocast import autocast_inputs
-from .checks import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from .checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, as_number
 from .options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
@@ -92,6 +92,7 @@ def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
                                           f"got attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
         if attn_mask.dim() < 2:
             return _Refusal(IndexError, f"attn_mask must have at least 2 dimensions, got shape {tuple(attn_mask.shape)}")
+    dropout_p, scale = as_number(dropout_p), as_number(scale)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         return _Refusal(ValueError, f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if not isinstance(is_causal, bool):

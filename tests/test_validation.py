@@ -1,4 +1,5 @@
 """Bad input raises a clear exception naming the argument, before any backend runs."""
+import numpy
 import pytest
 import torch
 
@@ -77,3 +78,20 @@ def test_bad_keywords(function, keywords, error, message):
 def test_unknown_keyword_is_rejected():
     with pytest.raises(TypeError):
         fused_attn.attention(*qkv(), is_causal=True)
+
+
+@pytest.mark.parametrize("to_scalar", [numpy.float32, numpy.float64, torch.tensor], ids=["np.float32", "np.float64",
+                                                                                        "0-d tensor"])
+def test_scalars_of_numpy_and_0d_tensors(to_scalar):
+    """scale, softcap and dropout_p as NumPy numbers or 0-d tensors, as torch's SDPA takes them: the
+    same call as with Python floats (the same dropout bits under the same seed)."""
+    q, k, v = qkv()
+    keywords = dict(scale=0.5, softcap=4.0, dropout_p=0.25)
+    outputs = []
+    for convert in (float, to_scalar):
+        torch.manual_seed(3)
+        outputs.append(fused_attn.attention(q, k, v, **{name: convert(value) for name, value in keywords.items()}))
+        torch.manual_seed(3)
+        outputs.append(fused_attn.scaled_dot_product_attention(q, k, v, dropout_p=convert(0.25), scale=convert(0.5),
+                                                               enable_gqa=True))
+    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
