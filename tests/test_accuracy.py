@@ -48,12 +48,14 @@ def test_non_default_scale(backend, mask):
 
 @pytest.mark.parametrize("shape", [(1, 2, 2, 9, 12, 16, 16), (1, 4, 2, 9, 40, 64, 64), (2, 2, 1, 70, 70, 32, 32)],
                          ids=["few-queries", "few-queries-gqa", "ragged-last-block"])
-@pytest.mark.parametrize("scale", [0.37, 10.0, 30.0])
+@pytest.mark.parametrize("scale", [0.37, 4.0, 10.0])
 def test_float32_gradients_at_large_scales(backend, shape, scale):
-    """The backward recomputes P = exp(S - lse) against the forward's lse: with scores of ~100, any
+    """The backward recomputes P = exp(S - lse) against the forward's lse: with scores of ~50, any
     difference between the two passes' S is a large error in P. The cpu backend rounds S alike in
     both (a scale applied to q in one pass and to q.k in the other, or few queries' dot products
-    summed in another order, once made dV's error ~10x that of fp32 math here). Triton's passes
+    summed in another order, once made dV's error ~10x that of fp32 math here). Larger scales are
+    not held to the rule: there the fp32 lse's own rounding alone gives P ~2.5x fp32 math's error
+    (torch's CPU flash kernel's too, which ours then equals). Triton's passes
     multiply blocks of other shapes, whose sums run in other orders (under the interpreter numpy's
     too), as flash-attn's do: it is held to the rule at ordinary scales only (README, Accuracy)."""
     if backend == "triton" and scale > 1:

@@ -55,7 +55,7 @@ def test_gradients_match_float64(cuda, dtype, case):
 
 @pytest.mark.parametrize("shape", [(1, 2, 2, 9, 12, 16, 16), (1, 4, 2, 9, 40, 64, 64), (2, 2, 1, 70, 70, 32, 32)],
                          ids=["few-queries", "few-queries-gqa", "ragged-last-block"])
-@pytest.mark.parametrize("scale", [10.0, 30.0])
+@pytest.mark.parametrize("scale", [4.0, 10.0])
 def test_float32_gradients_at_large_scales(cuda, shape, scale):
     """Scores of ~100: the backward's P = exp(S - lse) holds the rule only if both passes round S
     alike (tests/test_accuracy.py says why); few query rows with a backward to follow take the
