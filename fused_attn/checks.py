@@ -67,6 +67,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes=None) ->
 def as_number(value):
     """A real scalar given as a NumPy number or a 0-d tensor (as torch takes them) as a Python
     float; anything else as it is, for the checks to judge."""
+    if value is None or type(value) in (float, int, bool):  # the common case, at once
+        return value
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
         return float(value.item())
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):

@@ -114,7 +114,7 @@ def attention_with_kvcache(
         raise ValueError(f"dropout_p must be 0 for KV-cache attention (inference only), got {dropout_p!r}")
     opts = make_options(q, causal=causal, causal_alignment="bottom_right", scale=scale, window=window,
                         softcap=softcap, dropout_p=0.0, deterministic=False,
-                        reach=q.shape[1] + k_cache.shape[1] * (1 if block_table is None else block_table.shape[1]))
+                        reach=q.shape[1] + _capacity(k_cache, block_table))
     check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2], q.device)
     new_tokens = 0 if k is None else k.shape[1]
     _check_capacity(seqlens, new_tokens, k_cache, block_table, host_lengths)
@@ -203,6 +203,11 @@ def _host_checks_skipped(device: torch.device) -> bool:
 _SMALL_TABLE = 4096
 
 
+def _capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
+    """How many keys a sequence's cache holds: a contiguous cache's length, or its pages' worth."""
+    return k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+
+
 def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor],
                     host_lengths: Optional[list[int]] = None) -> None:
     """Every sequence must fit its cache; pages must exist. One device-to-host transfer (a sync on
@@ -210,8 +215,7 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
     (host_lengths) and so is what else is checked (a contiguous cache, or a block table on the CPU)."""
     if _host_checks_skipped(seqlens.device) or seqlens.numel() == 0:  # (a batch of 0: nothing to check)
         return
-    page_size = k_cache.shape[1]
-    capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
+    page_size, capacity = k_cache.shape[1], _capacity(k_cache, block_table)
     # One device-to-host transfer for every check: this runs once per decoding step.
     if block_table is None:
         # B ints: cheaper than reducing them on the device first

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .backends import get_backend
+from .backends.base import needs_backward
 from .layout import attention_outputs, gradient_like
 from .options import AttentionOptions, AttentionTensors
 
@@ -220,12 +221,12 @@ def needs_the_op(tensors) -> bool:
 
 
 def _wants_gradient(tensors) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
+    return torch.is_grad_enabled() and needs_backward(*tensors)
+
+
+def under_func_transform() -> bool:
+    """Inside torch.func transforms (grad, vjp, vmap...), not while torch.compile traces them."""
+    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
 
 
 def attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], extras: AttentionTensors,
@@ -235,7 +236,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], e
     straight to the backend with extras and opts as they are (a small call's time is mostly such
     glue). extras holds attn_mask already split into mask or bias; the op takes attn_mask itself."""
     tensors = (q, k, v, attn_mask, extras.alibi_slopes, extras.dropout_seed, extras.cu_seqlens_q, extras.cu_seqlens_k)
-    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+    if under_func_transform():
         return _TransformableAttention.apply(*tensors, *opts, backend)
     if needs_the_op(tensors):
         return attention_forward(*tensors, *opts, backend)

@@ -22,6 +22,7 @@ from . import dispatch
 from .api import attention
 from .autocast import autocast_inputs
 from .checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, as_number
+from .ops import under_func_transform
 from .options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
@@ -252,16 +253,12 @@ def _unsupported_reason(plan: _Plan) -> Optional[str]:
     return "no fused_attn backend can serve it"
 
 
-def _under_func_transform() -> bool:
-    """Inside torch.func transforms: fused_attn serves grad, vjp, jacrev and vmap but no second
-    derivative (nested grad, hessian), which torch's function gives: patched code keeps it there."""
-    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
-
-
 def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
     query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if isinstance(plan, _Refusal) or _unsupported_reason(plan) is not None or _under_func_transform():
+    # Inside torch.func transforms too: fused_attn serves grad, vjp, jacrev and vmap but no second
+    # derivative (nested grad, hessian), which torch's function gives.
+    if isinstance(plan, _Refusal) or _unsupported_reason(plan) is not None or under_func_transform():
         # What was there before enable() (torch's function) serves it, or raises its own error.
         fallback = _replaced if _replaced is not None else _TORCH_SDPA
         return fallback(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)

@@ -216,8 +216,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 def _check_mask_shapes(attn_mask, key_padding_mask, query, key, batch_first, num_heads) -> None:
     """torch's shape rules for the masks (with its messages), before they are viewed as
     (N, H, L, S): a mask of the wrong shape but the right size must not be silently reinterpreted."""
-    batch, seqlen_q, seqlen_k = query.shape[0 if batch_first else 1], query.shape[1 if batch_first else 0], \
-        key.shape[1 if batch_first else 0]
+    batch_dim, sequence_dim = (0, 1) if batch_first else (1, 0)
+    batch, seqlen_q, seqlen_k = query.shape[batch_dim], query.shape[sequence_dim], key.shape[sequence_dim]
     if attn_mask is not None:
         if attn_mask.dim() == 2 and tuple(attn_mask.shape) != (seqlen_q, seqlen_k):
             raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
