@@ -11,7 +11,7 @@ Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
     fused_attn paged      the same data in a paged cache (pages of 256, shuffled across the pool)
     fused_attn op only    the backend's kernel call on the contiguous cache, without the Python
                           checks and the backend choice (private API, Backend.kvcache_forward)
-    fused_attn unchecked  (CUDA only) the contiguous call with FUSED_ATTN_KVCACHE_CHECKS=0: no
+    fused_attn unchecked  (CUDA only) the contiguous call with FUSED_ATTN_HOST_CHECKS=0: no
                           host check of the lengths, so no sync per call
     fused_attn step       a whole decoding step: the cache holds L - 1 tokens, and the call writes
                           the new token's k and v (k=, v=) at position L - 1 and attends to all L
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 import fused_attn
 from benchmarks import common
+from fused_attn import host_checks
 from fused_attn.backends import get_backend
-from fused_attn.kvcache import CHECKS_VARIABLE
 from fused_attn.options import AttentionOptions
 
 SUITE = "decode"
@@ -108,11 +108,11 @@ def providers(on_cuda: bool, Hkv: int, Hq: int):
 
     def contig_unchecked(s, seqlens):
         # the environment variable set around the call (~2 us of the row's time)
-        os.environ[CHECKS_VARIABLE] = "0"
+        os.environ[host_checks.VARIABLE] = "0"
         try:
             return contig(s, seqlens)
         finally:
-            del os.environ[CHECKS_VARIABLE]
+            del os.environ[host_checks.VARIABLE]
 
     def dense(s, seqlens):
         q, k, v = s["q"].transpose(1, 2), s["kc"].transpose(1, 2), s["vc"].transpose(1, 2)

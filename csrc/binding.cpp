@@ -587,11 +587,14 @@ Call cuda_call_of(const Tensor& q, const Tensor& k, const Tensor& v, FUSED_ATTN_
   return call;
 }
 
-// Where the kernels find the packed sequences (params.h, Packed); none for a dense call.
-cuda::Packed cuda_packed(const Call& call) {
+// Where the kernels find the packed sequences (params.h, Packed) of q (total_q, Hq, D) and k
+// (total_k, Hkv, D); none for a dense call.
+cuda::Packed cuda_packed(const Call& call, const Tensor& q, const Tensor& k) {
   cuda::Packed packed;
   packed.cu_seqlens_q = call.p.cu_seqlens_q;
   packed.cu_seqlens_k = call.p.cu_seqlens_k;
+  packed.total_q = q.size(0);
+  packed.total_k = k.size(0);
   packed.bottom_right = call.p.variants.bottom_right;
   return packed;
 }
@@ -609,7 +612,7 @@ void cuda_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   const c10::DeviceGuard guard(q.device());
   const cuda::ForwardParams params{cuda_problem(call, dropout_seed), strided(q), strided(k),
                                    strided(v), strided(out), row_values(lse), {},
-                                   cuda_packed(call)};
+                                   cuda_packed(call, q, k)};
   const cudaError_t error = cuda::launch_forward(params, stream_of(stream));
   TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA forward failed to launch: ", cudaGetErrorString(error));
 }
@@ -646,7 +649,7 @@ void cuda_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, cons
                               strided(dv), row_values(lse_c), row_values(dlse_c),
                               row_values(delta)};
   if (dbias) params.dbias = strided(*dbias);
-  params.packed = cuda_packed(call);
+  params.packed = cuda_packed(call, q, k);
   const cudaError_t error = cuda::launch_backward(params, stream_of(stream));
   TORCH_CHECK(error == cudaSuccess, "fused_attn_native: the CUDA backward failed to launch: ", cudaGetErrorString(error));
 }
@@ -696,6 +699,7 @@ void cuda_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& 
     cache.page_table = table.data_ptr<int32_t>();
     cache.table_stride = table.stride(0);
     cache.page_size = page_size;
+    cache.num_pages = k_cache.size(0);
   } else {
     TORCH_CHECK(k_cache.size(0) == B, "fused_attn_native: a contiguous cache must have B = ", B, " rows, got ", k_cache.size(0));
   }

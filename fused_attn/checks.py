@@ -10,6 +10,7 @@ import numbers
 
 import torch
 
+from . import host_checks
 from .options import CAUSAL_ALIGNMENTS, AttentionOptions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -191,8 +192,8 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
     """cu_seqlens: int32 (B + 1,), starting at 0, non-decreasing, ending within the packed tensor;
     max_seqlen: an int at least the longest sequence.
 
-    The content checks read the tensor on the host; under torch.compile tracing they are skipped
-    (they would break the graph), so compiled code must pass valid boundaries.
+    The content checks read the tensor on the host, when and as often as host_checks.py says:
+    not while torch.compile traces or a CUDA graph is captured, once per GPU tensor and version.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -206,9 +207,10 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} must be on q's device {device}, got {cu_seqlens.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    if torch.compiler.is_compiling():
+    facts = ("cu_seqlens", total, max_seqlen)
+    if host_checks.skipped(device) or host_checks.passed_before(facts, cu_seqlens):
         return
-    bounds = cu_seqlens.tolist()
+    bounds = host_checks.read(cu_seqlens)
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     if bounds[0] != 0:
         raise ValueError(f"{name} must start at 0, got {bounds[0]}")
@@ -218,3 +220,4 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} ends at {bounds[-1]}, past the {total} packed tokens")
     if max(lengths) > max_seqlen:
         raise ValueError(f"{max_name} ({max_seqlen}) is shorter than the longest sequence ({max(lengths)})")
+    host_checks.remember_passed(facts, cu_seqlens)

@@ -1,11 +1,11 @@
 """fused_attn.attention_with_kvcache: decoding against a contiguous or paged KV cache."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
 
+from . import host_checks
 from .backends import get_backend
 from .backends.base import append_by_indexing
 from .checks import check_alibi_slopes, check_qkv, make_options
@@ -97,11 +97,13 @@ def attention_with_kvcache(
         out (B, Lq, Hq, Dv) in q's dtype; with return_lse also lse (B, Hq, Lq) float32 (float64
         for float64 input).
 
-    The lengths and pages are checked on the host, one device-to-host transfer per call (a sync on
-    GPUs; none when cache_seqlens is an int and the cache contiguous); not while torch.compile
-    traces or a CUDA graph is captured, nor for GPU tensors with FUSED_ATTN_KVCACHE_CHECKS=0 (no
-    sync per step): there they must be valid (the triton kernels clamp lengths and pages into
-    the cache; the cuda ones lengths only).
+    The lengths and pages are checked on the host, one device-to-host transfer (a sync on GPUs;
+    none when cache_seqlens is an int and the cache contiguous), once per GPU tensor and version
+    (the first layer of a step; tensors made under torch.inference_mode, every call); not while
+    torch.compile traces or a CUDA graph is captured, nor for GPU tensors with
+    FUSED_ATTN_HOST_CHECKS=0 (no sync): there they must be valid (the kernels clamp lengths into
+    the cache, and never write new tokens outside it; the triton ones clamp the pages they read
+    too, the cuda ones do not). See fused_attn/host_checks.py.
     Long caches are split across programs (split-KV) automatically where a call has too few
     (sequence, key/value head) pairs to fill the GPU or the CPU's cores. The query rows of a GQA
     group share one program (or CPU task), so each cached key is read once per key/value head.
@@ -184,21 +186,6 @@ def _check_cache_seqlens(cache_seqlens, q) -> tuple[Tensor, Optional[list[int]]]
     return cache_seqlens.contiguous(), None  # the kernels read it as a plain array
 
 
-# Set to 0, the length and page checks of GPU calls are skipped: no sync per decoding step, which
-# lets the host run ahead of the GPU, and the kernels then trust the lengths and pages as given.
-CHECKS_VARIABLE = "FUSED_ATTN_KVCACHE_CHECKS"
-
-
-def _host_checks_skipped(device: torch.device) -> bool:
-    """The length and page checks read device values on the host: not while torch.compile traces
-    (a graph break), nor on GPUs while a CUDA graph is captured (a sync is an error there) or
-    where CHECKS_VARIABLE turns them off."""
-    if torch.compiler.is_compiling():
-        return True
-    return device.type == "cuda" and (torch.cuda.is_current_stream_capturing()
-                                      or os.environ.get(CHECKS_VARIABLE) == "0")
-
-
 # Block tables up to this many entries are checked in Python on the host (_check_capacity).
 _SMALL_TABLE = 4096
 
@@ -211,19 +198,25 @@ def _capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
 def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor],
                     host_lengths: Optional[list[int]] = None) -> None:
     """Every sequence must fit its cache; pages must exist. One device-to-host transfer (a sync on
-    GPUs), skipped where _host_checks_skipped says so; none when the lengths are known on the host
-    (host_lengths) and so is what else is checked (a contiguous cache, or a block table on the CPU)."""
-    if _host_checks_skipped(seqlens.device) or seqlens.numel() == 0:  # (a batch of 0: nothing to check)
+    GPUs), when and as often as host_checks.py says (once per step for a model's layers); none
+    when the lengths are known on the host (host_lengths) and so is what else is checked (a
+    contiguous cache, or a block table on the CPU)."""
+    if host_checks.skipped(seqlens.device) or seqlens.numel() == 0:  # (a batch of 0: nothing to check)
         return
     page_size, capacity = k_cache.shape[1], _capacity(k_cache, block_table)
-    # One device-to-host transfer for every check: this runs once per decoding step.
+    facts = ("kvcache", new_tokens, page_size, capacity, k_cache.shape[0],
+             None if host_lengths is None else tuple(host_lengths))
+    checked = (seqlens if host_lengths is None else None, block_table)
+    if host_checks.passed_before(facts, *checked):
+        return
+    # One device-to-host transfer for every check.
     if block_table is None:
         # B ints: cheaper than reducing them on the device first
-        lengths = seqlens.tolist() if host_lengths is None else host_lengths
+        lengths = host_checks.read(seqlens) if host_lengths is None else host_lengths
         shortest, longest, page_range = min(lengths), max(lengths) + new_tokens, ()
     elif block_table.device.type == "cpu" and block_table.numel() <= _SMALL_TABLE:
         # A small table on the host: Python over its rows beats ten small tensor ops (~40 us).
-        lengths = seqlens.tolist() if host_lengths is None else host_lengths
+        lengths = host_checks.read(seqlens) if host_lengths is None else host_lengths
         shortest, longest = min(lengths), max(lengths) + new_tokens
         rows = block_table.tolist()
         needed = [page for row, n in zip(rows, lengths) for page in row[:-(-(n + new_tokens) // page_size)]]
@@ -233,9 +226,9 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
         used = -(-lengths // page_size)  # pages each sequence needs
         needed = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]
         pages = block_table.long()
-        facts = [seqlens.min().long(), lengths.max(), torch.where(needed, pages, 0).min(),
+        found = [seqlens.min().long(), lengths.max(), torch.where(needed, pages, 0).min(),
                  torch.where(needed, pages, -1).max()]
-        shortest, longest, *page_range = torch.stack(facts).tolist()
+        shortest, longest, *page_range = host_checks.read(torch.stack(found))
     if shortest < 0:
         raise ValueError("cache_seqlens must be >= 0")
     if longest > capacity:
@@ -245,3 +238,4 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
                          "cache_seqlens + new tokens use")
     if page_range and page_range[1] >= k_cache.shape[0]:
         raise ValueError(f"block_table points past the {k_cache.shape[0]} pages of k_cache")
+    host_checks.remember_passed(facts, *checked)

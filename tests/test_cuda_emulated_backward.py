@@ -228,3 +228,10 @@ def test_tiles_the_mask_hides_are_skipped(cuda, dtype):
     q[:, 1] = dout[:, 1] = float("nan")
     for name, a, b in zip(("dq", "dk", "dv"), clean, gradients(q, k, v, dout)):
         assert torch.equal(a, b), name
+
+
+def test_varlen_unchecked_boundaries_stay_inside_the_tensors(emulated, monkeypatch):
+    """tests/test_varlen.py's check of the kernels' clamps of unchecked cu_seqlens, on the emulator
+    (the sanitized run, make test-sanitized, reports any access outside the tensors)."""
+    monkeypatch.setattr(varlen_tests, "DEVICE", CPU)
+    varlen_tests.test_unchecked_boundaries_stay_inside_the_tensors(monkeypatch, emulated.name)

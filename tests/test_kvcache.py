@@ -233,24 +233,6 @@ def test_kvcache_rejects_inputs_that_require_grad():
         fused_attn.attention_with_kvcache(q.requires_grad_(), k_cache, v_cache, 5)
 
 
-def test_host_checks_are_skipped_only_where_a_sync_is_impossible(monkeypatch):
-    """Capturing a CUDA graph forbids the checks' device-to-host transfer, so they are skipped
-    there (and while torch.compile traces), and for GPU calls where FUSED_ATTN_KVCACHE_CHECKS=0
-    asks; everywhere else they run."""
-    from fused_attn import kvcache
-
-    assert not kvcache._host_checks_skipped(torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert not kvcache._host_checks_skipped(torch.device("cuda"))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert kvcache._host_checks_skipped(torch.device("cuda"))
-    assert not kvcache._host_checks_skipped(torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setenv(kvcache.CHECKS_VARIABLE, "0")  # turned off by the user: GPU calls only
-    assert kvcache._host_checks_skipped(torch.device("cuda"))
-    assert not kvcache._host_checks_skipped(torch.device("cpu"))
-
-
 def test_lengths_known_on_the_host_are_not_read_back():
     """An int cache_seqlens is checked as it is: the device copy of the lengths is not read back
     (a sync on GPUs). A meta tensor stands for it here: reading it would raise."""
@@ -330,14 +312,14 @@ def test_few_query_rows_take_the_decoding_kernel(monkeypatch, backend, dtype, se
 @pytest.mark.parametrize("backend, paged", [(name, paged) for name in KVCACHE_GPU_BACKENDS if name in BACKENDS
                                              for paged in (False, True) if not (name == "cuda" and paged)])
 def test_unchecked_lengths_and_pages_stay_inside_the_cache(monkeypatch, backend, paged):
-    """With the host checks off (FUSED_ATTN_KVCACHE_CHECKS=0, CUDA graphs) the kernels clamp what
+    """With the host checks off (FUSED_ATTN_HOST_CHECKS=0, CUDA graphs) the kernels clamp what
     they are given: a length past the cache (of the last sequence, whose cache ends the tensor) or
     below 0, and pages outside it, are never read or written past the cache (the interpreter's
     bounds checks and the sanitized emulator would say); a valid sequence of the same call is
     unaffected."""
-    from fused_attn import kvcache
+    from fused_attn import host_checks
 
-    monkeypatch.setattr(kvcache, "_host_checks_skipped", lambda device: True)
+    monkeypatch.setattr(host_checks, "skipped", lambda device: True)
     k_cache, v_cache = make_cache(torch.float32)
     caches, table = (k_cache.clone(), v_cache.clone()), None
     if paged:

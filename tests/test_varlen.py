@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, VARLEN_BACKENDS
 from oracle import assert_accurate, naive_attention
 
 import fused_attn
@@ -156,3 +156,33 @@ def test_varlen_rows_after_the_last_sequence(varlen_backend):
     exact = fused_attn.varlen_attention(q[:-extra_q], k[:-extra_k], v[:-extra_k], cu_q, cu_k, max(LENGTHS_Q),
                                         max(LENGTHS_K), causal=True, backend=varlen_backend)
     torch.testing.assert_close(out[:-extra_q], exact, rtol=0, atol=0)
+
+
+VARLEN_GPU_BACKENDS = ("triton", "cuda")  # the backends a CUDA graph can capture, where nothing is checked
+
+
+@pytest.mark.parametrize("backend", [name for name in VARLEN_GPU_BACKENDS if name in VARLEN_BACKENDS])
+def test_unchecked_boundaries_stay_inside_the_tensors(monkeypatch, backend):
+    """Where the host checks are skipped (a CUDA graph captured, FUSED_ATTN_HOST_CHECKS=0) the
+    kernels clamp the boundaries they read into the packed tensors: a boundary below 0, one that
+    decreases and an end past the tensors are never followed outside them (the interpreter's
+    bounds checks and the sanitized emulator would say). Clamped, sequence 1 is the first rows and
+    sequence 2 the rest, and both come out as the same sequences would with valid boundaries,
+    forward and backward."""
+    from fused_attn import host_checks
+
+    monkeypatch.setattr(host_checks, "skipped", lambda device: True)
+    q, k, v = packed_inputs(torch.float32)
+    total_q, total_k = q.shape[0], k.shape[0]
+    cu_q = torch.tensor([0, -4, 5, total_q + 30], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, -1, 9, total_k + 50], dtype=torch.int32, device=DEVICE)
+    out = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, total_q, total_k, causal=True, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    valid_q, valid_k = cumulative([0, 5, total_q - 5]), cumulative([0, 9, total_k - 9])
+    expected = fused_attn.varlen_attention(q, k, v, valid_q, valid_k, total_q - 5, total_k - 9, causal=True,
+                                           backend="reference")
+    expected_grads = torch.autograd.grad((expected * dout).sum(), (q, k, v))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)

@@ -35,6 +35,7 @@ __global__ void append_kernel(ForwardParams params) {
   if (cache.page_table != nullptr) {
     page = cache.page_table[b * cache.table_stride + position / cache.page_size];
     row = position % cache.page_size;
+    if (page < 0 || page >= cache.num_pages) return;  // a page outside the cache: unchecked input
   }
   copy_token<Bits>(cache.k_new, b, i, params.k, page, row, params.p.heads_kv, params.p.head_dim);
   copy_token<Bits>(cache.v_new, b, i, params.v, page, row, params.p.heads_kv, params.p.head_dim_v);

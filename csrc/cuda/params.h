@@ -50,8 +50,9 @@ struct Problem {
 
 // Decoding against a KV cache (seqlens_k null: a dense call). Batch b sees the first
 // seqlens_k[b] (+ new_tokens) keys of its cache (int32, device; clamped to [0, capacity]: an
-// unchecked length never reads past the cache; page indices are trusted, a compare in the key
-// loop would spill at head dim 256), aligned bottom-right;
+// unchecked length never reads past the cache; page indices are trusted when read, a compare in
+// the key loop would spill at head dim 256, but new tokens are never written outside the cache),
+// aligned bottom-right;
 // Problem::seqlen_k is then the capacity. Paged caches (page_table not null) are addressed as the
 // Strided (pages, Hkv, page_size, D): key j of batch b is row j % page_size of page
 // page_table[b * table_stride + j / page_size].
@@ -61,7 +62,7 @@ struct Problem {
 struct KvCache {
   const int32_t* seqlens_k = nullptr;
   const int32_t* page_table = nullptr;
-  int64_t table_stride = 0, page_size = 0;
+  int64_t table_stride = 0, page_size = 0, num_pages = 0;
   int64_t new_tokens = 0;
   Strided k_new{nullptr, 0, 0, 0, 0}, v_new{nullptr, 0, 0, 0, 0};
 };
@@ -76,6 +77,7 @@ struct KvCache {
 struct Packed {
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0, total_k = 0;  // the packed rows, into which boundaries are clamped (scores.cuh)
   bool bottom_right = false;
 };
 

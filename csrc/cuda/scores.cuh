@@ -18,13 +18,20 @@ __device__ __forceinline__ RowValues from_row(const RowValues& r, int64_t start)
   return {r.data + start, r.batch, r.head};
 }
 
-// Where packed sequence b lies (params.h, Packed): its first rows and its lengths.
+// Where packed sequence b lies (params.h, Packed): its first rows and its lengths. The boundaries
+// are clamped into the packed rows: unchecked cu_seqlens (CUDA graphs, FUSED_ATTN_HOST_CHECKS=0)
+// are never followed out of the tensors.
 struct SequenceRows {
   int64_t q_start, k_start, seqlen_q, seqlen_k;
 };
+__device__ __forceinline__ int64_t clamped(int64_t x, int64_t low, int64_t high) {
+  return x < low ? low : (x > high ? high : x);
+}
 __device__ __forceinline__ SequenceRows sequence_rows(const Packed& packed, int b) {
-  const int64_t q_start = packed.cu_seqlens_q[b], k_start = packed.cu_seqlens_k[b];
-  return {q_start, k_start, packed.cu_seqlens_q[b + 1] - q_start, packed.cu_seqlens_k[b + 1] - k_start};
+  const int64_t q_start = clamped(packed.cu_seqlens_q[b], 0, packed.total_q);
+  const int64_t k_start = clamped(packed.cu_seqlens_k[b], 0, packed.total_k);
+  return {q_start, k_start, clamped(packed.cu_seqlens_q[b + 1], q_start, packed.total_q) - q_start,
+          clamped(packed.cu_seqlens_k[b + 1], k_start, packed.total_k) - k_start};
 }
 // Problem p restricted to one sequence of its packed batch: the sequence's own lengths and shift.
 __device__ __forceinline__ void restrict_to(Problem& p, const SequenceRows& rows, bool bottom_right) {

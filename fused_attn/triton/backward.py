@@ -378,7 +378,7 @@ def attention_backward(
     delta = new_output(lse, tuple(lse.shape), torch.float32)
     _delta_kernel[(num_blocks(problem.seqlen_q, delta_rows), problem.batch * heads_q)](
         out, dout, dlse, delta, *bhld_strides(out), *bhld_strides(dout), *row_stat_strides(dlse), *lse_strides,
-        heads_q, problem.seqlen_q, problem.cu_seqlens_q,
+        heads_q, problem.rows_q, problem.cu_seqlens_q,
         HEAD_DIM_V=head_dim_v, BLOCK_M=delta_rows, BLOCK_DV=block_dv, VARLEN=problem.varlen,
     )
 

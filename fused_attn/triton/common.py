@@ -127,7 +127,11 @@ def num_blocks(length: int, block: int) -> int:
 
 @dataclass(frozen=True)
 class ProblemShape:
-    """Batch size, (longest) sequence lengths and GQA group of a dense or packed varlen call."""
+    """Batch size, (longest) sequence lengths and GQA group of a dense or packed varlen call.
+
+    rows_q, rows_k: what the kernels get as seqlen_q and seqlen_k: a dense call's lengths, or a
+    packed call's totals, into which sequence_bounds clamps the boundaries it reads (unchecked
+    cu_seqlens, under a CUDA graph, are never followed out of the tensors)."""
 
     batch: int
     seqlen_q: int
@@ -136,19 +140,21 @@ class ProblemShape:
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
     varlen: bool
+    rows_q: int
+    rows_k: int
 
     @staticmethod
     def of(q, k, v, extras: AttentionTensors, opts: AttentionOptions) -> "ProblemShape":
         group_size = q.shape[1] // k.shape[1]
         if q.dim() == 3:
             return ProblemShape(extras.cu_seqlens_q.shape[0] - 1, opts.max_seqlen_q, opts.max_seqlen_k, group_size,
-                                extras.cu_seqlens_q, extras.cu_seqlens_k, True)
+                                extras.cu_seqlens_q, extras.cu_seqlens_k, True, q.shape[0], k.shape[0])
         # Dense calls pass q where the kernels expect cu_seqlens: VARLEN=False never reads it.
-        return ProblemShape(q.shape[0], q.shape[2], k.shape[2], group_size, q, q, False)
+        return ProblemShape(q.shape[0], q.shape[2], k.shape[2], group_size, q, q, False, q.shape[2], k.shape[2])
 
     def sequence_arguments(self) -> tuple:
         """Kernel arguments seqlen_q, seqlen_k, CuSeqQ, CuSeqK."""
-        return self.seqlen_q, self.seqlen_k, self.cu_seqlens_q, self.cu_seqlens_k
+        return self.rows_q, self.rows_k, self.cu_seqlens_q, self.cu_seqlens_k
 
 
 def feature_arguments(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors, opts: AttentionOptions):
@@ -269,14 +275,15 @@ def row_stat_strides(t: torch.Tensor) -> tuple[int, int, int]:
 @triton.jit
 def sequence_bounds(CuSeqQ, CuSeqK, batch, seqlen_q, seqlen_k, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
     """(start_q, seqlen_q, start_k, seqlen_k, shift) of one batch entry: packed sequences read their
-    bounds from cu_seqlens; shift aligns the causal diagonal (bottom-right: Lk - Lq)."""
+    bounds from cu_seqlens, clamped into the packed totals that seqlen_q and seqlen_k then hold
+    (ProblemShape.rows_q/k); shift aligns the causal diagonal (bottom-right: Lk - Lq)."""
     start_q = 0
     start_k = 0
     if VARLEN:
-        start_q = tl.load(CuSeqQ + batch)
-        seqlen_q = tl.load(CuSeqQ + batch + 1) - start_q
-        start_k = tl.load(CuSeqK + batch)
-        seqlen_k = tl.load(CuSeqK + batch + 1) - start_k
+        start_q = tl.minimum(tl.maximum(tl.load(CuSeqQ + batch), 0), seqlen_q)
+        seqlen_q = tl.minimum(tl.maximum(tl.load(CuSeqQ + batch + 1), start_q), seqlen_q) - start_q
+        start_k = tl.minimum(tl.maximum(tl.load(CuSeqK + batch), 0), seqlen_k)
+        seqlen_k = tl.minimum(tl.maximum(tl.load(CuSeqK + batch + 1), start_k), seqlen_k) - start_k
     shift = 0
     if BOTTOM_RIGHT:
         shift = seqlen_k - seqlen_q

@@ -53,7 +53,7 @@ def _decode_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
     # The tokens append_to_cache just wrote count too. Lengths and pages are clamped to the cache:
-    # unchecked ones (FUSED_ATTN_KVCACHE_CHECKS=0, CUDA graphs) must never be read past it.
+    # unchecked ones (FUSED_ATTN_HOST_CHECKS=0, CUDA graphs) must never be read past it.
     seqlen_k = tl.minimum(tl.maximum(tl.load(CacheSeqlens + batch) + new_tokens, 0), capacity)
     shift = seqlen_k - seqlen_q  # the cache convention: the last query sees the whole cache
 

@@ -1,0 +1,70 @@
+"""Checks of tensor contents (varlen's cu_seqlens, a KV cache's lengths and pages): when they run.
+
+Reading a GPU tensor's values on the host waits for all queued GPU work (a sync), so that the host
+can no longer run ahead of the GPU; while a CUDA graph is captured a sync is an error, and while
+torch.compile traces it breaks the graph. So these checks:
+  * are skipped while torch.compile traces or a CUDA graph is captured, and for GPU tensors when
+    FUSED_ATTN_HOST_CHECKS=0 (the kernels then clamp what they read into the tensors: never out
+    of bounds, but invalid lengths give wrong rows);
+  * run once per GPU tensor and version: the layers of a model pass one cu_seqlens, cache_seqlens
+    or block_table each step, and only the first call of the step reads it. Any in-place change
+    made through torch (``cache_seqlens += 1``, ``table[b, i] = page``) bumps the tensor's version
+    counter, and the next call checks it again. Writes that bypass torch (a custom kernel's, or
+    through ``.data``) are not seen: pass a new tensor after such writes. Tensors made under
+    torch.inference_mode have no version counter, so they are checked on every call.
+CPU tensors are read without a sync and checked on every call.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+
+VARIABLE = "FUSED_ATTN_HOST_CHECKS"
+
+
+def skipped(device: torch.device) -> bool:
+    """Whether checks reading values on `device` are skipped (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and (torch.cuda.is_current_stream_capturing() or os.environ.get(VARIABLE) == "0")
+
+
+def read(t: torch.Tensor) -> list:
+    """t's values on the host (a sync for a GPU tensor): the one place the checks read them."""
+    return t.tolist()
+
+
+# check facts + ids of the checked tensors -> weak references to them and their versions then.
+_passed: dict[tuple, tuple] = {}
+_MAX_REMEMBERED = 64
+
+
+def _remembered(tensors) -> bool:
+    """Whether a check of these tensors is remembered: where reading their values costs a sync,
+    and each has a version counter (tensors made under torch.inference_mode have none)."""
+    present = [t for t in tensors if t is not None]
+    return any(t.device.type != "cpu" for t in present) and not any(t.is_inference() for t in present)
+
+
+def passed_before(facts: tuple, *tensors) -> bool:
+    """Whether the same tensors (None allowed), unchanged since, passed the check described by
+    `facts` (what else it depended on: totals, capacities...) on this device."""
+    if not _remembered(tensors):
+        return False
+    entry = _passed.get((facts, *map(id, tensors)))
+    if entry is None:
+        return False
+    return all((t is None and ref is None) or (ref is not None and ref() is t and t._version == version)
+               for t, (ref, version) in zip(tensors, entry))
+
+
+def remember_passed(facts: tuple, *tensors) -> None:
+    """Record that `tensors` (None allowed) passed the check described by `facts`."""
+    if not _remembered(tensors):
+        return
+    if len(_passed) >= _MAX_REMEMBERED:
+        _passed.clear()
+    _passed[(facts, *map(id, tensors))] = tuple((None, 0) if t is None else (weakref.ref(t), t._version)
+                                               for t in tensors)
