@@ -44,8 +44,13 @@ _MAX_REMEMBERED = 64
 def _remembered(tensors) -> bool:
     """Whether a check of these tensors is remembered: where reading their values costs a sync,
     and each has a version counter (tensors made under torch.inference_mode have none)."""
-    present = [t for t in tensors if t is not None]
-    return any(t.device.type != "cpu" for t in present) and not any(t.is_inference() for t in present)
+    on_gpu = False
+    for t in tensors:  # (a plain loop: this runs on every call)
+        if t is not None:
+            if t.is_inference():
+                return False
+            on_gpu = on_gpu or t.device.type != "cpu"
+    return on_gpu
 
 
 def passed_before(facts: tuple, *tensors) -> bool:
