@@ -235,3 +235,10 @@ def test_varlen_unchecked_boundaries_stay_inside_the_tensors(emulated, monkeypat
     (the sanitized run, make test-sanitized, reports any access outside the tensors)."""
     monkeypatch.setattr(varlen_tests, "DEVICE", CPU)
     varlen_tests.test_unchecked_boundaries_stay_inside_the_tensors(monkeypatch, emulated.name)
+
+
+def test_varlen_generous_max_seqlen(emulated, monkeypatch):
+    """A max_seqlen above the packed total (the cuda op takes at most the total) gives the exact
+    longest's result (tests/test_varlen.py)."""
+    monkeypatch.setattr(varlen_tests, "DEVICE", CPU)
+    varlen_tests.test_generous_max_seqlen(emulated.name)

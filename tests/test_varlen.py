@@ -186,3 +186,17 @@ def test_unchecked_boundaries_stay_inside_the_tensors(monkeypatch, backend):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_generous_max_seqlen(varlen_backend):
+    """max_seqlen may be any bound at least the longest sequence (flash-attn's callers often pass
+    the model's context length): the same result as the exact longest, forward and backward."""
+    q, k, v = packed_inputs(torch.float32)
+    cu_q, cu_k = cumulative(LENGTHS_Q), cumulative(LENGTHS_K)
+    dout = torch.randn(q.shape[0], HQ, DV, device=DEVICE)
+    results = []
+    for max_q, max_k in ((max(LENGTHS_Q), max(LENGTHS_K)), (4096, 100_000)):
+        out = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, backend=varlen_backend)
+        results.append((out, *torch.autograd.grad((out * dout).sum(), (q, k, v))))
+    for exact, generous in zip(*results):
+        torch.testing.assert_close(generous, exact, rtol=0, atol=0)
