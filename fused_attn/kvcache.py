@@ -1,6 +1,7 @@
 """fused_attn.attention_with_kvcache: decoding against a contiguous or paged KV cache."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -30,9 +31,9 @@ def _kvcache_forward_impl(
 def _eager_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, k, v,
                            opts: AttentionOptions, backend: str) -> tuple[Tensor, Tensor]:
     """New tokens appended, then _kvcache_forward, with the options already built: the op where
-    needs_the_op says so (the append then is indexed writes that torch.compile can trace), else
-    the backend directly, which may fuse the append (the op's dispatch costs more than a small
-    decoding step)."""
+    needs_the_op says so (the append then is indexed writes that torch.compile and torch.jit.trace
+    record, so a traced module writes the caches in place too), else the backend directly, which
+    may fuse the append (the op's dispatch costs more than a small decoding step)."""
     inputs = (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes)
     if q.numel() == 0:  # no query rows (B, Lq or Hq is 0): the new tokens are still written
         if k is not None:
@@ -104,6 +105,9 @@ def attention_with_kvcache(
     FUSED_ATTN_HOST_CHECKS=0 (no sync): there they must be valid (the kernels clamp lengths into
     the cache, and never write new tokens outside it; the triton ones clamp the pages they read
     too, the cuda ones do not). See fused_attn/host_checks.py.
+    torch.jit.trace records the append and the attention, so a traced module writes the caches in
+    place as eager calls do; the host checks run while tracing, not in the traced module, and an
+    int cache_seqlens becomes a constant of the trace (with a TracerWarning): pass a tensor.
     Long caches are split across programs (split-KV) automatically where a call has too few
     (sequence, key/value head) pairs to fill the GPU or the CPU's cores. The query rows of a GQA
     group share one program (or CPU task), so each cached key is read once per key/value head.
@@ -177,6 +181,10 @@ def _check_cache_seqlens(cache_seqlens, q) -> tuple[Tensor, Optional[list[int]]]
     known there without a transfer (an int was given), else None."""
     batch = q.shape[0]
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if torch.jit.is_tracing():  # not a tensor, so not an input of the trace: it would be replayed
+            warnings.warn(f"torch.jit.trace records cache_seqlens={cache_seqlens} as a constant: the traced module "
+                          "reads that many cached tokens on every call; pass an int32 tensor to trace the lengths",
+                          torch.jit.TracerWarning, stacklevel=3)
         return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device), [cache_seqlens] * batch
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},)")

@@ -5,10 +5,11 @@ so torch.compile traces them without graph breaks, and the backward is itself an
 graphs keep it opaque too. The backend is chosen in Python before the op is called and travels
 as a string argument; the op only runs it.
 
-`attention_op` is what the public functions call: the op while torch.compile or torch.export
-traces, or for tensor subclasses; in plain eager calls, an autograd.Function running the same
-two implementations. torch.library's autograd wrapper costs ~250 us a call on torch 2.13 (it
-rebuilds the schema's argument list once per argument), more than a whole small attention.
+`attention_op` is what the public functions call: the op while torch.compile, torch.export or
+torch.jit.trace traces, or for tensor subclasses; in plain eager calls, an autograd.Function
+running the same two implementations. torch.library's autograd wrapper costs ~250 us a call on
+torch 2.13 (it rebuilds the schema's argument list once per argument), more than a whole small
+attention.
 """
 from __future__ import annotations
 
@@ -209,10 +210,16 @@ _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 def needs_the_op(tensors) -> bool:
     """Whether a call with these tensor arguments (None where absent) must go through the registered
-    op rather than its implementation: while torch.compile or torch.export traces, under torch.func
-    transforms, or for tensor subclasses (fake, functional, DTensor...), which only the op's
-    registrations handle. Runs on every call: kept to a plain loop over the tensors."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    op rather than its implementation: while torch.compile, torch.export or torch.jit.trace traces,
+    under torch.func transforms, or for tensor subclasses (fake, functional, DTensor...), which only
+    the op's registrations handle. torch.jit.trace must record the op as one node (whose autograd
+    formula then serves the traced module's backward): the implementation's own steps would be
+    recorded instead (values read on the host baked in as constants, triton launches failing on
+    traced sizes), and with a gradient wanted an autograd.Function node, which trace's check,
+    re-tracing under no_grad, does not reproduce. Runs on every call: kept to cheap flag reads
+    and a plain loop over the tensors."""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._get_tracing_state() is not None):
         return True
     for t in tensors:
         if t is not None and type(t) not in _PLAIN_TENSORS:

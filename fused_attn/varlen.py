@@ -50,6 +50,10 @@ def varlen_attention(
 
     Returns:
         out (total_q, Hq, Dv) in the input dtype; with return_lse also lse (Hq, total_q) float32.
+
+    Under torch.jit.trace, max_seqlen_q and max_seqlen_k are constants of the trace (they size the
+    kernels' grids): cu_seqlens given to the traced module later must keep every sequence within
+    them, which it does not check.
     """
     q, k, v = autocast_inputs(q, k, v)
     check_packed_qkv(q, k, v)

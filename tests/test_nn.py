@@ -6,6 +6,8 @@ nn.MultiheadAttention, merging key_padding_mask with attn_mask, 2-D vs (N * H)-r
 bias_k/bias_v and zero-attention columns that must stay unmasked, the is_causal hint, kdim/vdim,
 seq-first vs batch_first layouts, unbatched inputs, state_dict compatibility, compile and export.
 """
+import io
+
 import pytest
 import torch
 
@@ -254,6 +256,74 @@ def test_export_for_inference():
     x2 = seq(L, True)
     padding2 = bool_key_padding(N, L)
     torch.testing.assert_close(program.module()(x2, padding2), module(x2, padding2), rtol=1e-6, atol=1e-6)
+
+
+# --- torch.jit.trace: the fused call must be recorded as the fused_attn::forward op ---------------
+
+def test_jit_trace_of_the_modules_forward_backward_and_save():
+    """trace's check re-traces under no_grad: the eager path, which chose an autograd.Function
+    node when gradients were wanted and the backend's insides otherwise, traced differently."""
+    module = _SelfAttention()
+    x = seq(L, True).requires_grad_()
+    traced = torch.jit.trace(module, (x, bool_key_padding(N, L)), check_trace=True)
+    assert str(traced.inlined_graph).count("fused_attn::forward") == 2
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x, padding = seq(L, True).requires_grad_(), bool_key_padding(N, L)
+    dout = torch.randn(N, H, L, E // H, device=DEVICE)
+    expected = module(x, padding)
+    expected_grads = torch.autograd.grad(expected, (x, *module.parameters()), dout)
+    for run in (traced, loaded):  # (the loaded module holds copies of the parameters)
+        out = run(x, padding)
+        assert torch.equal(out, expected)
+        grads = torch.autograd.grad(out, (x, *run.parameters()), dout)
+        assert len(grads) == len(expected_grads)
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert torch.equal(grad, expected_grad)
+
+
+def test_jit_trace_of_attention_module_draws_fresh_dropout_each_call():
+    """The dropout seed is drawn by an op of the trace, not baked in: torch.manual_seed
+    reproduces a traced call, its gradients included, as it does an eager one."""
+    module = Attention(causal=True, dropout=0.3).train()
+    q, k, v = (torch.randn(2, 2, 12, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    traced = torch.jit.trace(module, (q, k, v), check_trace=True)
+    q, k, v = (torch.randn(2, 2, 12, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    dout = torch.randn(2, 2, 12, 16, device=DEVICE)
+    torch.manual_seed(5)
+    first, second = traced(q, k, v), traced(q, k, v)
+    torch.manual_seed(5)
+    expected = module(q, k, v)
+    assert torch.equal(first, expected) and not torch.equal(first, second)
+    grads = torch.autograd.grad(first, (q, k, v), dout)
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (q, k, v), dout)):
+        assert torch.equal(grad, expected_grad)
+
+
+class _CallsSDPA(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def test_jit_trace_of_patched_sdpa_matches_torch():
+    def make_inputs():
+        q, k, v = (torch.randn(N, heads, L, 16, device=DEVICE, requires_grad=True) for heads in (4, 2, 2))
+        return q, k, v, torch.rand(N, 1, L, L, device=DEVICE) > 0.3
+
+    with fused_attn.patch_sdpa():
+        traced = torch.jit.trace(_CallsSDPA(), make_inputs(), check_trace=True)
+    assert "fused_attn::forward" in str(traced.graph)
+    q, k, v, mask = make_inputs()
+    mask[..., 0] = True  # no fully masked row: torch's math kernel gives NaN there
+    out = traced(q, k, v, mask)
+    expected = _CallsSDPA()(q, k, v, mask)  # torch's own, outside the patch
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (q, k, v), dout)):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("masks", [

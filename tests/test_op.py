@@ -211,3 +211,103 @@ def test_calls_go_through_the_op_when_traced(monkeypatch):
     assert calls == []
     compiled = torch.compile(lambda q, k, v: fused_attn.attention(q, k, v), fullgraph=True)(q, k, v)
     assert calls and torch.equal(eager, compiled)
+
+
+# --- torch.jit.trace ---------------------------------------------------------------------------
+
+class _Calls(torch.nn.Module):
+    """A module whose forward is `function`: how models reach fused_attn when they are traced."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, *tensors):
+        return self.function(*tensors)
+
+
+def trace_and_run_on_fresh_inputs(function, make_inputs):
+    """torch.jit.trace (its check included) of a module calling `function` on make_inputs(); then
+    (traced outputs, eager outputs) on fresh inputs, each call on its own copy of them."""
+    module = _Calls(function)
+    traced = torch.jit.trace(module, make_inputs(), check_trace=True)
+    inputs = make_inputs()
+    copies = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    return traced, (traced(*inputs), inputs), (module(*copies), copies)
+
+
+def assert_same_outputs_and_gradients(traced_run, eager_run):
+    """Bit for bit: the traced op runs the implementation that eager calls run."""
+    (out, inputs), (expected, copies) = traced_run, eager_run
+    assert torch.equal(out, expected)
+    dout = torch.randn_like(out)
+    leaves = [i for i, t in enumerate(inputs) if t.requires_grad]
+    grads = torch.autograd.grad(out, [inputs[i] for i in leaves], dout)
+    expected_grads = torch.autograd.grad(expected, [copies[i] for i in leaves], dout)
+    for i, a, b in zip(leaves, grads, expected_grads):
+        assert torch.equal(a, b), f"gradient of input {i}"
+
+
+def test_jit_trace_of_attention_matches_eager(variant_backend):
+    """Eager calls skip the op (attention_op); traced ones must record it, or the trace holds the
+    backend's insides (a kernel writing into outputs made outside it, host values as constants, a
+    triton launch that fails) or, with gradients wanted, an autograd.Function node that trace's
+    check, re-tracing under no_grad, does not reproduce."""
+    dtype = torch.float16 if variant_backend == "triton" and DEVICE.type == "cuda" else torch.float32
+
+    def make_inputs():
+        q, k, v = random_qkv(2, 4, 2, 13, 17, 16, 8, dtype, DEVICE, sequence_major=True, requires_grad=True)
+        return q, k, v, torch.randn(1, 4, 13, 17, dtype=dtype, device=DEVICE, requires_grad=True)
+
+    def call(q, k, v, bias):
+        return fused_attn.attention(q, k, v, attn_mask=bias, causal=True, window=(5, -1), softcap=4.0,
+                                    backend=variant_backend)
+
+    traced, *runs = trace_and_run_on_fresh_inputs(call, make_inputs)
+    assert "fused_attn::forward" in str(traced.graph)
+    assert_same_outputs_and_gradients(*runs)
+
+
+def test_jit_trace_of_varlen_attention_matches_eager(varlen_backend):
+    cu_seqlens = torch.tensor([0, 5, 14, 20], dtype=torch.int32, device=DEVICE)
+
+    def make_inputs():
+        q, k, v = (torch.randn(20, heads, 16, device=DEVICE, requires_grad=True) for heads in (4, 2, 2))
+        return q, k, v, cu_seqlens
+
+    def call(q, k, v, cu_seqlens):
+        return fused_attn.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, 9, 9, causal=True, backend=varlen_backend)
+
+    traced, *runs = trace_and_run_on_fresh_inputs(call, make_inputs)
+    assert "fused_attn::forward" in str(traced.graph)
+    assert_same_outputs_and_gradients(*runs)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_jit_trace_of_kvcache_attention_appends_like_eager(kvcache_backend, paged):
+    """The traced module writes the new tokens into the caches given to it, at the lengths given
+    to it, and attends as eager calls do (the reference backend's trace once baked the lengths)."""
+    table = torch.tensor([[3, 1, 0], [2, 5, 4]], dtype=torch.int32, device=DEVICE) if paged else None
+
+    def make_inputs():
+        cache_shape = (6, 8, 2, 16) if paged else (2, 24, 2, 16)
+        q, k_new, v_new = (torch.randn(2, 2, heads, 16, device=DEVICE) for heads in (4, 2, 2))
+        k_cache, v_cache = torch.randn(cache_shape, device=DEVICE), torch.randn(cache_shape, device=DEVICE)
+        lengths = torch.randint(0, 22, (2,), dtype=torch.int32, device=DEVICE)
+        return q, k_cache, v_cache, lengths, k_new, v_new
+
+    def call(q, k_cache, v_cache, lengths, k_new, v_new):
+        return fused_attn.attention_with_kvcache(q, k_cache, v_cache, lengths, k=k_new, v=v_new, block_table=table,
+                                                 causal=True, backend=kvcache_backend)
+
+    traced, (out, inputs), (expected, copies) = trace_and_run_on_fresh_inputs(call, make_inputs)
+    assert "fused_attn::kvcache_forward" in str(traced.graph)
+    assert torch.equal(out, expected)
+    for name, written, expected_cache in zip(("k_cache", "v_cache"), inputs[1:3], copies[1:3]):
+        assert torch.equal(written, expected_cache), name
+
+
+def test_jit_trace_warns_that_an_int_cache_length_is_a_constant():
+    q, k_cache, v_cache = torch.randn(1, 1, 2, 8), torch.randn(1, 12, 2, 8), torch.randn(1, 12, 2, 8)
+    with pytest.warns(torch.jit.TracerWarning, match="cache_seqlens=5 as a constant"):
+        torch.jit.trace(lambda q, k, v: fused_attn.attention_with_kvcache(q, k, v, 5), (q, k_cache, v_cache))
