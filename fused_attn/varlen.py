@@ -42,7 +42,8 @@ def varlen_attention(
         k: (total_k, Hkv, D); v: (total_k, Hkv, Dv). Hq a multiple of Hkv (GQA), as in `attention`.
         cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths, starting at 0. Query
             sequence b attends only to key sequence b; no work is spent on padding.
-        max_seqlen_q, max_seqlen_k: the longest query and key sequence (ints; they size the grid).
+        max_seqlen_q, max_seqlen_k: the longest query and key sequence, or any larger bound (ints;
+            they size the grid, up to the packed totals).
         Keywords: as in `fused_attn.attention` (causal alignment, window and ALiBi shifts are per
             sequence: bottom-right aligns each sequence's last query with its last key), except
             attn_mask, which packed sequences do not take. Dropout counters use the sequence's
