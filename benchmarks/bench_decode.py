@@ -6,13 +6,15 @@
 
 Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
     fused_attn contig     attention_with_kvcache on a contiguous (B, L, Hkv, D) cache (the public
-                          call: argument checks and capacity checks, which synchronize, included),
-                          dispatched as usual: the triton backend on CUDA, the cpu (C++) one on CPU
+                          call, its checks included), dispatched as usual: the triton backend on
+                          CUDA, the cpu (C++) one on CPU. Every call passes the same cache_seqlens,
+                          so on GPUs its host check (a sync) runs once, as for the layers of one
+                          decoding step (README, Host checks)
     fused_attn paged      the same data in a paged cache (pages of 256, shuffled across the pool)
     fused_attn op only    the backend's kernel call on the contiguous cache, without the Python
                           checks and the backend choice (private API, Backend.kvcache_forward)
-    fused_attn unchecked  (CUDA only) the contiguous call with FUSED_ATTN_HOST_CHECKS=0: no
-                          host check of the lengths, so no sync per call
+    fused_attn unchecked  (CUDA only) the contiguous call with FUSED_ATTN_HOST_CHECKS=0: no host
+                          check of the lengths at all (the contig row's cost of the remembered one)
     fused_attn step       a whole decoding step: the cache holds L - 1 tokens, and the call writes
                           the new token's k and v (k=, v=) at position L - 1 and attends to all L
     fused_attn dense      fused_attn.attention on (B, H, L, D) views of the contiguous cache, as a
