@@ -207,9 +207,12 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} must be on q's device {device}, got {cu_seqlens.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    facts = ("cu_seqlens", total, max_seqlen)
-    if host_checks.skipped(device) or host_checks.passed_before(facts, cu_seqlens):
-        return
+    host_checks.check_once(lambda: _check_boundaries(name, cu_seqlens, total, max_seqlen, max_name), device,
+                           ("cu_seqlens", total, max_seqlen), cu_seqlens)
+
+
+def _check_boundaries(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> None:
+    """check_cu_seqlens's checks of the values, read on the host."""
     bounds = host_checks.read(cu_seqlens)
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     if bounds[0] != 0:
@@ -220,4 +223,3 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} ends at {bounds[-1]}, past the {total} packed tokens")
     if max(lengths) > max_seqlen:
         raise ValueError(f"{max_name} ({max_seqlen}) is shorter than the longest sequence ({max(lengths)})")
-    host_checks.remember_passed(facts, cu_seqlens)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from typing import Callable
 
 import torch
 
@@ -41,6 +42,24 @@ _passed: dict[tuple, tuple] = {}
 _MAX_REMEMBERED = 64
 
 
+def check_once(check: Callable[[], None], device: torch.device, facts: tuple, *tensors) -> None:
+    """Run `check` (which reads `tensors` through `read` and raises on bad values), unless checks on
+    `device` are skipped, or the same tensors (None allowed), unchanged since, passed it with the
+    same `facts` (what else it depended on: totals, capacities...)."""
+    if skipped(device):
+        return
+    if not _remembered(tensors):
+        check()
+        return
+    key = (facts, *map(id, tensors))
+    if _unchanged(_passed.get(key), tensors):
+        return
+    check()
+    if len(_passed) >= _MAX_REMEMBERED:
+        _passed.clear()
+    _passed[key] = tuple((None, 0) if t is None else (weakref.ref(t), t._version) for t in tensors)
+
+
 def _remembered(tensors) -> bool:
     """Whether a check of these tensors is remembered: where reading their values costs a sync,
     and each has a version counter (tensors made under torch.inference_mode have none)."""
@@ -53,23 +72,8 @@ def _remembered(tensors) -> bool:
     return on_gpu
 
 
-def passed_before(facts: tuple, *tensors) -> bool:
-    """Whether the same tensors (None allowed), unchanged since, passed the check described by
-    `facts` (what else it depended on: totals, capacities...) on this device."""
-    if not _remembered(tensors):
-        return False
-    entry = _passed.get((facts, *map(id, tensors)))
-    if entry is None:
-        return False
-    return all((t is None and ref is None) or (ref is not None and ref() is t and t._version == version)
-               for t, (ref, version) in zip(tensors, entry))
-
-
-def remember_passed(facts: tuple, *tensors) -> None:
-    """Record that `tensors` (None allowed) passed the check described by `facts`."""
-    if not _remembered(tensors):
-        return
-    if len(_passed) >= _MAX_REMEMBERED:
-        _passed.clear()
-    _passed[(facts, *map(id, tensors))] = tuple((None, 0) if t is None else (weakref.ref(t), t._version)
-                                               for t in tensors)
+def _unchanged(entry, tensors) -> bool:
+    """Whether `tensors` are the very tensors of a remembered entry, at the same versions."""
+    return entry is not None and all(
+        (t is None and ref is None) or (ref is not None and ref() is t and t._version == version)
+        for t, (ref, version) in zip(tensors, entry))

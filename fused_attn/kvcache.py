@@ -209,14 +209,18 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
     GPUs), when and as often as host_checks.py says (once per step for a model's layers); none
     when the lengths are known on the host (host_lengths) and so is what else is checked (a
     contiguous cache, or a block table on the CPU)."""
-    if host_checks.skipped(seqlens.device) or seqlens.numel() == 0:  # (a batch of 0: nothing to check)
+    if seqlens.numel() == 0:  # a batch of 0: nothing to check
         return
-    page_size, capacity = k_cache.shape[1], _capacity(k_cache, block_table)
-    facts = ("kvcache", new_tokens, page_size, capacity, k_cache.shape[0],
+    facts = ("kvcache", new_tokens, k_cache.shape[:2], _capacity(k_cache, block_table),
              None if host_lengths is None else tuple(host_lengths))
-    checked = (seqlens if host_lengths is None else None, block_table)
-    if host_checks.passed_before(facts, *checked):
-        return
+    host_checks.check_once(lambda: _check_lengths_and_pages(seqlens, new_tokens, k_cache, block_table, host_lengths),
+                           seqlens.device, facts, seqlens if host_lengths is None else None, block_table)
+
+
+def _check_lengths_and_pages(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor],
+                             host_lengths: Optional[list[int]]) -> None:
+    """_check_capacity's checks of the values, read on the host."""
+    page_size, capacity = k_cache.shape[1], _capacity(k_cache, block_table)
     # One device-to-host transfer for every check.
     if block_table is None:
         # B ints: cheaper than reducing them on the device first
@@ -246,4 +250,3 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
                          "cache_seqlens + new tokens use")
     if page_range and page_range[1] >= k_cache.shape[0]:
         raise ValueError(f"block_table points past the {k_cache.shape[0]} pages of k_cache")
-    host_checks.remember_passed(facts, *checked)

@@ -43,6 +43,11 @@ class AttentionOptions(NamedTuple):
         """The shift of the diagonal: query i is aligned with key i + shift."""
         return seqlen_k - seqlen_q if self.bottom_right else 0
 
+    def longest(self, total_q: int, total_k: int) -> tuple[int, int]:
+        """max_seqlen_q and max_seqlen_k of a packed call, at most its packed totals: a caller's
+        generous bound (the context length) covers no more rows than that (they size the grids)."""
+        return min(self.max_seqlen_q, total_q), min(self.max_seqlen_k, total_k)
+
     @property
     def left(self) -> int:
         """How far left of its diagonal a query sees (-1: unbounded)."""

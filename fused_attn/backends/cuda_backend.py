@@ -101,8 +101,8 @@ class CudaBackend(Backend):
             q_, k_, v_, out_, seqlens = as_full_cache(q, k, v, out)
             self._launch_kvcache(q_, k_, v_, out_, lse, seqlens, None, extras.alibi_slopes, opts)
             return out, lse
-        self._ops().cuda_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts), *_longest(q, k, opts),
-                                 self._stream(q.device))
+        self._ops().cuda_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts),
+                                 *opts.longest(q.shape[0], k.shape[0]), self._stream(q.device))
         if q.dim() == 3:  # packed rows after the last sequence: an empty sequence's out and lse
             fill_unused_rows(out, 0, extras.cu_seqlens_q, 0.0)
             fill_unused_rows(lse, 1, extras.cu_seqlens_q, float("-inf"))
@@ -117,7 +117,7 @@ class CudaBackend(Backend):
             dbias = new_output(q, as_4d(extras.bias).shape, torch.float32)
         self._ops().cuda_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, *native.variant_args(q, k, extras, opts),
                                   None if dbias is None else dbias.expand(native.scores_shape(q, k)),
-                                  *_longest(q, k, opts), self._stream(q.device))
+                                  *opts.longest(q.shape[0], k.shape[0]), self._stream(q.device))
         if q.dim() == 3:  # packed rows after the last sequence take no part: zero gradients
             fill_unused_rows(dq, 0, extras.cu_seqlens_q, 0.0)
             for grad in (dk, dv):
@@ -157,8 +157,3 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     """The kernels read rows of the head dim as contiguous vectors; other layouts are copied."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
-
-def _longest(q: Tensor, k: Tensor, opts: AttentionOptions) -> tuple[int, int]:
-    """max_seqlen_q and max_seqlen_k of a packed call (they size the grid; 0 when dense), at most
-    the packed totals: a caller's generous bound (the context length) means no more than that."""
-    return min(opts.max_seqlen_q, q.shape[0]), min(opts.max_seqlen_k, k.shape[0])

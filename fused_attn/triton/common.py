@@ -147,10 +147,8 @@ class ProblemShape:
     def of(q, k, v, extras: AttentionTensors, opts: AttentionOptions) -> "ProblemShape":
         group_size = q.shape[1] // k.shape[1]
         if q.dim() == 3:
-            # (A caller's generous max_seqlen, the context length, needs no more blocks than the totals.)
-            return ProblemShape(extras.cu_seqlens_q.shape[0] - 1, min(opts.max_seqlen_q, q.shape[0]),
-                                min(opts.max_seqlen_k, k.shape[0]), group_size, extras.cu_seqlens_q,
-                                extras.cu_seqlens_k, True, q.shape[0], k.shape[0])
+            return ProblemShape(extras.cu_seqlens_q.shape[0] - 1, *opts.longest(q.shape[0], k.shape[0]), group_size,
+                                extras.cu_seqlens_q, extras.cu_seqlens_k, True, q.shape[0], k.shape[0])
         # Dense calls pass q where the kernels expect cu_seqlens: VARLEN=False never reads it.
         return ProblemShape(q.shape[0], q.shape[2], k.shape[2], group_size, q, q, False, q.shape[2], k.shape[2])
 
