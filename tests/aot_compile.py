@@ -43,7 +43,8 @@ KERNEL_FUNCTIONS = {"forward": _forward_kernel, "dkdv": _dkdv_kernel, "dq": _dq_
 # Bytes of shared memory a block may use on the A100 and on the H100: the candidates tuning would try there.
 SHARED_MEMORY = {80: 166912, 90: 232448}
 PLAIN = {"TMA": False, "VARLEN": False, "BOTTOM_RIGHT": False, "HAS_LEFT": False, "HAS_RIGHT": False, "SOFTCAP": False,
-         "HAS_ALIBI": False, "MASK_KIND": 0, "DROPOUT": False, "UPCAST": False, "DOT_PRECISION": "ieee", "PAGED": False}
+         "HAS_ALIBI": False, "MASK_KIND": 0, "DROPOUT": False, "UPCAST": False, "DOT_PRECISION": "ieee", "PAGED": False,
+         "INT64_OFFSETS": False}
 
 
 def signature(kernel, constexprs, data_type, mask_type):
@@ -127,6 +128,8 @@ def feature_jobs():
     everything = dict(PLAIN, BOTTOM_RIGHT=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True,
                       MASK_KIND=2, DROPOUT=True, PAGED=True)
     varlen = dict(PLAIN, VARLEN=True, HAS_RIGHT=True, DROPOUT=True)
+    # tensors whose (batch, head) slices pass 2^31 elements: int64 offsets
+    large = dict(everything, MASK_KIND=1, PAGED=False, INT64_OFFSETS=True)
     bias_dims = dict(FULL_BATCH=False, FULL_HEADS=True, FULL_ROWS=True, FULL_COLS=True)
     return [
         ("forward", _forward_kernel, dict(shapes, **PLAIN), {}),
@@ -136,16 +139,24 @@ def feature_jobs():
         ("forward+bool-mask-fp32", _forward_kernel, dict(shapes, **dict(PLAIN, MASK_KIND=1), BLOCK_M=32),
          dict(data_type="*fp32", mask_type="*u8")),
         ("forward+bool-mask", _forward_kernel, dict(shapes, **dict(everything, MASK_KIND=1)), dict(mask_type="*u8")),
-        ("delta", _delta_kernel, dict(HEAD_DIM_V=128, BLOCK_M=64, BLOCK_DV=128, VARLEN=False), {}),
+        ("forward+int64-offsets", _forward_kernel, dict(shapes, **large), dict(mask_type="*u8")),
+        ("forward+varlen+int64-offsets", _forward_kernel, dict(shapes, **dict(varlen, INT64_OFFSETS=True)), {}),
+        ("delta", _delta_kernel, dict(HEAD_DIM_V=128, BLOCK_M=64, BLOCK_DV=128, VARLEN=False, INT64_OFFSETS=False), {}),
+        ("delta+varlen+int64-offsets", _delta_kernel,
+         dict(HEAD_DIM_V=128, BLOCK_M=64, BLOCK_DV=128, VARLEN=True, INT64_OFFSETS=True), {}),
         ("dkdv", _dkdv_kernel, dict(shapes, **PLAIN), {}),
         ("dkdv+all", _dkdv_kernel, dict(shapes, **everything), {}),
         ("dkdv+all+tma", _dkdv_kernel, dict(shapes, **dict(everything, TMA=True)), {}),
         ("dkdv+bool-mask", _dkdv_kernel, dict(shapes, **dict(everything, MASK_KIND=1)), dict(mask_type="*u8")),
+        ("dkdv+int64-offsets", _dkdv_kernel, dict(shapes, **large), dict(mask_type="*u8")),
         ("dq+all", _dq_kernel, dict(shapes, **everything), {}),
         ("dq+all+tma", _dq_kernel, dict(shapes, **dict(everything, TMA=True)), {}),
         ("dq+bool-mask", _dq_kernel, dict(shapes, **dict(everything, MASK_KIND=1)), dict(mask_type="*u8")),
         ("dq+varlen", _dq_kernel, dict(shapes, **varlen), {}),
+        ("dq+int64-offsets", _dq_kernel, dict(shapes, **large), dict(mask_type="*u8")),
         ("bias-grad", _bias_grad_kernel, dict(shapes, **everything, **bias_dims), {}),
+        ("bias-grad+int64-offsets", _bias_grad_kernel, dict(shapes, **dict(everything, INT64_OFFSETS=True), **bias_dims),
+         {}),
         ("decode+all", _decode_kernel, dict(shapes, **everything), {}),
         # one split stores its rows in the output's dtype, straight into out
         ("decode-one-split", _decode_kernel, dict(shapes, **PLAIN), dict(pointer_types={"OutPartial": "*bf16"})),

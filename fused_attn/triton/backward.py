@@ -34,6 +34,7 @@ from .common import (
     load_box,
     load_tile,
     num_blocks,
+    offset_of,
     score_tile,
     streamed_operands,
     streamed_tiles,
@@ -52,6 +53,7 @@ def _delta_kernel(
     stride_glb, stride_glh, stride_glm, stride_lb, stride_lh,
     num_heads, seqlen_q, CuSeqQ,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
 ):
     """delta_i = sum_d do_id * out_id - dlse_i, in fp32, laid out like lse."""
     block_m = tl.program_id(0)
@@ -63,12 +65,12 @@ def _delta_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     inside = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
     positions = start_q + rows
-    out = tl.load(Out + batch * stride_ob + head * stride_oh + positions[:, None] * stride_om
+    out = tl.load(Out + batch * stride_ob + head * stride_oh + offset_of(positions, stride_om, INT64_OFFSETS)[:, None]
                   + offs_dv[None, :] * stride_od, mask=inside, other=0.0).to(tl.float32)
-    dout = tl.load(DOut + batch * stride_gb + head * stride_gh + positions[:, None] * stride_gm
+    dout = tl.load(DOut + batch * stride_gb + head * stride_gh + offset_of(positions, stride_gm, INT64_OFFSETS)[:, None]
                    + offs_dv[None, :] * stride_gd, mask=inside, other=0.0).to(tl.float32)
-    dlse = tl.load(DLse + batch * stride_glb + head * stride_glh + positions * stride_glm, mask=rows < seqlen_q,
-                   other=0.0)
+    dlse = tl.load(DLse + batch * stride_glb + head * stride_glh + offset_of(positions, stride_glm, INT64_OFFSETS),
+                   mask=rows < seqlen_q, other=0.0)
     tl.store(Delta + batch * stride_lb + head * stride_lh + positions, tl.sum(out * dout, 1) - dlse,
              mask=rows < seqlen_q)
 
@@ -90,7 +92,7 @@ def backward_tile(
     shift, left, right, scale, softcap,
     CHECK_WINDOW: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KEYS_AS_ROWS: tl.constexpr = False,
+    INT64_OFFSETS: tl.constexpr, KEYS_AS_ROWS: tl.constexpr = False,
 ):
     """For a tile of queries `rows` and keys `cols`: the dropped probabilities p', the score
     gradient ds (= bias gradient) and ds' (through the softcap), from q (M, D), k (N, D), v (N, Dv),
@@ -106,7 +108,7 @@ def backward_tile(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     scores, capped = score_tile(qk, q_index, k_index, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
                                 shift, left, right, scale, softcap,
-                                CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND)
+                                CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, INT64_OFFSETS)
     if KEYS_AS_ROWS:
         probs = tl.math.exp2(scores - lse[None, :])
         dprobs = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
@@ -137,7 +139,7 @@ def _dkdv_query_blocks(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, CHECK_WINDOW: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr, batch, head,
+    TMA: tl.constexpr, INT64_OFFSETS: tl.constexpr, batch, head,
 ):
     """Accumulate dk, dv of one key block over query blocks [start, stop) of one head, but those
     a bool mask hides. q_ptrs and do_ptrs point at the first block's tiles, or with TMA are Q's and
@@ -148,15 +150,15 @@ def _dkdv_query_blocks(
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
         if visible_pairs(mask_ptr, rows[:, None], cols[None, :], seqlen_q, seqlen_k, stride_mm, stride_mn,
-                         MASK_KIND) > 0:
+                         MASK_KIND, INT64_OFFSETS) > 0:
             if TMA:
                 q = load_box(q_ptrs, batch, head, start_m, UPCAST)
                 dout = load_box(do_ptrs, batch, head, start_m, UPCAST)
             else:
-                q = load_tile(q_ptrs + start_m * stride_qm, rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D,
-                              UPCAST)
-                dout = load_tile(do_ptrs + start_m * stride_gm, rows, seqlen_q, offs_dv, HEAD_DIM_V, True,
-                                 not EVEN_DV, UPCAST)
+                q = load_tile(q_ptrs + offset_of(start_m, stride_qm, INT64_OFFSETS), rows, seqlen_q, offs_d, HEAD_DIM,
+                              True, not EVEN_D, UPCAST)
+                dout = load_tile(do_ptrs + offset_of(start_m, stride_gm, INT64_OFFSETS), rows, seqlen_q, offs_dv,
+                                 HEAD_DIM_V, True, not EVEN_DV, UPCAST)
             lse, delta = load_row_stats(Lse, Delta, row_base, rows, seqlen_q)
             # (keys x queries) tiles: p'^T and ds'^T
             dropped, _, dscores = backward_tile(
@@ -164,7 +166,7 @@ def _dkdv_query_blocks(
                 mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
                 shift, left, right, scale, softcap,
                 CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION,
-                KEYS_AS_ROWS=True,
+                INT64_OFFSETS, KEYS_AS_ROWS=True,
             )
             dv += tl.dot(dropped.to(dout.dtype), dout, input_precision=DOT_PRECISION)
             dk += tl.dot(dscores.to(q.dtype), q, input_precision=DOT_PRECISION)
@@ -187,7 +189,7 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr = False,
+    INT64_OFFSETS: tl.constexpr, TMA: tl.constexpr = False,
 ):
     block_n = tl.program_id(0)
     batch_head_kv = tl.program_id(1)
@@ -204,13 +206,13 @@ def _dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    K += batch * stride_kb + head_kv * stride_kh + start_k * stride_kn
-    V += batch * stride_vb + head_kv * stride_vh + start_k * stride_vn
-    DK += batch * stride_dkb + head_kv * stride_dkh + start_k * stride_dkn
-    DV += batch * stride_dvb + head_kv * stride_dvh + start_k * stride_dvn
-    k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    K += batch * stride_kb + head_kv * stride_kh + offset_of(start_k, stride_kn, INT64_OFFSETS)
+    V += batch * stride_vb + head_kv * stride_vh + offset_of(start_k, stride_vn, INT64_OFFSETS)
+    DK += batch * stride_dkb + head_kv * stride_dkh + offset_of(start_k, stride_dkn, INT64_OFFSETS)
+    DV += batch * stride_dvb + head_kv * stride_dvh + offset_of(start_k, stride_dvn, INT64_OFFSETS)
+    k = load_tile(K + offset_of(cols, stride_kn, INT64_OFFSETS)[:, None] + offs_d[None, :] * stride_kd,
                   cols, seqlen_k, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
-    v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+    v = load_tile(V + offset_of(cols, stride_vn, INT64_OFFSETS)[:, None] + offs_dv[None, :] * stride_vd,
                   cols, seqlen_k, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
 
     # Queries that see this key block: key j is seen by rows j - shift - right .. j - shift + left,
@@ -222,10 +224,10 @@ def _dkdv_kernel(
     for member in range(0, group_size):  # every query head that shares this k/v head
         head = head_kv * group_size + member
         batch_head = batch * num_heads_kv * group_size + head
-        q_ptrs = streamed_tiles(Q, batch * stride_qb + head * stride_qh + start_q * stride_qm,
-                                offs_m, stride_qm, offs_d, stride_qd, TMA, VARLEN)
-        do_ptrs = streamed_tiles(DOut, batch * stride_gb + head * stride_gh + start_q * stride_gm,
-                                 offs_m, stride_gm, offs_dv, stride_gd, TMA, VARLEN)
+        q_base = batch * stride_qb + head * stride_qh + offset_of(start_q, stride_qm, INT64_OFFSETS)
+        do_base = batch * stride_gb + head * stride_gh + offset_of(start_q, stride_gm, INT64_OFFSETS)
+        q_ptrs = streamed_tiles(Q, q_base, offs_m, stride_qm, offs_d, stride_qd, TMA, VARLEN)
+        do_ptrs = streamed_tiles(DOut, do_base, offs_m, stride_gm, offs_dv, stride_gd, TMA, VARLEN)
         row_base = batch * stride_lb + head * stride_lh + start_q
         mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh,
                                                        Seed, batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
@@ -238,15 +240,15 @@ def _dkdv_kernel(
                 shift, left, right, scale, softcap,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, EVEN_D, EVEN_DV, stage != 1,
                 HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, UPCAST, DOT_PRECISION,
-                TMA, batch.to(tl.int32), head.to(tl.int32),
+                TMA, INT64_OFFSETS, batch.to(tl.int32), head.to(tl.int32),
             )
 
     inside_d = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     inside_dv = (cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
-    tl.store(DK + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty),
-             mask=inside_d)
-    tl.store(DV + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
-             mask=inside_dv)
+    tl.store(DK + offset_of(cols, stride_dkn, INT64_OFFSETS)[:, None] + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=inside_d)
+    tl.store(DV + offset_of(cols, stride_dvn, INT64_OFFSETS)[:, None] + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=inside_dv)
 
 
 @triton.jit
@@ -259,27 +261,28 @@ def _dq_key_blocks(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, CHECK_WINDOW: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr, batch, head_kv,
+    TMA: tl.constexpr, INT64_OFFSETS: tl.constexpr, batch, head_kv,
 ):
     """Accumulate dq of one query block over key blocks [start, stop), but those a bool mask hides.
     k_ptrs and v_ptrs point at the first block's tiles, or with TMA are K's and V's descriptors."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         if visible_pairs(mask_ptr, rows[:, None], cols[None, :], seqlen_q, seqlen_k, stride_mm, stride_mn,
-                         MASK_KIND) > 0:
+                         MASK_KIND, INT64_OFFSETS) > 0:
             if TMA:
                 k = load_box(k_ptrs, batch, head_kv, start_n, UPCAST)
                 v = load_box(v_ptrs, batch, head_kv, start_n, UPCAST)
             else:
-                k = load_tile(k_ptrs + start_n * stride_kn, cols, seqlen_k, offs_d, HEAD_DIM, CHECK_WINDOW,
-                              not EVEN_D, UPCAST)
-                v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_WINDOW,
-                              not EVEN_DV, UPCAST)
+                k = load_tile(k_ptrs + offset_of(start_n, stride_kn, INT64_OFFSETS), cols, seqlen_k, offs_d, HEAD_DIM,
+                              CHECK_WINDOW, not EVEN_D, UPCAST)
+                v = load_tile(v_ptrs + offset_of(start_n, stride_vn, INT64_OFFSETS), cols, seqlen_k, offs_dv,
+                              HEAD_DIM_V, CHECK_WINDOW, not EVEN_DV, UPCAST)
             _, _, dscores = backward_tile(
                 q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
                 mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
                 shift, left, right, scale, softcap,
                 CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION,
+                INT64_OFFSETS,
             )
             dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
@@ -300,7 +303,7 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr = False,
+    INT64_OFFSETS: tl.constexpr, TMA: tl.constexpr = False,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -318,18 +321,18 @@ def _dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    Q += batch * stride_qb + head * stride_qh + start_q * stride_qm
-    DOut += batch * stride_gb + head * stride_gh + start_q * stride_gm
-    DQ += batch * stride_dqb + head * stride_dqh + start_q * stride_dqm
-    q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    Q += batch * stride_qb + head * stride_qh + offset_of(start_q, stride_qm, INT64_OFFSETS)
+    DOut += batch * stride_gb + head * stride_gh + offset_of(start_q, stride_gm, INT64_OFFSETS)
+    DQ += batch * stride_dqb + head * stride_dqh + offset_of(start_q, stride_dqm, INT64_OFFSETS)
+    q = load_tile(Q + offset_of(rows, stride_qm, INT64_OFFSETS)[:, None] + offs_d[None, :] * stride_qd,
                   rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
-    dout = load_tile(DOut + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+    dout = load_tile(DOut + offset_of(rows, stride_gm, INT64_OFFSETS)[:, None] + offs_dv[None, :] * stride_gd,
                      rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV, UPCAST)
     lse, delta = load_row_stats(Lse, Delta, batch * stride_lb + head * stride_lh + start_q, rows, seqlen_q)
-    k_ptrs = streamed_tiles(K, batch * stride_kb + head_kv * stride_kh + start_k * stride_kn,
-                            offs_n, stride_kn, offs_d, stride_kd, TMA, VARLEN)
-    v_ptrs = streamed_tiles(V, batch * stride_vb + head_kv * stride_vh + start_k * stride_vn,
-                            offs_n, stride_vn, offs_dv, stride_vd, TMA, VARLEN)
+    k_base = batch * stride_kb + head_kv * stride_kh + offset_of(start_k, stride_kn, INT64_OFFSETS)
+    v_base = batch * stride_vb + head_kv * stride_vh + offset_of(start_k, stride_vn, INT64_OFFSETS)
+    k_ptrs = streamed_tiles(K, k_base, offs_n, stride_kn, offs_d, stride_kd, TMA, VARLEN)
+    v_ptrs = streamed_tiles(V, v_base, offs_n, stride_vn, offs_dv, stride_vd, TMA, VARLEN)
     mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed,
                                                    batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
 
@@ -345,9 +348,9 @@ def _dq_kernel(
             shift, left, right, scale, softcap,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, EVEN_D, EVEN_DV, stage != 1,
             HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, UPCAST, DOT_PRECISION,
-            TMA, batch.to(tl.int32), head_kv.to(tl.int32),
+            TMA, INT64_OFFSETS, batch.to(tl.int32), head_kv.to(tl.int32),
         )
-    tl.store(DQ + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + offset_of(rows, stride_dqm, INT64_OFFSETS)[:, None] + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty),
              mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
@@ -370,7 +373,8 @@ def attention_backward(
     problem = ProblemShape.of(q, k, v, extras, opts)
     heads_q, heads_kv, head_dim, head_dim_v = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     block_d, block_dv = head_dim_block(head_dim), head_dim_block(head_dim_v)
-    features, flags = feature_arguments(q, k, extras, opts)
+    dq, dk, dv = (gradient_like(t) for t in (q, k, v))
+    features, flags = feature_arguments(q, k, extras, opts, addressed=(v, out, dout, dq, dk, dv))
     lse_strides = row_stat_strides(lse)[:2]
 
     # Two fp32 (rows x Dv) tiles per program: 64 rows while they stay in registers.
@@ -380,9 +384,9 @@ def attention_backward(
         out, dout, dlse, delta, *bhld_strides(out), *bhld_strides(dout), *row_stat_strides(dlse), *lse_strides,
         heads_q, problem.rows_q, problem.cu_seqlens_q,
         HEAD_DIM_V=head_dim_v, BLOCK_M=delta_rows, BLOCK_DV=block_dv, VARLEN=problem.varlen,
+        INT64_OFFSETS=flags["INT64_OFFSETS"],
     )
 
-    dq, dk, dv = (gradient_like(t) for t in (q, k, v))
     strides = (*bhld_strides(q), *bhld_strides(k), *bhld_strides(v), *bhld_strides(dout))
 
     def launch_options(tiles):

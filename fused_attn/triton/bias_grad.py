@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..options import AttentionOptions, AttentionTensors
 from .backward import backward_tile, load_row_stats
-from .common import feature_arguments, head_dim_block, head_state, load_tile, num_blocks
+from .common import feature_arguments, head_dim_block, head_state, load_tile, num_blocks, offset_of
 from .tuning import ShapeClass, mask_bytes, select
 
 
@@ -34,6 +34,7 @@ def _bias_grad_kernel(
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
 ):
     """Dense inputs only (masks do not exist for packed varlen calls); lse and delta are (B, H, Lq)."""
     tile_m = tl.program_id(0)
@@ -69,25 +70,26 @@ def _bias_grad_kernel(
                                                        Seed, batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
         for start_m in range(m_start, m_stop, BLOCK_M):
             rows = start_m + offs_m
-            q = load_tile(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qm
-                          + offs_d[None, :] * stride_qd, rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
-            dout = load_tile(DOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gm
-                             + offs_dv[None, :] * stride_gd, rows, seqlen_q, offs_dv, HEAD_DIM_V, True, not EVEN_DV,
-                             UPCAST)
+            q_rows = Q + batch * stride_qb + head * stride_qh + offset_of(rows, stride_qm, INT64_OFFSETS)
+            q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, rows, seqlen_q, offs_d, HEAD_DIM, True,
+                          not EVEN_D, UPCAST)
+            dout_rows = DOut + batch * stride_gb + head * stride_gh + offset_of(rows, stride_gm, INT64_OFFSETS)
+            dout = load_tile(dout_rows[:, None] + offs_dv[None, :] * stride_gd, rows, seqlen_q, offs_dv, HEAD_DIM_V,
+                             True, not EVEN_DV, UPCAST)
             lse, delta = load_row_stats(Lse, Delta, batch_head * seqlen_q, rows, seqlen_q)
             for start_n in range(n_start, n_stop, BLOCK_N):
                 cols = start_n + offs_n
-                k = load_tile(K + batch * stride_kb + head_kv * stride_kh + cols[:, None] * stride_kn
-                              + offs_d[None, :] * stride_kd, cols, seqlen_k, offs_d, HEAD_DIM, True, not EVEN_D,
-                              UPCAST)
-                v = load_tile(V + batch * stride_vb + head_kv * stride_vh + cols[:, None] * stride_vn
-                              + offs_dv[None, :] * stride_vd, cols, seqlen_k, offs_dv, HEAD_DIM_V, True,
+                k_rows = K + batch * stride_kb + head_kv * stride_kh + offset_of(cols, stride_kn, INT64_OFFSETS)
+                k = load_tile(k_rows[:, None] + offs_d[None, :] * stride_kd, cols, seqlen_k, offs_d, HEAD_DIM, True,
+                              not EVEN_D, UPCAST)
+                v_rows = V + batch * stride_vb + head_kv * stride_vh + offset_of(cols, stride_vn, INT64_OFFSETS)
+                v = load_tile(v_rows[:, None] + offs_dv[None, :] * stride_vd, cols, seqlen_k, offs_dv, HEAD_DIM_V, True,
                               not EVEN_DV, UPCAST)
                 _, dscores, _ = backward_tile(
                     q, k, v, dout, lse, delta, rows, cols, seqlen_q, seqlen_k,
                     mask_ptr, stride_mm, stride_mn, slope, seed_lo, seed_hi, batch_head, threshold, inv_keep,
                     shift, left, right, scale, softcap,
-                    True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION,
+                    True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION, INT64_OFFSETS,
                 )
                 acc += dscores
 
@@ -95,12 +97,13 @@ def _bias_grad_kernel(
     rows = tile_m * BLOCK_M + offs_m
     cols = tile_n * BLOCK_N + offs_n
     if FULL_ROWS and FULL_COLS:
-        tl.store(base + rows[:, None] * stride_dm + cols[None, :] * stride_dn, acc,
+        tl.store(base + offset_of(rows, stride_dm, INT64_OFFSETS)[:, None]
+                 + offset_of(cols, stride_dn, INT64_OFFSETS)[None, :], acc,
                  mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
     elif FULL_COLS:
-        tl.store(base + cols * stride_dn, tl.sum(acc, 0), mask=cols < seqlen_k)
+        tl.store(base + offset_of(cols, stride_dn, INT64_OFFSETS), tl.sum(acc, 0), mask=cols < seqlen_k)
     elif FULL_ROWS:
-        tl.store(base + rows * stride_dm, tl.sum(acc, 1), mask=rows < seqlen_q)
+        tl.store(base + offset_of(rows, stride_dm, INT64_OFFSETS), tl.sum(acc, 1), mask=rows < seqlen_q)
     else:
         tl.store(base, tl.sum(tl.sum(acc, 1), 0))
 
@@ -116,7 +119,7 @@ def bias_gradient(
     bias_shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
     full = [size != 1 or total == 1 for size, total in zip(bias_shape, (batch, heads_q, seqlen_q, seqlen_k))]
     dbias = torch.empty(bias_shape, dtype=torch.float32, device=q.device)
-    features, flags = feature_arguments(q, k, extras, opts)
+    features, flags = feature_arguments(q, k, extras, opts, addressed=(v, dout, dbias))
 
     def grid(tiles):
         return (

@@ -157,8 +157,31 @@ class ProblemShape:
         return self.rows_q, self.rows_k, self.cu_seqlens_q, self.cu_seqlens_k
 
 
-def feature_arguments(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors, opts: AttentionOptions):
-    """Positional kernel arguments and constexpr flags describing masks, ALiBi, softcap and dropout.
+# Offsets within one (batch, head) slice of a tensor are int32 in the kernels (batch and head offsets
+# are int64): in a slice spanning more, they would wrap around and address the wrong memory.
+INT32_MAX = 2 ** 31 - 1
+
+
+def needs_int64_offsets(*tensors: torch.Tensor | None) -> bool:
+    """Whether a (batch, head) slice of one of these tensors spans more than INT32_MAX elements:
+    (B, H, L, D) ones (masks (B, H, Lq, Lk)) along L and D, packed (total, H, D) ones along total
+    and D. A (B, L, H, D) tensor's slice does from L = 2^31 / (H * D) on: 524288 at H = 32, D = 128.
+    The kernels then compute those offsets in int64 (INT64_OFFSETS, offset_of): a variant compiled
+    only for such calls, so that the common one keeps its registers (int64 offsets in the loops
+    spilled on sm_80)."""
+    for t in tensors:
+        if t is not None:
+            rows, cols = (2, 3) if t.dim() == 4 else (0, t.dim() - 1)
+            if (t.shape[rows] - 1) * t.stride(rows) + (t.shape[cols] - 1) * t.stride(cols) > INT32_MAX:
+                return True
+    return False
+
+
+def feature_arguments(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors, opts: AttentionOptions,
+                      addressed: tuple = ()):
+    """Positional kernel arguments and constexpr flags describing masks, ALiBi, softcap and dropout,
+    and whether offsets must be int64 (needs_int64_offsets of q, k, the mask and `addressed`, the
+    kernel's other (B, H, L, D) or packed tensors).
 
     Every kernel takes them in this order: Mask, its 4 strides, Slopes, its 2 strides, Seed,
     threshold, 1/(1-p), left, right, scale, softcap. Size-1 (broadcast) dims get stride 0.
@@ -167,6 +190,7 @@ def feature_arguments(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors
     batch, heads = (q.shape[0], q.shape[1]) if q.dim() == 4 else (extras.cu_seqlens_q.shape[0] - 1, q.shape[1])
     seqlen_q, seqlen_k = (q.shape[2], k.shape[2]) if q.dim() == 4 else (0, 0)
     mask = extras.mask if extras.mask is not None else extras.bias
+    full = None
     if mask is None:
         mask_args = (q, 0, 0, 0, 0)
         mask_kind = MASK_NONE
@@ -189,6 +213,7 @@ def feature_arguments(q: torch.Tensor, k: torch.Tensor, extras: AttentionTensors
         HAS_LEFT=opts.left >= 0, HAS_RIGHT=opts.right >= 0, SOFTCAP=opts.softcap > 0,
         HAS_ALIBI=slopes is not None, MASK_KIND=mask_kind, DROPOUT=opts.dropout_p > 0,
         UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        INT64_OFFSETS=needs_int64_offsets(q, k, full, *addressed),
     )
     return args, flags
 
@@ -318,6 +343,16 @@ def tanh(x):
 
 
 @triton.jit
+def offset_of(index, stride, INT64_OFFSETS: tl.constexpr):
+    """index * stride: an offset inside one (batch, head) slice, int64 where the slice may span more
+    than 2^31 elements (needs_int64_offsets), else int32."""
+    if INT64_OFFSETS:
+        return tl.cast(index, tl.int64) * stride
+    else:
+        return index * stride
+
+
+@triton.jit
 def head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed, batch, head,
                HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr):
     """Per-(batch, head) pieces of the features: the mask's base pointer, the ALiBi slope, the Philox key."""
@@ -340,7 +375,8 @@ def head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed, b
 def score_tile(qk, q_index, k_index, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
                shift, left, right, scale, softcap,
                CHECK_WINDOW: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
+               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+               INT64_OFFSETS: tl.constexpr = False):
     """Base-2 scores of a tile from qk, the q.k products: scale, softcap, ALiBi, bias, masks.
     q_index and k_index are each element's query and key positions, broadcast to qk's shape:
     rows[:, None] and cols[None, :] for qk = q @ k^T, or rows[None, :] and cols[:, None] for its
@@ -361,7 +397,8 @@ def score_tile(qk, q_index, k_index, seqlen_q, seqlen_k, mask_ptr, stride_mm, st
         scores -= (slope * LOG2_E) * tl.abs(distance)
     if MASK_KIND != 0:
         in_bounds = (q_index < seqlen_q) & (k_index < seqlen_k)
-        values = tl.load(mask_ptr + q_index * stride_mm + k_index * stride_mn, mask=in_bounds, other=0)
+        values = tl.load(mask_ptr + offset_of(q_index, stride_mm, INT64_OFFSETS)
+                         + offset_of(k_index, stride_mn, INT64_OFFSETS), mask=in_bounds, other=0)
         if MASK_KIND == 1:
             scores = tl.where(values != 0, scores, float("-inf"))
         else:
@@ -377,13 +414,15 @@ def score_tile(qk, q_index, k_index, seqlen_q, seqlen_k, mask_ptr, stride_mm, st
 
 
 @triton.jit
-def visible_pairs(mask_ptr, q_index, k_index, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND: tl.constexpr):
+def visible_pairs(mask_ptr, q_index, k_index, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND: tl.constexpr,
+                  INT64_OFFSETS: tl.constexpr = False):
     """How many (query, key) pairs of the tile a bool mask leaves visible (1 without a bool mask):
     the kernels skip tiles where it is 0, which add nothing (p = dS = 0 there)."""
     count = 1
     if MASK_KIND == 1:
         in_bounds = (q_index < seqlen_q) & (k_index < seqlen_k)
-        values = tl.load(mask_ptr + q_index * stride_mm + k_index * stride_mn, mask=in_bounds, other=0)
+        values = tl.load(mask_ptr + offset_of(q_index, stride_mm, INT64_OFFSETS)
+                         + offset_of(k_index, stride_mn, INT64_OFFSETS), mask=in_bounds, other=0)
         count = tl.sum((values != 0).to(tl.int32))
     return count
 

@@ -93,7 +93,7 @@ def _decode_kernel(
             slots = cols % page_size
         else:
             pages = cols * 0 + batch
-            slots = cols
+            slots = cols.to(tl.int64)  # times the row stride, passes 2^31 in a long cache (as in append)
         pages = pages.to(tl.int64)
         k_t = load_tile(KCache + pages[None, :] * stride_kp + slots[None, :] * stride_kn + head_kv * stride_kh
                         + offs_d[:, None] * stride_kd, offs_d, HEAD_DIM, cols, seqlen_k, not EVEN_D, True, UPCAST)

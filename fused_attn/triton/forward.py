@@ -28,6 +28,7 @@ from .common import (
     load_box,
     load_tile,
     num_blocks,
+    offset_of,
     score_tile,
     streamed_operands,
     streamed_tiles,
@@ -48,23 +49,24 @@ def _forward_key_blocks(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, CHECK_WINDOW: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr, batch, head_kv,
+    TMA: tl.constexpr, INT64_OFFSETS: tl.constexpr, batch, head_kv,
 ):
     """Fold key blocks [start, stop) into the online softmax; those a bool mask hides are skipped.
     k_ptrs and v_ptrs point at the first block's tiles, or with TMA are K's and V's descriptors."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         q_index, k_index = rows[:, None], cols[None, :]
-        if visible_pairs(mask_ptr, q_index, k_index, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) > 0:
+        if visible_pairs(mask_ptr, q_index, k_index, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND,
+                         INT64_OFFSETS) > 0:
             if TMA:
                 k_t = load_box(k_ptrs, batch, head_kv, start_n, UPCAST).T
             else:
-                k_t = load_tile(k_ptrs + start_n * stride_kn, offs_d, HEAD_DIM, cols, seqlen_k,
-                                not EVEN_D, CHECK_WINDOW, UPCAST)
+                k_t = load_tile(k_ptrs + offset_of(start_n, stride_kn, INT64_OFFSETS), offs_d, HEAD_DIM, cols,
+                                seqlen_k, not EVEN_D, CHECK_WINDOW, UPCAST)
             qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
             scores, _ = score_tile(qk, q_index, k_index, seqlen_q, seqlen_k, mask_ptr, stride_mm, stride_mn, slope,
                                    shift, left, right, scale, softcap,
-                                   CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND)
+                                   CHECK_WINDOW, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, INT64_OFFSETS)
             new_max = tl.maximum(row_max, tl.max(scores, 1))
             # A row that has seen no visible key keeps max -inf; shifting by 0 keeps exp2 at 0, not NaN.
             centre = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -76,8 +78,8 @@ def _forward_key_blocks(
             if TMA:
                 v = load_box(v_ptrs, batch, head_kv, start_n, UPCAST)
             else:
-                v = load_tile(v_ptrs + start_n * stride_vn, cols, seqlen_k, offs_dv, HEAD_DIM_V,
-                              CHECK_WINDOW, not EVEN_DV, UPCAST)
+                v = load_tile(v_ptrs + offset_of(start_n, stride_vn, INT64_OFFSETS), cols, seqlen_k, offs_dv,
+                              HEAD_DIM_V, CHECK_WINDOW, not EVEN_DV, UPCAST)
             acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
             row_max = new_max
     return acc, row_max, row_sum
@@ -97,7 +99,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr = False,
+    INT64_OFFSETS: tl.constexpr, TMA: tl.constexpr = False,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -115,16 +117,16 @@ def _forward_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    Q += batch * stride_qb + head * stride_qh + start_q * stride_qm
-    Out += batch * stride_ob + head * stride_oh + start_q * stride_om
+    Q += batch * stride_qb + head * stride_qh + offset_of(start_q, stride_qm, INT64_OFFSETS)
+    Out += batch * stride_ob + head * stride_oh + offset_of(start_q, stride_om, INT64_OFFSETS)
     Lse += batch * stride_lb + head * stride_lh + start_q
-    q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = load_tile(Q + offset_of(rows, stride_qm, INT64_OFFSETS)[:, None] + offs_d[None, :] * stride_qd,
                   rows, seqlen_q, offs_d, HEAD_DIM, True, not EVEN_D, UPCAST)
     # k is read transposed, (BLOCK_D, BLOCK_N), so q @ k^T is a plain dot.
-    k_ptrs = streamed_tiles(K, batch * stride_kb + head_kv * stride_kh + start_k * stride_kn,
-                            offs_d, stride_kd, offs_n, stride_kn, TMA, VARLEN)
-    v_ptrs = streamed_tiles(V, batch * stride_vb + head_kv * stride_vh + start_k * stride_vn,
-                            offs_n, stride_vn, offs_dv, stride_vd, TMA, VARLEN)
+    k_base = batch * stride_kb + head_kv * stride_kh + offset_of(start_k, stride_kn, INT64_OFFSETS)
+    v_base = batch * stride_vb + head_kv * stride_vh + offset_of(start_k, stride_vn, INT64_OFFSETS)
+    k_ptrs = streamed_tiles(K, k_base, offs_d, stride_kd, offs_n, stride_kn, TMA, VARLEN)
+    v_ptrs = streamed_tiles(V, v_base, offs_n, stride_vn, offs_dv, stride_vd, TMA, VARLEN)
     mask_ptr, slope, seed_lo, seed_hi = head_state(Mask, stride_mb, stride_mh, Slopes, stride_sb, stride_sh, Seed,
                                                    batch, head, HAS_ALIBI, MASK_KIND, DROPOUT)
 
@@ -143,7 +145,7 @@ def _forward_kernel(
             shift, left, right, scale, softcap,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, EVEN_D, EVEN_DV, stage != 1,
             HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, MASK_KIND, DROPOUT, UPCAST, DOT_PRECISION,
-            TMA, batch.to(tl.int32), head_kv.to(tl.int32),
+            TMA, INT64_OFFSETS, batch.to(tl.int32), head_kv.to(tl.int32),
         )
 
     # Rows that saw no key at all (fully masked) get out = 0 and lse = -inf.
@@ -152,7 +154,7 @@ def _forward_kernel(
     out = acc * (inv_keep / row_sum)[:, None]
     lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(row_sum)) * LN_2)
 
-    o_ptrs = Out + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
+    o_ptrs = Out + offset_of(rows, stride_om, INT64_OFFSETS)[:, None] + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(Lse + rows, lse, mask=rows < seqlen_q)
 
@@ -165,7 +167,7 @@ def attention_forward(
     problem = ProblemShape.of(q, k, v, extras, opts)
     heads_q, head_dim, head_dim_v = q.shape[1], q.shape[-1], v.shape[-1]
     out, lse = attention_outputs(q, v)
-    features, flags = feature_arguments(q, k, extras, opts)
+    features, flags = feature_arguments(q, k, extras, opts, addressed=(v, out))
 
     def grid(tiles):
         return num_blocks(problem.seqlen_q, tiles.block_m), problem.batch * heads_q
