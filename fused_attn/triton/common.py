@@ -171,8 +171,9 @@ def needs_int64_offsets(*tensors: torch.Tensor | None) -> bool:
     spilled on sm_80)."""
     for t in tensors:
         if t is not None:
-            rows, cols = (2, 3) if t.dim() == 4 else (0, t.dim() - 1)
-            if (t.shape[rows] - 1) * t.stride(rows) + (t.shape[cols] - 1) * t.stride(cols) > INT32_MAX:
+            shape, strides = t.shape, t.stride()  # one call each: this runs at every launch
+            rows = 2 if len(shape) == 4 else 0
+            if (shape[rows] - 1) * strides[rows] + (shape[-1] - 1) * strides[-1] > INT32_MAX:
                 return True
     return False
 
