@@ -5,46 +5,66 @@ D = 128, from position 524288 on (a 4 GiB bf16 tensor, a long context or a packe
 GPU). Offsets computed in 32 bits there wrap around: a kernel then reads or writes the wrong
 memory (a fault, or a silently wrong answer). The tests make that happen at small sizes: positions
 ROW_STRIDE = 2^24 elements apart, so position 128 starts 2^31 elements in, while any 128
-positions (a tile) span less than 2^31. The tensors are views of an anonymous mapping reserved
-without memory (MAP_NORESERVE): only the pages the test writes and the kernels read take any.
+positions (a tile) span less than 2^31. A test's tensors share one buffer of such rows, each in its
+own columns (FarRows); on the CPU it is an anonymous mapping reserved without memory
+(MAP_NORESERVE), so only the pages the test writes and the kernels read take any. On a GPU it is
+real memory (6 GB in fp16, 12 in fp32): the tests run in one xdist group, one at a time.
 
 Each call must give exactly what the same backend gives on compact copies of its inputs (the
 kernels compute the same products in the same order; only the addresses differ). Under Triton's
 interpreter a wrapped offset fails as OutOfBounds (interpreter_checks.py); the CUDA emulator and
 the CPU kernels read wherever it points.
 """
+import math
 import mmap
 
 import pytest
 import torch
 
-from conftest import BACKENDS, KVCACHE_BACKENDS, VARLEN_BACKENDS
+from conftest import BACKENDS, DEVICE, KVCACHE_BACKENDS, VARLEN_BACKENDS
 
 import fused_attn
 
+pytestmark = pytest.mark.xdist_group("large_offsets")
+
 ROW_STRIDE = 2 ** 24
 LENGTH = 160  # positions 128 .. 159 lie past 2^31 elements
+ROWS = 176  # the longest tensor's positions, and the buffer's
 DTYPES = [torch.float16, torch.float32]
 
 
-def far_apart(shape, dim, dtype, requires_grad=False):
-    """A tensor of random values, compact but along `dim`, whose consecutive indices there lie
-    ROW_STRIDE elements apart (the dims inside it must fit in ROW_STRIDE elements)."""
-    strides, step = [0] * len(shape), 1
-    for d in reversed(range(len(shape))):
-        if d == dim:
-            assert step <= ROW_STRIDE
-            step = ROW_STRIDE
-        strides[d] = step
-        step *= shape[d]
-    elements = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides))
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-    memory = mmap.mmap(-1, elements * itemsize, flags=flags)
-    t = torch.frombuffer(memory, dtype=dtype).as_strided(shape, strides)  # keeps the mapping alive
-    with torch.no_grad():
-        t.copy_(torch.rand(shape) < 0.7 if dtype == torch.bool else torch.randn(shape, dtype=dtype))
-    return t.requires_grad_(requires_grad)
+class FarRows:
+    """ROWS rows of ROW_STRIDE elements of one dtype on one device, from which `take` carves tensors
+    whose positions are rows: each tensor gets the next free columns of every row."""
+
+    def __init__(self, dtype, device):
+        elements = ROWS * ROW_STRIDE
+        if device.type == "cpu":
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            self.buffer = torch.frombuffer(mmap.mmap(-1, elements * itemsize, flags=flags), dtype=dtype)
+        else:
+            self.buffer = torch.empty(elements, dtype=dtype, device=device)
+        self.columns = 0
+
+    def take(self, shape, dim, requires_grad=False):
+        """A tensor of random values: dim `dim` (every dim before it of size 1) steps ROW_STRIDE
+        elements, the dims after it are compact within a row."""
+        assert all(size == 1 for size in shape[:dim]) and shape[dim] <= ROWS
+        inner = math.prod(shape[dim + 1:])
+        assert self.columns + inner <= ROW_STRIDE
+        strides = [0] * len(shape)
+        step = 1
+        for d in reversed(range(dim + 1, len(shape))):
+            strides[d] = step
+            step *= shape[d]
+        strides[dim] = ROW_STRIDE
+        t = self.buffer.as_strided(shape, strides, self.columns)
+        self.columns += inner
+        values = torch.rand(shape) < 0.7 if t.dtype == torch.bool else torch.randn(shape, dtype=t.dtype)
+        with torch.no_grad():
+            t.copy_(values.to(t.device))
+        return t.requires_grad_(requires_grad)
 
 
 def compact(t):
@@ -57,22 +77,17 @@ def assert_same(name, got, expected):
     assert torch.equal(got, expected), f"{name}: max |diff| {(got.double() - expected.double()).abs().max().item()}"
 
 
-def run_both(call, far):
+def run_both(call, far, dout=None):
     """call(*tensors) on the far-apart tensors and on compact copies: the outputs, and the gradients
-    of the tensors that require grad (from a far-apart dout and its compact copy), must be the same."""
+    of the tensors that require grad (from dout, far apart too, and its compact copy), must be the
+    same. (Every tensor of a FarRows is taken before the calls: writing to the buffer afterwards
+    would count as changing the saved inputs, which share its version counter.)"""
     near = [compact(t) for t in far]
     results = []
-    dout = None
-    for tensors in (far, near):
+    for tensors, gradient in ((far, dout), (near, None if dout is None else compact(dout))):
         out = call(*tensors)
         leaves = [t for t in tensors if t.requires_grad]
-        if dout is None:  # positions far apart: a packed (total, H, Dv) one, or a (B, L, H, Dv) one's view
-            if out.dim() == 3:
-                dout = far_apart(tuple(out.shape), 0, out.dtype)
-            else:
-                batch, heads, length, dim_v = out.shape
-                dout = far_apart((batch, length, heads, dim_v), 1, out.dtype).transpose(1, 2)
-        grads = torch.autograd.grad(out, leaves, dout if tensors is far else compact(dout)) if leaves else ()
+        grads = torch.autograd.grad(out, leaves, gradient) if leaves else ()
         results.append((out.detach(), grads))
     (out, grads), (expected_out, expected_grads) = results
     assert_same("out", out, expected_out)
@@ -80,98 +95,114 @@ def run_both(call, far):
         assert_same(f"gradient {index}", grad, expected)
 
 
-def cuda_or(backend_fixture):
-    """The backends of a fixture list, plus the emulated cuda backend (the `cuda` fixture)."""
-    return backend_fixture + ["cuda-emulated"]
-
-
 @pytest.fixture
 def target(request):
-    """A backend name for the test's calls: the emulated cuda backend registered where asked for."""
-    name = request.param
-    if name == "cuda-emulated":
-        return request.getfixturevalue("emulated").name
-    return name
+    """(backend name, device) of the test's calls; "cuda-emulated" registers the emulated cuda
+    backend, which takes CPU tensors."""
+    if request.param == "cuda-emulated":
+        return request.getfixturevalue("emulated")
+    return request.param, DEVICE
 
 
-@pytest.mark.parametrize("target", cuda_or(BACKENDS), indirect=True)
+def with_emulated(backends):
+    return backends + ["cuda-emulated"]
+
+
+@pytest.mark.parametrize("target", with_emulated(BACKENDS), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("keywords", [{}, dict(causal=True, window=(40, 0))], ids=["plain", "causal-window"])
 def test_long_sequences_forward_and_backward(target, dtype, keywords):
-    """q, k, v (B, L, H, D) with positions 2^24 elements apart, read as (B, H, L, D) views; GQA."""
-    q = far_apart((1, LENGTH, 4, 16), 1, dtype, requires_grad=True)
-    k = far_apart((1, LENGTH + 9, 2, 16), 1, dtype, requires_grad=True)
-    v = far_apart((1, LENGTH + 9, 2, 8), 1, dtype, requires_grad=True)
+    """q, k, v (1, L, H, D) with positions 2^24 elements apart, read as (B, H, L, D) views; GQA."""
+    backend, device = target
+    rows = FarRows(dtype, device)
+    q = rows.take((1, LENGTH, 4, 16), 1, requires_grad=True)
+    k = rows.take((1, LENGTH + 9, 2, 16), 1, requires_grad=True)
+    v = rows.take((1, LENGTH + 9, 2, 8), 1, requires_grad=True)
+    dout = rows.take((1, LENGTH, 4, 8), 1)
 
     def call(q, k, v):
-        return fused_attn.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=target,
-                                    **keywords)
+        return fused_attn.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=backend,
+                                    **keywords).transpose(1, 2)
 
-    run_both(call, [q, k, v])
+    run_both(call, [q, k, v], dout)
 
 
-@pytest.mark.parametrize("target", cuda_or(BACKENDS), indirect=True)
+@pytest.mark.parametrize("target", with_emulated(BACKENDS), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_long_caches_read_by_the_decoding_kernel(target, dtype):
+def test_long_keys_read_by_the_decoding_kernel(target, dtype):
     """Few query rows against a long k and v without gradients: the decoding kernels' addressing."""
-    q = far_apart((2, 2, 4, 16), 1, dtype)
-    k = far_apart((2, LENGTH, 1, 16), 1, dtype)
-    v = far_apart((2, LENGTH, 1, 16), 1, dtype)
+    backend, device = target
+    rows = FarRows(dtype, device)
+    q = rows.take((1, 2, 4, 16), 1)
+    k = rows.take((1, LENGTH, 1, 16), 1)
+    v = rows.take((1, LENGTH, 1, 16), 1)
     run_both(lambda q, k, v: fused_attn.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  causal=True, causal_alignment="bottom_right", backend=target),
+                                                  causal=True, causal_alignment="bottom_right", backend=backend),
              [q, k, v])
 
 
-@pytest.mark.parametrize("target", cuda_or(BACKENDS), indirect=True)
+@pytest.mark.parametrize("target", with_emulated(BACKENDS), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_long_masks_and_biases(target, dtype):
-    """A bool mask and a learnable float bias whose query rows lie 2^24 elements apart."""
-    q = far_apart((1, 2, LENGTH, 16), 2, dtype, requires_grad=True)
-    k = far_apart((1, 2, LENGTH, 16), 2, dtype, requires_grad=True)
-    v = far_apart((1, 2, LENGTH, 16), 2, dtype, requires_grad=True)
-    mask = far_apart((1, 1, LENGTH, LENGTH), 2, torch.bool)
-    mask[..., :1] = True  # every row sees a key
-    bias = far_apart((1, 2, LENGTH, LENGTH), 2, dtype, requires_grad=True)
-    run_both(lambda q, k, v, mask: fused_attn.attention(q, k, v, attn_mask=mask, backend=target), [q, k, v, mask])
-    run_both(lambda q, k, v, bias: fused_attn.attention(q, k, v, attn_mask=bias, backend=target), [q, k, v, bias])
+    """A bool mask and a learnable float bias (1, H, Lq, Lk) whose query rows lie 2^24 elements apart."""
+    backend, device = target
+    rows = FarRows(dtype, device)
+    q, k, v = (rows.take((1, LENGTH, 2, 16), 1, requires_grad=True) for _ in range(3))
+    bias = rows.take((1, LENGTH, 2, LENGTH), 1, requires_grad=True)  # read as (1, H, Lq, Lk)
+    dout = rows.take((1, LENGTH, 2, 16), 1)
+    mask = FarRows(torch.bool, device).take((1, 1, LENGTH, LENGTH), 2)
+    with torch.no_grad():
+        mask[..., :1] = True  # every row sees a key
+
+    def call(q, k, v, attn_mask):
+        heads_first = [t.transpose(1, 2) for t in (q, k, v)]
+        return fused_attn.attention(*heads_first, attn_mask=attn_mask, backend=backend).transpose(1, 2)
+
+    run_both(call, [q, k, v, mask], dout)
+    run_both(lambda q, k, v, bias: call(q, k, v, bias.transpose(1, 2)), [q, k, v, bias], dout)
 
 
-@pytest.mark.parametrize("target", cuda_or(VARLEN_BACKENDS), indirect=True)
+@pytest.mark.parametrize("target", with_emulated(VARLEN_BACKENDS), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_packed_sequences_starting_past_2_31_elements(target, dtype):
     """varlen: the second sequence's rows start 140 (queries) and 130 (keys) positions in."""
-    q = far_apart((170, 4, 16), 0, dtype, requires_grad=True)
-    k = far_apart((175, 2, 16), 0, dtype, requires_grad=True)
-    v = far_apart((175, 2, 8), 0, dtype, requires_grad=True)
-    cu_q = torch.tensor([0, 140, 170], dtype=torch.int32)
-    cu_k = torch.tensor([0, 130, 175], dtype=torch.int32)
-    run_both(lambda q, k, v: fused_attn.varlen_attention(q, k, v, cu_q, cu_k, 140, 130, causal=True, backend=target),
-             [q, k, v])
+    backend, device = target
+    rows = FarRows(dtype, device)
+    q = rows.take((170, 4, 16), 0, requires_grad=True)
+    k = rows.take((175, 2, 16), 0, requires_grad=True)
+    v = rows.take((175, 2, 8), 0, requires_grad=True)
+    dout = rows.take((170, 4, 8), 0)
+    cu_q = torch.tensor([0, 140, 170], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 130, 175], dtype=torch.int32, device=device)
+    run_both(lambda q, k, v: fused_attn.varlen_attention(q, k, v, cu_q, cu_k, 140, 130, causal=True, backend=backend),
+             [q, k, v], dout)
 
 
-@pytest.mark.parametrize("target", cuda_or(KVCACHE_BACKENDS), indirect=True)
+@pytest.mark.parametrize("target", with_emulated(KVCACHE_BACKENDS), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_long_kv_caches_appended_and_read(target, dtype, paged):
     """New tokens written at positions past 2^31 elements, then every cached key read: a
     contiguous cache (B, capacity, Hkv, D), or pages of 16 positions (page 8 on starts 2^31 in)."""
+    backend, device = target
+    rows = FarRows(dtype, device)
     batch, capacity, page_size = 2, LENGTH, 16
     if paged:
         pages = batch * capacity // page_size
-        k_cache = far_apart((pages, page_size, 2, 16), 1, dtype)
-        v_cache = far_apart((pages, page_size, 2, 8), 1, dtype)
-        table = torch.randperm(pages, dtype=torch.int32).reshape(batch, capacity // page_size)
-    else:
-        k_cache = far_apart((batch, capacity, 2, 16), 1, dtype)
-        v_cache = far_apart((batch, capacity, 2, 8), 1, dtype)
+        k_cache = rows.take((pages, page_size, 2, 16), 0)
+        v_cache = rows.take((pages, page_size, 2, 8), 0)
+        table = torch.randperm(pages, dtype=torch.int32, device=device).reshape(batch, capacity // page_size)
+    else:  # (capacity, B, ...) rows read as (B, capacity, ...)
+        k_cache = rows.take((capacity, batch, 2, 16), 0).transpose(0, 1)
+        v_cache = rows.take((capacity, batch, 2, 8), 0).transpose(0, 1)
         table = None
-    q = torch.randn(batch, 1, 4, 16, dtype=dtype)
-    k_new = torch.randn(batch, 2, 2, 16, dtype=dtype)
-    v_new = torch.randn(batch, 2, 2, 8, dtype=dtype)
-    seqlens = torch.tensor([capacity - 2, 137], dtype=torch.int32)
+    q = torch.randn(batch, 1, 4, 16, dtype=dtype, device=device)
+    k_new = torch.randn(batch, 2, 2, 16, dtype=dtype, device=device)
+    v_new = torch.randn(batch, 2, 2, 8, dtype=dtype, device=device)
+    seqlens = torch.tensor([capacity - 2, 137], dtype=torch.int32, device=device)
     near_k, near_v = k_cache.contiguous(), v_cache.contiguous()
     results = [fused_attn.attention_with_kvcache(q, kc, vc, seqlens, k=k_new, v=v_new, block_table=table,
-                                                 causal=True, backend=target)
+                                                 causal=True, backend=backend)
                for kc, vc in ((k_cache, v_cache), (near_k, near_v))]
     assert_same("out", *results)
     assert_same("k cache", k_cache, near_k)
