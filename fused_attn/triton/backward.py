@@ -425,5 +425,5 @@ def attention_backward(
         fill_unused_rows(dq, 0, extras.cu_seqlens_q, 0.0)
         for grad in (dk, dv):
             fill_unused_rows(grad, 0, extras.cu_seqlens_k, 0.0)
-    dbias = bias_gradient(dout, q, k, v, lse, delta, extras, opts) if bias_requires_grad else None
+    dbias = bias_gradient(dout, q, k, v, lse, delta, extras, opts, features, flags) if bias_requires_grad else None
     return dq, dk, dv, dbias

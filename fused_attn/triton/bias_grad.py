@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..options import AttentionOptions, AttentionTensors
 from .backward import backward_tile, load_row_stats
-from .common import feature_arguments, head_dim_block, head_state, load_tile, num_blocks, offset_of
+from .common import head_dim_block, head_state, load_tile, needs_int64_offsets, num_blocks, offset_of
 from .tuning import ShapeClass, mask_bytes, select
 
 
@@ -110,16 +110,17 @@ def _bias_grad_kernel(
 
 def bias_gradient(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
-    extras: AttentionTensors, opts: AttentionOptions,
+    extras: AttentionTensors, opts: AttentionOptions, features: tuple, flags: dict,
 ) -> torch.Tensor:
-    """The bias gradient with extras.bias's shape and dtype (lse and delta from the backward pass)."""
+    """The bias gradient with extras.bias's shape and dtype (lse, delta and the feature arguments
+    from the backward pass: common.feature_arguments, its int64 decision covering dout)."""
     bias = extras.bias
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     bias_shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
     full = [size != 1 or total == 1 for size, total in zip(bias_shape, (batch, heads_q, seqlen_q, seqlen_k))]
     dbias = torch.empty(bias_shape, dtype=torch.float32, device=q.device)
-    features, flags = feature_arguments(q, k, extras, opts, addressed=(v, dout, dbias))
+    flags = dict(flags, INT64_OFFSETS=flags["INT64_OFFSETS"] or needs_int64_offsets(dbias))
 
     def grid(tiles):
         return (
