@@ -211,16 +211,17 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
     contiguous cache, or a block table on the CPU)."""
     if seqlens.numel() == 0:  # a batch of 0: nothing to check
         return
-    facts = ("kvcache", new_tokens, k_cache.shape[:2], _capacity(k_cache, block_table),
-             None if host_lengths is None else tuple(host_lengths))
-    host_checks.check_once(lambda: _check_lengths_and_pages(seqlens, new_tokens, k_cache, block_table, host_lengths),
-                           seqlens.device, facts, seqlens if host_lengths is None else None, block_table)
+    capacity = _capacity(k_cache, block_table)
+    facts = ("kvcache", new_tokens, k_cache.shape[:2], capacity, None if host_lengths is None else tuple(host_lengths))
+    host_checks.check_once(
+        lambda: _check_lengths_and_pages(seqlens, new_tokens, k_cache, block_table, capacity, host_lengths),
+        seqlens.device, facts, seqlens if host_lengths is None else None, block_table)
 
 
 def _check_lengths_and_pages(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor],
-                             host_lengths: Optional[list[int]]) -> None:
+                             capacity: int, host_lengths: Optional[list[int]]) -> None:
     """_check_capacity's checks of the values, read on the host."""
-    page_size, capacity = k_cache.shape[1], _capacity(k_cache, block_table)
+    page_size = k_cache.shape[1]
     # One device-to-host transfer for every check.
     if block_table is None:
         # B ints: cheaper than reducing them on the device first
