@@ -5,6 +5,7 @@
     --suite masked     benchmarks/bench_masked.py  (padding mask, bias gradient, causal, window)
     --suite decode     benchmarks/bench_decode.py  (KV-cache decoding bandwidth, contiguous and paged)
     --suite varlen     benchmarks/bench_varlen.py  (packed batches vs padded dense)
+    --suite overhead   benchmarks/bench_overhead.py  (host time per call on tiny inputs)
     --suite all        every suite (the default); a comma-separated list also works
     --full             CPU only: larger sizes for the non-speed suites (their CPU default is short)
 
@@ -24,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-SUITES = ("speed", "memory", "masked", "decode", "varlen")
+SUITES = ("speed", "memory", "masked", "decode", "varlen", "overhead")
 MODULES = {"memory": "benchmarks.bench_memory", "masked": "benchmarks.bench_masked",
-           "decode": "benchmarks.bench_decode", "varlen": "benchmarks.bench_varlen"}
+           "decode": "benchmarks.bench_decode", "varlen": "benchmarks.bench_varlen",
+           "overhead": "benchmarks.bench_overhead"}
 REPO = Path(__file__).resolve().parent.parent
 
 
