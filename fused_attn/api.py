@@ -5,6 +5,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import plans
 from .autocast import autocast_inputs
 from .checks import check_alibi_slopes, check_attn_mask, check_qkv, make_options
 from .dispatch import explain_choice, select_backend
@@ -83,9 +84,13 @@ def attention(
         TypeError/ValueError naming the argument for bad input, before any kernel runs.
     """
     q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
-    opts, extras = _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window,
-                             alibi_slopes, softcap, return_lse, deterministic)
-    name = select_backend(q, k, v, extras, opts, backend)
+    key = plans.signature("attention", (q, k, v, attn_mask, alibi_slopes),
+                          (causal, causal_alignment, scale, dropout_p, window, softcap, return_lse, deterministic,
+                           backend))
+    opts, name = plans.recall(key) or plans.remember(key, _plan(
+        q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window, alibi_slopes, softcap, return_lse,
+        deterministic, backend=backend))
+    extras = AttentionTensors(*split_mask(attn_mask), alibi_slopes)
     if opts.dropout_p > 0:
         extras = extras._replace(dropout_seed=draw_seed(q.device))
     out, lse = attention_op(q, k, v, attn_mask, extras, opts, name)
@@ -118,6 +123,13 @@ def explain(
     opts, extras = _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window,
                              alibi_slopes, softcap, return_lse, deterministic)
     return explain_choice(q, k, v, extras, opts, backend)
+
+
+def _plan(q, k, v, *arguments, backend) -> tuple[AttentionOptions, str]:
+    """What a call with these arguments (as _validate takes them) runs with: its options and its
+    backend, after every check (plans.py keeps it for the calls like it)."""
+    opts, extras = _validate(q, k, v, *arguments)
+    return opts, select_backend(q, k, v, extras, opts, backend)
 
 
 def _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window, alibi_slopes, softcap,

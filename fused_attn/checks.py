@@ -187,14 +187,10 @@ def check_packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check_qkv(*(t.transpose(0, 1).unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v)))
 
 
-def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: str, device: torch.device,
+def check_cu_seqlens(name: str, cu_seqlens, max_seqlen, max_name: str, device: torch.device,
                      batch: int | None = None) -> None:
-    """cu_seqlens: int32 (B + 1,), starting at 0, non-decreasing, ending within the packed tensor;
-    max_seqlen: an int at least the longest sequence.
-
-    The content checks read the tensor on the host, when and as often as host_checks.py says:
-    not while torch.compile traces or a CUDA graph is captured, once per GPU tensor and version.
-    """
+    """cu_seqlens: int32 (B + 1,) on `device`; max_seqlen: a non-negative int. Their values are
+    check_cu_seqlens_values's."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -207,12 +203,21 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} must be on q's device {device}, got {cu_seqlens.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    host_checks.check_once(lambda: _check_boundaries(name, cu_seqlens, total, max_seqlen, max_name), device,
-                           ("cu_seqlens", total, max_seqlen), cu_seqlens)
+
+
+def check_cu_seqlens_values(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> None:
+    """cu_seqlens (as check_cu_seqlens passed it) starts at 0, does not decrease and ends within the
+    packed tensor's `total` rows; max_seqlen is at least its longest sequence.
+
+    They are read on the host, when and as often as host_checks.py says: not while torch.compile
+    traces or a CUDA graph is captured, once per GPU tensor and version.
+    """
+    host_checks.check_once(lambda: _check_boundaries(name, cu_seqlens, total, max_seqlen, max_name),
+                           cu_seqlens.device, ("cu_seqlens", total, max_seqlen), cu_seqlens)
 
 
 def _check_boundaries(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> None:
-    """check_cu_seqlens's checks of the values, read on the host."""
+    """check_cu_seqlens_values's checks, on the values read on the host."""
     bounds = host_checks.read(cu_seqlens)
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     if bounds[0] != 0:

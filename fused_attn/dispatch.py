@@ -95,7 +95,7 @@ def _warn_fallback(chosen: str, refused: list[str]) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(f"fused_attn: using the {chosen!r} backend because " + ", ".join(refused) + " refused",
-                      stacklevel=4)
+                      stacklevel=5)  # the caller of the entry point (through its _plan)
 
 
 def explain_choice(q, k, v, extras: AttentionTensors, opts: AttentionOptions, backend: Optional[str] = None) -> str:

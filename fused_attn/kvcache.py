@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import host_checks
+from . import host_checks, plans
 from .backends import get_backend
 from .backends.base import append_by_indexing
 from .checks import check_alibi_slopes, check_qkv, make_options
@@ -112,8 +112,26 @@ def attention_with_kvcache(
     (sequence, key/value head) pairs to fill the GPU or the CPU's cores. The query rows of a GQA
     group share one program (or CPU task), so each cached key is read once per key/value head.
     """
+    arguments = (cache_seqlens, k, v, block_table, causal, causal_alignment, scale, dropout_p, window, alibi_slopes,
+                 softcap, return_lse)
+    # (An int cache_seqlens is not a tensor: such calls keep no plan.)
+    key = plans.signature("attention_with_kvcache",
+                          (q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes),
+                          (causal, causal_alignment, scale, dropout_p, window, softcap, return_lse, backend))
+    opts, name = plans.recall(key) or plans.remember(key, _plan(q, k_cache, v_cache, *arguments, backend=backend))
+    seqlens, host_lengths = _seqlens_tensor(cache_seqlens, q)
+    _check_capacity(seqlens, 0 if k is None else k.shape[1], k_cache, block_table, host_lengths)
+    # No input requires grad (checked), so nothing below is recorded for autograd.
+    out, lse = _eager_kvcache_forward(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, k, v, opts, name)
+    return (out, lse) if return_lse else out
+
+
+def _plan(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, causal_alignment, scale, dropout_p, window,
+          alibi_slopes, softcap, return_lse, *, backend) -> tuple[AttentionOptions, str]:
+    """What a call with these arguments runs with (its options and backend) after every check but
+    those of the lengths' and pages' values (plans.py keeps it for the calls like it)."""
     _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v)
-    seqlens, host_lengths = _check_cache_seqlens(cache_seqlens, q)
+    _check_cache_seqlens(cache_seqlens, q)
     if causal_alignment != "bottom_right":
         raise ValueError(f"causal_alignment must be 'bottom_right' for KV-cache attention, got {causal_alignment!r}")
     if dropout_p != 0.0:
@@ -122,17 +140,11 @@ def attention_with_kvcache(
                         softcap=softcap, dropout_p=0.0, deterministic=False,
                         reach=q.shape[1] + _capacity(k_cache, block_table))
     check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2], q.device)
-    new_tokens = 0 if k is None else k.shape[1]
-    _check_capacity(seqlens, new_tokens, k_cache, block_table, host_lengths)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-
-    # No input requires grad (checked above), so nothing below is recorded for autograd.
     # (Backends judge a KV-cache call by its device, dtype and head dims, the same in either layout.)
-    name = select_backend(q, k_cache, v_cache, AttentionTensors(alibi_slopes=alibi_slopes), opts, backend,
-                          kvcache=True)
-    out, lse = _eager_kvcache_forward(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, k, v, opts, name)
-    return (out, lse) if return_lse else out
+    return opts, select_backend(q, k_cache, v_cache, AttentionTensors(alibi_slopes=alibi_slopes), opts, backend,
+                                kvcache=True)
 
 
 def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> None:
@@ -176,22 +188,29 @@ def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> None:
         raise ValueError("attention_with_kvcache is inference only: its inputs must not require grad")
 
 
-def _check_cache_seqlens(cache_seqlens, q) -> tuple[Tensor, Optional[list[int]]]:
-    """cache_seqlens as an int32 tensor on q's device, and the lengths on the host when they are
-    known there without a transfer (an int was given), else None."""
-    batch = q.shape[0]
+def _check_cache_seqlens(cache_seqlens, q) -> None:
+    """cache_seqlens: an int, or an int32 (B,) tensor on q's device (its values: _check_capacity)."""
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        if torch.jit.is_tracing():  # not a tensor, so not an input of the trace: it would be replayed
-            warnings.warn(f"torch.jit.trace records cache_seqlens={cache_seqlens} as a constant: the traced module "
-                          "reads that many cached tokens on every call; pass an int32 tensor to trace the lengths",
-                          torch.jit.TracerWarning, stacklevel=3)
-        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device), [cache_seqlens] * batch
+        return
+    batch = q.shape[0]
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
     if tuple(cache_seqlens.shape) != (batch,) or cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must have shape ({batch},) on {q.device}, got "
                          f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
-    return cache_seqlens.contiguous(), None  # the kernels read it as a plain array
+
+
+def _seqlens_tensor(cache_seqlens, q) -> tuple[Tensor, Optional[list[int]]]:
+    """cache_seqlens (checked) as a contiguous int32 tensor on q's device, and the lengths on the
+    host when they are known there without a transfer (an int was given), else None."""
+    if isinstance(cache_seqlens, torch.Tensor):
+        return cache_seqlens.contiguous(), None  # the kernels read it as a plain array
+    if torch.jit.is_tracing():  # not a tensor, so not an input of the trace: it would be replayed
+        warnings.warn(f"torch.jit.trace records cache_seqlens={cache_seqlens} as a constant: the traced module "
+                      "reads that many cached tokens on every call; pass an int32 tensor to trace the lengths",
+                      torch.jit.TracerWarning, stacklevel=3)
+    batch = q.shape[0]
+    return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device), [cache_seqlens] * batch
 
 
 # Block tables up to this many entries are checked in Python on the host (_check_capacity).

@@ -206,7 +206,7 @@ class _TransformableAttention(torch.autograd.Function):
 
 
 # Tensors that the eager path takes as they are: plain ones and parameters (a learnable bias).
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 def needs_the_op(tensors) -> bool:
     """Whether a call with these tensor arguments (None where absent) must go through the registered
@@ -218,13 +218,18 @@ def needs_the_op(tensors) -> bool:
     traced sizes), and with a gradient wanted an autograd.Function node, which trace's check,
     re-tracing under no_grad, does not reproduce. Runs on every call: kept to cheap flag reads
     and a plain loop over the tensors."""
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._get_tracing_state() is not None):
+    if being_traced():
         return True
     for t in tensors:
-        if t is not None and type(t) not in _PLAIN_TENSORS:
+        if t is not None and type(t) not in PLAIN_TENSORS:
             return True
     return False
+
+
+def being_traced() -> bool:
+    """Whether torch.compile, torch.export or torch.jit.trace traces, or torch.func transforms run."""
+    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._get_tracing_state() is not None)
 
 
 def _wants_gradient(tensors) -> bool:

@@ -5,12 +5,14 @@ from typing import Optional, Union
 
 import torch
 
+from . import plans
 from .autocast import autocast_inputs
-from .checks import check_alibi_slopes, check_cu_seqlens, check_packed_qkv, make_options
+from .checks import (check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_values, check_packed_qkv,
+                     make_options)
 from .dispatch import select_backend
 from .dropout import draw_seed
 from .ops import attention_op
-from .options import AttentionTensors
+from .options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
 
@@ -57,20 +59,35 @@ def varlen_attention(
     them, which it does not check.
     """
     q, k, v = autocast_inputs(q, k, v)
+    arguments = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, causal_alignment, scale, dropout_p,
+                 window, alibi_slopes, softcap, return_lse, deterministic)
+    key = plans.signature("varlen_attention", (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes),
+                          (max_seqlen_q, max_seqlen_k, causal, causal_alignment, scale, dropout_p, window, softcap,
+                           return_lse, deterministic, backend))
+    opts, name = plans.recall(key) or plans.remember(key, _plan(q, k, v, *arguments, backend=backend))
+    check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    extras = AttentionTensors(alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if opts.dropout_p > 0:
+        extras = extras._replace(dropout_seed=draw_seed(q.device))
+    out, lse = attention_op(q, k, v, None, extras, opts, name)
+    return (out, lse) if return_lse else out
+
+
+def _plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, causal_alignment, scale, dropout_p,
+          window, alibi_slopes, softcap, return_lse, deterministic, *, backend) -> tuple[AttentionOptions, str]:
+    """What a call with these arguments runs with (its options and backend) after every check but
+    those of cu_seqlens's values (plans.py keeps it for the calls like it)."""
     check_packed_qkv(q, k, v)
     opts = make_options(q.transpose(0, 1), causal=causal, causal_alignment=causal_alignment, scale=scale,
                         window=window, softcap=softcap, dropout_p=dropout_p, deterministic=deterministic,
                         reach=q.shape[0] + k.shape[0])
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, max_seqlen_q, "max_seqlen_q", q.device)
     batch = cu_seqlens_q.shape[0] - 1
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device, batch)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, max_seqlen_k, "max_seqlen_k", q.device, batch)
     check_alibi_slopes(alibi_slopes, batch, q.shape[1], q.device)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     opts = opts._replace(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     extras = AttentionTensors(alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    name = select_backend(q, k, v, extras, opts, backend)
-    if opts.dropout_p > 0:
-        extras = extras._replace(dropout_seed=draw_seed(q.device))
-    out, lse = attention_op(q, k, v, None, extras, opts, name)
-    return (out, lse) if return_lse else out
+    return opts, select_backend(q, k, v, extras, opts, backend)

@@ -82,6 +82,15 @@ def fresh_seed():
     yield seed
 
 
+@pytest.fixture(autouse=True)
+def fresh_plans(monkeypatch):
+    """No plan (fused_attn/plans.py) from an earlier test: tests that change what dispatch sees
+    (backends registered or made unavailable, warnings reset) start from the checks."""
+    from fused_attn import plans
+
+    monkeypatch.setattr(plans, "_plans", {})
+
+
 # --- the cuda backend: on the CPU emulator (tests/cuda_emulator/), and natively where it runs ----
 
 CUDA_EMULATED = "cuda_emulated"
