@@ -319,17 +319,51 @@ Tensor unused_rows(const Tensor& t, int64_t dim, const int32_t* cu_seqlens, int6
   return t.narrow(dim, cu_seqlens[batch], t.size(dim) - cu_seqlens[batch]);
 }
 
+// Split-KV for a call of uniform query length Lq whose sequences are at most `longest` keys long,
+// when it has too few tasks for a many-core CPU (params.h, split_keys): the splits, and the one
+// float32 buffer of their partial results, (acc, max, sum) per (b, h, query row, split), which
+// `partials` keeps alive. No split: splits.keys = 0.
+cpu::Splits split_kv(const cpu::Problem& p, int64_t Lq, int64_t longest, Tensor& partials) {
+  cpu::Splits splits;
+  splits.keys = cpu::split_keys(p.batch * cpu::forward_tasks(p, Lq), longest);
+  if (splits.keys != 0) {
+    splits.count = cpu::ceil_div(longest, splits.keys);
+    const int64_t rows = p.batch * p.heads_q * Lq * splits.count;
+    partials = at::empty({rows * (p.head_dim_v + 2)}, at::TensorOptions().dtype(at::kFloat));
+    splits.acc = partials.data_ptr<float>();
+    splits.max = splits.acc + rows * p.head_dim_v;
+    splits.sum = splits.max + rows;
+  }
+  return splits;
+}
+
+// The forward's tasks (params.h, ForwardArgs): with args.splits, each sequence's split tasks, then
+// the merge of their partials into out and lse.
+void run_forward(const cpu::Kernels& kernels, const cpu::ForwardArgs& args) {
+  at::parallel_for(0, args.tasks.count(), 1, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+  if (args.splits.keys != 0) {
+    const int64_t rows = args.p.batch * args.p.heads_q;
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { kernels.merge_splits(args, begin, end); });
+  }
+}
+
 void cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                  FUSED_ATTN_VARIANT_PARAMS, bool for_backward) {
   const Call call = call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
   check_tensor(out, "out", q.scalar_type(), out_shape(q, v));
   check_tensor(lse, "lse", at::kFloat, lse_shape(q));
-  const std::vector<int64_t> tasks =
-      task_table(call.p.batch, [&](int64_t b) { return cpu::forward_tasks(call.p, call.seqlens_q[b]); });
-  const cpu::ForwardArgs args{call.p, strided(q), strided(k), strided(v), strided(out), row_values(lse),
-                              table_view(tasks), {}, {}, for_backward};
-  const cpu::Kernels& kernels = select_kernels();
-  at::parallel_for(0, tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+  const cpu::Kernels& kernels = select_kernels();  // (its checks come before any allocation)
+  // Dense calls that no backward follows (which recomputes the scores of whole blocks) and that
+  // take no mask, bias or dropout are decoding's, however short their keys: split-KV, as
+  // cpu_kvcache_forward, so that a few-query call against long keys uses every core.
+  const bool decoding = !for_backward && call.p.cu_seqlens_q == nullptr && !mask && !bias && dropout_p == 0;
+  Tensor partials;
+  const cpu::Splits splits = decoding ? split_kv(call.p, call.p.seqlen_q, call.p.seqlen_k, partials) : cpu::Splits{};
+  const std::vector<int64_t> tasks = task_table(call.p.batch, [&](int64_t b) {
+    return cpu::forward_tasks(call.p, call.seqlens_q[b]) * splits.of(call.seqlens_k[b]);
+  });
+  run_forward(kernels, {call.p, strided(q), strided(k), strided(v), strided(out), row_values(lse), table_view(tasks),
+                        {}, splits, for_backward});
   if (call.p.cu_seqlens_q != nullptr) {
     unused_rows(out, 0, call.p.cu_seqlens_q, call.p.batch).zero_();
     unused_rows(lse, 1, call.p.cu_seqlens_q, call.p.batch).fill_(-INFINITY);
@@ -499,29 +533,15 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
   }
   const std::vector<int32_t> lengths(call.seqlens_k.begin(), call.seqlens_k.end());
   call.p.seqlens_k = lengths.data();
-  // Split-KV when the call has too few tasks for a many-core CPU (params.h, split_keys): partial
-  // results in one float32 buffer, (acc, max, sum) per (b, h, query row, split), then merged.
-  const int64_t longest = *std::max_element(call.seqlens_k.begin(), call.seqlens_k.end());
-  cpu::Splits splits;
-  splits.keys = cpu::split_keys(B * cpu::forward_tasks(call.p, Lq), longest);
   Tensor partials;
-  if (splits.keys != 0) {
-    splits.count = cpu::ceil_div(longest, splits.keys);
-    const int64_t rows = B * Hq * Lq * splits.count;
-    partials = at::empty({rows * (Dv + 2)}, q.options().dtype(at::kFloat));
-    splits.acc = partials.data_ptr<float>();
-    splits.max = splits.acc + rows * Dv;
-    splits.sum = splits.max + rows;
-  }
+  const cpu::Splits splits =
+      split_kv(call.p, Lq, *std::max_element(call.seqlens_k.begin(), call.seqlens_k.end()), partials);
   const std::vector<int64_t> tasks = task_table(
       B, [&](int64_t b) { return cpu::forward_tasks(call.p, Lq) * splits.of(call.seqlens_k[b]); });
   // (B, L, H, D) tensors as (B, H, L, D) views; a paged cache's pages play the batch.
   auto heads_first = [](const Tensor& t) { return strided(t.transpose(1, 2)); };
-  const cpu::ForwardArgs args{call.p, heads_first(q), heads_first(k_cache), heads_first(v_cache), heads_first(out),
-                              row_values(lse), table_view(tasks), pages, splits};
-  at::parallel_for(0, tasks.back(), 1, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
-  if (splits.keys != 0)
-    at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) { kernels.merge_splits(args, begin, end); });
+  run_forward(kernels, {call.p, heads_first(q), heads_first(k_cache), heads_first(v_cache), heads_first(out),
+                        row_values(lse), table_view(tasks), pages, splits});
 }
 
 std::string cpu_isa() { return select_kernels().isa; }

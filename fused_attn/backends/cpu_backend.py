@@ -7,7 +7,8 @@ CPU has them), else AVX2+FMA, else portable C++ (FUSED_ATTN_CPU_ISA=portable|avx
 one). Dense, packed (varlen: tasks cover each sequence's real length, never padding) and KV-cache
 decoding calls (contiguous or paged caches; the query rows of a GQA group share one task, so each
 cached key is read once per key/value head; long caches of calls with few tasks are split,
-split-KV). float64 is left to the reference backend.
+split-KV, as are the keys of dense calls that no backward follows). float64 is left to the
+reference backend.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from ..layout import as_full_cache, attention_outputs, gradient_like, kvcache_outputs
+from ..layout import attention_outputs, gradient_like, kvcache_outputs
 from ..options import AttentionOptions, AttentionTensors
 from . import native
-from .base import Backend, Tensor, as_4d, needs_backward, takes_decoding_kernel
+from .base import Backend, Tensor, as_4d, needs_backward
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -46,13 +47,9 @@ class CpuBackend(Backend):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors,
                 opts: AttentionOptions) -> tuple[Tensor, Tensor]:
         out, lse = attention_outputs(q, v)
-        if takes_decoding_kernel(q, k, v, extras, opts):  # few query rows: the KV-cache op splits long keys
-            q_, k_, v_, out_, seqlens = as_full_cache(q, k, v, out)
-            _ops().cpu_kvcache_forward(q_, k_, v_, seqlens, None, out_, lse, opts.scale, opts.left, opts.right,
-                                       opts.softcap, extras.alibi_slopes)
-            return out, lse
         # A backward recomputes the scores with its block products, so the forward rounds them alike
-        # (csrc/cpu/params.h, ForwardArgs::for_backward).
+        # (csrc/cpu/params.h, ForwardArgs::for_backward); without one, the op takes decoding's
+        # shortcuts (few queries' scores as dot products, split-KV: csrc/binding.cpp, cpu_forward).
         for_backward = needs_backward(q, k, v, extras.bias)
         _ops().cpu_forward(q, k, v, out, lse, *native.variant_args(q, k, extras, opts), for_backward)
         return out, lse
