@@ -114,7 +114,6 @@ def attention_with_kvcache(
     """
     arguments = (cache_seqlens, k, v, block_table, causal, causal_alignment, scale, dropout_p, window, alibi_slopes,
                  softcap, return_lse)
-    # (An int cache_seqlens is not a tensor: such calls keep no plan.)
     key = plans.signature("attention_with_kvcache",
                           (q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes),
                           (causal, causal_alignment, scale, dropout_p, window, softcap, return_lse, backend))

@@ -11,10 +11,10 @@ passed concluded (its AttentionOptions and backend name, `remember`). The key ho
     floats) never finds the plan of an equal one that passed (True, ints);
   * the FUSED_ATTN_BACKEND variable, which dispatch reads on every call.
 Checks of tensor contents (cu_seqlens, cache_seqlens, block tables) are not part of a plan: they
-run as host_checks.py says, plan or not. A call that fails its checks keeps nothing, so bad input always
-raises. Nothing is kept while torch.compile, torch.jit.trace or torch.func transforms trace, nor
-for tensor subclasses or arguments of other types (a 0-d tensor as a scale): such calls take the
-checks every time.
+run as host_checks.py says, plan or not. A call that fails its checks keeps nothing, so bad input
+always raises. Nothing is kept while torch.compile, torch.jit.trace or torch.func transforms
+trace, nor for tensor subclasses or arguments of other types (a 0-d tensor as a scale, an int
+cache_seqlens): such calls take the checks every time.
 """
 from __future__ import annotations
 
