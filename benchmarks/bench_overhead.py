@@ -9,6 +9,8 @@ more than the kernels, and a GPU then waits on the host. Each row times back-to-
 entry point on tiny inputs and reports the wall time per call, against torch SDPA doing the same
 math from the same inputs:
     attention fwd            fused_attn.attention, q, k, v (1, 8, 32, 64), no gradient
+    sdpa drop-in fwd         fused_attn.scaled_dot_product_attention (what fused_attn.enable() installs as
+                             torch's function, for models that call SDPA) on the fwd inputs
     attention decode         fused_attn.attention, q (1, 8, 1, 64) against k, v (1, 2, 256, 64) (GQA);
                              SDPA with enable_gqa=True
     attention fwd+bwd        the same as fwd with q, k, v requiring grad, then out.backward
@@ -71,6 +73,8 @@ def cases(device: str, dtype: torch.dtype) -> dict[str, dict[str, Callable[[], o
     return {
         "attention fwd": {"fused_attn": lambda: fused_attn.attention(q, k, v),
                           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)},
+        "sdpa drop-in fwd": {"fused_attn": lambda: fused_attn.scaled_dot_product_attention(q, k, v),
+                             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)},
         "attention decode": {"fused_attn": lambda: fused_attn.attention(qd, kd, vd),
                              "sdpa": lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)},
         "attention fwd+bwd": {"fused_attn": lambda: backward(fused_attn.attention(qg, kg, vg)),

@@ -11,6 +11,7 @@ serve the call and torch's original function otherwise.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 from typing import Callable, Iterator, NamedTuple, Optional
@@ -18,7 +19,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from . import dispatch, plans
 from .api import attention
 from .autocast import autocast_inputs
 from .checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, as_number
@@ -103,11 +104,12 @@ def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     # Leading dims: (*batch, heads, L, E), every input padded on the left to the same rank.
     rank = max(query.dim(), key.dim(), value.dim(), 3)
-    q, k, v = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (query, key, value))
-    try:
-        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
-    except RuntimeError as error:
-        return _Refusal(RuntimeError, f"query, key and value batch dims do not broadcast: {error}")
+    q, k, v = (t if t.dim() == rank else t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+               for t in (query, key, value))
+    batch = _broadcast(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    if batch is None:
+        return _Refusal(RuntimeError, f"query, key and value batch dims do not broadcast: {tuple(q.shape[:-3])}, "
+                                      f"{tuple(k.shape[:-3])} and {tuple(v.shape[:-3])}")
     heads_q, heads_k, heads_v = q.shape[-3], k.shape[-3], v.shape[-3]
     if enable_gqa:
         if heads_k == 0 or heads_v == 0 or heads_q % heads_k or heads_q % heads_v:
@@ -119,18 +121,17 @@ def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         else:
             kv_heads = heads_k
     else:
-        try:
-            (heads,) = torch.broadcast_shapes((heads_q,), (heads_k,), (heads_v,))
-        except RuntimeError:
+        heads = (_broadcast((heads_q,), (heads_k,), (heads_v,)) or (None,))[0]
+        if heads is None:
             return _Refusal(RuntimeError, f"The size of query heads ({heads_q}) must match key heads ({heads_k}) and "
                                           f"value heads ({heads_v}) at dim -3 unless they are 1; pass enable_gqa=True "
                                           "for grouped-query attention")
         # Shared single k/v heads stay single: that is multi-query attention, served natively.
         kv_heads = 1 if heads_k == heads_v == 1 else heads
     flat = math.prod(batch)
-    q4 = _heads_to(q.expand(*batch, *q.shape[-3:]).reshape(flat, *q.shape[-3:]), heads)
-    k4 = _heads_to(k.expand(*batch, *k.shape[-3:]).reshape(flat, *k.shape[-3:]), kv_heads)
-    v4 = _heads_to(v.expand(*batch, *v.shape[-3:]).reshape(flat, *v.shape[-3:]), kv_heads)
+    q4 = _heads_to(_flat_batch(q, batch, flat), heads)
+    k4 = _heads_to(_flat_batch(k, batch, flat), kv_heads)
+    v4 = _heads_to(_flat_batch(v, batch, flat), kv_heads)
     seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
     out_shape = (*batch, heads, seqlen_q, v.shape[-1])
     if query.dim() == key.dim() == value.dim() == 2:
@@ -139,17 +140,36 @@ def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     mask4 = None
     if attn_mask is not None:
         full = (*batch, heads, seqlen_q, seqlen_k)
-        try:
-            fits = torch.broadcast_shapes(tuple(attn_mask.shape), full) == full
-        except RuntimeError:
-            fits = False
-        if not fits:
+        if _broadcast(tuple(attn_mask.shape), full) != full:
             return _Refusal(RuntimeError, f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "
                                           f"attention scores' shape {full}")
         mask4 = _mask_to_4d(attn_mask, batch, flat)
 
     return _Plan(q4, k4, v4, mask4, is_causal, scale, float(dropout_p) if dropout_p < 1 else 0.0, dropout_p >= 1,
                  out_shape)
+
+
+def _broadcast(*shapes: tuple) -> Optional[tuple]:
+    """The shape `shapes` broadcast to, as torch.broadcast_shapes gives it, or None where they do
+    not broadcast (torch's function goes through its tracing machinery: ~40 us a call)."""
+    result = []
+    for sizes in itertools.zip_longest(*(reversed(shape) for shape in shapes), fillvalue=1):
+        size = 1
+        for n in sizes:
+            if n != 1:
+                if size != 1 and n != size:
+                    return None
+                size = n
+        result.append(size)
+    return tuple(reversed(result))
+
+
+def _flat_batch(t: Tensor, batch: tuple, flat: int) -> Tensor:
+    """t (*t_batch, H, L, E), t_batch broadcastable to `batch`, as (flat, H, L, E): a view, t itself
+    when its one batch dim already is the batch."""
+    if len(batch) == 1 and t.shape[0] == flat:
+        return t
+    return t.expand(*batch, *t.shape[-3:]).reshape(flat, *t.shape[-3:])
 
 
 def _mask_to_4d(mask: Tensor, batch: tuple, flat: int) -> Tensor:
@@ -235,7 +255,17 @@ def scaled_dot_product_attention(
 
 
 def _unsupported_reason(plan: _Plan) -> Optional[str]:
-    """Why fused_attn cannot serve a valid call (dtype, head dim, no backend); None when it can."""
+    """Why fused_attn cannot serve a valid call (dtype, head dim, no backend); None when it can.
+    Remembered for the calls like it, as plans.py remembers fused_attn's own checks."""
+    key = plans.signature("scaled_dot_product_attention", (plan.q, plan.k, plan.v, plan.attn_mask),
+                          (plan.causal, plan.dropout_p))
+    reason = plans.recall(key)
+    if reason is None:
+        reason = plans.remember(key, _find_unsupported_reason(plan) or "")
+    return reason or None
+
+
+def _find_unsupported_reason(plan: _Plan) -> Optional[str]:
     q, k, v = plan.q, plan.k, plan.v
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype}"

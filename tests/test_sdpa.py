@@ -339,3 +339,17 @@ def test_autocast_casts_as_torch_does(spy):
         assert result.dtype == torch.bfloat16
         torch.testing.assert_close(result, expected, rtol=2e-2, atol=2e-2)
     assert fused_attn.attention(q, k, v).dtype == torch.float32  # outside: as given
+
+
+@pytest.mark.parametrize("shapes", [
+    ((2, 1, 3), (1, 4, 3)), ((), (5,)), ((0,), (1,)), ((2, 0), (2, 1)), ((7, 1, 1), (3, 1), (1,)),
+    ((3,), (4,)), ((0,), (2,)), ((2, 3), (3, 3, 3)), ((1, 1), (1, 1, 1)),
+], ids=str)
+def test_broadcast_of_shapes_is_torchs(shapes):
+    """The patch's own shape broadcasting (torch's function is slow) gives torch's shape, or None
+    where torch raises."""
+    try:
+        expected = tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        expected = None
+    assert sdpa_module._broadcast(*shapes) == expected
