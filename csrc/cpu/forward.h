@@ -185,28 +185,6 @@ void prefetch_key_rows(const ForwardArgs& s, int64_t b, int64_t hk, int64_t k0, 
   }
 }
 
-// The query rows (to be read) and output rows (to be written) of forward task `task`, asked for
-// while the task before it computes: a task with few keys to work through (a narrow window, a
-// short sequence) would otherwise wait on them, its products too short to hide the misses.
-template <typename T>
-void prefetch_task_rows(const ForwardArgs& args, int64_t task) {
-  constexpr int64_t kLine = 64;
-  const TaskAt at = locate(args.tasks, task);
-  const ForwardArgs s = sequence(args, at.sequence);
-  const QueryBlock block = query_block(s.p, at.index / args.splits.of(s.p.seqlen_k));
-  auto prefetch = [&](const Strided& t, int64_t dim, int write) {
-    if (t.col != 1) return;
-    const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
-    for (int64_t g = 0; g < block.heads; ++g)
-      for (int64_t i = 0; i < block.rows; ++i) {
-        const char* row = reinterpret_cast<const char*>(at_row<T>(t, at.sequence, block.h0 + g, block.q0 + i));
-        for (int64_t c = 0; c < bytes; c += kLine) __builtin_prefetch(row + c, write, 2);
-      }
-  };
-  prefetch(s.q, s.p.head_dim, 0);
-  if (args.splits.keys == 0) prefetch(s.out, s.p.head_dim_v, 1);  // (split tasks write partials)
-}
-
 // Rows [k0, k0 + n) of (b, hk) of s (K or V through a paged cache's table; Q, dO with no pages)
 // as fp32 tiles (tile.h, fp32_tile), read where they lie when they lie within one page. Decoding
 // reads each key once, and the backward each Q and dO block once per key block, so a copy would
@@ -472,7 +450,6 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     } else {
       load_queries_t<T>(qt, ld, kb, s.q, b, block, D);  // kb: free until the key loop
     }
-    if (task + 1 < end) prefetch_task_rows<T>(args, task + 1);
     fill(row_max, ld, -kInf);
     fill(row_sum, ld, 0.f);
     fill(acc, cols * Dvp, 0.f);
