@@ -197,7 +197,7 @@ def _run(plan: _Plan, backend: Optional[str] = None) -> Tensor:
                     attn_mask=attn_mask, dropout_p=plan.dropout_p, backend=backend)
     if plan.zero_output:
         out = out * 0.0
-    return out.reshape(plan.out_shape)
+    return out if out.shape == plan.out_shape else out.reshape(plan.out_shape)
 
 
 def scaled_dot_product_attention(
