@@ -7,7 +7,7 @@ import torch
 
 from . import plans
 from .autocast import autocast_inputs
-from .checks import check_alibi_slopes, check_attn_mask, check_qkv, make_options
+from .checks import check_alibi_slopes, check_attn_mask, check_dense, check_qkv, make_options
 from .dispatch import explain_choice, select_backend
 from .dropout import draw_seed
 from .ops import attention_op, split_mask
@@ -134,6 +134,7 @@ def _plan(q, k, v, *arguments, backend) -> tuple[AttentionOptions, str]:
 
 def _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window, alibi_slopes, softcap,
               return_lse, deterministic) -> tuple[AttentionOptions, AttentionTensors]:
+    check_dense(q=q, k=k, v=v, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
     check_qkv(q, k, v)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")

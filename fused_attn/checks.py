@@ -21,6 +21,15 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def check_dense(**tensors) -> None:
+    """Each tensor given (None, or not a tensor, is left to the other checks) must be a dense
+    (strided) one: nested and sparse tensors have no rows for the kernels to read."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and (t.is_nested or t.layout != torch.strided):
+            kind = "nested" if t.is_nested else f"{t.layout} (sparse)"
+            raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes=None) -> None:
     """Check that q (B, Hq, Lq, D), k (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv) fit together.
 

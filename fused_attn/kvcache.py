@@ -9,7 +9,7 @@ import torch
 from . import host_checks, plans
 from .backends import get_backend
 from .backends.base import append_by_indexing
-from .checks import check_alibi_slopes, check_qkv, make_options
+from .checks import check_alibi_slopes, check_dense, check_qkv, make_options
 from .dispatch import select_backend
 from .layout import kvcache_outputs
 from .ops import needs_the_op
@@ -129,6 +129,8 @@ def _plan(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, causal_
           alibi_slopes, softcap, return_lse, *, backend) -> tuple[AttentionOptions, str]:
     """What a call with these arguments runs with (its options and backend) after every check but
     those of the lengths' and pages' values (plans.py keeps it for the calls like it)."""
+    check_dense(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v,
+                block_table=block_table, alibi_slopes=alibi_slopes)
     _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v)
     _check_cache_seqlens(cache_seqlens, q)
     if causal_alignment != "bottom_right":

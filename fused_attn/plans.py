@@ -5,8 +5,8 @@ what the checks (checks.py) and the backend choice (dispatch.py) conclude depend
 in Python they cost ~20 us a call, more than a small call's kernels. So each entry point keys a
 call by all of that (`signature`) and keeps, for the next call with the key, what a call that
 passed concluded (its AttentionOptions and backend name, `remember`). The key holds:
-  * each tensor's shape, dtype, device and requires_grad (None for an absent one; no check or
-    backend looks at strides);
+  * each tensor's shape, dtype, device, requires_grad and layout (None for an absent one; no
+    check or backend looks at strides);
   * every other argument with its type, so that a value that fails a check (causal=1, a window of
     floats) never finds the plan of an equal one that passed (True, ints);
   * the FUSED_ATTN_BACKEND variable, which dispatch reads on every call.
@@ -42,7 +42,10 @@ def signature(entry_point: str, tensors: tuple, arguments: tuple) -> Optional[tu
         if t is None:
             key.append(None)
         elif type(t) in PLAIN_TENSORS:
-            key.append((t.shape, t.dtype, t.device, t.requires_grad))
+            try:
+                key.append((t.shape, t.dtype, t.device, t.requires_grad, t.layout))
+            except RuntimeError:  # a nested tensor has no shape: the checks refuse it
+                return None
         else:  # a tensor subclass, or not a tensor at all: the checks judge it
             return None
     for value in arguments:

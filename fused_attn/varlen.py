@@ -7,7 +7,7 @@ import torch
 
 from . import plans
 from .autocast import autocast_inputs
-from .checks import (check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_values, check_packed_qkv,
+from .checks import (check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_values, check_dense, check_packed_qkv,
                      make_options)
 from .dispatch import select_backend
 from .dropout import draw_seed
@@ -78,6 +78,7 @@ def _plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causa
           window, alibi_slopes, softcap, return_lse, deterministic, *, backend) -> tuple[AttentionOptions, str]:
     """What a call with these arguments runs with (its options and backend) after every check but
     those of cu_seqlens's values (plans.py keeps it for the calls like it)."""
+    check_dense(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     check_packed_qkv(q, k, v)
     opts = make_options(q.transpose(0, 1), causal=causal, causal_alignment=causal_alignment, scale=scale,
                         window=window, softcap=softcap, dropout_p=dropout_p, deterministic=deterministic,

@@ -175,3 +175,29 @@ def test_kvcache_checks_lengths_and_pages_on_every_call(choices):
     fused_attn.attention_with_kvcache(q, pages, pages, lengths, block_table=table)
     with pytest.raises(ValueError, match="block_table points past the 6 pages"):
         fused_attn.attention_with_kvcache(q, pages, pages, lengths, block_table=table + 1)
+
+
+def test_sparse_and_nested_tensors_are_refused_even_after_a_dense_call():
+    """A sparse tensor has the shape, dtype and device of a dense one: its layout is in the key, and
+    the checks refuse it by name (as a nested tensor, which has no shape at all)."""
+    q, k, v = qkv()
+    fused_attn.attention(q, k, v)
+    with pytest.raises(TypeError, match=r"q must be a dense \(strided\) tensor, got a torch.sparse_coo"):
+        fused_attn.attention(q.to_sparse(), k, v)
+    nested = torch.nested.nested_tensor([k[0], k[0, :, :7]])
+    with pytest.raises(TypeError, match=r"k must be a dense \(strided\) tensor, got a nested tensor"):
+        fused_attn.attention(q, nested, v)
+    mask = torch.ones(8, 10, dtype=torch.bool, device=DEVICE)
+    fused_attn.attention(q, k, v, attn_mask=mask)
+    with pytest.raises(TypeError, match="attn_mask must be a dense"):
+        fused_attn.attention(q, k, v, attn_mask=mask.to_sparse())
+    k_cache = torch.randn(1, 12, 2, 16, device=DEVICE)
+    lengths = torch.tensor([5], dtype=torch.int32, device=DEVICE)
+    fused_attn.attention_with_kvcache(q[:, :, :1].transpose(1, 2), k_cache, k_cache, lengths)
+    with pytest.raises(TypeError, match="k_cache must be a dense"):
+        fused_attn.attention_with_kvcache(q[:, :, :1].transpose(1, 2), k_cache.to_sparse(), k_cache, lengths)
+    packed = torch.randn(10, 2, 16, device=DEVICE)
+    cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    fused_attn.varlen_attention(packed, packed, packed, cu_seqlens, cu_seqlens, 6, 6)
+    with pytest.raises(TypeError, match="cu_seqlens_k must be a dense"):
+        fused_attn.varlen_attention(packed, packed, packed, cu_seqlens, cu_seqlens.to_sparse(), 6, 6)
