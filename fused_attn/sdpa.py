@@ -63,8 +63,47 @@ def _heads_to(t: Tensor, heads: int) -> Tensor:
     return t.repeat_interleave(repeats, dim=1)  # only for k, v with different GQA group sizes
 
 
+class _Recipe(NamedTuple):
+    """What _check concludes of a call from its tensors' shapes and its other arguments: how the
+    tensors become `attention`'s, and the keywords it takes."""
+
+    rank: int  # every input's leading dims padded to rank - 3
+    batch: tuple  # the broadcast leading dims, flattened into `flat`
+    flat: int
+    heads: int  # query heads, and the heads k and v are brought to
+    kv_heads: int
+    causal: bool
+    scale: Optional[float]
+    dropout_p: float
+    zero_output: bool
+    out_shape: tuple
+
+
 def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """Check a call as torch does and rewrite it for `attention`; a _Refusal when it cannot be served."""
+    """Check a call as torch does and rewrite it for `attention`; a _Refusal when it cannot be served.
+    The checks' conclusion depends only on the tensors' shapes, dtypes, devices and layouts and the
+    other arguments: it is remembered for the calls like it (plans.py)."""
+    key_ = plans.signature("scaled_dot_product_attention", (query, key, value, attn_mask),
+                           (dropout_p, is_causal, scale, enable_gqa))
+    recipe = plans.recall(key_)
+    if recipe is None:
+        recipe = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if isinstance(recipe, _Refusal):
+            return recipe
+        plans.remember(key_, recipe)
+    q, k, v = (t if t.dim() == recipe.rank else t.reshape((1,) * (recipe.rank - t.dim()) + tuple(t.shape))
+               for t in (query, key, value))
+    q4 = _heads_to(_flat_batch(q, recipe.batch, recipe.flat), recipe.heads)
+    k4 = _heads_to(_flat_batch(k, recipe.batch, recipe.flat), recipe.kv_heads)
+    v4 = _heads_to(_flat_batch(v, recipe.batch, recipe.flat), recipe.kv_heads)
+    mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, recipe.batch, recipe.flat)
+    return _Plan(q4, k4, v4, mask4, recipe.causal, recipe.scale, recipe.dropout_p, recipe.zero_output,
+                 recipe.out_shape)
+
+
+def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """The _Recipe of a call torch would accept, or a _Refusal: torch's error, or why fused_attn
+    leaves it to torch."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             return _Refusal(TypeError, f"scaled_dot_product_attention(): argument '{name}' must be Tensor, "
@@ -128,25 +167,17 @@ def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
                                           "for grouped-query attention")
         # Shared single k/v heads stay single: that is multi-query attention, served natively.
         kv_heads = 1 if heads_k == heads_v == 1 else heads
-    flat = math.prod(batch)
-    q4 = _heads_to(_flat_batch(q, batch, flat), heads)
-    k4 = _heads_to(_flat_batch(k, batch, flat), kv_heads)
-    v4 = _heads_to(_flat_batch(v, batch, flat), kv_heads)
     seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
     out_shape = (*batch, heads, seqlen_q, v.shape[-1])
     if query.dim() == key.dim() == value.dim() == 2:
         out_shape = out_shape[-2:]
-
-    mask4 = None
     if attn_mask is not None:
         full = (*batch, heads, seqlen_q, seqlen_k)
         if _broadcast(tuple(attn_mask.shape), full) != full:
             return _Refusal(RuntimeError, f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "
                                           f"attention scores' shape {full}")
-        mask4 = _mask_to_4d(attn_mask, batch, flat)
-
-    return _Plan(q4, k4, v4, mask4, is_causal, scale, float(dropout_p) if dropout_p < 1 else 0.0, dropout_p >= 1,
-                 out_shape)
+    return _Recipe(rank, batch, math.prod(batch), heads, kv_heads, is_causal, scale,
+                   float(dropout_p) if dropout_p < 1 else 0.0, dropout_p >= 1, out_shape)
 
 
 def _broadcast(*shapes: tuple) -> Optional[tuple]:

@@ -353,3 +353,23 @@ def test_broadcast_of_shapes_is_torchs(shapes):
     except RuntimeError:
         expected = None
     assert sdpa_module._broadcast(*shapes) == expected
+
+
+@pytest.mark.parametrize("valid, invalid", [
+    (dict(is_causal=True), dict(is_causal=1)),
+    (dict(attn_mask="bool"), dict(attn_mask="bool, wrong length")),
+], ids=["is_causal", "mask"])
+def test_remembered_checks_still_refuse_what_torch_refuses(valid, invalid):
+    """The drop-in remembers its checks' conclusion per call signature (plans.py): a call that
+    differs only in an argument's type, or a mask's shape, is checked again and raises as torch."""
+    q, k, v = (torch.randn(2, 4, 5, 16, device=DEVICE) for _ in range(3))
+    masks = {"bool": torch.ones(5, 5, dtype=torch.bool, device=DEVICE),
+             "bool, wrong length": torch.ones(5, 4, dtype=torch.bool, device=DEVICE)}
+    valid, invalid = ({name: masks.get(value, value) if name == "attn_mask" else value for name, value in kw.items()}
+                      for kw in (valid, invalid))
+    torch.testing.assert_close(fused_attn.scaled_dot_product_attention(q, k, v, **valid),
+                               TORCH_SDPA(q, k, v, **valid))
+    with pytest.raises(Exception) as torch_error:
+        TORCH_SDPA(q, k, v, **invalid)
+    with pytest.raises(type(torch_error.value)):
+        fused_attn.scaled_dot_product_attention(q, k, v, **invalid)
