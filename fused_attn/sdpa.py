@@ -51,6 +51,7 @@ class _Plan(NamedTuple):
     dropout_p: float
     zero_output: bool  # dropout_p == 1: torch drops every probability
     out_shape: tuple
+    unsupported: Optional[str] = None  # why fused_attn cannot serve this valid call (_plan's); None when it can
 
 
 def _heads_to(t: Tensor, heads: int) -> Tensor:
@@ -77,6 +78,7 @@ class _Recipe(NamedTuple):
     dropout_p: float
     zero_output: bool
     out_shape: tuple
+    unsupported: Optional[str] = None  # filled in by _plan from the first call's rewritten tensors
 
 
 def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -86,19 +88,32 @@ def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     key_ = plans.signature("scaled_dot_product_attention", (query, key, value, attn_mask),
                            (dropout_p, is_causal, scale, enable_gqa))
     recipe = plans.recall(key_)
-    if recipe is None:
-        recipe = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        if isinstance(recipe, _Refusal):
-            return recipe
-        plans.remember(key_, recipe)
-    q, k, v = (t if t.dim() == recipe.rank else t.reshape((1,) * (recipe.rank - t.dim()) + tuple(t.shape))
+    if recipe is not None:
+        return _rewrite(recipe, query, key, value, attn_mask)
+    recipe = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if isinstance(recipe, _Refusal):
+        return recipe
+    plan = _rewrite(recipe, query, key, value, attn_mask)
+    recipe = plans.remember(key_, recipe._replace(unsupported=_unsupported_reason(plan)))
+    return plan._replace(unsupported=recipe.unsupported)
+
+
+def _rewrite(recipe: _Recipe, query, key, value, attn_mask) -> _Plan:
+    """The call's tensors as `attention` takes them, by the recipe: views, never copies (but for
+    k, v whose head counts differ from each other under GQA, _heads_to)."""
+    q, k, v = (t if t.dim() == recipe.rank else t.reshape(_padded(t.shape, recipe.rank))
                for t in (query, key, value))
     q4 = _heads_to(_flat_batch(q, recipe.batch, recipe.flat), recipe.heads)
     k4 = _heads_to(_flat_batch(k, recipe.batch, recipe.flat), recipe.kv_heads)
     v4 = _heads_to(_flat_batch(v, recipe.batch, recipe.flat), recipe.kv_heads)
     mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, recipe.batch, recipe.flat)
     return _Plan(q4, k4, v4, mask4, recipe.causal, recipe.scale, recipe.dropout_p, recipe.zero_output,
-                 recipe.out_shape)
+                 recipe.out_shape, recipe.unsupported)
+
+
+def _padded(shape, rank: int) -> tuple:
+    """A shape with its leading dims padded with ones to `rank` dims."""
+    return (1,) * (rank - len(shape)) + tuple(shape)
 
 
 def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -143,13 +158,12 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
     # Leading dims: (*batch, heads, L, E), every input padded on the left to the same rank.
     rank = max(query.dim(), key.dim(), value.dim(), 3)
-    q, k, v = (t if t.dim() == rank else t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
-               for t in (query, key, value))
-    batch = _broadcast(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    q, k, v = (_padded(t.shape, rank) for t in (query, key, value))
+    batch = _broadcast(q[:-3], k[:-3], v[:-3])
     if batch is None:
-        return _Refusal(RuntimeError, f"query, key and value batch dims do not broadcast: {tuple(q.shape[:-3])}, "
-                                      f"{tuple(k.shape[:-3])} and {tuple(v.shape[:-3])}")
-    heads_q, heads_k, heads_v = q.shape[-3], k.shape[-3], v.shape[-3]
+        return _Refusal(RuntimeError, f"query, key and value batch dims do not broadcast: {q[:-3]}, {k[:-3]} and "
+                                      f"{v[:-3]}")
+    heads_q, heads_k, heads_v = q[-3], k[-3], v[-3]
     if enable_gqa:
         if heads_k == 0 or heads_v == 0 or heads_q % heads_k or heads_q % heads_v:
             return _Refusal(RuntimeError, "Number of heads in key and value must divide the number of heads in query "
@@ -167,8 +181,8 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
                                           "for grouped-query attention")
         # Shared single k/v heads stay single: that is multi-query attention, served natively.
         kv_heads = 1 if heads_k == heads_v == 1 else heads
-    seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
-    out_shape = (*batch, heads, seqlen_q, v.shape[-1])
+    seqlen_q, seqlen_k = q[-2], k[-2]
+    out_shape = (*batch, heads, seqlen_q, v[-1])
     if query.dim() == key.dim() == value.dim() == 2:
         out_shape = out_shape[-2:]
     if attn_mask is not None:
@@ -287,16 +301,7 @@ def scaled_dot_product_attention(
 
 def _unsupported_reason(plan: _Plan) -> Optional[str]:
     """Why fused_attn cannot serve a valid call (dtype, head dim, no backend); None when it can.
-    Remembered for the calls like it, as plans.py remembers fused_attn's own checks."""
-    key = plans.signature("scaled_dot_product_attention", (plan.q, plan.k, plan.v, plan.attn_mask),
-                          (plan.causal, plan.dropout_p))
-    reason = plans.recall(key)
-    if reason is None:
-        reason = plans.remember(key, _find_unsupported_reason(plan) or "")
-    return reason or None
-
-
-def _find_unsupported_reason(plan: _Plan) -> Optional[str]:
+    (_plan keeps it in the call's remembered recipe.)"""
     q, k, v = plan.q, plan.k, plan.v
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype}"
@@ -319,7 +324,7 @@ def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     # Inside torch.func transforms too: fused_attn serves grad, vjp, jacrev and vmap but no second
     # derivative (nested grad, hessian), which torch's function gives.
-    if isinstance(plan, _Refusal) or _unsupported_reason(plan) is not None or under_func_transform():
+    if isinstance(plan, _Refusal) or plan.unsupported is not None or under_func_transform():
         # What was there before enable() (torch's function) serves it, or raises its own error.
         fallback = _replaced if _replaced is not None else _TORCH_SDPA
         return fallback(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
