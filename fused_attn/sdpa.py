@@ -148,12 +148,16 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
                                           f"got attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
         if attn_mask.dim() < 2:
             return _Refusal(IndexError, f"attn_mask must have at least 2 dimensions, got shape {tuple(attn_mask.shape)}")
+    # torch's signature takes doubles, and Python bools are numbers there: dropout_p=True drops all,
+    # scale=True is 1.0 (fused_attn.attention itself refuses bools, a likely slip of the keyword).
     dropout_p, scale = as_number(dropout_p), as_number(scale)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+    dropout_p = float(dropout_p) if isinstance(dropout_p, bool) else dropout_p
+    scale = float(scale) if isinstance(scale, bool) else scale
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         return _Refusal(ValueError, f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if not isinstance(is_causal, bool):
         return _Refusal(TypeError, f"is_causal must be a bool, got {is_causal!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         return _Refusal(TypeError, f"scale must be a finite number or None, got {scale!r}")
 
     # Leading dims: (*batch, heads, L, E), every input padded on the left to the same rank.

@@ -141,6 +141,17 @@ def test_errors_are_the_kind_torch_raises(call):
         fused_attn.scaled_dot_product_attention(*args, **keywords)
 
 
+@pytest.mark.parametrize("keywords", [dict(scale=True), dict(dropout_p=False), dict(dropout_p=True)])
+def test_bools_are_numbers_as_in_torch(keywords):
+    """torch takes scale=True as 1.0 and dropout_p=True as 1.0 (every probability dropped)."""
+    q, k, v = (torch.randn(2, 3, 5, 16, device=DEVICE) for _ in range(3))
+    expected = TORCH_SDPA(q, k, v, **keywords)
+    out = fused_attn.scaled_dot_product_attention(q, k, v, **keywords)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    if keywords.get("dropout_p") is True:
+        assert torch.all(out == 0)
+
+
 def test_dropout_mean_and_seed():
     p = 0.3
     q, k = randn(2, 4, 64, D, requires_grad=False), randn(2, 4, 64, D, requires_grad=False)
