@@ -10,15 +10,19 @@ torch.compile traces it breaks the graph. So these checks:
     or block_table each step, and only the first call of the step reads it. Any in-place change
     made through torch (``cache_seqlens += 1``, ``table[b, i] = page``) bumps the tensor's version
     counter, and the next call checks it again. Writes that bypass torch (a custom kernel's, or
-    through ``.data``) are not seen: pass a new tensor after such writes. Tensors made under
-    torch.inference_mode have no version counter, so they are checked on every call.
+    through ``.data``) are not seen: pass a new tensor after such writes.
+  * Tensors made under torch.inference_mode have no version counter, so an in-place change to one
+    cannot be seen. A KV cache's lengths and pages (`kernels_judge`: the triton and cuda kernels
+    check them as they read them, and give a sequence outside the cache NaN rows) are then checked
+    the first time each such tensor is seen; cu_seqlens (whose boundaries the kernels only clamp)
+    on every call.
 CPU tensors are read without a sync and checked on every call.
 """
 from __future__ import annotations
 
 import os
 import weakref
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -42,13 +46,16 @@ _passed: dict[tuple, tuple] = {}
 _MAX_REMEMBERED = 64
 
 
-def check_once(check: Callable[[], None], device: torch.device, facts: tuple, *tensors) -> None:
+def check_once(check: Callable[[], None], device: torch.device, facts: tuple, *tensors,
+               kernels_judge: bool = False) -> None:
     """Run `check` (which reads `tensors` through `read` and raises on bad values), unless checks on
     `device` are skipped, or the same tensors (None allowed), unchanged since, passed it with the
-    same `facts` (what else it depended on: totals, capacities...)."""
+    same `facts` (what else it depended on: totals, capacities...). kernels_judge: the kernels
+    that will read the tensors judge the values themselves, so a tensor without a version counter
+    may be remembered too (see the module docstring)."""
     if skipped(device):
         return
-    if not _remembered(tensors):
+    if not _remembered(tensors, kernels_judge):
         check()
         return
     key = (facts, *map(id, tensors))
@@ -57,23 +64,34 @@ def check_once(check: Callable[[], None], device: torch.device, facts: tuple, *t
     check()
     if len(_passed) >= _MAX_REMEMBERED:
         _passed.clear()
-    _passed[key] = tuple((None, 0) if t is None else (weakref.ref(t), t._version) for t in tensors)
+    _passed[key] = tuple((None, 0) if t is None else (weakref.ref(t), _version(t)) for t in tensors)
 
 
-def _remembered(tensors) -> bool:
+def _remembered(tensors, kernels_judge: bool) -> bool:
     """Whether a check of these tensors is remembered: where reading their values costs a sync,
-    and each has a version counter (tensors made under torch.inference_mode have none)."""
-    on_gpu = False
+    and each has a version counter (tensors made under torch.inference_mode have none) or the
+    kernels judge the values."""
+    sync = False
     for t in tensors:  # (a plain loop: this runs on every call)
         if t is not None:
-            if t.is_inference():
+            if t.is_inference() and not kernels_judge:
                 return False
-            on_gpu = on_gpu or t.device.type != "cpu"
-    return on_gpu
+            sync = sync or costs_a_sync(t)
+    return sync
+
+
+def costs_a_sync(t: torch.Tensor) -> bool:
+    """Whether reading t's values on the host waits for the device."""
+    return t.device.type != "cpu"
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """t's version counter, None for an inference tensor (it has none)."""
+    return None if t.is_inference() else t._version
 
 
 def _unchanged(entry, tensors) -> bool:
     """Whether `tensors` are the very tensors of a remembered entry, at the same versions."""
     return entry is not None and all(
-        (t is None and ref is None) or (ref is not None and ref() is t and t._version == version)
+        (t is None and ref is None) or (ref is not None and ref() is t and _version(t) == version)
         for t, (ref, version) in zip(tensors, entry))

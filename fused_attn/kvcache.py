@@ -100,11 +100,14 @@ def attention_with_kvcache(
 
     The lengths and pages are checked on the host, one device-to-host transfer (a sync on GPUs;
     none when cache_seqlens is an int and the cache contiguous), once per GPU tensor and version
-    (the first layer of a step; tensors made under torch.inference_mode, every call); not while
-    torch.compile traces or a CUDA graph is captured, nor for GPU tensors with
-    FUSED_ATTN_HOST_CHECKS=0 (no sync): there they must be valid (the kernels clamp lengths into
-    the cache, and never write new tokens outside it; the triton ones clamp the pages they read
-    too, the cuda ones do not). See fused_attn/host_checks.py.
+    (the first layer of a step); not while torch.compile traces or a CUDA graph is captured, nor
+    for GPU tensors with FUSED_ATTN_HOST_CHECKS=0 (no sync). A tensor made under
+    torch.inference_mode has no version counter: the triton and cuda backends check it the first
+    time they see it (the reference backend on every call). Where the host does not check, the
+    triton and cuda kernels do: a sequence whose length with its new tokens lies outside
+    [0, capacity], or one of whose pages is not a page of the cache, reads nothing and gets NaN
+    out and lse rows, and new tokens are never written outside the cache. See
+    fused_attn/host_checks.py.
     torch.jit.trace records the append and the attention, so a traced module writes the caches in
     place as eager calls do; the host checks run while tracing, not in the traced module, and an
     int cache_seqlens becomes a constant of the trace (with a TracerWarning): pass a tensor.
@@ -119,7 +122,8 @@ def attention_with_kvcache(
                           (causal, causal_alignment, scale, dropout_p, window, softcap, return_lse, backend))
     opts, name = plans.recall(key) or plans.remember(key, _plan(q, k_cache, v_cache, *arguments, backend=backend))
     seqlens, host_lengths = _seqlens_tensor(cache_seqlens, q)
-    _check_capacity(seqlens, 0 if k is None else k.shape[1], k_cache, block_table, host_lengths)
+    _check_capacity(seqlens, 0 if k is None else k.shape[1], k_cache, block_table, host_lengths,
+                    get_backend(name).judges_cache_values)
     # No input requires grad (checked), so nothing below is recorded for autograd.
     out, lse = _eager_kvcache_forward(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, k, v, opts, name)
     return (out, lse) if return_lse else out
@@ -224,18 +228,19 @@ def _capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
 
 
 def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor],
-                    host_lengths: Optional[list[int]] = None) -> None:
+                    host_lengths: Optional[list[int]] = None, kernels_judge: bool = False) -> None:
     """Every sequence must fit its cache; pages must exist. One device-to-host transfer (a sync on
-    GPUs), when and as often as host_checks.py says (once per step for a model's layers); none
-    when the lengths are known on the host (host_lengths) and so is what else is checked (a
-    contiguous cache, or a block table on the CPU)."""
+    GPUs), when and as often as host_checks.py says (once per step for a model's layers; with
+    kernels_judge, the chosen backend's kernels check the values too); none when the lengths are
+    known on the host (host_lengths) and so is what else is checked (a contiguous cache, or a
+    block table on the CPU)."""
     if seqlens.numel() == 0:  # a batch of 0: nothing to check
         return
     capacity = _capacity(k_cache, block_table)
     facts = ("kvcache", new_tokens, k_cache.shape[:2], capacity, None if host_lengths is None else tuple(host_lengths))
     host_checks.check_once(
         lambda: _check_lengths_and_pages(seqlens, new_tokens, k_cache, block_table, capacity, host_lengths),
-        seqlens.device, facts, seqlens if host_lengths is None else None, block_table)
+        seqlens.device, facts, seqlens if host_lengths is None else None, block_table, kernels_judge=kernels_judge)
 
 
 def _check_lengths_and_pages(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor],

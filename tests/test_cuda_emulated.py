@@ -212,12 +212,15 @@ def test_new_tokens_are_written_in_place(emulated, monkeypatch, paged, dtype, st
     kvcache_tests.test_new_tokens_are_written_in_place_and_nothing_else(emulated.name, paged, dtype, strided, False)
 
 
-def test_unchecked_lengths_stay_inside_the_cache(emulated, monkeypatch):
-    """tests/test_kvcache.py's check of the kernels' clamps of lengths, on the emulator (the
-    sanitized run, make test-sanitized, reports any access past the cache). Contiguous caches
-    only: the cuda kernels trust page indices (params.h, KvCache)."""
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("splits", [0, 3], ids=["one-pass", "three-splits"])
+def test_unchecked_lengths_and_pages_give_nan_rows(emulated, monkeypatch, paged, splits):
+    """tests/test_kvcache.py's check of the kernels' own judgement of lengths and pages, on the
+    emulator (the sanitized run, make test-sanitized, reports any access past the cache), in one
+    pass and with the keys split (the merge carries a split's NaN)."""
     monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
-    kvcache_tests.test_unchecked_lengths_and_pages_stay_inside_the_cache(monkeypatch, emulated.name, False)
+    monkeypatch.setattr(BACKENDS[emulated.name], "decode_splits", splits)
+    kvcache_tests.test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, emulated.name, paged)
 
 
 def test_new_tokens_reach_a_cache_read_through_copies(emulated):

@@ -76,6 +76,28 @@ def test_decoding_steps_replayed(backend, paged):
             assert torch.equal(t, mirrored)
 
 
+@pytest.mark.parametrize("backend", [b for b in GPU_KERNELS if b in KVCACHE_BACKENDS])
+def test_a_replayed_step_past_the_cache_gives_nan_rows(backend):
+    """A replay runs no host check: a sequence whose lengths outgrew its cache (a serving loop that
+    forgot to stop it) gets NaN rows from the kernels, and the other sequences their own rows."""
+    batch, capacity, heads_q, heads_kv, dim = 2, 64, 8, 2, 64
+    k_cache = torch.randn(batch, capacity, heads_kv, dim, dtype=torch.bfloat16, device=CUDA)
+    v_cache = torch.randn_like(k_cache)
+    seqlens = torch.tensor([10, 20], dtype=torch.int32, device=CUDA)
+    q = torch.randn(batch, 1, heads_q, dim, dtype=torch.bfloat16, device=CUDA)
+
+    def call():
+        return fused_attn.attention_with_kvcache(q, k_cache, v_cache, seqlens, causal=True, backend=backend)
+
+    graph, out = captured(call)
+    seqlens.copy_(torch.tensor([capacity + 1, 30], dtype=torch.int32, device=CUDA))
+    graph.replay()
+    assert out[0].isnan().all()
+    valid = torch.tensor([10, 30], dtype=torch.int32, device=CUDA)
+    expected = fused_attn.attention_with_kvcache(q, k_cache, v_cache, valid, causal=True, backend=backend)
+    torch.testing.assert_close(out[1], expected[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", [b for b in GPU_KERNELS if b in VARLEN_BACKENDS])
 def test_packed_forward_replayed(backend):
     """varlen forward (inference) with device-side boundaries that change between replays."""

@@ -33,8 +33,7 @@ def test_skipped_only_where_a_sync_is_impossible_or_turned_off(monkeypatch):
 def reads(monkeypatch):
     """Remember checks of CPU tensors as of GPU ones, and count the values read on the host."""
     monkeypatch.setattr(host_checks, "_passed", {})
-    monkeypatch.setattr(host_checks, "_remembered",
-                        lambda tensors: not any(t is not None and t.is_inference() for t in tensors))
+    monkeypatch.setattr(host_checks, "costs_a_sync", lambda t: True)
     count = [0]
     read = host_checks.read
 
@@ -46,13 +45,15 @@ def reads(monkeypatch):
     return count
 
 
-def test_gpu_tensors_are_not_remembered_on_the_cpu_or_without_a_version_counter():
+def test_gpu_tensors_are_remembered_with_a_version_counter_or_where_the_kernels_judge():
     cpu = torch.zeros(3, dtype=torch.int32)
     meta = torch.zeros(3, dtype=torch.int32, device="meta")  # stands for a GPU tensor
-    assert not host_checks._remembered((cpu, None))
-    assert host_checks._remembered((cpu, meta))
+    assert not host_checks._remembered((cpu, None), False)
+    assert host_checks._remembered((cpu, meta), False)
     with torch.inference_mode():
-        assert not host_checks._remembered((torch.zeros(3, device="meta"),))
+        assert not host_checks._remembered((torch.zeros(3, device="meta"),), False)
+        assert host_checks._remembered((torch.zeros(3, device="meta"),), True)
+        assert not host_checks._remembered((torch.zeros(3),), True)
 
 
 def packed(lengths):
@@ -121,15 +122,39 @@ def test_a_block_table_changed_in_place_is_checked_again(reads):
         fused_attn.attention_with_kvcache(q, pages_k, pages_v, seqlens, block_table=table)
 
 
-def test_inference_tensors_are_checked_on_every_call(reads):
-    """torch.inference_mode's tensors have no version counter: an in-place change could not be
-    seen, so nothing about them is remembered."""
+@pytest.fixture
+def kernels_judge(monkeypatch, request):
+    """The cpu backend stands for one whose kernels judge a cache's lengths and pages (or not)."""
+    monkeypatch.setattr(fused_attn.backends.BACKENDS["cpu"], "judges_cache_values", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("kernels_judge", [False, True], indirect=True, ids=["host-judges", "kernels-judge"])
+def test_inference_tensors_are_checked_once_only_where_the_kernels_judge(reads, kernels_judge):
+    """torch.inference_mode's tensors have no version counter, so an in-place change cannot be
+    seen: a KV cache's lengths are checked on every call, or, for backends whose kernels check
+    them as they read (triton, cuda: NaN rows, tests/test_kvcache.py), the first time each tensor
+    is seen; a new tensor is checked again."""
     with torch.inference_mode():
         q, k_cache, v_cache = kvcache_inputs()
         seqlens = torch.tensor([5, 4], dtype=torch.int32)
         for _ in range(3):
             fused_attn.attention_with_kvcache(q, k_cache, v_cache, seqlens)
-        assert reads[0] == 3
+        assert reads[0] == (1 if kernels_judge else 3)
         seqlens += CAPACITY
+        if not kernels_judge:
+            with pytest.raises(ValueError, match="exceeds the cache capacity"):
+                fused_attn.attention_with_kvcache(q, k_cache, v_cache, seqlens)
         with pytest.raises(ValueError, match="exceeds the cache capacity"):
-            fused_attn.attention_with_kvcache(q, k_cache, v_cache, seqlens)
+            fused_attn.attention_with_kvcache(q, k_cache, v_cache, seqlens.clone())
+
+
+def test_inference_cu_seqlens_are_checked_on_every_call(reads):
+    """The kernels only clamp packed boundaries, so cu_seqlens made under inference_mode are read
+    at every call."""
+    with torch.inference_mode():
+        q, k, v = (torch.randn(8, HQ if name == "q" else HKV, D) for name in "qkv")
+        cu = packed([3, 5])
+        for _ in range(3):
+            fused_attn.varlen_attention(q, k, v, cu, cu, 5, 5)
+        assert reads[0] == 2 * 3  # as cu_seqlens_q and as cu_seqlens_k

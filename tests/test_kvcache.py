@@ -9,8 +9,7 @@ from oracle import assert_accurate, naive_attention, random_qkv
 import fused_attn
 
 B, HQ, HKV, D, DV, CAPACITY, PAGE = 3, 8, 2, 32, 24, 100, 16
-# Backends whose KV-cache kernels run on GPUs, where the host checks can be turned off (the cuda
-# one clamps lengths, not pages: tests/test_cuda_emulated.py).
+# Backends whose KV-cache kernels run on GPUs, where the host checks can be turned off.
 KVCACHE_GPU_BACKENDS = ("triton", "cuda")
 
 
@@ -307,28 +306,41 @@ def test_few_query_rows_take_the_decoding_kernel(monkeypatch, backend, dtype, se
 
 
 @pytest.mark.parametrize("backend, paged", [(name, paged) for name in KVCACHE_GPU_BACKENDS if name in BACKENDS
-                                             for paged in (False, True) if not (name == "cuda" and paged)])
-def test_unchecked_lengths_and_pages_stay_inside_the_cache(monkeypatch, backend, paged):
-    """With the host checks off (FUSED_ATTN_HOST_CHECKS=0, CUDA graphs) the kernels clamp what
-    they are given: a length past the cache (of the last sequence, whose cache ends the tensor) or
-    below 0, and pages outside it, are never read or written past the cache (the interpreter's
-    bounds checks and the sanitized emulator would say); a valid sequence of the same call is
-    unaffected."""
-    from fused_attn import host_checks
+                                             for paged in (False, True)])
+def test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, backend, paged):
+    """With the host checks off (CUDA graphs, inference-mode tensors after their first check,
+    FUSED_ATTN_HOST_CHECKS=0) the kernels judge lengths and pages themselves: a sequence whose
+    length (with its new tokens) is below 0 or past the cache, or one of whose pages is not a page
+    of the cache, reads nothing (the interpreter's bounds checks and the sanitized emulator would
+    say) and gets NaN rows and lse; new tokens are never written outside the cache; a valid
+    sequence of the same call, whose table row names a missing page only past its length, is
+    unaffected. Sequence 2's missing page lies in the first of the key splits, so the merge of
+    splits carries the NaN."""
+    from fused_attn import host_checks, layout
 
     monkeypatch.setattr(host_checks, "skipped", lambda device: True)
+    # Outputs start finite (not the NaN of FUSED_ATTN_POISON_OUTPUTS): the NaN must be written.
+    monkeypatch.setattr(layout, "new_output", lambda like, shape, dtype: like.new_full(shape, 7.0, dtype=dtype))
     k_cache, v_cache = make_cache(torch.float32)
     caches, table = (k_cache.clone(), v_cache.clone()), None
+    cached = torch.tensor([60, -7, CAPACITY + 50], dtype=torch.int32, device=DEVICE)
     if paged:
         *caches, table = paged_copy(k_cache, v_cache)
-        table[1, 0], table[2, 1] = -5, caches[0].shape[0] + 1000  # pages that do not exist
-    cached = torch.tensor([60, -7, CAPACITY + 50], dtype=torch.int32, device=DEVICE)
+        cached[2] = 40
+        table[2, 1] = caches[0].shape[0] + 1000  # holds keys 16..31 of sequence 2: a page that does not exist
+        table[1, 0] = -5
+        table[0, 5] = -1  # keys 80..95: past sequence 0's 62
+    pages_before = None if table is None else tuple(t.clone() for t in caches)
     k_new, v_new = torch.randn(B, 2, HKV, D, device=DEVICE), torch.randn(B, 2, HKV, DV, device=DEVICE)
     q = torch.randn(B, 1, HQ, D, device=DEVICE)
-    out = fused_attn.attention_with_kvcache(q, *caches, cached, k=k_new, v=v_new, block_table=table,
-                                            backend=backend)
+    out, lse = fused_attn.attention_with_kvcache(q, *caches, cached, k=k_new, v=v_new, block_table=table,
+                                                 return_lse=True, backend=backend)
     valid_keys = torch.cat([k_cache[0, :60], k_new[0]]), torch.cat([v_cache[0, :60], v_new[0]])
-    expected = fused_attn.attention(q[:1].transpose(1, 2), *(t.transpose(0, 1)[None] for t in valid_keys),
-                                    backend="reference")
+    expected, expected_lse = fused_attn.attention(q[:1].transpose(1, 2), *(t.transpose(0, 1)[None] for t in valid_keys),
+                                                  backend="reference", return_lse=True)
     torch.testing.assert_close(out[:1], expected.transpose(1, 2), rtol=1e-4, atol=1e-4)
-    assert torch.isfinite(out).all()
+    torch.testing.assert_close(lse[:1], expected_lse, rtol=1e-4, atol=1e-4)
+    assert out[1:].isnan().all() and lse[1:].isnan().all()
+    if paged:  # sequence 2's new tokens went to its (existing) page 2; sequence 1's to none
+        written = pages_before[0].ne(caches[0]).any(dim=(1, 2, 3)).nonzero().flatten().tolist()
+        assert sorted(written) == sorted({int(table[0, 3]), int(table[2, 2])})

@@ -64,7 +64,9 @@ __global__ void forward_kernel(ForwardParams call) {
   // Their scores' rules: decoding, each row's own head's (GQA-packed rows); else both are the
   // block's head's, and only the first is read (which keeps the dense instance's registers down).
   const HeadScores scores[2] = {HeadScores(p, b, block.head(my_rows[0])), HeadScores(p, b, block.head(my_rows[1]))};
-  const KeyRange keys = block.keys(params, rows);
+  KeyRange keys = block.keys(params, rows);
+  const bool readable = kCalls != Calls::Decoding || cache_readable(call, b, keys);
+  if (!readable) keys.end = keys.begin;  // its rows get NaN
   const int first = keys.begin / kBlockN * kBlockN;
 
   float o[kDim / 8][4] = {};
@@ -156,7 +158,7 @@ __global__ void forward_kernel(ForwardParams call) {
     total += __shfl_xor_sync(0xffffffffu, total, 2);
     if (my_rows[r] >= rows) continue;
     const RowOutput<T> out(params, b, block.head(my_rows[r]), my_query[r], block);
-    const float normaliser = RowSoftmax::normaliser(total);
+    const float normaliser = readable ? RowSoftmax::normaliser(total) : NAN;
     #pragma unroll
     for (int n = 0; n < kDim / 8; ++n)
       #pragma unroll
@@ -164,7 +166,7 @@ __global__ void forward_kernel(ForwardParams call) {
         const int col = n * 8 + 2 * t + e;
         if (col < Dv) out.store(col, o[n][2 * r + e] * normaliser);
       }
-    if (t == 0) out.store_lse(softmax[r].lse(total));
+    if (t == 0) out.store_lse(readable ? softmax[r].lse(total) : NAN);
   }
 }
 

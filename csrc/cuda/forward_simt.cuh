@@ -50,7 +50,9 @@ __global__ void forward_kernel(ForwardParams call) {
 
   const int i = block.query(row);
   const HeadScores scores(p, b, block.head(row));
-  const KeyRange keys = block.keys(params, rows);
+  KeyRange keys = block.keys(params, rows);
+  const bool readable = kCalls != Calls::Decoding || cache_readable(call, b, keys);
+  if (!readable) keys.end = keys.begin;  // its rows get NaN
   const int first = keys.begin / kBlockN * kBlockN;
 
   float o[kDim / kThreadsPerRow] = {};
@@ -113,13 +115,13 @@ __global__ void forward_kernel(ForwardParams call) {
   total += __shfl_xor_sync(0xffffffffu, total, 2);
   if (row >= rows) return;
   const RowOutput<float> out(params, b, block.head(row), i, block);
-  const float normaliser = RowSoftmax::normaliser(total);
+  const float normaliser = readable ? RowSoftmax::normaliser(total) : NAN;
   #pragma unroll
   for (int u = 0; u < kDim / kThreadsPerRow; ++u) {
     const int col = part + kThreadsPerRow * u;
     if (col < Dv) out.store(col, o[u] * normaliser);
   }
-  if (part == 0) out.store_lse(softmax.lse(total));
+  if (part == 0) out.store_lse(readable ? softmax.lse(total) : NAN);
 }
 
 template <int kDim>

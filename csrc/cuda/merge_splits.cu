@@ -2,7 +2,8 @@
 // weighted by their lse:
 //   lse = log sum_s exp(lse_s);  out = sum_s exp(lse_s - lse) out_s,
 // the output summed in split order. Splits that saw no key (lse_s = -inf) weigh 0; a row no split saw gets
-// out = 0 and lse = -inf.
+// out = 0 and lse = -inf; a row one of whose splits found its sequence outside the cache (lse_s NaN,
+// scores.cuh, cache_readable) gets NaN.
 #include "elements.cuh"
 #include "forward_kernels.h"
 
@@ -35,9 +36,14 @@ __global__ void merge_splits_kernel(ForwardParams params) {
   const int Dv = static_cast<int>(p.head_dim_v);
   float* weight = weights[threadIdx.x / 32];
 
-  float top = -INFINITY;
-  for (int s = lane; s < splits; s += 32) top = fmaxf(top, d.lse_partial[s * rows + row]);
+  float top = -INFINITY, broken = 0.f;
+  for (int s = lane; s < splits; s += 32) {
+    const float lse = d.lse_partial[s * rows + row];
+    top = fmaxf(top, lse);
+    if (isnan(lse)) broken = 1.f;
+  }
   top = warp_max(top);
+  broken = warp_max(broken);
   float total = 0.f;
   for (int s = lane; s < splits; s += 32) {
     weight[s] = top == -INFINITY ? 0.f : expf(d.lse_partial[s * rows + row] - top);
@@ -45,7 +51,7 @@ __global__ void merge_splits_kernel(ForwardParams params) {
   }
   total = warp_sum(total);
   __syncwarp();
-  const float normaliser = total > 0.f ? 1.f / total : 0.f;
+  const float normaliser = broken > 0.f ? NAN : total > 0.f ? 1.f / total : 0.f;
   T* out = static_cast<T*>(params.out.data) + b * params.out.batch + h * params.out.head + i * params.out.row;
   for (int col = lane; col < Dv; col += 32) {
     float sum = 0.f;
@@ -53,7 +59,8 @@ __global__ void merge_splits_kernel(ForwardParams params) {
     out[col] = Element<T>::from_float(sum * normaliser);
   }
   if (lane == 0)
-    params.lse.data[b * params.lse.batch + h * params.lse.head + i] = total > 0.f ? top + logf(total) : -INFINITY;
+    params.lse.data[b * params.lse.batch + h * params.lse.head + i] =
+        broken > 0.f ? NAN : total > 0.f ? top + logf(total) : -INFINITY;
 }
 
 template <typename T>

@@ -49,10 +49,10 @@ struct Problem {
 };
 
 // Decoding against a KV cache (seqlens_k null: a dense call). Batch b sees the first
-// seqlens_k[b] (+ new_tokens) keys of its cache (int32, device; clamped to [0, capacity]: an
-// unchecked length never reads past the cache; page indices are trusted when read, a compare in
-// the key loop would spill at head dim 256, but new tokens are never written outside the cache),
-// aligned bottom-right;
+// seqlens_k[b] (+ new_tokens) keys of its cache (int32, device), aligned bottom-right. Lengths and
+// pages may be unchecked on the host: a sequence whose length lies outside [0, capacity] or whose
+// pages are not all pages of the cache reads nothing and gets NaN rows (scores.cuh,
+// cache_readable), and new tokens are never written outside the cache;
 // Problem::seqlen_k is then the capacity. Paged caches (page_table not null) are addressed as the
 // Strided (pages, Hkv, page_size, D): key j of batch b is row j % page_size of page
 // page_table[b * table_stride + j / page_size].

@@ -76,6 +76,24 @@ struct KeyRange {
   int begin, end;  // [begin, end); empty when begin >= end
 };
 
+// Whether batch b of a KV-cache call (`call`, as launched) may read its keys [keys.begin,
+// keys.end): its length with the new tokens lies in [0, capacity] and every page holding those
+// keys is a page of the cache. Lengths and pages go unchecked on the host where reading them would
+// cost a sync (fused_attn/host_checks.py); a sequence failing this reads nothing, and its rows get
+// NaN. Block-wide: every thread of the block calls it.
+__device__ __forceinline__ bool cache_readable(const ForwardParams& call, int b, KeyRange keys) {
+  const KvCache& cache = call.cache;
+  const int64_t length = cache.seqlens_k[b] + cache.new_tokens;
+  int missing = length < 0 || length > call.p.seqlen_k;
+  if (cache.page_table != nullptr && keys.begin < keys.end) {
+    const int32_t* row = cache.page_table + b * cache.table_stride;
+    const int64_t last = (keys.end - 1) / cache.page_size;
+    for (int64_t i = keys.begin / cache.page_size + threadIdx.x; i <= last; i += blockDim.x)
+      missing |= row[i] < 0 || row[i] >= cache.num_pages;
+  }
+  return !__syncthreads_or(missing);
+}
+
 // Keys that some query of [q0, q0 + rows) may see under the window: query i sees keys
 // i + shift - left .. i + shift + right.
 __device__ __forceinline__ KeyRange visible_keys(const Problem& p, int q0, int rows) {

@@ -51,6 +51,9 @@ class Backend:
         raise NotImplementedError
 
     supports_kvcache: bool = False
+    # Whether the KV-cache kernels check lengths and pages as they read them (a sequence outside the
+    # cache gets NaN rows), so that the host may skip checks it cannot make without a sync.
+    judges_cache_values: bool = False
     # Whether forward sends decoding-shaped dense calls (takes_decoding_kernel) to decode's kernels.
     decodes_few_query_rows: bool = False
 

@@ -127,6 +127,7 @@ class CudaBackend(Backend):
         return dq, dk, dv, dbias
 
     supports_kvcache = True
+    judges_cache_values = True
     decodes_few_query_rows = True
     # Key splits of a KV-cache call: 0 lets the op choose by shape and GPU size (split-KV for long
     # caches and few query rows); tests set a count to exercise the split path on small caches.

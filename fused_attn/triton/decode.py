@@ -52,9 +52,13 @@ def _decode_kernel(
     head_kv = (batch_head_kv % num_heads_kv).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
-    # The tokens append_to_cache just wrote count too. Lengths and pages are clamped to the cache:
-    # unchecked ones (FUSED_ATTN_HOST_CHECKS=0, CUDA graphs) must never be read past it.
-    seqlen_k = tl.minimum(tl.maximum(tl.load(CacheSeqlens + batch) + new_tokens, 0), capacity)
+    # The tokens append_to_cache just wrote count too. Lengths and pages go unchecked on the host
+    # where reading them would cost a sync (host_checks.py: CUDA graphs, inference-mode tensors,
+    # FUSED_ATTN_HOST_CHECKS=0): a sequence whose length or pages lie outside the cache reads
+    # nothing and gets NaN rows, never another sequence's keys and never memory past the cache.
+    keys = tl.load(CacheSeqlens + batch) + new_tokens
+    valid = (keys >= 0) & (keys <= capacity)
+    seqlen_k = tl.minimum(tl.maximum(keys, 0), capacity)
     shift = seqlen_k - seqlen_q  # the cache convention: the last query sees the whole cache
 
     # Packed rows: row r is query position r // G of query head head_kv * G + r % G.
@@ -82,6 +86,10 @@ def _decode_kernel(
         last_row = tl.minimum((block_m * BLOCK_M + BLOCK_M - 1) // group_size, seqlen_q - 1)
         hi = tl.minimum(hi, last_row + shift + right + 1)
 
+    if PAGED:
+        valid = valid & _pages_exist(BlockTable + batch * stride_tb, lo, hi, page_size, num_pages)
+    hi = tl.where(valid, hi, lo)
+
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -89,7 +97,6 @@ def _decode_kernel(
         cols = start_n + offs_n
         if PAGED:
             pages = tl.load(BlockTable + batch * stride_tb + cols // page_size, mask=cols < seqlen_k, other=0)
-            pages = tl.minimum(tl.maximum(pages, 0), num_pages - 1)
             slots = cols % page_size
         else:
             pages = cols * 0 + batch
@@ -113,11 +120,26 @@ def _decode_kernel(
     empty = row_sum == 0.0
     row_sum = tl.where(empty, 1.0, row_sum)
     lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(row_sum)) * LN_2)
+    lse = tl.where(valid, lse, float("nan"))
+    out = tl.where(valid, acc / row_sum[:, None], float("nan"))
     out_ptrs = (OutPartial + split * stride_os + batch * stride_ob + rows[:, None] * stride_om
                 + heads[:, None] * stride_oh + offs_dv[None, :] * stride_od)
-    tl.store(out_ptrs, acc / row_sum[:, None], mask=live[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(out_ptrs, out, mask=live[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     lse_ptrs = LsePartial + split * stride_ls + batch * stride_lb + rows * stride_lm + heads * stride_lh
     tl.store(lse_ptrs, lse, mask=live)
+
+
+@triton.jit
+def _pages_exist(table_row, lo, hi, page_size, num_pages, BLOCK_P: tl.constexpr = 64):
+    """Whether every page holding keys [lo, hi) of a sequence (its block-table row) is a page of
+    the cache."""
+    first, last = lo // page_size, (hi + page_size - 1) // page_size
+    missing = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for start in range(first, last, BLOCK_P):
+        index = start + tl.arange(0, BLOCK_P)
+        pages = tl.load(table_row + index, mask=index < last, other=0)
+        missing += ((pages < 0) | (pages >= num_pages)).to(tl.int32)
+    return tl.sum(missing, 0) == 0
 
 
 def _num_splits(programs: int, capacity: int, block_n: int) -> int:
@@ -136,14 +158,18 @@ def _merge_splits_kernel(
 ):
     """Rows r = (b * Lq + m) * Hq + h of the splits' partial results (each normalised, with its
     lse), merged: with M = max_s lse_s, w_s = exp(lse_s - M):  out = sum_s w_s out_s / sum_s w_s,
-    lse = M + log(sum_s w_s). Rows no split saw (M = -inf) get out = 0 and lse = -inf."""
+    lse = M + log(sum_s w_s). Rows no split saw (M = -inf) get out = 0 and lse = -inf; rows of a
+    split that found its sequence outside the cache (lse NaN) get NaN."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = r < rows
     offs_dv = tl.arange(0, BLOCK_DV)
     cols_live = live[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     top = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    broken = tl.zeros([BLOCK_R], dtype=tl.int32)
     for split in range(0, splits):
-        top = tl.maximum(top, tl.load(LsePartial + split * stride_ls + r, mask=live, other=float("-inf")))
+        lse_split = tl.load(LsePartial + split * stride_ls + r, mask=live, other=float("-inf"))
+        top = tl.maximum(top, lse_split)
+        broken += (lse_split != lse_split).to(tl.int32)
     centre = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
@@ -155,11 +181,12 @@ def _merge_splits_kernel(
         acc += weight[:, None] * out
     empty = total == 0.0
     total = tl.where(empty, 1.0, total)
+    out = tl.where(broken[:, None] == 0, acc / total[:, None], float("nan"))
+    lse = tl.where(broken == 0, tl.where(empty, float("-inf"), top + tl.log(total)), float("nan"))
     b, m, h = r // (seqlen_q * heads_q), r // heads_q % seqlen_q, r % heads_q
     tl.store(Out + b[:, None] * stride_ob + m[:, None] * stride_om + h[:, None] * stride_oh + offs_dv[None, :],
-             acc / total[:, None], mask=cols_live)
-    tl.store(Lse + b * stride_lb + h * stride_lh + m * stride_lm, tl.where(empty, float("-inf"), top + tl.log(total)),
-             mask=live)
+             out, mask=cols_live)
+    tl.store(Lse + b * stride_lb + h * stride_lh + m * stride_lm, lse, mask=live)
 
 
 @triton.jit
