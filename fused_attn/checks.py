@@ -214,15 +214,24 @@ def check_cu_seqlens(name: str, cu_seqlens, max_seqlen, max_name: str, device: t
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
 
 
-def check_cu_seqlens_values(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> None:
+def check_cu_seqlens_values(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> bool:
     """cu_seqlens (as check_cu_seqlens passed it) starts at 0, does not decrease and ends within the
     packed tensor's `total` rows; max_seqlen is at least its longest sequence.
 
     They are read on the host, when and as often as host_checks.py says: not while torch.compile
-    traces or a CUDA graph is captured, once per GPU tensor and version.
+    traces or a CUDA graph is captured, once per GPU tensor and version (once per inference-mode
+    tensor). Returns whether they were verified; where not, the caller guards the call's results
+    (varlen.py, nan_unless_valid).
     """
-    host_checks.check_once(lambda: _check_boundaries(name, cu_seqlens, total, max_seqlen, max_name),
-                           cu_seqlens.device, ("cu_seqlens", total, max_seqlen), cu_seqlens)
+    return host_checks.check_once(lambda: _check_boundaries(name, cu_seqlens, total, max_seqlen, max_name),
+                                  cu_seqlens.device, ("cu_seqlens", total, max_seqlen), cu_seqlens, guarded=True)
+
+
+def boundaries_valid(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
+    """_check_boundaries's verdict computed on the device (no sync): a 0-d bool tensor."""
+    lengths = torch.diff(cu_seqlens)
+    return ((cu_seqlens[0] == 0) & (cu_seqlens[-1] <= total) & (lengths.min() >= 0)
+            & (lengths.max() <= max_seqlen))
 
 
 def _check_boundaries(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> None:

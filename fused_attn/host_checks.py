@@ -12,10 +12,10 @@ torch.compile traces it breaks the graph. So these checks:
     counter, and the next call checks it again. Writes that bypass torch (a custom kernel's, or
     through ``.data``) are not seen: pass a new tensor after such writes.
   * Tensors made under torch.inference_mode have no version counter, so an in-place change to one
-    cannot be seen. A KV cache's lengths and pages (`kernels_judge`: the triton and cuda kernels
-    check them as they read them, and give a sequence outside the cache NaN rows) are then checked
-    the first time each such tensor is seen; cu_seqlens (whose boundaries the kernels only clamp)
-    on every call.
+    cannot be seen. Where the caller guards values the host has not verified (`guarded`: the
+    triton and cuda KV-cache kernels judge lengths and pages as they read them; varlen judges
+    cu_seqlens on the device after the call), such a tensor is checked the first time it is seen
+    and guarded after that; elsewhere it is checked on every call.
 CPU tensors are read without a sync and checked on every call.
 """
 from __future__ import annotations
@@ -47,34 +47,36 @@ _MAX_REMEMBERED = 64
 
 
 def check_once(check: Callable[[], None], device: torch.device, facts: tuple, *tensors,
-               kernels_judge: bool = False) -> None:
+               guarded: bool = False) -> bool:
     """Run `check` (which reads `tensors` through `read` and raises on bad values), unless checks on
     `device` are skipped, or the same tensors (None allowed), unchanged since, passed it with the
-    same `facts` (what else it depended on: totals, capacities...). kernels_judge: the kernels
-    that will read the tensors judge the values themselves, so a tensor without a version counter
-    may be remembered too (see the module docstring)."""
+    same `facts` (what else it depended on: totals, capacities...). guarded: the caller guards
+    values this has not verified, so a tensor without a version counter may be remembered too
+    (see the module docstring). Returns whether the values are verified: checked now, or the
+    same versions of the tensors checked before."""
     if skipped(device):
-        return
-    if not _remembered(tensors, kernels_judge):
+        return False
+    if not _remembered(tensors, guarded):
         check()
-        return
+        return True
     key = (facts, *map(id, tensors))
     if _unchanged(_passed.get(key), tensors):
-        return
+        return all(t is None or not t.is_inference() for t in tensors)
     check()
     if len(_passed) >= _MAX_REMEMBERED:
         _passed.clear()
     _passed[key] = tuple((None, 0) if t is None else (weakref.ref(t), _version(t)) for t in tensors)
+    return True
 
 
-def _remembered(tensors, kernels_judge: bool) -> bool:
+def _remembered(tensors, guarded: bool) -> bool:
     """Whether a check of these tensors is remembered: where reading their values costs a sync,
     and each has a version counter (tensors made under torch.inference_mode have none) or the
-    kernels judge the values."""
+    caller guards values not verified."""
     sync = False
     for t in tensors:  # (a plain loop: this runs on every call)
         if t is not None:
-            if t.is_inference() and not kernels_judge:
+            if t.is_inference() and not guarded:
                 return False
             sync = sync or costs_a_sync(t)
     return sync

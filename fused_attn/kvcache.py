@@ -240,7 +240,7 @@ def _check_capacity(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_tab
     facts = ("kvcache", new_tokens, k_cache.shape[:2], capacity, None if host_lengths is None else tuple(host_lengths))
     host_checks.check_once(
         lambda: _check_lengths_and_pages(seqlens, new_tokens, k_cache, block_table, capacity, host_lengths),
-        seqlens.device, facts, seqlens if host_lengths is None else None, block_table, kernels_judge=kernels_judge)
+        seqlens.device, facts, seqlens if host_lengths is None else None, block_table, guarded=kernels_judge)
 
 
 def _check_lengths_and_pages(seqlens: Tensor, new_tokens: int, k_cache: Tensor, block_table: Optional[Tensor],

@@ -7,8 +7,8 @@ import torch
 
 from . import plans
 from .autocast import autocast_inputs
-from .checks import (check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_values, check_dense, check_packed_qkv,
-                     make_options)
+from .checks import (boundaries_valid, check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_values, check_dense,
+                     check_packed_qkv, make_options)
 from .dispatch import select_backend
 from .dropout import draw_seed
 from .ops import attention_op
@@ -54,6 +54,10 @@ def varlen_attention(
     Returns:
         out (total_q, Hq, Dv) in the input dtype; with return_lse also lse (Hq, total_q) float32.
 
+    cu_seqlens are checked on the host as fused_attn/host_checks.py says (a sync on GPUs, once per
+    tensor and version). Where they are not (a CUDA graph captured, torch.compile,
+    FUSED_ATTN_HOST_CHECKS=0, inference-mode tensors after their first call), the call judges them
+    on the device instead: invalid ones give NaN out, lse and gradients, never wrong rows.
     Under torch.jit.trace, max_seqlen_q and max_seqlen_k are constants of the trace (they size the
     kernels' grids): cu_seqlens given to the traced module later must keep every sequence within
     them, which it does not check.
@@ -65,13 +69,28 @@ def varlen_attention(
                           (max_seqlen_q, max_seqlen_k, causal, causal_alignment, scale, dropout_p, window, softcap,
                            return_lse, deterministic, backend))
     opts, name = plans.recall(key) or plans.remember(key, _plan(q, k, v, *arguments, backend=backend))
-    check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
-    check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    verified = check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    verified &= check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     extras = AttentionTensors(alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if opts.dropout_p > 0:
         extras = extras._replace(dropout_seed=draw_seed(q.device))
     out, lse = attention_op(q, k, v, None, extras, opts, name)
+    if not verified:
+        out, lse = _nan_unless_valid(out, lse, (cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     (cu_seqlens_k, k.shape[0], max_seqlen_k))
     return (out, lse) if return_lse else out
+
+
+def _nan_unless_valid(out: Tensor, lse: Tensor, *boundaries: tuple) -> tuple[Tensor, Tensor]:
+    """out and lse as they are, or NaN throughout (gradients too) when some cu_seqlens are invalid,
+    judged on the device: for boundaries the host did not verify (a CUDA graph captured, torch.compile,
+    FUSED_ATTN_HOST_CHECKS=0, inference-mode tensors after their first check), which the kernels
+    only clamp into the packed rows, so that invalid ones give wrong rows, never silently."""
+    valid = boundaries_valid(*boundaries[0])
+    for bounds in boundaries[1:]:
+        valid = valid & boundaries_valid(*bounds)
+    factor = torch.where(valid, 1.0, float("nan"))  # times 1 changes no bit; NaN reaches the gradients too
+    return out * factor, lse * factor
 
 
 def _plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, causal_alignment, scale, dropout_p,

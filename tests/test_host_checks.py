@@ -149,12 +149,17 @@ def test_inference_tensors_are_checked_once_only_where_the_kernels_judge(reads, 
             fused_attn.attention_with_kvcache(q, k_cache, v_cache, seqlens.clone())
 
 
-def test_inference_cu_seqlens_are_checked_on_every_call(reads):
-    """The kernels only clamp packed boundaries, so cu_seqlens made under inference_mode are read
-    at every call."""
+def test_inference_cu_seqlens_are_checked_once_then_judged_on_the_device(reads):
+    """cu_seqlens made under inference_mode are read at their first call; after that an in-place
+    change cannot be seen, so the call judges them on the device: invalid ones give NaN."""
     with torch.inference_mode():
         q, k, v = (torch.randn(8, HQ if name == "q" else HKV, D) for name in "qkv")
         cu = packed([3, 5])
-        for _ in range(3):
-            fused_attn.varlen_attention(q, k, v, cu, cu, 5, 5)
-        assert reads[0] == 2 * 3  # as cu_seqlens_q and as cu_seqlens_k
+        first = fused_attn.varlen_attention(q, k, v, cu, cu, 5, 5)
+        for _ in range(2):
+            assert torch.equal(fused_attn.varlen_attention(q, k, v, cu, cu, 5, 5), first)
+        assert reads[0] == 1  # as cu_seqlens_q; as cu_seqlens_k it is the same tensor with the same facts
+        cu[1] = 6  # lengths 6 and 2
+        assert fused_attn.varlen_attention(q, k, v, cu, cu, 5, 5).isnan().all()  # 6 > max_seqlen 5
+        assert torch.isfinite(fused_attn.varlen_attention(q, k, v, cu, cu, 6, 6)).all()  # new facts: read again
+        assert reads[0] == 2

@@ -163,29 +163,39 @@ VARLEN_GPU_BACKENDS = ("triton", "cuda")  # the backends a CUDA graph can captur
 
 @pytest.mark.parametrize("backend", [name for name in VARLEN_GPU_BACKENDS if name in VARLEN_BACKENDS])
 def test_unchecked_boundaries_stay_inside_the_tensors(monkeypatch, backend):
-    """Where the host checks are skipped (a CUDA graph captured, FUSED_ATTN_HOST_CHECKS=0) the
-    kernels clamp the boundaries they read into the packed tensors: a boundary below 0, one that
-    decreases and an end past the tensors are never followed outside them (the interpreter's
-    bounds checks and the sanitized emulator would say). Clamped, sequence 1 is the first rows and
-    sequence 2 the rest, and both come out as the same sequences would with valid boundaries,
-    forward and backward."""
+    """Where the host checks are skipped (a CUDA graph captured, torch.compile, FUSED_ATTN_HOST_CHECKS=0)
+    the kernels clamp the boundaries they read into the packed tensors: a boundary below 0, one
+    that decreases and an end past the tensors are never followed outside them (the interpreter's
+    bounds checks and the sanitized emulator would say); and the call, judging them on the device,
+    gives NaN out, lse and gradients rather than the clamped sequences' rows. Valid boundaries
+    unchecked give the checked call's bits."""
     from fused_attn import host_checks
 
-    monkeypatch.setattr(host_checks, "skipped", lambda device: True)
     q, k, v = packed_inputs(torch.float32)
+    cu_q, cu_k = cumulative(LENGTHS_Q), cumulative(LENGTHS_K)
+    checked = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, max(LENGTHS_Q), max(LENGTHS_K), causal=True,
+                                          backend=backend)
+    monkeypatch.setattr(host_checks, "skipped", lambda device: True)
+    unchecked = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, max(LENGTHS_Q), max(LENGTHS_K), causal=True,
+                                            backend=backend)
+    assert torch.equal(unchecked, checked)
+
     total_q, total_k = q.shape[0], k.shape[0]
-    cu_q = torch.tensor([0, -4, 5, total_q + 30], dtype=torch.int32, device=DEVICE)
-    cu_k = torch.tensor([0, -1, 9, total_k + 50], dtype=torch.int32, device=DEVICE)
-    out = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, total_q, total_k, causal=True, backend=backend)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
-    valid_q, valid_k = cumulative([0, 5, total_q - 5]), cumulative([0, 9, total_k - 9])
-    expected = fused_attn.varlen_attention(q, k, v, valid_q, valid_k, total_q - 5, total_k - 9, causal=True,
-                                           backend="reference")
-    expected_grads = torch.autograd.grad((expected * dout).sum(), (q, k, v))
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    for grad, expected_grad in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+    invalid = {
+        "below 0, decreasing, past the end": ([0, -4, 5, total_q + 30], [0, -1, 9, total_k + 50], total_q, total_k),
+        "longer than max_seqlen": (cumulative(LENGTHS_Q).tolist(), cumulative(LENGTHS_K).tolist(),
+                                   max(LENGTHS_Q) - 1, max(LENGTHS_K)),
+        "not starting at 0": ([2] + cumulative(LENGTHS_Q).tolist()[1:], cumulative(LENGTHS_K).tolist(),
+                              max(LENGTHS_Q), max(LENGTHS_K)),
+    }
+    for bounds_q, bounds_k, max_q, max_k in invalid.values():
+        cu_q = torch.tensor(bounds_q, dtype=torch.int32, device=DEVICE)
+        cu_k = torch.tensor(bounds_k, dtype=torch.int32, device=DEVICE)
+        out, lse = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, return_lse=True,
+                                               backend=backend)
+        grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
+        assert out.isnan().all() and lse.isnan().all()
+        assert all(grad.isnan().any() for grad in grads)
 
 
 def test_generous_max_seqlen(varlen_backend):
