@@ -223,6 +223,13 @@ def test_unchecked_lengths_and_pages_give_nan_rows(emulated, monkeypatch, paged,
     kvcache_tests.test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, emulated.name, paged)
 
 
+def test_unchecked_missing_pages_outside_a_window_are_never_read(emulated, monkeypatch):
+    """tests/test_kvcache.py's check that a missing page in a loaded key block before a window is
+    never read, on the emulator."""
+    monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
+    kvcache_tests.test_unchecked_missing_pages_outside_a_window_are_never_read(monkeypatch, emulated.name)
+
+
 def test_new_tokens_reach_a_cache_read_through_copies(emulated):
     """The kernels read a cache whose last dim is not contiguous through a copy; a step's new
     tokens must still land in the caller's cache, and be attended to."""

@@ -90,6 +90,32 @@ def write_and_attend(q, k_cache, v_cache, cached, k_new, v_new, table, backend):
                                              causal=True, backend=backend)
 
 
+@pytest.mark.parametrize("backend", [name for name in KVCACHE_GPU_BACKENDS if name in BACKENDS])
+def test_unchecked_missing_pages_outside_a_window_are_never_read(monkeypatch, backend):
+    """Unchecked, with a window: a missing page that holds only keys before the window may sit in a
+    key block the loop loads for the window's first keys. It is never read past the cache (the
+    interpreter's bounds checks and the sanitized emulator would say): the sequence gets NaN rows
+    or, where the kernel loads no key of that page, its window's attention."""
+    from fused_attn import host_checks
+
+    monkeypatch.setattr(host_checks, "skipped", lambda device: True)
+    k_cache, v_cache = make_cache(torch.float32)
+    k_pages, v_pages, table = paged_copy(k_cache, v_cache)
+    cached = torch.tensor([90, 40, 70], dtype=torch.int32, device=DEVICE)
+    for b, page in ((0, 4), (1, 0), (2, 3)):  # keys 64..79 of 90, 0..15 of 40, 48..63 of 70
+        table[b, page] = k_pages.shape[0] + 10 ** 6
+    q = torch.randn(B, 1, HQ, D, device=DEVICE)
+    out = fused_attn.attention_with_kvcache(q, k_pages, v_pages, cached, block_table=table, window=(5, 0),
+                                            backend=backend)
+    for b in range(B):
+        length = int(cached[b])
+        expected = fused_attn.attention(q[b:b + 1].transpose(1, 2), k_cache[b:b + 1, :length].transpose(1, 2),
+                                        v_cache[b:b + 1, :length].transpose(1, 2), window=(5, 0), causal=True,
+                                        causal_alignment="bottom_right", backend="reference").transpose(1, 2)
+        if not out[b].isnan().all():
+            torch.testing.assert_close(out[b:b + 1], expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("dtype, strided", [(torch.float32, False), (torch.bfloat16, True)],
                          ids=["float32", "bfloat16-strided-new-tokens"])

@@ -65,8 +65,8 @@ __global__ void forward_kernel(ForwardParams call) {
   // block's head's, and only the first is read (which keeps the dense instance's registers down).
   const HeadScores scores[2] = {HeadScores(p, b, block.head(my_rows[0])), HeadScores(p, b, block.head(my_rows[1]))};
   KeyRange keys = block.keys(params, rows);
-  const bool readable = kCalls != Calls::Decoding || cache_readable(call, b, keys);
-  if (!readable) keys.end = keys.begin;  // its rows get NaN
+  const bool readable = kCalls != Calls::Decoding || cache_readable(call, b, loaded_keys<kBlockN>(p, keys));
+  if (!readable) keys = {0, 0};  // no key loaded; its rows get NaN
   const int first = keys.begin / kBlockN * kBlockN;
 
   float o[kDim / 8][4] = {};

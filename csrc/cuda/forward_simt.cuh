@@ -51,8 +51,8 @@ __global__ void forward_kernel(ForwardParams call) {
   const int i = block.query(row);
   const HeadScores scores(p, b, block.head(row));
   KeyRange keys = block.keys(params, rows);
-  const bool readable = kCalls != Calls::Decoding || cache_readable(call, b, keys);
-  if (!readable) keys.end = keys.begin;  // its rows get NaN
+  const bool readable = kCalls != Calls::Decoding || cache_readable(call, b, loaded_keys<kBlockN>(p, keys));
+  if (!readable) keys = {0, 0};  // no key loaded; its rows get NaN
   const int first = keys.begin / kBlockN * kBlockN;
 
   float o[kDim / kThreadsPerRow] = {};

@@ -76,22 +76,31 @@ struct KeyRange {
   int begin, end;  // [begin, end); empty when begin >= end
 };
 
-// Whether batch b of a KV-cache call (`call`, as launched) may read its keys [keys.begin,
-// keys.end): its length with the new tokens lies in [0, capacity] and every page holding those
+// Whether batch b of a KV-cache call (`call`, as launched) may load its keys [loaded.begin,
+// loaded.end): its length with the new tokens lies in [0, capacity] and every page holding those
 // keys is a page of the cache. Lengths and pages go unchecked on the host where reading them would
 // cost a sync (fused_attn/host_checks.py); a sequence failing this reads nothing, and its rows get
 // NaN. Block-wide: every thread of the block calls it.
-__device__ __forceinline__ bool cache_readable(const ForwardParams& call, int b, KeyRange keys) {
+__device__ __forceinline__ bool cache_readable(const ForwardParams& call, int b, KeyRange loaded) {
   const KvCache& cache = call.cache;
   const int64_t length = cache.seqlens_k[b] + cache.new_tokens;
   int missing = length < 0 || length > call.p.seqlen_k;
-  if (cache.page_table != nullptr && keys.begin < keys.end) {
+  if (cache.page_table != nullptr && loaded.begin < loaded.end) {
     const int32_t* row = cache.page_table + b * cache.table_stride;
-    const int64_t last = (keys.end - 1) / cache.page_size;
-    for (int64_t i = keys.begin / cache.page_size + threadIdx.x; i <= last; i += blockDim.x)
+    const int64_t last = (loaded.end - 1) / cache.page_size;
+    for (int64_t i = loaded.begin / cache.page_size + threadIdx.x; i <= last; i += blockDim.x)
       missing |= row[i] < 0 || row[i] >= cache.num_pages;
   }
   return !__syncthreads_or(missing);
+}
+
+// The keys a block's loop loads to see `keys`: whole blocks of kBlockN from the one holding
+// keys.begin, within the sequence's seqlen_k.
+template <int kBlockN>
+__device__ __forceinline__ KeyRange loaded_keys(const Problem& p, KeyRange keys) {
+  const int first = keys.begin / kBlockN * kBlockN;
+  const int end = first + (keys.end > first ? (keys.end - first + kBlockN - 1) / kBlockN * kBlockN : 0);
+  return {first, end < p.seqlen_k ? end : static_cast<int>(p.seqlen_k)};
 }
 
 // Keys that some query of [q0, q0 + rows) may see under the window: query i sees keys

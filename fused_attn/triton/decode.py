@@ -86,8 +86,9 @@ def _decode_kernel(
         last_row = tl.minimum((block_m * BLOCK_M + BLOCK_M - 1) // group_size, seqlen_q - 1)
         hi = tl.minimum(hi, last_row + shift + right + 1)
 
-    if PAGED:
-        valid = valid & _pages_exist(BlockTable + batch * stride_tb, lo, hi, page_size, num_pages)
+    if PAGED:  # the pages of every key the loop loads: whole blocks from lo on, within the sequence
+        loaded = tl.minimum(lo + tl.cdiv(hi - lo, BLOCK_N) * BLOCK_N, seqlen_k)
+        valid = valid & _pages_exist(BlockTable + batch * stride_tb, lo, loaded, page_size, num_pages)
     hi = tl.where(valid, hi, lo)
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
