@@ -545,7 +545,11 @@ def main(argv=None) -> int:
                     prov.fn(*warm, configs[0].causal)
     rows: list[Row] = []
     t_start = time.perf_counter()
+    from benchmarks.common import out_of_time  # (common imports this module)
+
     for cfg in configs:
+        if out_of_time():
+            break
         for pass_ in passes:
             try:
                 sets = make_inputs(cfg, device, grad=(pass_ == "fwd+bwd"))

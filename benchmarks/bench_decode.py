@@ -189,6 +189,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for B in batches:
         for L in seqlens:
+            if common.out_of_time():
+                break
             kv_bytes = 2 * B * L * Hkv * D * elem
             per_set = 2 * kv_bytes  # contiguous + paged copies
             n_sets = set_count(per_set, on_cuda, args.mem_budget_gib * 2**30)

@@ -134,6 +134,8 @@ def main(argv=None) -> int:
         providers["fused_attn:cuda"] = lambda q, k, v, c: fused_attn.attention(q, k, v, backend="cuda", **c.fused_kw)
     rows: list[dict] = []
     for case in cases:
+        if common.out_of_time():
+            break
         for pass_ in passes:
             steps = {pname: make_step(fn, case, pass_, sets) for pname, fn in providers.items()}
             times = common.time_ms_each(steps, on_cuda, grads=qkv_grads + case.grads)

@@ -113,6 +113,8 @@ def child(args) -> int:
         torch.cuda.empty_cache()
 
     for i, L in enumerate(seqlens):
+        if common.out_of_time():
+            break
         row = {"provider": args.child, "L": L}
         try:
             q, k, v, dout = _inputs(H, L, D, dtype, device)
@@ -245,6 +247,8 @@ def main(argv=None) -> int:
     seqlens = sweep + ext
     rows: list[dict] = []
     for name in providers:
+        if common.out_of_time():
+            break
         if on_cuda:
             got = _spawn(args, device, name, seqlens, H, D, dtype, timeout_s)
         else:

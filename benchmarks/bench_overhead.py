@@ -140,6 +140,8 @@ def main(argv=None) -> int:
                 except Exception:  # timed (and reported) below
                     break
     for case, calls in every_case.items():
+        if common.out_of_time():
+            break
         common.progress(f"{case} ...")
         times = host_us_per_call(calls, on_cuda, per_round, rounds)
         sdpa = times.get("sdpa")

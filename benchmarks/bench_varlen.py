@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows: list[dict] = []
     for L in maxlens:
+        if common.out_of_time():
+            break
         lengths = draw_lengths(total, L, seed=L)
         T, B, Lmax = sum(lengths), len(lengths), max(lengths)
         cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=device)

@@ -76,6 +76,26 @@ def flavour(args, on_cuda: bool) -> str:
 _T0 = time.perf_counter()
 
 
+# An absolute time.time() after which a suite starts no new row (suites.py, --budget-s).
+DEADLINE_VARIABLE = "FUSED_ATTN_BENCH_DEADLINE"
+
+
+def out_of_time() -> bool:
+    """Whether this suite's share of the run's time budget is spent: it then starts no new row,
+    says so, and writes the rows it has."""
+    global _said_out_of_time
+    deadline = os.environ.get(DEADLINE_VARIABLE)
+    if deadline is None or time.time() <= float(deadline):
+        return False
+    if not _said_out_of_time:
+        progress("time budget spent: the remaining rows are skipped")
+        _said_out_of_time = True
+    return True
+
+
+_said_out_of_time = False
+
+
 def progress(text: str) -> None:
     print(f"  [{time.perf_counter() - _T0:7.1f}s] {text}", file=sys.stderr, flush=True)
 

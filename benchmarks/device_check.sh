@@ -3,10 +3,11 @@
 # 15 minutes of device time per session, the machine's start included, at most 10 minutes per
 # call). Run from the repository root. No GPU figure exists yet, so the figures come first:
 #
-#   BENCH_S=300 bash benchmarks/device_check.sh build bench   # call 1 (timeout_s 590): every suite
-#   TEST_S=300 bash benchmarks/device_check.sh test           # call 2, at once on the warm machine
-#                                                             # (timeout_s 360): the native tests
+#   BUILD_S=240 BENCH_S=300 bash benchmarks/device_check.sh build bench   # call 1 (timeout_s 570)
+#   TEST_S=<left - 40> bash benchmarks/device_check.sh test   # call 2, at once on the warm machine,
+#                     # sized by `status`'s budget_left_s (timeout_s: left - 20): the native tests
 #   bash benchmarks/device_check.sh tune sanitize             # a later session: tuning, sanitizers
+# (A machine's start takes a minute or two of the 15; call 1 leaves about three for call 2.)
 #
 # Each stage's time box (seconds) can be set: BUILD_S, TEST_S, SANITIZE_S, TUNE_S, BENCH_S.
 # Stages (each time-boxed so the call ends inside its limit, and each logged):
@@ -16,7 +17,8 @@
 #   (test and bench run the fixed default tiles while none are shipped for this GPU: autotune_mode)
 #   sanitize  compute-sanitizer memcheck and racecheck over the cuda and triton kernels
 #   tune      python -m benchmarks.tune: the tile choices for this architecture
-#   bench     make bench, every suite
+#   bench     make bench, every suite, within BENCH_S less 30 s (--budget-s: each suite gets a
+#             share and writes the rows it has when its share is spent)
 # Logs go to $OUT/log.txt; results (benchmarks/results/, tuned tiles, logs) to $OUT/results.tgz,
 # which the device tool brings back (it returns at most 8 files, 2 folders deep).
 set -uo pipefail
@@ -59,7 +61,8 @@ for stage in "${stages[@]}"; do
                   run_stage racecheck "${SANITIZE_S:-90}" compute-sanitizer --tool racecheck --error-exitcode 3 \
                       python3 -m benchmarks.sanitize_calls --small ;;
         tune) run_stage tune "${TUNE_S:-240}" python3 -m benchmarks.tune ;;
-        bench) run_stage bench "${BENCH_S:-330}" env FUSED_ATTN_AUTOTUNE="$(autotune_mode)" make bench ;;
+        bench) run_stage bench "${BENCH_S:-330}" env FUSED_ATTN_AUTOTUNE="$(autotune_mode)" \
+                   make bench ARGS="--budget-s $(( ${BENCH_S:-330} - 30 ))" ;;
         *) say "unknown stage $stage" ;;
     esac
 done

@@ -33,7 +33,7 @@ class Figure:
 
 def _value(text: str):
     """A CSV cell as the suites wrote it: int, float, bool, None (empty) or the string."""
-    if text == "":
+    if text in ("", "n/a"):  # no value: a failed row, or one a time budget skipped
         return None
     if text in ("True", "False"):
         return text == "True"

@@ -8,6 +8,9 @@
     --suite overhead   benchmarks/bench_overhead.py  (host time per call on tiny inputs)
     --suite all        every suite (the default); a comma-separated list also works
     --full             CPU only: larger sizes for the non-speed suites (their CPU default is short)
+    --budget-s N       a time budget for the whole run, in seconds (a lent GPU's minutes are few):
+                       each suite gets a share of what is left when it starts (WEIGHTS), starts no
+                       new row once its share is spent, and writes the rows it has
 
 --quick and --device go to every suite. With one suite, all other arguments go to it; with several,
 the other arguments go to the speed suite (as before), and each suite runs in its own subprocess so
@@ -25,7 +28,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from benchmarks import common
+
 SUITES = ("speed", "memory", "masked", "decode", "varlen", "overhead")
+# Each suite's share of a --budget-s run: of the time left when it starts, its weight over the
+# weights of the suites still to run (so time one suite leaves unused goes to the next ones).
+WEIGHTS = {"speed": 4.0, "memory": 1.0, "masked": 2.0, "decode": 2.0, "varlen": 1.0, "overhead": 0.5}
 MODULES = {"memory": "benchmarks.bench_memory", "masked": "benchmarks.bench_masked",
            "decode": "benchmarks.bench_decode", "varlen": "benchmarks.bench_varlen",
            "overhead": "benchmarks.bench_overhead"}
@@ -49,8 +57,10 @@ def cli(speed_main: Callable[[list[str]], int], argv=None) -> int:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--suite")
     p.add_argument("--full", action="store_true")
+    p.add_argument("--budget-s", type=float)
     p.add_argument("-h", "--help", action="store_true")
     known, rest = p.parse_known_args(argv)
+    end = None if known.budget_s is None else time.time() + known.budget_s
     if known.help:
         print(__doc__)
         print("Arguments of the speed suite:\n")
@@ -60,27 +70,32 @@ def cli(speed_main: Callable[[list[str]], int], argv=None) -> int:
     peek.add_argument("--quick", action="store_true")
     peek.add_argument("--device")
     shared, _ = peek.parse_known_args(rest)
-    common = (["--quick"] if shared.quick else []) + (["--device", shared.device] if shared.device else [])
+    common_args = (["--quick"] if shared.quick else []) + (["--device", shared.device] if shared.device else [])
     suites = _selected(known.suite)
 
     if len(suites) == 1:
         name = suites[0]
+        if end is not None:
+            os.environ[common.DEADLINE_VARIABLE] = str(end)
         if name == "speed":
             return speed_main(rest)
         args = rest + (["--full"] if known.full else [])
         return importlib.import_module(MODULES[name]).main(args)
 
-    extra = [a for a in rest if a not in common]
+    extra = [a for a in rest if a not in common_args]
     if extra and "speed" not in suites:
         raise SystemExit(f"arguments {extra} need a single --suite (they are passed to that suite only)")
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     summary, rc_all = [], 0
-    for name in suites:
+    for i, name in enumerate(suites):
         if name == "speed":
             args = rest
         else:
-            args = common + (["--full"] if known.full else [])
+            args = common_args + (["--full"] if known.full else [])
+        if end is not None:
+            share = WEIGHTS[name] / sum(WEIGHTS[later] for later in suites[i:])
+            env[common.DEADLINE_VARIABLE] = str(time.time() + max(0.0, end - time.time()) * share)
         cmd = [sys.executable, "-m", "benchmarks.bench", "--suite", name] + args
         print(f"\n===== suite {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()

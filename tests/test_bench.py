@@ -83,3 +83,32 @@ def test_gpu_results_say_where_the_triton_tiles_came_from(monkeypatch, tmp_path)
     monkeypatch.setenv(tuning.ENV_VARIABLE, "force")
     assert bench.triton_tile_source() == "every class tuned in this run (FUSED_ATTN_AUTOTUNE=force)"
     tuning.shipped_choices.cache_clear()
+
+
+def test_a_time_budget_is_shared_out_and_stops_suites(monkeypatch, tmp_path):
+    """make bench ARGS="--budget-s N" (a lent GPU's minutes are few): each suite gets its weight's
+    share of the time left when it starts, and a suite past its deadline starts no new row but
+    still writes its table."""
+    from benchmarks import bench_overhead, common, suites
+
+    deadlines = {}
+
+    def fake_call(cmd, cwd, env):
+        deadlines[cmd[cmd.index("--suite") + 1]] = float(env[common.DEADLINE_VARIABLE])
+        return 0
+
+    monkeypatch.setattr(suites.subprocess, "call", fake_call)
+    start = __import__("time").time()
+    assert suites.cli(lambda argv: 0, ["--suite", "speed,decode,overhead", "--budget-s", "650"]) == 0
+    weights = [suites.WEIGHTS[name] for name in ("speed", "decode", "overhead")]
+    assert deadlines["speed"] - start == pytest.approx(650 * weights[0] / sum(weights), abs=5)
+    # (the suites are not run here, so each later one shares out nearly the whole budget again)
+    assert deadlines["overhead"] - start == pytest.approx(650, abs=5)
+
+    monkeypatch.setenv(common.DEADLINE_VARIABLE, str(start - 1))
+    monkeypatch.setattr(common, "_said_out_of_time", False)
+    assert common.out_of_time()
+    assert bench_overhead.main(["--out-dir", str(tmp_path)]) == 0
+    (out,) = tmp_path.glob("overhead*.csv")
+    rows = out.read_text().splitlines()
+    assert len(rows) == 1 and rows[0].startswith("case,provider")  # the header, and no row
