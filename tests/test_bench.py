@@ -112,3 +112,12 @@ def test_a_time_budget_is_shared_out_and_stops_suites(monkeypatch, tmp_path):
     (out,) = tmp_path.glob("overhead*.csv")
     rows = out.read_text().splitlines()
     assert len(rows) == 1 and rows[0].startswith("case,provider")  # the header, and no row
+
+
+def test_the_goals_configurations_are_measured_first():
+    """A sweep cut short by its time budget still has the rows the GPU goals read."""
+    order = bench.goals_first(bench.cuda_configs(quick=False))
+    goal_shapes = {(D, L) for *_, D, L, _, _ in bench.GPU_GOALS}
+    firsts = [(c.D, c.L) in goal_shapes for c in order]
+    assert firsts == sorted(firsts, reverse=True) and sum(firsts) == 2 * len(goal_shapes)  # causal and not
+    assert sorted(map(repr, order)) == sorted(map(repr, bench.cuda_configs(quick=False)))
