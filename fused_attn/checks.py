@@ -221,7 +221,7 @@ def check_cu_seqlens_values(name: str, cu_seqlens: torch.Tensor, total: int, max
     They are read on the host, when and as often as host_checks.py says: not while torch.compile
     traces or a CUDA graph is captured, once per GPU tensor and version (once per inference-mode
     tensor). Returns whether they were verified; where not, the caller guards the call's results
-    (varlen.py, nan_unless_valid).
+    (varlen.py, _nan_unless_valid).
     """
     return host_checks.check_once(lambda: _check_boundaries(name, cu_seqlens, total, max_seqlen, max_name),
                                   cu_seqlens.device, ("cu_seqlens", total, max_seqlen), cu_seqlens, guarded=True)

@@ -83,9 +83,10 @@ def varlen_attention(
 
 def _nan_unless_valid(out: Tensor, lse: Tensor, *boundaries: tuple) -> tuple[Tensor, Tensor]:
     """out and lse as they are, or NaN throughout (gradients too) when some cu_seqlens are invalid,
-    judged on the device: for boundaries the host did not verify (a CUDA graph captured, torch.compile,
-    FUSED_ATTN_HOST_CHECKS=0, inference-mode tensors after their first check), which the kernels
-    only clamp into the packed rows, so that invalid ones give wrong rows, never silently."""
+    judged on the device, for boundaries the host did not verify (a CUDA graph captured,
+    torch.compile, FUSED_ATTN_HOST_CHECKS=0, inference-mode tensors after their first check). The
+    kernels clamp such boundaries into the packed rows (never reading past them); the rows they
+    then give are wrong, and this makes them NaN rather than silently wrong."""
     valid = boundaries_valid(*boundaries[0])
     for bounds in boundaries[1:]:
         valid = valid & boundaries_valid(*bounds)
