@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 
 from .backends import BACKENDS
-from .backends.base import takes_decoding_kernel
 from .options import AttentionOptions, AttentionTensors
 
 ENV_VARIABLE = "FUSED_ATTN_BACKEND"
@@ -107,10 +106,9 @@ def explain_choice(q, k, v, extras: AttentionTensors, opts: AttentionOptions, ba
     else:
         header = f"would run: {chosen}"
     lines = [header]
-    if (chosen is not None and BACKENDS[chosen].decodes_few_query_rows
-            and takes_decoding_kernel(q, k, v, extras, opts)):
-        rows = q.shape[2] * (q.shape[1] // k.shape[1])
-        lines.append(f"  with its decoding kernel: {rows} query rows per key/value head against {k.shape[2]} keys")
+    path = None if chosen is None else BACKENDS[chosen].path(q, k, v, extras, opts)
+    if path is not None:
+        lines.append(f"  {path}")
     forced = _requested(backend)
     order = preference(q.device)
     for name in order + [n for n in BACKENDS if n not in order]:

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import BACKENDS, DEVICE
 
 import fused_attn
 from fused_attn import dispatch
@@ -94,6 +94,19 @@ def test_explain_says_when_the_decoding_kernel_runs():
     assert "with its decoding kernel: 8 query rows per key/value head against 40 keys" in fused_attn.explain(q, k, k)
     assert "decoding kernel" not in fused_attn.explain(*qkv())
     assert "decoding kernel" not in fused_attn.explain(q, k, k, backend="reference")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS or DEVICE.type != "cpu", reason="the cpu backend's forward path")
+def test_explain_says_when_the_cpu_forward_takes_decodings_path():
+    """The cpu backend's forward op splits long keys itself for every dense call that no backward
+    follows and that has no mask, bias or dropout (csrc/binding.cpp, cpu_forward), whatever the
+    shapes: explain says so, and not for calls that need the backward's rounding or have a mask."""
+    q, k = torch.randn(1, 8, 100, 16), torch.randn(1, 2, 400, 16)
+    path = "with its decoding path (no backward follows; no mask, bias or dropout)"
+    assert path in fused_attn.explain(q, k, k, causal=True)  # top-left: not the decoding kernel's shapes
+    assert path not in fused_attn.explain(q.requires_grad_(), k, k, causal=True)
+    assert path not in fused_attn.explain(q.detach(), k, k, attn_mask=torch.ones(100, 400, dtype=torch.bool))
+    assert path not in fused_attn.explain(q.detach(), k, k, backend="reference")
 
 
 def test_explain_with_forced_backend():

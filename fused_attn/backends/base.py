@@ -57,6 +57,14 @@ class Backend:
     # Whether forward sends decoding-shaped dense calls (takes_decoding_kernel) to decode's kernels.
     decodes_few_query_rows: bool = False
 
+    def path(self, q: Tensor, k: Tensor, v: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> Optional[str]:
+        """How forward would run this dense call, where the backend has more than one way (for
+        `fused_attn.explain`); None for its plain kernels."""
+        if self.decodes_few_query_rows and takes_decoding_kernel(q, k, v, extras, opts):
+            rows = q.shape[2] * (q.shape[1] // k.shape[1])
+            return f"with its decoding kernel: {rows} query rows per key/value head against {k.shape[2]} keys"
+        return None
+
     def kvcache_forward(
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, block_table: Optional[Tensor],
         alibi_slopes: Optional[Tensor], opts: AttentionOptions, k: Optional[Tensor] = None,

@@ -72,6 +72,15 @@ class CpuBackend(Backend):
     supports_kvcache = True
     decodes_few_query_rows = True
 
+    def path(self, q, k, v, extras, opts):
+        described = super().path(q, k, v, extras, opts)
+        if described is None and q.dim() == 4 and not needs_backward(q, k, v, extras.bias) and (
+                extras.mask is None and extras.bias is None and opts.dropout_p == 0):
+            # csrc/binding.cpp, cpu_forward: whatever the shapes and alignment
+            return ("with its decoding path (no backward follows; no mask, bias or dropout): keys split across "
+                    "tasks where the call has too few for the cores")
+        return described
+
     def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
         # New tokens are written by the op itself: in Python (Backend.kvcache_forward) the indexed
         # writes cost more than a short cache's attention.
