@@ -117,8 +117,10 @@ def explain(
     """Which backend `attention(q, k, v, **same keywords)` would run, and why each other would not.
 
     Returns a multi-line report; nothing is computed. Invalid input raises as `attention` would.
-    A call with fewer queries than keys and few query rows per key/value head (decoding) is
-    reported as running the backend's decoding kernel, where it does.
+    A call the chosen backend runs by another path than its plain kernels is reported with that
+    path: a decoding kernel (fewer queries than keys, few query rows per key/value head), or the
+    cpu backend's decoding path (keys split across tasks), which its forward takes for every dense
+    call no backward follows that has no mask, bias or dropout.
     """
     opts, extras = _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window,
                              alibi_slopes, softcap, return_lse, deterministic)
