@@ -127,11 +127,15 @@ class CudaBackend(Backend):
         return dq, dk, dv, dbias
 
     supports_kvcache = True
-    judges_cache_values = True
     decodes_few_query_rows = True
     # Key splits of a KV-cache call: 0 lets the op choose by shape and GPU size (split-KV for long
     # caches and few query rows); tests set a count to exercise the split path on small caches.
     decode_splits = 0
+
+    def judges_cache_values(self, k_cache, v_cache):
+        # Caches its kernels read through copies get their new tokens by indexing (kvcache_forward),
+        # which would fault on a position past the cache.
+        return k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
 
     def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
         # New tokens are written by the op's first kernel (append.cu), except into caches that the

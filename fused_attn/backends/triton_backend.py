@@ -99,8 +99,10 @@ class TritonBackend(Backend):
         return _kernels()[1].attention_backward(dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad)
 
     supports_kvcache = True
-    judges_cache_values = True
     decodes_few_query_rows = True
+
+    def judges_cache_values(self, k_cache, v_cache):
+        return True
 
     def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
         # Two launches: one writes the new tokens, the next counts them (no seqlens + Lnew tensor).
