@@ -39,18 +39,24 @@ class _Refusal(NamedTuple):
     message: str
 
 
-class _Plan(NamedTuple):
-    """A call rewritten for `attention`: 4-D views, the mask, and how to shape the output."""
+class _Keywords(NamedTuple):
+    """What `attention` is called with besides the tensors, and how to shape its output."""
 
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    attn_mask: Optional[Tensor]
     causal: bool
     scale: Optional[float]
     dropout_p: float
     zero_output: bool  # dropout_p == 1: torch drops every probability
     out_shape: tuple
+
+
+class _Plan(NamedTuple):
+    """A call rewritten for `attention`: 4-D views, the mask, and the keywords."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    attn_mask: Optional[Tensor]
+    keywords: _Keywords
     unsupported: Optional[str] = None  # why fused_attn cannot serve this valid call (_plan's); None when it can
 
 
@@ -73,11 +79,7 @@ class _Recipe(NamedTuple):
     flat: int
     heads: int  # query heads, and the heads k and v are brought to
     kv_heads: int
-    causal: bool
-    scale: Optional[float]
-    dropout_p: float
-    zero_output: bool
-    out_shape: tuple
+    keywords: _Keywords
     unsupported: Optional[str] = None  # filled in by _plan from the first call's rewritten tensors
 
 
@@ -107,8 +109,7 @@ def _rewrite(recipe: _Recipe, query, key, value, attn_mask) -> _Plan:
     k4 = _heads_to(_flat_batch(k, recipe.batch, recipe.flat), recipe.kv_heads)
     v4 = _heads_to(_flat_batch(v, recipe.batch, recipe.flat), recipe.kv_heads)
     mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, recipe.batch, recipe.flat)
-    return _Plan(q4, k4, v4, mask4, recipe.causal, recipe.scale, recipe.dropout_p, recipe.zero_output,
-                 recipe.out_shape, recipe.unsupported)
+    return _Plan(q4, k4, v4, mask4, recipe.keywords, recipe.unsupported)
 
 
 def _padded(shape, rank: int) -> tuple:
@@ -194,8 +195,8 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         if _broadcast(tuple(attn_mask.shape), full) != full:
             return _Refusal(RuntimeError, f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "
                                           f"attention scores' shape {full}")
-    return _Recipe(rank, batch, math.prod(batch), heads, kv_heads, is_causal, scale,
-                   float(dropout_p) if dropout_p < 1 else 0.0, dropout_p >= 1, out_shape)
+    return _Recipe(rank, batch, math.prod(batch), heads, kv_heads,
+                   _Keywords(is_causal, scale, float(dropout_p) if dropout_p < 1 else 0.0, dropout_p >= 1, out_shape))
 
 
 def _broadcast(*shapes: tuple) -> Optional[tuple]:
@@ -234,19 +235,19 @@ def _mask_to_4d(mask: Tensor, batch: tuple, flat: int) -> Tensor:
 
 
 def _run(plan: _Plan, backend: Optional[str] = None) -> Tensor:
-    attn_mask = plan.attn_mask
-    if plan.causal and attn_mask is not None:
+    attn_mask, keywords = plan.attn_mask, plan.keywords
+    if keywords.causal and attn_mask is not None:
         # torch's fused CPU/CUDA kernels apply both (the math kernel refuses): keep their union.
         causal = torch.ones(plan.q.shape[2], plan.k.shape[2], dtype=torch.bool, device=plan.q.device).tril()
         if attn_mask.dtype == torch.bool:
             attn_mask = attn_mask & causal
         else:
             attn_mask = torch.where(causal, attn_mask, float("-inf"))
-    out = attention(plan.q, plan.k, plan.v, causal=plan.causal and plan.attn_mask is None, scale=plan.scale,
-                    attn_mask=attn_mask, dropout_p=plan.dropout_p, backend=backend)
-    if plan.zero_output:
+    out = attention(plan.q, plan.k, plan.v, causal=keywords.causal and plan.attn_mask is None,
+                    scale=keywords.scale, attn_mask=attn_mask, dropout_p=keywords.dropout_p, backend=backend)
+    if keywords.zero_output:
         out = out * 0.0
-    return out if out.shape == plan.out_shape else out.reshape(plan.out_shape)
+    return out if out.shape == keywords.out_shape else out.reshape(keywords.out_shape)
 
 
 def scaled_dot_product_attention(
@@ -314,7 +315,7 @@ def _unsupported_reason(plan: _Plan) -> Optional[str]:
     mask = plan.attn_mask
     extras = AttentionTensors(mask=mask if mask is not None and mask.dtype == torch.bool else None,
                               bias=mask if mask is not None and mask.dtype != torch.bool else None)
-    opts = AttentionOptions(causal=plan.causal, dropout_p=plan.dropout_p)
+    opts = AttentionOptions(causal=plan.keywords.causal, dropout_p=plan.keywords.dropout_p)
     forced = dispatch._requested(None)
     names = [forced] if forced is not None else dispatch.preference(q.device)
     for name in names:

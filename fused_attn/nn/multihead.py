@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import attention
-from ..sdpa import _TORCH_SDPA, _Plan, _unsupported_reason
+from ..sdpa import _TORCH_SDPA, _Keywords, _Plan, _unsupported_reason
 
 Tensor = torch.Tensor
 
@@ -172,7 +172,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         mask = self._merged_mask(_pad_last(attn_mask, extra), _pad_last(key_padding_mask, extra),
                                  batch, seqlen_q, seqlen_k, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
-        plan = _Plan(q, k, v, mask, causal, None, dropout_p, False, ())
+        plan = _Plan(q, k, v, mask, _Keywords(causal, None, dropout_p, False, ()))
         if _unsupported_reason(plan) is None:
             out = attention(q, k, v, causal=causal, attn_mask=mask, dropout_p=dropout_p)
         else:  # e.g. an unsupported dtype or head dim: torch's SDPA on the same views
