@@ -123,7 +123,7 @@ def attention_with_kvcache(
     opts, name = plans.recall(key) or plans.remember(key, _plan(q, k_cache, v_cache, *arguments, backend=backend))
     seqlens, host_lengths = _seqlens_tensor(cache_seqlens, q)
     _check_capacity(seqlens, 0 if k is None else k.shape[1], k_cache, block_table, host_lengths,
-                    get_backend(name).judges_cache_values(k_cache, v_cache))
+                    get_backend(name).judges_cache_values)
     # No input requires grad (checked), so nothing below is recorded for autograd.
     out, lse = _eager_kvcache_forward(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, k, v, opts, name)
     return (out, lse) if return_lse else out

@@ -213,14 +213,16 @@ def test_new_tokens_are_written_in_place(emulated, monkeypatch, paged, dtype, st
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("splits", [0, 3], ids=["one-pass", "three-splits"])
-def test_unchecked_lengths_and_pages_give_nan_rows(emulated, monkeypatch, paged, splits):
+@pytest.mark.parametrize("splits, strided", [(0, False), (3, False), (0, True)],
+                         ids=["one-pass", "three-splits", "strided-last-dim"])
+def test_unchecked_lengths_and_pages_give_nan_rows(emulated, monkeypatch, paged, splits, strided):
     """tests/test_kvcache.py's check of the kernels' own judgement of lengths and pages, on the
     emulator (the sanitized run, make test-sanitized, reports any access past the cache), in one
-    pass and with the keys split (the merge carries a split's NaN)."""
+    pass, with the keys split (the merge carries a split's NaN), and for caches read through
+    copies (whose new tokens go back to the caller's cache)."""
     monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
     monkeypatch.setattr(BACKENDS[emulated.name], "decode_splits", splits)
-    kvcache_tests.test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, emulated.name, paged)
+    kvcache_tests.test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, emulated.name, paged, strided)
 
 
 def test_unchecked_missing_pages_outside_a_window_are_never_read(emulated, monkeypatch):

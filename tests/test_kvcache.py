@@ -18,6 +18,11 @@ def make_cache(dtype):
             torch.randn(B, CAPACITY, HKV, DV, dtype=dtype, device=DEVICE))
 
 
+def with_strided_last_dim(t):
+    """t's values in a tensor whose last dim has stride 2."""
+    return torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)[..., ::2].copy_(t)
+
+
 def paged_copy(k_cache, v_cache):
     """The same cache scattered over shuffled pages (plus unused ones), and its block table."""
     pages_per_sequence = -(-CAPACITY // PAGE)
@@ -331,9 +336,10 @@ def test_few_query_rows_take_the_decoding_kernel(monkeypatch, backend, dtype, se
         assert_accurate(f"d{name}", grad, exact_grad, low_grad, dtype)
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["rows", "strided-last-dim"])
 @pytest.mark.parametrize("backend, paged", [(name, paged) for name in KVCACHE_GPU_BACKENDS if name in BACKENDS
                                              for paged in (False, True)])
-def test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, backend, paged):
+def test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, backend, paged, strided):
     """With the host checks off (CUDA graphs, inference-mode tensors after their first check,
     FUSED_ATTN_HOST_CHECKS=0) the kernels judge lengths and pages themselves: a sequence whose
     length (with its new tokens) is below 0 or past the cache, or one of whose pages is not a page
@@ -341,7 +347,8 @@ def test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, backend, paged):
     say) and gets NaN rows and lse; new tokens are never written outside the cache; a valid
     sequence of the same call, whose table row names a missing page only past its length, is
     unaffected. Sequence 2's missing page lies in the first of the key splits, so the merge of
-    splits carries the NaN."""
+    splits carries the NaN. Caches whose last dim is not contiguous (`strided`; the cuda kernels
+    read them through copies) are judged alike."""
     from fused_attn import host_checks, layout
 
     monkeypatch.setattr(host_checks, "skipped", lambda device: True)
@@ -356,7 +363,9 @@ def test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, backend, paged):
         table[2, 1] = caches[0].shape[0] + 1000  # holds keys 16..31 of sequence 2: a page that does not exist
         table[1, 0] = -5
         table[0, 5] = -1  # keys 80..95: past sequence 0's 62
-    pages_before = None if table is None else tuple(t.clone() for t in caches)
+    if strided:
+        caches = tuple(with_strided_last_dim(t) for t in caches)
+    before = tuple(t.clone() for t in caches)
     k_new, v_new = torch.randn(B, 2, HKV, D, device=DEVICE), torch.randn(B, 2, HKV, DV, device=DEVICE)
     q = torch.randn(B, 1, HQ, D, device=DEVICE)
     out, lse = fused_attn.attention_with_kvcache(q, *caches, cached, k=k_new, v=v_new, block_table=table,
@@ -367,6 +376,10 @@ def test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, backend, paged):
     torch.testing.assert_close(out[:1], expected.transpose(1, 2), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lse[:1], expected_lse, rtol=1e-4, atol=1e-4)
     assert out[1:].isnan().all() and lse[1:].isnan().all()
-    if paged:  # sequence 2's new tokens went to its (existing) page 2; sequence 1's to none
-        written = pages_before[0].ne(caches[0]).any(dim=(1, 2, 3)).nonzero().flatten().tolist()
-        assert sorted(written) == sorted({int(table[0, 3]), int(table[2, 2])})
+    written = [before[i].ne(caches[i]).any(dim=(2, 3)).nonzero().tolist() for i in range(2)]
+    assert written[0] == written[1]
+    if paged:  # sequence 0's tokens 60, 61 went to its page 3; sequence 2's 40, 41 to page 2; sequence 1's nowhere
+        assert sorted(written[0]) == sorted([[int(table[0, 3]), 60 % PAGE], [int(table[0, 3]), 61 % PAGE],
+                                             [int(table[2, 2]), 40 % PAGE], [int(table[2, 2]), 41 % PAGE]])
+    else:  # only sequence 0's, the one that fits
+        assert written[0] == [[0, 60], [0, 61]]

@@ -51,11 +51,10 @@ class Backend:
         raise NotImplementedError
 
     supports_kvcache: bool = False
-    def judges_cache_values(self, k_cache: Tensor, v_cache: Tensor) -> bool:
-        """Whether a KV-cache call on these caches checks lengths and pages on the device as it
-        reads and writes them (a sequence outside the cache gets NaN rows, new tokens outside it
-        are not written), so that the host may skip checks it cannot make without a sync."""
-        return False
+    # Whether a KV-cache call's kernels check lengths and pages on the device as they read and
+    # write them (a sequence outside the cache gets NaN rows, new tokens outside it are not
+    # written), so that the host may skip the checks it cannot make without a sync.
+    judges_cache_values: bool = False
     # Whether forward sends decoding-shaped dense calls (takes_decoding_kernel) to decode's kernels.
     decodes_few_query_rows: bool = False
 

@@ -132,19 +132,21 @@ class CudaBackend(Backend):
     # caches and few query rows); tests set a count to exercise the split path on small caches.
     decode_splits = 0
 
-    def judges_cache_values(self, k_cache, v_cache):
-        # Caches its kernels read through copies get their new tokens by indexing (kvcache_forward),
-        # which would fault on a position past the cache.
-        return k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    judges_cache_values = True
 
     def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
-        # New tokens are written by the op's first kernel (append.cu), except into caches that the
-        # kernels read through copies (a last dim that is not contiguous): those are written first.
-        if k is not None and (k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
-            return super().kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k, v)
-        q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+        # The op's first kernel (append.cu) writes the new tokens, skipping any outside the cache.
+        # The kernels read rows of the head dim as contiguous vectors, so a cache laid out otherwise
+        # is read through a copy, which takes the new tokens and then goes back whole into the
+        # caller's cache: two copies of a rare layout's cache, and no write the kernels did not judge.
+        q = _last_dim_contiguous(q)
+        k_read, v_read = _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache)
         out, lse = kvcache_outputs(q, v_cache)
-        self._launch_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, alibi_slopes, opts, k, v)
+        self._launch_kvcache(q, k_read, v_read, out, lse, cache_seqlens, block_table, alibi_slopes, opts, k, v)
+        if k is not None:
+            for cache, read in ((k_cache, k_read), (v_cache, v_read)):
+                if read is not cache:
+                    cache.copy_(read)
         return out, lse
 
     def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):

@@ -101,8 +101,7 @@ class TritonBackend(Backend):
     supports_kvcache = True
     decodes_few_query_rows = True
 
-    def judges_cache_values(self, k_cache, v_cache):
-        return True
+    judges_cache_values = True
 
     def kvcache_forward(self, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts, k=None, v=None):
         # Two launches: one writes the new tokens, the next counts them (no seqlens + Lnew tensor).
