@@ -12,8 +12,12 @@ def autocast_inputs(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Te
     region's dtype (a float mask included); outside one, or for other tensors, as they are.
     Custom Python functions get no such cast from torch's dispatcher, so the entry points apply it."""
     first = tensors[0]
-    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+    if not isinstance(first, torch.Tensor):
         return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
+    device_type = first.device.type
+    # Devices autocast has no region for (meta: shapes only) would make is_autocast_enabled raise.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
                  else t for t in tensors)

@@ -16,7 +16,7 @@ torch.compile traces it breaks the graph. So these checks:
     triton and cuda KV-cache kernels judge lengths and pages as they read them; varlen judges
     cu_seqlens on the device after the call), such a tensor is checked the first time it is seen
     and guarded after that; elsewhere it is checked on every call.
-CPU tensors are read without a sync and checked on every call.
+CPU tensors are read without a sync and checked on every call; meta tensors have no values to check.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ VARIABLE = "FUSED_ATTN_HOST_CHECKS"
 
 def skipped(device: torch.device) -> bool:
     """Whether checks reading values on `device` are skipped (see the module docstring)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or device.type == "meta":  # meta tensors have shapes, no values
         return True
     return device.type == "cuda" and (torch.cuda.is_current_stream_capturing() or os.environ.get(VARIABLE) == "0")
 

@@ -53,9 +53,7 @@ _kvcache_forward = torch.library.custom_op("fused_attn::kvcache_forward", _kvcac
 
 @_kvcache_forward.register_fake
 def _(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, *scalars):
-    batch, seqlen_q, heads_q, _ = q.shape
-    return q.new_empty((batch, seqlen_q, heads_q, v_cache.shape[-1])), q.new_empty((batch, heads_q, seqlen_q),
-                                                                                    dtype=torch.float32)
+    return kvcache_outputs(q, v_cache)
 
 
 def attention_with_kvcache(
