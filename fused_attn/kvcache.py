@@ -84,7 +84,8 @@ def attention_with_kvcache(
         cache_seqlens: int32 (B,) (or one int for all): how many cached tokens each sequence has.
         k, v: optional (B, Lnew, Hkv, D) / (B, Lnew, Hkv, Dv) new tokens. They are written into
             the caches IN PLACE at positions cache_seqlens[b] .. cache_seqlens[b] + Lnew - 1 and
-            then attended to; cache_seqlens itself is not modified.
+            then attended to; cache_seqlens itself is not modified. The caches must then have
+            memory of their own for each element (not expand()ed views).
         block_table: int32 (B, max_pages_per_sequence): page i of sequence b is k_cache[block_table[b, i]].
         causal: query i (of Lq) sees keys up to i + seqlen_k - Lq: the cache convention, bottom-right
             aligned; causal_alignment must stay "bottom_right".
@@ -119,6 +120,9 @@ def attention_with_kvcache(
                           (q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes),
                           (causal, causal_alignment, scale, dropout_p, window, softcap, return_lse, backend))
     opts, name = plans.recall(key) or plans.remember(key, _plan(q, k_cache, v_cache, *arguments, backend=backend))
+    if k is not None:  # (strides are not part of a plan's key)
+        _check_writable(k_cache, "k_cache")
+        _check_writable(v_cache, "v_cache")
     seqlens, host_lengths = _seqlens_tensor(cache_seqlens, q)
     _check_capacity(seqlens, 0 if k is None else k.shape[1], k_cache, block_table, host_lengths,
                     get_backend(name).judges_cache_values)
@@ -189,6 +193,15 @@ def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> None:
     if q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or (
             k is not None and (k.requires_grad or v.requires_grad)):
         raise ValueError("attention_with_kvcache is inference only: its inputs must not require grad")
+
+
+def _check_writable(cache: Tensor, name: str) -> None:
+    """New tokens are written into the caches in place: a cache in which several elements share
+    memory (a dim of stride 0, as expand() makes) would keep one sequence's token for all of them,
+    so it is refused, as torch refuses in-place writes into such a tensor."""
+    if 0 in cache.stride() and any(stride == 0 and size > 1 for size, stride in zip(cache.shape, cache.stride())):
+        raise ValueError(f"{name} of strides {cache.stride()} has elements that share memory (an expand()ed "
+                         "view): new tokens cannot be written into it; pass a tensor of its own (clone() it)")
 
 
 def _check_cache_seqlens(cache_seqlens, q) -> None:

@@ -209,6 +209,26 @@ def test_kvcache_bad_input(change, error, message):
                                           arguments.pop("cache_seqlens"), **arguments)
 
 
+def test_caches_sharing_memory_across_elements_take_no_new_tokens(kvcache_backend):
+    """New tokens are written in place, so an expand()ed cache (one batch row's memory for all) is
+    refused with them, also after a call of the same shapes on a cache of its own (strides are not
+    part of a remembered plan), and attended to without them."""
+    q, k_cache, v_cache = qkv_cache()
+    shared_k, shared_v = (cache[:1].expand(cache.shape) for cache in (k_cache, v_cache))
+    lengths = torch.tensor([1, 2, 3], dtype=torch.int32, device=DEVICE)
+    k_new, v_new = torch.randn(B, 1, HKV, D, device=DEVICE), torch.randn(B, 1, HKV, DV, device=DEVICE)
+    fused_attn.attention_with_kvcache(q, k_cache, v_cache, lengths, k=k_new, v=v_new, backend=kvcache_backend)
+    before = shared_k.clone(), shared_v.clone()
+    for caches, name in (((shared_k, v_cache), "k_cache"), ((k_cache, shared_v), "v_cache")):
+        with pytest.raises(ValueError, match=rf"{name} of strides \(0, .*share memory"):
+            fused_attn.attention_with_kvcache(q, *caches, lengths, k=k_new, v=v_new, backend=kvcache_backend)
+    assert torch.equal(shared_k, before[0]) and torch.equal(shared_v, before[1])
+    out = fused_attn.attention_with_kvcache(q, shared_k, shared_v, lengths, backend=kvcache_backend)
+    expected = fused_attn.attention_with_kvcache(q, *(t.contiguous() for t in (shared_k, shared_v)), lengths,
+                                                 backend=kvcache_backend)
+    torch.testing.assert_close(out, expected)
+
+
 @pytest.mark.parametrize("width", [4, 2100], ids=["small-table", "large-table"])
 def test_block_table_past_the_pages(width):
     """Small host tables are checked in Python, large ones (and device ones) with tensor ops;
