@@ -13,7 +13,9 @@
 # Stages (each time-boxed so the call ends inside its limit, and each logged):
 #   build     make env with the CUDA kernels required (FUSED_ATTN_CUDA=1), for this GPU only
 #   test      the test suite natively (every backend the GPU serves), in parallel with xdist (the
-#             large-offset tests, ~12 GB of GPU memory each, in one worker: --dist loadgroup)
+#             large-offset tests, ~12 GB of GPU memory each, in one worker: --dist loadgroup); it
+#             goes on past failures (the first GPU run should name them all, not the first one), and
+#             a run stopped at its box still prints the failures so far (SIGINT)
 #   (test and bench run the fixed default tiles while none are shipped for this GPU: autotune_mode)
 #   sanitize  compute-sanitizer memcheck and racecheck over the cuda and triton kernels
 #   tune      python -m benchmarks.tune: the tile choices for this architecture
@@ -55,7 +57,7 @@ for stage in "${stages[@]}"; do
     case $stage in
         build) run_stage build "${BUILD_S:-300}" env FUSED_ATTN_CUDA=1 FUSED_ATTN_CUDA_ARCHS="$ARCH" MAX_JOBS=16 make env
                say "cuda build note: '$(cat fused_attn/_native_cuda.txt 2>/dev/null)'" ;;
-        test) run_stage test "${TEST_S:-330}" env FUSED_ATTN_AUTOTUNE="$(autotune_mode)" python3 -m pytest tests -q -x -n 14 --dist loadgroup --timeout 300 -p no:cacheprovider ;;
+        test) run_stage test "${TEST_S:-330}" env FUSED_ATTN_AUTOTUNE="$(autotune_mode)" python3 -m pytest tests -q -rfE --tb=short --maxfail=100 --durations=25 -n 14 --dist loadgroup --timeout 300 -p no:cacheprovider ;;
         sanitize) run_stage memcheck "${SANITIZE_S:-90}" compute-sanitizer --tool memcheck --error-exitcode 3 \
                       python3 -m benchmarks.sanitize_calls
                   run_stage racecheck "${SANITIZE_S:-90}" compute-sanitizer --tool racecheck --error-exitcode 3 \
