@@ -213,12 +213,12 @@ def needs_the_op(tensors) -> bool:
     registered op rather than its implementation: while torch.compile, torch.export or
     torch.jit.trace traces, under torch.func transforms, for tensor subclasses (fake, functional,
     DTensor...), which only the op's registrations handle, and for meta tensors (shapes without
-    values, as a model built on the meta device passes: the op's fake implementation answers). torch.jit.trace must record the op as one node (whose autograd
-    formula then serves the traced module's backward): the implementation's own steps would be
-    recorded instead (values read on the host baked in as constants, triton launches failing on
-    traced sizes), and with a gradient wanted an autograd.Function node, which trace's check,
-    re-tracing under no_grad, does not reproduce. Runs on every call: kept to cheap flag reads
-    and a plain loop over the tensors."""
+    values, as a model built on the meta device passes: the op's fake implementation answers).
+    torch.jit.trace must record the op as one node (whose autograd formula then serves the traced
+    module's backward): the implementation's own steps would be recorded instead (values read on
+    the host baked in as constants, triton launches failing on traced sizes), and with a gradient
+    wanted an autograd.Function node, which trace's check, re-tracing under no_grad, does not
+    reproduce. Runs on every call: kept to cheap flag reads and a plain loop over the tensors."""
     if being_traced() or tensors[0].is_meta:
         return True
     for t in tensors:
