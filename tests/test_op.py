@@ -231,6 +231,8 @@ def test_meta_tensors_give_the_outputs_of_a_real_call(name, call):
     for m, r in zip(meta, real):
         assert m.device.type == "meta"
         assert (m.shape, m.stride(), m.dtype) == (r.shape, r.stride(), r.dtype), name
+    q = torch.empty(1, 2, 3, 8, device="meta")
+    assert "no kernel runs" in fused_attn.explain(q, q, q).splitlines()[1]
 
 
 def test_parameters_take_the_eager_path_and_subclasses_the_op(monkeypatch):
