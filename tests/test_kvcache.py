@@ -283,17 +283,21 @@ def test_kvcache_rejects_inputs_that_require_grad():
         fused_attn.attention_with_kvcache(q.requires_grad_(), k_cache, v_cache, 5)
 
 
-def test_lengths_known_on_the_host_are_not_read_back():
+def test_lengths_known_on_the_host_are_not_read_back(monkeypatch):
     """An int cache_seqlens is checked as it is: the device copy of the lengths is not read back
-    (a sync on GPUs). A meta tensor stands for it here: reading it would raise."""
-    from fused_attn import kvcache
+    (a sync on GPUs). host_checks.read, the one place values are read, refuses here."""
+    from fused_attn import host_checks, kvcache
 
+    def refuse(t):
+        raise AssertionError("read back")
+
+    monkeypatch.setattr(host_checks, "read", refuse)
     k_cache, _ = make_cache(torch.float32)
-    on_device = torch.empty(B, dtype=torch.int32, device="meta")
+    on_device = torch.full((B,), CAPACITY - 1, dtype=torch.int32, device=DEVICE)
     kvcache._check_capacity(on_device, 1, k_cache, None, [CAPACITY - 1] * B)
     with pytest.raises(ValueError, match="exceeds the cache capacity"):
         kvcache._check_capacity(on_device, 2, k_cache, None, [CAPACITY - 1] * B)
-    with pytest.raises(NotImplementedError):  # without the host lengths, the tensor is read
+    with pytest.raises(AssertionError, match="read back"):  # without the host lengths, the tensor is read
         kvcache._check_capacity(on_device, 1, k_cache, None)
 
 
