@@ -42,6 +42,23 @@ def draw_mask(rng: random.Random, batch: int, heads: int, seqlen_q: int, seqlen_
     return None
 
 
+def draw_keywords(rng: random.Random, batch: int, heads_q: int, longest: int, alignments=("top_left", "bottom_right")):
+    """Keywords every entry point takes: alignment, causal, window (bounds up to `longest`),
+    softcap, ALiBi (per head or per sequence), scale."""
+    keywords = {"causal_alignment": rng.choice(alignments)}
+    if rng.random() < 0.4:
+        keywords["causal"] = True
+    if rng.random() < 0.35:
+        keywords["window"] = (rng.choice([-1, rng.randint(0, longest)]), rng.choice([-1, rng.randint(0, longest)]))
+    if rng.random() < 0.2:
+        keywords["softcap"] = rng.uniform(2.0, 30.0)
+    if rng.random() < 0.2:
+        keywords["alibi_slopes"] = torch.rand(*rng.choice([(heads_q,), (batch, heads_q)]), device=DEVICE)
+    if rng.random() < 0.15:
+        keywords["scale"] = rng.uniform(0.05, 0.5)
+    return keywords
+
+
 def draw_config(rng: random.Random, max_length: int) -> tuple[tuple, torch.dtype, bool, dict]:
     """(shape (B, Hq, Hkv, Lq, Lk, D, Dv), dtype, sequence-major, keywords of fused_attn.attention)."""
     batch, heads_kv = rng.choice([1, 2]), rng.choice([1, 2])
@@ -51,17 +68,7 @@ def draw_config(rng: random.Random, max_length: int) -> tuple[tuple, torch.dtype
     head_dim = rng.choice([8, 24, 32, 64, 64, 96, 128])
     head_dim_v = rng.choice([head_dim, head_dim, 16, 80])
     dtype = rng.choice(DTYPES)
-    keywords = {"causal_alignment": rng.choice(["top_left", "bottom_right"])}
-    if rng.random() < 0.4:
-        keywords["causal"] = True
-    if rng.random() < 0.35:
-        keywords["window"] = (rng.choice([-1, rng.randint(0, max_length)]), rng.choice([-1, rng.randint(0, max_length)]))
-    if rng.random() < 0.2:
-        keywords["softcap"] = rng.uniform(2.0, 30.0)
-    if rng.random() < 0.2:
-        keywords["alibi_slopes"] = torch.rand(*rng.choice([(heads_q,), (batch, heads_q)]), device=DEVICE)
-    if rng.random() < 0.15:
-        keywords["scale"] = rng.uniform(0.05, 0.5)
+    keywords = draw_keywords(rng, batch, heads_q, max_length)
     if rng.random() < 0.15:
         keywords["dropout_p"] = rng.uniform(0.05, 0.4)
     mask = draw_mask(rng, batch, heads_q, seqlen_q, seqlen_k, dtype)
@@ -89,23 +96,6 @@ def test_random_configuration_matches_float64_math(variant_backend, draw, fresh_
         check_against_oracle(variant_backend, shape, dtype, DEVICE, sequence_major=sequence_major, **keywords)
     except AssertionError as error:
         raise AssertionError(f"{describe(shape, dtype, sequence_major, keywords)}: {error}") from error
-
-
-def draw_keywords(rng: random.Random, batch: int, heads_q: int, longest: int, alignments=("top_left", "bottom_right")):
-    """Keywords of the packed and KV-cache entry points (no mask): alignment, causal, window,
-    softcap, ALiBi (per head or per sequence), scale."""
-    keywords = {"causal_alignment": rng.choice(alignments)}
-    if rng.random() < 0.4:
-        keywords["causal"] = True
-    if rng.random() < 0.3:
-        keywords["window"] = (rng.choice([-1, rng.randint(0, longest)]), rng.choice([-1, rng.randint(0, longest)]))
-    if rng.random() < 0.2:
-        keywords["softcap"] = rng.uniform(2.0, 30.0)
-    if rng.random() < 0.2:
-        keywords["alibi_slopes"] = torch.rand(*rng.choice([(heads_q,), (batch, heads_q)]), device=DEVICE)
-    if rng.random() < 0.15:
-        keywords["scale"] = rng.uniform(0.05, 0.5)
-    return keywords
 
 
 def describe_call(**parts) -> str:
