@@ -78,14 +78,14 @@ def draw_config(rng: random.Random, max_length: int) -> tuple[tuple, torch.dtype
     return shape, dtype, rng.random() < 0.3, keywords
 
 
-def describe(shape, dtype, sequence_major, keywords) -> str:
+def describe(**parts) -> str:
+    """A drawn configuration as a failure message names it: tensors by dtype and shape."""
     def value(v):
         if isinstance(v, torch.Tensor):
             return f"{v.dtype} {tuple(v.shape)}" + (" learnable" if v.requires_grad else "")
         return f"{v:.3g}" if isinstance(v, float) else repr(v)
 
-    items = ", ".join(f"{key}={value(v)}" for key, v in keywords.items())
-    return f"(B, Hq, Hkv, Lq, Lk, D, Dv)={shape} {dtype} sequence_major={sequence_major} {items}"
+    return ", ".join(f"{key}={value(v)}" for key, v in parts.items())
 
 
 @pytest.mark.parametrize("draw", range(6))
@@ -95,11 +95,9 @@ def test_random_configuration_matches_float64_math(variant_backend, draw, fresh_
     try:
         check_against_oracle(variant_backend, shape, dtype, DEVICE, sequence_major=sequence_major, **keywords)
     except AssertionError as error:
-        raise AssertionError(f"{describe(shape, dtype, sequence_major, keywords)}: {error}") from error
-
-
-def describe_call(**parts) -> str:
-    return " ".join(f"{key}={tuple(v.shape) if isinstance(v, torch.Tensor) else v}" for key, v in parts.items())
+        context = describe(**{"(B, Hq, Hkv, Lq, Lk, D, Dv)": shape}, dtype=dtype, sequence_major=sequence_major,
+                           **keywords)
+        raise AssertionError(f"{context}: {error}") from error
 
 
 @pytest.mark.parametrize("draw", range(4))
@@ -123,7 +121,8 @@ def test_random_packed_batch_matches_float64_math(varlen_backend, draw, fresh_se
     q = torch.randn(sum(lengths_q) + unused_q, heads_q, head_dim, device=DEVICE)
     k = torch.randn(sum(lengths_k) + unused_k, heads_kv, head_dim, device=DEVICE)
     v = torch.randn(k.shape[0], heads_kv, head_dim_v, device=DEVICE)
-    dout, dlse = torch.randn(q.shape[0], heads_q, head_dim_v, device=DEVICE), torch.randn(heads_q, q.shape[0], device=DEVICE)
+    dout = torch.randn(q.shape[0], heads_q, head_dim_v, device=DEVICE)
+    dlse = torch.randn(heads_q, q.shape[0], device=DEVICE)
     cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
                   for n in (lengths_q, lengths_k))
     max_q, max_k = max(lengths_q) + slack, max(lengths_k) + slack
@@ -148,8 +147,8 @@ def test_random_packed_batch_matches_float64_math(varlen_backend, draw, fresh_se
     # which biases the roundoff; the rule covers what the fuzz of this test saw there.
     through_delta = 4.0 / (1.0 - keywords.get("dropout_p", 0.0)) if dtype != torch.float32 else 1.0
     summed = {"dq": math.sqrt(max(max_k, 1)), "dk": math.sqrt(max(max_q * heads_q // heads_kv, 1))}
-    context = describe_call(lengths_q=lengths_q, lengths_k=lengths_k, unused=(unused_q, unused_k), slack=slack,
-                            heads=(heads_q, heads_kv), dims=(head_dim, head_dim_v), dtype=dtype, **keywords)
+    context = describe(lengths_q=lengths_q, lengths_k=lengths_k, unused=(unused_q, unused_k), slack=slack,
+                       heads=(heads_q, heads_kv), dims=(head_dim, head_dim_v), dtype=dtype, **keywords)
     try:
         for name, actual, expected, lowprec in zip(("out", "lse", "dq", "dk", "dv"), got, exact, low):
             floor_scale = 1.0 if name in ("out", "lse", "dv") else through_delta * summed[name]
@@ -195,16 +194,16 @@ def test_random_kvcache_step_matches_float64_math(kvcache_backend, draw, fresh_s
     cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
 
     def run(backend, precision):
-        caches = [t.to(precision) for t in (k_cache, v_cache)]
+        caches = [t.to(precision, copy=True) for t in (k_cache, v_cache)]  # each run writes its own
         out, lse = fused_attn.attention_with_kvcache(q.to(precision), *caches, cache_seqlens, block_table=table,
                                                      return_lse=True, backend=backend,
                                                      **{key: t.to(precision) for key, t in new.items()}, **keywords)
         return out, lse, *caches
 
     got, exact, low = run(kvcache_backend, dtype), run("reference", torch.float64), run("reference", dtype)
-    context = describe_call(lengths=lengths, capacity=capacity, page_size=page_size, new_tokens=new_tokens,
-                            seqlen_q=seqlen_q, heads=(heads_q, heads_kv), dims=(head_dim, head_dim_v), dtype=dtype,
-                            **keywords)
+    context = describe(lengths=lengths, capacity=capacity, page_size=page_size, new_tokens=new_tokens,
+                       seqlen_q=seqlen_q, heads=(heads_q, heads_kv), dims=(head_dim, head_dim_v), dtype=dtype,
+                       **keywords)
     try:
         assert_accurate("out", got[0], exact[0], low[0], dtype)
         assert_accurate("lse", got[1], exact[1], low[1], torch.float32)
