@@ -23,7 +23,7 @@ from . import dispatch, plans
 from .api import attention
 from .autocast import autocast_inputs
 from .checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, as_number
-from .ops import under_func_transform
+from .ops import split_mask, under_func_transform
 from .options import AttentionOptions, AttentionTensors
 
 Tensor = torch.Tensor
@@ -312,9 +312,7 @@ def _unsupported_reason(plan: _Plan) -> Optional[str]:
         return f"dtype {q.dtype}"
     if not (1 <= q.shape[-1] <= MAX_HEAD_DIM and 1 <= v.shape[-1] <= MAX_HEAD_DIM):
         return f"head dims {q.shape[-1]}, {v.shape[-1]} (fused_attn supports 1..{MAX_HEAD_DIM})"
-    mask = plan.attn_mask
-    extras = AttentionTensors(mask=mask if mask is not None and mask.dtype == torch.bool else None,
-                              bias=mask if mask is not None and mask.dtype != torch.bool else None)
+    extras = AttentionTensors(*split_mask(plan.attn_mask))
     opts = AttentionOptions(causal=plan.keywords.causal, dropout_p=plan.keywords.dropout_p)
     forced = dispatch._requested(None)
     names = [forced] if forced is not None else dispatch.preference(q.device)
