@@ -360,15 +360,31 @@ def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
 
 
-def cpu_name() -> str:
+def _cpuinfo_field(name: str) -> Optional[str]:
+    """The first value of a /proc/cpuinfo field (None where there is no such file or field)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                field, _, value = line.partition(":")
+                if field.strip().lower() == name:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "cpu"
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "cpu"
+
+
+def cpu_generation() -> Optional[str]:
+    """"family<N>" from /proc/cpuinfo where the model name has no number in it: virtual machines
+    name AMD CPUs "AMD EPYC" from Zen 2 to Zen 5, and the family tells them apart (23: Zen 1-2,
+    25: Zen 3-4, 26: Zen 5); None where the name is specific enough."""
+    if re.search(r"\d", cpu_name()):
+        return None
+    family = _cpuinfo_field("cpu family")
+    return f"family{family}" if family and family.isdigit() else None
 
 
 def device_name(on_cuda: bool) -> str:
@@ -388,13 +404,16 @@ def cpu_kernels_tag() -> str:
 
 
 def device_slug(on_cuda: bool) -> str:
-    """The results folder's name. A CPU's carries cpu_kernels_tag: virtual machines report generic
-    names ("AMD EPYC") for CPUs several generations apart."""
+    """The results folder's name. A CPU's carries cpu_kernels_tag, and cpu_generation where its name
+    is generic: virtual machines report "AMD EPYC" for CPUs several generations apart."""
     slug = slugify(device_name(on_cuda))
     if on_cuda:
         return slug
     if not slug.startswith("cpu"):
         slug = f"cpu-{slug}"
+    generation = cpu_generation()
+    if generation is not None:
+        slug = f"{slug}-{generation}"
     return f"{slug}-{cpu_kernels_tag()}"
 
 
