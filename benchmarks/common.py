@@ -18,6 +18,7 @@ import csv
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -196,9 +197,11 @@ def time_ms_each(steps: dict[str, Callable[[], object]], on_cuda: bool, *, grads
 def _cpu_medians(steps, grads, target_s: float, min_reps: int, max_reps: int,
                  single_call_s: float = math.inf) -> dict[str, object]:
     """{name: median ms or exception}: two warm-up calls each (the second one's time sizes the run),
-    then rounds of one call of each step, each round starting one step later than the last (the
+    then rounds of one call of each step, each round in an order of its own, drawn at random (the
     call after a slow or allocating one, or the first after a pause, runs slower: no step should
-    always be that one); a step that raises is left out of later rounds."""
+    mostly be that one; rotating a fixed order left the cyclic successor of the slowest step after
+    it in all rounds but one, ~1.5x slower in the decode suite's rows); a step that raises is left
+    out of later rounds. The orders are seeded, so runs are repeatable."""
     def call(step):
         for t in grads:
             t.grad = None
@@ -216,8 +219,9 @@ def _cpu_medians(steps, grads, target_s: float, min_reps: int, max_reps: int,
     reps = max(min_reps, min(max_reps, int(target_s / max(sum(estimate.values()), 1e-6))))
     samples = {name: [] for name in estimate}
     names = list(samples)
+    orders = random.Random(0)
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in orders.sample(names, len(names)):
             if name in results or (rep > 0 and estimate[name] > single_call_s):
                 continue
             try:
