@@ -121,3 +121,33 @@ def test_the_goals_configurations_are_measured_first():
     firsts = [(c.D, c.L) in goal_shapes for c in order]
     assert firsts == sorted(firsts, reverse=True) and sum(firsts) == 2 * len(goal_shapes)  # causal and not
     assert sorted(map(repr, order)) == sorted(map(repr, bench.cuda_configs(quick=False)))
+
+
+@pytest.mark.parametrize("model, family, expected", [
+    ("AMD EPYC", "26", "family26"),                               # a VM's generic name: the family tells
+    ("AMD EPYC 9654 96-Core Processor", "25", None),              # a model number says enough
+    ("Intel(R) Xeon(R) Processor @ 2.80GHz", "6", None),          # the clock is a number, and stays as it was
+])
+def test_a_generic_cpu_name_gets_its_family_in_the_results_folder(monkeypatch, model, family, expected):
+    fields = {"model name": model, "cpu family": family}
+    monkeypatch.setattr(bench, "_cpuinfo_field", fields.get)
+    assert bench.cpu_generation() == expected
+    slug = bench.device_slug(on_cuda=False)
+    assert (f"-{expected}-" in slug) if expected else ("family" not in slug)
+    assert slug.endswith(bench.cpu_kernels_tag())
+
+
+def test_interleaved_cpu_timing_varies_which_provider_follows_which():
+    """A provider that runs right after a slow, allocating one runs slower: over the rounds each
+    provider must follow each other one, not mostly the same one (a rotated fixed order put the
+    cyclic successor of the slowest after it in every round but one)."""
+    from benchmarks import common
+
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    common.time_ms_each(steps, on_cuda=False, cpu_target_s=0.0, cpu_min_reps=200, cpu_max_reps=200)
+    timed = calls[2 * len(steps):]  # after two warm-up calls each
+    assert len(timed) == 200 * len(steps)
+    after_d = [timed[i + 1] for i in range(len(timed) - 1) if timed[i] == "d" and timed[i + 1] != "d"]
+    shares = {name: after_d.count(name) / len(after_d) for name in "abc"}
+    assert all(0.2 < share < 0.5 for share in shares.values()), shares
