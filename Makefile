@@ -28,7 +28,9 @@
 #   3. Otherwise (developer machines and CI: CPU-only, PyPI reachable) -> a local virtualenv .venv
 #      is created if needed and the pinned requirements below are installed into it.
 # In every case the package itself is installed editable with --no-build-isolation --no-deps
-# (offline-safe: it builds against the torch already installed and fetches nothing).
+# (offline-safe: it builds against the torch already installed and fetches nothing), with
+# FUSED_ATTN_NATIVE=1: a C++ build that fails fails make (a plain pip install goes on without the
+# extension, setup.py), so the tests never run without the kernels unnoticed.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -132,7 +134,7 @@ _install-venv:
 	    rm -rf $(VENV) && $(BASE_PYTHON) -m venv $(VENV); \
 	fi
 	$(PYTHON) -m pip install $(foreach r,$(REQUIREMENTS),'$(r)')
-	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	FUSED_ATTN_NATIVE=1 $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 	$(WRITE_STAMP)
 
 # GPU machine / PYTHON=...: use what is installed, download nothing. Try the offline editable
@@ -140,7 +142,7 @@ _install-venv:
 _install-system _install-given:
 	@$(PYTHON) -c "import torch, triton, pytest" || { \
 	    echo "error: $(PYTHON) cannot import torch, triton and pytest" >&2; exit 1; }
-	@$(PYTHON) -m pip install --no-build-isolation --no-deps --no-index -e . \
+	@FUSED_ATTN_NATIVE=1 $(PYTHON) -m pip install --no-build-isolation --no-deps --no-index -e . \
 	    || echo "note: editable install failed; using PYTHONPATH=$(CURDIR) instead"
 	$(WRITE_STAMP)
 

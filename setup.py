@@ -8,8 +8,11 @@ Install for development with::
 
 This builds the C++ kernels in csrc/ into ``fused_attn/_native`` (the CPU backend) with ninja
 through torch.utils.cpp_extension. The package works without them: if the extension is missing
-or cannot be loaded, fused_attn says why once and CPU calls go to the next backend.
-Set FUSED_ATTN_SKIP_NATIVE=1 to install without building it.
+or cannot be loaded, fused_attn says why once and CPU calls go to the next backend. So a build
+that fails (a compiler without OpenMP or GCC's options, say) does not fail the install: it warns,
+and fused_attn/_native_build.txt records why (empty when the build succeeded), which the backends
+report. FUSED_ATTN_NATIVE=1 makes a failed build an error (`make` sets it: its tests must run the
+kernels); FUSED_ATTN_SKIP_NATIVE=1 installs without building it.
 
 With a CUDA build of torch and a CUDA toolkit (CUDA_HOME with its headers), the same extension
 also gets the CUDA kernels of csrc/cuda/ (the `cuda` backend), compiled by nvcc for sm_80 and
@@ -23,6 +26,7 @@ tests there (tests/run_sanitized.sh).
 """
 import os
 import platform
+import sys
 
 from setuptools import find_packages, setup
 
@@ -79,9 +83,17 @@ def cuda_build_reason():
     return reason
 
 
-def _write_cuda_note(reason):
-    with open(CUDA_NOTE, "w", encoding="utf-8") as f:
+# Why the C++ extension was not built (empty when it was): fused_attn/backends/native.py reports it.
+NATIVE_NOTE = os.path.join(HERE, "fused_attn", "_native_build.txt")
+
+
+def _write_note(path, reason):
+    with open(path, "w", encoding="utf-8") as f:
         f.write("" if reason is None else reason + "\n")
+
+
+def _write_cuda_note(reason):
+    _write_note(CUDA_NOTE, reason)
 
 
 def _is_x86_64_gcc_like():
@@ -97,6 +109,7 @@ def native_extensions():
     metadata-only commands work without it. The C++ standard is left to torch.
     """
     if os.environ.get("FUSED_ATTN_SKIP_NATIVE") == "1":
+        _write_note(NATIVE_NOTE, "FUSED_ATTN_SKIP_NATIVE=1 was set when fused_attn was installed")
         _write_cuda_note("FUSED_ATTN_SKIP_NATIVE=1")
         return []
     try:
@@ -154,11 +167,34 @@ def native_cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildNative(BuildExtension.with_options(use_ninja=True)):
-        """BuildExtension, plus sources compiled with flags of their own (``isa_sources``).
+        """BuildExtension, plus sources compiled with flags of their own (``isa_sources``), and a
+        failed build reported instead of failing the install (unless FUSED_ATTN_NATIVE=1).
 
         setuptools has no per-file flags: each such source is compiled by itself into its own
         build directory and linked in as an extra object, after the common sources.
         """
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as error:  # the compiler refused a flag or the code, or is missing
+                if os.environ.get("FUSED_ATTN_NATIVE") == "1":
+                    raise
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+                self._write_native_note(f"its build failed: {reason} (pip install -v shows the compiler's messages)")
+                print(f"warning: fused_attn's C++ extension was not built ({reason}); fused_attn installs "
+                      "without it and CPU calls use the next backend (FUSED_ATTN_NATIVE=1 makes this an error)",
+                      file=sys.stderr)
+                self.extensions = []  # nothing to copy or install (build_ext --inplace, editable wheels)
+                return
+            self._write_native_note(None)
+
+        def _write_native_note(self, reason):
+            """NATIVE_NOTE in the source tree, and in the build's copy of the package, which
+            build_py made before this command ran (a wheel installs that copy)."""
+            _write_note(NATIVE_NOTE, reason)
+            if not self.inplace and os.path.isdir(os.path.join(self.build_lib, "fused_attn")):
+                _write_note(os.path.join(self.build_lib, "fused_attn", os.path.basename(NATIVE_NOTE)), reason)
 
         def build_extension(self, ext):
             for source, flags in getattr(ext, "isa_sources", {}).items():
@@ -195,7 +231,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fused_attn", "fused_attn.*"]),
     # Tile choices tuned per GPU architecture by `python -m benchmarks.tune` (fused_attn/triton/tuning.py).
-    package_data={"fused_attn.triton": ["tuned/*.json"], "fused_attn": ["_native_cuda.txt"]},
+    package_data={"fused_attn.triton": ["tuned/*.json"], "fused_attn": ["_native_cuda.txt", "_native_build.txt"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",

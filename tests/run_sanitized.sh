@@ -38,7 +38,7 @@ tar cf - --exclude='*.so' --exclude=__pycache__ setup.py pyproject.toml README.m
     tar xf - -C "$TREE"
 echo "building the sanitized extension in $TREE"
 export FUSED_ATTN_SANITIZE=address,undefined
-(cd "$TREE" && FUSED_ATTN_CUDA=0 "$PYTHON" setup.py -q build_ext --inplace \
+(cd "$TREE" && FUSED_ATTN_CUDA=0 FUSED_ATTN_NATIVE=1 "$PYTHON" setup.py -q build_ext --inplace \
     > "$LOGS/build.log" 2>&1) || { tail -30 "$LOGS/build.log"; exit 1; }
 
 status=0

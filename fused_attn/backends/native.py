@@ -8,6 +8,7 @@ never goes unnoticed yet the package keeps working on its other backends.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from typing import Optional
 
@@ -29,17 +30,32 @@ def load_error() -> Optional[str]:
     return _state["error"]
 
 
+# Written by setup.py: empty when it built the extension, else why not (a failed build does not
+# fail the install).
+BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native_build.txt")
+
+
 def _load() -> Optional[str]:
     try:
         importlib.import_module("fused_attn._native")
     except ImportError as error:
         if getattr(error, "name", None) == "fused_attn._native":
-            return ("fused_attn._native is not built (run `pip install --no-build-isolation --no-deps -e .` "
-                    "or `make env`)")
+            return "fused_attn._native is not built: " + _why_not_built()
         return f"fused_attn._native failed to load: {error}"
     except OSError as error:  # e.g. a missing shared library
         return f"fused_attn._native failed to load: {error}"
     return None
+
+
+def _why_not_built() -> str:
+    """setup.py's note on the missing extension, or how to build it."""
+    try:
+        with open(BUILD_NOTE, encoding="utf-8") as f:
+            note = f.read().strip()
+    except OSError:
+        note = ""
+    how = "to build it, run `pip install --no-build-isolation --no-deps -e .` or `make env`"
+    return f"{note}; {how}" if note else how
 
 
 def scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
