@@ -92,10 +92,6 @@ def _write_note(path, reason):
         f.write("" if reason is None else reason + "\n")
 
 
-def _write_cuda_note(reason):
-    _write_note(CUDA_NOTE, reason)
-
-
 def _is_x86_64_gcc_like():
     return platform.machine().lower() in ("x86_64", "amd64") and os.name == "posix"
 
@@ -110,7 +106,7 @@ def native_extensions():
     """
     if os.environ.get("FUSED_ATTN_SKIP_NATIVE") == "1":
         _write_note(NATIVE_NOTE, "FUSED_ATTN_SKIP_NATIVE=1 was set when fused_attn was installed")
-        _write_cuda_note("FUSED_ATTN_SKIP_NATIVE=1")
+        _write_note(CUDA_NOTE, "FUSED_ATTN_SKIP_NATIVE=1")
         return []
     try:
         from torch.utils.cpp_extension import CppExtension, CUDAExtension
@@ -129,7 +125,7 @@ def native_extensions():
         cxx_flags += [f"-fsanitize={sanitizer}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]
         link_flags += [f"-fsanitize={sanitizer}"]
     reason = cuda_build_reason()
-    _write_cuda_note(reason)
+    _write_note(CUDA_NOTE, reason)
     if reason is None:
         extension = CUDAExtension(
             "fused_attn._native",

@@ -106,9 +106,12 @@ def explain_choice(q, k, v, extras: AttentionTensors, opts: AttentionOptions, ba
     else:
         header = f"would run: {chosen}"
     lines = [header]
-    path = None if chosen is None else BACKENDS[chosen].path(q, k, v, extras, opts)
-    if chosen is not None and q.is_meta:  # ops.needs_the_op
+    if chosen is None:
+        path = None
+    elif q.is_meta:  # ops.needs_the_op
         path = "on meta tensors no kernel runs: the op's fake implementation gives the outputs' shapes"
+    else:
+        path = BACKENDS[chosen].path(q, k, v, extras, opts)
     if path is not None:
         lines.append(f"  {path}")
     forced = _requested(backend)

@@ -16,7 +16,6 @@ suite also instantiates it on the emulated build of the same kernels (tests/cuda
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Optional
 
 import torch
@@ -28,8 +27,6 @@ from .base import Backend, Tensor, as_4d, takes_decoding_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # csrc/cuda/launch.h, kMaxHeadDim
-# Written by setup.py: empty when the extension was built with the CUDA kernels, else why not.
-BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native_cuda.txt")
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,10 +36,9 @@ def cuda_build_error() -> Optional[str]:
     error = native.load_error()
     if error is not None:
         return error
-    if not os.path.exists(BUILD_NOTE):
+    note = native.setup_note("_native_cuda.txt")
+    if note is None:
         return "fused_attn._native was built without the CUDA kernels (no fused_attn/_native_cuda.txt)"
-    with open(BUILD_NOTE, encoding="utf-8") as f:
-        note = f.read().strip()
     if note:
         return f"fused_attn._native was built without the CUDA kernels: {note}"
     if not hasattr(torch.ops.fused_attn_native, "cuda_forward"):

@@ -30,9 +30,19 @@ def load_error() -> Optional[str]:
     return _state["error"]
 
 
-# Written by setup.py: empty when it built the extension, else why not (a failed build does not
-# fail the install).
-BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native_build.txt")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def setup_note(name: str) -> Optional[str]:
+    """A note setup.py wrote into the package when it built the extension (fused_attn/<name>):
+    empty when the part it is about was built, else why not; None when there is no such file.
+    _native_build.txt is about the extension (a failed build does not fail the install),
+    _native_cuda.txt about its CUDA kernels."""
+    try:
+        with open(os.path.join(_PACKAGE, name), encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _load() -> Optional[str]:
@@ -49,11 +59,7 @@ def _load() -> Optional[str]:
 
 def _why_not_built() -> str:
     """setup.py's note on the missing extension, or how to build it."""
-    try:
-        with open(BUILD_NOTE, encoding="utf-8") as f:
-            note = f.read().strip()
-    except OSError:
-        note = ""
+    note = setup_note("_native_build.txt")
     how = "to build it, run `pip install --no-build-isolation --no-deps -e .` or `make env`"
     return f"{note}; {how}" if note else how
 
