@@ -3,6 +3,8 @@
     python -m benchmarks.bench_decode            # CUDA: B in {1,4,16}, Hq=32, Hkv=8, D=128, bf16, Lq=1,
                                                  # cache 4k..128k, page 256
     python -m benchmarks.bench --suite decode    # the same through the main entry point
+    python -m benchmarks.bench_decode --dtype bf16 --gpu-heads   # CPU: bf16 caches, Hq=32, Hkv=8, D=128
+                                                 # (the CPU default: fp32, Hq=8, Hkv=2, D=64)
 
 Rows, per batch size B and cache length L (every cache full: cache_seqlens = L):
     fused_attn contig     attention_with_kvcache on a contiguous (B, L, Hkv, D) cache (the public
@@ -42,6 +44,7 @@ import argparse
 import itertools
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,13 +60,20 @@ PAGE = 256
 CPU_ROTATION_BYTES = 256 << 20  # several times any CPU's last-level cache
 
 
-def plan(flav: str, on_cuda: bool):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_HEADS = (32, 8, 128)  # Hq, Hkv, D of the GPU sweep (the issue's shape)
+
+
+def plan(flav: str, on_cuda: bool, dtype_name: Optional[str] = None, gpu_heads: bool = False):
+    """(batches, cache lengths, Hq, Hkv, D, dtype) of the flavour; on the CPU dtype_name and
+    gpu_heads (the GPU sweep's Hq, Hkv, D) override its heads and dtype."""
     if on_cuda:
-        Hq, Hkv, D, dtype = 32, 8, 128, torch.bfloat16
+        Hq, Hkv, D, dtype = *GPU_HEADS, torch.bfloat16
         if flav == "quick":
             return (1, 4), (4096, 32768), Hq, Hkv, D, dtype
         return (1, 4, 16), tuple(4096 << i for i in range(6)), Hq, Hkv, D, dtype  # 4k..128k
-    Hq, Hkv, D, dtype = 8, 2, 64, torch.float32
+    Hq, Hkv, D = GPU_HEADS if gpu_heads else (8, 2, 64)
+    dtype = DTYPES[dtype_name or "fp32"]
     if flav == "quick":
         return (1, 2), (512,), Hq, Hkv, D, dtype
     if flav == "small":
@@ -166,10 +176,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
     p.add_argument("--mem-budget-gib", type=float, default=60.0, help="skip rows whose caches need more")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="CPU: instead of fp32 (the results file then says which: decode-bf16-small.md)")
+    p.add_argument("--gpu-heads", action="store_true",
+                   help=f"CPU: the GPU sweep's Hq, Hkv, D = {GPU_HEADS} instead of (8, 2, 64) (decode-gpu-heads-...)")
     args = p.parse_args(argv)
     device, on_cuda = common.resolve_device(args)
     flav = common.flavour(args, on_cuda)
-    batches, seqlens, Hq, Hkv, D, dtype = plan(flav, on_cuda)
+    if on_cuda and (args.dtype or args.gpu_heads):
+        raise SystemExit("--dtype and --gpu-heads are for the CPU sweep (the GPU sweep is bf16 at those heads)")
+    batches, seqlens, Hq, Hkv, D, dtype = plan(flav, on_cuda, args.dtype, args.gpu_heads)
+    suite = SUITE + (f"-{args.dtype}" if args.dtype else "") + ("-gpu-heads" if args.gpu_heads else "")
     elem = torch.empty((), dtype=dtype).element_size()
     header = common.header_lines("fused_attn benchmark: KV-cache decoding", on_cuda, flav)
     print("\n".join(header), flush=True)
@@ -288,7 +305,7 @@ def main(argv=None) -> int:
         r["copy_gbs"] = copy_gbs
     keys = ["provider", "B", "L", "Hq", "Hkv", "D", "dtype", "kv_bytes", "ms", "gbs", "pct_copy", "copy_gbs",
             "vs_sdpa", "vs_best_sdpa", "max_abs_diff", "error"]
-    common.finish(args, on_cuda, SUITE, flav, header, body, rows, keys)
+    common.finish(args, on_cuda, suite, flav, header, body, rows, keys)
     return 0
 
 

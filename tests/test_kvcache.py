@@ -23,18 +23,20 @@ def with_strided_last_dim(t):
     return torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)[..., ::2].copy_(t)
 
 
-def paged_copy(k_cache, v_cache):
-    """The same cache scattered over shuffled pages (plus unused ones), and its block table."""
-    pages_per_sequence = -(-CAPACITY // PAGE)
-    total_pages = B * pages_per_sequence + 3
-    table = torch.randperm(total_pages, device=DEVICE)[:B * pages_per_sequence].view(B, pages_per_sequence)
-    k_pages = torch.randn(total_pages, PAGE, HKV, D, dtype=k_cache.dtype, device=DEVICE)
-    v_pages = torch.randn(total_pages, PAGE, HKV, DV, dtype=v_cache.dtype, device=DEVICE)
-    for b in range(B):
+def paged_copy(k_cache, v_cache, page=PAGE):
+    """The same cache scattered over shuffled pages of `page` keys (plus unused ones, random), and
+    its block table."""
+    batch, capacity, heads = k_cache.shape[:3]
+    pages_per_sequence = -(-capacity // page)
+    total_pages = batch * pages_per_sequence + 3
+    table = torch.randperm(total_pages, device=DEVICE)[:batch * pages_per_sequence].view(batch, pages_per_sequence)
+    k_pages, v_pages = (torch.randn(total_pages, page, heads, cache.shape[-1], dtype=cache.dtype, device=DEVICE)
+                        for cache in (k_cache, v_cache))
+    for b in range(batch):
         for i in range(pages_per_sequence):
-            n = min(PAGE, CAPACITY - i * PAGE)
-            k_pages[table[b, i], :n] = k_cache[b, i * PAGE:i * PAGE + n]
-            v_pages[table[b, i], :n] = v_cache[b, i * PAGE:i * PAGE + n]
+            n = min(page, capacity - i * page)
+            k_pages[table[b, i], :n] = k_cache[b, i * page:i * page + n]
+            v_pages[table[b, i], :n] = v_cache[b, i * page:i * page + n]
     return k_pages, v_pages, table.to(torch.int32)
 
 
@@ -88,6 +90,35 @@ def test_kvcache_matches_attention_on_the_prefix(kvcache_backend, dtype, seqlen_
         low_out, _ = naive_attention(*args, **ref_keywords)
         assert_accurate(f"out[{b}]", out[b], exact_out[0].transpose(0, 1), low_out[0].transpose(0, 1), dtype)
         torch.testing.assert_close(lse[b].double(), exact_lse[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("page", [None, 16, 48], ids=["contiguous", "pages-of-16", "pages-of-48"])
+@pytest.mark.parametrize("keywords", [dict(), dict(causal=True, window=(300, 0))], ids=["plain", "window"])
+@pytest.mark.parametrize("seqlen_q", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_decoding_long_caches_with_whole_vector_rows(kvcache_backend, dtype, seqlen_q, keywords, page):
+    """Head dims of whole vectors (64), where the cpu backend's decoding reads K and V where they
+    lie, in their own dtype (converted as its products load them), a page run at a time, asking for
+    rows ahead as it goes; over many key blocks and splits (caches of up to 1000 keys), with a
+    window that starts steps mid-block, against float64."""
+    batch, heads_q, heads_kv, dim, capacity = 3, 8, 2, 64, 1000
+    k_cache, v_cache = (torch.randn(batch, capacity, heads_kv, dim, dtype=dtype, device=DEVICE) for _ in range(2))
+    cached = torch.tensor([capacity, 517, 1], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, seqlen_q, heads_q, dim, dtype=dtype, device=DEVICE)
+    caches, table = (k_cache, v_cache), None
+    if page is not None:
+        *caches, table = paged_copy(k_cache, v_cache, page)
+    out = fused_attn.attention_with_kvcache(q, *caches, cached, block_table=table, backend=kvcache_backend,
+                                            **keywords)
+    for b in range(batch):
+        length = int(cached[b])
+        args = (q[b:b + 1].transpose(1, 2), k_cache[b:b + 1, :length].transpose(1, 2),
+                v_cache[b:b + 1, :length].transpose(1, 2))
+        ref_keywords = dict(causal=keywords.get("causal", False), window=keywords.get("window", (-1, -1)),
+                            bottom_right=True)
+        exact_out, _ = naive_attention(*args, dtype=torch.float64, **ref_keywords)
+        low_out, _ = naive_attention(*args, **ref_keywords)
+        assert_accurate(f"out[{b}]", out[b], exact_out[0].transpose(0, 1), low_out[0].transpose(0, 1), dtype)
 
 
 def write_and_attend(q, k_cache, v_cache, cached, k_new, v_new, table, backend):

@@ -168,22 +168,23 @@ void load_key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages,
   }
 }
 
-// Rows [k0, k0 + n) of K and V asked for ahead of their use (nothing when n <= 0). Decoding reads
-// every key once: without this, the products that read fp32 rows in place (fp32_rows) would wait
-// on each cache miss, where a copy loop keeps many misses in flight. Measured on a 2-core EPYC
-// with caches out of L3: as fast as copying the rows, and faster than it when they are in L3.
-constexpr int64_t kPrefetchBlocks = 2;
+// Rows [begin, end) of K or V of (b, hk) for decoding to ask for ahead (tile.h, RowsAhead): those
+// in begin's page run (all of them without pages); none when the range is empty or a row is not
+// contiguous.
 template <typename T>
-void prefetch_key_rows(const ForwardArgs& s, int64_t b, int64_t hk, int64_t k0, int64_t n) {
-  constexpr int64_t kLine = 64;
-  for (const auto& [t, dim] : {std::pair{&s.k, s.p.head_dim}, std::pair{&s.v, s.p.head_dim_v}}) {
-    const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
-    for (int64_t j = k0; j < k0 + n; ++j) {
-      const char* row = reinterpret_cast<const char*>(key_row<T>(*t, s.pages, b, hk, j));
-      for (int64_t at = 0; at < bytes; at += kLine) __builtin_prefetch(row + at, 0, 2);
-    }
-  }
+RowStream row_stream(const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t begin, int64_t end,
+                     int64_t cols) {
+  if (begin >= end || s.col != 1) return {};
+  const int64_t size = sizeof(T);
+  return {reinterpret_cast<const char*>(key_row<T>(s, pages, b, hk, begin)), rows_in_run(pages, begin, end),
+          s.row * size, cols * size};
 }
+
+// How many keys ahead of the one whose scores it computes decoding asks for a key row. On a Zen 5
+// EPYC (Hq=32, Hkv=8, D=128, 8k keys from memory, 2 threads), 16 to 64 were alike and 128 or more
+// slower; asking for them read a bf16 cache 1.8x faster and an fp32 one 1.15x, and also asking for
+// the value rows ~4% more.
+constexpr int64_t kKeysAhead = 32;
 
 // Rows [k0, k0 + n) of (b, hk) of s (K or V through a paged cache's table; Q, dO with no pages)
 // as fp32 tiles (tile.h, fp32_tile), read where they lie when they lie within one page. Decoding
@@ -196,6 +197,20 @@ Rows fp32_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int
     return fp32_tile(dst, ld, key_row<T>(s, pages, b, hk, k0), s.row, s.col, n, cols);
   load_key_rows<T>(dst, ld, s, pages, b, hk, k0, n, cols);
   return {dst, ld};
+}
+
+// Rows [k0, k0 + n) of K or V of (b, hk) for decoding's products, which read each key once: f(rows,
+// ld) gets them where they lie, in their own dtype (the products convert 16-bit rows as they load
+// them), when they can be read as tiles there (unit column stride, cols a whole number of vectors,
+// one page run); else converted into dst (fp32, n x ld) as load_tile does. A copy first would be a
+// second pass over every key.
+template <typename T, typename F>
+void with_key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
+                   int64_t n, int64_t cols, F f) {
+  if (s.col == 1 && cols % kVec == 0 && rows_in_run(pages, k0, k0 + n) == n)
+    return f(key_row<T>(s, pages, b, hk, k0), s.row);
+  load_key_rows<T>(dst, ld, s, pages, b, hk, k0, n, cols);
+  f(static_cast<const float*>(dst), ld);
 }
 
 // bf16 rows for the bf16 products (bf16.h): rows [k0, k0 + n) of K, V (through the page table of a
@@ -462,16 +477,16 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     // The bf16 products start at a chunk of packed keys (the keys before the first visible one are
     // hidden by the window), and their steps stay inside a packed block unless all are kept.
     if (tiles) visible.begin = visible.begin / kBf16ChunkN * kBf16ChunkN;
+    // Decoding's steps end where a page of a paged cache does, so that they read their keys in place.
     auto step_end = [&](int64_t k0) {
-      const int64_t end = tiles && !packed_keys->whole() ? (k0 / BN + 1) * BN : k0 + BN;
-      return std::min(end, visible.end);
+      const int64_t end = std::min(tiles && !packed_keys->whole() ? (k0 / BN + 1) * BN : k0 + BN, visible.end);
+      return few ? k0 + rows_in_run(s.pages, k0, end) : end;
     };
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 = step_end(k0)) {
       const int64_t keys = step_end(k0) - k0;
       // A step of the fp32 products is one chunk: it is computed whole or skipped.
       const Range used = unmasked_chunks(p, b, block, k0, keys);
       if (used.begin == used.end) continue;
-      prefetch_key_rows<T>(s, b, block.hk, k0 + kPrefetchBlocks * BN, std::min(BN, visible.end - k0 - kPrefetchBlocks * BN));
       if (tiles) {
         bf16_key_step(p, s, b, block, q_rows, used.begin, used.end - used.begin, *packed_keys, *bf16, st, BN, acc, Dvp,
                       row_max, row_sum, alpha);
@@ -481,15 +496,20 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       // banded products): a diagonal tile would cost twice its useful work.
       const bool edge = !few && block.heads == 1 && window_cuts(p, head_tile(0, k0, keys));
       const Band band{p, block.q0, k0};
-      const Rows kr = fp32_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
-      const Rows vr = fp32_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
       // S^T = K Q^T, scaled by cap_scores
-      if (few)
-        scores_of_few_queries(keys, D, kr.data, kr.ld, qt, cols, st, ld);
-      else if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
-        gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, band.queries_seeing(), -kInf);
-      else
-        gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
+      if (few) {
+        const RowsAhead ahead{row_stream<T>(s.k, s.pages, b, block.hk, k0 + kKeysAhead, visible.end, D),
+                              row_stream<T>(s.v, s.pages, b, block.hk, k0, visible.end, Dv)};
+        with_key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D, [&](const auto* k, int64_t ldk) {
+          scores_of_few_queries(keys, D, k, ldk, qt, cols, st, ld, ahead);
+        });
+      } else {
+        const Rows kr = fp32_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
+        if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
+          gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, band.queries_seeing(), -kInf);
+        else
+          gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
+      }
       cap_scores(p, st, keys * ld, nullptr);
       for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
       softmax_update<T>(st, keys, ld, row_max, row_sum, alpha, edge ? &band : nullptr);
@@ -501,6 +521,13 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         const Vec a(alpha[i]);
         for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
       }
+      if (few) {
+        with_key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv, [&](const auto* v, int64_t ldv) {
+          gemm(cols, Dvp, keys, st, 1, ld, v, ldv, acc, Dvp, true);
+        });
+        continue;
+      }
+      const Rows vr = fp32_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
       if (edge)  // for each kMR queries, the keys they may see
         gemm_banded_depth(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, band.keys_seen());
       else

@@ -175,9 +175,10 @@ inline void load_transposed(float* dst, int64_t ld, const T* src, int64_t row_st
 //
 // A is read one scalar at a time and broadcast, A(i, k) = a[i * a_rs + k * a_cs], so A can be a
 // transposed view of a tile at no cost (P^T, dS^T). B and C are row-major and N is a multiple of
-// kVec (tiles are zero-padded), so every B/C access is a full vector. The micro-kernel keeps an
-// MR x (NR * kVec) block of C in registers over the whole K loop: 6 x 2 vectors = 12 of the 16
-// AVX2 registers, plus 2 for B and 1 for the broadcast.
+// kVec (tiles are zero-padded), so every B/C access is a full vector. B is fp32, or 16-bit rows
+// read where they lie and converted as they are loaded (decoding's V, read once). The
+// micro-kernel keeps an MR x (NR * kVec) block of C in registers over the whole K loop: 6 x 2
+// vectors = 12 of the 16 AVX2 registers, plus 2 for B and 1 for the broadcast.
 
 constexpr int kMR = 6;
 
@@ -186,15 +187,15 @@ constexpr int kMR = 6;
 // the K loop and the stores (~100 extra vector moves a call: 7% of an fp32 forward at K = 64).
 #define FUSED_ATTN_UNROLL _Pragma("GCC unroll 16")
 
-template <int MR, int NR>
-inline void micro_kernel(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+template <int MR, int NR, typename TB>
+inline void micro_kernel(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const TB* b, int64_t ldb,
                          float* c, int64_t ldc, bool accumulate) {
   Vec acc[MR][NR];
   FUSED_ATTN_UNROLL for (int i = 0; i < MR; ++i)
     FUSED_ATTN_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = accumulate ? Vec::loadu(c + i * ldc + j * kVec) : Vec(0.f);
   for (int64_t k = 0; k < K; ++k) {
     Vec bk[NR];
-    FUSED_ATTN_UNROLL for (int j = 0; j < NR; ++j) bk[j] = Vec::loadu(b + k * ldb + j * kVec);
+    FUSED_ATTN_UNROLL for (int j = 0; j < NR; ++j) bk[j] = load_as_floats(b + k * ldb + j * kVec);
     const float* ak = a + k * a_cs;
     FUSED_ATTN_UNROLL for (int i = 0; i < MR; ++i) {
       const Vec ai(ak[i * a_rs]);
@@ -206,8 +207,8 @@ inline void micro_kernel(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, 
 }
 
 // One column panel of C (NR vectors wide), all M rows: full MR-row tiles, then the ragged rest.
-template <int NR>
-inline void gemm_panel(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+template <int NR, typename TB>
+inline void gemm_panel(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const TB* b,
                        int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   int64_t i = 0;
   for (; i + kMR <= M; i += kMR)
@@ -224,7 +225,8 @@ inline void gemm_panel(int64_t M, int64_t K, const float* a, int64_t a_rs, int64
   }
 }
 
-inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+template <typename TB>
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const TB* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   int64_t j = 0;
   if constexpr (kVec == 16)
@@ -339,21 +341,59 @@ inline float lane_sum(Vec v) {
 #endif
 }
 
+// Rows that decoding asks the memory for one key at a time, ahead of their use: row j (n rows,
+// `bytes` long each) at data + j * ld bytes; none where data is null. The scores of few queries
+// read kVec / kCols keys' rows in turn, a vector of each at a time, so no load instruction walks
+// the rows at one stride and the CPU's stride prefetcher does not follow them: decoding from
+// memory waited on every key row. The request is an asm statement: GCC 12 took a function whose
+// only effect was __builtin_prefetch for one without side effects and deleted the calls to it.
+struct RowStream {
+  const char* data = nullptr;
+  int64_t n = 0, ld = 0, bytes = 0;
+
+  void fetch(int64_t j) const {
+    if (j >= n) return;
+    for (int64_t at = 0; at < bytes; at += 64) {
+      const char* line = data + j * ld + at;
+#if defined(__x86_64__)
+      asm volatile("prefetcht0 %0" : : "m"(*line));
+#elif defined(__aarch64__)
+      asm volatile("prfm pldl1keep, %0" : : "Q"(*line));
+#else
+      __builtin_prefetch(line, 0, 3);
+#endif
+    }
+  }
+};
+
+// What the scores of key j of a block ask for: a key row some keys ahead, and key j's value row,
+// which the P V product reads after the block's softmax.
+struct RowsAhead {
+  RowStream keys, values;
+
+  void fetch(int64_t j) const {
+    keys.fetch(j);
+    values.fetch(j);
+  }
+};
+
 // kCols queries (a power of two, >= cols) and kVec / kCols keys per step, one accumulator each.
-// k: key rows (ldk apart, D a multiple of kVec), q: the queries' rows (kCols x D, rows past cols
-// zero). A short last step rereads the last key instead of reading past the block.
-template <int kCols>
-void few_query_scores(int64_t keys, int64_t D, const float* k, int64_t ldk, const float* q, int64_t cols, float* st,
-                      int64_t ld) {
+// k: key rows (ldk apart, D a multiple of kVec; fp32, or 16-bit converted as they are read),
+// q: the queries' rows (kCols x D, rows past cols zero); ahead: rows asked for, one per key. A
+// short last step rereads the last key instead of reading past the block.
+template <int kCols, typename TK>
+void few_query_scores(int64_t keys, int64_t D, const TK* k, int64_t ldk, const float* q, int64_t cols, float* st,
+                      int64_t ld, const RowsAhead& ahead) {
   constexpr int kKeys = kVec / kCols;
   for (int64_t j = 0; j < keys; j += kKeys) {
-    const float* rows[kKeys];
+    FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) ahead.fetch(j + i);
+    const TK* rows[kKeys];
     for (int i = 0; i < kKeys; ++i) rows[i] = k + std::min<int64_t>(j + i, keys - 1) * ldk;
     Vec acc[kVec];
     for (Vec& a : acc) a = Vec(0.f);
     for (int64_t d = 0; d < D; d += kVec)
       for (int i = 0; i < kKeys; ++i) {
-        const Vec key = Vec::loadu(rows[i] + d);
+        const Vec key = load_as_floats(rows[i] + d);
         for (int c = 0; c < kCols; ++c) acc[i * kCols + c] = at::vec::fmadd(key, Vec::loadu(q + c * D + d), acc[i * kCols + c]);
       }
     float sums[kVec];
@@ -365,13 +405,14 @@ void few_query_scores(int64_t keys, int64_t D, const float* k, int64_t ldk, cons
 
 // Callers pass cols <= kVec (8 lanes in the AVX2 and portable builds, 16 in the AVX-512 one).
 static_assert(kVec == 8 || kVec == 16, "scores_of_few_queries is instantiated for kVec = 8 or 16");
-inline void scores_of_few_queries(int64_t keys, int64_t D, const float* k, int64_t ldk, const float* q, int64_t cols,
-                                  float* st, int64_t ld) {
-  if (cols == 1) return few_query_scores<1>(keys, D, k, ldk, q, cols, st, ld);
-  if (cols == 2) return few_query_scores<2>(keys, D, k, ldk, q, cols, st, ld);
-  if (cols <= 4) return few_query_scores<4>(keys, D, k, ldk, q, cols, st, ld);
-  if (cols <= 8 || kVec == 8) return few_query_scores<8>(keys, D, k, ldk, q, cols, st, ld);
-  few_query_scores<kVec>(keys, D, k, ldk, q, cols, st, ld);
+template <typename TK>
+inline void scores_of_few_queries(int64_t keys, int64_t D, const TK* k, int64_t ldk, const float* q, int64_t cols,
+                                  float* st, int64_t ld, const RowsAhead& ahead) {
+  if (cols == 1) return few_query_scores<1, TK>(keys, D, k, ldk, q, cols, st, ld, ahead);
+  if (cols == 2) return few_query_scores<2, TK>(keys, D, k, ldk, q, cols, st, ld, ahead);
+  if (cols <= 4) return few_query_scores<4, TK>(keys, D, k, ldk, q, cols, st, ld, ahead);
+  if (cols <= 8 || kVec == 8) return few_query_scores<8, TK>(keys, D, k, ldk, q, cols, st, ld, ahead);
+  few_query_scores<kVec, TK>(keys, D, k, ldk, q, cols, st, ld, ahead);
 }
 
 // ------------------------------------------------------------------------------------------
