@@ -403,6 +403,15 @@ def cpu_kernels_tag() -> str:
         return "no-native"
 
 
+def torch_cpu_capability() -> str:
+    """The instruction set of torch's own CPU kernels (the peers on a CPU): "AVX512", "AVX2", ...
+    (ATEN_CPU_CAPABILITY=avx2 caps it, as FUSED_ATTN_CPU_ISA caps ours)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # torch before 2.1
+        return "n/a"
+
+
 def device_slug(on_cuda: bool) -> str:
     """The results folder's name. A CPU's carries cpu_kernels_tag, and cpu_generation where its name
     is generic: virtual machines report "AMD EPYC" for CPUs several generations apart."""
@@ -420,7 +429,8 @@ def device_slug(on_cuda: bool) -> str:
 def environment_lines(on_cuda: bool) -> list[str]:
     lines = [
         f"- device: {device_name(on_cuda)}"
-        + ("" if on_cuda else f" ({torch.get_num_threads()} torch threads; cpu kernels: {cpu_kernels_tag()})"),
+        + ("" if on_cuda else f" ({torch.get_num_threads()} torch threads; cpu kernels: {cpu_kernels_tag()}; "
+                              f"torch's: {torch_cpu_capability()})"),
         f"- python {platform.python_version()}, torch {torch.__version__}, "
         f"triton {getattr(triton, '__version__', 'n/a')}, CUDA {torch.version.cuda or 'n/a'}"
         + (f", cuDNN {torch.backends.cudnn.version()}" if on_cuda else ""),

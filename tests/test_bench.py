@@ -151,3 +151,14 @@ def test_interleaved_cpu_timing_varies_which_provider_follows_which():
     after_d = [timed[i + 1] for i in range(len(timed) - 1) if timed[i] == "d" and timed[i + 1] != "d"]
     shares = {name: after_d.count(name) / len(after_d) for name in "abc"}
     assert all(0.2 < share < 0.5 for share in shares.values()), shares
+
+
+def test_cpu_results_name_the_instruction_sets_of_both_kernels(monkeypatch):
+    """A CPU run records which instruction set its peers' (torch's) kernels used as well as ours:
+    ATEN_CPU_CAPABILITY and FUSED_ATTN_CPU_ISA cap them separately, and a ratio means little
+    without both."""
+    monkeypatch.setattr(bench, "torch_cpu_capability", lambda: "AVX2")
+    device_line = bench.environment_lines(on_cuda=False)[0]
+    assert f"cpu kernels: {bench.cpu_kernels_tag()}" in device_line and "torch's: AVX2" in device_line
+    monkeypatch.undo()
+    assert bench.torch_cpu_capability() == torch.backends.cpu.get_cpu_capability()
