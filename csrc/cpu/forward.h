@@ -187,9 +187,9 @@ RowStream row_stream(const Strided& s, const Pages& pages, int64_t b, int64_t hk
 constexpr int64_t kKeysAhead = 32;
 
 // Rows [k0, k0 + n) of (b, hk) of s (K or V through a paged cache's table; Q, dO with no pages)
-// as fp32 tiles (tile.h, fp32_tile), read where they lie when they lie within one page. Decoding
-// reads each key once, and the backward each Q and dO block once per key block, so a copy would
-// cost as much as the products.
+// as fp32 tiles (tile.h, fp32_tile), read where they lie when they lie within one page: the
+// forward reads each key block once per query block, and the backward each Q and dO block once
+// per key block, so a copy of an fp32 tile would cost about as much as its products.
 template <typename T>
 Rows fp32_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
                int64_t n, int64_t cols) {
