@@ -359,7 +359,7 @@ struct RowStream {
 #if defined(__x86_64__)
       asm volatile("prefetcht0 %0" : : "m"(*line));
 #elif defined(__aarch64__)
-      asm volatile("prfm pldl1keep, %0" : : "Q"(*line));
+      asm volatile("prfm pldl1keep, [%0]" : : "r"(line));
 #else
       __builtin_prefetch(line, 0, 3);
 #endif
