@@ -200,17 +200,19 @@ Rows fp32_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int
 }
 
 // Rows [k0, k0 + n) of K or V of (b, hk) for decoding's products, which read each key once: f(rows,
-// ld) gets them where they lie, in their own dtype (the products convert 16-bit rows as they load
-// them), when they can be read as tiles there (unit column stride, cols a whole number of vectors,
-// one page run); else converted into dst (fp32, n x ld) as load_tile does. A copy first would be a
-// second pass over every key.
+// ld) gets them as fp32_rows does, except that 16-bit rows that could be read in place as tiles
+// (unit column stride, cols a whole number of vectors, one page run) are, in their own dtype:
+// the products convert them as they load them, where a copy first would be a second pass over
+// every key.
 template <typename T, typename F>
 void with_key_rows(float* dst, int64_t ld, const Strided& s, const Pages& pages, int64_t b, int64_t hk, int64_t k0,
                    int64_t n, int64_t cols, F f) {
-  if (s.col == 1 && cols % kVec == 0 && rows_in_run(pages, k0, k0 + n) == n)
-    return f(key_row<T>(s, pages, b, hk, k0), s.row);
-  load_key_rows<T>(dst, ld, s, pages, b, hk, k0, n, cols);
-  f(static_cast<const float*>(dst), ld);
+  if constexpr (!std::is_same_v<T, float>) {
+    if (s.col == 1 && cols % kVec == 0 && rows_in_run(pages, k0, k0 + n) == n)
+      return f(key_row<T>(s, pages, b, hk, k0), s.row);
+  }
+  const Rows rows = fp32_rows<T>(dst, ld, s, pages, b, hk, k0, n, cols);
+  f(rows.data, rows.ld);
 }
 
 // bf16 rows for the bf16 products (bf16.h): rows [k0, k0 + n) of K, V (through the page table of a
