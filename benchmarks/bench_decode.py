@@ -60,7 +60,6 @@ PAGE = 256
 CPU_ROTATION_BYTES = 256 << 20  # several times any CPU's last-level cache
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_HEADS = (32, 8, 128)  # Hq, Hkv, D of the GPU sweep (the shape)
 
 
@@ -73,7 +72,7 @@ def plan(flav: str, on_cuda: bool, dtype_name: Optional[str] = None, gpu_heads: 
             return (1, 4), (4096, 32768), Hq, Hkv, D, dtype
         return (1, 4, 16), tuple(4096 << i for i in range(6)), Hq, Hkv, D, dtype  # 4k..128k
     Hq, Hkv, D = GPU_HEADS if gpu_heads else (8, 2, 64)
-    dtype = DTYPES[dtype_name or "fp32"]
+    dtype = common.DTYPES[dtype_name or "fp32"]
     if flav == "quick":
         return (1, 2), (512,), Hq, Hkv, D, dtype
     if flav == "small":
@@ -176,7 +175,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
     p.add_argument("--mem-budget-gib", type=float, default=60.0, help="skip rows whose caches need more")
-    p.add_argument("--dtype", choices=sorted(DTYPES),
+    p.add_argument("--dtype", choices=sorted(common.DTYPES),
                    help="CPU: instead of fp32 (the results file then says which: decode-bf16-small.md)")
     p.add_argument("--gpu-heads", action="store_true",
                    help=f"CPU: the GPU sweep's Hq, Hkv, D = {GPU_HEADS} instead of (8, 2, 64) (decode-gpu-heads-...)")

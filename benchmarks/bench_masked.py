@@ -48,9 +48,6 @@ class Case:
     note: str = ""
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def shapes(flav: str, on_cuda: bool, dtype_name: Optional[str] = None, seqlen: Optional[int] = None):
     """(B, H, L, D, dtype, passes, window left) of the flavour; dtype_name and seqlen override."""
     if on_cuda:
@@ -61,7 +58,7 @@ def shapes(flav: str, on_cuda: bool, dtype_name: Optional[str] = None, seqlen: O
     else:
         passes = ("fwd", "fwd+bwd") if flav == "full" else ("fwd+bwd",)
         B, H, L, D, dtype, left = 1, 4, 1024, 64, torch.float32, 256
-    return B, H, seqlen or L, D, DTYPES[dtype_name] if dtype_name else dtype, passes, left
+    return B, H, seqlen or L, D, common.DTYPES[dtype_name] if dtype_name else dtype, passes, left
 
 
 def make_step(fn, case: Case, pass_: str, sets):
@@ -105,7 +102,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
     p.add_argument("--cases", help="comma-separated subset of: plain,causal,window,padding,bias")
-    p.add_argument("--dtype", choices=sorted(DTYPES),
+    p.add_argument("--dtype", choices=sorted(common.DTYPES),
                    help="instead of the flavour's (the results file then says which: masked-bf16.md)")
     p.add_argument("--seqlen", type=int, help="instead of the flavour's L (results file masked-L<seqlen>.md)")
     args = p.parse_args(argv)

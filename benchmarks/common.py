@@ -117,6 +117,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# The short names a suite's --dtype option takes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors
 
