@@ -87,14 +87,20 @@ def attention(
     key = plans.signature("attention", (q, k, v, attn_mask, alibi_slopes),
                           (causal, causal_alignment, scale, dropout_p, window, softcap, return_lse, deterministic,
                            backend))
-    opts, name = plans.recall(key) or plans.remember(key, _plan(
+    opts, name = plans.recall(key) or plans.remember(key, plan_attention(
         q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window, alibi_slopes, softcap, return_lse,
-        deterministic, backend=backend))
+        deterministic, backend))
+    out, lse = run_planned(q, k, v, attn_mask, alibi_slopes, opts, name)
+    return (out, lse) if return_lse else out
+
+
+def run_planned(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor],
+                opts: AttentionOptions, backend: str) -> tuple[Tensor, Tensor]:
+    """(out, lse) of `attention` on arguments that passed `plan_attention`, which gave opts and backend."""
     extras = AttentionTensors(*split_mask(attn_mask), alibi_slopes)
     if opts.dropout_p > 0:
         extras = extras._replace(dropout_seed=draw_seed(q.device))
-    out, lse = attention_op(q, k, v, attn_mask, extras, opts, name)
-    return (out, lse) if return_lse else out
+    return attention_op(q, k, v, attn_mask, extras, opts, backend)
 
 
 def explain(
@@ -127,10 +133,12 @@ def explain(
     return explain_choice(q, k, v, extras, opts, backend)
 
 
-def _plan(q, k, v, *arguments, backend) -> tuple[AttentionOptions, str]:
-    """What a call with these arguments (as _validate takes them) runs with: its options and its
-    backend, after every check (plans.py keeps it for the calls like it)."""
-    opts, extras = _validate(q, k, v, *arguments)
+def plan_attention(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window, alibi_slopes, softcap,
+                   return_lse, deterministic, backend) -> tuple[AttentionOptions, str]:
+    """What `attention` with these arguments runs with: its options and its backend's name, after
+    every check (raising as `attention` does). plans.py keeps it for the calls like it."""
+    opts, extras = _validate(q, k, v, causal, causal_alignment, scale, attn_mask, dropout_p, window, alibi_slopes,
+                             softcap, return_lse, deterministic)
     return opts, select_backend(q, k, v, extras, opts, backend)
 
 

@@ -10,6 +10,8 @@ passed concluded (its AttentionOptions and backend name, `remember`). The key ho
   * every other argument with its type, so that a value that fails a check (causal=1, a window of
     floats) never finds the plan of an equal one that passed (True, ints);
   * the FUSED_ATTN_BACKEND variable, which dispatch reads on every call.
+The SDPA drop-in (sdpa.py) keeps, inside its own plan, the plan of the `attention` call it
+rewrites a call into, so its calls take one lookup, not two.
 Checks of tensor contents (cu_seqlens, cache_seqlens, block tables) are not part of a plan: they
 run as host_checks.py says, plan or not. A call that fails its checks keeps nothing, so bad input
 always raises. Nothing is kept while torch.compile, torch.jit.trace or torch.func transforms

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, plans
-from .api import attention
+from .api import attention, plan_attention, run_planned
 from .autocast import autocast_inputs
 from .checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, as_number
 from .ops import split_mask, under_func_transform
@@ -58,6 +58,7 @@ class _Plan(NamedTuple):
     attn_mask: Optional[Tensor]
     keywords: _Keywords
     unsupported: Optional[str] = None  # why fused_attn cannot serve this valid call (_plan's); None when it can
+    planned: Optional[tuple] = None  # api.plan_attention's (options, backend) for the call, when it can
 
 
 def _heads_to(t: Tensor, heads: int) -> Tensor:
@@ -80,7 +81,9 @@ class _Recipe(NamedTuple):
     heads: int  # query heads, and the heads k and v are brought to
     kv_heads: int
     keywords: _Keywords
-    unsupported: Optional[str] = None  # filled in by _plan from the first call's rewritten tensors
+    # Filled in by _plan from the first call's rewritten tensors:
+    unsupported: Optional[str] = None
+    planned: Optional[tuple] = None  # what `attention` runs the rewritten call with (api.plan_attention)
 
 
 def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -96,8 +99,15 @@ def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if isinstance(recipe, _Refusal):
         return recipe
     plan = _rewrite(recipe, query, key, value, attn_mask)
-    recipe = plans.remember(key_, recipe._replace(unsupported=_unsupported_reason(plan)))
-    return plan._replace(unsupported=recipe.unsupported)
+    unsupported = _unsupported_reason(plan)
+    planned = None
+    if unsupported is None:
+        # Planned once for the calls like this one, which then skip attention's own plan lookup.
+        attn_mask, causal = _attention_mask(plan)
+        planned = plan_attention(plan.q, plan.k, plan.v, causal, "top_left", plan.keywords.scale, attn_mask,
+                                 plan.keywords.dropout_p, (-1, -1), None, 0.0, False, False, None)
+    recipe = plans.remember(key_, recipe._replace(unsupported=unsupported, planned=planned))
+    return plan._replace(unsupported=unsupported, planned=planned)
 
 
 def _rewrite(recipe: _Recipe, query, key, value, attn_mask) -> _Plan:
@@ -109,7 +119,7 @@ def _rewrite(recipe: _Recipe, query, key, value, attn_mask) -> _Plan:
     k4 = _heads_to(_flat_batch(k, recipe.batch, recipe.flat), recipe.kv_heads)
     v4 = _heads_to(_flat_batch(v, recipe.batch, recipe.flat), recipe.kv_heads)
     mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, recipe.batch, recipe.flat)
-    return _Plan(q4, k4, v4, mask4, recipe.keywords, recipe.unsupported)
+    return _Plan(q4, k4, v4, mask4, recipe.keywords, recipe.unsupported, recipe.planned)
 
 
 def _padded(shape, rank: int) -> tuple:
@@ -234,17 +244,26 @@ def _mask_to_4d(mask: Tensor, batch: tuple, flat: int) -> Tensor:
     return mask.expand(*batch, *mask.shape[-3:]).reshape(flat, *mask.shape[-3:])
 
 
-def _run(plan: _Plan, backend: Optional[str] = None) -> Tensor:
-    attn_mask, keywords = plan.attn_mask, plan.keywords
-    if keywords.causal and attn_mask is not None:
-        # torch's fused CPU/CUDA kernels apply both (the math kernel refuses): keep their union.
-        causal = torch.ones(plan.q.shape[2], plan.k.shape[2], dtype=torch.bool, device=plan.q.device).tril()
-        if attn_mask.dtype == torch.bool:
-            attn_mask = attn_mask & causal
-        else:
-            attn_mask = torch.where(causal, attn_mask, float("-inf"))
-    out = attention(plan.q, plan.k, plan.v, causal=keywords.causal and plan.attn_mask is None,
-                    scale=keywords.scale, attn_mask=attn_mask, dropout_p=keywords.dropout_p, backend=backend)
+def _attention_mask(plan: _Plan) -> tuple[Optional[Tensor], bool]:
+    """The attn_mask and causal flag that `attention` takes for a plan. is_causal with a mask keeps
+    both (as torch's fused CPU/CUDA kernels do; its math kernel refuses): their union, as a mask."""
+    attn_mask = plan.attn_mask
+    if not plan.keywords.causal or attn_mask is None:
+        return attn_mask, plan.keywords.causal
+    causal = torch.ones(plan.q.shape[2], plan.k.shape[2], dtype=torch.bool, device=plan.q.device).tril()
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal, False
+    return torch.where(causal, attn_mask, float("-inf")), False
+
+
+def _run(plan: _Plan) -> Tensor:
+    keywords = plan.keywords
+    attn_mask, causal = _attention_mask(plan)
+    if plan.planned is not None:
+        out, _ = run_planned(plan.q, plan.k, plan.v, attn_mask, None, *plan.planned)
+    else:  # a call fused_attn cannot serve (scaled_dot_product_attention raises attention's error for it)
+        out = attention(plan.q, plan.k, plan.v, causal=causal, scale=keywords.scale, attn_mask=attn_mask,
+                        dropout_p=keywords.dropout_p)
     if keywords.zero_output:
         out = out * 0.0
     return out if out.shape == keywords.out_shape else out.reshape(keywords.out_shape)

@@ -49,6 +49,26 @@ def test_a_repeated_call_skips_the_checks_and_gives_the_same_result(choices):
     assert len(choices) == 2
 
 
+def test_the_sdpa_drop_in_plans_a_call_once_for_both_entry_points(choices):
+    """The drop-in keeps `attention`'s plan inside its own: a repeated call chooses no backend again,
+    is_causal with a mask included (their union is rebuilt per call, as a mask of its own shape)."""
+    q, k, v = qkv()
+    mask = torch.rand(1, 1, 8, 10, device=DEVICE) < 0.7
+    sdpa = fused_attn.scaled_dot_product_attention
+    first = sdpa(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True)
+    assert len(choices) == 1
+    again = sdpa(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True)
+    other = torch.rand(1, 1, 8, 10, device=DEVICE) < 0.3
+    with_other_mask = sdpa(q, k, v, attn_mask=other, is_causal=True, enable_gqa=True)
+    assert len(choices) == 1
+    assert torch.equal(first, again)
+    expected = fused_attn.attention(q, k, v, attn_mask=other & torch.ones(8, 10, dtype=torch.bool,
+                                                                          device=DEVICE).tril())
+    torch.testing.assert_close(with_other_mask, expected)
+    sdpa(q, k, v, attn_mask=mask, enable_gqa=True)  # another is_causal is another call
+    assert len(choices) == 3  # (the direct attention call above made one)
+
+
 EQUAL_BUT_INVALID = [  # (a keyword that passes, one that compares equal and must still fail)
     ({"causal": True}, {"causal": 1}, TypeError, "causal must be a bool"),
     ({"window": (3, 0)}, {"window": (3.0, 0)}, TypeError, "window must be a pair of ints"),

@@ -188,15 +188,15 @@ def test_compile_fullgraph_forward_and_backward():
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts the calls that reach fused_attn.attention through the SDPA entry points."""
+    """Counts the calls that the SDPA entry points run with fused_attn's kernels (planned calls)."""
     calls = []
-    real = sdpa_module.attention
+    real = sdpa_module.run_planned
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sdpa_module, "attention", counting)
+    monkeypatch.setattr(sdpa_module, "run_planned", counting)
     yield calls
     fused_attn.disable()
 
