@@ -124,6 +124,26 @@ inline void dot_gemm(int64_t M, int64_t n, int64_t K, const Bf16* a, int64_t lda
   }
 }
 
+// Row tiles of the banded dot products (Bf16Products::gemm_banded_*): each computes only the
+// vectors of columns, or the depth, its rows need. 6 rows keep 24 accumulators for 4 vectors.
+constexpr int64_t kDotBandRows = 6;
+
+// C rows [0, rows) x nv vectors [+]= A B, rows <= kDotBandRows, nv <= 4 (B as dot_tile takes it).
+inline void dot_rows(int64_t rows, int64_t nv, int64_t K, const Bf16* a, int64_t lda, const Bf16* b, int64_t n,
+                     float* c, int64_t ldc, bool accumulate) {
+  auto tile = [&](auto vectors) {
+    constexpr int NV = decltype(vectors)::value;
+    if (rows == kDotBandRows) return dot_tile<kDotBandRows, NV>(K, a, lda, b, n, c, ldc, accumulate);
+    dot_tail<NV, kDotBandRows>(rows, K, a, lda, b, n, c, ldc, accumulate);
+  };
+  switch (nv) {
+    case 4: return tile(std::integral_constant<int, 4>{});
+    case 3: return tile(std::integral_constant<int, 3>{});
+    case 2: return tile(std::integral_constant<int, 2>{});
+    default: return tile(std::integral_constant<int, 1>{});
+  }
+}
+
 // Rows r and r + 1 of B (n columns, a multiple of 16) into the VNNI layout's pair row: column j's
 // two values side by side, 16 columns a vector.
 inline void pack_pair_row(const Bf16* row0, const Bf16* row1, int64_t n, Bf16* dst) {
@@ -168,6 +188,58 @@ class Bf16Products {
 #endif
       at::native::cpublas::brgemm(M, n, K, lda, n, ldc, accumulate, a, b, c + c0, true);
     }
+  }
+
+  // gemm (C not accumulated) where the rows see a band of C's columns: row tile [m, m + rows) needs
+  // only columns seen(m, rows) = [lo, hi), a range that may reach past [0, N). The dot products
+  // compute just the vectors of 16 columns that hold them and leave the rest of C as it was (the
+  // caller hides those scores); AMX computes the whole of C (a tile shape per range would reload
+  // its tile configuration at every call).
+  template <typename Seen>
+  void gemm_banded_columns(int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda, const Bf16* packed, float* c,
+                           int64_t ldc, Seen seen) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (kind_ == Bf16Kind::dot) {
+      for (int64_t m = 0; m < M; m += kDotBandRows) {
+        const int64_t rows = std::min(kDotBandRows, M - m);
+        const auto [lo, hi] = seen(m, rows);
+        const int64_t begin = std::max<int64_t>(lo, 0) / 16 * 16, end = std::min(round_up(hi, 16), N);
+        for (int64_t c0 = begin / kBf16ChunkN * kBf16ChunkN; c0 < end; c0 += kBf16ChunkN) {
+          const int64_t n = std::min(kBf16ChunkN, N - c0), j0 = std::max(begin, c0) - c0,
+                        j1 = std::min(end, c0 + n) - c0;
+          dot_rows(rows, (j1 - j0) / 16, K, a + m * lda, lda, packed + c0 * K + 2 * j0, n, c + m * ldc + c0 + j0,
+                   ldc, false);
+        }
+      }
+      return;
+    }
+#endif
+    gemm(M, N, K, a, lda, packed, c, ldc, false);
+  }
+
+  // gemm (C not accumulated) where the rows of A are zero outside a band of its columns, the
+  // depth: row tile [m, m + rows) has its nonzero columns in seen(m, rows) = [lo, hi) (a range that
+  // may reach past [0, K)). The dot products sum over just those (from an even column on), and a
+  // tile with none gets zero rows; AMX sums over all of K (see gemm_banded_columns).
+  template <typename Seen>
+  void gemm_banded_depth(int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda, const Bf16* packed, float* c,
+                         int64_t ldc, int64_t packed_depth, int64_t first, Seen seen) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (kind_ == Bf16Kind::dot) {
+      for (int64_t m = 0; m < M; m += kDotBandRows) {
+        const int64_t rows = std::min(kDotBandRows, M - m);
+        const auto [lo, hi] = seen(m, rows);
+        const int64_t begin = std::clamp<int64_t>(lo, 0, K) / 2 * 2, end = std::clamp<int64_t>(round_up(hi, 2), begin, K);
+        for (int64_t c0 = 0; c0 < N; c0 += kBf16ChunkN) {
+          const int64_t n = std::min(kBf16ChunkN, N - c0);
+          dot_rows(rows, n / 16, end - begin, a + m * lda + begin, lda, packed + c0 * packed_depth + (first + begin) * n,
+                   n, c + m * ldc + c0, ldc, false);
+        }
+      }
+      return;
+    }
+#endif
+    gemm(M, N, K, a, lda, packed, c, ldc, false, packed_depth, first);
   }
 
   // B (K x N, row-major, ld, K even) into the VNNI layout, chunk by chunk as gemm reads it: as

@@ -395,14 +395,21 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
   // the softmax hides the columns past `keys`. P V over the keys padded to even (a zero column of P).
   const int64_t width = std::min(round_up(keys, kBf16ChunkN), round_up(p.seqlen_k - k0, 16));
   const int64_t padded = round_up(keys, kVec);
-  bf16.products.gemm(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, false);
+  auto head_tile = [&](int64_t g) {
+    return ScoreTile{st + g * block.rows * ld, ld, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
+  };
+  // Where the window cuts the tile (a diagonal, a band's edges), the products take only the keys
+  // that the rows of each of their row tiles may see; place_scores hides the scores they skip.
+  const bool edge = block.heads == 1 && window_cuts(p, head_tile(0));
+  const Band band{p, block.q0, k0};
+  if (edge)
+    bf16.products.gemm_banded_columns(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, band.keys_seen());
+  else
+    bf16.products.gemm(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, false);
   const Variants& v = p.variants;
   const bool scale_in_softmax = v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
   if (!scale_in_softmax)
     for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * ld, padded, nullptr);
-  auto head_tile = [&](int64_t g) {
-    return ScoreTile{st + g * block.rows * ld, ld, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
-  };
   for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
   softmax_update_rows(st, ld, cols, keys, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f,
                       v.dropout ? nullptr : bf16.p);
@@ -410,7 +417,11 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
     for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, round_up(keys, 2 * kVec));
   }
-  bf16.products.gemm(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, kv.depth, kv.first);
+  if (edge)  // P is zero outside the keys the rows see
+    bf16.products.gemm_banded_depth(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, kv.depth, kv.first,
+                                    band.keys_seen());
+  else
+    bf16.products.gemm(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, kv.depth, kv.first);
   for (int64_t i = 0; i < cols; ++i) {
     const Vec a(alpha[i]);
     for (int64_t c = 0; c < Dv; c += kVec)
