@@ -260,10 +260,10 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       const float* lse = args.lse.at(b, h, q0);
       const float* delta = args.delta.at(b, h, q0);
       const ScoreTile s_tile{t.s, BN, 1, b, h, q0, rows, k0, keys};
-      // A tile that the window cuts is computed only where some query sees some key (tile.h,
-      // banded products): the keys each kEdgeKeys queries may see, the queries each kMR keys may
-      // be seen by. Elsewhere S = -inf, so P = dS = 0 there, and dP is left 0.
-      const bool edge = bf16 == nullptr && window_cuts(p, s_tile);
+      // A tile that the window cuts is computed only where some query sees some key (tile.h and
+      // bf16.h, banded products): the keys each row tile may see, the queries each may be seen by.
+      // Elsewhere S = -inf, so P = dS = 0 there, and dP is left 0.
+      const bool edge = window_cuts(p, s_tile);
       const Band band{p, q0, k0};
       Bf16Rows q_rows{}, do_rows{};
       Rows qr{t.qb, Dp}, dor{t.dob, Dvp};  // the fp32 products' Q and dO rows
@@ -271,8 +271,15 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
         const Bf16Products& products = bf16->products;
         q_rows = bf16_rows(bf16->q_rows, args.q, Pages{}, b, h, q0, rows, D, true);
         do_rows = bf16_rows(bf16->do_rows, args.dout, Pages{}, b, h, q0, rows, Dv, true);
-        products.gemm(rows, BN, D, q_rows.data, q_rows.ld, bf16->kt_packed, t.s, BN, false);      // Q K^T
-        products.gemm(rows, BN, Dv, do_rows.data, do_rows.ld, bf16->vt_packed, t.dp, BN, false);  // dP = dO V^T
+        if (edge) {
+          products.gemm_banded_columns(rows, BN, D, q_rows.data, q_rows.ld, bf16->kt_packed, t.s, BN, band.keys_seen(),
+                                       -kInf);
+          products.gemm_banded_columns(rows, BN, Dv, do_rows.data, do_rows.ld, bf16->vt_packed, t.dp, BN,
+                                       band.keys_seen(), 0.f);
+        } else {
+          products.gemm(rows, BN, D, q_rows.data, q_rows.ld, bf16->kt_packed, t.s, BN, false);      // Q K^T
+          products.gemm(rows, BN, Dv, do_rows.data, do_rows.ld, bf16->vt_packed, t.dp, BN, false);  // dP = dO V^T
+        }
       } else {
         qr = fp32_rows<T>(t.qb, Dp, args.q, Pages{}, b, h, q0, rows, D);
         dor = fp32_rows<T>(t.dob, Dvp, args.dout, Pages{}, b, h, q0, rows, Dv);
@@ -317,14 +324,27 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
         products.pack_columns(q_rows.data, q_rows.ld, rows_even, D, bf16->q_packed);
         round_rows(t.s, rows, rows_even, BN, bf16->staging);
         transpose_bf16(bf16->staging, BN, rows_even, keys, bf16->transposed, rows_even);
-        products.gemm(keys, Dv, rows_even, bf16->transposed, rows_even, bf16->do_packed, t.dv, Dvp, true);  // dV += P^T dO
+        // On an edge tile P and dS are zero outside the band, and the products sum over the band alone.
+        if (edge)  // dV += P^T dO
+          products.gemm_banded_depth(keys, Dv, rows_even, bf16->transposed, rows_even, bf16->do_packed, t.dv, Dvp, true,
+                                     band.queries_seeing());
+        else
+          products.gemm(keys, Dv, rows_even, bf16->transposed, rows_even, bf16->do_packed, t.dv, Dvp, true);
         round_rows(t.dp, rows, rows_even, BN, bf16->staging);
         transpose_bf16(bf16->staging, BN, rows_even, keys, bf16->transposed, rows_even);
-        products.gemm(keys, D, rows_even, bf16->transposed, rows_even, bf16->q_packed, t.dk, Dp, true);  // dK += dS^T Q
+        if (edge)  // dK += dS^T Q
+          products.gemm_banded_depth(keys, D, rows_even, bf16->transposed, rows_even, bf16->q_packed, t.dk, Dp, true,
+                                     band.queries_seeing());
+        else
+          products.gemm(keys, D, rows_even, bf16->transposed, rows_even, bf16->q_packed, t.dk, Dp, true);
         if (dq != nullptr) {  // dQ += dS K, over the keys padded to even
           if (keys % 2 == 1)
             for (int64_t i = 0; i < rows; ++i) bf16->staging[i * BN + keys] = Bf16(0.f);
-          products.gemm(rows, D, round_up(keys, 2), bf16->staging, BN, bf16->k_packed, dq_rows, Dp, true);
+          if (edge)
+            products.gemm_banded_depth(rows, D, round_up(keys, 2), bf16->staging, BN, bf16->k_packed, dq_rows, Dp, true,
+                                       band.keys_seen());
+          else
+            products.gemm(rows, D, round_up(keys, 2), bf16->staging, BN, bf16->k_packed, dq_rows, Dp, true);
         }
       } else if (edge) {
         gemm_banded_depth(keys, Dvp, rows, t.s, 1, BN, dor.data, dor.ld, t.dv, Dvp, band.queries_seeing());

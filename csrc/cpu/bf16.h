@@ -192,18 +192,23 @@ class Bf16Products {
 
   // gemm (C not accumulated) where the rows see a band of C's columns: row tile [m, m + rows) needs
   // only columns seen(m, rows) = [lo, hi), a range that may reach past [0, N). The dot products
-  // compute just the vectors of 16 columns that hold them and leave the rest of C as it was (the
-  // caller hides those scores); AMX computes the whole of C (a tile shape per range would reload
-  // its tile configuration at every call).
+  // compute just the vectors of 16 columns that hold them and set the rest of the tile's row to
+  // `skipped`; AMX computes the whole of C (a tile shape per range would reload its tile
+  // configuration at every call). Either way the callers hide the columns the rows do not see.
   template <typename Seen>
   void gemm_banded_columns(int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda, const Bf16* packed, float* c,
-                           int64_t ldc, Seen seen) const {
+                           int64_t ldc, Seen seen, float skipped) const {
 #if defined(CPU_CAPABILITY_AVX512)
     if (kind_ == Bf16Kind::dot) {
       for (int64_t m = 0; m < M; m += kDotBandRows) {
         const int64_t rows = std::min(kDotBandRows, M - m);
         const auto [lo, hi] = seen(m, rows);
-        const int64_t begin = std::max<int64_t>(lo, 0) / 16 * 16, end = std::min(round_up(hi, 16), N);
+        const int64_t begin = std::clamp<int64_t>(lo, 0, N) / 16 * 16;
+        const int64_t end = std::clamp<int64_t>(round_up(hi, 16), begin, N);
+        for (int64_t i = m; i < m + rows; ++i) {
+          fill(c + i * ldc, begin, skipped);
+          fill(c + i * ldc + end, N - end, skipped);
+        }
         for (int64_t c0 = begin / kBf16ChunkN * kBf16ChunkN; c0 < end; c0 += kBf16ChunkN) {
           const int64_t n = std::min(kBf16ChunkN, N - c0), j0 = std::max(begin, c0) - c0,
                         j1 = std::min(end, c0 + n) - c0;
@@ -217,29 +222,31 @@ class Bf16Products {
     gemm(M, N, K, a, lda, packed, c, ldc, false);
   }
 
-  // gemm (C not accumulated) where the rows of A are zero outside a band of its columns, the
-  // depth: row tile [m, m + rows) has its nonzero columns in seen(m, rows) = [lo, hi) (a range that
-  // may reach past [0, K)). The dot products sum over just those (from an even column on), and a
-  // tile with none gets zero rows; AMX sums over all of K (see gemm_banded_columns).
+  // gemm where the rows of A are zero outside a band of its columns, the depth: row tile
+  // [m, m + rows) has its nonzero columns in seen(m, rows) = [lo, hi) (a range that may reach past
+  // [0, K)). The dot products sum over just those (from an even column on; a tile with none gets
+  // zero rows, or keeps C's when accumulating); AMX sums over all of K (see gemm_banded_columns).
   template <typename Seen>
   void gemm_banded_depth(int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda, const Bf16* packed, float* c,
-                         int64_t ldc, int64_t packed_depth, int64_t first, Seen seen) const {
+                         int64_t ldc, bool accumulate, Seen seen, int64_t packed_depth = 0, int64_t first = 0) const {
+    if (packed_depth == 0) packed_depth = K;
 #if defined(CPU_CAPABILITY_AVX512)
     if (kind_ == Bf16Kind::dot) {
       for (int64_t m = 0; m < M; m += kDotBandRows) {
         const int64_t rows = std::min(kDotBandRows, M - m);
         const auto [lo, hi] = seen(m, rows);
-        const int64_t begin = std::clamp<int64_t>(lo, 0, K) / 2 * 2, end = std::clamp<int64_t>(round_up(hi, 2), begin, K);
+        const int64_t begin = std::clamp<int64_t>(lo, 0, K) / 2 * 2;
+        const int64_t end = std::clamp<int64_t>(round_up(hi, 2), begin, K);
         for (int64_t c0 = 0; c0 < N; c0 += kBf16ChunkN) {
           const int64_t n = std::min(kBf16ChunkN, N - c0);
           dot_rows(rows, n / 16, end - begin, a + m * lda + begin, lda, packed + c0 * packed_depth + (first + begin) * n,
-                   n, c + m * ldc + c0, ldc, false);
+                   n, c + m * ldc + c0, ldc, accumulate);
         }
       }
       return;
     }
 #endif
-    gemm(M, N, K, a, lda, packed, c, ldc, false, packed_depth, first);
+    gemm(M, N, K, a, lda, packed, c, ldc, accumulate, packed_depth, first);
   }
 
   // B (K x N, row-major, ld, K even) into the VNNI layout, chunk by chunk as gemm reads it: as

@@ -403,7 +403,7 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
   const bool edge = block.heads == 1 && window_cuts(p, head_tile(0));
   const Band band{p, block.q0, k0};
   if (edge)
-    bf16.products.gemm_banded_columns(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, band.keys_seen());
+    bf16.products.gemm_banded_columns(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, band.keys_seen(), -kInf);
   else
     bf16.products.gemm(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, false);
   const Variants& v = p.variants;
@@ -418,8 +418,8 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
     for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, round_up(keys, 2 * kVec));
   }
   if (edge)  // P is zero outside the keys the rows see
-    bf16.products.gemm_banded_depth(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, kv.depth, kv.first,
-                                    band.keys_seen());
+    bf16.products.gemm_banded_depth(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, band.keys_seen(),
+                                    kv.depth, kv.first);
   else
     bf16.products.gemm(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, kv.depth, kv.first);
   for (int64_t i = 0; i < cols; ++i) {
