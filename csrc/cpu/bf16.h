@@ -144,6 +144,18 @@ inline void dot_rows(int64_t rows, int64_t nv, int64_t K, const Bf16* a, int64_t
   }
 }
 
+// Calls f(m, rows, begin, end) for each row tile [m, m + rows) of a banded product of M rows, with
+// the range seen(m, rows) widened to whole units (16 columns, or a pair of the depth) inside [0, limit).
+template <typename Seen, typename F>
+inline void for_each_band_tile(int64_t M, int64_t limit, int64_t unit, Seen seen, F f) {
+  for (int64_t m = 0; m < M; m += kDotBandRows) {
+    const int64_t rows = std::min(kDotBandRows, M - m);
+    const auto [lo, hi] = seen(m, rows);
+    const int64_t begin = std::clamp<int64_t>(lo, 0, limit) / unit * unit;
+    f(m, rows, begin, std::clamp<int64_t>(round_up(hi, unit), begin, limit));
+  }
+}
+
 // Rows r and r + 1 of B (n columns, a multiple of 16) into the VNNI layout's pair row: column j's
 // two values side by side, 16 columns a vector.
 inline void pack_pair_row(const Bf16* row0, const Bf16* row1, int64_t n, Bf16* dst) {
@@ -200,11 +212,7 @@ class Bf16Products {
                            int64_t ldc, Seen seen, float skipped) const {
 #if defined(CPU_CAPABILITY_AVX512)
     if (kind_ == Bf16Kind::dot) {
-      for (int64_t m = 0; m < M; m += kDotBandRows) {
-        const int64_t rows = std::min(kDotBandRows, M - m);
-        const auto [lo, hi] = seen(m, rows);
-        const int64_t begin = std::clamp<int64_t>(lo, 0, N) / 16 * 16;
-        const int64_t end = std::clamp<int64_t>(round_up(hi, 16), begin, N);
+      for_each_band_tile(M, N, 16, seen, [&](int64_t m, int64_t rows, int64_t begin, int64_t end) {
         for (int64_t i = m; i < m + rows; ++i) {
           fill(c + i * ldc, begin, skipped);
           fill(c + i * ldc + end, N - end, skipped);
@@ -215,7 +223,7 @@ class Bf16Products {
           dot_rows(rows, (j1 - j0) / 16, K, a + m * lda, lda, packed + c0 * K + 2 * j0, n, c + m * ldc + c0 + j0,
                    ldc, false);
         }
-      }
+      });
       return;
     }
 #endif
@@ -232,17 +240,13 @@ class Bf16Products {
     if (packed_depth == 0) packed_depth = K;
 #if defined(CPU_CAPABILITY_AVX512)
     if (kind_ == Bf16Kind::dot) {
-      for (int64_t m = 0; m < M; m += kDotBandRows) {
-        const int64_t rows = std::min(kDotBandRows, M - m);
-        const auto [lo, hi] = seen(m, rows);
-        const int64_t begin = std::clamp<int64_t>(lo, 0, K) / 2 * 2;
-        const int64_t end = std::clamp<int64_t>(round_up(hi, 2), begin, K);
+      for_each_band_tile(M, K, 2, seen, [&](int64_t m, int64_t rows, int64_t begin, int64_t end) {
         for (int64_t c0 = 0; c0 < N; c0 += kBf16ChunkN) {
           const int64_t n = std::min(kBf16ChunkN, N - c0);
           dot_rows(rows, n / 16, end - begin, a + m * lda + begin, lda, packed + c0 * packed_depth + (first + begin) * n,
                    n, c + m * ldc + c0, ldc, accumulate);
         }
-      }
+      });
       return;
     }
 #endif
