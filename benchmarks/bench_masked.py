@@ -3,11 +3,13 @@
     python -m benchmarks.bench_masked            # CUDA: B=4, H=16, L=4096, D=128, bf16, fwd and fwd+bwd
     python -m benchmarks.bench --suite masked    # the same through the main entry point
     python -m benchmarks.bench_masked --full --dtype bf16 --seqlen 2048   # CPU: bf16 (AMX tiles), longer
+    python -m benchmarks.bench_masked --full --seqlen 4096 --window 1023 --cases plain,window   # a model's window
 
 Cases (each run by fused_attn.attention and by torch SDPA, default backend choice, same inputs):
     plain      no mask
     causal     causal=True flag / SDPA is_causal=True
-    window     fused_attn window=(256, 0) flag; SDPA gets the same band as a (1, 1, L, L) bool mask
+    window     fused_attn window=(256, 0) flag (--window: another left bound); SDPA gets the same band
+               as a (1, 1, L, L) bool mask
     padding    bool key-padding mask (B, 1, 1, L), key lengths uniform in [L/2, L], to both
     bias       float bias (1, H, L, L) in q's dtype with requires_grad, to both: the bias gradient
                (in the bias's own shape) is part of fwd+bwd
@@ -48,8 +50,9 @@ class Case:
     note: str = ""
 
 
-def shapes(flav: str, on_cuda: bool, dtype_name: Optional[str] = None, seqlen: Optional[int] = None):
-    """(B, H, L, D, dtype, passes, window left) of the flavour; dtype_name and seqlen override."""
+def shapes(flav: str, on_cuda: bool, dtype_name: Optional[str] = None, seqlen: Optional[int] = None,
+           window: Optional[int] = None):
+    """(B, H, L, D, dtype, passes, window left) of the flavour; dtype_name, seqlen and window override."""
     if on_cuda:
         B, H, L, D = (1, 16, 1024, 128) if flav == "quick" else (4, 16, 4096, 128)
         dtype, passes, left = torch.bfloat16, ("fwd", "fwd+bwd"), 256
@@ -58,6 +61,7 @@ def shapes(flav: str, on_cuda: bool, dtype_name: Optional[str] = None, seqlen: O
     else:
         passes = ("fwd", "fwd+bwd") if flav == "full" else ("fwd+bwd",)
         B, H, L, D, dtype, left = 1, 4, 1024, 64, torch.float32, 256
+    left = left if window is None else window
     return B, H, seqlen or L, D, common.DTYPES[dtype_name] if dtype_name else dtype, passes, left
 
 
@@ -105,11 +109,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(common.DTYPES),
                    help="instead of the flavour's (the results file then says which: masked-bf16.md)")
     p.add_argument("--seqlen", type=int, help="instead of the flavour's L (results file masked-L<seqlen>.md)")
+    p.add_argument("--window", type=int, help="the window case's left bound instead of the flavour's (results "
+                                              "file masked-W<window>.md): the cost per useful FLOP of a model's window")
     args = p.parse_args(argv)
+    if args.window is not None and args.window < 0:
+        p.error(f"--window must be >= 0, got {args.window}")
     device, on_cuda = common.resolve_device(args)
     flav = common.flavour(args, on_cuda)
-    B, H, L, D, dtype, passes, left = shapes(flav, on_cuda, args.dtype, args.seqlen)
-    suite = SUITE + (f"-{args.dtype}" if args.dtype else "") + (f"-L{args.seqlen}" if args.seqlen else "")
+    B, H, L, D, dtype, passes, left = shapes(flav, on_cuda, args.dtype, args.seqlen, args.window)
+    suite = SUITE + "".join(f"-{prefix}{value}" for prefix, value in (("", args.dtype), ("L", args.seqlen),
+                                                                      ("W", args.window)) if value is not None)
     header = common.header_lines("fused_attn benchmark: masks, bias, causal, window", on_cuda, flav)
     print("\n".join(header), flush=True)
     print(f"B={B}, H={H}, L={L}, D={D}, {common.dtype_name(dtype)}; passes {', '.join(passes)}", flush=True)

@@ -162,3 +162,17 @@ def test_cpu_results_name_the_instruction_sets_of_both_kernels(monkeypatch):
     assert f"cpu kernels: {bench.cpu_kernels_tag()}" in device_line and "torch's: AVX2" in device_line
     monkeypatch.undo()
     assert bench.torch_cpu_capability() == torch.backends.cpu.get_cpu_capability()
+
+
+def test_the_masked_suite_takes_another_window_and_names_its_file(tmp_path):
+    """--window sets the window case's left bound (a model's window, next to the default 256) and
+    the results file says so; the band SDPA gets is the same, so both agree."""
+    from benchmarks import bench_masked
+
+    assert bench_masked.main(["--quick", "--cases", "plain,window", "--window", "40", "--seqlen", "128",
+                              "--out-dir", str(tmp_path), "--no-plot"]) == 0
+    (table,) = tmp_path.glob("masked-L128-W40-quick.md")
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| window(40,0) | fused_attn")]
+    assert rows and float(rows[0].split("|")[9]) < 1e-4  # the forward's max|diff| vs SDPA, fp32
+    with pytest.raises(SystemExit):
+        bench_masked.main(["--quick", "--window", "-1", "--out-dir", str(tmp_path)])
