@@ -15,10 +15,14 @@ import torch
 POISON_OUTPUTS = os.environ.get("FUSED_ATTN_POISON_OUTPUTS", "0") == "1"
 
 
+def poisoned(tensor: torch.Tensor) -> torch.Tensor:
+    """A new output as the kernels get it: NaN-filled when poisoning, else as it is."""
+    return tensor.fill_(float("nan")) if POISON_OUTPUTS else tensor
+
+
 def new_output(like: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous tensor for a kernel to fill (NaN-filled when poisoning)."""
-    tensor = like.new_empty(shape, dtype=dtype)
-    return tensor.fill_(float("nan")) if POISON_OUTPUTS else tensor
+    return poisoned(like.new_empty(shape, dtype=dtype))
 
 
 def is_sequence_major(t: torch.Tensor) -> bool:
@@ -49,9 +53,12 @@ def attention_outputs(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, t
     if q.dim() == 3:
         return (new_output(q, (*q.shape[:2], v.shape[2]), q.dtype),
                 new_output(q, (q.shape[1], q.shape[0]), lse_dtype(q.dtype)))
-    batch, heads, length, _ = q.shape  # plain ints: torch.Size slices cost more to allocate from
-    return (empty_like_layout(q, (batch, heads, length, v.shape[3])),
-            new_output(q, (batch, heads, length), lse_dtype(q.dtype)))
+    batch, heads, length, dim = q.shape  # plain ints: torch.Size slices cost more to allocate from
+    if dim == v.shape[3] and q.is_contiguous():  # the common case, and empty_like's quickest
+        out = poisoned(torch.empty_like(q))
+    else:
+        out = empty_like_layout(q, (batch, heads, length, v.shape[3]))
+    return out, new_output(q, (batch, heads, length), lse_dtype(q.dtype))
 
 
 def gradient_like(t: torch.Tensor) -> torch.Tensor:

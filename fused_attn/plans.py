@@ -29,7 +29,8 @@ from .ops import PLAIN_TENSORS, being_traced
 Plan = TypeVar("Plan")
 
 # Arguments other than tensors are kept in keys when they are of these types (or tuples of them).
-_KEYABLE = (bool, int, float, str, type(None))
+_KEYABLE = frozenset((bool, int, float, str, type(None)))
+_KEYABLE_OR_TUPLE = _KEYABLE | {tuple}
 _plans: dict[tuple, object] = {}
 _MAX_PLANS = 256
 
@@ -50,17 +51,19 @@ def signature(entry_point: str, tensors: tuple, arguments: tuple) -> Optional[tu
                 return None
         else:  # a tensor subclass, or not a tensor at all: the checks judge it
             return None
-    for value in arguments:
-        kind = type(value)
-        if kind in _KEYABLE:
-            key.append((kind, value))
-        elif kind is tuple:
-            kinds = tuple(type(item) for item in value)
-            if any(k not in _KEYABLE for k in kinds):
-                return None
-            key.append((kinds, value))
-        else:  # a tensor (its value may change in place), a NumPy number, a list...
-            return None
+    # Each argument with its type: a tensor (its value may change in place), a NumPy number or a
+    # list keeps no plan; a tuple is kept with its items' types.
+    kinds = tuple(map(type, arguments))
+    if not _KEYABLE_OR_TUPLE.issuperset(kinds):
+        return None
+    key += (kinds, arguments)
+    if tuple in kinds:
+        for value in arguments:
+            if type(value) is tuple:
+                items = tuple(map(type, value))
+                if not _KEYABLE.issuperset(items):
+                    return None
+                key.append(items)
     return tuple(key)
 
 

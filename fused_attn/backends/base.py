@@ -136,7 +136,10 @@ DECODING_ROWS = 64
 
 def needs_backward(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a forward on these inputs will be followed by a backward (one of them requires grad)."""
-    return any(t is not None and t.requires_grad for t in tensors)
+    for t in tensors:  # (a plain loop: this runs twice on every call)
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def takes_decoding_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: AttentionTensors,

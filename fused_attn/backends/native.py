@@ -72,13 +72,12 @@ def scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
 def variant_args(q: Tensor, k: Tensor, extras: AttentionTensors, opts: AttentionOptions) -> tuple:
     """The native ops' arguments after their tensors (csrc/binding.cpp, FUSED_ATTN_VARIANT_SCHEMA),
     shared by the cpu and cuda backends."""
-    mask = bias = None
-    if q.dim() == 4:  # packed inputs take no mask or bias
-        full = scores_shape(q, k)
-        mask = None if extras.mask is None else as_4d(extras.mask).expand(full)
-        # The kernels read a bias in float32 or q's dtype (checks.py allows no other), as it is.
-        bias = None if extras.bias is None else as_4d(extras.bias).expand(full)
-    # The kernels read cu_seqlens as contiguous int32 rows.
-    cu_seqlens = [None if t is None else t.contiguous() for t in (extras.cu_seqlens_q, extras.cu_seqlens_k)]
+    mask, bias, cu_seqlens_q, cu_seqlens_k = extras.mask, extras.bias, extras.cu_seqlens_q, extras.cu_seqlens_k
+    if mask is not None:  # (dense calls only: packed inputs take no mask or bias)
+        mask = as_4d(mask).expand(scores_shape(q, k))
+    if bias is not None:  # read in float32 or q's dtype (checks.py allows no other), as it is
+        bias = as_4d(bias).expand(scores_shape(q, k))
+    if cu_seqlens_q is not None:  # read as contiguous int32 rows
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     return (opts.scale, opts.left, opts.right, opts.bottom_right, opts.softcap, extras.alibi_slopes, mask, bias,
-            extras.dropout_seed, opts.dropout_p, *cu_seqlens)
+            extras.dropout_seed, opts.dropout_p, cu_seqlens_q, cu_seqlens_k)
