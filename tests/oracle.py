@@ -95,6 +95,11 @@ def assert_accurate(name, actual, exact, lowprec, dtype, floor_scale=1.0, inheri
     assert error <= allowed, f"{name}: max error {error:.3e} > allowed {allowed:.3e}"
 
 
+def largest_difference(a, b) -> float:
+    """max|a - b| in float64, 0 for empty tensors."""
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
 def random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v, dtype, device,
                sequence_major=False, requires_grad=False):
     """Fresh normal q, k, v; sequence_major gives transposed views of (B, L, H, D) tensors."""
@@ -179,7 +184,7 @@ def check_against_oracle(backend, shape, dtype, device, sequence_major=False, **
             ("dq", "dk", "dv", "dbias"), grads, exact_grads, low_grads, leaves, inherited_grads)):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, f"{name}: {grad.dtype} {tuple(grad.shape)}"
         assert_accurate(name, grad, exact, low, dtype, floor_scale=summed.get(index, 1.0),
-                        inherited=(inherited - exact).abs().max().item() if exact.numel() else 0.0)
+                        inherited=largest_difference(inherited, exact))
 
 
 def tile_sparse_mask(batch, heads, seqlen_q, seqlen_k, device="cpu"):
