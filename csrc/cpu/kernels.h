@@ -35,6 +35,7 @@ namespace {
 #include "tile.h"
 #include "bf16.h"
 #include "scores.h"
+#include "rows.h"
 #include "forward.h"
 #include "backward.h"
 
