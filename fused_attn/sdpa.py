@@ -57,8 +57,9 @@ class _Plan(NamedTuple):
     v: Tensor
     attn_mask: Optional[Tensor]
     keywords: _Keywords
-    unsupported: Optional[str] = None  # why fused_attn cannot serve this valid call (_plan's); None when it can
-    planned: Optional[tuple] = None  # api.plan_attention's (options, backend) for the call, when it can
+    # api.plan_attention's (options, backend) for the call; None when fused_attn cannot serve this
+    # valid call (_unsupported_reason)
+    planned: Optional[tuple] = None
 
 
 def _heads_to(t: Tensor, heads: int) -> Tensor:
@@ -81,9 +82,7 @@ class _Recipe(NamedTuple):
     heads: int  # query heads, and the heads k and v are brought to
     kv_heads: int
     keywords: _Keywords
-    # Filled in by _plan from the first call's rewritten tensors:
-    unsupported: Optional[str] = None
-    planned: Optional[tuple] = None  # what `attention` runs the rewritten call with (api.plan_attention)
+    planned: Optional[tuple] = None  # _Plan's, filled in by _plan from the first call's rewritten tensors
 
 
 def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -99,15 +98,14 @@ def _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if isinstance(recipe, _Refusal):
         return recipe
     plan = _rewrite(recipe, query, key, value, attn_mask)
-    unsupported = _unsupported_reason(plan)
     planned = None
-    if unsupported is None:
+    if _unsupported_reason(plan) is None:
         # Planned once for the calls like this one, which then skip attention's own plan lookup.
         attn_mask, causal = _attention_mask(plan)
         planned = plan_attention(plan.q, plan.k, plan.v, causal, "top_left", plan.keywords.scale, attn_mask,
                                  plan.keywords.dropout_p, (-1, -1), None, 0.0, False, False, None)
-    recipe = plans.remember(key_, recipe._replace(unsupported=unsupported, planned=planned))
-    return plan._replace(unsupported=unsupported, planned=planned)
+    plans.remember(key_, recipe._replace(planned=planned))
+    return plan._replace(planned=planned)
 
 
 def _rewrite(recipe: _Recipe, query, key, value, attn_mask) -> _Plan:
@@ -119,7 +117,7 @@ def _rewrite(recipe: _Recipe, query, key, value, attn_mask) -> _Plan:
     k4 = _heads_to(_flat_batch(k, recipe.batch, recipe.flat), recipe.kv_heads)
     v4 = _heads_to(_flat_batch(v, recipe.batch, recipe.flat), recipe.kv_heads)
     mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, recipe.batch, recipe.flat)
-    return _Plan(q4, k4, v4, mask4, recipe.keywords, recipe.unsupported, recipe.planned)
+    return _Plan(q4, k4, v4, mask4, recipe.keywords, recipe.planned)
 
 
 def _padded(shape, rank: int) -> tuple:
@@ -324,8 +322,8 @@ def scaled_dot_product_attention(
 
 
 def _unsupported_reason(plan: _Plan) -> Optional[str]:
-    """Why fused_attn cannot serve a valid call (dtype, head dim, no backend); None when it can.
-    (_plan keeps it in the call's remembered recipe.)"""
+    """Why fused_attn cannot serve a valid call (dtype, head dim, no backend); None when it can
+    (_plan then plans it, and nn.MultiheadAttention runs it)."""
     q, k, v = plan.q, plan.k, plan.v
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype}"
@@ -346,7 +344,7 @@ def _patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     plan = _plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     # Inside torch.func transforms too: fused_attn serves grad, vjp, jacrev and vmap but no second
     # derivative (nested grad, hessian), which torch's function gives.
-    if isinstance(plan, _Refusal) or plan.unsupported is not None or under_func_transform():
+    if isinstance(plan, _Refusal) or plan.planned is None or under_func_transform():
         # What was there before enable() (torch's function) serves it, or raises its own error.
         fallback = _replaced if _replaced is not None else _TORCH_SDPA
         return fallback(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
