@@ -30,15 +30,15 @@ def is_sequence_major(t: torch.Tensor) -> bool:
     return t.stride(1) < t.stride(2)
 
 
-def empty_like_layout(
-    like: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """An uninitialised (B, H, L, D) tensor laid out like `like` (head-major or sequence-major)."""
-    batch, heads, length, dim = shape
-    dtype = like.dtype if dtype is None else dtype
+def empty_like_layout(like: torch.Tensor, dim: int) -> torch.Tensor:
+    """An uninitialised (B, H, L, dim) tensor of like's (B, H, L, D) sizes and dtype, laid out like
+    it (head-major or sequence-major)."""
+    batch, heads, length, like_dim = like.shape  # plain ints: torch.Size slices cost more to allocate from
+    if dim == like_dim and like.is_contiguous():  # the common case, and empty_like's quickest (~0.4 us less)
+        return poisoned(torch.empty_like(like))
     if is_sequence_major(like):
-        return new_output(like, (batch, length, heads, dim), dtype).transpose(1, 2)
-    return new_output(like, shape, dtype)
+        return new_output(like, (batch, length, heads, dim), like.dtype).transpose(1, 2)
+    return new_output(like, (batch, heads, length, dim), like.dtype)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,17 +53,13 @@ def attention_outputs(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, t
     if q.dim() == 3:
         return (new_output(q, (*q.shape[:2], v.shape[2]), q.dtype),
                 new_output(q, (q.shape[1], q.shape[0]), lse_dtype(q.dtype)))
-    batch, heads, length, dim = q.shape  # plain ints: torch.Size slices cost more to allocate from
-    if dim == v.shape[3] and q.is_contiguous():  # the common case, and empty_like's quickest
-        out = poisoned(torch.empty_like(q))
-    else:
-        out = empty_like_layout(q, (batch, heads, length, v.shape[3]))
-    return out, new_output(q, (batch, heads, length), lse_dtype(q.dtype))
+    batch, heads, length, _ = q.shape
+    return empty_like_layout(q, v.shape[3]), new_output(q, (batch, heads, length), lse_dtype(q.dtype))
 
 
 def gradient_like(t: torch.Tensor) -> torch.Tensor:
     """An uninitialised gradient of q, k or v: laid out like a dense t, contiguous for a packed one."""
-    return empty_like_layout(t, tuple(t.shape)) if t.dim() == 4 else new_output(t, tuple(t.shape), t.dtype)
+    return empty_like_layout(t, t.shape[3]) if t.dim() == 4 else new_output(t, tuple(t.shape), t.dtype)
 
 
 def kvcache_outputs(q: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

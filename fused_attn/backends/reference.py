@@ -143,7 +143,7 @@ class ReferenceBackend(Backend):
         empty = row_sum == 0
         out = acc / torch.where(empty, 1.0, row_sum)[..., None]
         lse = torch.where(empty, float("-inf"), row_max + torch.log(row_sum))
-        result = empty_like_layout(q, (*q.shape[:3], v.shape[-1]))
+        result = empty_like_layout(q, v.shape[-1])
         result.copy_(out.flatten(1, 2))
         return result, lse.flatten(1, 2).to(_accumulation_dtype(q.dtype))
 
@@ -252,6 +252,6 @@ def _accumulate_bias_grad(dbias: Tensor, dscores: Tensor, start: int, end: int) 
 
 
 def _copy_into_layout(grad: Tensor, like: Tensor) -> Tensor:
-    result = empty_like_layout(like, tuple(like.shape))
+    result = empty_like_layout(like, like.shape[-1])
     result.copy_(grad)
     return result
