@@ -271,15 +271,10 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
         const Bf16Products& products = bf16->products;
         q_rows = bf16_rows(bf16->q_rows, args.q, Pages{}, b, h, q0, rows, D, true);
         do_rows = bf16_rows(bf16->do_rows, args.dout, Pages{}, b, h, q0, rows, Dv, true);
-        if (edge) {
-          products.gemm_banded_columns(rows, BN, D, q_rows.data, q_rows.ld, bf16->kt_packed, t.s, BN, band.keys_seen(),
-                                       -kInf);
-          products.gemm_banded_columns(rows, BN, Dv, do_rows.data, do_rows.ld, bf16->vt_packed, t.dp, BN,
-                                       band.keys_seen(), 0.f);
-        } else {
-          products.gemm(rows, BN, D, q_rows.data, q_rows.ld, bf16->kt_packed, t.s, BN, false);      // Q K^T
-          products.gemm(rows, BN, Dv, do_rows.data, do_rows.ld, bf16->vt_packed, t.dp, BN, false);  // dP = dO V^T
-        }
+        products.gemm_banded_columns(edge, rows, BN, D, q_rows.data, q_rows.ld, bf16->kt_packed, t.s, BN,
+                                     band.keys_seen(), -kInf);  // Q K^T
+        products.gemm_banded_columns(edge, rows, BN, Dv, do_rows.data, do_rows.ld, bf16->vt_packed, t.dp, BN,
+                                     band.keys_seen(), 0.f);  // dP = dO V^T
       } else {
         qr = fp32_rows<T>(t.qb, Dp, args.q, Pages{}, b, h, q0, rows, D);
         dor = fp32_rows<T>(t.dob, Dvp, args.dout, Pages{}, b, h, q0, rows, Dv);
@@ -325,26 +320,17 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
         round_rows(t.s, rows, rows_even, BN, bf16->staging);
         transpose_bf16(bf16->staging, BN, rows_even, keys, bf16->transposed, rows_even);
         // On an edge tile P and dS are zero outside the band, and the products sum over the band alone.
-        if (edge)  // dV += P^T dO
-          products.gemm_banded_depth(keys, Dv, rows_even, bf16->transposed, rows_even, bf16->do_packed, t.dv, Dvp, true,
-                                     band.queries_seeing());
-        else
-          products.gemm(keys, Dv, rows_even, bf16->transposed, rows_even, bf16->do_packed, t.dv, Dvp, true);
+        products.gemm_banded_depth(edge, keys, Dv, rows_even, bf16->transposed, rows_even, bf16->do_packed, t.dv, Dvp,
+                                   true, band.queries_seeing());  // dV += P^T dO
         round_rows(t.dp, rows, rows_even, BN, bf16->staging);
         transpose_bf16(bf16->staging, BN, rows_even, keys, bf16->transposed, rows_even);
-        if (edge)  // dK += dS^T Q
-          products.gemm_banded_depth(keys, D, rows_even, bf16->transposed, rows_even, bf16->q_packed, t.dk, Dp, true,
-                                     band.queries_seeing());
-        else
-          products.gemm(keys, D, rows_even, bf16->transposed, rows_even, bf16->q_packed, t.dk, Dp, true);
+        products.gemm_banded_depth(edge, keys, D, rows_even, bf16->transposed, rows_even, bf16->q_packed, t.dk, Dp,
+                                   true, band.queries_seeing());  // dK += dS^T Q
         if (dq != nullptr) {  // dQ += dS K, over the keys padded to even
           if (keys % 2 == 1)
             for (int64_t i = 0; i < rows; ++i) bf16->staging[i * BN + keys] = Bf16(0.f);
-          if (edge)
-            products.gemm_banded_depth(rows, D, round_up(keys, 2), bf16->staging, BN, bf16->k_packed, dq_rows, Dp, true,
-                                       band.keys_seen());
-          else
-            products.gemm(rows, D, round_up(keys, 2), bf16->staging, BN, bf16->k_packed, dq_rows, Dp, true);
+          products.gemm_banded_depth(edge, rows, D, round_up(keys, 2), bf16->staging, BN, bf16->k_packed, dq_rows, Dp,
+                                     true, band.keys_seen());
         }
       } else if (edge) {
         gemm_banded_depth(keys, Dvp, rows, t.s, 1, BN, dor.data, dor.ld, t.dv, Dvp, band.queries_seeing());

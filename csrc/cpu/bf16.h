@@ -202,16 +202,17 @@ class Bf16Products {
     }
   }
 
-  // gemm (C not accumulated) where the rows see a band of C's columns: row tile [m, m + rows) needs
-  // only columns seen(m, rows) = [lo, hi), a range that may reach past [0, N). The dot products
-  // compute just the vectors of 16 columns that hold them and set the rest of the tile's row to
-  // `skipped`; AMX computes the whole of C (a tile shape per range would reload its tile
-  // configuration at every call). Either way the callers hide the columns the rows do not see.
+  // gemm (C not accumulated), where `banded` says the rows see a band of C's columns (a tile the
+  // window cuts): row tile [m, m + rows) needs only columns seen(m, rows) = [lo, hi), a range that
+  // may reach past [0, N). The dot products compute just the vectors of 16 columns that hold them
+  // and set the rest of the tile's row to `skipped`; AMX computes the whole of C (a tile shape per
+  // range would reload its tile configuration at every call), as does an unbanded call. Either way
+  // the callers hide the columns the rows do not see.
   template <typename Seen>
-  void gemm_banded_columns(int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda, const Bf16* packed, float* c,
-                           int64_t ldc, Seen seen, float skipped) const {
+  void gemm_banded_columns(bool banded, int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda,
+                           const Bf16* packed, float* c, int64_t ldc, Seen seen, float skipped) const {
 #if defined(CPU_CAPABILITY_AVX512)
-    if (kind_ == Bf16Kind::dot) {
+    if (banded && kind_ == Bf16Kind::dot) {
       for_each_band_tile(M, N, 16, seen, [&](int64_t m, int64_t rows, int64_t begin, int64_t end) {
         for (int64_t i = m; i < m + rows; ++i) {
           fill(c + i * ldc, begin, skipped);
@@ -230,16 +231,18 @@ class Bf16Products {
     gemm(M, N, K, a, lda, packed, c, ldc, false);
   }
 
-  // gemm where the rows of A are zero outside a band of its columns, the depth: row tile
-  // [m, m + rows) has its nonzero columns in seen(m, rows) = [lo, hi) (a range that may reach past
-  // [0, K)). The dot products sum over just those (from an even column on; a tile with none gets
-  // zero rows, or keeps C's when accumulating); AMX sums over all of K (see gemm_banded_columns).
+  // gemm, where `banded` says the rows of A are zero outside a band of its columns, the depth: row
+  // tile [m, m + rows) has its nonzero columns in seen(m, rows) = [lo, hi) (a range that may reach
+  // past [0, K)). The dot products sum over just those (from an even column on; a tile with none
+  // gets zero rows, or keeps C's when accumulating); AMX and unbanded calls sum over all of K (see
+  // gemm_banded_columns).
   template <typename Seen>
-  void gemm_banded_depth(int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda, const Bf16* packed, float* c,
-                         int64_t ldc, bool accumulate, Seen seen, int64_t packed_depth = 0, int64_t first = 0) const {
+  void gemm_banded_depth(bool banded, int64_t M, int64_t N, int64_t K, const Bf16* a, int64_t lda,
+                         const Bf16* packed, float* c, int64_t ldc, bool accumulate, Seen seen,
+                         int64_t packed_depth = 0, int64_t first = 0) const {
     if (packed_depth == 0) packed_depth = K;
 #if defined(CPU_CAPABILITY_AVX512)
-    if (kind_ == Bf16Kind::dot) {
+    if (banded && kind_ == Bf16Kind::dot) {
       for_each_band_tile(M, K, 2, seen, [&](int64_t m, int64_t rows, int64_t begin, int64_t end) {
         for (int64_t c0 = 0; c0 < N; c0 += kBf16ChunkN) {
           const int64_t n = std::min(kBf16ChunkN, N - c0);

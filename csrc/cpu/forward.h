@@ -312,10 +312,8 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
   // that the rows of each of their row tiles may see; place_scores hides the scores they skip.
   const bool edge = block.heads == 1 && window_cuts(p, head_tile(0));
   const Band band{p, block.q0, k0};
-  if (edge)
-    bf16.products.gemm_banded_columns(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, band.keys_seen(), -kInf);
-  else
-    bf16.products.gemm(cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, false);
+  bf16.products.gemm_banded_columns(edge, cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, band.keys_seen(),
+                                    -kInf);
   const Variants& v = p.variants;
   const bool scale_in_softmax = v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
   if (!scale_in_softmax)
@@ -327,11 +325,9 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
     for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, round_up(keys, 2 * kVec));
   }
-  if (edge)  // P is zero outside the keys the rows see
-    bf16.products.gemm_banded_depth(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, band.keys_seen(),
-                                    kv.depth, kv.first);
-  else
-    bf16.products.gemm(cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false, kv.depth, kv.first);
+  // (on an edge, P is zero outside the keys the rows see)
+  bf16.products.gemm_banded_depth(edge, cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false,
+                                  band.keys_seen(), kv.depth, kv.first);
   for (int64_t i = 0; i < cols; ++i) {
     const Vec a(alpha[i]);
     for (int64_t c = 0; c < Dv; c += kVec)
