@@ -95,6 +95,17 @@ def assert_accurate(name, actual, exact, lowprec, dtype, floor_scale=1.0, inheri
     assert error <= allowed, f"{name}: max error {error:.3e} > allowed {allowed:.3e}"
 
 
+def delta_error(dout, out, exact_out):
+    """The error of the backward's delta = rowsum(dO * O), which reads the output as stored (rounded
+    to the input dtype, as every flash kernel's backward does) where the references' softmax backward
+    never reads O: e = rowsum(dO * (O_stored - O_exact)), float64, one per row. It enters
+    dS = P (dP - delta) + P dlse as dlse - e would, so the exact gradients for dlse - e, less the
+    exact ones, are what dq, dk and dbias inherit from it (large next to the math's own rounding
+    where dq is small: a row that sees one key has dS = dP - delta = rounding alone, more so under
+    dropout's 1 / (1 - p) scaling of O)."""
+    return (dout.double() * (out.detach().double() - exact_out.detach().double())).sum(-1)
+
+
 def largest_difference(a, b) -> float:
     """max|a - b| in float64, 0 for empty tensors."""
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
@@ -157,15 +168,8 @@ def check_against_oracle(backend, shape, dtype, device, sequence_major=False, **
 
     exact_out, exact_lse, exact_grads = reference(torch.float64)
     low_out, low_lse, low_grads = reference(dtype)
-    # The backward's delta = rowsum(dO * O) reads the output as stored, rounded to the input dtype (as
-    # every flash kernel's does), where the references' softmax backward never reads O. Its error
-    # e = rowsum(dO * (O_stored - O_exact)) enters dS = P (dP - delta) + P dlse as dlse - e would:
-    # the exact gradients for dlse - e, less the exact ones, are what dq, dk and dbias inherit from it.
-    # (Large next to the rounding of the math itself where dq is small: a row that sees one key has
-    # dS = dP - delta = rounding alone, more so under dropout's 1 / (1 - p) scaling of O.)
-    stored_error = torch.where(torch.isfinite(exact_lse)[..., None], out.detach().double() - exact_out.detach(), 0)
-    delta_error = (dout.double() * stored_error).sum(-1)
-    inherited_grads = reference(torch.float64, dlse.double() - delta_error)[2]
+    # What dq, dk and dbias inherit from delta reading the stored output (delta_error).
+    inherited_grads = reference(torch.float64, dlse.double() - delta_error(dout, out, exact_out))[2]
 
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_accurate("out", out, exact_out, low_out, dtype)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from oracle import assert_accurate, check_against_oracle, largest_difference
+from oracle import assert_accurate, check_against_oracle, delta_error, largest_difference
 
 import fused_attn
 
@@ -137,11 +137,10 @@ def test_random_packed_batch_matches_float64_math(varlen_backend, draw, fresh_se
         return (out, lse, *torch.autograd.grad(loss, leaves))
 
     got, exact, low = run(varlen_backend, dtype), run("reference", torch.float64), run("reference", dtype)
-    # What dq and dk inherit, exactly, from delta = rowsum(dO * O) reading O as stored (16-bit), as
-    # oracle.check_against_oracle takes it: the error e of delta enters as dlse - e would. Sequences
-    # of one key are frequent here, where dS = dP - delta is that error alone.
-    delta_error = (dout.double() * (got[0].detach().double() - exact[0].detach())).sum(-1)  # (total_q, Hq)
-    inherited = dict(zip(("dq", "dk"), run("reference", torch.float64, dlse - delta_error.T)[2:4]))
+    # What dq and dk inherit, exactly, from delta reading the stored output (oracle.delta_error):
+    # sequences of one key are frequent here, where dS = dP - delta is that error alone.
+    errors = delta_error(dout, got[0], exact[0]).T  # (Hq, total_q), as dlse
+    inherited = dict(zip(("dq", "dk"), run("reference", torch.float64, dlse - errors)[2:4]))
     # dk sums roundoff over the rows (dq over the keys), a random walk: sqrt(terms) in every dtype
     # (oracle.check_against_oracle widens fp32 alone, where one-key rows are rare).
     summed = {"dq": math.sqrt(max(max_k, 1)), "dk": math.sqrt(max(max_q * heads_q // heads_kv, 1))}
