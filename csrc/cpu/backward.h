@@ -289,13 +289,27 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       finish_scores(p, s_tile, rows * BN, tanh);  // S
       if (p.variants.dropout) apply_dropout(p, {t.dp, BN, 1, b, h, q0, rows, k0, keys});
       // P = exp(S - lse), then dS, keys along columns. Columns past the block's end (zero
-      // padding of K^T) hold junk that the products below never read (they stop at `keys`).
+      // padding of K^T) hold junk that the products below never read (they stop at `keys`). On an
+      // edge, each row works only on the vectors that hold keys it may see, P = dS = 0 on the rest.
       for (int64_t i = 0; i < rows; ++i) {
         const Vec lse_i(backward_lse(lse[i]));
         const Vec delta_i(delta[i]);
         float* si = t.s + i * BN;
         float* dpi = t.dp + i * BN;
-        for (int64_t c = 0; c < BN; c += kVec) {
+        int64_t lo = 0, hi = BN;
+        if (edge) {
+          const auto [first, last] = band.keys_seen()(i, 1);
+          lo = std::clamp<int64_t>(first, 0, BN) / kVec * kVec;
+          hi = std::clamp<int64_t>(round_up(last, kVec), lo, BN);
+          auto zero_outside = [&](float* row) {
+            fill(row, lo, 0.f);
+            fill(row + hi, BN - hi, 0.f);
+          };
+          zero_outside(si);
+          zero_outside(dpi);
+          if (args.dbias.data != nullptr) zero_outside(t.dbias + i * BN);
+        }
+        for (int64_t c = lo; c < hi; c += kVec) {
           const Vec prob = probability_exp<T>(Vec::loadu(si + c) - lse_i);
           prob.store(si + c);
           const Vec grad = score_grad(prob, Vec::loadu(dpi + c), delta_i);

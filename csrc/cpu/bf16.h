@@ -167,8 +167,85 @@ inline void pack_pair_row(const Bf16* row0, const Bf16* row1, int64_t n, Bf16* d
 }
 #endif
 
-// dst (cols x rows, ld_dst) = src^T, src (rows x cols, ld_src) in bf16, 32 x 32 at a time.
+#if defined(CPU_CAPABILITY_AVX512)
+// The transpose of a 16 x 16 block of 32-bit words, in place: r[t] holds row t, then column t.
+inline void transpose_words_16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  // Within each 128-bit lane L: t pairs rows' words, u holds word 4L + k of rows 4i..4i+3 in u[4i + k].
+  FUSED_ATTN_UNROLL for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  FUSED_ATTN_UNROLL for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // Word 4L + k of all 16 rows: lane L of u[k], u[4 + k], u[8 + k], u[12 + k].
+  FUSED_ATTN_UNROLL for (int k = 0; k < 4; ++k) {
+    const __m512i lo01 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44), hi01 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
+    const __m512i lo23 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44),
+                  hi23 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+    r[k] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);
+    r[4 + k] = _mm512_shuffle_i32x4(lo01, lo23, 0xDD);
+    r[8 + k] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(hi01, hi23, 0xDD);
+  }
+}
+
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// dst = src^T where both are read as matrices of 32-bit words (two bf16 side by side): src is
+// `rows` x `words` (rows ld_src bf16 apart, at any alignment), dst `words` x `cols` (rows ld_dst
+// words apart), cols a multiple of 16, zero in its columns past `rows`.
+inline void transpose_words(const Bf16* src, int64_t ld_src, int64_t rows, int64_t words, int64_t cols, Bf16* dst,
+                            int64_t ld_dst) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 16)
+    for (int64_t w0 = 0; w0 < words; w0 += 16) {
+      const __mmask16 lanes = first_lanes(words - w0);
+      __m512i r[16];
+      FUSED_ATTN_UNROLL for (int t = 0; t < 16; ++t)
+        r[t] = j0 + t < rows ? _mm512_maskz_loadu_epi32(lanes, src + (j0 + t) * ld_src + 2 * w0) : _mm512_setzero_si512();
+      transpose_words_16x16(r);
+      for (int64_t w = 0; w < std::min<int64_t>(16, words - w0); ++w)
+        _mm512_storeu_si512(dst + 2 * ((w0 + w) * ld_dst + j0), r[w]);
+    }
+}
+
+// dst (cols x rows, ld_dst) = src^T, src (rows x cols, ld_src) in bf16, rows even: in dst's rows
+// a pair of src's rows is one word, so each pair is interleaved into words and those transposed.
+inline void transpose_row_pairs(const Bf16* src, int64_t ld_src, int64_t rows, int64_t cols, Bf16* dst,
+                                int64_t ld_dst) {
+  const int64_t pairs = rows / 2;
+  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+    const __mmask16 columns = first_lanes(cols - j0);
+    for (int64_t k0 = 0; k0 < pairs; k0 += 16) {
+      __m512i r[16];
+      FUSED_ATTN_UNROLL for (int t = 0; t < 16; ++t) {
+        if (k0 + t >= pairs) {
+          r[t] = _mm512_setzero_si512();
+          continue;
+        }
+        const Bf16* row = src + 2 * (k0 + t) * ld_src + j0;
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(columns, row));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(columns, row + ld_src));
+        r[t] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      }
+      transpose_words_16x16(r);
+      const __mmask16 words = first_lanes(pairs - k0);
+      for (int64_t j = 0; j < std::min<int64_t>(16, cols - j0); ++j)
+        _mm512_mask_storeu_epi32(dst + (j0 + j) * ld_dst + 2 * k0, words, r[j]);
+    }
+  }
+}
+#endif
+
+// dst (cols x rows, ld_dst) = src^T, src (rows x cols, ld_src) in bf16.
 inline void transpose_bf16(const Bf16* src, int64_t ld_src, int64_t rows, int64_t cols, Bf16* dst, int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (rows % 2 == 0) return transpose_row_pairs(src, ld_src, rows, cols, dst, ld_dst);
+#endif
   for (int64_t i = 0; i < rows; i += 32)
     for (int64_t j = 0; j < cols; j += 32)
       at::vec::transpose_mxn<Bf16>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
@@ -275,9 +352,21 @@ class Bf16Products {
   }
 
   // B = R^T (dim x width, zero in its columns past n) packed for gemm, R being n rows of dim
-  // (ld apart), through `staging` (dim x width).
+  // (ld apart), through `staging` (dim x width) for AMX. For the dot products, a pair row of R^T
+  // holds two neighbouring values of each row of R, one 32-bit word of it: each chunk of B is that
+  // chunk's rows of R transposed as words (dim even).
   void pack_transposed(const Bf16* rows, int64_t ld, int64_t n, int64_t dim, int64_t width, Bf16* staging,
                        Bf16* packed) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (kind_ == Bf16Kind::dot) {
+      for (int64_t c0 = 0; c0 < width; c0 += kBf16ChunkN) {
+        const int64_t chunk = std::min(kBf16ChunkN, width - c0);
+        transpose_words(rows + c0 * ld, ld, std::clamp<int64_t>(n - c0, 0, chunk), dim / 2, chunk, packed + c0 * dim,
+                        chunk);
+      }
+      return;
+    }
+#endif
     transpose_bf16(rows, ld, n, dim, staging, width);
     for (int64_t d = 0; d < dim; ++d) std::fill(staging + d * width + n, staging + (d + 1) * width, Bf16(0.f));
     pack_columns(staging, width, dim, width, packed);

@@ -238,23 +238,36 @@ class PackedKeys {
 // products' orientation), scores mul * S: the same update as softmax_update, one query per row, keys
 // past `keys` (up to a whole pair of vectors) hidden. P goes to `rounded` in bf16 (same ld) when
 // it is given, else stays in S as fp32 (for dropout, which is applied before rounding). The
-// per-row state is updated kVec rows at a time (rows <= kBlockM).
+// per-row state is updated kVec rows at a time (rows <= kBlockM). With a band (a tile the window
+// cuts), each row works only on the pairs of vectors that hold keys it may see, and sets P = 0 on
+// the rest (hidden, so exp(-inf) = 0 there anyway): a band of 257 keys spans 320 of a 64-row block.
 #if defined(CPU_CAPABILITY_AVX512)
 // The bf16 products run only on CPUs with AVX512-BF16 (bf16_kind): P is rounded with
 // vcvtne2ps2bf16, one instruction for 32 values.
 __attribute__((target("avx512bf16")))
 #endif
 inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys, float* row_max, float* row_sum,
-                                float* alpha, float mul, Bf16* rounded) {
+                                float* alpha, float mul, Bf16* rounded, const Band* band) {
   const int64_t padded = round_up(keys, 2 * kVec);
   const Vec scale(mul);
   float block_max[kBlockM] = {}, shift[kBlockM] = {}, block_sum[kBlockM] = {};  // rows past `rows`: unused
+  // The keys row i works on: [lo, hi), whole pairs of vectors.
+  int64_t lo[kBlockM], hi[kBlockM];
+  for (int64_t i = 0; i < rows; ++i) {
+    lo[i] = 0;
+    hi[i] = padded;
+    if (band != nullptr) {
+      const auto [first, last] = band->keys_seen()(i, 1);
+      lo[i] = std::clamp<int64_t>(first, 0, keys) / (2 * kVec) * (2 * kVec);
+      hi[i] = std::clamp<int64_t>(round_up(last, 2 * kVec), lo[i], padded);
+    }
+  }
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
     fill(row + keys, padded - keys, -kInf);
     // Two maxima in flight: each step of at::vec::maximum waits on the last (NaN-propagating).
     Vec m0(-kInf), m1(-kInf);
-    for (int64_t j = 0; j < padded; j += 2 * kVec) {
+    for (int64_t j = lo[i]; j < hi[i]; j += 2 * kVec) {
       m0 = at::vec::maximum(m0, Vec::loadu(row + j));
       m1 = at::vec::maximum(m1, Vec::loadu(row + j + kVec));
     }
@@ -268,9 +281,16 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
   }
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
+    if (rounded != nullptr) {
+      std::fill(rounded + i * ld, rounded + i * ld + lo[i], Bf16(0.f));
+      std::fill(rounded + i * ld + hi[i], rounded + i * ld + padded, Bf16(0.f));
+    } else {
+      fill(row, lo[i], 0.f);
+      fill(row + hi[i], padded - hi[i], 0.f);
+    }
     const Vec row_shift(shift[i]);
     Vec sum(0.f);
-    for (int64_t j = 0; j < padded; j += 2 * kVec) {
+    for (int64_t j = lo[i]; j < hi[i]; j += 2 * kVec) {
       const Vec p0 = probability_exp<Bf16>(at::vec::fmsub(Vec::loadu(row + j), scale, row_shift));
       const Vec p1 = probability_exp<Bf16>(at::vec::fmsub(Vec::loadu(row + j + kVec), scale, row_shift));
       sum = sum + p0 + p1;
@@ -294,11 +314,13 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
 // One step of a forward task on the bf16 products, keys [k0, k0 + keys) (k0 a multiple of kBf16ChunkN), in
 // S's orientation (a query per row, which the row-major bf16 P that the products take as A needs):
 // S = Q K^T from the packed keys, scaled in the softmax where no variant adds to the scaled scores
-// (masks and windows only set -inf), else first; then P rounded to bf16 and acc = alpha * acc + P V.
+// (masks and windows only set -inf), else first; then P rounded to bf16 and acc = alpha * acc + P V,
+// which the task's first step writes as acc = P V (acc is zero before it: the same value, and a
+// window's rows, which take one step, skip a pass over acc).
 inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
                           const Bf16Rows& q_rows, int64_t k0, int64_t keys, PackedKeys& packed, const Bf16Buffers& bf16,
                           float* st, int64_t ld, float* acc, int64_t ld_acc, float* row_max, float* row_sum,
-                          float* alpha) {
+                          float* alpha, bool first_step) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, cols = block.heads * block.rows;
   const PackedKeys::Run kv = packed.get(s, b, block.hk, k0, keys);
   // S over the chunks that hold the keys, as they were packed (the sequence's last one narrower);
@@ -320,14 +342,15 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
     for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * ld, padded, nullptr);
   for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
   softmax_update_rows(st, ld, cols, keys, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f,
-                      v.dropout ? nullptr : bf16.p);
+                      v.dropout ? nullptr : bf16.p, edge ? &band : nullptr);
   if (v.dropout) {
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
     for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, round_up(keys, 2 * kVec));
   }
   // (on an edge, P is zero outside the keys the rows see)
-  bf16.products.gemm_banded_depth(edge, cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, bf16.pv, Dv, false,
-                                  band.keys_seen(), kv.depth, kv.first);
+  bf16.products.gemm_banded_depth(edge, cols, Dv, round_up(keys, 2), bf16.p, ld, kv.v, first_step ? acc : bf16.pv,
+                                  first_step ? ld_acc : Dv, false, band.keys_seen(), kv.depth, kv.first);
+  if (first_step) return;
   for (int64_t i = 0; i < cols; ++i) {
     const Vec a(alpha[i]);
     for (int64_t c = 0; c < Dv; c += kVec)
@@ -401,6 +424,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       const int64_t end = std::min(tiles && !packed_keys->whole() ? (k0 / BN + 1) * BN : k0 + BN, visible.end);
       return few ? k0 + rows_in_run(s.pages, k0, end) : end;
     };
+    bool first_step = true;
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 = step_end(k0)) {
       const int64_t keys = step_end(k0) - k0;
       // A step of the fp32 products is one chunk: it is computed whole or skipped.
@@ -408,7 +432,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       if (used.begin == used.end) continue;
       if (tiles) {
         bf16_key_step(p, s, b, block, q_rows, used.begin, used.end - used.begin, *packed_keys, *bf16, st, BN, acc, Dvp,
-                      row_max, row_sum, alpha);
+                      row_max, row_sum, alpha, first_step);
+        first_step = false;
         continue;
       }
       // A tile that the window cuts is computed only where some query sees some key (tile.h,
