@@ -382,8 +382,20 @@ class Bf16Products {
 };
 
 // rows x cols of an fp32 tile (ld) rounded to bf16 into dst (ld), plus zero rows up to rows_even.
+// Only the bf16 products call it, which run on CPUs with AVX512-BF16: vcvtne2ps2bf16 rounds 32
+// values in one instruction (to nearest even, as at::vec does in ~10; it reads denormal inputs as
+// zero, which moves a P or dS below 1.2e-38 by less than that).
+#if defined(CPU_CAPABILITY_AVX512)
+__attribute__((target("avx512bf16")))
+#endif
 inline void round_rows(const float* src, int64_t rows, int64_t rows_even, int64_t ld, Bf16* dst) {
-  at::vec::convert(src, dst, rows * ld);
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (; i + 32 <= rows * ld; i += 32)
+    _mm512_storeu_si512(dst + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16),
+                                                                                _mm512_loadu_ps(src + i))));
+#endif
+  at::vec::convert(src + i, dst + i, rows * ld - i);
   std::fill(dst + rows * ld, dst + rows_even * ld, Bf16(0.f));
 }
 
