@@ -221,13 +221,52 @@ inline void pack_key_block(const BackwardArgs& args, int64_t b, int64_t hk, int6
   products.pack_transposed(v.data, v.ld, keys, Dv, kBlockN, bf16.transpose_staging, bf16.vt_packed);
 }
 
+// The one-pass schedule's operands from the query side of dV += P^T dO and dK += dS^T Q: dO and Q of
+// every query head of a (sequence, kv head)'s group, all rows (padded to even) in chunks `depth`
+// rows deep, packed once per task, where the two-pass schedule's key-block tasks pack each query
+// block again for every key block that meets it.
+class PackedQueries {
+ public:
+  const int64_t depth;
+
+  PackedQueries(int64_t group, int64_t seqlen_q, int64_t D, int64_t Dv)
+      : depth(round_up(seqlen_q, 2)),
+        D_(D),
+        Dv_(Dv),
+        scratch_(Scratch::size_of({Scratch::halves(group * depth * D), Scratch::halves(group * depth * Dv)})),
+        q_(scratch_.take_halves(group * depth * D)),
+        dout_(scratch_.take_halves(group * depth * Dv)) {}
+
+  // Packs the query blocks of (b, hk)'s group, through bf16's row buffers.
+  void pack(const BackwardArgs& s, int64_t b, int64_t hk, const Bf16BackwardBuffers& bf16) {
+    const int64_t group = s.p.heads_q / s.p.heads_kv;
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t q0 = 0; q0 < s.p.seqlen_q; q0 += kBlockM) {
+        const int64_t h = hk * group + g, rows = std::min(kBlockM, s.p.seqlen_q - q0), rows_even = round_up(rows, 2);
+        const Bf16Rows q_rows = bf16_rows(bf16.q_rows, s.q, Pages{}, b, h, q0, rows, D_, true);
+        bf16.products.pack_columns(q_rows.data, q_rows.ld, rows_even, D_, q(g), depth, q0);
+        const Bf16Rows do_rows = bf16_rows(bf16.do_rows, s.dout, Pages{}, b, h, q0, rows, Dv_, true);
+        bf16.products.pack_columns(do_rows.data, do_rows.ld, rows_even, Dv_, dout(g), depth, q0);
+      }
+  }
+  Bf16* q(int64_t g) const { return q_ + g * depth * D_; }
+  Bf16* dout(int64_t g) const { return dout_ + g * depth * Dv_; }
+
+ private:
+  const int64_t D_, Dv_;
+  Scratch scratch_;
+  Bf16* const q_;
+  Bf16* const dout_;
+};
+
 // Pass 2 for one key block [k0, k0 + keys) of (b, hk): dK and dV summed over the group's query
 // heads and the query blocks that see the block. With dq != nullptr (the one-pass schedule) also
 // dQ += dS K for those rows, dq being the group's (G x Lq x Dp) fp32 accumulator.
-// bf16: the bf16 products (bf16.h; bf16 inputs only), with P and dS rounded to bf16.
+// bf16: the bf16 products (bf16.h; bf16 inputs only), with P and dS rounded to bf16, taking dO and
+// Q from `queries` where the task packed them.
 template <typename T>
 void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t k0, const KeyBlockScratch& t,
-                        float* dq, const Bf16BackwardBuffers* bf16) {
+                        float* dq, const Bf16BackwardBuffers* bf16, const PackedQueries* queries) {
   const Problem& p = args.p;
   const int64_t D = p.head_dim, Dv = p.head_dim_v;
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
@@ -329,17 +368,29 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       if (bf16 != nullptr) {  // P and dS rounded to bf16, transposed for dV and dK (rows padded to even)
         const Bf16Products& products = bf16->products;
         const int64_t rows_even = round_up(rows, 2);
-        products.pack_columns(do_rows.data, do_rows.ld, rows_even, Dv, bf16->do_packed);
-        products.pack_columns(q_rows.data, q_rows.ld, rows_even, D, bf16->q_packed);
+        // dO and Q packed: rows [q0, q0 + rows_even) of the task's (whose pairs of rows start at
+        // even rows; a window's or a bottom-right causal mask's first visible query may be odd), or
+        // this block's alone.
+        const Bf16 *do_packed = bf16->do_packed, *q_packed = bf16->q_packed;
+        int64_t depth = rows_even, first = 0;
+        if (queries != nullptr && q0 % 2 == 0) {
+          do_packed = queries->dout(g);
+          q_packed = queries->q(g);
+          depth = queries->depth;
+          first = q0;
+        } else {
+          products.pack_columns(do_rows.data, do_rows.ld, rows_even, Dv, bf16->do_packed);
+          products.pack_columns(q_rows.data, q_rows.ld, rows_even, D, bf16->q_packed);
+        }
         round_rows(t.s, rows, rows_even, BN, bf16->staging);
         transpose_bf16(bf16->staging, BN, rows_even, keys, bf16->transposed, rows_even);
         // On an edge tile P and dS are zero outside the band, and the products sum over the band alone.
-        products.gemm_banded_depth(edge, keys, Dv, rows_even, bf16->transposed, rows_even, bf16->do_packed, t.dv, Dvp,
-                                   true, band.queries_seeing());  // dV += P^T dO
+        products.gemm_banded_depth(edge, keys, Dv, rows_even, bf16->transposed, rows_even, do_packed, t.dv, Dvp, true,
+                                   band.queries_seeing(), depth, first);  // dV += P^T dO
         round_rows(t.dp, rows, rows_even, BN, bf16->staging);
         transpose_bf16(bf16->staging, BN, rows_even, keys, bf16->transposed, rows_even);
-        products.gemm_banded_depth(edge, keys, D, rows_even, bf16->transposed, rows_even, bf16->q_packed, t.dk, Dp,
-                                   true, band.queries_seeing());  // dK += dS^T Q
+        products.gemm_banded_depth(edge, keys, D, rows_even, bf16->transposed, rows_even, q_packed, t.dk, Dp, true,
+                                   band.queries_seeing(), depth, first);  // dK += dS^T Q
         if (dq != nullptr) {  // dQ += dS K, over the keys padded to even
           if (keys % 2 == 1)
             for (int64_t i = 0; i < rows; ++i) bf16->staging[i * BN + keys] = Bf16(0.f);
@@ -394,7 +445,7 @@ void backward_dkdv_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
       const Range block_ids = split.blocks ? Range{at.index % blocks, at.index % blocks + 1} : Range{0, blocks};
       for (int64_t hk = heads.begin; hk < heads.end; ++hk)
         for (int64_t block = block_ids.begin; block < block_ids.end; ++block)
-          key_block_backward<T>(s, b, hk, balanced_block(block, blocks) * kBlockN, tiles, nullptr, bf16.get());
+          key_block_backward<T>(s, b, hk, balanced_block(block, blocks) * kBlockN, tiles, nullptr, bf16.get(), nullptr);
     }
   }
   if (bf16) bf16->products.release();
@@ -422,12 +473,16 @@ void backward_fused_typed(const BackwardArgs& args, int64_t begin, int64_t end) 
   const KeyBlockScratch tiles(scratch, all.head_dim, all.head_dim_v);
   float* dq = scratch.take(group * all.seqlen_q * Dp);
   const std::unique_ptr<Bf16BackwardBuffers> bf16 = bf16_backward_buffers<T>(all);
+  const std::unique_ptr<PackedQueries> queries =
+      bf16 ? std::make_unique<PackedQueries>(group, all.seqlen_q, all.head_dim, all.head_dim_v) : nullptr;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / all.heads_kv, hk = task % all.heads_kv;
     const BackwardArgs s = sequence(args, b);
     const Problem& p = s.p;
     fill(dq, group * p.seqlen_q * Dp, 0.f);
-    for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockN) key_block_backward<T>(s, b, hk, k0, tiles, dq, bf16.get());
+    if (queries) queries->pack(s, b, hk, *bf16);
+    for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += kBlockN)
+      key_block_backward<T>(s, b, hk, k0, tiles, dq, bf16.get(), queries.get());
     for (int64_t g = 0; g < group; ++g)
       store_rows(at_row_mut<T>(s.dq, b, hk * group + g, 0), s.dq.row, s.dq.col, dq + g * p.seqlen_q * Dp, Dp,
                  p.seqlen_q, p.head_dim);
