@@ -338,8 +338,7 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
         int64_t lo = 0, hi = BN;
         if (edge) {
           const auto [first, last] = band.keys_seen()(i, 1);
-          lo = std::clamp<int64_t>(first, 0, BN) / kVec * kVec;
-          hi = std::clamp<int64_t>(round_up(last, kVec), lo, BN);
+          std::tie(lo, hi) = whole_units(first, last, BN, kVec);
           auto zero_outside = [&](float* row) {
             fill(row, lo, 0.f);
             fill(row + hi, BN - hi, 0.f);

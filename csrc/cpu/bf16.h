@@ -151,8 +151,8 @@ inline void for_each_band_tile(int64_t M, int64_t limit, int64_t unit, Seen seen
   for (int64_t m = 0; m < M; m += kDotBandRows) {
     const int64_t rows = std::min(kDotBandRows, M - m);
     const auto [lo, hi] = seen(m, rows);
-    const int64_t begin = std::clamp<int64_t>(lo, 0, limit) / unit * unit;
-    f(m, rows, begin, std::clamp<int64_t>(round_up(hi, unit), begin, limit));
+    const auto [begin, end] = whole_units(lo, hi, limit, unit);
+    f(m, rows, begin, end);
   }
 }
 

@@ -258,8 +258,7 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
     hi[i] = padded;
     if (band != nullptr) {
       const auto [first, last] = band->keys_seen()(i, 1);
-      lo[i] = std::clamp<int64_t>(first, 0, keys) / (2 * kVec) * (2 * kVec);
-      hi[i] = std::clamp<int64_t>(round_up(last, 2 * kVec), lo[i], padded);
+      std::tie(lo[i], hi[i]) = whole_units(first, last, padded, 2 * kVec);
     }
   }
   for (int64_t i = 0; i < rows; ++i) {

@@ -12,6 +12,14 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// [lo, hi) clamped to [0, limit) and widened to whole units (vectors, pairs) that hold it: begin
+// rounded down, end up but not past limit, {begin, begin} when nothing is left. The banded
+// products' and passes' ranges, from the keys or queries a band says are seen.
+inline std::pair<int64_t, int64_t> whole_units(int64_t lo, int64_t hi, int64_t limit, int64_t unit) {
+  const int64_t begin = std::clamp<int64_t>(lo, 0, limit) / unit * unit;
+  return {begin, std::clamp<int64_t>(round_up(hi, unit), begin, limit)};
+}
+
 // Per-thread scratch: one allocation per kernel call (one call per thread), 64-byte aligned.
 // Defined in this namespace rather than using std::vector, so no template instance is shared
 // (and possibly merged at link time) between the portable and the AVX2 build.
@@ -249,8 +257,7 @@ inline void gemm_banded_columns(int64_t M, int64_t N, int64_t K, const float* a,
   for (int64_t i0 = 0; i0 < M; i0 += group) {
     const int64_t m = std::min(group, M - i0);
     const auto [first, last] = cols(i0, m);
-    const int64_t begin = std::clamp<int64_t>(first, 0, N) / kVec * kVec;
-    const int64_t end = std::max(begin, std::min(N, round_up(std::clamp<int64_t>(last, 0, N), kVec)));
+    const auto [begin, end] = whole_units(first, last, N, kVec);
     for (int64_t i = i0; i < i0 + m; ++i) {
       fill(c + i * ldc, begin, outside);
       fill(c + i * ldc + end, N - end, outside);
