@@ -156,14 +156,17 @@ inline void for_each_band_tile(int64_t M, int64_t limit, int64_t unit, Seen seen
   }
 }
 
-// Rows r and r + 1 of B (n columns, a multiple of 16) into the VNNI layout's pair row: column j's
-// two values side by side, 16 columns a vector.
+// 16 columns of two rows interleaved into 16 words: column j's two values side by side, as a pair
+// row of the VNNI layout holds them.
+inline __m512i interleave_pair(__m256i row0, __m256i row1) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(row0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(row1), 16));
+}
+
+// Rows r and r + 1 of B (n columns, a multiple of 16) into the VNNI layout's pair row.
 inline void pack_pair_row(const Bf16* row0, const Bf16* row1, int64_t n, Bf16* dst) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row0 + j)));
-    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row1 + j)));
-    _mm512_storeu_si512(dst + 2 * j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-  }
+  for (int64_t j = 0; j < n; j += 16)
+    _mm512_storeu_si512(dst + 2 * j, interleave_pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row0 + j)),
+                                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row1 + j))));
 }
 #endif
 
@@ -228,9 +231,7 @@ inline void transpose_row_pairs(const Bf16* src, int64_t ld_src, int64_t rows, i
           continue;
         }
         const Bf16* row = src + 2 * (k0 + t) * ld_src + j0;
-        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(columns, row));
-        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(columns, row + ld_src));
-        r[t] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+        r[t] = interleave_pair(_mm256_maskz_loadu_epi16(columns, row), _mm256_maskz_loadu_epi16(columns, row + ld_src));
       }
       transpose_words_16x16(r);
       const __mmask16 words = first_lanes(pairs - k0);
