@@ -288,12 +288,14 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
   fill(t.dk, keys * Dp, 0.f);
   fill(t.dv, keys * Dvp, 0.f);
   float* tanh = p.variants.softcap > 0.f ? t.tanh : nullptr;
-  // Queries outside the window of every key of the block contribute nothing.
+  // Queries outside the window of every key of the block contribute nothing. The query blocks start
+  // at an even row, as the pairs of rows of a task's PackedQueries do (a row before the first
+  // visible one sees no key of the block: P = dS = 0 there).
   const Range visible = visible_queries(p, k0, keys);
 
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = hk * group + g;
-    for (int64_t q0 = visible.begin; q0 < visible.end; q0 += BM) {
+    for (int64_t q0 = visible.begin / 2 * 2; q0 < visible.end; q0 += BM) {
       const int64_t rows = std::min(BM, visible.end - q0);
       if (mask_hides_tile(p, b, h, q0, rows, k0, keys)) continue;  // p = dS = 0 there
       const float* lse = args.lse.at(b, h, q0);
@@ -367,12 +369,10 @@ void key_block_backward(const BackwardArgs& args, int64_t b, int64_t hk, int64_t
       if (bf16 != nullptr) {  // P and dS rounded to bf16, transposed for dV and dK (rows padded to even)
         const Bf16Products& products = bf16->products;
         const int64_t rows_even = round_up(rows, 2);
-        // dO and Q packed: rows [q0, q0 + rows_even) of the task's (whose pairs of rows start at
-        // even rows; a window's or a bottom-right causal mask's first visible query may be odd), or
-        // this block's alone.
+        // dO and Q packed: rows [q0, q0 + rows_even) of the task's, or this block's alone.
         const Bf16 *do_packed = bf16->do_packed, *q_packed = bf16->q_packed;
         int64_t depth = rows_even, first = 0;
-        if (queries != nullptr && q0 % 2 == 0) {
+        if (queries != nullptr) {
           do_packed = queries->dout(g);
           q_packed = queries->q(g);
           depth = queries->depth;
