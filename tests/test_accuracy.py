@@ -10,6 +10,8 @@ import torch
 import oracle
 from conftest import DEVICE
 
+import fused_attn
+
 # (batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v)
 SHAPES = [
     pytest.param((1, 2, 2, 1, 1, 16, 16), id="one-query-one-key"),
@@ -44,6 +46,22 @@ def test_matches_float64_reference(backend, shape, mask, dtype):
 @pytest.mark.parametrize("mask", MASKS)
 def test_non_default_scale(backend, mask):
     check_against_oracle(backend, (1, 2, 1, 50, 70, 64, 64), torch.float16, mask, scale=0.37)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [0.0, -0.37])
+def test_zero_and_negative_scales(backend, dtype, scale):
+    """scale = 0 (every visible key weighs the same) and negative scales are legal: a kernel must not
+    take the largest raw score as the largest scaled one (after a negative scale it is the
+    smallest, and exp overflows) nor scale the -inf of hidden keys (0 * -inf is NaN). Blocks of
+    many queries, which a backward follows, then a decoding-shaped call that none does."""
+    check_against_oracle(backend, (1, 2, 1, 70, 90, 64, 64), dtype, dict(window=(20, 5)), scale=scale)
+    q, k, v = oracle.random_qkv(1, 4, 2, 1, 90, 64, 64, dtype=dtype, device=DEVICE)
+    with torch.no_grad():
+        out = fused_attn.attention(q, k, v, window=(40, -1), scale=scale, backend=backend)
+    exact, _ = oracle.naive_attention(q, k, v, window=(40, -1), scale=scale, dtype=torch.float64)
+    lowprec, _ = oracle.naive_attention(q, k, v, window=(40, -1), scale=scale)
+    oracle.assert_accurate("out", out, exact, lowprec, dtype)
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 2, 9, 12, 16, 16), (1, 4, 2, 9, 40, 64, 64), (2, 2, 1, 70, 70, 32, 32)],

@@ -119,9 +119,12 @@ def test_float_bias(cuda, dtype, bias_shape):
     dict(alibi_slopes="heads"),
     dict(alibi_slopes="batch_heads", causal=True, window=(40, -1)),
     dict(softcap=5.0, alibi_slopes="heads", window=(30, 30), scale=0.3),
+    dict(window=(20, 5), scale=0.0),
+    dict(window=(20, 5), scale=-0.37),
 ])
 def test_variants(cuda, dtype, variant):
-    """Sliding windows (blocks outside them skipped), softcap, ALiBi per head or per (batch, head), combined."""
+    """Sliding windows (blocks outside them skipped), softcap, ALiBi per head or per (batch, head), combined;
+    a zero and a negative scale (scaled before the row maximum, hidden keys never scaled)."""
     variant = dict(variant)
     if variant.get("alibi_slopes") == "heads":
         variant["alibi_slopes"] = torch.rand(4)

@@ -43,6 +43,8 @@ CASES = {
     "dropout": ((1, 2, 1, 66, 70, 32, 16), dict(dropout_p=0.3)),
     "keys-no-query-sees": ((1, 1, 1, 17, 70, 32, 32), dict(causal=True)),
     "head-dims-not-whole-chunks": ((1, 2, 1, 33, 40, 20, 12), dict(causal=True)),
+    "window-negative-scale": ((1, 2, 1, 65, 70, 32, 32), dict(window=(9, 4), scale=-0.37)),
+    "causal-zero-scale": ((1, 2, 1, 40, 50, 32, 32), dict(causal=True, scale=0.0)),
 }
 
 

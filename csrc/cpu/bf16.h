@@ -70,6 +70,23 @@ inline Bf16Kind bf16_backward_kind(int64_t D, int64_t Dv) {
 inline bool bf16_backward_takes_products(int64_t D, int64_t Dv) { return bf16_backward_kind(D, Dv) != Bf16Kind::none; }
 
 #if defined(CPU_CAPABILITY_AVX512)
+// Decoding's scores (tile.h, scores_of_few_queries) as AVX512-BF16 dot products of bf16 queries
+// with bf16 keys read as they lie, 32 elements of D per instruction: each product of two bf16
+// values is exact in fp32, as when the keys are converted (FloatDots), and summed in fp32.
+struct Bf16Dots {
+  using Key = Bf16;
+  using Query = Bf16;
+  using Operand = __m512bh;
+  static constexpr int64_t kDepth = 32;
+  FUSED_ATTN_BF16_DOTS static __m512bh load_key(const Bf16* x) {
+    return reinterpret_cast<__m512bh>(_mm512_loadu_si512(x));
+  }
+  FUSED_ATTN_BF16_DOTS static __m512bh load_query(const Bf16* x) { return load_key(x); }
+  FUSED_ATTN_BF16_DOTS static Vec madd(Vec acc, __m512bh key, __m512bh query) {
+    return _mm512_dpbf16_ps(acc, key, query);
+  }
+};
+
 // The dot products' register tile: C rows [0, MR) x NV vectors of 16 columns [+]= A rows x B,
 // B packed as [K / 2][n][2] (n columns, the tile's first at b). Per pair of A's columns: NV loads
 // of B, and per row one broadcast pair of A and NV dot products into the accumulators.

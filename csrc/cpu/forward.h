@@ -135,14 +135,24 @@ void load_queries_t(float* qt, int64_t ld, float* rows, const Strided& q, int64_
   load_transposed<float>(qt, ld, rows, D, 1, cols, D, nullptr);
 }
 
-// Q of the block as rows (kVec x D) for scores_of_few_queries: row c is column c of S^T, and
-// rows past the block's queries are zero.
-template <typename T>
-void load_query_rows(float* qr, const Strided& q, int64_t b, const QueryBlock& block, int64_t D) {
-  for (int64_t g = 0; g < block.heads; ++g)
-    load_tile(qr + g * block.rows * D, D, at_row<T>(q, b, block.h0 + g, block.q0), q.row, q.col, block.rows, D);
+// Q of the block as rows (kVec x D) for scores_of_few_queries: row c is the block's query c
+// (head g's rows at [g * rows, (g + 1) * rows)), and rows past its queries are zero. In fp32 for
+// FloatDots; in bf16, as they are, for Bf16Dots (T = TQ = Bf16).
+template <typename T, typename TQ>
+void load_query_rows(TQ* qr, const Strided& q, int64_t b, const QueryBlock& block, int64_t D) {
+  for (int64_t g = 0; g < block.heads; ++g) {
+    TQ* rows = qr + g * block.rows * D;
+    if constexpr (std::is_same_v<TQ, float>) {
+      load_tile(rows, D, at_row<T>(q, b, block.h0 + g, block.q0), q.row, q.col, block.rows, D);
+    } else {
+      for (int64_t i = 0; i < block.rows; ++i) {
+        const T* src = at_row<T>(q, b, block.h0 + g, block.q0 + i);
+        for (int64_t d = 0; d < D; ++d) rows[i * D + d] = static_cast<float>(src[d * q.col]);  // exact for bf16
+      }
+    }
+  }
   const int64_t cols = block.heads * block.rows;
-  fill(qr + cols * D, (kVec - cols) * D, 0.f);
+  std::fill(qr + cols * D, qr + kVec * D, TQ(0.f));
 }
 
 // The block's query rows in bf16 (cols x D, unscaled: the scale is applied to the fp32 scores),
@@ -235,18 +245,18 @@ class PackedKeys {
 };
 
 // Online softmax over one key block for the rows of S (rows x ld, keys along rows; the bf16
-// products' orientation), scores mul * S: the same update as softmax_update, one query per row, keys
-// past `keys` (up to a whole pair of vectors) hidden. P goes to `rounded` in bf16 (same ld) when
-// it is given, else stays in S as fp32 (for dropout, which is applied before rounding). The
+// products' and decoding's orientation), scores mul * S of inputs of type T: the same update as
+// softmax_update, one query per row, keys past `keys` (up to a whole pair of vectors) hidden. P
+// goes to `rounded` in bf16 (same ld) when it is given, else stays in S as fp32 (for dropout,
+// which is applied before rounding, and for decoding's fp32 P V). The
 // per-row state is updated kVec rows at a time (rows <= kBlockM). With a band (a tile the window
 // cuts), each row works only on the pairs of vectors that hold keys it may see, and sets P = 0 on
 // the rest (hidden, so exp(-inf) = 0 there anyway): a band of 257 keys spans 320 of a 64-row block.
-#if defined(CPU_CAPABILITY_AVX512)
 // The bf16 products run only on CPUs with AVX512-BF16 (bf16_kind): P is rounded with
-// vcvtne2ps2bf16, one instruction for 32 values.
-__attribute__((target("avx512bf16")))
-#endif
-inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys, float* row_max, float* row_sum,
+// vcvtne2ps2bf16, one instruction for 32 values (decoding passes no `rounded`: the function holds
+// no other bf16 instruction, so it runs on any AVX-512 CPU).
+template <typename T>
+FUSED_ATTN_BF16_DOTS inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys, float* row_max, float* row_sum,
                                 float* alpha, float mul, Bf16* rounded, const Band* band) {
   const int64_t padded = round_up(keys, 2 * kVec);
   const Vec scale(mul);
@@ -290,8 +300,8 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
     const Vec row_shift(shift[i]);
     Vec sum(0.f);
     for (int64_t j = lo[i]; j < hi[i]; j += 2 * kVec) {
-      const Vec p0 = probability_exp<Bf16>(at::vec::fmsub(Vec::loadu(row + j), scale, row_shift));
-      const Vec p1 = probability_exp<Bf16>(at::vec::fmsub(Vec::loadu(row + j + kVec), scale, row_shift));
+      const Vec p0 = probability_exp<T>(at::vec::fmsub(Vec::loadu(row + j), scale, row_shift));
+      const Vec p1 = probability_exp<T>(at::vec::fmsub(Vec::loadu(row + j + kVec), scale, row_shift));
       sum = sum + p0 + p1;
       if (rounded != nullptr) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -310,12 +320,20 @@ inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys
     at::vec::fmadd(Vec::loadu(row_sum + i), Vec::loadu(alpha + i), Vec::loadu(block_sum + i)).store(row_sum + i);
 }
 
+// Whether softmax_update_rows may apply the scale itself (S computed unscaled): no variant adds to
+// the scaled scores (masks and windows only set -inf) and the scale is positive, so the largest
+// raw score is the largest scaled one and no hidden key's -inf is multiplied by 0.
+inline bool scale_in_softmax(const Problem& p) {
+  const Variants& v = p.variants;
+  return p.scale > 0.f && v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
+}
+
 // One step of a forward task on the bf16 products, keys [k0, k0 + keys) (k0 a multiple of kBf16ChunkN), in
 // S's orientation (a query per row, which the row-major bf16 P that the products take as A needs):
-// S = Q K^T from the packed keys, scaled in the softmax where no variant adds to the scaled scores
-// (masks and windows only set -inf), else first; then P rounded to bf16 and acc = alpha * acc + P V,
-// which the task's first step writes as acc = P V (acc is zero before it: the same value, and a
-// window's rows, which take one step, skip a pass over acc).
+// S = Q K^T from the packed keys, scaled in the softmax where it may be (scale_in_softmax), else
+// first; then P rounded to bf16 and acc = alpha * acc + P V, which the task's first step writes as
+// acc = P V (acc is zero before it: the same value, and a window's rows, which take one step, skip
+// a pass over acc).
 inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
                           const Bf16Rows& q_rows, int64_t k0, int64_t keys, PackedKeys& packed, const Bf16Buffers& bf16,
                           float* st, int64_t ld, float* acc, int64_t ld_acc, float* row_max, float* row_sum,
@@ -336,12 +354,12 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
   bf16.products.gemm_banded_columns(edge, cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, band.keys_seen(),
                                     -kInf);
   const Variants& v = p.variants;
-  const bool scale_in_softmax = v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
-  if (!scale_in_softmax)
+  const bool scaled_there = scale_in_softmax(p);
+  if (!scaled_there)
     for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * ld, padded, nullptr);
   for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
-  softmax_update_rows(st, ld, cols, keys, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f,
-                      v.dropout ? nullptr : bf16.p, edge ? &band : nullptr);
+  softmax_update_rows<Bf16>(st, ld, cols, keys, row_max, row_sum, alpha, scaled_there ? p.scale : 1.f,
+                            v.dropout ? nullptr : bf16.p, edge ? &band : nullptr);
   if (v.dropout) {
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
     for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, round_up(keys, 2 * kVec));
@@ -357,24 +375,87 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
   }
 }
 
+// acc = alpha * acc for the accumulator's rows (ld floats apart) whose alpha is not 1.
+inline void rescale_rows(float* acc, int64_t ld, int64_t rows, const float* alpha) {
+  for (int64_t i = 0; i < rows; ++i) {
+    if (alpha[i] == 1.f) continue;
+    const Vec a(alpha[i]);
+    for (int64_t c = 0; c < ld; c += kVec) (Vec::loadu(acc + i * ld + c) * a).store(acc + i * ld + c);
+  }
+}
+
+// Keys per step of a decoding task: a step's scores for every query, then its softmax and P V.
+constexpr int64_t kDecodingKeys = 64;
+
+// A decoding task's query rows (load_query_rows): fp32 ones for FloatDots, or bf16 ones for the
+// AVX512-BF16 dot products (Bf16Dots: bf16 inputs on a CPU that has them, D a whole number of their
+// steps), each with the other null.
+struct DecodingQueries {
+  const float* floats;
+  const Bf16* bf16;
+};
+
+// One step of a decoding task (forward_typed: few queries, no backward follows), keys
+// [k0, k0 + keys) of those it sees, which end at `end`: S (cols x lds, a query per row) = Q K^T as
+// dot products along D that read each key row once (tile.h, scores_of_few_queries) while the rows
+// of later keys are asked for; the row softmax, scaled there where it may be (scale_in_softmax);
+// then acc = alpha * acc + P V in fp32. kb and vb take key and value rows that cannot be read in place.
+template <typename T>
+void decoding_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
+                   const DecodingQueries& q, int64_t k0, int64_t keys, int64_t end, float* st, int64_t lds,
+                   float* kb, float* vb, float* acc, int64_t ld_acc, float* row_max, float* row_sum, float* alpha) {
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, cols = block.heads * block.rows;
+  const RowsAhead ahead{row_stream<T>(s.k, s.pages, b, block.hk, k0 + kKeysAhead, end, D),
+                        row_stream<T>(s.v, s.pages, b, block.hk, k0, end, Dv)};
+  if (q.floats != nullptr) {
+    with_key_rows<T>(kb, round_up(D, kVec), s.k, s.pages, b, block.hk, k0, keys, D, [&](const auto* k, int64_t ldk) {
+      using Key = std::remove_const_t<std::remove_pointer_t<decltype(k)>>;
+      scores_of_few_queries<FloatDots<Key>>(keys, D, k, ldk, q.floats, cols, st, lds, ahead);
+    });
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const Bf16Rows k = bf16_rows(reinterpret_cast<Bf16*>(kb), s.k, s.pages, b, block.hk, k0, keys, D, false);
+    scores_of_few_queries<Bf16Dots>(keys, D, k.data, k.ld, q.bf16, cols, st, lds, ahead);
+#endif
+  }
+  auto head_tile = [&](int64_t g) {
+    return ScoreTile{st + g * block.rows * lds, lds, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
+  };
+  const bool scaled_there = scale_in_softmax(p);
+  if (!scaled_there)
+    for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * lds, round_up(keys, kVec), nullptr);
+  for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
+  softmax_update_rows<T>(st, lds, cols, keys, row_max, row_sum, alpha, scaled_there ? p.scale : 1.f, nullptr, nullptr);
+  if (p.variants.dropout)
+    for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
+  rescale_rows(acc, ld_acc, cols, alpha);
+  with_key_rows<T>(vb, ld_acc, s.v, s.pages, b, block.hk, k0, keys, Dv, [&](const auto* v, int64_t ldv) {
+    gemm(cols, ld_acc, keys, st, lds, 1, v, ldv, acc, ld_acc, true);
+  });
+}
+
 template <typename T>
 void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const int64_t D = args.p.head_dim, Dv = args.p.head_dim_v;
   const int64_t Dp = round_up(D, kVec), Dvp = round_up(Dv, kVec);
-  // bf16 inputs on a CPU with bf16 products (bf16.h): both products from these bf16 buffers.
+  // bf16 inputs on a CPU with bf16 products (bf16.h): both products from these bf16 buffers, made
+  // when a task first takes them (a decoding call's tasks never do).
   Bf16Kind kind = Bf16Kind::none;
   if constexpr (std::is_same_v<T, Bf16>) kind = bf16_forward_kind(D, Dv);
   const bool products = kind != Bf16Kind::none;
   const int64_t BM = kBlockM, BN = products ? kBf16BlockN : kBlockN;
-  const std::unique_ptr<Bf16Buffers> bf16 = products ? std::make_unique<Bf16Buffers>(kind, D, Dv, BM, BN) : nullptr;
-  const std::unique_ptr<PackedKeys> packed_keys =
-      products ? std::make_unique<PackedKeys>(bf16->products, D, Dv, BN, args.p.seqlen_k) : nullptr;
+  std::unique_ptr<Bf16Buffers> bf16;
+  std::unique_ptr<PackedKeys> packed_keys;
+  // Decoding's scores as AVX512-BF16 dot products (Bf16Dots), which read bf16 keys as they are.
+  const bool bf16_dots = kind != Bf16Kind::none && D % 32 == 0;
+  static_assert(kDecodingKeys <= kBf16ChunkN && kDecodingKeys % (2 * kVec) == 0,
+                "a decoding step fits the scratch tiles, its S rows hold whole pairs of vectors, and it is one chunk");
   Scratch scratch(Scratch::size_of({D * BM, BN * Dp, BN * Dvp, BN * BM, BM * Dvp, BM, BM, BM}));
   float* qt = scratch.take(D * BM);     // Q^T (D x ld): the block's query rows as columns
-                                        // (or, few queries, Q: load_query_rows)
+                                        // (or, decoding, Q: load_query_rows)
   float* kb = scratch.take(BN * Dp);    // key block, rows
   float* vb = scratch.take(BN * Dvp);   // value block, rows
-  float* st = scratch.take(BN * BM);    // S^T, then P^T (keys x ld)
+  float* st = scratch.take(BN * BM);    // S^T, then P^T (keys x ld); S, then P, with the bf16 products or decoding
   float* acc = scratch.take(BM * Dvp);  // unnormalised output rows, one per query column
   float* row_max = scratch.take(BM);
   float* row_sum = scratch.take(BM);
@@ -393,15 +474,23 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       return ScoreTile{st + g * rows, 1, ld, b, block.h0 + g, block.q0, rows, k0, keys};
     };
 
-    // Decoding: few queries per block, whose scores are dot products (scores_of_few_queries),
-    // unless a backward follows (ForwardArgs::for_backward).
+    // Decoding: few queries per block, whose scores are dot products (decoding_step), unless a
+    // backward follows (ForwardArgs::for_backward).
     const bool few = !args.for_backward && cols <= kVec && D % kVec == 0;
     const bool tiles = products && !few;  // the bf16 products
     Bf16Rows q_rows{};
-    if (few) {
+    DecodingQueries decoding{};
+    if (few && bf16_dots) {
+      load_query_rows<T>(reinterpret_cast<Bf16*>(qt), s.q, b, block, D);
+      decoding.bf16 = reinterpret_cast<const Bf16*>(qt);
+    } else if (few) {
       load_query_rows<T>(qt, s.q, b, block, D);
-      fill(st, BN * ld, 0.f);  // the padding columns of S^T, which it does not write
+      decoding.floats = qt;
     } else if (tiles) {
+      if (bf16 == nullptr) {
+        bf16 = std::make_unique<Bf16Buffers>(kind, D, Dv, BM, BN);
+        packed_keys = std::make_unique<PackedKeys>(bf16->products, D, Dv, BN, args.p.seqlen_k);
+      }
       q_rows = query_rows(bf16->q_rows, s.q, b, block, D);
     } else {
       load_queries_t<T>(qt, ld, kb, s.q, b, block, D);  // kb: free until the key loop
@@ -420,15 +509,20 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     if (tiles) visible.begin = visible.begin / kBf16ChunkN * kBf16ChunkN;
     // Decoding's steps end where a page of a paged cache does, so that they read their keys in place.
     auto step_end = [&](int64_t k0) {
-      const int64_t end = std::min(tiles && !packed_keys->whole() ? (k0 / BN + 1) * BN : k0 + BN, visible.end);
-      return few ? k0 + rows_in_run(s.pages, k0, end) : end;
+      if (few) return k0 + rows_in_run(s.pages, k0, std::min(k0 + kDecodingKeys, visible.end));
+      return std::min(tiles && !packed_keys->whole() ? (k0 / BN + 1) * BN : k0 + BN, visible.end);
     };
     bool first_step = true;
     for (int64_t k0 = visible.begin; k0 < visible.end; k0 = step_end(k0)) {
       const int64_t keys = step_end(k0) - k0;
-      // A step of the fp32 products is one chunk: it is computed whole or skipped.
+      // A step of the fp32 products or of decoding is one chunk: it is computed whole or skipped.
       const Range used = unmasked_chunks(p, b, block, k0, keys);
       if (used.begin == used.end) continue;
+      if (few) {
+        decoding_step<T>(p, s, b, block, decoding, k0, keys, visible.end, st, kDecodingKeys, kb, vb, acc, Dvp, row_max,
+                         row_sum, alpha);
+        continue;
+      }
       if (tiles) {
         bf16_key_step(p, s, b, block, q_rows, used.begin, used.end - used.begin, *packed_keys, *bf16, st, BN, acc, Dvp,
                       row_max, row_sum, alpha, first_step);
@@ -437,39 +531,21 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       }
       // A tile that the window cuts is computed only where some query sees some key (tile.h,
       // banded products): a diagonal tile would cost twice its useful work.
-      const bool edge = !few && block.heads == 1 && window_cuts(p, head_tile(0, k0, keys));
+      const bool edge = block.heads == 1 && window_cuts(p, head_tile(0, k0, keys));
       const Band band{p, block.q0, k0};
       // S^T = K Q^T, scaled by cap_scores
-      if (few) {
-        const RowsAhead ahead{row_stream<T>(s.k, s.pages, b, block.hk, k0 + kKeysAhead, visible.end, D),
-                              row_stream<T>(s.v, s.pages, b, block.hk, k0, visible.end, Dv)};
-        with_key_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D, [&](const auto* k, int64_t ldk) {
-          scores_of_few_queries(keys, D, k, ldk, qt, cols, st, ld, ahead);
-        });
-      } else {
-        const Rows kr = fp32_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
-        if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
-          gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, band.queries_seeing(), -kInf);
-        else
-          gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
-      }
+      const Rows kr = fp32_rows<T>(kb, Dp, s.k, s.pages, b, block.hk, k0, keys, D);
+      if (edge)  // for each kEdgeKeys keys, the queries that may see one of them; -inf elsewhere
+        gemm_banded_columns(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, kEdgeKeys, band.queries_seeing(), -kInf);
+      else
+        gemm(keys, ld, D, kr.data, kr.ld, 1, qt, ld, st, ld, false);
       cap_scores(p, st, keys * ld, nullptr);
       for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g, k0, keys));
       softmax_update<T>(st, keys, ld, row_max, row_sum, alpha, edge ? &band : nullptr);
       if (p.variants.dropout)
         for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g, k0, keys));
       // acc = alpha * acc + P V, with P read from P^T
-      for (int64_t i = 0; i < cols; ++i) {
-        if (alpha[i] == 1.f) continue;
-        const Vec a(alpha[i]);
-        for (int64_t c = 0; c < Dvp; c += kVec) (Vec::loadu(acc + i * Dvp + c) * a).store(acc + i * Dvp + c);
-      }
-      if (few) {
-        with_key_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv, [&](const auto* v, int64_t ldv) {
-          gemm(cols, Dvp, keys, st, 1, ld, v, ldv, acc, Dvp, true);
-        });
-        continue;
-      }
+      rescale_rows(acc, Dvp, cols, alpha);
       const Rows vr = fp32_rows<T>(vb, Dvp, s.v, s.pages, b, block.hk, k0, keys, Dv);
       if (edge)  // for each kMR queries, the keys they may see
         gemm_banded_depth(cols, Dvp, keys, st, 1, ld, vr.data, vr.ld, acc, Dvp, band.keys_seen());

@@ -282,11 +282,11 @@ inline void gemm_banded_depth(int64_t M, int64_t N, int64_t K, const float* a, i
 }
 
 // ------------------------------------------------------------------------------------------
-// Scores of a block of few queries (decoding): S^T (keys x ld) = K Q^T for cols <= kVec queries,
-// as dot products along D. gemm would spend a vector lane on every column of S^T up to ld, most of
-// them padding when one to four queries share the keys; here each key row is read once as
-// vectors and multiplied with the queries' rows, which stay in L1, and only the final sums are
-// spread across lanes.
+// Scores of a block of few queries (decoding): S (cols x lds, a query per row) = Q K^T for
+// cols <= kVec queries, as dot products along D. A gemm would spend a vector lane on every query
+// up to a whole vector, most of them padding when one to four queries share the keys; here each
+// key row is read once as vectors and multiplied with the queries' rows, which stay in L1, and
+// only the final sums are spread across lanes.
 
 // The sums of the lanes of kVec vectors, as one vector: result[i] = sum of v[i]'s lanes.
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -300,7 +300,8 @@ inline __m256 sums_of_eight(const __m256* v) {
 }
 #endif
 
-inline Vec lane_sums(const Vec (&v)[kVec]) {
+// (Inlined: called on an array of accumulators, it otherwise left them in memory, stored at every step.)
+__attribute__((always_inline)) inline Vec lane_sums(const Vec (&v)[kVec]) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 eight[8] = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
   return Vec(sums_of_eight(eight));
@@ -385,42 +386,69 @@ struct RowsAhead {
   }
 };
 
+// Dot products of fp32 query rows with key rows of type TK (16-bit ones converted as they are
+// loaded), kDepth elements of D per step; bf16.h has the AVX512-BF16 kind (Bf16Dots).
+template <typename TK>
+struct FloatDots {
+  using Key = TK;
+  using Query = float;
+  using Operand = Vec;
+  static constexpr int64_t kDepth = kVec;
+  static Vec load_key(const TK* x) { return load_as_floats(x); }
+  static Vec load_query(const float* x) { return Vec::loadu(x); }
+  static Vec madd(Vec acc, Vec key, Vec query) { return at::vec::fmadd(key, query, acc); }
+};
+
+// The AVX512-BF16 dot products (bf16.h, Bf16Dots) need their instructions enabled in the function
+// that holds them; scores_of_few_queries is compiled with them for every kind of Dots, and the
+// others contain none (only the bf16 intrinsics produce them), so it runs on any AVX-512 CPU.
+#if defined(CPU_CAPABILITY_AVX512)
+#define FUSED_ATTN_BF16_DOTS __attribute__((target("avx512bf16")))
+#else
+#define FUSED_ATTN_BF16_DOTS
+#endif
+
 // kCols queries (a power of two, >= cols) and kVec / kCols keys per step, one accumulator each.
-// k: key rows (ldk apart, D a multiple of kVec; fp32, or 16-bit converted as they are read),
-// q: the queries' rows (kCols x D, rows past cols zero); ahead: rows asked for, one per key. A
-// short last step rereads the last key instead of reading past the block.
-template <int kCols, typename TK>
-void few_query_scores(int64_t keys, int64_t D, const TK* k, int64_t ldk, const float* q, int64_t cols, float* st,
-                      int64_t ld, const RowsAhead& ahead) {
+// k: key rows (ldk apart, D a multiple of Dots::kDepth), q: the queries' rows (kCols x D, rows past
+// cols zero); ahead: rows asked for, one per key. A short last step rereads the last key instead
+// of reading past the block.
+template <int kCols, typename Dots>
+FUSED_ATTN_BF16_DOTS void few_query_scores(int64_t keys, int64_t D, const typename Dots::Key* k, int64_t ldk,
+                                           const typename Dots::Query* q, int64_t cols, float* s, int64_t lds,
+                                           const RowsAhead& ahead) {
   constexpr int kKeys = kVec / kCols;
   for (int64_t j = 0; j < keys; j += kKeys) {
     FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) ahead.fetch(j + i);
-    const TK* rows[kKeys];
-    for (int i = 0; i < kKeys; ++i) rows[i] = k + std::min<int64_t>(j + i, keys - 1) * ldk;
-    Vec acc[kVec];
-    for (Vec& a : acc) a = Vec(0.f);
-    for (int64_t d = 0; d < D; d += kVec)
-      for (int i = 0; i < kKeys; ++i) {
-        const Vec key = load_as_floats(rows[i] + d);
-        for (int c = 0; c < kCols; ++c) acc[i * kCols + c] = at::vec::fmadd(key, Vec::loadu(q + c * D + d), acc[i * kCols + c]);
+    const typename Dots::Key* rows[kKeys];
+    FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) rows[i] = k + std::min<int64_t>(j + i, keys - 1) * ldk;
+    Vec acc[kVec];  // acc[c * kKeys + i]: query c and key j + i
+    FUSED_ATTN_UNROLL for (Vec& a : acc) a = Vec(0.f);
+    for (int64_t d = 0; d < D; d += Dots::kDepth) {
+      typename Dots::Operand key[kKeys];
+      FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) key[i] = Dots::load_key(rows[i] + d);
+      FUSED_ATTN_UNROLL for (int c = 0; c < kCols; ++c) {
+        const typename Dots::Operand query = Dots::load_query(q + c * D + d);
+        FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) acc[c * kKeys + i] = Dots::madd(acc[c * kKeys + i], key[i], query);
       }
+    }
     float sums[kVec];
     lane_sums(acc).store(sums);
-    for (int64_t i = 0; i < std::min<int64_t>(kKeys, keys - j); ++i)
-      for (int64_t c = 0; c < cols; ++c) st[(j + i) * ld + c] = sums[i * kCols + c];
+    const int64_t n = std::min<int64_t>(kKeys, keys - j);
+    for (int64_t c = 0; c < cols; ++c) std::copy(sums + c * kKeys, sums + c * kKeys + n, s + c * lds + j);
   }
 }
 
 // Callers pass cols <= kVec (8 lanes in the AVX2 and portable builds, 16 in the AVX-512 one).
 static_assert(kVec == 8 || kVec == 16, "scores_of_few_queries is instantiated for kVec = 8 or 16");
-template <typename TK>
-inline void scores_of_few_queries(int64_t keys, int64_t D, const TK* k, int64_t ldk, const float* q, int64_t cols,
-                                  float* st, int64_t ld, const RowsAhead& ahead) {
-  if (cols == 1) return few_query_scores<1, TK>(keys, D, k, ldk, q, cols, st, ld, ahead);
-  if (cols == 2) return few_query_scores<2, TK>(keys, D, k, ldk, q, cols, st, ld, ahead);
-  if (cols <= 4) return few_query_scores<4, TK>(keys, D, k, ldk, q, cols, st, ld, ahead);
-  if (cols <= 8 || kVec == 8) return few_query_scores<8, TK>(keys, D, k, ldk, q, cols, st, ld, ahead);
-  few_query_scores<kVec, TK>(keys, D, k, ldk, q, cols, st, ld, ahead);
+template <typename Dots>
+inline void scores_of_few_queries(int64_t keys, int64_t D, const typename Dots::Key* k, int64_t ldk,
+                                  const typename Dots::Query* q, int64_t cols, float* s, int64_t lds,
+                                  const RowsAhead& ahead) {
+  if (cols == 1) return few_query_scores<1, Dots>(keys, D, k, ldk, q, cols, s, lds, ahead);
+  if (cols == 2) return few_query_scores<2, Dots>(keys, D, k, ldk, q, cols, s, lds, ahead);
+  if (cols <= 4) return few_query_scores<4, Dots>(keys, D, k, ldk, q, cols, s, lds, ahead);
+  if (cols <= 8 || kVec == 8) return few_query_scores<8, Dots>(keys, D, k, ldk, q, cols, s, lds, ahead);
+  few_query_scores<kVec, Dots>(keys, D, k, ldk, q, cols, s, lds, ahead);
 }
 
 // ------------------------------------------------------------------------------------------
