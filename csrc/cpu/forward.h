@@ -8,7 +8,8 @@
 // the page table of a paged KV cache). bf16 with the bf16 products (bf16.h: AMX tiles or AVX512-BF16
 // dot products) computes S itself, a query per row, because the products take the bf16 P they
 // multiply with V as row-major A: S = Q K^T from K^T packed once per thread (PackedKeys), steps of
-// up to 512 keys, a row softmax, P rounded to bf16.
+// up to 512 keys, a row softmax, P rounded to bf16. Decoding (few queries, no backward to follow)
+// computes S too, as dot products along D (decoding_step).
 // Included by kernels.h inside namespace fused_attn::cpu::FUSED_ATTN_ISA.
 
 // One step of the online softmax's running max, per lane: m' = max(m, block max); the shift that
@@ -256,8 +257,9 @@ class PackedKeys {
 // vcvtne2ps2bf16, one instruction for 32 values (decoding passes no `rounded`: the function holds
 // no other bf16 instruction, so it runs on any AVX-512 CPU).
 template <typename T>
-FUSED_ATTN_BF16_DOTS inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys, float* row_max, float* row_sum,
-                                float* alpha, float mul, Bf16* rounded, const Band* band) {
+FUSED_ATTN_BF16_DOTS inline void softmax_update_rows(float* s, int64_t ld, int64_t rows, int64_t keys, float* row_max,
+                                                     float* row_sum, float* alpha, float mul, Bf16* rounded,
+                                                     const Band* band) {
   const int64_t padded = round_up(keys, 2 * kVec);
   const Vec scale(mul);
   float block_max[kBlockM] = {}, shift[kBlockM] = {}, block_sum[kBlockM] = {};  // rows past `rows`: unused

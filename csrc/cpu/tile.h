@@ -399,9 +399,11 @@ struct FloatDots {
   static Vec madd(Vec acc, Vec key, Vec query) { return at::vec::fmadd(key, query, acc); }
 };
 
-// The AVX512-BF16 dot products (bf16.h, Bf16Dots) need their instructions enabled in the function
-// that holds them; scores_of_few_queries is compiled with them for every kind of Dots, and the
-// others contain none (only the bf16 intrinsics produce them), so it runs on any AVX-512 CPU.
+// AVX512-BF16 instructions (bf16.h: Bf16Dots, and the softmax's rounding of P) must be enabled in
+// the function that holds them. Functions marked with this are compiled with them enabled for every
+// type they are instantiated for; only the bf16 intrinsics produce such instructions, so the
+// instances and branches without them run on any AVX-512 CPU (checked with objdump: the FloatDots
+// scores hold none).
 #if defined(CPU_CAPABILITY_AVX512)
 #define FUSED_ATTN_BF16_DOTS __attribute__((target("avx512bf16")))
 #else
