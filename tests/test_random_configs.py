@@ -55,7 +55,8 @@ def draw_keywords(rng: random.Random, batch: int, heads_q: int, longest: int, al
     if rng.random() < 0.2:
         keywords["alibi_slopes"] = torch.rand(*rng.choice([(heads_q,), (batch, heads_q)]), device=DEVICE)
     if rng.random() < 0.15:
-        keywords["scale"] = rng.uniform(0.05, 0.5)
+        # Zero and negative scales are legal too: then the largest raw score is not the largest scaled one.
+        keywords["scale"] = rng.choice([rng.uniform(0.05, 0.5), rng.uniform(0.05, 0.5), -rng.uniform(0.05, 0.5), 0.0])
     return keywords
 
 
