@@ -413,7 +413,7 @@ struct FloatDots {
 // kCols queries (a power of two, >= cols) and kVec / kCols keys per step, one accumulator each.
 // k: key rows (ldk apart, D a multiple of Dots::kDepth), q: the queries' rows (kCols x D, rows past
 // cols zero); ahead: rows asked for, one per key. A short last step rereads the last key instead
-// of reading past the block.
+// of reading past the block; S's rows (lds >= keys rounded up to kVec) take its scores too.
 template <int kCols, typename Dots>
 FUSED_ATTN_BF16_DOTS void few_query_scores(int64_t keys, int64_t D, const typename Dots::Key* k, int64_t ldk,
                                            const typename Dots::Query* q, int64_t cols, float* s, int64_t lds,
@@ -435,8 +435,10 @@ FUSED_ATTN_BF16_DOTS void few_query_scores(int64_t keys, int64_t D, const typena
     }
     float sums[kVec];
     lane_sums(acc).store(sums);
-    const int64_t n = std::min<int64_t>(kKeys, keys - j);
-    for (int64_t c = 0; c < cols; ++c) std::copy(sums + c * kKeys, sums + c * kKeys + n, s + c * lds + j);
+    // All kKeys of a row's scores, a fixed count (std::copy of the few that are keys called memmove):
+    // the extra ones of a short last step, the last key's again, lie in S's padding.
+    for (int64_t c = 0; c < cols; ++c)
+      FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) s[c * lds + j + i] = sums[c * kKeys + i];
   }
 }
 
