@@ -57,10 +57,11 @@ def test_zero_and_negative_scales(backend, dtype, scale):
     many queries, which a backward follows, then a decoding-shaped call that none does."""
     check_against_oracle(backend, (1, 2, 1, 70, 90, 64, 64), dtype, dict(window=(20, 5)), scale=scale)
     q, k, v = oracle.random_qkv(1, 4, 2, 1, 90, 64, 64, dtype=dtype, device=DEVICE)
+    keywords = dict(window=(40, -1), scale=scale)  # bottom-right aligned: what the decoding kernels take
     with torch.no_grad():
-        out = fused_attn.attention(q, k, v, window=(40, -1), scale=scale, backend=backend)
-    exact, _ = oracle.naive_attention(q, k, v, window=(40, -1), scale=scale, dtype=torch.float64)
-    lowprec, _ = oracle.naive_attention(q, k, v, window=(40, -1), scale=scale)
+        out = fused_attn.attention(q, k, v, causal_alignment="bottom_right", backend=backend, **keywords)
+    exact, _ = oracle.naive_attention(q, k, v, bottom_right=True, dtype=torch.float64, **keywords)
+    lowprec, _ = oracle.naive_attention(q, k, v, bottom_right=True, **keywords)
     oracle.assert_accurate("out", out, exact, lowprec, dtype)
 
 

@@ -138,7 +138,8 @@ def test_variants(cuda, dtype, variant):
     (1, dict(causal=True, causal_alignment="bottom_right", window=(40, 0)), True),
     (3, dict(alibi_slopes="heads", softcap=5.0, causal_alignment="bottom_right"), True),
     (3, dict(causal=True), False),  # top-left with Lq < Lk: the diagonal is not the cache's
-], ids=["one-query-window", "three-queries-alibi-softcap", "top-left-causal-plain-kernel"])
+    (1, dict(causal=True, causal_alignment="bottom_right", window=(40, 0), scale=-0.37), True),
+], ids=["one-query-window", "three-queries-alibi-softcap", "top-left-causal-plain-kernel", "one-query-negative-scale"])
 def test_few_query_rows_take_the_decoding_kernel(cuda, monkeypatch, dtype, seqlen_q, keywords, decoding):
     """Dense calls with few query rows per key/value head run the KV-cache kernel (split-KV, a GQA
     group's heads sharing each key read) exactly where its semantics allow, as accurately."""
