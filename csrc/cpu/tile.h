@@ -430,7 +430,10 @@ FUSED_ATTN_BF16_DOTS void few_query_scores(int64_t keys, int64_t D, const typena
       FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) key[i] = Dots::load_key(rows[i] + d);
       FUSED_ATTN_UNROLL for (int c = 0; c < kCols; ++c) {
         const typename Dots::Operand query = Dots::load_query(q + c * D + d);
-        FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) acc[c * kKeys + i] = Dots::madd(acc[c * kKeys + i], key[i], query);
+        FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) {
+          Vec& a = acc[c * kKeys + i];
+          a = Dots::madd(a, key[i], query);
+        }
       }
     }
     float sums[kVec];
