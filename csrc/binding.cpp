@@ -337,6 +337,18 @@ cpu::Splits split_kv(const cpu::Problem& p, int64_t Lq, int64_t longest, Tensor&
   return splits;
 }
 
+// Key/value heads per task of a decoding call (params.h, Problem::kv_heads_per_task): all of them
+// where K's and V's rows of a key lie side by side for every head (a (B, L, Hkv, D) cache, or
+// transposed views of such tensors) and the call's queries fit one task (every query head's rows,
+// up to 8 per key/value head: any build's vector holds them, a multiple of 16 in all), so that the
+// task reads the keys in memory order; else 1.
+int64_t decoding_kv_heads(const cpu::Problem& p, const cpu::Strided& k, const cpu::Strided& v, int64_t seqlen_q) {
+  const int64_t rows = p.heads_q * seqlen_q, per_head = rows / p.heads_kv;
+  const bool side_by_side = k.col == 1 && v.col == 1 && k.head == p.head_dim && v.head == p.head_dim_v;
+  const bool fits = rows <= cpu::kBlockM && rows % 16 == 0 && per_head <= 8 && (per_head & (per_head - 1)) == 0;
+  return p.heads_kv > 1 && side_by_side && fits && p.head_dim % 16 == 0 ? p.heads_kv : 1;
+}
+
 // The forward's tasks (params.h, ForwardArgs): with args.splits, each sequence's split tasks, then
 // the merge of their partials into out and lse.
 void run_forward(const cpu::Kernels& kernels, const cpu::ForwardArgs& args) {
@@ -357,13 +369,15 @@ void cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   // take no mask, bias or dropout are decoding's, however short their keys: split-KV, as
   // cpu_kvcache_forward, so that a few-query call against long keys uses every core.
   const bool decoding = !for_backward && call.p.cu_seqlens_q == nullptr && !mask && !bias && dropout_p == 0;
+  cpu::Problem p = call.p;
+  if (decoding) p.kv_heads_per_task = decoding_kv_heads(p, strided(k), strided(v), p.seqlen_q);
   Tensor partials;
-  const cpu::Splits splits = decoding ? split_kv(call.p, call.p.seqlen_q, call.p.seqlen_k, partials) : cpu::Splits{};
-  const std::vector<int64_t> tasks = task_table(call.p.batch, [&](int64_t b) {
-    return cpu::forward_tasks(call.p, call.seqlens_q[b]) * splits.of(call.seqlens_k[b]);
+  const cpu::Splits splits = decoding ? split_kv(p, p.seqlen_q, p.seqlen_k, partials) : cpu::Splits{};
+  const std::vector<int64_t> tasks = task_table(p.batch, [&](int64_t b) {
+    return cpu::forward_tasks(p, call.seqlens_q[b]) * splits.of(call.seqlens_k[b]);
   });
-  run_forward(kernels, {call.p, strided(q), strided(k), strided(v), strided(out), row_values(lse), table_view(tasks),
-                        {}, splits, for_backward});
+  run_forward(kernels, {p, strided(q), strided(k), strided(v), strided(out), row_values(lse), table_view(tasks), {},
+                        splits, for_backward});
   if (call.p.cu_seqlens_q != nullptr) {
     unused_rows(out, 0, call.p.cu_seqlens_q, call.p.batch).zero_();
     unused_rows(lse, 1, call.p.cu_seqlens_q, call.p.batch).fill_(-INFINITY);
@@ -533,15 +547,17 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
   }
   const std::vector<int32_t> lengths(call.seqlens_k.begin(), call.seqlens_k.end());
   call.p.seqlens_k = lengths.data();
+  // (B, L, H, D) tensors as (B, H, L, D) views; a paged cache's pages play the batch.
+  auto heads_first = [](const Tensor& t) { return strided(t.transpose(1, 2)); };
+  const cpu::Strided k_view = heads_first(k_cache), v_view = heads_first(v_cache);
+  call.p.kv_heads_per_task = decoding_kv_heads(call.p, k_view, v_view, Lq);
   Tensor partials;
   const cpu::Splits splits =
       split_kv(call.p, Lq, *std::max_element(call.seqlens_k.begin(), call.seqlens_k.end()), partials);
   const std::vector<int64_t> tasks = task_table(
       B, [&](int64_t b) { return cpu::forward_tasks(call.p, Lq) * splits.of(call.seqlens_k[b]); });
-  // (B, L, H, D) tensors as (B, H, L, D) views; a paged cache's pages play the batch.
-  auto heads_first = [](const Tensor& t) { return strided(t.transpose(1, 2)); };
-  run_forward(kernels, {call.p, heads_first(q), heads_first(k_cache), heads_first(v_cache), heads_first(out),
-                        row_values(lse), table_view(tasks), pages, splits});
+  run_forward(kernels, {call.p, heads_first(q), k_view, v_view, heads_first(out), row_values(lse), table_view(tasks),
+                        pages, splits});
 }
 
 std::string cpu_isa() { return select_kernels().isa; }

@@ -121,6 +121,41 @@ def test_decoding_long_caches_with_whole_vector_rows(kvcache_backend, dtype, seq
         assert_accurate(f"out[{b}]", out[b], exact_out[0].transpose(0, 1), low_out[0].transpose(0, 1), dtype)
 
 
+@pytest.mark.parametrize("page", [None, 48], ids=["contiguous", "pages-of-48"])
+@pytest.mark.parametrize("seqlen_q", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_decoding_many_key_value_heads(kvcache_backend, dtype, seqlen_q, page):
+    """Hq = 32 and Hkv = 8, the GPU sweep's heads: the cpu backend's tasks then read every key/value
+    head's rows of a key, side by side in the cache, key after key, several heads' queries to a
+    vector (binding.cpp, decoding_kv_heads); ALiBi slopes differ per head, so a head's scores that
+    met another head's queries would show."""
+    batch, heads_q, heads_kv, dim, capacity = 2, 32, 8, 64, 300
+    k_cache, v_cache = (torch.randn(batch, capacity, heads_kv, dim, dtype=dtype, device=DEVICE) for _ in range(2))
+    cached = torch.tensor([capacity, 133], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, seqlen_q, heads_q, dim, dtype=dtype, device=DEVICE)
+    slopes = torch.rand(heads_q, device=DEVICE)
+    caches, table = (k_cache, v_cache), None
+    if page is not None:
+        *caches, table = paged_copy(k_cache, v_cache, page)
+    out = fused_attn.attention_with_kvcache(q, *caches, cached, block_table=table, causal=True, alibi_slopes=slopes,
+                                            backend=kvcache_backend)
+    for b in range(batch):
+        length = int(cached[b])
+        args = (q[b:b + 1].transpose(1, 2), k_cache[b:b + 1, :length].transpose(1, 2),
+                v_cache[b:b + 1, :length].transpose(1, 2))
+        ref_keywords = dict(causal=True, bottom_right=True, alibi_slopes=slopes)
+        exact_out, _ = naive_attention(*args, dtype=torch.float64, **ref_keywords)
+        low_out, _ = naive_attention(*args, **ref_keywords)
+        assert_accurate(f"out[{b}]", out[b], exact_out[0].transpose(0, 1), low_out[0].transpose(0, 1), dtype)
+    if page is None:  # the same reads in a dense call on (B, H, L, D) views of the caches, no backward to follow
+        args = (q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+        dense = fused_attn.attention(*args, causal=True, causal_alignment="bottom_right", alibi_slopes=slopes,
+                                     backend=kvcache_backend)
+        exact_out, _ = naive_attention(*args, dtype=torch.float64, causal=True, bottom_right=True, alibi_slopes=slopes)
+        low_out, _ = naive_attention(*args, causal=True, bottom_right=True, alibi_slopes=slopes)
+        assert_accurate("dense out", dense, exact_out, low_out, dtype)
+
+
 def write_and_attend(q, k_cache, v_cache, cached, k_new, v_new, table, backend):
     return fused_attn.attention_with_kvcache(q, k_cache, v_cache, cached, k=k_new, v=v_new, block_table=table,
                                              causal=True, backend=backend)

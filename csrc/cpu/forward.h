@@ -1,6 +1,7 @@
 // Forward: out = softmax(S) V and lse, S the scores of scale * Q K^T (scores.h). A task is a
 // block of up to kBlockM query rows of one sequence and key/value head (params.h, query_tiling):
-// one query head's rows, or all rows of several heads of the group when the sequence is short.
+// one query head's rows, or all rows of several heads of the group when the sequence is short
+// (decoding from a (B, L, Hkv, D) cache: of every key/value head).
 //
 // Scores are computed transposed, S^T = K Q^T (then scaled), so that each query is a column: the
 // online softmax then runs along columns with one vector holding kVec queries' running max and
@@ -68,18 +69,20 @@ void softmax_update(float* st, int64_t keys, int64_t cols, float* row_max, float
 }
 
 // The query rows of one forward task: heads h0 .. h0 + heads - 1, rows [q0, q0 + rows) of each;
-// head g's rows are the columns [g * rows, (g + 1) * rows) of the task's S^T.
+// head g's rows are the columns [g * rows, (g + 1) * rows) of the task's S^T. They are those of
+// key/value heads hk .. hk + kv_heads - 1 (more than one: Problem::kv_heads_per_task, decoding).
 struct QueryBlock {
-  int64_t hk, h0, heads, q0, rows;
+  int64_t hk, h0, heads, q0, rows, kv_heads;
 };
 inline QueryBlock query_block(const Problem& p, int64_t index) {
   const QueryTiling tiling = query_tiling(p, p.seqlen_q);
-  const int64_t per_head = tiling.chunks * tiling.blocks, hk = index / per_head;
+  const int64_t group = p.heads_q / p.heads_kv, kv_heads = p.kv_heads_per_task;
+  const int64_t per_head = tiling.chunks * tiling.blocks, hk = index / per_head * kv_heads;
   const int64_t chunk = index % per_head / tiling.blocks;
   const int64_t q0 = balanced_block(index % tiling.blocks, tiling.blocks) * kBlockM;
-  const int64_t h0 = hk * (p.heads_q / p.heads_kv) + chunk * tiling.heads;
-  const int64_t heads = std::min(tiling.heads, (hk + 1) * (p.heads_q / p.heads_kv) - h0);
-  return {hk, h0, heads, q0, std::min(kBlockM, p.seqlen_q - q0)};
+  const int64_t h0 = hk * group + chunk * tiling.heads;
+  const int64_t heads = std::min(tiling.heads, (hk + kv_heads) * group - h0);
+  return {hk, h0, heads, q0, std::min(kBlockM, p.seqlen_q - q0), kv_heads};
 }
 
 // Whether the mask hides keys [k0, k0 + keys) from every query of the block: then the key block
@@ -136,7 +139,7 @@ void load_queries_t(float* qt, int64_t ld, float* rows, const Strided& q, int64_
   load_transposed<float>(qt, ld, rows, D, 1, cols, D, nullptr);
 }
 
-// Q of the block as rows (kVec x D) for scores_of_few_queries: row c is the block's query c
+// Q of the block as rows (at least kVec x D) for decoding's scores: row c is the block's query c
 // (head g's rows at [g * rows, (g + 1) * rows)), and rows past its queries are zero. In fp32 for
 // FloatDots; in bf16, as they are, for Bf16Dots (T = TQ = Bf16).
 template <typename T, typename TQ>
@@ -153,7 +156,7 @@ void load_query_rows(TQ* qr, const Strided& q, int64_t b, const QueryBlock& bloc
     }
   }
   const int64_t cols = block.heads * block.rows;
-  std::fill(qr + cols * D, qr + kVec * D, TQ(0.f));
+  if (cols < kVec) std::fill(qr + cols * D, qr + kVec * D, TQ(0.f));
 }
 
 // The block's query rows in bf16 (cols x D, unscaled: the scale is applied to the fp32 scores),
@@ -399,26 +402,45 @@ struct DecodingQueries {
 
 // One step of a decoding task (forward_typed: few queries, no backward follows), keys
 // [k0, k0 + keys) of those it sees, which end at `end`: S (cols x lds, a query per row) = Q K^T as
-// dot products along D that read each key row once (tile.h, scores_of_few_queries) while the rows
-// of later keys are asked for; the row softmax, scaled there where it may be (scale_in_softmax);
-// then acc = alpha * acc + P V in fp32. kb and vb take key and value rows that cannot be read in place.
+// dot products along D that read each key row once (tile.h, scores_of_few_queries; with several
+// key/value heads, kv_head_scores, key by key in memory order) while the rows of later keys are
+// asked for; the row softmax, scaled there where it may be (scale_in_softmax); then acc = alpha *
+// acc + P V in fp32, head by head. kb and vb take key and value rows that cannot be read in place.
 template <typename T>
 void decoding_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
                    const DecodingQueries& q, int64_t k0, int64_t keys, int64_t end, float* st, int64_t lds,
                    float* kb, float* vb, float* acc, int64_t ld_acc, float* row_max, float* row_sum, float* alpha) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, cols = block.heads * block.rows;
-  const RowsAhead ahead{row_stream<T>(s.k, s.pages, b, block.hk, k0 + kKeysAhead, end, D),
-                        row_stream<T>(s.v, s.pages, b, block.hk, k0, end, Dv)};
-  if (q.floats != nullptr) {
-    with_key_rows<T>(kb, round_up(D, kVec), s.k, s.pages, b, block.hk, k0, keys, D, [&](const auto* k, int64_t ldk) {
-      using Key = std::remove_const_t<std::remove_pointer_t<decltype(k)>>;
-      scores_of_few_queries<FloatDots<Key>>(keys, D, k, ldk, q.floats, cols, st, lds, ahead);
-    });
-  } else {
+  const int64_t per_head = cols / block.kv_heads;  // query rows per key/value head
+  if (block.kv_heads > 1) {
+    // Every head's K and V rows of a key side by side, read in place (binding.cpp, decoding_kv_heads):
+    // whole keys are read in order, and each key's values are asked for as its scores are computed.
+    const RowsAhead ahead{row_stream<T>(s.k, s.pages, b, block.hk, k0 + kKeysAheadInOrder, end, block.kv_heads * D),
+                          row_stream<T>(s.v, s.pages, b, block.hk, k0, end, block.kv_heads * Dv)};
+    const T* k = key_row<T>(s.k, s.pages, b, block.hk, k0);
+    if (q.floats != nullptr) {
+      scores_of_kv_heads<FloatDots<T>>(keys, D, k, s.k.row, s.k.head, block.kv_heads, q.floats, per_head, st, lds,
+                                       ahead);
+    } else {
 #if defined(CPU_CAPABILITY_AVX512)
-    const Bf16Rows k = bf16_rows(reinterpret_cast<Bf16*>(kb), s.k, s.pages, b, block.hk, k0, keys, D, false);
-    scores_of_few_queries<Bf16Dots>(keys, D, k.data, k.ld, q.bf16, cols, st, lds, ahead);
+      scores_of_kv_heads<Bf16Dots>(keys, D, reinterpret_cast<const Bf16*>(k), s.k.row, s.k.head, block.kv_heads,
+                                   q.bf16, per_head, st, lds, ahead);
 #endif
+    }
+  } else {
+    const RowsAhead ahead{row_stream<T>(s.k, s.pages, b, block.hk, k0 + kKeysAhead, end, D),
+                          row_stream<T>(s.v, s.pages, b, block.hk, k0, end, Dv)};
+    if (q.floats != nullptr) {
+      with_key_rows<T>(kb, round_up(D, kVec), s.k, s.pages, b, block.hk, k0, keys, D, [&](const auto* k, int64_t ldk) {
+        using Key = std::remove_const_t<std::remove_pointer_t<decltype(k)>>;
+        scores_of_few_queries<FloatDots<Key>>(keys, D, k, ldk, q.floats, cols, st, lds, ahead);
+      });
+    } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      const Bf16Rows k = bf16_rows(reinterpret_cast<Bf16*>(kb), s.k, s.pages, b, block.hk, k0, keys, D, false);
+      scores_of_few_queries<Bf16Dots>(keys, D, k.data, k.ld, q.bf16, cols, st, lds, ahead);
+#endif
+    }
   }
   auto head_tile = [&](int64_t g) {
     return ScoreTile{st + g * block.rows * lds, lds, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
@@ -431,9 +453,12 @@ void decoding_step(const Problem& p, const ForwardArgs& s, int64_t b, const Quer
   if (p.variants.dropout)
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
   rescale_rows(acc, ld_acc, cols, alpha);
-  with_key_rows<T>(vb, ld_acc, s.v, s.pages, b, block.hk, k0, keys, Dv, [&](const auto* v, int64_t ldv) {
-    gemm(cols, ld_acc, keys, st, lds, 1, v, ldv, acc, ld_acc, true);
-  });
+  for (int64_t h = 0; h < block.kv_heads; ++h) {
+    const int64_t row = h * per_head;
+    with_key_rows<T>(vb, ld_acc, s.v, s.pages, b, block.hk + h, k0, keys, Dv, [&](const auto* v, int64_t ldv) {
+      gemm(per_head, ld_acc, keys, st + row * lds, lds, 1, v, ldv, acc + row * ld_acc, ld_acc, true);
+    });
+  }
 }
 
 template <typename T>
@@ -476,9 +501,10 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       return ScoreTile{st + g * rows, 1, ld, b, block.h0 + g, block.q0, rows, k0, keys};
     };
 
-    // Decoding: few queries per block, whose scores are dot products (decoding_step), unless a
-    // backward follows (ForwardArgs::for_backward).
-    const bool few = !args.for_backward && cols <= kVec && D % kVec == 0;
+    // Decoding: few queries per block (per key/value head), whose scores are dot products
+    // (decoding_step), unless a backward follows (ForwardArgs::for_backward). (A block of several
+    // key/value heads always is: binding.cpp, decoding_kv_heads.)
+    const bool few = !args.for_backward && cols / block.kv_heads <= kVec && D % kVec == 0;
     const bool tiles = products && !few;  // the bf16 products
     Bf16Rows q_rows{};
     DecodingQueries decoding{};

@@ -66,6 +66,10 @@ struct Problem {
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
   const int32_t* seqlens_k = nullptr;
+  // Key/value heads per forward task: 1, or, for decoding from K and V whose rows of a key lie side
+  // by side for every head (the binding's decoding_kv_heads), all of them, so that a task reads
+  // each key's rows in memory order (forward.h, decoding_step).
+  int64_t kv_heads_per_task = 1;
 
   // Query i is aligned with key i + shift (a sequence's view: its own lengths).
   int64_t shift() const { return variants.bottom_right ? seqlen_k - seqlen_q : 0; }
@@ -179,7 +183,9 @@ inline BackwardArgs sequence(const BackwardArgs& a, int64_t b) {
 // How the forward cuts one sequence's queries into tasks, each on one key/value head: blocks of
 // up to kBlockM query rows of one query head; or, when the whole sequence fits a block (decoding,
 // short packed sequences), all its rows for several query heads of the group at once, so that
-// K and V are read once for them and the block is not mostly padding.
+// K and V are read once for them and the block is not mostly padding. With p.kv_heads_per_task > 1
+// (decoding) a task takes the whole groups of that many key/value heads (their rows fit one block:
+// the binding sees to it).
 struct QueryTiling {
   int64_t heads;   // query heads per task
   int64_t chunks;  // tasks across the group's heads
@@ -187,13 +193,14 @@ struct QueryTiling {
 };
 inline QueryTiling query_tiling(const Problem& p, int64_t seqlen_q) {
   const int64_t group = p.heads_q / p.heads_kv;
+  if (p.kv_heads_per_task > 1) return {p.kv_heads_per_task * group, 1, 1};
   const int64_t fit = seqlen_q == 0 ? 1 : std::clamp<int64_t>(kBlockM / seqlen_q, 1, group);
   const int64_t chunks = ceil_div(group, fit);
   return {ceil_div(group, chunks), chunks, ceil_div(seqlen_q, kBlockM)};  // chunks of even size
 }
 inline int64_t forward_tasks(const Problem& p, int64_t seqlen_q) {
   const QueryTiling tiling = query_tiling(p, seqlen_q);
-  return p.heads_kv * tiling.chunks * tiling.blocks;
+  return p.heads_kv / p.kv_heads_per_task * tiling.chunks * tiling.blocks;
 }
 // Split-KV for KV caches: a call with few tasks (too few to keep a many-core CPU busy) cuts every
 // sequence's keys into splits so that there are about kSplitTarget tasks. The split depends on

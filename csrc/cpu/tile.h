@@ -410,6 +410,29 @@ struct FloatDots {
 #define FUSED_ATTN_BF16_DOTS
 #endif
 
+// kVec dot products along D of kVec / kCols rows (keys of one head, or one key's rows of several
+// heads) with kCols query rows each: lane u * kCols + c of the result is rows[u] . (query row
+// u * q_unit + c of q, rows D apart); q_unit is 0 where every row meets the same queries.
+template <int kCols, typename Dots>
+FUSED_ATTN_BF16_DOTS inline Vec row_dots(const typename Dots::Key* const* rows, const typename Dots::Query* q,
+                                         int64_t q_unit, int64_t D) {
+  constexpr int kRows = kVec / kCols;
+  Vec acc[kVec];
+  FUSED_ATTN_UNROLL for (Vec& a : acc) a = Vec(0.f);
+  for (int64_t d = 0; d < D; d += Dots::kDepth) {
+    typename Dots::Operand key[kRows];
+    FUSED_ATTN_UNROLL for (int u = 0; u < kRows; ++u) key[u] = Dots::load_key(rows[u] + d);
+    FUSED_ATTN_UNROLL for (int u = 0; u < kRows; ++u)
+      FUSED_ATTN_UNROLL for (int c = 0; c < kCols; ++c) {
+        // (with q_unit 0 the compiler loads each query vector once for all rows)
+        const typename Dots::Operand query = Dots::load_query(q + (u * q_unit + c) * D + d);
+        Vec& a = acc[u * kCols + c];
+        a = Dots::madd(a, key[u], query);
+      }
+  }
+  return lane_sums(acc);
+}
+
 // kCols queries (a power of two, >= cols) and kVec / kCols keys per step, one accumulator each.
 // k: key rows (ldk apart, D a multiple of Dots::kDepth), q: the queries' rows (kCols x D, rows past
 // cols zero); ahead: rows asked for, one per key. A short last step rereads the last key instead
@@ -423,25 +446,47 @@ FUSED_ATTN_BF16_DOTS void few_query_scores(int64_t keys, int64_t D, const typena
     FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) ahead.fetch(j + i);
     const typename Dots::Key* rows[kKeys];
     FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) rows[i] = k + std::min<int64_t>(j + i, keys - 1) * ldk;
-    Vec acc[kVec];  // acc[c * kKeys + i]: query c and key j + i
-    FUSED_ATTN_UNROLL for (Vec& a : acc) a = Vec(0.f);
-    for (int64_t d = 0; d < D; d += Dots::kDepth) {
-      typename Dots::Operand key[kKeys];
-      FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) key[i] = Dots::load_key(rows[i] + d);
-      FUSED_ATTN_UNROLL for (int c = 0; c < kCols; ++c) {
-        const typename Dots::Operand query = Dots::load_query(q + c * D + d);
-        FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) {
-          Vec& a = acc[c * kKeys + i];
-          a = Dots::madd(a, key[i], query);
-        }
-      }
-    }
     float sums[kVec];
-    lane_sums(acc).store(sums);
+    row_dots<kCols, Dots>(rows, q, 0, D).store(sums);
     // All kKeys of a row's scores, a fixed count (std::copy of the few that are keys called memmove):
     // the extra ones of a short last step, the last key's again, lie in S's padding.
     for (int64_t c = 0; c < cols; ++c)
-      FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) s[c * lds + j + i] = sums[c * kKeys + i];
+      FUSED_ATTN_UNROLL for (int i = 0; i < kKeys; ++i) s[c * lds + j + i] = sums[i * kCols + c];
+  }
+}
+
+// Decoding's scores for the kCols query rows of each of `heads` key/value heads (a multiple of
+// kVec / kCols) whose rows of a key lie side by side (head_stride apart; a (B, L, Hkv, D) cache),
+// key by key, so that the keys are read in memory order, which the CPU's prefetcher follows (one
+// head's rows alone, 256 bytes of every 2 KB, it does not). S row h * kCols + c is head h's query
+// c, q's rows in the same order. k: key 0's row of the first head.
+template <int kCols, typename Dots>
+FUSED_ATTN_BF16_DOTS void kv_head_scores(int64_t keys, int64_t D, const typename Dots::Key* k, int64_t ldk,
+                                         int64_t head_stride, int64_t heads, const typename Dots::Query* q, float* s,
+                                         int64_t lds, const RowsAhead& ahead) {
+  constexpr int kHeads = kVec / kCols;
+  for (int64_t j = 0; j < keys; ++j) {
+    ahead.fetch(j);
+    for (int64_t h0 = 0; h0 < heads; h0 += kHeads) {
+      const typename Dots::Key* rows[kHeads];
+      FUSED_ATTN_UNROLL for (int i = 0; i < kHeads; ++i) rows[i] = k + j * ldk + (h0 + i) * head_stride;
+      float sums[kVec];
+      row_dots<kCols, Dots>(rows, q + h0 * kCols * D, kCols, D).store(sums);
+      FUSED_ATTN_UNROLL for (int e = 0; e < kVec; ++e) s[(h0 * kCols + e) * lds + j] = sums[e];
+    }
+  }
+}
+
+// kv_head_scores for R query rows per head (1, 2, 4 or 8: within every build's kVec).
+template <typename Dots>
+inline void scores_of_kv_heads(int64_t keys, int64_t D, const typename Dots::Key* k, int64_t ldk, int64_t head_stride,
+                               int64_t heads, const typename Dots::Query* q, int64_t R, float* s, int64_t lds,
+                               const RowsAhead& ahead) {
+  switch (R) {
+    case 1: return kv_head_scores<1, Dots>(keys, D, k, ldk, head_stride, heads, q, s, lds, ahead);
+    case 2: return kv_head_scores<2, Dots>(keys, D, k, ldk, head_stride, heads, q, s, lds, ahead);
+    case 4: return kv_head_scores<4, Dots>(keys, D, k, ldk, head_stride, heads, q, s, lds, ahead);
+    default: return kv_head_scores<8, Dots>(keys, D, k, ldk, head_stride, heads, q, s, lds, ahead);
   }
 }
 
