@@ -325,7 +325,7 @@ Tensor unused_rows(const Tensor& t, int64_t dim, const int32_t* cu_seqlens, int6
 // `partials` keeps alive. No split: splits.keys = 0.
 cpu::Splits split_kv(const cpu::Problem& p, int64_t Lq, int64_t longest, Tensor& partials) {
   cpu::Splits splits;
-  splits.keys = cpu::split_keys(p.batch * cpu::forward_tasks(p, Lq), longest);
+  splits.keys = cpu::split_keys(p.batch * cpu::forward_tasks(p, Lq), longest, p.kv_heads_per_task);
   if (splits.keys != 0) {
     splits.count = cpu::ceil_div(longest, splits.keys);
     const int64_t rows = p.batch * p.heads_q * Lq * splits.count;
