@@ -400,24 +400,21 @@ struct DecodingQueries {
   const Bf16* bf16;
 };
 
-// One step of a decoding task (forward_typed: few queries, no backward follows), keys
-// [k0, k0 + keys) of those it sees, which end at `end`: S (cols x lds, a query per row) = Q K^T as
-// dot products along D that read each key row once (tile.h, scores_of_few_queries; with several
-// key/value heads, kv_head_scores, key by key in memory order) while the rows of later keys are
-// asked for; the row softmax, scaled there where it may be (scale_in_softmax); then acc = alpha *
-// acc + P V in fp32, head by head. kb and vb take key and value rows that cannot be read in place.
+// S (cols x lds, a query per row) = Q K^T of keys [k0, k0 + keys) of a decoding step, of the keys
+// the task sees, which end at `end`: dot products along D that read each key row once while the
+// rows of later keys are asked for (tile.h): scores_of_few_queries for one key/value head (its rows
+// in place, or converted or gathered into kb), kv_head_scores for several, key by key in memory
+// order (every head's rows of a key side by side, in place: binding.cpp, decoding_kv_heads).
 template <typename T>
-void decoding_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
-                   const DecodingQueries& q, int64_t k0, int64_t keys, int64_t end, float* st, int64_t lds,
-                   float* kb, float* vb, float* acc, int64_t ld_acc, float* row_max, float* row_sum, float* alpha) {
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, cols = block.heads * block.rows;
-  const int64_t per_head = cols / block.kv_heads;  // query rows per key/value head
+void decoding_scores(const ForwardArgs& s, int64_t b, const QueryBlock& block, const DecodingQueries& q, int64_t k0,
+                     int64_t keys, int64_t end, float* st, int64_t lds, float* kb) {
+  const int64_t D = s.p.head_dim, Dv = s.p.head_dim_v, cols = block.heads * block.rows;
   if (block.kv_heads > 1) {
-    // Every head's K and V rows of a key side by side, read in place (binding.cpp, decoding_kv_heads):
-    // whole keys are read in order, and each key's values are asked for as its scores are computed.
+    // (each key's values are asked for as its scores are computed)
     const RowsAhead ahead{row_stream<T>(s.k, s.pages, b, block.hk, k0 + kKeysAheadInOrder, end, block.kv_heads * D),
                           row_stream<T>(s.v, s.pages, b, block.hk, k0, end, block.kv_heads * Dv)};
     const T* k = key_row<T>(s.k, s.pages, b, block.hk, k0);
+    const int64_t per_head = cols / block.kv_heads;
     if (q.floats != nullptr) {
       scores_of_kv_heads<FloatDots<T>>(keys, D, k, s.k.row, s.k.head, block.kv_heads, q.floats, per_head, st, lds,
                                        ahead);
@@ -427,21 +424,34 @@ void decoding_step(const Problem& p, const ForwardArgs& s, int64_t b, const Quer
                                    q.bf16, per_head, st, lds, ahead);
 #endif
     }
-  } else {
-    const RowsAhead ahead{row_stream<T>(s.k, s.pages, b, block.hk, k0 + kKeysAhead, end, D),
-                          row_stream<T>(s.v, s.pages, b, block.hk, k0, end, Dv)};
-    if (q.floats != nullptr) {
-      with_key_rows<T>(kb, round_up(D, kVec), s.k, s.pages, b, block.hk, k0, keys, D, [&](const auto* k, int64_t ldk) {
-        using Key = std::remove_const_t<std::remove_pointer_t<decltype(k)>>;
-        scores_of_few_queries<FloatDots<Key>>(keys, D, k, ldk, q.floats, cols, st, lds, ahead);
-      });
-    } else {
-#if defined(CPU_CAPABILITY_AVX512)
-      const Bf16Rows k = bf16_rows(reinterpret_cast<Bf16*>(kb), s.k, s.pages, b, block.hk, k0, keys, D, false);
-      scores_of_few_queries<Bf16Dots>(keys, D, k.data, k.ld, q.bf16, cols, st, lds, ahead);
-#endif
-    }
+    return;
   }
+  const RowsAhead ahead{row_stream<T>(s.k, s.pages, b, block.hk, k0 + kKeysAhead, end, D),
+                        row_stream<T>(s.v, s.pages, b, block.hk, k0, end, Dv)};
+  if (q.floats != nullptr) {
+    with_key_rows<T>(kb, round_up(D, kVec), s.k, s.pages, b, block.hk, k0, keys, D, [&](const auto* k, int64_t ldk) {
+      using Key = std::remove_const_t<std::remove_pointer_t<decltype(k)>>;
+      scores_of_few_queries<FloatDots<Key>>(keys, D, k, ldk, q.floats, cols, st, lds, ahead);
+    });
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const Bf16Rows k = bf16_rows(reinterpret_cast<Bf16*>(kb), s.k, s.pages, b, block.hk, k0, keys, D, false);
+    scores_of_few_queries<Bf16Dots>(keys, D, k.data, k.ld, q.bf16, cols, st, lds, ahead);
+#endif
+  }
+}
+
+// One step of a decoding task (forward_typed: few queries, no backward follows), keys
+// [k0, k0 + keys) of those it sees, which end at `end`: S (decoding_scores); the row softmax,
+// scaled there where it may be (scale_in_softmax); then acc = alpha * acc + P V in fp32, key/value
+// head by head. kb and vb take key and value rows that cannot be read in place.
+template <typename T>
+void decoding_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
+                   const DecodingQueries& q, int64_t k0, int64_t keys, int64_t end, float* st, int64_t lds,
+                   float* kb, float* vb, float* acc, int64_t ld_acc, float* row_max, float* row_sum, float* alpha) {
+  const int64_t Dv = p.head_dim_v, cols = block.heads * block.rows;
+  const int64_t per_head = cols / block.kv_heads;  // query rows per key/value head
+  decoding_scores<T>(s, b, block, q, k0, keys, end, st, lds, kb);
   auto head_tile = [&](int64_t g) {
     return ScoreTile{st + g * block.rows * lds, lds, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
   };
