@@ -361,7 +361,7 @@ void run_forward(const cpu::Kernels& kernels, const cpu::ForwardArgs& args) {
 
 void cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                  FUSED_ATTN_VARIANT_PARAMS, bool for_backward) {
-  const Call call = call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
+  Call call = call_of(q, k, v, FUSED_ATTN_VARIANT_ARGS);
   check_tensor(out, "out", q.scalar_type(), out_shape(q, v));
   check_tensor(lse, "lse", at::kFloat, lse_shape(q));
   const cpu::Kernels& kernels = select_kernels();  // (its checks come before any allocation)
@@ -369,15 +369,14 @@ void cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   // take no mask, bias or dropout are decoding's, however short their keys: split-KV, as
   // cpu_kvcache_forward, so that a few-query call against long keys uses every core.
   const bool decoding = !for_backward && call.p.cu_seqlens_q == nullptr && !mask && !bias && dropout_p == 0;
-  cpu::Problem p = call.p;
-  if (decoding) p.kv_heads_per_task = decoding_kv_heads(p, strided(k), strided(v), p.seqlen_q);
+  if (decoding) call.p.kv_heads_per_task = decoding_kv_heads(call.p, strided(k), strided(v), call.p.seqlen_q);
   Tensor partials;
-  const cpu::Splits splits = decoding ? split_kv(p, p.seqlen_q, p.seqlen_k, partials) : cpu::Splits{};
-  const std::vector<int64_t> tasks = task_table(p.batch, [&](int64_t b) {
-    return cpu::forward_tasks(p, call.seqlens_q[b]) * splits.of(call.seqlens_k[b]);
+  const cpu::Splits splits = decoding ? split_kv(call.p, call.p.seqlen_q, call.p.seqlen_k, partials) : cpu::Splits{};
+  const std::vector<int64_t> tasks = task_table(call.p.batch, [&](int64_t b) {
+    return cpu::forward_tasks(call.p, call.seqlens_q[b]) * splits.of(call.seqlens_k[b]);
   });
-  run_forward(kernels, {p, strided(q), strided(k), strided(v), strided(out), row_values(lse), table_view(tasks), {},
-                        splits, for_backward});
+  run_forward(kernels, {call.p, strided(q), strided(k), strided(v), strided(out), row_values(lse), table_view(tasks),
+                        {}, splits, for_backward});
   if (call.p.cu_seqlens_q != nullptr) {
     unused_rows(out, 0, call.p.cu_seqlens_q, call.p.batch).zero_();
     unused_rows(lse, 1, call.p.cu_seqlens_q, call.p.batch).fill_(-INFINITY);

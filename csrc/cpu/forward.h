@@ -325,20 +325,30 @@ FUSED_ATTN_BF16_DOTS inline void softmax_update_rows(float* s, int64_t ld, int64
     at::vec::fmadd(Vec::loadu(row_sum + i), Vec::loadu(alpha + i), Vec::loadu(block_sum + i)).store(row_sum + i);
 }
 
-// Whether softmax_update_rows may apply the scale itself (S computed unscaled): no variant adds to
-// the scaled scores (masks and windows only set -inf) and the scale is positive, so the largest
-// raw score is the largest scaled one and no hidden key's -inf is multiplied by 0.
-inline bool scale_in_softmax(const Problem& p) {
+// The row softmax of a step's unscaled S (rows x ld, a query per row: the bf16 products' and
+// decoding's), keys [k0, k0 + keys) of the block's rows, head g's tile head_tile(g): the variants
+// placed (place_scores), then softmax_update_rows, with `rounded` and `band` as it takes them. The
+// softmax applies the scale itself where no variant adds to the scaled scores (masks and windows
+// only set -inf) and the scale is positive, so that the largest raw score is the largest scaled
+// one and no hidden key's -inf is multiplied by 0; else S is scaled (and capped) first.
+template <typename T, typename HeadTile>
+void row_softmax_step(const Problem& p, const QueryBlock& block, HeadTile head_tile, float* s, int64_t ld, int64_t keys,
+                      float* row_max, float* row_sum, float* alpha, Bf16* rounded, const Band* band) {
   const Variants& v = p.variants;
-  return p.scale > 0.f && v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
+  const int64_t cols = block.heads * block.rows;
+  const bool scale_in_softmax =
+      p.scale > 0.f && v.softcap == 0.f && v.alibi_slopes == nullptr && v.bias.data == nullptr;
+  if (!scale_in_softmax)
+    for (int64_t i = 0; i < cols; ++i) cap_scores(p, s + i * ld, round_up(keys, kVec), nullptr);
+  for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
+  softmax_update_rows<T>(s, ld, cols, keys, row_max, row_sum, alpha, scale_in_softmax ? p.scale : 1.f, rounded, band);
 }
 
 // One step of a forward task on the bf16 products, keys [k0, k0 + keys) (k0 a multiple of kBf16ChunkN), in
 // S's orientation (a query per row, which the row-major bf16 P that the products take as A needs):
-// S = Q K^T from the packed keys, scaled in the softmax where it may be (scale_in_softmax), else
-// first; then P rounded to bf16 and acc = alpha * acc + P V, which the task's first step writes as
-// acc = P V (acc is zero before it: the same value, and a window's rows, which take one step, skip
-// a pass over acc).
+// S = Q K^T from the packed keys, its row softmax (row_softmax_step); then P rounded to bf16 and
+// acc = alpha * acc + P V, which the task's first step writes as acc = P V (acc is zero before it:
+// the same value, and a window's rows, which take one step, skip a pass over acc).
 inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
                           const Bf16Rows& q_rows, int64_t k0, int64_t keys, PackedKeys& packed, const Bf16Buffers& bf16,
                           float* st, int64_t ld, float* acc, int64_t ld_acc, float* row_max, float* row_sum,
@@ -348,7 +358,6 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
   // S over the chunks that hold the keys, as they were packed (the sequence's last one narrower);
   // the softmax hides the columns past `keys`. P V over the keys padded to even (a zero column of P).
   const int64_t width = std::min(round_up(keys, kBf16ChunkN), round_up(p.seqlen_k - k0, 16));
-  const int64_t padded = round_up(keys, kVec);
   auto head_tile = [&](int64_t g) {
     return ScoreTile{st + g * block.rows * ld, ld, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
   };
@@ -359,12 +368,8 @@ inline void bf16_key_step(const Problem& p, const ForwardArgs& s, int64_t b, con
   bf16.products.gemm_banded_columns(edge, cols, width, D, q_rows.data, q_rows.ld, kv.kt, st, ld, band.keys_seen(),
                                     -kInf);
   const Variants& v = p.variants;
-  const bool scaled_there = scale_in_softmax(p);
-  if (!scaled_there)
-    for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * ld, padded, nullptr);
-  for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
-  softmax_update_rows<Bf16>(st, ld, cols, keys, row_max, row_sum, alpha, scaled_there ? p.scale : 1.f,
-                            v.dropout ? nullptr : bf16.p, edge ? &band : nullptr);
+  row_softmax_step<Bf16>(p, block, head_tile, st, ld, keys, row_max, row_sum, alpha, v.dropout ? nullptr : bf16.p,
+                         edge ? &band : nullptr);
   if (v.dropout) {
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
     for (int64_t i = 0; i < cols; ++i) at::vec::convert(st + i * ld, bf16.p + i * ld, round_up(keys, 2 * kVec));
@@ -442,24 +447,21 @@ void decoding_scores(const ForwardArgs& s, int64_t b, const QueryBlock& block, c
 }
 
 // One step of a decoding task (forward_typed: few queries, no backward follows), keys
-// [k0, k0 + keys) of those it sees, which end at `end`: S (decoding_scores); the row softmax,
-// scaled there where it may be (scale_in_softmax); then acc = alpha * acc + P V in fp32, key/value
-// head by head. kb and vb take key and value rows that cannot be read in place.
+// [k0, k0 + keys) of those it sees, which end at `end`: S (decoding_scores); its row softmax
+// (row_softmax_step); then acc = alpha * acc + P V in fp32, key/value head by head. kb and vb take
+// key and value rows that cannot be read in place.
 template <typename T>
-void decoding_step(const Problem& p, const ForwardArgs& s, int64_t b, const QueryBlock& block,
-                   const DecodingQueries& q, int64_t k0, int64_t keys, int64_t end, float* st, int64_t lds,
-                   float* kb, float* vb, float* acc, int64_t ld_acc, float* row_max, float* row_sum, float* alpha) {
+void decoding_step(const ForwardArgs& s, int64_t b, const QueryBlock& block, const DecodingQueries& q, int64_t k0,
+                   int64_t keys, int64_t end, float* st, int64_t lds, float* kb, float* vb, float* acc, int64_t ld_acc,
+                   float* row_max, float* row_sum, float* alpha) {
+  const Problem& p = s.p;
   const int64_t Dv = p.head_dim_v, cols = block.heads * block.rows;
   const int64_t per_head = cols / block.kv_heads;  // query rows per key/value head
   decoding_scores<T>(s, b, block, q, k0, keys, end, st, lds, kb);
   auto head_tile = [&](int64_t g) {
     return ScoreTile{st + g * block.rows * lds, lds, 1, b, block.h0 + g, block.q0, block.rows, k0, keys};
   };
-  const bool scaled_there = scale_in_softmax(p);
-  if (!scaled_there)
-    for (int64_t i = 0; i < cols; ++i) cap_scores(p, st + i * lds, round_up(keys, kVec), nullptr);
-  for (int64_t g = 0; g < block.heads; ++g) place_scores(p, head_tile(g));
-  softmax_update_rows<T>(st, lds, cols, keys, row_max, row_sum, alpha, scaled_there ? p.scale : 1.f, nullptr, nullptr);
+  row_softmax_step<T>(p, block, head_tile, st, lds, keys, row_max, row_sum, alpha, nullptr, nullptr);
   if (p.variants.dropout)
     for (int64_t g = 0; g < block.heads; ++g) apply_dropout(p, head_tile(g));
   rescale_rows(acc, ld_acc, cols, alpha);
@@ -557,7 +559,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       const Range used = unmasked_chunks(p, b, block, k0, keys);
       if (used.begin == used.end) continue;
       if (few) {
-        decoding_step<T>(p, s, b, block, decoding, k0, keys, visible.end, st, kDecodingKeys, kb, vb, acc, Dvp, row_max,
+        decoding_step<T>(s, b, block, decoding, k0, keys, visible.end, st, kDecodingKeys, kb, vb, acc, Dvp, row_max,
                          row_sum, alpha);
         continue;
       }
