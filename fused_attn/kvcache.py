@@ -43,7 +43,11 @@ def _eager_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, alib
         return get_backend(backend).kvcache_forward(*inputs, opts, k, v)
     if k is not None:
         append_by_indexing(k_cache, v_cache, block_table, cache_seqlens, k, v)
-        inputs = (q, k_cache, v_cache, cache_seqlens + k.shape[1], block_table, alibi_slopes)
+        # A sequence whose new tokens did not fit (not written) keeps a length outside the cache
+        # (-1), which the kernels judge as such: cache_seqlens + Lnew might fit where it did not.
+        lengths = cache_seqlens + k.shape[1]
+        fits = (cache_seqlens >= 0) & (lengths <= _capacity(k_cache, block_table))
+        inputs = (q, k_cache, v_cache, torch.where(fits, lengths, -1), block_table, alibi_slopes)
     return _kvcache_forward(*inputs, opts.scale, opts.causal, opts.window_left, opts.window_right, opts.softcap,
                             backend)
 
@@ -105,8 +109,9 @@ def attention_with_kvcache(
     time they see it (the reference backend on every call). Where the host does not check, the
     triton and cuda kernels do: a sequence whose length with its new tokens lies outside
     [0, capacity], or one of whose pages is not a page of the cache, reads nothing and gets NaN
-    out and lse rows, and new tokens are never written outside the cache. See
-    fused_attn/host_checks.py.
+    out and lse rows, and new tokens are never written outside the cache (a compiled call's
+    append and the reference backend judge them alike; the cpu backend's op raises a RuntimeError).
+    See fused_attn/host_checks.py.
     torch.jit.trace records the append and the attention, so a traced module writes the caches in
     place as eager calls do; the host checks run while tracing, not in the traced module, and an
     int cache_seqlens becomes a constant of the trace (with a TracerWarning): pass a tensor.

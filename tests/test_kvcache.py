@@ -426,6 +426,56 @@ def test_few_query_rows_take_the_decoding_kernel(monkeypatch, backend, dtype, se
         assert_accurate(f"d{name}", grad, exact_grad, low_grad, dtype)
 
 
+def unchecked_call(paged, strided=False):
+    """A KV-cache call of which only sequence 0 lies in its cache: sequence 1's length is negative
+    (paged: its first page too), sequence 2's with its new tokens past the cache (paged: it fits,
+    but one of its pages is not a page of the cache); a missing page of sequence 0's lies past its
+    length. Returns the call's arguments, and a check of its outputs and writes: sequence 0 as the
+    reference computes it, NaN rows and lse for the others, new tokens written only where
+    they fit."""
+    k_cache, v_cache = make_cache(torch.float32)
+    caches, table = (k_cache.clone(), v_cache.clone()), None
+    cached = torch.tensor([60, -7, CAPACITY + 50], dtype=torch.int32, device=DEVICE)
+    if paged:
+        *caches, table = paged_copy(k_cache, v_cache)
+        cached[2] = 40
+        table[2, 1] = caches[0].shape[0] + 1000  # holds keys 16..31 of sequence 2: a page that does not exist
+        table[1, 0] = -5
+        table[0, 5] = -1  # keys 80..95: past sequence 0's 62
+    if strided:
+        caches = tuple(with_strided_last_dim(t) for t in caches)
+    before = tuple(t.clone() for t in caches)
+    k_new, v_new = torch.randn(B, 2, HKV, D, device=DEVICE), torch.randn(B, 2, HKV, DV, device=DEVICE)
+    q = torch.randn(B, 1, HQ, D, device=DEVICE)
+
+    def check_writes(or_none=False):
+        written = [sorted(before[i].ne(caches[i]).any(dim=(2, 3)).nonzero().tolist()) for i in range(2)]
+        assert written[0] == written[1]
+        if paged:  # sequence 0's tokens 60, 61 went to its page 3; sequence 2's 40, 41 to page 2; 1's nowhere
+            expected = sorted([[int(table[0, 3]), 60 % PAGE], [int(table[0, 3]), 61 % PAGE],
+                               [int(table[2, 2]), 40 % PAGE], [int(table[2, 2]), 41 % PAGE]])
+        else:  # only sequence 0's, the one that fits
+            expected = [[0, 60], [0, 61]]
+        assert written[0] == expected or (or_none and written[0] == [])
+
+    def check(out, lse):
+        valid_keys = torch.cat([k_cache[0, :60], k_new[0]]), torch.cat([v_cache[0, :60], v_new[0]])
+        expected, expected_lse = fused_attn.attention(q[:1].transpose(1, 2),
+                                                      *(t.transpose(0, 1)[None] for t in valid_keys),
+                                                      backend="reference", return_lse=True)
+        torch.testing.assert_close(out[:1], expected.transpose(1, 2), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lse[:1], expected_lse, rtol=1e-4, atol=1e-4)
+        assert out[1:].isnan().all() and lse[1:].isnan().all()
+        check_writes()
+
+    return (q, *caches, cached, k_new, v_new, table), check, check_writes
+
+
+def unchecked_write_and_attend(q, k_cache, v_cache, cached, k_new, v_new, table, backend):
+    return fused_attn.attention_with_kvcache(q, k_cache, v_cache, cached, k=k_new, v=v_new, block_table=table,
+                                             return_lse=True, backend=backend)
+
+
 @pytest.mark.parametrize("strided", [False, True], ids=["rows", "strided-last-dim"])
 @pytest.mark.parametrize("backend, paged", [(name, paged) for name in KVCACHE_GPU_BACKENDS if name in BACKENDS
                                              for paged in (False, True)])
@@ -444,32 +494,24 @@ def test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, backend, paged, 
     monkeypatch.setattr(host_checks, "skipped", lambda device: True)
     # Outputs start finite (not the NaN of FUSED_ATTN_POISON_OUTPUTS): the NaN must be written.
     monkeypatch.setattr(layout, "new_output", lambda like, shape, dtype: like.new_full(shape, 7.0, dtype=dtype))
-    k_cache, v_cache = make_cache(torch.float32)
-    caches, table = (k_cache.clone(), v_cache.clone()), None
-    cached = torch.tensor([60, -7, CAPACITY + 50], dtype=torch.int32, device=DEVICE)
-    if paged:
-        *caches, table = paged_copy(k_cache, v_cache)
-        cached[2] = 40
-        table[2, 1] = caches[0].shape[0] + 1000  # holds keys 16..31 of sequence 2: a page that does not exist
-        table[1, 0] = -5
-        table[0, 5] = -1  # keys 80..95: past sequence 0's 62
-    if strided:
-        caches = tuple(with_strided_last_dim(t) for t in caches)
-    before = tuple(t.clone() for t in caches)
-    k_new, v_new = torch.randn(B, 2, HKV, D, device=DEVICE), torch.randn(B, 2, HKV, DV, device=DEVICE)
-    q = torch.randn(B, 1, HQ, D, device=DEVICE)
-    out, lse = fused_attn.attention_with_kvcache(q, *caches, cached, k=k_new, v=v_new, block_table=table,
-                                                 return_lse=True, backend=backend)
-    valid_keys = torch.cat([k_cache[0, :60], k_new[0]]), torch.cat([v_cache[0, :60], v_new[0]])
-    expected, expected_lse = fused_attn.attention(q[:1].transpose(1, 2), *(t.transpose(0, 1)[None] for t in valid_keys),
-                                                  backend="reference", return_lse=True)
-    torch.testing.assert_close(out[:1], expected.transpose(1, 2), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(lse[:1], expected_lse, rtol=1e-4, atol=1e-4)
-    assert out[1:].isnan().all() and lse[1:].isnan().all()
-    written = [before[i].ne(caches[i]).any(dim=(2, 3)).nonzero().tolist() for i in range(2)]
-    assert written[0] == written[1]
-    if paged:  # sequence 0's tokens 60, 61 went to its page 3; sequence 2's 40, 41 to page 2; sequence 1's nowhere
-        assert sorted(written[0]) == sorted([[int(table[0, 3]), 60 % PAGE], [int(table[0, 3]), 61 % PAGE],
-                                             [int(table[2, 2]), 40 % PAGE], [int(table[2, 2]), 41 % PAGE]])
-    else:  # only sequence 0's, the one that fits
-        assert written[0] == [[0, 60], [0, 61]]
+    arguments, check, _ = unchecked_call(paged, strided)
+    check(*unchecked_write_and_attend(*arguments, backend))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_traced_calls_judge_lengths_and_pages(kvcache_backend, paged):
+    """torch.compile traces the append as indexed writes and checks no lengths or pages on the
+    host (it cannot read them): the writes judge them as the kernels do (a negative length
+    wrapped around to the cache's last slots, one past the cache raised IndexError after
+    writing what fit), and so does the reference backend's decoding. The cpu backend's op checks
+    what it is given and raises (the compiled graph then may or may not have applied the writes it
+    traced: the functionalized graph writes its inputs back at its end)."""
+    torch._dynamo.reset()
+    call = torch.compile(unchecked_write_and_attend, fullgraph=True, backend="aot_eager")
+    arguments, check, check_writes = unchecked_call(paged)
+    if kvcache_backend == "cpu":
+        with pytest.raises(RuntimeError, match="seqlens_k must be >= 0"):
+            call(*arguments, kvcache_backend)
+        check_writes(or_none=True)
+    else:
+        check(*call(*arguments, kvcache_backend))

@@ -115,17 +115,38 @@ def append_by_indexing(k_cache: Tensor, v_cache: Tensor, block_table: Optional[T
                        k: Tensor, v: Tensor) -> None:
     """Write new tokens k, v (B, Lnew, Hkv, D) into the caches in place, after each sequence's
     cache_seqlens[b] tokens (through block_table's pages for a paged cache), by indexed
-    assignments: any device, and torch.compile traces them."""
-    positions = cache_seqlens[:, None].long() + torch.arange(k.shape[1], device=k.device)
+    assignments: any device, and torch.compile and torch.jit.trace record them.
+
+    Traced calls reach here with lengths and pages the host never checked, so the writes judge
+    them as the kernels do: a sequence whose tokens would lie outside [0, capacity), or on a page
+    that is not one of the cache's, writes nothing. One indexed write of fixed shape cannot skip
+    tokens, so each such token is sent to a valid token's slot with that token's value (the same
+    write twice), or, where no token is valid, writes a slot's own value back."""
+    batch, new_tokens = k.shape[:2]
+    page_size = k_cache.shape[1]
+    capacity = page_size * (1 if block_table is None else block_table.shape[1])
+    if batch * new_tokens == 0 or capacity == 0 or k_cache.shape[0] == 0:
+        return  # nothing to write, or no slot to write it in (every sequence is then outside the cache)
+    lengths = cache_seqlens.long()
+    valid = (lengths >= 0) & (lengths + new_tokens <= capacity)
+    positions = (lengths[:, None] + torch.arange(new_tokens, device=k.device)).clamp(0, capacity - 1)
     if block_table is None:
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        k_cache[rows, positions] = k
-        v_cache[rows, positions] = v
+        slots = (torch.arange(batch, device=k.device)[:, None].expand(batch, new_tokens), positions)
     else:
-        page_size = k_cache.shape[1]
         pages = block_table.long().gather(1, positions // page_size)
-        k_cache[pages, positions % page_size] = k
-        v_cache[pages, positions % page_size] = v
+        valid = valid & ((pages >= 0) & (pages < k_cache.shape[0])).all(1)
+        slots = (pages.clamp(0, k_cache.shape[0] - 1), positions % page_size)
+    valid = valid[:, None].expand(batch, new_tokens).reshape(-1)
+    slots = tuple(index.reshape(-1) for index in slots)
+    # (index_select by a 1-element tensor: indexing by a 0-d one would read it on the host)
+    donor = valid.to(torch.int32).argmax().view(1)  # the first valid token (token 0 when there is none)
+    donor_valid = valid.index_select(0, donor)[:, None, None]
+    slots = tuple(torch.where(valid, index, index.index_select(0, donor)) for index in slots)
+    donor_slot = tuple(index.index_select(0, donor) for index in slots)
+    for cache, tokens in ((k_cache, k), (v_cache, v)):
+        tokens = tokens.reshape(batch * new_tokens, *tokens.shape[2:])
+        donor_value = torch.where(donor_valid, tokens.index_select(0, donor), cache[donor_slot])
+        cache[slots] = torch.where(valid[:, None, None], tokens, donor_value)
 
 
 # Dense calls of fewer queries than keys, with at most this many query rows per key/value head

@@ -219,15 +219,14 @@ class ReferenceBackend(Backend):
         batch, seqlen_q, heads_q, _ = q.shape
         out = q.new_zeros((batch, seqlen_q, heads_q, v_cache.shape[-1]))
         lse = q.new_full((batch, heads_q, seqlen_q), float("-inf"), dtype=_accumulation_dtype(q.dtype))
-        page_size = k_cache.shape[1]
         for index, length in enumerate(seqlens_k.tolist()):
+            rows = _cached_rows(k_cache, v_cache, block_table, index, length)
+            if rows is None:
+                out[index], lse[index] = float("nan"), float("nan")
+                continue
             if length == 0:
                 continue
-            if block_table is None:
-                keys, values = k_cache[index, :length], v_cache[index, :length]
-            else:
-                pages = block_table[index, :-(-length // page_size)].long()
-                keys, values = (cache[pages].flatten(0, 1)[:length] for cache in (k_cache, v_cache))
+            keys, values = rows
             slopes = alibi_slopes
             if slopes is not None and slopes.dim() == 2:
                 slopes = slopes[index:index + 1]
@@ -238,6 +237,22 @@ class ReferenceBackend(Backend):
             out[index] = seq_out[0].transpose(0, 1)
             lse[index] = seq_lse[0]
         return out, lse
+
+
+def _cached_rows(k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor], index: int,
+                 length: int) -> Optional[tuple[Tensor, Tensor]]:
+    """Sequence `index`'s first `length` keys and values, (length, Hkv, D) each; None where they
+    do not all lie in the cache. Lengths and pages the host did not check (a traced call's) are
+    judged as the kernels judge them: such a sequence reads nothing and gets NaN rows."""
+    page_size = k_cache.shape[1]
+    if not 0 <= length <= page_size * (1 if block_table is None else block_table.shape[1]):
+        return None
+    if block_table is None:
+        return k_cache[index, :length], v_cache[index, :length]
+    pages = block_table[index, :-(-length // page_size)].long()
+    if pages.numel() and (pages.min() < 0 or pages.max() >= k_cache.shape[0]):
+        return None
+    return tuple(cache[pages].flatten(0, 1)[:length] for cache in (k_cache, v_cache))
 
 
 def _accumulate_bias_grad(dbias: Tensor, dscores: Tensor, start: int, end: int) -> None:
