@@ -108,3 +108,34 @@ def test_backends_agree(backend):
         ours = fused_attn.attention(q, k, v, causal=causal, causal_alignment="bottom_right", backend=backend)
         ref = fused_attn.attention(q, k, v, causal=causal, causal_alignment="bottom_right", backend="reference")
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_changes_nothing_but_the_inputs_dtype(backend):
+    """Inside torch.autocast the entry points cast float32 inputs to its dtype (tests/test_sdpa.py)
+    and nothing else: a backend's arithmetic stays its own (the reference backend's float32 matmuls
+    had run in bf16 under the caller's autocast, with 10x the error), and KV caches are never cast.
+    So calls on inputs already in that dtype, and KV-cache calls on float32 caches, give the same
+    bits inside autocast as outside."""
+    q, k, v = random_qkv(1, 4, 2, 20, 37, 32, 32, torch.bfloat16, DEVICE, requires_grad=True)
+    bias = torch.randn(1, 4, 20, 37, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    cache_q = torch.randn(2, 1, 4, 32, device=DEVICE)
+    k_cache, v_cache = (torch.randn(2, 50, 2, 32, device=DEVICE) for _ in range(2))
+    seqlens = torch.tensor([30, 50], dtype=torch.int32, device=DEVICE)
+    dout = torch.randn(1, 4, 20, 32, dtype=torch.bfloat16, device=DEVICE)
+
+    def calls():
+        out, lse = fused_attn.attention(q, k, v, attn_mask=bias, causal=True, return_lse=True, backend=backend)
+        grads = torch.autograd.grad((out * dout).sum() + lse.sum(), (q, k, v, bias))
+        decoded = []
+        if backend in fused_attn.available_backends() and backend != "cuda":  # (KV-cache backends on CPU)
+            decoded = fused_attn.attention_with_kvcache(cache_q, k_cache, v_cache, seqlens, return_lse=True,
+                                                        backend=backend)
+        return (out, lse, *grads, *decoded)
+
+    expected = calls()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        results = calls()
+    for name, result, outside in zip(("out", "lse", "dq", "dk", "dv", "dbias", "cache out", "cache lse"),
+                                     results, expected):
+        assert result.dtype == outside.dtype, name
+        assert torch.equal(result, outside), name

@@ -6,6 +6,7 @@ It is the last resort of dispatch and an independent cross-check for the kernels
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator, Optional
 
 import torch
@@ -114,10 +115,25 @@ def _as_batch(packed: Tensor) -> Tensor:
     return packed.transpose(0, 1).unsqueeze(0)
 
 
+def _without_autocast(method):
+    """The method run with autocast off on its first tensor's device: the reference computes in
+    float32 (float64 for float64 inputs) as it converts its inputs, which autocast would undo by
+    running its matmuls in its own dtype (the caller's autocast already cast the inputs)."""
+    @functools.wraps(method)
+    def run(self, first, *args, **kwargs):
+        device = first.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return method(self, first, *args, **kwargs)
+        return method(self, first, *args, **kwargs)
+    return run
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     twice_differentiable = True  # its backward is torch operations
 
+    @_without_autocast
     def forward(self, q, k, v, extras, opts, first_batch: int = 0):
         if q.dim() == 3:
             return self._varlen_forward(q, k, v, extras, opts)
@@ -171,6 +187,7 @@ class ReferenceBackend(Backend):
                     grad[span] = seq_grad[0].transpose(0, 1)
         return (*grads, None)
 
+    @_without_autocast
     def backward(self, dout, dlse, q, k, v, out, lse, extras, opts, bias_requires_grad, first_batch: int = 0):
         if q.dim() == 3:
             return self._varlen_backward(dout, dlse, q, k, v, out, lse, extras, opts)
@@ -215,6 +232,7 @@ class ReferenceBackend(Backend):
 
     supports_kvcache = True
 
+    @_without_autocast
     def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, opts):
         batch, seqlen_q, heads_q, _ = q.shape
         out = q.new_zeros((batch, seqlen_q, heads_q, v_cache.shape[-1]))
