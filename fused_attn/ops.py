@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from .backends import get_backend
 from .backends.base import needs_backward
@@ -137,6 +138,12 @@ class _EagerAttention(torch.autograd.Function):
         return output
 
     @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"fused_attn: the {ctx.scalars[-1]!r} backend has no forward-mode derivative (forward_ad dual "
+            "tensors, torch.func.jvp); backend='reference' computes it, slowly. (torch's SDPA has none either.)")
+
+    @staticmethod
     def backward(ctx, dout, dlse):
         gradients = _gradients(ctx, dout, dlse, _backward_impl)
         backend = ctx.scalars[-1]
@@ -253,6 +260,13 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], e
         return _TransformableAttention.apply(*tensors, *opts, backend)
     if needs_the_op(tensors):
         return attention_forward(*tensors, *opts, backend)
+    if forward_ad._current_level >= 0:
+        # Inside forward_ad.dual_level(): dual tensors require no grad, and the kernels would drop
+        # their tangents (a silent zero derivative); the Function's jvp says why not. The
+        # reference backend's torch operations carry tangents (and gradients) themselves.
+        if get_backend(backend).twice_differentiable:
+            return _forward(q, k, v, extras, opts, backend)
+        return _EagerAttention.apply(*tensors, *opts, backend)
     if _wants_gradient(tensors):
         return _EagerAttention.apply(*tensors, *opts, backend)
     return _forward(q, k, v, extras, opts, backend)

@@ -106,11 +106,15 @@ def test_torch_func_grad_vjp_and_jacrev(backend):
         torch.func.grad(lambda q: torch.func.grad(lambda q: loss(q, k, v, bias))(q).square().sum())(q)
 
 
-def oracle_attention(q, k, v):
-    """softmax(q k^T / sqrt(D)) v with k and v's heads repeated for q's (GQA)."""
+def oracle_attention(q, k, v, causal=False):
+    """softmax(q k^T / sqrt(D)) v with k and v's heads repeated for q's (GQA); causal top-left."""
     group = q.shape[1] // k.shape[1]
     k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
-    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        seen = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~seen, float("-inf"))
+    return torch.softmax(scores, -1) @ v
 
 
 def test_second_derivatives_raise_where_a_backend_cannot_give_them(backend):
@@ -133,6 +137,28 @@ def test_second_derivatives_raise_where_a_backend_cannot_give_them(backend):
             torch.autograd.grad(penalty(q, k, v), (q, k, v))
         first, = torch.autograd.grad(fused_attn.attention(q, k, v, backend=backend).sum(), q, create_graph=True)
         assert not first.isnan().any()  # create_graph alone is fine: only differentiating raises
+
+
+def test_forward_mode_derivatives_come_from_the_reference_backend_or_raise(backend):
+    """forward_ad's dual tensors require no grad, and a kernel would drop their tangents (a silent
+    zero derivative, as the cpu backend gave): the reference backend's torch operations carry
+    them, with the exact directional derivative; another backend raises NotImplementedError, as
+    torch's SDPA does. Without tangents, a call inside dual_level() runs as usual."""
+    from torch.autograd import forward_ad
+
+    q, k, v = random_qkv(1, 4, 2, 7, 9, 16, 16, torch.float64 if backend == "reference" else torch.float32, DEVICE)
+    tangent = torch.randn_like(q)
+    with forward_ad.dual_level():
+        plain = fused_attn.attention(q, k, v, causal=True, backend=backend)
+        assert forward_ad.unpack_dual(plain).tangent is None
+        dual = forward_ad.make_dual(q, tangent)
+        if backend != "reference":
+            with pytest.raises(NotImplementedError, match=f"the '{backend}' backend has no forward-mode derivative"):
+                fused_attn.attention(dual, k, v, causal=True, backend=backend)
+            return
+        derivative = forward_ad.unpack_dual(fused_attn.attention(dual, k, v, causal=True, backend=backend)).tangent
+    exact = torch.func.jvp(lambda q: oracle_attention(q, k, v, causal=True), (q,), (tangent,))[1]
+    torch.testing.assert_close(derivative, exact)
 
 
 @pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
