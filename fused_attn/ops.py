@@ -193,8 +193,14 @@ class _TransformableAttention(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(*inputs):
-        return attention_forward(*inputs)
+    def forward(q, k, v, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k, scale, causal,
+                bottom_right, window_left, window_right, softcap, dropout_p, deterministic, max_seqlen_q,
+                max_seqlen_k, backend):
+        # (Every parameter named: torch.compile passes a ctx to a forward with fewer parameters than
+        # arguments, as to one written before setup_context existed.)
+        return attention_forward(q, k, v, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k, scale,
+                                 causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic,
+                                 max_seqlen_q, max_seqlen_k, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -244,9 +250,18 @@ def _wants_gradient(tensors) -> bool:
     return torch.is_grad_enabled() and needs_backward(*tensors)
 
 
+@torch.compiler.disable
+def _transformed_eagerly(*inputs):
+    """_TransformableAttention under torch.func's grad transforms that torch.compile traces, run
+    eagerly (a graph break: fullgraph=True refuses it): torch.compile traces the Function's forward as if no gradient were
+    wanted (its tensors are the transforms' wrappers), and torch.library's autograd wrapper of
+    the op then meets the transforms, which it does not support."""
+    return _TransformableAttention.apply(*inputs)
+
+
 def under_func_transform() -> bool:
-    """Inside torch.func transforms (grad, vjp, vmap...), not while torch.compile traces them."""
-    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+    """Inside torch.func transforms (grad, vjp, vmap...), eager or traced by torch.compile."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], extras: AttentionTensors,
@@ -257,6 +272,11 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], e
     glue). extras holds attn_mask already split into mask or bias; the op takes attn_mask itself."""
     tensors = (q, k, v, attn_mask, extras.alibi_slopes, extras.dropout_seed, extras.cu_seqlens_q, extras.cu_seqlens_k)
     if under_func_transform():
+        if torch.compiler.is_compiling():
+            # vmap's batched tensors: the op (its fallback loops over the batch); grad's, eagerly.
+            if torch._C._functorch.is_batchedtensor(q):
+                return attention_forward(*tensors, *opts, backend)
+            return _transformed_eagerly(*tensors, *opts, backend)
         return _TransformableAttention.apply(*tensors, *opts, backend)
     if needs_the_op(tensors):
         return attention_forward(*tensors, *opts, backend)

@@ -106,6 +106,31 @@ def test_torch_func_grad_vjp_and_jacrev(backend):
         torch.func.grad(lambda q: torch.func.grad(lambda q: loss(q, k, v, bias))(q).square().sum())(q)
 
 
+def test_compiled_torch_func_transforms(backend):
+    """torch.compile of torch.func.grad / vjp over attention: the call runs eagerly inside the
+    compiled function (a graph break; it had crashed: torch.library's autograd wrapper does not
+    support the transforms), with eager's gradients; torch.compile of vmap traces the op whole
+    (fullgraph)."""
+    q, k, v = random_qkv(2, 4, 2, 7, 9, 16, 16, torch.float32, DEVICE)
+
+    def loss(q, k, v):
+        return fused_attn.attention(q, k, v, causal=True, backend=backend).square().sum()
+
+    torch._dynamo.reset()
+    expected = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    compiled = torch.compile(torch.func.grad(loss, argnums=(0, 1, 2)), backend="aot_eager")(q, k, v)
+    for a, b in zip(compiled, expected):
+        torch.testing.assert_close(a, b)
+    vjp = torch.compile(lambda q: torch.func.vjp(lambda q: fused_attn.attention(q, k, v, backend=backend), q)[1](
+        torch.ones_like(q))[0], backend="aot_eager")(q)
+    torch.testing.assert_close(vjp, torch.func.vjp(lambda q: fused_attn.attention(q, k, v, backend=backend), q)[1](
+        torch.ones_like(q))[0])
+    batched = torch.compile(torch.func.vmap(lambda q, k, v: fused_attn.attention(q, k, v, backend=backend)),
+                            backend="aot_eager", fullgraph=True)(q[:, None], k[:, None], v[:, None])
+    torch.testing.assert_close(batched[:, 0], fused_attn.attention(q, k, v, backend=backend))
+    torch._dynamo.reset()
+
+
 def oracle_attention(q, k, v, causal=False):
     """softmax(q k^T / sqrt(D)) v with k and v's heads repeated for q's (GQA); causal top-left."""
     group = q.shape[1] // k.shape[1]
