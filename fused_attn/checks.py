@@ -158,7 +158,8 @@ def check_attn_mask(attn_mask, q: torch.Tensor, k: torch.Tensor) -> None:
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     shape = tuple(attn_mask.shape)
-    if not 1 <= len(shape) <= 4 or any(m not in (1, f) for m, f in zip(shape[::-1], full[::-1])):
+    # (== and !=, not `in`: torch.compile specializes a dynamic size on the former only)
+    if not 1 <= len(shape) <= 4 or any(m != 1 and m != f for m, f in zip(shape[::-1], full[::-1])):
         raise ValueError(
             f"attn_mask of shape {shape} does not broadcast to (B, Hq, Lq, Lk) = {full}: each of its "
             "trailing dimensions must be 1 or the full size"
@@ -176,7 +177,8 @@ def check_alibi_slopes(alibi_slopes, batch: int, heads: int, device: torch.devic
         return
     if not isinstance(alibi_slopes, torch.Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
-    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+    shape = tuple(alibi_slopes.shape)
+    if not (shape == (heads,) or shape == (batch, heads)):  # (== for torch.compile: see check_attn_mask)
         raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {tuple(alibi_slopes.shape)}")
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")

@@ -328,6 +328,7 @@ def test_jit_trace_of_patched_sdpa_matches_torch():
 
 @pytest.mark.parametrize("masks", [
     dict(key_padding_mask=(7, 3)), dict(attn_mask=(7, 5)), dict(attn_mask=(12, 7, 5)), dict(attn_mask=(1, 7, 5)),
+    dict(attn_mask=(1, 5, 7)),  # torch takes a 3-D mask only as (N * H, L, S)
 ], ids=str)
 def test_multihead_masks_of_the_wrong_shape_raise_as_in_torch(masks):
     """A mask of the right size but the wrong shape (transposed) is an error, as in torch, never
@@ -339,3 +340,19 @@ def test_multihead_masks_of_the_wrong_shape_raise_as_in_torch(masks):
     for module in (reference, fused):
         with pytest.raises((RuntimeError, AssertionError), match="shape"):
             module(query, key, key, need_weights=False, **masks)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float16, torch.float64], ids=str)
+def test_multihead_float_mask_of_another_dtype_raises_as_in_torch(mask_dtype):
+    """A float attn_mask must have the query's dtype, as torch's module requires (the fused path
+    had cast it), on the fused path and on torch's (need_weights=True) alike."""
+    reference = torch.nn.MultiheadAttention(16, 4)
+    fused = fused_attn.nn.MultiheadAttention.from_torch(reference)
+    query = torch.randn(5, 3, 16)
+    mask = torch.randn(5, 5, dtype=mask_dtype)
+    with pytest.raises(RuntimeError, match="Expected attn_mask dtype to be bool or float or to match query dtype"):
+        reference(query, query, query, attn_mask=mask, need_weights=False)
+    with pytest.raises(RuntimeError, match="Expected attn_mask dtype to be bool or float or to match query dtype"):
+        fused(query, query, query, attn_mask=mask, need_weights=False)
+    with pytest.raises(RuntimeError):
+        fused(query, query, query, attn_mask=mask, need_weights=True)

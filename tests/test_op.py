@@ -131,6 +131,30 @@ def test_compiled_torch_func_transforms(backend):
     torch._dynamo.reset()
 
 
+def test_compiled_calls_with_a_dynamic_batch():
+    """torch.compile with the batch marked dynamic (a hint it may specialize): masks, ALiBi slopes
+    and a MultiheadAttention 3-D mask of the batch's size are checked against the symbolic batch
+    with ==, which specializes it (the checks' tuple membership had refused them as not
+    broadcasting, with messages naming the very shape given)."""
+    q, k, v = random_qkv(2, 4, 2, 5, 7, 16, 16, torch.float32, DEVICE)
+    bias, slopes = torch.randn(2, 1, 1, 7, device=DEVICE), torch.rand(2, 4, device=DEVICE)
+    for t in (q, k, v):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+
+    def call(q, k, v):
+        return fused_attn.attention(q, k, v, attn_mask=bias, alibi_slopes=slopes)
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(call, backend="aot_eager", fullgraph=True)(q, k, v), call(q, k, v))
+    mha = fused_attn.nn.MultiheadAttention(16, 2, batch_first=True).to(DEVICE)
+    x, mask = torch.randn(3, 5, 16, device=DEVICE), torch.randn(6, 5, 5, device=DEVICE)
+    torch._dynamo.maybe_mark_dynamic(x, 0)
+    compiled = torch.compile(lambda x: mha(x, x, x, attn_mask=mask, need_weights=False)[0], backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x), mha(x, x, x, attn_mask=mask, need_weights=False)[0])
+    torch._dynamo.reset()
+
+
 def oracle_attention(q, k, v, causal=False):
     """softmax(q k^T / sqrt(D)) v with k and v's heads repeated for q's (GQA); causal top-left."""
     group = q.shape[1] // k.shape[1]

@@ -194,8 +194,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if attn_mask is not None:
             if attn_mask.dim() == 2:
                 masks.append(attn_mask.view(1, 1, seqlen_q, seqlen_k))
-            elif attn_mask.shape[0] == 1:
-                masks.append(attn_mask.view(1, 1, seqlen_q, seqlen_k))
             else:
                 masks.append(attn_mask.view(batch, self.num_heads, seqlen_q, seqlen_k))
         if key_padding_mask is not None:
@@ -222,10 +220,14 @@ def _check_mask_shapes(attn_mask, key_padding_mask, query, key, batch_first, num
         if attn_mask.dim() == 2 and tuple(attn_mask.shape) != (seqlen_q, seqlen_k):
             raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
                                f"{(seqlen_q, seqlen_k)}.")
-        if attn_mask.dim() == 3 and tuple(attn_mask.shape) not in ((batch * num_heads, seqlen_q, seqlen_k),
-                                                                     (1, seqlen_q, seqlen_k)):
+        # (Sizes compared one by one: torch.compile specializes a dynamic batch on ==, not on `in`.)
+        if attn_mask.dim() == 3 and not (attn_mask.shape[0] == batch * num_heads
+                                         and tuple(attn_mask.shape[1:]) == (seqlen_q, seqlen_k)):
             raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
                                f"{(batch * num_heads, seqlen_q, seqlen_k)}.")
+        if attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
+            raise RuntimeError("Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                               f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, seqlen_k):
         raise AssertionError(f"expecting key_padding_mask shape of {(batch, seqlen_k)}, but got "
                              f"{key_padding_mask.shape}")
