@@ -16,7 +16,8 @@ torch.compile traces it breaks the graph. So these checks:
     triton and cuda KV-cache kernels judge lengths and pages as they read them; varlen judges
     cu_seqlens on the device after the call), such a tensor is checked the first time it is seen
     and guarded after that; elsewhere it is checked on every call.
-CPU tensors are read without a sync and checked on every call; meta tensors have no values to check.
+CPU tensors are read without a sync and checked on every call; meta tensors and FakeTensors have no
+values to check.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import weakref
 from typing import Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 VARIABLE = "FUSED_ATTN_HOST_CHECKS"
 
@@ -54,7 +56,7 @@ def check_once(check: Callable[[], None], device: torch.device, facts: tuple, *t
     values this has not verified, so a tensor without a version counter may be remembered too
     (see the module docstring). Returns whether the values are verified: checked now, or the
     same versions of the tensors checked before."""
-    if skipped(device):
+    if skipped(device) or _without_values(tensors):
         return False
     if not _remembered(tensors, guarded):
         check()
@@ -67,6 +69,15 @@ def check_once(check: Callable[[], None], device: torch.device, facts: tuple, *t
         _passed.clear()
     _passed[key] = tuple((None, 0) if t is None else (weakref.ref(t), _version(t)) for t in tensors)
     return True
+
+
+def _without_values(tensors) -> bool:
+    """Whether any of the tensors is a FakeTensor (FakeTensorMode: shapes, devices, no values, as
+    meta tensors)."""
+    for t in tensors:  # (a plain loop, exact types first: this runs on every call)
+        if t is not None and type(t) is not torch.Tensor and is_fake(t):
+            return True
+    return False
 
 
 def _remembered(tensors, guarded: bool) -> bool:

@@ -309,6 +309,22 @@ def test_meta_tensors_give_the_outputs_of_a_real_call(name, call):
     assert "no kernel runs" in fused_attn.explain(q, q, q).splitlines()[1]
 
 
+@pytest.mark.parametrize("name, call", _meta_calls(), ids=[name for name, _ in _meta_calls()])
+def test_fake_tensors_give_the_outputs_of_a_real_call(name, call):
+    """Under FakeTensorMode (shape propagation, memory estimates) every entry point returns fake
+    outputs and gradients with a real call's shapes, strides and dtypes; the host checks read no
+    value (varlen's cu_seqlens and a KV cache's lengths had been read, and raised)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    real = call(DEVICE)
+    with FakeTensorMode():
+        fake = call(DEVICE)
+    assert len(fake) == len(real)
+    for f, r in zip(fake, real):
+        assert is_fake(f)
+        assert (f.shape, f.stride(), f.dtype) == (r.shape, r.stride(), r.dtype), name
+
+
 def test_parameters_take_the_eager_path_and_subclasses_the_op(monkeypatch):
     """A learnable bias held as nn.Parameter is a plain tensor to the eager path (no ~250 us op
     dispatch) and gets its gradient; a true tensor subclass goes through the registered op."""
