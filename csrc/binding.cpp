@@ -146,10 +146,16 @@ std::vector<int64_t> lengths_of(const Tensor& t, const char* name, int64_t entri
   } else {
     lengths.assign(values, values + entries);
   }
+  if (!cumulative) {  // (one message either side: a traced KV-cache call marks a sequence outside its cache -1)
+    for (int64_t length : lengths)
+      TORCH_CHECK(length >= 0 && length <= limit, "fused_attn_native: ", name, " must lie within [0, ", limit,
+                  "], got ", length);
+    return lengths;
+  }
   int64_t total = 0;
   for (int64_t length : lengths) {
-    TORCH_CHECK(length >= 0, "fused_attn_native: ", name, cumulative ? " must be non-decreasing" : " must be >= 0");
-    total = cumulative ? total + length : std::max(total, length);
+    TORCH_CHECK(length >= 0, "fused_attn_native: ", name, " must be non-decreasing");
+    total += length;
   }
   TORCH_CHECK(total <= limit, "fused_attn_native: ", name, " goes past the ", limit, " rows of its tensor");
   return lengths;
@@ -526,7 +532,8 @@ void cpu_kvcache_forward(const Tensor& q, const Tensor& k_cache, const Tensor& v
     check_tensor(*v_new, "v_new", q.scalar_type(), {B, Lnew, Hkv, Dv});
   }
   Call call;
-  call.seqlens_k = lengths_of(seqlens_k, "seqlens_k", B, false, capacity - Lnew);
+  call.seqlens_k = lengths_of(seqlens_k, "cache_seqlens (the cache's capacity less the new tokens)", B, false,
+                              capacity - Lnew);
   for (int64_t& length : call.seqlens_k) length += Lnew;  // the new tokens' rows are attended to
   call.seqlens_q.assign(B, Lq);
   if (block_table) {  // every page a sequence reads must exist

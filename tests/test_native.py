@@ -554,8 +554,11 @@ def test_native_kvcache_op_checks_its_arguments():
     lengths = torch.tensor([9, 3], dtype=torch.int32)
     table = torch.tensor([[0, 4], [1, 2]], dtype=torch.int32)
     ops.cpu_kvcache_forward(q, pages, pages, lengths, table, out, lse, 0.25, -1, -1)
-    with pytest.raises(RuntimeError, match="seqlens_k goes past the 16 rows"):
+    with pytest.raises(RuntimeError, match=r"cache_seqlens \(the cache's capacity less the new tokens\) must lie "
+                                           r"within \[0, 16\], got 18"):
         ops.cpu_kvcache_forward(q, pages, pages, lengths * 2, table, out, lse, 0.25, -1, -1)
+    with pytest.raises(RuntimeError, match=r"must lie within \[0, 16\], got -1"):
+        ops.cpu_kvcache_forward(q, pages, pages, lengths.neg().clamp(min=-1), table, out, lse, 0.25, -1, -1)
     with pytest.raises(RuntimeError, match=r"block_table\[0, 1\] = 5 is not a page of k_cache \(5 pages\)"):
         ops.cpu_kvcache_forward(q, pages, pages, lengths, table + 1, out, lse, 0.25, -1, -1)
     with pytest.raises(RuntimeError, match="a contiguous cache must have B = 2 rows"):
