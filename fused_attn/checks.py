@@ -30,12 +30,14 @@ def check_dense(**tensors) -> None:
             raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes=None) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes=None, names=("q", "k", "v")) -> None:
     """Check that q (B, Hq, Lq, D), k (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv) fit together.
 
     shapes: their (B, H, L, D) shapes when the tensors are stored otherwise (a KV cache's
-    (B, L, H, D)): the same rules, without building transposed views on every decoding step."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    (B, L, H, D)): the same rules, without building transposed views on every decoding step.
+    names: the arguments' names in the messages (a KV cache's k_cache and v_cache)."""
+    qn, kn, vn = names
+    for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -47,29 +49,29 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes=None) ->
                 f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
             )
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{qn}, {kn} and {vn} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(
-            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
+            f"{qn}, {kn} and {vn} must be on one device, got {q.device}, {k.device}, {v.device}"
         )
     q_shape, k_shape, v_shape = shapes or (q.shape, k.shape, v.shape)
     batch, heads_q, _, head_dim = q_shape
     k_batch, heads_kv, seqlen_k, k_head_dim = k_shape
     v_batch, v_heads, v_seqlen, v_head_dim = v_shape
     if k_batch != batch or v_batch != batch:
-        raise ValueError(f"q, k and v must share the batch size, got {batch}, {k_batch}, {v_batch}")
+        raise ValueError(f"{qn}, {kn} and {vn} must share the batch size, got {batch}, {k_batch}, {v_batch}")
     if heads_kv != v_heads:
-        raise ValueError(f"k and v must have the same number of heads, got {heads_kv} and {v_heads}")
+        raise ValueError(f"{kn} and {vn} must have the same number of heads, got {heads_kv} and {v_heads}")
     if seqlen_k != v_seqlen:
-        raise ValueError(f"k and v must have the same sequence length, got {seqlen_k} and {v_seqlen}")
+        raise ValueError(f"{kn} and {vn} must have the same sequence length, got {seqlen_k} and {v_seqlen}")
     if (heads_q % heads_kv != 0) if heads_kv else heads_q != 0:  # (no heads at all: an empty call, as in torch)
         raise ValueError(
             f"the number of query heads ({heads_q}) must be a multiple of the number of key/value heads "
             f"({heads_kv}) for grouped-query attention"
         )
     if k_head_dim != head_dim:
-        raise ValueError(f"q and k must have the same head dim, got {head_dim} and {k_head_dim}")
-    for name, dim in (("q/k", head_dim), ("v", v_head_dim)):
+        raise ValueError(f"{qn} and {kn} must have the same head dim, got {head_dim} and {k_head_dim}")
+    for name, dim in ((f"{qn}/{kn}", head_dim), (vn, v_head_dim)):
         if not 1 <= dim <= MAX_HEAD_DIM:
             raise ValueError(f"{name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
 
@@ -212,8 +214,10 @@ def check_cu_seqlens(name: str, cu_seqlens, max_seqlen, max_name: str, device: t
         raise ValueError(f"{name} must have {batch + 1} entries like cu_seqlens_q, got {cu_seqlens.shape[0]}")
     if cu_seqlens.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {cu_seqlens.device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{max_name} must be an int, got {max_seqlen!r}")
+    if max_seqlen < 0:
+        raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
 
 
 def check_cu_seqlens_values(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> bool:

@@ -173,8 +173,11 @@ def _check_kvcache_inputs(q, k_cache, v_cache, block_table, k, v) -> None:
         cache_rows = v_rows = batch
     check_qkv(q, k_cache, v_cache, shapes=((batch, heads_q, seqlen_q, head_dim),
                                            (cache_rows, heads_kv, page_size, k_head_dim),
-                                           (v_rows, v_heads, v_page_size, v_head_dim)))
+                                           (v_rows, v_heads, v_page_size, v_head_dim)), names=("q", "k_cache", "v_cache"))
     if block_table is not None:
+        if page_size == 0:
+            raise ValueError(f"a paged cache's pages must hold at least one token: k_cache of shape "
+                             f"{tuple(k_cache.shape)} is (num_pages, page_size = 0, Hkv, D)")
         if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
             raise TypeError("block_table must be an int32 tensor of shape (batch, max_pages_per_sequence)")
         if block_table.shape[0] != batch or block_table.device != q.device:
@@ -212,6 +215,8 @@ def _check_writable(cache: Tensor, name: str) -> None:
 def _check_cache_seqlens(cache_seqlens, q) -> None:
     """cache_seqlens: an int, or an int32 (B,) tensor on q's device (its values: _check_capacity)."""
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if cache_seqlens >= 2 ** 31:  # (negative ones: _check_capacity)
+            raise ValueError(f"cache_seqlens must fit int32 (and the cache), got {cache_seqlens}")
         return
     batch = q.shape[0]
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:

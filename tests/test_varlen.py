@@ -123,7 +123,8 @@ def test_varlen_opcheck(varlen_backend):
      r"cu_seqlens_k ends at 87, past the 80 packed tokens"),
     (dict(cu_seqlens_q=lambda c: c[None]), ValueError, r"cu_seqlens_q must have shape \(batch \+ 1,\)"),
     (dict(max_seqlen_q=lambda m: 69), ValueError, r"max_seqlen_q \(69\) is shorter than the longest sequence \(70\)"),
-    (dict(max_seqlen_k=lambda m: 4.0), TypeError, r"max_seqlen_k must be a non-negative int"),
+    (dict(max_seqlen_k=lambda m: 4.0), TypeError, r"max_seqlen_k must be an int"),
+    (dict(max_seqlen_q=lambda m: -1), ValueError, r"max_seqlen_q must be >= 0, got -1"),
     (dict(q=lambda q: q[None]), ValueError, r"q must have 3 dimensions \(total_tokens, heads, head_dim\)"),
     (dict(k=lambda k: k[:, :1].expand(-1, 3, -1)), ValueError, r"k and v must have the same number of heads"),
 ], ids=lambda x: x if isinstance(x, str) else "")
