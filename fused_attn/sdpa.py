@@ -166,6 +166,8 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         return _Refusal(ValueError, f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if not isinstance(is_causal, bool):
         return _Refusal(TypeError, f"is_causal must be a bool, got {is_causal!r}")
+    if not isinstance(enable_gqa, bool):
+        return _Refusal(TypeError, f"enable_gqa must be a bool, got {enable_gqa!r}")
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         return _Refusal(TypeError, f"scale must be a finite number or None, got {scale!r}")
 
@@ -198,6 +200,10 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     out_shape = (*batch, heads, seqlen_q, v[-1])
     if query.dim() == key.dim() == value.dim() == 2:
         out_shape = out_shape[-2:]
+        if attn_mask is not None and attn_mask.dim() > 2:  # (torch's (L, S) scores cannot take its dims)
+            scores = (seqlen_q, seqlen_k)
+            return _Refusal(RuntimeError, f"output with shape {list(scores)} doesn't match the broadcast shape "
+                                          f"{list(_broadcast(tuple(attn_mask.shape), scores) or ())}")
     if attn_mask is not None:
         full = (*batch, heads, seqlen_q, seqlen_k)
         if _broadcast(tuple(attn_mask.shape), full) != full:

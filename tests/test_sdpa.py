@@ -120,6 +120,7 @@ def test_leading_dims_are_flattened_without_copies():
 @pytest.mark.parametrize("call", [
     "gqa without enable_gqa", "heads not divisible", "1-D inputs", "dtype mismatch", "int mask",
     "float64 mask for float32 inputs", "mask does not broadcast", "scale given positionally",
+    "enable_gqa not a bool", "3-D mask for 2-D inputs",
 ])
 def test_errors_are_the_kind_torch_raises(call):
     q, k, v = (torch.randn(2, 4, 5, 16, device=DEVICE) for _ in range(3))
@@ -134,6 +135,8 @@ def test_errors_are_the_kind_torch_raises(call):
                                                                                   device=DEVICE))),
         "mask does not broadcast": ((q, k, v), dict(attn_mask=torch.ones(3, 5, 5, dtype=torch.bool, device=DEVICE))),
         "scale given positionally": ((q, k, v, None, 0.0, False, 0.5), {}),
+        "enable_gqa not a bool": ((q, k2, v2), dict(enable_gqa="False")),
+        "3-D mask for 2-D inputs": ((q[0, 0], k[0, 0], v[0, 0]), dict(attn_mask=torch.zeros(1, 5, 5, device=DEVICE))),
     }[call]
     with pytest.raises(Exception) as torch_error:
         TORCH_SDPA(*args, **keywords)
