@@ -126,22 +126,12 @@ def make_options(
     bound that large lets every query see every key on its side, so it is stored as -1 (unbounded):
     the same attention, and the kernels never add a huge bound to an index (sys.maxsize overflowed).
     """
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
-    if causal_alignment not in CAUSAL_ALIGNMENTS:
-        raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}")
-    scale, softcap, dropout_p = as_number(scale), as_number(softcap), as_number(dropout_p)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
-    left, right = (-1 if bound >= reach else bound for bound in check_window(window))
-    softcap = _check_bounds("softcap", softcap, 0.0, math.inf)
-    dropout_p = _check_bounds("dropout_p", dropout_p, 0.0, 1.0)
+    scale, window, softcap, dropout_p = check_keywords(causal=causal, causal_alignment=causal_alignment, scale=scale,
+                                                       window=window, softcap=softcap, dropout_p=dropout_p,
+                                                       deterministic=deterministic)
+    left, right = (-1 if bound >= reach else bound for bound in window)
     return AttentionOptions(
-        scale=float(scale),
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
         causal=causal,
         bottom_right=causal_alignment == "bottom_right",
         window_left=left,
@@ -150,6 +140,36 @@ def make_options(
         dropout_p=dropout_p,
         deterministic=deterministic,
     )
+
+
+# The kernels compute in float32: a scale or softcap outside its range would overflow (NaN
+# outputs) or round to 0 (a softcap of 0 means none).
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def check_keywords(*, causal, causal_alignment, scale, window, softcap, dropout_p, deterministic):
+    """The keywords every attention call takes, checked without the tensors (nn.Attention checks
+    them when it is built): (scale as a float or None, window as (left, right), softcap, dropout_p)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if causal_alignment not in CAUSAL_ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}")
+    scale, softcap, dropout_p = as_number(scale), as_number(softcap), as_number(dropout_p)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+        if abs(scale) > _FLOAT32.max:
+            raise ValueError(f"scale must be within float32's range (|scale| <= {_FLOAT32.max:.4g}), got {scale!r}")
+        scale = float(scale)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    window = check_window(window)
+    softcap = _check_bounds("softcap", softcap, 0.0, math.inf)
+    if softcap != 0.0 and not _FLOAT32.tiny <= softcap <= _FLOAT32.max:
+        raise ValueError(f"softcap must be 0 (none) or a float32 number in [{_FLOAT32.tiny:.4g}, {_FLOAT32.max:.4g}], "
+                         f"got {softcap!r}")
+    dropout_p = _check_bounds("dropout_p", dropout_p, 0.0, 1.0)
+    return scale, window, softcap, dropout_p
 
 
 def check_attn_mask(attn_mask, q: torch.Tensor, k: torch.Tensor) -> None:

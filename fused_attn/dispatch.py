@@ -53,12 +53,16 @@ def refusal_reasons(name: str, q, k, v, extras: AttentionTensors, opts: Attentio
 def _requested(backend: Optional[str]) -> Optional[str]:
     if backend is None:
         backend = os.environ.get(ENV_VARIABLE) or None
-        source = f"the {ENV_VARIABLE} environment variable"
+        check_backend_name(backend, f"the {ENV_VARIABLE} environment variable")
     else:
-        source = "backend"
+        check_backend_name(backend)
+    return backend
+
+
+def check_backend_name(backend: Optional[str], source: str = "backend") -> None:
+    """A backend's name, or None (automatic), else ValueError naming `source`."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {sorted(BACKENDS)} or None, got {backend!r}")
-    return backend
 
 
 def preference(device: torch.device) -> list[str]:

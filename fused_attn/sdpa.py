@@ -32,6 +32,9 @@ Tensor = torch.Tensor
 _TORCH_SDPA: Callable[..., Tensor] = F.scaled_dot_product_attention
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 class _Refusal(NamedTuple):
     """Why a call cannot be served: the exception torch would raise, or None for 'valid, unsupported'."""
 
@@ -170,6 +173,9 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         return _Refusal(TypeError, f"enable_gqa must be a bool, got {enable_gqa!r}")
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         return _Refusal(TypeError, f"scale must be a finite number or None, got {scale!r}")
+    if scale is not None and abs(scale) > _FLOAT32_MAX:  # (torch computes it, overflowing)
+        return _Refusal(None, f"scale must be within float32's range (|scale| <= {_FLOAT32_MAX:.4g}), the kernels' "
+                              f"arithmetic, got {scale!r}")
 
     # Leading dims: (*batch, heads, L, E), every input padded on the left to the same rank.
     rank = max(query.dim(), key.dim(), value.dim(), 3)

@@ -213,6 +213,20 @@ def test_attention_module_matches_the_function_and_drops_out_only_in_training():
         Attention(window=5)
 
 
+@pytest.mark.parametrize("keywords, error, message", [
+    (dict(causal="yes"), TypeError, "causal must be a bool"),
+    (dict(causal_alignment="bottom-right"), ValueError, "causal_alignment must be one of"),
+    (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
+    (dict(softcap=-1.0), ValueError, "softcap must be in"),
+    (dict(deterministic=None), TypeError, "deterministic must be a bool"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+], ids=str)
+def test_attention_module_checks_its_options_when_built(keywords, error, message):
+    """A bad option fails where it is given, as dropout and window did, not at the first forward."""
+    with pytest.raises(error, match=message):
+        Attention(**keywords)
+
+
 # --- torch.compile and torch.export -----------------------------------------------------------
 
 def test_compile_fullgraph_modules_forward_and_backward():

@@ -64,6 +64,11 @@ def test_mixed_devices():
     (dict(causal=1), TypeError, r"causal must be a bool"),
     (dict(scale=float("nan")), ValueError, r"scale must be a finite number"),
     (dict(scale="0.1"), ValueError, r"scale must be a finite number"),
+    # The kernels compute in float32: 1e39 overflowed to NaN outputs; a softcap of 1e-46 rounded to
+    # 0 (none) in the cpu backend while the others applied it.
+    (dict(scale=-1e39), ValueError, r"scale must be within float32's range"),
+    (dict(softcap=1e39), ValueError, r"softcap must be 0 \(none\) or a float32 number"),
+    (dict(softcap=1e-46), ValueError, r"softcap must be 0 \(none\) or a float32 number"),
     (dict(deterministic=None), TypeError, r"deterministic must be a bool"),
     (dict(return_lse="yes"), TypeError, r"return_lse must be a bool"),
     (dict(backend="flash"), ValueError, r"backend must be one of \['cpu', 'cuda', 'reference', 'triton'\]"),

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 
 from ..api import attention
-from ..checks import check_window
+from ..checks import check_keywords
+from ..dispatch import check_backend_name
 
 Tensor = torch.Tensor
 
@@ -46,11 +47,15 @@ class Attention(torch.nn.Module):
         super().__init__()
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        # Every option checked here, as attention checks it, so a bad one fails where it is given.
+        _, window, _, _ = check_keywords(causal=causal, causal_alignment=causal_alignment, scale=scale, window=window,
+                                         softcap=softcap, dropout_p=dropout, deterministic=deterministic)
+        check_backend_name(backend)
         self.causal = causal
         self.causal_alignment = causal_alignment
         self.scale = scale
         self.dropout = float(dropout)
-        self.window = check_window(window)
+        self.window = window
         self.softcap = softcap
         self.deterministic = deterministic
         self.backend = backend
