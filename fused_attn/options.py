@@ -11,6 +11,14 @@ import torch
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
+# A float mask value at or below -2^127 hides its key as -inf does, in every backend (the kernels:
+# kHidingBias in csrc/common/views.h, HIDING_BIAS in triton/common.py): torch.finfo(float32).min and
+# finfo(bfloat16).min, Hugging Face's padding value, lie below it. A finite score that low would
+# be a fully masked row's maximum, and its lse = max + log(sum) would lose the sum (1 ulp there is
+# 2e31), so that P = exp(S - lse) in the backward would be 1 for every key; and Triton's base-2
+# scores (bias * log2(e)) overflow to -inf there anyway.
+HIDING_BIAS = -2.0 ** 127
+
 
 class AttentionOptions(NamedTuple):
     """Scalars of one call (a NamedTuple: immutable, hashable, and built in a fraction of a frozen

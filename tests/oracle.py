@@ -13,6 +13,9 @@ import torch
 import fused_attn
 from fused_attn.triton.common import INTERPRETING
 
+# The documented float mask value at or below which a key is hidden as by -inf (README, attn_mask).
+HIDING_BIAS = -2.0 ** 127
+
 
 def naive_attention(q, k, v, *, causal=False, bottom_right=False, scale=None, attn_mask=None, window=(-1, -1),
                     alibi_slopes=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, dtype=None):
@@ -49,10 +52,12 @@ def naive_attention(q, k, v, *, causal=False, bottom_right=False, scale=None, at
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         hidden = hidden | ~attn_mask
     elif attn_mask is not None:
-        # -inf entries hide their pair like False does; adding them would also hide it, but a row
-        # that they hide entirely would then send NaN (0 * exp(-inf + inf)) into the gradients.
-        hidden = hidden | (attn_mask == float("-inf"))
-        scores = scores + attn_mask.to(dtype).masked_fill(attn_mask == float("-inf"), 0.0)
+        # -inf entries, and all at or below HIDING_BIAS (-2^127: torch.finfo(float32).min is one),
+        # hide their pair like False does; adding them would also hide it, but a row that they
+        # hide entirely would then send NaN (0 * exp(-inf + inf)) into the gradients.
+        hiding = attn_mask <= HIDING_BIAS
+        hidden = hidden | hiding
+        scores = scores + attn_mask.to(dtype).masked_fill(hiding, 0.0)
     scores = scores.masked_fill(hidden, float("-inf"))
     visible_rows = (scores > float("-inf")).any(-1, keepdim=True)
     probs = torch.softmax(scores, dim=-1).masked_fill(~visible_rows, 0.0)

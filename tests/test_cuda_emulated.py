@@ -193,6 +193,12 @@ def test_rows_that_see_no_key(cuda):
     out, lse = check_forward(cuda, (1, 2, 2, 9, 20, 32, 32), torch.bfloat16,
                              attn_mask=torch.zeros(9, 20, dtype=torch.bool))
     assert torch.all(out == 0) and torch.all(lse == -math.inf)
+    # A float bias at or below -2^127 (torch.finfo(float32).min here) hides its key as -inf does.
+    bias = torch.randn(9, 20)
+    bias[4] = torch.finfo(torch.float32).min
+    bias[6, ::3] = -2.0 ** 127
+    out, lse = check_forward(cuda, (1, 2, 2, 9, 20, 32, 32), torch.bfloat16, attn_mask=bias)
+    assert torch.all(out[:, :, 4] == 0) and torch.all(lse[:, :, 4] == -math.inf)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])

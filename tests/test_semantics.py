@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from oracle import random_qkv
+from oracle import naive_attention, random_qkv
 
 import fused_attn
 
@@ -139,3 +139,37 @@ def test_autocast_changes_nothing_but_the_inputs_dtype(backend):
                                      results, expected):
         assert result.dtype == outside.dtype, name
         assert torch.equal(result, outside), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_bias_at_the_float_minimum_hides_its_key(backend, dtype):
+    """Float mask values at or below -2^127 (torch.finfo(dtype).min, Hugging Face's padding value)
+    hide their keys as -inf does, in every backend: a row they hide entirely gives out 0, lse -inf
+    and zero gradients (Triton's base-2 scores overflowed to -inf there while the other backends
+    averaged v, with backward probabilities exp(S - lse) of 1 for every key: lse lost log(sum));
+    rows they hide in part are as if those keys were masked."""
+    q, k, v = random_qkv(2, 2, 1, 12, 20, 16, 16, dtype, DEVICE, requires_grad=True)
+    bias = torch.randn(2, 1, 12, 20, device=DEVICE).to(dtype)
+    lowest = torch.finfo(dtype).min
+    bias[:, :, 3] = lowest  # row 3 hidden entirely
+    bias[0, :, 5, ::2] = lowest
+    bias[1, :, 7] = -2.0 ** 127  # the line itself hides
+    bias[1, :, 8, :10] = -2.0 ** 126  # a finite score below it does not
+    bias.requires_grad_()
+    out, lse = fused_attn.attention(q, k, v, attn_mask=bias, return_lse=True, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum() + lse.sum() * 0.5, (q, k, v, bias))
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    exact_out, exact_lse = naive_attention(*exact[:3], attn_mask=exact[3], dtype=torch.float64)
+    exact_grads = torch.autograd.grad((exact_out * dout.double()).sum() + exact_lse.sum() * 0.5, exact)
+    assert torch.all(out[:, :, 3] == 0) and torch.all(lse[:, :, 3] == float("-inf")) and torch.all(out[1, :, 7] == 0)
+    assert torch.isfinite(lse[1, :, 8]).all()
+    for grad in grads:
+        assert torch.isfinite(grad).all()
+    assert torch.all(grads[0][:, :, 3] == 0) and torch.all(grads[3][bias.detach() <= -2.0 ** 127] == 0)
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    visible = torch.isfinite(exact_lse)
+    torch.testing.assert_close(lse[visible].double(), exact_lse[visible], rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(out.double(), exact_out, rtol=tolerance, atol=tolerance)
+    for grad, exact_grad in zip(grads, exact_grads):
+        torch.testing.assert_close(grad.double(), exact_grad.nan_to_num(0.0), rtol=tolerance, atol=tolerance)

@@ -139,16 +139,20 @@ inline void for_each_line(const ScoreTile& t, F f) {
   }
 }
 
-// s[e] += x[e * stride], e < n: vectors where x is contiguous or one value.
+// s + bias, or -inf where the bias hides the key (kHidingBias, common/views.h).
+inline float plus_bias(float s, float bias) { return bias <= kHidingBias ? -kInf : s + bias; }
+inline Vec plus_bias(Vec s, Vec bias) { return Vec::blendv(s + bias, Vec(-kInf), bias <= Vec(kHidingBias)); }
+
+// s[e] = plus_bias(s[e], x[e * stride]), e < n: vectors where x is contiguous or one value.
 template <typename B>
 inline void add_strided(float* s, const B* x, int64_t stride, int64_t n) {
   int64_t e = 0;
   if (stride == 0 || stride == 1) {
     const Vec broadcast(static_cast<float>(x[0]));
     for (; e + kVec <= n; e += kVec)
-      (Vec::loadu(s + e) + (stride == 0 ? broadcast : load_as_floats(x + e))).store(s + e);
+      plus_bias(Vec::loadu(s + e), stride == 0 ? broadcast : load_as_floats(x + e)).store(s + e);
   }
-  for (; e < n; ++e) s[e] += static_cast<float>(x[e * stride]);
+  for (; e < n; ++e) s[e] = plus_bias(s[e], static_cast<float>(x[e * stride]));
 }
 
 // s[e] = -inf where keep[e * stride] is false, e < n. Masks come in runs (padding, blocks, bands):
@@ -183,13 +187,13 @@ inline bool reads_across_lines(const ScoreTile& t, const Strided& view) {
   return t.q_step == 1 && view.col == 1 && view.row != 0;
 }
 
-// t(i, j) += bias(b, h, q0 + i, k0 + j), the bias stored as B (float32, or q's 16-bit dtype).
+// t(i, j) += bias(b, h, q0 + i, k0 + j) (plus_bias), the bias stored as B (float32, or q's 16-bit dtype).
 template <typename B>
 inline void add_bias(const Strided& bias, const ScoreTile& t) {
   const B* base = at_row<B>(bias, t.b, t.h, t.q0) + t.k0 * bias.col;
   if (reads_across_lines(t, bias)) {
     for (int64_t i = 0; i < t.rows; ++i)
-      for (int64_t j = 0; j < t.keys; ++j) t.at(i, j) += static_cast<float>(base[i * bias.row + j]);
+      for (int64_t j = 0; j < t.keys; ++j) t.at(i, j) = plus_bias(t.at(i, j), static_cast<float>(base[i * bias.row + j]));
   } else {
     for_each_line(t, [&](float* s, int64_t n, int64_t i, int64_t j, int64_t di, int64_t dj) {
       add_strided(s, base + i * bias.row + j * bias.col, di * bias.row + dj * bias.col, n);

@@ -135,7 +135,11 @@ class HeadScores {
     float s = dot * p_.scale;
     if (v.softcap > 0.f) s = v.softcap * tanhf(s / v.softcap);
     if (v.alibi_slopes != nullptr) s -= slope_ * static_cast<float>(distance < 0 ? -distance : distance);
-    if (v.bias.data != nullptr) s += bias(i, j);
+    if (v.bias.data != nullptr) {
+      const float b = bias(i, j);
+      if (b <= kHidingBias) return -INFINITY;  // (common/views.h)
+      s += b;
+    }
     return s;
   }
 

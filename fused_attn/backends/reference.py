@@ -13,7 +13,7 @@ import torch
 
 from ..dropout import keep_mask_from_seed
 from ..layout import empty_like_layout
-from ..options import AttentionOptions, AttentionTensors
+from ..options import HIDING_BIAS, AttentionOptions, AttentionTensors
 from .base import Backend, Tensor, as_4d
 
 KEY_BLOCK = 512
@@ -76,9 +76,11 @@ class _Problem:
         distance = cols[None, :] - (self.rows[:, None] + self.shift)  # j - (i + shift)
         if self.slopes is not None:
             scores = scores - self.slopes * distance.abs()
-        if self.bias is not None:
-            scores = scores + self.bias[..., start:end].to(self.acc_dtype)
         hidden = torch.zeros_like(distance, dtype=torch.bool)
+        if self.bias is not None:
+            bias = self.bias[..., start:end]
+            scores = scores + bias.to(self.acc_dtype)
+            hidden = hidden | (bias <= HIDING_BIAS)
         if opts.left >= 0:
             hidden |= distance < -opts.left
         if opts.right >= 0:

@@ -56,6 +56,8 @@ def interpreter_problem() -> str | None:
 
 LOG2_E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN_2: tl.constexpr = tl.constexpr(0.6931471805599453)  # natural lse = base-2 lse * ln(2)
+# A float mask value at or below this hides its key as -inf does (options.HIDING_BIAS).
+HIDING_BIAS: tl.constexpr = tl.constexpr(-2.0 ** 127)
 _ROUNDS: tl.constexpr = tl.constexpr(PHILOX_ROUNDS)
 _MUL_A: tl.constexpr = tl.constexpr(PHILOX_MUL_A)
 _MUL_B: tl.constexpr = tl.constexpr(PHILOX_MUL_B)
@@ -402,8 +404,9 @@ def score_tile(qk, q_index, k_index, seqlen_q, seqlen_k, mask_ptr, stride_mm, st
                          + offset_of(k_index, stride_mn, INT64_OFFSETS), mask=in_bounds, other=0)
         if MASK_KIND == 1:
             scores = tl.where(values != 0, scores, float("-inf"))
-        else:
-            scores += values.to(tl.float32) * LOG2_E
+        else:  # (a bias at or below HIDING_BIAS hides its key, as in every backend)
+            values = values.to(tl.float32)
+            scores = tl.where(values <= HIDING_BIAS, float("-inf"), scores + values * LOG2_E)
     if CHECK_WINDOW:
         visible = k_index < seqlen_k
         if HAS_LEFT:
