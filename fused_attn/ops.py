@@ -145,7 +145,11 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        gradients = _gradients(ctx, dout, dlse, _backward_impl)
+        # A batched backward (autograd.grad(is_grads_batched=True), jacobian(vectorize=True)) hands
+        # this batched gradients (torch's legacy vmap): the op's fallback loops over the batch.
+        batched = torch._C._functorch.is_legacy_batchedtensor
+        backward = attention_backward if batched(dout) or batched(dlse) else _backward_impl
+        gradients = _gradients(ctx, dout, dlse, backward)
         backend = ctx.scalars[-1]
         if not torch.is_grad_enabled() or get_backend(backend).twice_differentiable:
             return gradients

@@ -106,6 +106,32 @@ def test_torch_func_grad_vjp_and_jacrev(backend):
         torch.func.grad(lambda q: torch.func.grad(lambda q: loss(q, k, v, bias))(q).square().sum())(q)
 
 
+def test_batched_backward(backend):
+    """A backward over a batch of output gradients (autograd.grad with is_grads_batched=True,
+    jacobian(vectorize=True), gradcheck's check_batched_grad) equals one backward per gradient:
+    the op's vmap fallback loops over the batch (the kernels' ops, which write into outputs they
+    are given, had no batching rule)."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    q, k, v = random_qkv(1, 4, 2, 6, 9, 8, 8, dtype, DEVICE, requires_grad=True)
+
+    def call(q, k, v):
+        return fused_attn.attention(q, k, v, causal=True, backend=backend)
+
+    out = call(q, k, v)
+    grads = torch.randn(3, *out.shape, dtype=dtype, device=DEVICE)
+    batched = torch.autograd.grad(out, (q, k, v), grads, is_grads_batched=True, retain_graph=True)
+    for index, dout in enumerate(grads):
+        for together, alone in zip(batched, torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)):
+            torch.testing.assert_close(together[index], alone)
+    small = q.detach()[:, :, :2]
+    # (16 outputs: the fallback's loop runs a backward per output, slowly through Triton's interpreter)
+    vectorized = torch.autograd.functional.jacobian(lambda q: call(q, k, v)[:, :1], small, vectorize=True)
+    exact = torch.func.jacrev(lambda q: oracle_attention(q, k.double(), v.double(), causal=True)[:, :1])(small.double())
+    torch.testing.assert_close(vectorized.double(), exact, rtol=1e-4, atol=1e-5)
+    if backend == "reference":
+        assert torch.autograd.gradcheck(call, (q, k, v), check_batched_grad=True)
+
+
 def test_compiled_torch_func_transforms(backend):
     """torch.compile of torch.func.grad / vjp over attention: the call runs eagerly inside the
     compiled function (a graph break; it had crashed: torch.library's autograd wrapper does not
