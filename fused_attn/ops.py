@@ -104,6 +104,18 @@ def _(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, cu_s
     return (*grads, attn_mask.new_empty(attn_mask.shape) if bias_requires_grad else q.new_empty(0))
 
 
+def _backward_op_not_differentiable(ctx, *grads):
+    raise RuntimeError(
+        "fused_attn: the gradients of a call through the registered op (torch.jit.trace, torch.compile, "
+        "tensor subclasses) cannot be differentiated (a second derivative through attention): the backward "
+        "op has no derivative; eager calls with backend='reference' give second derivatives")
+
+
+# Differentiating the backward op's gradients (create_graph=True) raises fused_attn's explanation
+# instead of torch's "no autograd formula was registered".
+attention_backward.register_autograd(_backward_op_not_differentiable, setup_context=lambda ctx, inputs, output: None)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k, *scalars = inputs
     out, lse = output

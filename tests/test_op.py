@@ -236,6 +236,19 @@ def test_forward_mode_derivatives_come_from_the_reference_backend_or_raise(backe
     torch.testing.assert_close(derivative, exact)
 
 
+def test_second_derivatives_through_the_op_raise_fused_attns_error(backend):
+    """Through the registered op (torch.jit.trace, tensor subclasses) differentiating the
+    gradients raises fused_attn's explanation, on every backend (torch's own 'no autograd formula
+    was registered' had said nothing of where second derivatives come from)."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    q, k, v = random_qkv(1, 2, 1, 6, 9, 8, 8, dtype, DEVICE, requires_grad=True)
+    traced = torch.jit.trace(lambda q, k, v: fused_attn.attention(q, k, v, backend=backend), (q, k, v),
+                             check_trace=False)
+    dq, = torch.autograd.grad(traced(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="fused_attn: the gradients of a call through the registered op"):
+        torch.autograd.grad(dq.square().sum(), (q, k, v))
+
+
 @pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
 def test_float64_gradcheck(alignment):
     q, k, v = random_qkv(1, 4, 2, 6, 9, 8, 5, torch.float64, DEVICE, requires_grad=True)
