@@ -209,14 +209,8 @@ class _TransformableAttention(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                bottom_right, window_left, window_right, softcap, dropout_p, deterministic, max_seqlen_q,
-                max_seqlen_k, backend):
-        # (Every parameter named: torch.compile passes a ctx to a forward with fewer parameters than
-        # arguments, as to one written before setup_context existed.)
-        return attention_forward(q, k, v, attn_mask, alibi_slopes, dropout_seed, cu_seqlens_q, cu_seqlens_k, scale,
-                                 causal, bottom_right, window_left, window_right, softcap, dropout_p, deterministic,
-                                 max_seqlen_q, max_seqlen_k, backend)
+    def forward(*inputs):
+        return attention_forward(*inputs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -269,9 +263,10 @@ def _wants_gradient(tensors) -> bool:
 @torch.compiler.disable
 def _transformed_eagerly(*inputs):
     """_TransformableAttention under torch.func's grad transforms that torch.compile traces, run
-    eagerly (a graph break: fullgraph=True refuses it): torch.compile traces the Function's forward as if no gradient were
-    wanted (its tensors are the transforms' wrappers), and torch.library's autograd wrapper of
-    the op then meets the transforms, which it does not support."""
+    eagerly (a graph break, which fullgraph=True refuses): torch.compile would trace the Function's
+    forward as if no gradient were wanted (its tensors are the transforms' wrappers), and
+    torch.library's autograd wrapper of the op then meets the transforms, which it does not
+    support."""
     return _TransformableAttention.apply(*inputs)
 
 
