@@ -215,7 +215,7 @@ def _check_writable(cache: Tensor, name: str) -> None:
 def _check_cache_seqlens(cache_seqlens, q) -> None:
     """cache_seqlens: an int, or an int32 (B,) tensor on q's device (its values: _check_capacity)."""
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        if cache_seqlens >= 2 ** 31:  # (negative ones: _check_capacity)
+        if not -2 ** 31 <= cache_seqlens < 2 ** 31:  # (other negative ones: _check_capacity)
             raise ValueError(f"cache_seqlens must fit int32 (and the cache), got {cache_seqlens}")
         return
     batch = q.shape[0]
