@@ -512,7 +512,8 @@ def parse_args(argv=None):
         help="comma-separated providers (default on CUDA: fused_attn, fused_attn:cuda, sdpa_flash, sdpa_cudnn, "
         "sdpa_efficient, flash_attn where available; on CPU: fused_attn,sdpa,sdpa_math); see the module docstring",
     )
-    p.add_argument("--out", type=Path, help="CSV path (default: benchmarks/results/<device>/bench.csv)")
+    p.add_argument("--out", type=Path, help="CSV path (default: bench.csv in --out-dir)")
+    p.add_argument("--out-dir", type=Path, help="results folder (default: benchmarks/results/<device>/)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
     p.add_argument("--passes", default=",".join(PASSES), help="comma-separated subset of: fwd,fwd+bwd")
     p.add_argument("--seqlens", help="comma-separated sequence lengths (overrides the sweep's)")
@@ -536,7 +537,7 @@ def main(argv=None) -> int:
     if not on_cuda and not (args.providers or args.seqlens or args.out):
         from . import bench_cpu
 
-        return bench_cpu.main(["--quick"] if args.quick else [])
+        return bench_cpu.main((["--quick"] if args.quick else []) + (["--out-dir", str(args.out_dir)] if args.out_dir else []))
 
     provider_names = args.providers.split(",") if args.providers else default_providers(on_cuda)
     providers = [make_provider(n.strip()) for n in provider_names if n.strip()]
@@ -551,7 +552,7 @@ def main(argv=None) -> int:
         base = {(c.dtype, c.causal, c.H, c.D) for c in configs}
         tokens = 16384 if on_cuda else None
         configs = [
-            Config(dtype, causal, (tokens // L if tokens else 1), H, L, D)
+            Config(dtype, causal, (max(1, tokens // L) if tokens else 1), H, L, D)
             for (dtype, causal, H, D) in sorted(base, key=lambda t: (str(t[0]), t[3], t[1]))
             for L in wanted
         ]
@@ -661,7 +662,11 @@ def main(argv=None) -> int:
         table += goal_lines(rows)
     print("\n".join(table), flush=True)
 
-    out = args.out or (RESULTS_DIR / device_slug(on_cuda) / ("bench-quick.csv" if args.quick else "bench.csv"))
+    out = args.out or ((args.out_dir or RESULTS_DIR / device_slug(on_cuda)) / ("bench-quick.csv" if args.quick
+                                                                                else "bench.csv"))
+    if not rows:  # (an earlier run's results are not replaced by an empty table)
+        print(f"\nno row was measured (time budget spent): {out} not written", flush=True)
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     env = [device_name(on_cuda), torch.__version__, getattr(triton, "__version__", ""), torch.version.cuda or ""]
     with open(out, "w", newline="") as f:

@@ -186,13 +186,17 @@ def main(argv=None) -> int:
     print("\n".join(lines[len(header):]), flush=True)
 
     out_dir = args.out_dir or RESULTS_DIR / device_slug(on_cuda=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = ("bench_cpu-quick" if args.quick else "bench_cpu") + (f"-{args.threads}thread" if args.threads else "")
+    if not times:  # (an earlier run's results are not replaced by an empty table)
+        print(f"\nno row was measured (time budget spent): {out_dir / stem}.csv not written", flush=True)
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    environment = common.env_columns(on_cuda=False)
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["dtype", "causal", "B", "H", "L", "D", "pass", "cpu_ms", "flash_ms", "math_ms",
-                         "vs_flash", "vs_math"])
-        writer.writerows(rows)
+                         "vs_flash", "vs_math", *environment])
+        writer.writerows(row + list(environment.values()) for row in rows)
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"\nwrote {out_dir / stem}.csv and .md", flush=True)
     for note in plots.render(out_dir / f"{stem}.csv"):

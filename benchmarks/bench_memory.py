@@ -14,9 +14,11 @@ or a kernel fault ends only that provider's sweep):
   and the gradients dq, dk, dv are included. One warm-up call at a small L first (compiles kernels,
   creates the cuBLAS/cuDNN handles). "fwd" is one call under torch.no_grad(); "fwd+bwd" one
   forward and one backward with a random output gradient.
-- CPU: one fresh subprocess per (provider, L); peak resident set size (ru_maxrss) after the call
-  minus the high-water mark after allocating the inputs and a tiny warm-up. Coarser than CUDA's
-  allocator statistics (page granularity, allocator caching), but comparable between providers.
+- CPU: one fresh subprocess per (provider, L), in which every allocation of 64 KiB or more is its
+  own mapping (MALLOC_MMAP_THRESHOLD_), so that freed memory is not silently reused; the peak
+  resident set during the call (VmHWM, reset through /proc/self/clear_refs just before it) minus
+  the resident set then (inputs, a tiny warm-up). Coarser than CUDA's allocator statistics (page
+  granularity, small allocations from the heap), but comparable between providers.
 An out-of-memory error ends a provider's sweep (larger L would fail too); other errors print n/a.
 "Projected max L" extrapolates the last two measured points (memory ~ L^p) to the device memory:
 an estimate for providers that never ran out within the sweep, not a measurement.
@@ -27,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -83,8 +84,23 @@ def _run(prov, q, k, v, dout, backward: bool) -> None:
                 prov.fn(q, k, v, False)
 
 
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def _status_bytes(field: str) -> int:
+    """A memory figure of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _cpu_peak_start() -> int:
+    """Resets the process's peak resident set (VmHWM) to what it holds now, and returns that: the
+    base of the next _cpu_peak_above. (The lifetime peak, ru_maxrss, was often set before the call
+    by the inputs' temporaries, so the call's own peak did not show.)"""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
+def _cpu_peak_above(base: int) -> int:
+    return _status_bytes("VmHWM") - base
 
 
 def child(args) -> int:
@@ -130,11 +146,12 @@ def child(args) -> int:
                 torch.cuda.synchronize()
                 row["fwdbwd_bytes"] = torch.cuda.max_memory_allocated() - base
             else:
-                base = _maxrss_bytes()
+                base = _cpu_peak_start()
                 _run(prov, q, k, v, dout, backward=False)
-                row["fwd_bytes"] = _maxrss_bytes() - base
+                row["fwd_bytes"] = _cpu_peak_above(base)
+                base = _cpu_peak_start()
                 _run(prov, q, k, v, dout, backward=True)
-                row["fwdbwd_bytes"] = _maxrss_bytes() - base
+                row["fwdbwd_bytes"] = _cpu_peak_above(base)
         except Exception as exc:
             row["error"] = common.after_error(exc, on_cuda)
         q = k = v = dout = None
@@ -165,6 +182,11 @@ def _spawn(args, device, name, seqlens, H, D, dtype, timeout_s) -> list[dict]:
            "--dtype", common.dtype_name(dtype)]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if device == "cpu":
+        # Every allocation of 64 KiB or more its own mapping, returned when freed: glibc's malloc
+        # otherwise serves a call's tensors from memory freed earlier, already resident, and the
+        # resident set does not grow with them.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     rows: list[dict] = []
     timed_out = threading.Event()
     with tempfile.TemporaryFile(mode="w+") as err_file:
@@ -189,6 +211,8 @@ def _spawn(args, device, name, seqlens, H, D, dtype, timeout_s) -> list[dict]:
         err = err_file.read()
     done = {r["L"] for r in rows}
     missing = [L for L in seqlens if L not in done]
+    if missing and proc.returncode == 0 and not timed_out.is_set() and common.out_of_time():
+        return rows  # the child stopped at the time budget: rows skipped, not failed
     if missing:
         tail = [s for s in err.strip().splitlines() if s.strip()]
         why = (f"timed out after {timeout_s}s" if timed_out.is_set() else
@@ -253,7 +277,7 @@ def main(argv=None) -> int:
             got = _spawn(args, device, name, seqlens, H, D, dtype, timeout_s)
         else:
             got = []
-            for L in seqlens:  # one process per L: ru_maxrss is a per-process high-water mark
+            for L in seqlens:  # one process per L: each measured with a fresh allocator
                 r = _spawn(args, device, name, [L], H, D, dtype, timeout_s)
                 got += r
                 if any(x.get("error") == "OOM" or "timed out" in x.get("error", "") for x in r):

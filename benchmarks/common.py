@@ -315,10 +315,14 @@ def write_csv(path: Path, rows: Sequence[dict], keys: Sequence[str], on_cuda: bo
 
 
 def finish(args, on_cuda: bool, suite: str, flav: str, header: list[str], body: list[str],
-           rows: Sequence[dict], csv_keys: Sequence[str]) -> Path:
-    """Print the report, write <suite>.csv and <suite>.md; return the CSV path."""
+           rows: Sequence[dict], csv_keys: Sequence[str]) -> Optional[Path]:
+    """Print the report, write <suite>.csv and <suite>.md; return the CSV path (None, and nothing
+    written, when no row was measured: results of an earlier run are not replaced by an empty table)."""
     print("\n".join([""] + body), flush=True)
     path = results_path(args, on_cuda, suite, flav)
+    if not rows:
+        print(f"\nno row was measured (time budget spent): {path} not written", flush=True)
+        return None
     write_csv(path, rows, csv_keys, on_cuda)
     md = path.with_suffix(".md")
     md.write_text("\n".join(header + [""] + body) + "\n")

@@ -10,9 +10,10 @@
     --full             CPU only: larger sizes for the non-speed suites (their CPU default is short)
     --budget-s N       a time budget for the whole run, in seconds (a lent GPU's minutes are few):
                        each suite gets a share of what is left when it starts (WEIGHTS), starts no
-                       new row once its share is spent, and writes the rows it has
+                       new row once its share is spent, and writes the rows it has (none: no files,
+                       so earlier results stay); a share under MIN_SUITE_S skips the suite
 
---quick and --device go to every suite. With one suite, all other arguments go to it; with several,
+--quick, --device and --out-dir go to every suite. With one suite, all other arguments go to it; with several,
 the other arguments go to the speed suite (as before), and each suite runs in its own subprocess so
 that an out-of-memory or a kernel fault in one cannot spoil the next (and no suite inherits
 another's cached GPU memory).
@@ -34,6 +35,9 @@ SUITES = ("speed", "memory", "masked", "decode", "varlen", "overhead")
 # Each suite's share of a --budget-s run: of the time left when it starts, its weight over the
 # weights of the suites still to run (so time one suite leaves unused goes to the next ones).
 WEIGHTS = {"speed": 4.0, "memory": 1.0, "masked": 2.0, "decode": 2.0, "varlen": 1.0, "overhead": 0.5}
+# A suite given less than this of a --budget-s run is skipped: starting one (a subprocess that
+# imports torch and builds its inputs) takes ~5 s before its first row.
+MIN_SUITE_S = 15.0
 MODULES = {"memory": "benchmarks.bench_memory", "masked": "benchmarks.bench_masked",
            "decode": "benchmarks.bench_decode", "varlen": "benchmarks.bench_varlen",
            "overhead": "benchmarks.bench_overhead"}
@@ -69,8 +73,10 @@ def cli(speed_main: Callable[[list[str]], int], argv=None) -> int:
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--quick", action="store_true")
     peek.add_argument("--device")
+    peek.add_argument("--out-dir")
     shared, _ = peek.parse_known_args(rest)
-    common_args = (["--quick"] if shared.quick else []) + (["--device", shared.device] if shared.device else [])
+    common_args = ((["--quick"] if shared.quick else []) + (["--device", shared.device] if shared.device else [])
+                   + (["--out-dir", shared.out_dir] if shared.out_dir else []))
     suites = _selected(known.suite)
 
     if len(suites) == 1:
@@ -82,7 +88,7 @@ def cli(speed_main: Callable[[list[str]], int], argv=None) -> int:
         args = rest + (["--full"] if known.full else [])
         return importlib.import_module(MODULES[name]).main(args)
 
-    extra = [a for a in rest if a not in common_args]
+    extra = [a for a in rest if a not in common_args]  # (--out-dir and its value included)
     if extra and "speed" not in suites:
         raise SystemExit(f"arguments {extra} need a single --suite (they are passed to that suite only)")
     env = dict(os.environ)
@@ -95,7 +101,11 @@ def cli(speed_main: Callable[[list[str]], int], argv=None) -> int:
             args = common_args + (["--full"] if known.full else [])
         if end is not None:
             share = WEIGHTS[name] / sum(WEIGHTS[later] for later in suites[i:])
-            env[common.DEADLINE_VARIABLE] = str(time.time() + max(0.0, end - time.time()) * share)
+            seconds = max(0.0, end - time.time()) * share
+            if seconds < MIN_SUITE_S:  # it would start and stop before its first row
+                summary.append(f"- {name}: skipped ({seconds:.0f}s of the time budget left for it; results not written)")
+                continue
+            env[common.DEADLINE_VARIABLE] = str(time.time() + seconds)
         cmd = [sys.executable, "-m", "benchmarks.bench", "--suite", name] + args
         print(f"\n===== suite {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()

@@ -87,8 +87,9 @@ def test_gpu_results_say_where_the_triton_tiles_came_from(monkeypatch, tmp_path)
 
 def test_a_time_budget_is_shared_out_and_stops_suites(monkeypatch, tmp_path):
     """make bench ARGS="--budget-s N" (a lent GPU's minutes are few): each suite gets its weight's
-    share of the time left when it starts, and a suite past its deadline starts no new row but
-    still writes its table."""
+    share of the time left when it starts; a share too short for a first row skips the suite; a
+    suite past its deadline starts no new row and, with none measured, writes nothing (it had
+    written empty tables over the results of earlier runs)."""
     from benchmarks import bench_overhead, common, suites
 
     deadlines = {}
@@ -105,13 +106,31 @@ def test_a_time_budget_is_shared_out_and_stops_suites(monkeypatch, tmp_path):
     # (the suites are not run here, so each later one shares out nearly the whole budget again)
     assert deadlines["overhead"] - start == pytest.approx(650, abs=5)
 
+    deadlines.clear()
+    assert suites.cli(lambda argv: 0, ["--suite", "decode,overhead", "--budget-s", str(suites.MIN_SUITE_S - 1)]) == 0
+    assert deadlines == {}
+
     monkeypatch.setenv(common.DEADLINE_VARIABLE, str(start - 1))
     monkeypatch.setattr(common, "_said_out_of_time", False)
     assert common.out_of_time()
+    earlier = tmp_path / "overhead-small.csv"
+    earlier.write_text("an earlier run's rows\n")
     assert bench_overhead.main(["--out-dir", str(tmp_path)]) == 0
-    (out,) = tmp_path.glob("overhead*.csv")
-    rows = out.read_text().splitlines()
-    assert len(rows) == 1 and rows[0].startswith("case,provider")  # the header, and no row
+    assert [p.name for p in tmp_path.iterdir()] == [earlier.name] and earlier.read_text() == "an earlier run's rows\n"
+
+
+def test_out_dir_goes_to_every_suite(monkeypatch, tmp_path):
+    """--out-dir with several suites reaches each of them, the speed suite included (which had
+    refused it, while the others wrote into benchmarks/results/)."""
+    from benchmarks import suites
+
+    commands = []
+    monkeypatch.setattr(suites.subprocess, "call", lambda cmd, cwd, env: commands.append(cmd) or 0)
+    assert suites.cli(lambda argv: 0, ["--suite", "speed,memory,overhead", "--quick", "--out-dir", str(tmp_path)]) == 0
+    assert len(commands) == 3
+    for cmd in commands:
+        assert cmd[cmd.index("--out-dir") + 1] == str(tmp_path)
+    assert bench.parse_args(["--out-dir", str(tmp_path)]).out_dir == tmp_path
 
 
 def test_the_goals_configurations_are_measured_first():

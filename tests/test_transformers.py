@@ -161,6 +161,26 @@ def test_dropout_only_in_training(spy):
     assert {dropout for _, _, dropout, _ in spy} == {0.0}
 
 
+def test_a_batch_of_one_is_broadcast_as_sdpa_does(spy):
+    """Queries of batch 1 against keys of batch B (learned queries), and the other way round: the
+    attention function broadcasts the batch as transformers' SDPA function does (it had refused)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module(torch.nn.Module):
+        num_key_value_groups, is_causal = 1, False
+
+    for q_batch, kv_batch in ((1, 3), (3, 1)):
+        q = torch.randn(q_batch, 4, 5, 16, device=DEVICE, requires_grad=True)
+        k, v = (torch.randn(kv_batch, 4, 7, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+        ours, _ = fa_transformers.attention_forward(Module(), q, k, v, None)
+        theirs, _ = sdpa_attention_forward(Module(), q, k, v, None)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        dout = torch.randn_like(ours)
+        for a, b in zip(torch.autograd.grad(ours, (q, k, v), dout), torch.autograd.grad(theirs, (q, k, v), dout)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert len(spy) == 2
+
+
 def test_importing_fused_attn_does_not_import_transformers():
     code = ("import sys, fused_attn, fused_attn.integrations.transformers; "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")

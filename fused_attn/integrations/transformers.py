@@ -102,6 +102,10 @@ def attention_forward(
         if mask.dtype not in (query.dtype, torch.float32):
             mask = mask.to(query.dtype)
 
+    if query.shape[0] != key.shape[0] and 1 in (query.shape[0], key.shape[0]):
+        # A batch of 1 broadcast, as transformers' SDPA path does (learned queries): stride-0 views.
+        batch = max(query.shape[0], key.shape[0])
+        query, key, value = (t.expand(batch, *t.shape[1:]) for t in (query, key, value))
     out = attention(query, key, value, causal=bool(is_causal), scale=scaling, attn_mask=mask,
                     dropout_p=float(dropout), softcap=float(softcap) if softcap else 0.0)
     return out.transpose(1, 2).contiguous(), None
