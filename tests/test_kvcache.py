@@ -187,6 +187,31 @@ def test_unchecked_missing_pages_outside_a_window_are_never_read(monkeypatch, ba
             torch.testing.assert_close(out[b:b + 1], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", [name for name in KVCACHE_GPU_BACKENDS if name in BACKENDS])
+def test_unchecked_missing_page_past_a_blocks_causal_reach_is_never_read(monkeypatch, backend):
+    """Unchecked, causal, with several blocks of query rows: a block whose rows see keys only up to
+    80 of 86 loads a key block that runs past 80, onto the page of keys 80..95, which is missing.
+    Pages are checked as far as the loop loads, not as far as the rows see, so nothing is read
+    past the cache (the interpreter's bounds checks would say): each row is NaN or, where its
+    block loads no key of that page, its attention; the last rows, which see it, are NaN."""
+    from fused_attn import host_checks
+
+    monkeypatch.setattr(host_checks, "skipped", lambda device: True)
+    k_cache, v_cache = make_cache(torch.float32)
+    k_pages, v_pages, table = paged_copy(k_cache, v_cache)
+    table[0, 5] = k_pages.shape[0] + 10 ** 6
+    q = torch.randn(1, 70, HQ, D, device=DEVICE)
+    out = fused_attn.attention_with_kvcache(q, k_pages, v_pages, torch.tensor([86], dtype=torch.int32, device=DEVICE),
+                                            block_table=table[:1], causal=True, backend=backend)
+    expected = fused_attn.attention(q.transpose(1, 2), k_cache[:1, :86].transpose(1, 2),
+                                    v_cache[:1, :86].transpose(1, 2), causal=True, causal_alignment="bottom_right",
+                                    backend="reference").transpose(1, 2)
+    assert out[:, -1].isnan().all()
+    for row in range(70):
+        if not out[:, row].isnan().all():
+            torch.testing.assert_close(out[:, row], expected[:, row], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("dtype, strided", [(torch.float32, False), (torch.bfloat16, True)],
                          ids=["float32", "bfloat16-strided-new-tokens"])
@@ -227,6 +252,25 @@ def test_new_tokens_are_written_in_place_and_nothing_else(kvcache_backend, paged
                 else:
                     expected[table[b, position // PAGE], position % PAGE] = new[b, t]
         assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 2])
+def test_decoding_windows_at_key_block_edges(kvcache_backend, seqlen_q):
+    """The decoding kernels start at the key block that holds a window's first key: left bounds
+    that put that key one either side of a block edge (blocks of 16, 32 or 64 keys), through a
+    KV-cache call and through a dense call, which takes the same kernels."""
+    keys = 100
+    k_cache = torch.randn(1, keys, HKV, D, device=DEVICE)
+    v_cache = torch.randn(1, keys, HKV, DV, device=DEVICE)
+    q = torch.randn(1, seqlen_q, HQ, D, device=DEVICE)
+    as_bhld = [t.transpose(1, 2) for t in (q, k_cache, v_cache)]
+    for left in (left for left in range(keys) if (keys - 1 - left) % 16 in (0, 1, 15)):
+        keywords = dict(window=(left, 0), causal=True)
+        expected = fused_attn.attention(*as_bhld, causal_alignment="bottom_right", backend="reference", **keywords)
+        out = fused_attn.attention_with_kvcache(q, k_cache, v_cache, keys, backend=kvcache_backend, **keywords)
+        torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-4, atol=1e-4, msg=f"window {left}")
+        dense = fused_attn.attention(*as_bhld, causal_alignment="bottom_right", backend=kvcache_backend, **keywords)
+        torch.testing.assert_close(dense, expected, rtol=1e-4, atol=1e-4, msg=f"dense, window {left}")
 
 
 @pytest.mark.parametrize("capacity", [20, 300], ids=["one-split", "several-splits"])
@@ -430,20 +474,27 @@ def test_few_query_rows_take_the_decoding_kernel(monkeypatch, backend, dtype, se
         assert_accurate(f"d{name}", grad, exact_grad, low_grad, dtype)
 
 
-def unchecked_call(paged, strided=False):
+# Where sequence 2 of unchecked_call's paged cache names a page the cache does not have: a middle
+# page (keys 16..31, in the first key split), its last one (keys 32..47, partly filled, where its
+# new tokens go), or that one exactly one past the pool (page id == num_pages).
+BAD_PAGES = ("middle", "last", "one-past-the-pool")
+
+
+def unchecked_call(paged, strided=False, bad_page="middle"):
     """A KV-cache call of which only sequence 0 lies in its cache: sequence 1's length is negative
     (paged: its first page too), sequence 2's with its new tokens past the cache (paged: it fits,
-    but one of its pages is not a page of the cache); a missing page of sequence 0's lies past its
-    length. Returns the call's arguments, and a check of its outputs and writes: sequence 0 as the
-    reference computes it, NaN rows and lse for the others, new tokens written only where
-    they fit."""
+    but one of its pages is not a page of the cache, BAD_PAGES); a missing page of sequence 0's
+    lies past its length. Returns the call's arguments, and a check of its outputs and writes:
+    sequence 0 as the reference computes it, NaN rows and lse for the others, new tokens written
+    only where they fit."""
     k_cache, v_cache = make_cache(torch.float32)
     caches, table = (k_cache.clone(), v_cache.clone()), None
     cached = torch.tensor([60, -7, CAPACITY + 50], dtype=torch.int32, device=DEVICE)
     if paged:
         *caches, table = paged_copy(k_cache, v_cache)
+        pages = caches[0].shape[0]
         cached[2] = 40
-        table[2, 1] = caches[0].shape[0] + 1000  # holds keys 16..31 of sequence 2: a page that does not exist
+        table[2, 1 if bad_page == "middle" else 2] = pages if bad_page == "one-past-the-pool" else pages + 1000
         table[1, 0] = -5
         table[0, 5] = -1  # keys 80..95: past sequence 0's 62
     if strided:
@@ -455,9 +506,12 @@ def unchecked_call(paged, strided=False):
     def check_writes(or_none=False):
         written = [sorted(before[i].ne(caches[i]).any(dim=(2, 3)).nonzero().tolist()) for i in range(2)]
         assert written[0] == written[1]
-        if paged:  # sequence 0's tokens 60, 61 went to its page 3; sequence 2's 40, 41 to page 2; 1's nowhere
-            expected = sorted([[int(table[0, 3]), 60 % PAGE], [int(table[0, 3]), 61 % PAGE],
-                               [int(table[2, 2]), 40 % PAGE], [int(table[2, 2]), 41 % PAGE]])
+        if paged:  # sequence 0's tokens 60, 61 went to its page 3; sequence 2's 40, 41 to its page 2 where
+            # that page exists; 1's nowhere
+            expected = [[int(table[0, 3]), 60 % PAGE], [int(table[0, 3]), 61 % PAGE]]
+            if bad_page == "middle":
+                expected += [[int(table[2, 2]), 40 % PAGE], [int(table[2, 2]), 41 % PAGE]]
+            expected = sorted(expected)
         else:  # only sequence 0's, the one that fits
             expected = [[0, 60], [0, 61]]
         assert written[0] == expected or (or_none and written[0] == [])
@@ -481,9 +535,10 @@ def unchecked_write_and_attend(q, k_cache, v_cache, cached, k_new, v_new, table,
 
 
 @pytest.mark.parametrize("strided", [False, True], ids=["rows", "strided-last-dim"])
-@pytest.mark.parametrize("backend, paged", [(name, paged) for name in KVCACHE_GPU_BACKENDS if name in BACKENDS
-                                             for paged in (False, True)])
-def test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, backend, paged, strided):
+@pytest.mark.parametrize("backend, paged, bad_page", [
+    (name, paged, bad_page) for name in KVCACHE_GPU_BACKENDS if name in BACKENDS
+    for paged, bad_page in [(False, None)] + [(True, bad) for bad in BAD_PAGES]])
+def test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, backend, paged, bad_page, strided):
     """With the host checks off (CUDA graphs, inference-mode tensors after their first check,
     FUSED_ATTN_HOST_CHECKS=0) the kernels judge lengths and pages themselves: a sequence whose
     length (with its new tokens) is below 0 or past the cache, or one of whose pages is not a page
@@ -498,12 +553,13 @@ def test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, backend, paged, 
     monkeypatch.setattr(host_checks, "skipped", lambda device: True)
     # Outputs start finite (not the NaN of FUSED_ATTN_POISON_OUTPUTS): the NaN must be written.
     monkeypatch.setattr(layout, "new_output", lambda like, shape, dtype: like.new_full(shape, 7.0, dtype=dtype))
-    arguments, check, _ = unchecked_call(paged, strided)
+    arguments, check, _ = unchecked_call(paged, strided, bad_page)
     check(*unchecked_write_and_attend(*arguments, backend))
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_traced_calls_judge_lengths_and_pages(kvcache_backend, paged):
+@pytest.mark.parametrize("paged, bad_page", [(False, None)] + [(True, bad) for bad in BAD_PAGES],
+                         ids=["contiguous"] + [f"paged-{bad}" for bad in BAD_PAGES])
+def test_traced_calls_judge_lengths_and_pages(kvcache_backend, paged, bad_page):
     """torch.compile traces the append as indexed writes and checks no lengths or pages on the
     host (it cannot read them): the writes judge them as the kernels do (a negative length
     wrapped around to the cache's last slots, one past the cache raised IndexError after
@@ -512,7 +568,7 @@ def test_traced_calls_judge_lengths_and_pages(kvcache_backend, paged):
     traced: the functionalized graph writes its inputs back at its end)."""
     torch._dynamo.reset()
     call = torch.compile(unchecked_write_and_attend, fullgraph=True, backend="aot_eager")
-    arguments, check, check_writes = unchecked_call(paged)
+    arguments, check, check_writes = unchecked_call(paged, bad_page=bad_page)
     if kvcache_backend == "cpu":
         with pytest.raises(RuntimeError, match=r"cache_seqlens .* must lie within \[0, \d+\], got -1"):
             call(*arguments, kvcache_backend)

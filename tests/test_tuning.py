@@ -407,6 +407,9 @@ def test_launch_grids_fit_cuda_limits(monkeypatch):
     assert max(size for grid in spy.grids for size in grid[1:]) == batch * heads == 65535
 
     wider = torch.randn(batch, heads + 1, 2, 16, device=DEVICE)
-    with pytest.raises(fused_attn.BackendError, match=r"69904 \(sequence, head\) pairs: its grids hold at most 65535"):
-        fused_attn.dispatch.select_backend(wider, wider, wider, AttentionTensors(), opts, "triton")
+    grouped = wider[:, :8]  # (GQA: the grids hold query heads, however few key/value heads there are)
+    for k_heads in (wider, grouped):
+        with pytest.raises(fused_attn.BackendError,
+                           match=r"69904 \(sequence, head\) pairs: its grids hold at most 65535"):
+            fused_attn.dispatch.select_backend(wider, k_heads, k_heads, AttentionTensors(), opts, "triton")
     assert fused_attn.dispatch.select_backend(wider, wider, wider, AttentionTensors(), opts) != "triton"
