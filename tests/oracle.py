@@ -210,3 +210,15 @@ def tile_sparse_mask(batch, heads, seqlen_q, seqlen_k, device="cpu"):
         mask[:, h, :, 64 * (h - 2):64 * (h - 1)] = False
         mask[:, h] &= (rows + cols + h) % 5 != 0
     return mask
+
+
+def corner_mask(batch, heads, seqlen_q, seqlen_k, device="cpu"):
+    """A bool mask under which tiles of 32 or 64 query rows x 32 or 64 keys are hidden but for
+    one visible pair, at each of a tile's corners (the first or last row, the first or last key,
+    the last key of a ragged last block): a kernel that judged a tile by all but its last row
+    or key would skip a tile it must compute. Needs seqlen_q >= 70 and seqlen_k >= 200."""
+    mask = torch.zeros(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    for row, key in ((0, 127), (63, 128), (63, 191), (64, seqlen_k - 1), (seqlen_q - 1, 0), (31, 63), (32, 64),
+                     (5, 95), (40, 160)):
+        mask[:, :, row, key] = True
+    return mask

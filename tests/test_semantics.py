@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, INTERPRETED
 from oracle import naive_attention, random_qkv
 
 import fused_attn
@@ -173,3 +173,25 @@ def test_a_bias_at_the_float_minimum_hides_its_key(backend, dtype):
     torch.testing.assert_close(out.double(), exact_out, rtol=tolerance, atol=tolerance)
     for grad, exact_grad in zip(grads, exact_grads):
         torch.testing.assert_close(grad.double(), exact_grad.nan_to_num(0.0), rtol=tolerance, atol=tolerance)
+
+
+def test_bf16_probabilities_are_rounded_without_bias(backend, monkeypatch):
+    """With v = 1 every output is 1 whatever the scores: out = sum(p v) / sum(p). Where the
+    probabilities go to bf16 matrix products (the cpu backend's bf16 products, every kind it has),
+    they are rounded to nearest, not truncated: truncation biased every output low by ~0.4%, inside
+    the accuracy rule's bf16 allowance, yet it turns 1 into 0.99609375 here."""
+    from fused_attn.backends import cpu_backend
+
+    q, k, _ = random_qkv(2, 4, 2, 300, 300, 128, 128, torch.bfloat16, DEVICE)
+    v = torch.ones(2, 2, 300, 128, dtype=torch.bfloat16, device=DEVICE)
+    kinds = ["amx", "dot", "fp32"] if backend == "cpu" else [None]
+    for kind in kinds:
+        if kind is not None:
+            monkeypatch.setenv("FUSED_ATTN_CPU_BF16", kind)
+            if cpu_backend.bf16_products() != kind and kind != "fp32":
+                continue  # (this CPU has none of that kind)
+        out = fused_attn.attention(q, k, v, causal=True, backend=backend)
+        if backend == "triton" and INTERPRETED:  # its fp32 -> bf16 casts truncate (FACTS.md): a bf16 ulp
+            assert (out.float() - 1).abs().max() <= 2.0 ** -7
+            continue
+        assert torch.equal(out, torch.ones_like(out)), f"bf16 products: {kind}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, INTERPRETED
-from oracle import check_against_oracle, random_qkv, tile_sparse_mask
+from oracle import assert_accurate, check_against_oracle, corner_mask, naive_attention, random_qkv, tile_sparse_mask
 
 import fused_attn
 
@@ -41,6 +41,36 @@ def test_learnable_bias_gradient_with_each_variant(variant_backend, keywords):
 def test_float32_bias_with_bfloat16_inputs(variant_backend):
     bias = torch.randn(1, HQ, LQ, LK, device=DEVICE, requires_grad=True)
     check_against_oracle(variant_backend, SHAPE, torch.bfloat16, DEVICE, attn_mask=bias)
+
+
+def test_bool_mask_showing_one_pair_of_a_tile(variant_backend):
+    """Tiles hidden but for one pair at a corner (oracle.corner_mask): each must be computed, forward
+    and gradients (a tile judged by all but its last key was skipped)."""
+    mask = corner_mask(1, 2, 70, 200, DEVICE)
+    check_against_oracle(variant_backend, (1, 2, 1, 70, 200, 32, 32), torch.float32, DEVICE, attn_mask=mask)
+
+
+@pytest.mark.parametrize("keywords", [
+    dict(alibi_slopes="per-head", causal=True, causal_alignment="bottom_right"), dict(softcap=3.0, window=(20, 5)),
+    dict(attn_mask="bias", alibi_slopes="per-head"),
+], ids=["alibi-causal", "softcap-window", "bias-alibi"])
+@pytest.mark.parametrize("seqlen_q", [3, LQ])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_variants_without_gradients(variant_backend, keywords, seqlen_q, dtype):
+    """Calls no backward follows take other paths (the cpu backend's decoding path for few queries
+    without a mask, its bf16 products, the decoding kernels): each variant there, against float64."""
+    keywords = dict(keywords)
+    if keywords.get("alibi_slopes") == "per-head":
+        keywords["alibi_slopes"] = torch.rand(HQ, device=DEVICE)
+    if keywords.get("attn_mask") == "bias":
+        keywords["attn_mask"] = torch.randn(B, HQ, seqlen_q, LK, device=DEVICE)
+    q, k, v = random_qkv(B, HQ, HKV, seqlen_q, LK, 64, 64, dtype, DEVICE)
+    out, lse = fused_attn.attention(q, k, v, return_lse=True, backend=variant_backend, **keywords)
+    naive = dict(keywords, bottom_right=keywords.pop("causal_alignment", None) == "bottom_right")
+    exact_out, exact_lse = naive_attention(q, k, v, dtype=torch.float64, **naive)
+    low_out, low_lse = naive_attention(q, k, v, **naive)
+    assert_accurate("out", out, exact_out, low_out, dtype)
+    assert_accurate("lse", lse, exact_lse, low_lse.float(), torch.float32)
 
 
 @pytest.mark.parametrize("mask_shape", [(B, 1, 1, LK), (1, 1, LQ, LK), (B, HQ, LQ, LK)], ids=str)
