@@ -222,17 +222,19 @@ def test_new_tokens_are_written_in_place(emulated, monkeypatch, paged, dtype, st
     kvcache_tests.test_new_tokens_are_written_in_place_and_nothing_else(emulated.name, paged, dtype, strided, False)
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("paged, bad_page", [(False, None)] + [(True, bad) for bad in kvcache_tests.BAD_PAGES],
+                         ids=["contiguous"] + [f"paged-{bad}" for bad in kvcache_tests.BAD_PAGES])
 @pytest.mark.parametrize("splits, strided", [(0, False), (3, False), (0, True)],
                          ids=["one-pass", "three-splits", "strided-last-dim"])
-def test_unchecked_lengths_and_pages_give_nan_rows(emulated, monkeypatch, paged, splits, strided):
+def test_unchecked_lengths_and_pages_give_nan_rows(emulated, monkeypatch, paged, bad_page, splits, strided):
     """tests/test_kvcache.py's check of the kernels' own judgement of lengths and pages, on the
     emulator (the sanitized run, make test-sanitized, reports any access past the cache), in one
     pass, with the keys split (the merge carries a split's NaN), and for caches read through
     copies (whose new tokens go back to the caller's cache)."""
     monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
     monkeypatch.setattr(BACKENDS[emulated.name], "decode_splits", splits)
-    kvcache_tests.test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, emulated.name, paged, strided)
+    kvcache_tests.test_unchecked_lengths_and_pages_give_nan_rows(monkeypatch, emulated.name, paged, bad_page,
+                                                                 strided)
 
 
 def test_unchecked_missing_pages_outside_a_window_are_never_read(emulated, monkeypatch):
@@ -240,6 +242,20 @@ def test_unchecked_missing_pages_outside_a_window_are_never_read(emulated, monke
     never read, on the emulator."""
     monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
     kvcache_tests.test_unchecked_missing_pages_outside_a_window_are_never_read(monkeypatch, emulated.name)
+
+
+def test_unchecked_missing_page_past_a_blocks_causal_reach_is_never_read(emulated, monkeypatch):
+    """tests/test_kvcache.py's check that a missing page past a row block's causal reach, in a key
+    block its loop loads, is never read, on the emulator."""
+    monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
+    kvcache_tests.test_unchecked_missing_page_past_a_blocks_causal_reach_is_never_read(monkeypatch, emulated.name)
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 2])
+def test_decoding_windows_at_key_block_edges(emulated, monkeypatch, seqlen_q):
+    """tests/test_kvcache.py's windows whose first key sits at a key block's edge, on the emulator."""
+    monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
+    kvcache_tests.test_decoding_windows_at_key_block_edges(emulated.name, seqlen_q)
 
 
 def test_new_tokens_reach_a_cache_read_through_copies(emulated):
