@@ -258,6 +258,33 @@ def test_decoding_windows_at_key_block_edges(emulated, monkeypatch, seqlen_q):
     kvcache_tests.test_decoding_windows_at_key_block_edges(emulated.name, seqlen_q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_more_than_sixteen_splits(emulated, monkeypatch, dtype):
+    """20 key splits of 64 keys: the merge's maximum spans the whole warp (lanes 16.. hold splits
+    too); the later keys score highest, so the largest split lse lies past split 16."""
+    monkeypatch.setattr(BACKENDS[emulated.name], "decode_splits", 20)
+    cached = torch.tensor([1280, 1100], dtype=torch.int32)
+    q = torch.randn(2, 1, 4, 32).to(dtype)
+    k_cache, v_cache = (torch.randn(2, 1280, 2, 32).to(dtype) for _ in range(2))
+    k_cache[:, 1000:] += 0.3 * q[:, :, ::2].mean(dim=2, keepdim=True)
+    out, lse = fused_attn.attention_with_kvcache(q, k_cache, v_cache, cached, return_lse=True, backend=emulated.name)
+    for b, length in enumerate(cached.tolist()):
+        inputs = (q[b:b + 1].transpose(1, 2), k_cache[b:b + 1, :length].transpose(1, 2),
+                  v_cache[b:b + 1, :length].transpose(1, 2))
+        exact_out, exact_lse = naive_attention(*inputs, dtype=torch.float64, bottom_right=True)
+        low_out, low_lse = naive_attention(*inputs, bottom_right=True)
+        assert_accurate("out", out[b:b + 1].transpose(1, 2), exact_out, low_out, dtype)
+        assert_accurate("lse", lse[b:b + 1], exact_lse, low_lse.float(), torch.float32)
+
+
+def test_unchecked_new_tokens_past_the_capacity_are_written_nowhere(emulated, monkeypatch):
+    """tests/test_kvcache.py's new tokens at and past the capacity, on the emulator."""
+    monkeypatch.setattr(kvcache_tests, "DEVICE", CPU)
+    for paged in (False, True):
+        kvcache_tests.test_unchecked_new_tokens_past_the_capacity_are_written_nowhere(monkeypatch, emulated.name,
+                                                                                      paged)
+
+
 def test_new_tokens_reach_a_cache_read_through_copies(emulated):
     """The kernels read a cache whose last dim is not contiguous through a copy; a step's new
     tokens must still land in the caller's cache, and be attended to."""

@@ -12,8 +12,9 @@ boundaries (64 rows for 16-bit inputs, 32 or 64 for fp32) where it matters.
 import pytest
 import torch
 
+import test_semantics as semantics_tests
 import test_varlen as varlen_tests
-from oracle import check_against_oracle, random_qkv, tile_sparse_mask
+from oracle import check_against_oracle, corner_mask, random_qkv, tile_sparse_mask
 
 import fused_attn
 
@@ -126,6 +127,38 @@ def test_fully_masked_rows_get_zero_gradients(cuda, dtype):
     hidden[:, 0] = False
     bias = torch.randn(Lq, Lk, dtype=dtype, device=cuda.device).masked_fill(hidden, float("-inf")).requires_grad_()
     check(cuda, (B, H, H, Lq, Lk, D, D), dtype, attn_mask=bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("window", [(1, 1), (1, -1), (-1, 1)], ids=str)
+def test_windows_of_one_key_cross_tile_edges(cuda, dtype, window):
+    """window (1, 1) at 100 x 100: row 64's first key is 63 (the last of the previous 64-key tile;
+    row 32's is 31 for fp32's 32-key tiles), and key block 64's first query is 63, the last of
+    the previous query block: the forward's key range and dK/dV's query range must not skip them."""
+    check(cuda, (1, 2, 1, 100, 100, 32, 32), dtype, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("bias_shape", [(1, 67), (2, 1, 1, 67), (1,)], ids=str)
+def test_bias_gradient_summed_over_a_last_row_block_of_one_row(cuda, dtype, bias_shape):
+    """Lq = 65: the last block of query rows holds one row, which a bias broadcast along the rows
+    must still sum."""
+    bias = torch.randn(bias_shape, dtype=dtype).requires_grad_()
+    check(cuda, (2, 2, 1, 65, 67, 32, 32), dtype, attn_mask=bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dims", [(32, 32), (256, 256)], ids=str)
+def test_mask_showing_one_pair_of_a_tile(cuda, dtype, dims):
+    """oracle.corner_mask: tiles hidden but for one pair at a corner are computed, forward and
+    gradients; head dim 256 takes 32-key tiles on tensor cores, 32 takes 64."""
+    check(cuda, (1, 2, 2, 70, 200, *dims), dtype, attn_mask=corner_mask(1, 2, 70, 200))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_rows_past_the_sequence_are_never_read(cuda, dtype):
+    """tests/test_semantics.py's NaN past the rows of q, k, v and dout, on the cuda kernels."""
+    semantics_tests.test_rows_past_the_sequence_are_never_read(cuda.name, dtype, device=cuda.device)
 
 
 def test_gradients_are_reproducible(cuda):

@@ -187,6 +187,35 @@ def test_unchecked_missing_pages_outside_a_window_are_never_read(monkeypatch, ba
             torch.testing.assert_close(out[b:b + 1], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("backend", [name for name in KVCACHE_GPU_BACKENDS if name in BACKENDS])
+def test_unchecked_new_tokens_past_the_capacity_are_written_nowhere(monkeypatch, backend, paged):
+    """Unchecked, sequence 0 holds capacity - 1 keys and gets 2 new tokens: the one at position
+    capacity is written nowhere (one row further lies sequence 1's first row, or the page its
+    table names next; the one before it may land in the cache's last row); sequence 1's tokens
+    land where they belong and nothing else changes."""
+    from fused_attn import host_checks
+
+    monkeypatch.setattr(host_checks, "skipped", lambda device: True)
+    capacity, page = 32, 16
+    k_cache, v_cache = (torch.randn(2, capacity, 2, 32, device=DEVICE) for _ in range(2))
+    table = None
+    if paged:
+        k_cache, v_cache, table = paged_copy(k_cache, v_cache, page)
+    before = k_cache.clone(), v_cache.clone()
+    k_new, v_new = (torch.randn(2, 2, 2, 32, device=DEVICE) for _ in range(2))
+    fused_attn.attention_with_kvcache(torch.randn(2, 1, 4, 32, device=DEVICE), k_cache, v_cache,
+                                      torch.tensor([capacity - 1, 5], dtype=torch.int32, device=DEVICE), k=k_new,
+                                      v=v_new, block_table=table, backend=backend)
+    for cache, old, new in zip((k_cache, v_cache), before, (k_new, v_new)):
+        last = (table[0, 1], page - 1) if paged else (0, capacity - 1)
+        expected = old.clone()
+        expected[(table[1, 0], slice(5, 7)) if paged else (1, slice(5, 7))] = new[1]
+        assert torch.equal(cache[last], old[last]) or torch.equal(cache[last], new[0, 0])
+        expected[last] = cache[last]
+        assert torch.equal(cache, expected)
+
+
 @pytest.mark.parametrize("backend", [name for name in KVCACHE_GPU_BACKENDS if name in BACKENDS])
 def test_unchecked_missing_page_past_a_blocks_causal_reach_is_never_read(monkeypatch, backend):
     """Unchecked, causal, with several blocks of query rows: a block whose rows see keys only up to

@@ -195,3 +195,25 @@ def test_bf16_probabilities_are_rounded_without_bias(backend, monkeypatch):
             assert (out.float() - 1).abs().max() <= 2.0 ** -7
             continue
         assert torch.equal(out, torch.ones_like(out)), f"bf16 products: {kind}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_rows_past_the_sequence_are_never_read(backend, dtype, device=DEVICE):
+    """q, k, v and dout as views of longer storage whose rows past Lq and Lk are NaN: a kernel that
+    loads a row past a ragged last block, even to multiply it by p = 0, gives NaN. The results are
+    those of contiguous copies, bit for bit."""
+    def view(length):
+        storage = torch.randn(1, 2, length + 8, 32, device=device).to(dtype)
+        storage[:, :, length:] = float("nan")
+        return storage[:, :, :length]
+
+    def outputs_and_gradients(q, k, v):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = fused_attn.attention(*leaves, causal=True, causal_alignment="bottom_right", backend=backend)
+        return (out, *torch.autograd.grad(out, leaves, dout))
+
+    q, k, v, dout = view(37), view(70), view(70), view(37)
+    of_views = outputs_and_gradients(q, k, v)
+    assert all(torch.isfinite(t).all() for t in of_views)
+    for a, b in zip(of_views, outputs_and_gradients(*(t.contiguous() for t in (q, k, v)))):
+        assert torch.equal(a, b)
