@@ -6,7 +6,7 @@
 #                              (tests/run_sanitized.sh: the cpu backend's, and the cuda backend's on
 #                              its CPU emulator)
 #   make bench                 set up the environment, then python -m benchmarks.bench $(ARGS)
-#                              (every suite: speed, memory, masked, decode, varlen; ARGS="--suite memory")
+#                              (every suite: speed, memory, masked, decode, varlen, overhead; ARGS="--suite memory")
 #   make bench-regression      pytest-benchmark timings: python -m pytest benchmarks/test_regression.py
 #   make plots                 PNG plots of every CSV in benchmarks/results/ (installs matplotlib into
 #                              .venv; the GPU machine has none, so its results are plotted elsewhere)

@@ -42,7 +42,8 @@ def attention(
         v: (B, Hkv, Lk, Dv) values; Dv may differ from D.
             q, k and v share one dtype (float16, bfloat16, float32; float64 in the `reference`
             backend) and one device, head dims are 1..256, and any strides work without a copy
-            (a transposed view of a (B, L, H, D) tensor is the common case).
+            (a transposed view of a (B, L, H, D) tensor is the common case; the cuda backend
+            copies a tensor whose last dim is not contiguous).
         causal: query i sees key j only when j <= i + shift.
         causal_alignment: the shift: "top_left" 0 (torch SDPA's is_causal), "bottom_right"
             Lk - Lq (flash-attn, KV caches: the last query sees every key). The two differ only
@@ -63,9 +64,11 @@ def attention(
             Not differentiated.
         softcap: if > 0, scores become softcap * tanh(scores / softcap) before bias and masks.
         return_lse: also return the row log-sum-exp of the final scores (before dropout).
-        deterministic: ask for bitwise reproducible gradients. Every backend already computes
+        deterministic: ask for the same bits in every run and process. Every backend computes
             gradients without atomics (the dq and dk/dv passes each own their outputs, and GQA
-            groups are summed inside one program), so this is always honoured at no cost.
+            groups are summed inside one program), so one process repeats its bits anyway; the
+            triton backend may also run tiles tuned by timing in this process, which can differ
+            between runs, and with deterministic=True takes only fixed or shipped tiles.
         backend: force "triton", "cuda", "cpu" or "reference" (or set FUSED_ATTN_BACKEND); None
             picks the first that can serve the call (see `fused_attn.explain`). A forced backend that cannot
             serve the call raises BackendError with its reasons.

@@ -4,8 +4,9 @@ Reading a GPU tensor's values on the host waits for all queued GPU work (a sync)
 can no longer run ahead of the GPU; while a CUDA graph is captured a sync is an error, and while
 torch.compile traces it breaks the graph. So these checks:
   * are skipped while torch.compile traces or a CUDA graph is captured, and for GPU tensors when
-    FUSED_ATTN_HOST_CHECKS=0 (the kernels then clamp what they read into the tensors: never out
-    of bounds, but invalid lengths give wrong rows);
+    FUSED_ATTN_HOST_CHECKS=0: the kernels then judge what they read (never out of bounds; a KV-cache
+    sequence outside its cache, or invalid cu_seqlens, give NaN rows; the cpu backend's ops check
+    the values and raise);
   * run once per GPU tensor and version: the layers of a model pass one cu_seqlens, cache_seqlens
     or block_table each step, and only the first call of the step reads it. Any in-place change
     made through torch (``cache_seqlens += 1``, ``table[b, i] = page``) bumps the tensor's version

@@ -4,7 +4,7 @@ and the switch that routes torch's own function to it.
 `scaled_dot_product_attention` takes torch's arguments with torch's meaning and reshapes them (as
 views whenever the strides allow) into the (B, H, L, D) form `attention` wants: leading batch dims
 are broadcast and flattened, heads of size 1 are broadcast, GQA is served natively (k and v are
-never repeated). `patch_sdpa()` / `enable()` / `disable()` replace the attribute
+not repeated, unless their head counts differ from each other). `patch_sdpa()` / `enable()` / `disable()` replace the attribute
 torch.nn.functional.scaled_dot_product_attention by a wrapper that uses fused_attn when it can
 serve the call and torch's original function otherwise.
 """
@@ -313,7 +313,7 @@ def scaled_dot_product_attention(
             torch's math kernel rejects that combination).
         scale: multiplier of q @ k^T, keyword only; default 1 / sqrt(E).
         enable_gqa: allow Hk (and Hv) to divide Hq: grouped-query attention, served without
-            repeating k and v. Without it, head counts must be equal or 1 (broadcast), and a
+            repeating k and v (both are repeated to Hq heads where Hk != Hv). Without it, head counts must be equal or 1 (broadcast), and a
             mismatch raises RuntimeError as torch does.
 
     Returns:
@@ -322,8 +322,7 @@ def scaled_dot_product_attention(
 
     Raises:
         RuntimeError (TypeError, IndexError, ValueError) where torch raises; ValueError/TypeError
-        from fused_attn for valid inputs it does not support (e.g. head dim > 256, integer
-        dtypes); BackendError when no backend can serve the call. Under `patch_sdpa()` such calls
+        from fused_attn for valid inputs it does not support (head dim > 256); BackendError when no backend can serve the call. Under `patch_sdpa()` such calls
         go to torch's own function instead.
     """
     query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)

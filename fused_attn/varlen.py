@@ -52,12 +52,14 @@ def varlen_attention(
             batch index and its local positions.
 
     Returns:
-        out (total_q, Hq, Dv) in the input dtype; with return_lse also lse (Hq, total_q) float32.
+        out (total_q, Hq, Dv) in the input dtype; with return_lse also lse (Hq, total_q) float32
+        (float64 for float64 input).
 
     cu_seqlens are checked on the host as fused_attn/host_checks.py says (a sync on GPUs, once per
     tensor and version). Where they are not (a CUDA graph captured, torch.compile,
     FUSED_ATTN_HOST_CHECKS=0, inference-mode tensors after their first call), the call judges them
-    on the device instead: invalid ones give NaN out, lse and gradients, never wrong rows.
+    on the device instead: invalid ones give NaN out, lse and gradients, never wrong rows (the cpu
+    backend's op checks them itself and raises a RuntimeError, but for a max_seqlen too small).
     Under torch.jit.trace, max_seqlen_q and max_seqlen_k are constants of the trace (they size the
     kernels' grids): cu_seqlens given to the traced module later must keep every sequence within
     them, which it does not check.

@@ -28,7 +28,7 @@ class Attention(torch.nn.Module):
         dropout: dropout probability on the attention probabilities while training, in [0, 1).
         window: (left, right) sliding window; -1 = unbounded.
         softcap: if > 0, scores become softcap * tanh(scores / softcap).
-        deterministic: bitwise reproducible gradients (always honoured).
+        deterministic: the same bits in every run and process (fused_attn.attention).
         backend: force a backend ("triton", "reference", ...); None chooses automatically.
     """
 
