@@ -211,3 +211,25 @@ def test_generous_max_seqlen(varlen_backend):
         results.append((out, *torch.autograd.grad((out * dout).sum(), (q, k, v))))
     for exact, generous in zip(*results):
         torch.testing.assert_close(generous, exact, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.37])
+def test_zero_scale_with_softcap_gives_finite_gradients(varlen_backend, scale):
+    """A zero scale with a softcap, causal, packed sequences of 42, 1, 0 and 1 tokens (a fuzzed case
+    of the cpu backend): 0 * q.k had been NaN where a banded product leaves -inf for keys past the
+    diagonal, and the softcap's tanh kept for the backward carried it into dq (0 * NaN). Against
+    the reference backend, forward and gradients."""
+    lengths = [42, 1, 0, 1]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    total = sum(lengths)
+    results = []
+    q, k, v = (torch.randn(total, heads, dim, device=DEVICE) for heads, dim in ((6, 80), (2, 80), (2, 16)))
+    dout = torch.randn(total, 6, 16, device=DEVICE)
+    for backend in (varlen_backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fused_attn.varlen_attention(*leaves, cu, cu, 42, 42, causal=True, softcap=26.4, scale=scale,
+                                          backend=backend)
+        results.append((out, *torch.autograd.grad(out, leaves, dout)))
+    for name, got, expected in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)

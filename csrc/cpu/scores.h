@@ -117,7 +117,9 @@ inline void cap_scores(const Problem& p, float* data, int64_t n, float* tanh) {
   if (p.scale == 1.f && v.softcap == 0.f) return;
   const Vec scale(p.scale), softcap(v.softcap);
   for (int64_t c = 0; c < n; c += kVec) {
-    Vec s = Vec::loadu(data + c) * scale;
+    // (A zero scale gives zeros outright: 0 * q.k is NaN where a banded product left -inf for the
+    // keys outside its band, and the tanh kept for the backward would carry it into dS = 0 * NaN.)
+    Vec s = p.scale == 0.f ? Vec(0.f) : Vec::loadu(data + c) * scale;
     if (v.softcap > 0.f) {
       const Vec th = cpu::FUSED_ATTN_ISA::tanh(s / softcap);
       if (tanh != nullptr) th.store(tanh + c);
