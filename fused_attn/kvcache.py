@@ -42,12 +42,10 @@ def _eager_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, alib
     if not needs_the_op(inputs + (k, v)):
         return get_backend(backend).kvcache_forward(*inputs, opts, k, v)
     if k is not None:
-        append_by_indexing(k_cache, v_cache, block_table, cache_seqlens, k, v)
-        # A sequence whose new tokens did not fit (not written) keeps a length outside the cache
-        # (-1), which the kernels judge as such: cache_seqlens + Lnew might fit where it did not.
-        lengths = cache_seqlens + k.shape[1]
-        fits = (cache_seqlens >= 0) & (lengths <= _capacity(k_cache, block_table))
-        inputs = (q, k_cache, v_cache, torch.where(fits, lengths, -1), block_table, alibi_slopes)
+        # (a sequence whose new tokens were not written gets length -1: cache_seqlens + Lnew
+        # might fit where the tokens did not)
+        lengths = append_by_indexing(k_cache, v_cache, block_table, cache_seqlens, k, v)
+        inputs = (q, k_cache, v_cache, lengths, block_table, alibi_slopes)
     return _kvcache_forward(*inputs, opts.scale, opts.causal, opts.window_left, opts.window_right, opts.softcap,
                             backend)
 

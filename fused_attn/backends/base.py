@@ -79,8 +79,7 @@ class Backend:
 
         Backends implement decode, and override this where their kernels write the new tokens."""
         if k is not None:
-            append_by_indexing(k_cache, v_cache, block_table, cache_seqlens, k, v)
-            cache_seqlens = cache_seqlens + k.shape[1]
+            cache_seqlens = append_by_indexing(k_cache, v_cache, block_table, cache_seqlens, k, v)
         return self.decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, opts)
 
     def decode(
@@ -112,7 +111,7 @@ def as_4d(t: Tensor) -> Tensor:
 
 
 def append_by_indexing(k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor], cache_seqlens: Tensor,
-                       k: Tensor, v: Tensor) -> None:
+                       k: Tensor, v: Tensor) -> Tensor:
     """Write new tokens k, v (B, Lnew, Hkv, D) into the caches in place, after each sequence's
     cache_seqlens[b] tokens (through block_table's pages for a paged cache), by indexed
     assignments: any device, and torch.compile and torch.jit.trace record them.
@@ -121,14 +120,18 @@ def append_by_indexing(k_cache: Tensor, v_cache: Tensor, block_table: Optional[T
     them as the kernels do: a sequence whose tokens would lie outside [0, capacity), or on a page
     that is not one of the cache's, writes nothing. One indexed write of fixed shape cannot skip
     tokens, so each such token is sent to a valid token's slot with that token's value (the same
-    write twice), or, where no token is valid, writes a slot's own value back."""
+    write twice), or, where no token is valid, writes a slot's own value back.
+
+    Returns each sequence's length with its new tokens, -1 where they were not written (a length
+    outside the cache, which the kernels judge as such)."""
     batch, new_tokens = k.shape[:2]
     page_size = k_cache.shape[1]
     capacity = page_size * (1 if block_table is None else block_table.shape[1])
-    if batch * new_tokens == 0 or capacity == 0 or k_cache.shape[0] == 0:
-        return  # nothing to write, or no slot to write it in (every sequence is then outside the cache)
     lengths = cache_seqlens.long()
     valid = (lengths >= 0) & (lengths + new_tokens <= capacity)
+    if batch * new_tokens == 0 or capacity == 0 or k_cache.shape[0] == 0:
+        # nothing to write, or no slot to write it in
+        return torch.where(valid, cache_seqlens + new_tokens, -1).to(cache_seqlens.dtype)
     positions = (lengths[:, None] + torch.arange(new_tokens, device=k.device)).clamp(0, capacity - 1)
     if block_table is None:
         slots = (torch.arange(batch, device=k.device)[:, None].expand(batch, new_tokens), positions)
@@ -136,6 +139,7 @@ def append_by_indexing(k_cache: Tensor, v_cache: Tensor, block_table: Optional[T
         pages = block_table.long().gather(1, positions // page_size)
         valid = valid & ((pages >= 0) & (pages < k_cache.shape[0])).all(1)
         slots = (pages.clamp(0, k_cache.shape[0] - 1), positions % page_size)
+    judged = torch.where(valid, cache_seqlens + new_tokens, -1).to(cache_seqlens.dtype)
     valid = valid[:, None].expand(batch, new_tokens).reshape(-1)
     slots = tuple(index.reshape(-1) for index in slots)
     # (index_select by a 1-element tensor: indexing by a 0-d one would read it on the host)
@@ -147,6 +151,7 @@ def append_by_indexing(k_cache: Tensor, v_cache: Tensor, block_table: Optional[T
         tokens = tokens.reshape(batch * new_tokens, *tokens.shape[2:])
         donor_value = torch.where(donor_valid, tokens.index_select(0, donor), cache[donor_slot])
         cache[slots] = torch.where(valid[:, None, None], tokens, donor_value)
+    return judged
 
 
 # Dense calls of fewer queries than keys, with at most this many query rows per key/value head

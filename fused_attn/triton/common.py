@@ -17,7 +17,7 @@ except ImportError:  # triton < 3.4: no host-side tensor descriptors, the kernel
     TensorDescriptor = None
 
 from ..dropout import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_MUL_A, PHILOX_MUL_B, PHILOX_ROUNDS, keep_threshold
-from ..options import AttentionOptions, AttentionTensors
+from ..options import HIDING_BIAS as OPTIONS_HIDING_BIAS, AttentionOptions, AttentionTensors
 
 
 def _interpreting() -> bool:
@@ -57,7 +57,7 @@ def interpreter_problem() -> str | None:
 LOG2_E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN_2: tl.constexpr = tl.constexpr(0.6931471805599453)  # natural lse = base-2 lse * ln(2)
 # A float mask value at or below this hides its key as -inf does (options.HIDING_BIAS).
-HIDING_BIAS: tl.constexpr = tl.constexpr(-2.0 ** 127)
+HIDING_BIAS: tl.constexpr = tl.constexpr(OPTIONS_HIDING_BIAS)
 _ROUNDS: tl.constexpr = tl.constexpr(PHILOX_ROUNDS)
 _MUL_A: tl.constexpr = tl.constexpr(PHILOX_MUL_A)
 _MUL_B: tl.constexpr = tl.constexpr(PHILOX_MUL_B)
